@@ -1,0 +1,122 @@
+//! `patchbook.toml`: the project's settings, read once by the runtime.
+//!
+//! Each section's type lives with the layer that uses it; this file only names the
+//! sections and resolves relative paths against the config file's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Org library folders searched by `import`, after `stdlib/`.
+    #[serde(default)]
+    pub libraries: Vec<PathBuf>,
+    /// The standard library folder; default `stdlib` beside the config.
+    #[serde(default)]
+    pub stdlib: Option<PathBuf>,
+    /// The playbook folder; default `scripts`.
+    #[serde(default)]
+    pub playbooks: Option<PathBuf>,
+    /// Inventory files used when no `-i` is given.
+    #[serde(default)]
+    pub inventory: Vec<PathBuf>,
+    /// Default parallelism (`--forks` overrides).
+    #[serde(default)]
+    pub forks: Option<usize>,
+    /// URL prefixes (https) and local directories artifacts may come from.
+    #[serde(default)]
+    pub trusted_sources: Vec<String>,
+    #[serde(default)]
+    pub limits: crate::script::Limits,
+    #[serde(default)]
+    pub ssh: crate::transport::ssh::SshConfig,
+    /// Folder this config was read from; relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads a config file. Relative paths inside it are taken from its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(cfg)
+    }
+
+    /// Config for a folder with no `patchbook.toml`: every default.
+    pub fn defaults_in(dir: &Path) -> Self {
+        Config {
+            base_dir: dir.to_path_buf(),
+            ..Config::default()
+        }
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn stdlib_dir(&self) -> PathBuf {
+        self.resolve(self.stdlib.as_deref().unwrap_or(Path::new("stdlib")))
+    }
+
+    pub fn playbook_dir(&self) -> PathBuf {
+        self.resolve(self.playbooks.as_deref().unwrap_or(Path::new("scripts")))
+    }
+
+    pub fn library_dirs(&self) -> Vec<PathBuf> {
+        self.libraries.iter().map(|p| self.resolve(p)).collect()
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}

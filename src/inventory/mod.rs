@@ -1,0 +1,334 @@
+//! The inventory: hosts, groups, vars, criticality, owners and dependencies.
+//!
+//! It owns loading (native TOML, Ansible INI and YAML), variable precedence,
+//! selector expressions and the dependency graph. It must not know how hosts are
+//! reached: a [`Host`] carries an address and a transport kind, nothing more.
+
+pub mod ansible;
+pub mod graph;
+pub mod native;
+pub mod select;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How much it hurts when a host goes down; `order: "criticality"` patches low first.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Criticality {
+    Low,
+    #[default]
+    Medium,
+    High,
+    Critical,
+}
+
+impl Criticality {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "low" => Some(Self::Low),
+            "medium" => Some(Self::Medium),
+            "high" => Some(Self::High),
+            "critical" => Some(Self::Critical),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// How a host is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    #[default]
+    Ssh,
+    Local,
+    /// Benchmark-only: answers at once with a configured latency.
+    Sim,
+}
+
+/// One host as the rest of patchbook sees it: every var already merged with
+/// Ansible's precedence (host over child group over parent group over `all`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    /// DNS name or IP to connect to (`ansible_host`), defaults to `name`.
+    pub address: String,
+    /// `ansible_port`, default 22.
+    pub port: u16,
+    /// `ansible_user`; `None` means the config default or the login name.
+    pub user: Option<String>,
+    /// Every group the host belongs to, directly or through `children`,
+    /// excluding the implicit `all`.
+    pub groups: Vec<String>,
+    /// Merged vars, including the `ansible_*` ones as written.
+    pub vars: BTreeMap<String, Value>,
+    pub criticality: Criticality,
+    /// Contacts to tell about this host (names or e-mail addresses).
+    pub owners: Vec<String>,
+    /// Host or group names this host depends on.
+    pub depends_on: Vec<String>,
+    pub transport: TransportKind,
+    /// `ansible_ssh_private_key_file` or the native `identity` key.
+    pub identity: Option<PathBuf>,
+    /// Names of vars whose values are secret and must be shown as `***`.
+    pub secret_vars: Vec<String>,
+}
+
+impl Host {
+    /// A host with defaults, reachable over SSH at its own name.
+    pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Host {
+            address: name.clone(),
+            name,
+            port: 22,
+            user: None,
+            groups: Vec::new(),
+            vars: BTreeMap::new(),
+            criticality: Criticality::default(),
+            owners: Vec::new(),
+            depends_on: Vec::new(),
+            transport: TransportKind::Ssh,
+            identity: None,
+            secret_vars: Vec::new(),
+        }
+    }
+
+    pub fn in_group(&self, group: &str) -> bool {
+        group == "all" || self.groups.iter().any(|g| g == group)
+    }
+}
+
+/// A group as written in the source, for graphs and the Ansible-compatible listing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    /// Hosts listed directly in this group, in source order.
+    pub hosts: Vec<String>,
+    pub children: Vec<String>,
+    pub vars: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot read inventory {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syntax or schema error at a position in an inventory file.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("dependency cycle in depends_on: {}", cycle.join(" -> "))]
+    Cycle { cycle: Vec<String> },
+    #[error("bad selector `{selector}`: {message}")]
+    Selector { selector: String, message: String },
+    #[error("host `{host}` depends on `{target}`, which is neither a host nor a group")]
+    UnknownDependency { host: String, target: String },
+}
+
+/// Every host and group from all inventory sources, in source order.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    hosts: Vec<Host>,
+    groups: BTreeMap<String, Group>,
+    sources: Vec<PathBuf>,
+}
+
+impl Inventory {
+    pub fn from_parts(
+        hosts: Vec<Host>,
+        groups: BTreeMap<String, Group>,
+        sources: Vec<PathBuf>,
+    ) -> Self {
+        Inventory {
+            hosts,
+            groups,
+            sources,
+        }
+    }
+
+    /// Loads and merges inventory files; the format is chosen by extension and
+    /// content (`.toml` native, `.yml`/`.yaml` Ansible YAML, anything else Ansible INI).
+    pub fn load(paths: &[PathBuf]) -> Result<Self, InventoryError> {
+        let mut merged = Inventory::default();
+        for path in paths {
+            let one = load_one(path)?;
+            merged.merge(one);
+        }
+        merged.check_dependencies()?;
+        Ok(merged)
+    }
+
+    fn merge(&mut self, other: Inventory) {
+        for h in other.hosts {
+            if let Some(existing) = self.hosts.iter_mut().find(|e| e.name == h.name) {
+                *existing = h;
+            } else {
+                self.hosts.push(h);
+            }
+        }
+        for (name, g) in other.groups {
+            self.groups.insert(name, g);
+        }
+        self.sources.extend(other.sources);
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn groups(&self) -> &BTreeMap<String, Group> {
+        &self.groups
+    }
+
+    pub fn sources(&self) -> &[PathBuf] {
+        &self.sources
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Hosts matching an Ansible-style pattern, in inventory order.
+    pub fn select(&self, pattern: &str) -> Result<Vec<&Host>, InventoryError> {
+        select::select(self, pattern)
+    }
+
+    /// Names of the hosts `host` depends on, groups expanded.
+    pub fn dependencies_of(&self, host: &Host) -> Vec<String> {
+        let mut out = Vec::new();
+        for target in &host.depends_on {
+            if self.host(target).is_some() {
+                out.push(target.clone());
+            } else {
+                for h in &self.hosts {
+                    if h.in_group(target) && h.name != host.name && !out.contains(&h.name) {
+                        out.push(h.name.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Refuses unknown dependency targets and cycles, naming the cycle.
+    pub fn check_dependencies(&self) -> Result<(), InventoryError> {
+        for h in &self.hosts {
+            for t in &h.depends_on {
+                if self.host(t).is_none() && !self.groups.contains_key(t) && t != "all" {
+                    return Err(InventoryError::UnknownDependency {
+                        host: h.name.clone(),
+                        target: t.clone(),
+                    });
+                }
+            }
+        }
+        // Depth-first search with colours; the stack gives the cycle's path.
+        let index: BTreeMap<&str, usize> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.as_str(), i))
+            .collect();
+        let edges: Vec<Vec<usize>> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                self.dependencies_of(h)
+                    .iter()
+                    .filter_map(|n| index.get(n.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let mut colour = vec![0u8; self.hosts.len()];
+        let mut stack: Vec<usize> = Vec::new();
+        fn visit(
+            v: usize,
+            edges: &[Vec<usize>],
+            colour: &mut [u8],
+            stack: &mut Vec<usize>,
+        ) -> Option<Vec<usize>> {
+            colour[v] = 1;
+            stack.push(v);
+            for &w in &edges[v] {
+                if colour[w] == 1 {
+                    let start = stack.iter().position(|&x| x == w).unwrap_or(0);
+                    let mut cycle = stack[start..].to_vec();
+                    cycle.push(w);
+                    return Some(cycle);
+                }
+                if colour[w] == 0 {
+                    if let Some(c) = visit(w, edges, colour, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+            stack.pop();
+            colour[v] = 2;
+            None
+        }
+        for v in 0..self.hosts.len() {
+            if colour[v] == 0 {
+                if let Some(cycle) = visit(v, &edges, &mut colour, &mut stack) {
+                    return Err(InventoryError::Cycle {
+                        cycle: cycle
+                            .into_iter()
+                            .map(|i| self.hosts[i].name.clone())
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The SHA-256 of the inventory's source files, in order, for the journal.
+    pub fn content_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for p in &self.sources {
+            h.update(p.to_string_lossy().as_bytes());
+            h.update([0]);
+            if let Ok(bytes) = std::fs::read(p) {
+                h.update(&bytes);
+            }
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+fn load_one(path: &Path) -> Result<Inventory, InventoryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "toml" => native::parse(path, &text),
+        "yml" | "yaml" => ansible::parse_yaml(path, &text),
+        _ => ansible::parse_ini(path, &text),
+    }
+}

@@ -1,0 +1,36 @@
+//! The `patchbook` binary: parse, set up logging, run, map errors to exit codes.
+use clap::Parser;
+use patchbook::cli::{self, Cli};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.global);
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            code
+        }
+    }
+}
+
+fn init_tracing(g: &cli::Global) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (g.quiet, g.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_env("PATCHBOOK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if g.json {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+}

@@ -1,0 +1,176 @@
+//! The runtime: config + inventory + transports + state directory, wired once per
+//! process and shared by every command. It owns the per-host connection cache (one
+//! session per host, reused for all of that host's steps) and must not parse
+//! arguments or know any Rhai.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, ConfigError};
+use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
+use crate::transport::local::LocalTransport;
+use crate::transport::ssh::SshConnector;
+use crate::transport::{Connector, Transport, TransportError};
+
+/// What the command line says about the environment of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub inventories: Vec<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub forks: Option<usize>,
+    pub limit: Option<String>,
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub accept_new_host_keys: bool,
+    pub operator: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Default parallelism when neither `--forks` nor the config says.
+pub const DEFAULT_FORKS: usize = 50;
+
+pub struct Runtime {
+    pub config: Config,
+    pub inventory: Inventory,
+    pub state_dir: PathBuf,
+    pub forks: usize,
+    pub operator: String,
+    limit: Option<String>,
+    ssh: SshConnector,
+    sessions: Mutex<HashMap<String, Arc<dyn Transport>>>,
+}
+
+impl Runtime {
+    pub fn build(opts: &Options) -> Result<Self, RuntimeError> {
+        let config = match &opts.config {
+            Some(p) => Config::load(p)?,
+            None if Path::new("patchbook.toml").exists() => {
+                Config::load(Path::new("patchbook.toml"))?
+            }
+            None => Config::defaults_in(Path::new(".")),
+        };
+        let inventory_paths: Vec<PathBuf> = if opts.inventories.is_empty() {
+            config.inventory.iter().map(|p| config.resolve(p)).collect()
+        } else {
+            opts.inventories.clone()
+        };
+        let inventory = Inventory::load(&inventory_paths)?;
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| config.resolve(Path::new(".patchbook")));
+        let forks = opts.forks.or(config.forks).unwrap_or(DEFAULT_FORKS).max(1);
+        let operator = opts.operator.clone().unwrap_or_else(login_name);
+        let ssh = SshConnector::from_config(&config, opts);
+        Ok(Runtime {
+            config,
+            inventory,
+            state_dir,
+            forks,
+            operator,
+            limit: opts.limit.clone(),
+            ssh,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.
+    pub fn targets(&self, selector: &str) -> Result<Vec<Host>, InventoryError> {
+        let mut hosts: Vec<Host> = self
+            .inventory
+            .select(selector)?
+            .into_iter()
+            .cloned()
+            .collect();
+        if let Some(limit) = &self.limit {
+            let allowed: Vec<&str> = self
+                .inventory
+                .select(limit)?
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect();
+            hosts.retain(|h| allowed.contains(&h.name.as_str()));
+        }
+        Ok(hosts)
+    }
+
+    /// The host's transport, connecting on first use and reusing it after.
+    pub fn transport(&self, host: &Host) -> Result<Arc<dyn Transport>, TransportError> {
+        if let Some(t) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host.name)
+        {
+            return Ok(t.clone());
+        }
+        // Connect outside the lock: connections to different hosts run in parallel.
+        let t: Arc<dyn Transport> = match host.transport {
+            TransportKind::Local => Arc::new(LocalTransport::new(host.name.clone())),
+            TransportKind::Ssh => Arc::from(self.ssh.connect(host)?),
+            TransportKind::Sim => {
+                return Err(TransportError::Other {
+                    host: host.name.clone(),
+                    message: "the sim transport is for benchmarks only".into(),
+                })
+            }
+        };
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.name.clone(), t.clone());
+        Ok(t)
+    }
+
+    /// Drops a host's cached session (after a connection error), so the next step
+    /// reconnects instead of reusing a dead session.
+    pub fn forget(&self, host: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
+    }
+
+    pub fn ensure_state_dir(&self) -> Result<(), RuntimeError> {
+        std::fs::create_dir_all(&self.state_dir).map_err(|source| RuntimeError::StateDir {
+            path: self.state_dir.clone(),
+            source,
+        })
+    }
+}
+
+/// The login name of the user running the controller.
+pub fn login_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            // SAFETY: getuid never fails; getpwuid returns a static buffer we copy at once.
+            unsafe {
+                let pw = libc::getpwuid(libc::getuid());
+                if pw.is_null() {
+                    "unknown".to_string()
+                } else {
+                    std::ffi::CStr::from_ptr((*pw).pw_name)
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            }
+        })
+}

@@ -1,0 +1,180 @@
+//! The transport layer: run an argv on a host, put a file, get a file.
+//!
+//! It owns connections and byte movement, and knows nothing of what the commands
+//! mean. Commands are argv arrays; the remote side gets them quoted word by word
+//! (see [`quote`]), never glued into a shell string from script data. A raw shell
+//! string is only ever built by the `shell` primitive, which marks it in the log.
+
+pub mod local;
+pub mod quote;
+pub mod ssh;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Most bytes of stdout (and separately stderr) kept from one command.
+/// Anything beyond is drained and dropped, so a chatty host cannot eat the
+/// controller's memory.
+pub const DEFAULT_OUTPUT_CAP: usize = 1 << 20;
+
+/// One command to run on a host.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub argv: Vec<String>,
+    /// Bytes written to the command's stdin, then stdin is closed.
+    pub stdin: Option<Vec<u8>>,
+    /// A real deadline for the whole command, not a per-read timeout.
+    pub timeout: Duration,
+    /// Cap on captured stdout and stderr, each.
+    pub output_cap: usize,
+}
+
+impl Command {
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Command {
+            argv: argv.into_iter().map(Into::into).collect(),
+            stdin: None,
+            timeout: Duration::from_secs(600),
+            output_cap: DEFAULT_OUTPUT_CAP,
+        }
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn stdin(mut self, bytes: Vec<u8>) -> Self {
+        self.stdin = Some(bytes);
+        self
+    }
+
+    pub fn output_cap(mut self, cap: usize) -> Self {
+        self.output_cap = cap;
+        self
+    }
+}
+
+/// What a finished command left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// True when stdout or stderr hit the cap and the rest was dropped.
+    pub truncated: bool,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// What an upload left on the host, re-hashed there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub remote_path: String,
+    pub size: u64,
+    /// SHA-256 as computed by `sha256sum` on the host after the move into place.
+    pub sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{host}: cannot connect to {address}: {reason}")]
+    Connect {
+        host: String,
+        address: String,
+        reason: String,
+    },
+    #[error("{host}: host key check failed: {reason}")]
+    HostKey { host: String, reason: String },
+    #[error("{host}: authentication as {user} failed: {reason}")]
+    Auth {
+        host: String,
+        user: String,
+        reason: String,
+    },
+    #[error("{host}: `{command}` passed its {timeout:?} deadline and was stopped")]
+    Deadline {
+        host: String,
+        command: String,
+        timeout: Duration,
+    },
+    #[error("{host}: `{command}` ended without an exit status (connection lost?)")]
+    NoExitStatus { host: String, command: String },
+    #[error("{host}: upload to {remote} arrived corrupted: sent sha256 {sent}, host has {found}")]
+    UploadCorrupt {
+        host: String,
+        remote: String,
+        sent: String,
+        found: String,
+    },
+    #[error("{host}: {context}: {source}")]
+    Io {
+        host: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host}: ssh: {context}: {message}")]
+    Ssh {
+        host: String,
+        context: String,
+        message: String,
+    },
+    #[error("{host}: {message}")]
+    Other { host: String, message: String },
+}
+
+/// One host's way in. Implementations keep one session per host and reuse it for
+/// every step; they must be safe to call from the worker thread that owns the host.
+pub trait Transport: Send + Sync {
+    /// Name of the host this transport talks to (for errors and logs).
+    fn host(&self) -> &str;
+
+    /// Runs `cmd`, capturing stdout and stderr up to the cap.
+    fn run(&self, cmd: &Command) -> Result<Output, TransportError>;
+
+    /// Runs `cmd` and streams its stdout into `sink` (never whole into memory);
+    /// stderr is captured up to the cap. Used for backups (`tar -c`).
+    fn run_to_writer(&self, cmd: &Command, sink: &mut dyn Write) -> Result<Output, TransportError>;
+
+    /// Uploads `local` to `remote` atomically: temp name with mode 0600, fsync,
+    /// `mv -f` into place, `chmod mode`, then re-hash on the host.
+    fn put(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError>;
+
+    /// Downloads `remote` into `local`, streaming.
+    fn get(&self, remote: &str, local: &Path) -> Result<u64, TransportError>;
+}
+
+/// How to reach hosts: builds one [`Transport`] per host on first use.
+pub trait Connector: Send + Sync {
+    fn connect(&self, host: &crate::inventory::Host) -> Result<Box<dyn Transport>, TransportError>;
+}
+
+/// Where a transport may stage files it uploads before moving them into place.
+pub fn staging_name(remote: &str) -> PathBuf {
+    let p = Path::new(remote);
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = format!(".{name}.patchbook-{}.tmp", std::process::id());
+    match p.parent() {
+        Some(parent) => parent.join(tmp),
+        None => PathBuf::from(tmp),
+    }
+}
