@@ -32,6 +32,8 @@ pub struct Config {
     pub limits: crate::script::Limits,
     #[serde(default)]
     pub ssh: crate::transport::ssh::SshConfig,
+    #[serde(default)]
+    pub notify: crate::primitives::notify::NotifyConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
