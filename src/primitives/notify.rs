@@ -375,7 +375,12 @@ pub fn automatic(
 
 /// Delivers a [`Notice`] to every distinct entry of `to`, in parallel, each with
 /// its own retries, so one slow channel does not hold up the others.
-pub fn send(cfg: &NotifyConfig, to: &[String], notice: &Notice, redact: &[String]) -> Vec<Delivery> {
+pub fn send(
+    cfg: &NotifyConfig,
+    to: &[String],
+    notice: &Notice,
+    redact: &[String],
+) -> Vec<Delivery> {
     let mut seen = Vec::new();
     for t in to {
         let t = t.trim();
@@ -383,6 +388,12 @@ pub fn send(cfg: &NotifyConfig, to: &[String], notice: &Notice, redact: &[String
             seen.push(t.to_string());
         }
     }
+    // A secret referenced by any channel is redacted on every channel.
+    let mut secrets: Vec<String> = redact.iter().filter(|s| !s.is_empty()).cloned().collect();
+    for s in cfg.secrets() {
+        remember(&mut secrets, &s);
+    }
+    let redact = secrets.as_slice();
     // Worker threads log into the caller's subscriber, so their lines are not lost.
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
     std::thread::scope(|scope| {
@@ -476,6 +487,36 @@ impl NotifyConfig {
         Ok(())
     }
 
+    /// Every secret value the channels reference (resolvable ones) plus every
+    /// SMTP password, for the caller's redaction list (journal, logs, reports).
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for ch in self.channels.values() {
+            let refs: Vec<&String> = match ch {
+                Channel::Webhook(w) => std::iter::once(&w.url).chain(w.headers.values()).collect(),
+                Channel::Smtp(s) => {
+                    let mut v = vec![&s.server];
+                    v.extend(s.username.iter());
+                    v.extend(s.password.iter());
+                    v
+                }
+                Channel::Command(c) => c.argv.iter().collect(),
+            };
+            for r in refs {
+                let _ = expand(r, &mut out);
+            }
+            if let Channel::Smtp(SmtpChannel {
+                password: Some(p), ..
+            }) = ch
+            {
+                if let Ok(p) = expand(p, &mut Vec::new()) {
+                    remember(&mut out, &p);
+                }
+            }
+        }
+        out
+    }
+
     /// The channel and, for mail, the recipients an addressee resolves to.
     fn route(&self, addressee: &str) -> Result<Route<'_>, String> {
         let target = self
@@ -558,8 +599,7 @@ fn deliver(cfg: &NotifyConfig, addressee: &str, notice: &Notice, redact: &[Strin
     // Secrets read from the channel settings are redacted from the message too.
     let notice = Notice {
         text: redact_str(&notice.text, &secrets),
-        fields: match crate::journal::redact_value(Value::Object(notice.fields.clone()), &secrets)
-        {
+        fields: match crate::journal::redact_value(Value::Object(notice.fields.clone()), &secrets) {
             Value::Object(m) => m,
             _ => Map::new(),
         },
@@ -663,14 +703,13 @@ fn prepare(ch: &Channel, secrets: &mut Vec<String>) -> Result<Prepared, String> 
                 .from
                 .parse()
                 .map_err(|e| format!("from = \"{}\" is not an e-mail address: {e}", s.from))?;
-            let to = s
-                .to
-                .iter()
-                .map(|a| {
-                    a.parse::<Mailbox>()
-                        .map_err(|e| format!("to: `{a}` is not an e-mail address: {e}"))
-                })
-                .collect::<Result<Vec<_>, String>>()?;
+            let to =
+                s.to.iter()
+                    .map(|a| {
+                        a.parse::<Mailbox>()
+                            .map_err(|e| format!("to: `{a}` is not an e-mail address: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
             let port = s.port.unwrap_or(match s.starttls {
                 StartTls::Required => 587,
                 _ => 25,
@@ -794,7 +833,13 @@ fn attempt(
             url,
             headers,
             timeout,
-        } => post(url, headers, timeout.unwrap_or(cfg.timeout), channel, notice),
+        } => post(
+            url,
+            headers,
+            timeout.unwrap_or(cfg.timeout),
+            channel,
+            notice,
+        ),
         Prepared::Smtp {
             transport,
             from,
@@ -957,7 +1002,9 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
 
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
-    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// `"250ms"`, `"1s"`, `"2m"`, `"1h"`, or a sum like `"1m30s"`.
@@ -970,13 +1017,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         total += match unit {
@@ -1135,10 +1186,7 @@ impl BudgetExhausted {
         if let Some(a) = &self.action {
             text.push_str(&format!("; {a}"));
         }
-        text.push_str(&format!(
-            "\nFailed: {}",
-            host_list(&self.failed_hosts)
-        ));
+        text.push_str(&format!("\nFailed: {}", host_list(&self.failed_hosts)));
         let mut n = Notice::new(text, Severity::Critical)
             .field("run", self.run.as_str())
             .field("budget", self.budget.as_str())
@@ -1308,7 +1356,10 @@ mod tests {
         std::fs::write(&f, "pw-456\n").unwrap();
         let mut secrets = Vec::new();
         let v = expand(
-            &format!("Bearer ${{env:PB_NOTIFY_UNIT_TOKEN}} ${{file:{}}} $5", f.display()),
+            &format!(
+                "Bearer ${{env:PB_NOTIFY_UNIT_TOKEN}} ${{file:{}}} $5",
+                f.display()
+            ),
             &mut secrets,
         )
         .unwrap();
@@ -1336,7 +1387,10 @@ mod tests {
         "#);
         let r = c.route("alice@example.com").unwrap();
         assert_eq!(r.name, "mail");
-        assert_eq!(r.recipients.unwrap()[0].email.to_string(), "alice@example.com");
+        assert_eq!(
+            r.recipients.unwrap()[0].email.to_string(),
+            "alice@example.com"
+        );
         let r = c.route("db-team").unwrap();
         assert_eq!(r.name, "mail");
         assert_eq!(r.recipients.unwrap()[0].email.to_string(), "db@example.com");
@@ -1392,7 +1446,9 @@ mod tests {
         }
         .notice();
         assert_eq!(n.severity, Severity::Warning);
-        assert!(n.headline().contains("first failure on db1 at verify: acme-agent is 1.0.0"));
+        assert!(n
+            .headline()
+            .contains("first failure on db1 at verify: acme-agent is 1.0.0"));
 
         let n = BudgetExhausted {
             run: "r1".into(),
@@ -1403,7 +1459,12 @@ mod tests {
         }
         .notice();
         assert_eq!(n.severity, Severity::Critical);
-        assert!(n.text.contains("budget 5% exhausted (2 of 40 hosts failed)"), "{}", n.text);
+        assert!(
+            n.text
+                .contains("budget 5% exhausted (2 of 40 hosts failed)"),
+            "{}",
+            n.text
+        );
 
         let n = RunFinished {
             run: "r1".into(),
@@ -1417,15 +1478,19 @@ mod tests {
         }
         .notice();
         assert_eq!(n.severity, Severity::Info);
-        assert!(n.text.contains("finished after 2m05s: 10 targeted, 10 patched, 0 failed"));
+        assert!(n
+            .text
+            .contains("finished after 2m05s: 10 targeted, 10 patched, 0 failed"));
         assert!(n.text.contains("Report: .patchbook/reports/r1.html"));
     }
 
     #[test]
     fn disabled_events_send_nothing() {
-        let mut c = NotifyConfig::default();
-        c.events = vec![Event::RunFinished];
-        c.to = vec!["nowhere".into()];
+        let c = NotifyConfig {
+            events: vec![Event::RunFinished],
+            to: vec!["nowhere".into()],
+            ..Default::default()
+        };
         let n = RunStarted::default().notice();
         assert!(automatic(&c, &n, &[], &[]).is_empty());
         let n = FirstFailure::default().notice();
@@ -1434,13 +1499,20 @@ mod tests {
 
     #[test]
     fn escalations_add_owners() {
-        let mut c = NotifyConfig::default();
-        c.to = vec!["ops".into()];
+        let c = NotifyConfig {
+            to: vec!["ops".into()],
+            ..Default::default()
+        };
         let n = FirstFailure::default().notice();
         let d = automatic(&c, &n, &["owner-x".into()], &[]);
         let to: Vec<&str> = d.iter().map(|d| d.to.as_str()).collect();
         assert_eq!(to, vec!["ops", "owner-x"]);
-        let d = automatic(&c, &RunStarted::default().notice(), &["owner-x".into()], &[]);
+        let d = automatic(
+            &c,
+            &RunStarted::default().notice(),
+            &["owner-x".into()],
+            &[],
+        );
         assert_eq!(d.len(), 1);
     }
 }
