@@ -15,7 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read as _;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use lettre::message::header::ContentType;
@@ -34,8 +37,13 @@ use crate::transport::{Command, Transport as _, TransportError};
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Most host names spelled out in one notification; the rest are counted.
 const MAX_LISTED_HOSTS: usize = 10;
-/// Most characters of a server's or command's reply kept in a delivery error.
-const MAX_REPLY_CHARS: usize = 300;
+/// Most characters of a delivery error, counted after redaction so a cut can
+/// never leave a secret's prefix behind.
+const MAX_ERROR_CHARS: usize = 400;
+/// Most bytes of a webhook's error reply read.
+const MAX_REPLY_BYTES: u64 = 16 * 1024;
+/// Deliveries in flight at once; a notice to hundreds of owners queues.
+const MAX_PARALLEL_DELIVERIES: usize = 8;
 
 /// How urgent a notification is. Webhooks get it as `severity`, mails in the
 /// subject, commands through the `{severity}` placeholder.
@@ -187,7 +195,7 @@ impl Channel {
 }
 
 /// A JSON POST with a Slack-compatible `text` field.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookChannel {
     /// May reference a secret (`${env:HOOK_URL}`): chat hook URLs often are one.
@@ -200,7 +208,7 @@ pub struct WebhookChannel {
 }
 
 /// Mail through an SMTP relay.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpChannel {
     pub server: String,
@@ -223,6 +231,36 @@ pub struct SmtpChannel {
     pub ca_file: Option<std::path::PathBuf>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub timeout: Option<Duration>,
+}
+
+// Debug output ends up in logs and panics: URLs (chat hook URLs carry their
+// token), header values and passwords are shown as `***`.
+impl fmt::Debug for WebhookChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: BTreeMap<&str, &str> =
+            self.headers.keys().map(|k| (k.as_str(), "***")).collect();
+        f.debug_struct("WebhookChannel")
+            .field("url", &"***")
+            .field("headers", &headers)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SmtpChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpChannel")
+            .field("server", &self.server)
+            .field("port", &self.port)
+            .field("starttls", &self.starttls)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// `starttls = true | false | "required" | "opportunistic"`.
@@ -373,8 +411,8 @@ pub fn automatic(
     send(cfg, &to, notice, redact)
 }
 
-/// Delivers a [`Notice`] to every distinct entry of `to`, in parallel, each with
-/// its own retries, so one slow channel does not hold up the others.
+/// Delivers a [`Notice`] to every distinct entry of `to`, several at a time, each
+/// with its own retries, so one slow channel does not hold up the others.
 pub fn send(
     cfg: &NotifyConfig,
     to: &[String],
@@ -393,35 +431,42 @@ pub fn send(
     for s in cfg.secrets() {
         remember(&mut secrets, &s);
     }
+    // Longest first: a secret that contains a shorter one is hidden whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let redact = secrets.as_slice();
     // Worker threads log into the caller's subscriber, so their lines are not lost.
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Delivery>>> = Mutex::new(vec![None; seen.len()]);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = seen
-            .iter()
-            .map(|addressee| {
-                let dispatch = dispatch.clone();
-                scope.spawn(move || {
-                    tracing::dispatcher::with_default(&dispatch, || {
-                        deliver(cfg, addressee, notice, redact)
-                    })
+        for _ in 0..seen.len().min(MAX_PARALLEL_DELIVERIES) {
+            let dispatch = dispatch.clone();
+            let (next, results, seen) = (&next, &results, &seen);
+            scope.spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(addressee) = seen.get(i) else { break };
+                    let d = deliver(cfg, addressee, notice, redact);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(d);
                 })
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .zip(seen)
+        .map(|(d, addressee)| {
+            d.unwrap_or_else(|| Delivery {
+                channel: String::new(),
+                to: addressee,
+                ok: false,
+                attempts: 0,
+                error: Some("delivery stopped unexpectedly; see the log".into()),
             })
-            .collect();
-        handles
-            .into_iter()
-            .zip(seen.iter())
-            .map(|(h, addressee)| {
-                h.join().unwrap_or_else(|_| Delivery {
-                    channel: String::new(),
-                    to: addressee.clone(),
-                    ok: false,
-                    attempts: 0,
-                    error: Some("delivery stopped unexpectedly; see the log".into()),
-                })
-            })
-            .collect()
-    })
+        })
+        .collect()
 }
 
 impl NotifyConfig {
@@ -579,18 +624,24 @@ fn deliver(cfg: &NotifyConfig, addressee: &str, notice: &Notice, redact: &[Strin
     let route = match cfg.route(addressee) {
         Ok(r) => r,
         Err(e) => {
-            let e = redact_str(&e, redact);
+            let e = shorten(redact_str(&e, redact));
             tracing::error!(to = %redact_str(addressee, redact), error = %e, "notification not sent");
             delivery.error = Some(e);
             return delivery;
         }
     };
     delivery.channel = route.name.to_string();
-    let mut secrets: Vec<String> = redact.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let mut secrets = redact.to_vec();
     let prepared = match prepare(route.channel, &mut secrets) {
-        Ok(p) => p,
+        Ok(p) => {
+            secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+            p
+        }
         Err(e) => {
-            let e = redact_str(&format!("channel {}: {e}", route.name), &secrets);
+            let e = shorten(redact_str(
+                &format!("channel {}: {e}", route.name),
+                &secrets,
+            ));
             tracing::error!(channel = route.name, error = %e, "notification not sent");
             delivery.error = Some(e);
             return delivery;
@@ -615,7 +666,6 @@ fn deliver(cfg: &NotifyConfig, addressee: &str, notice: &Notice, redact: &[Strin
             &prepared,
             route.recipients.as_deref(),
             &notice,
-            &secrets,
         );
         match outcome {
             Ok(()) => {
@@ -631,14 +681,14 @@ fn deliver(cfg: &NotifyConfig, addressee: &str, notice: &Notice, redact: &[Strin
                 return delivery;
             }
             Err(Failure::Permanent(e)) => {
-                let e = redact_str(&e, &secrets);
+                let e = shorten(redact_str(&e, &secrets));
                 tracing::error!(channel = route.name, attempts = delivery.attempts, error = %e,
                     "notification failed; not retrying, the error will not go away by itself");
                 delivery.error = Some(e);
                 return delivery;
             }
             Err(Failure::Retry(e)) => {
-                let e = redact_str(&e, &secrets);
+                let e = shorten(redact_str(&e, &secrets));
                 if delivery.attempts >= attempts {
                     tracing::error!(channel = route.name, attempts = delivery.attempts, error = %e,
                         "notification failed after every retry");
@@ -759,6 +809,14 @@ fn tls_parameters(server: &str, s: &SmtpChannel) -> Result<TlsParameters, String
         .map_err(|e| format!("cannot set up TLS for {server}: {e}"))
 }
 
+fn shorten(mut s: String) -> String {
+    if let Some((cut, _)) = s.char_indices().nth(MAX_ERROR_CHARS) {
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
 fn remember(secrets: &mut Vec<String>, value: &str) {
     if !value.is_empty() && !secrets.iter().any(|s| s == value) {
         secrets.push(value.to_string());
@@ -826,7 +884,6 @@ fn attempt(
     prepared: &Prepared,
     contact: Option<&[Mailbox]>,
     notice: &Notice,
-    secrets: &[String],
 ) -> Result<(), Failure> {
     match prepared {
         Prepared::Webhook {
@@ -855,7 +912,6 @@ fn attempt(
             timeout.unwrap_or(cfg.timeout),
             channel,
             notice,
-            secrets,
         ),
     }
 }
@@ -884,12 +940,12 @@ fn post(
         Ok(_) => Ok(()),
         Err(ureq::Error::Status(code, resp)) => {
             let status = resp.status_text().to_string();
-            let reply: String = resp
-                .into_string()
-                .unwrap_or_default()
-                .chars()
-                .take(MAX_REPLY_CHARS)
-                .collect();
+            let mut reply = Vec::new();
+            let _ = resp
+                .into_reader()
+                .take(MAX_REPLY_BYTES)
+                .read_to_end(&mut reply);
+            let reply = String::from_utf8_lossy(&reply);
             let msg = format!("webhook answered HTTP {code} {status}: {}", reply.trim());
             // Client errors other than timeouts and rate limits will not heal.
             if (400..500).contains(&code) && code != 408 && code != 429 {
@@ -956,7 +1012,6 @@ fn run_command(
     timeout: Duration,
     channel: &str,
     notice: &Notice,
-    secrets: &[String],
 ) -> Result<(), Failure> {
     let event = notice.event.map(Event::as_str).unwrap_or("message");
     let argv: Vec<String> = argv
@@ -983,13 +1038,11 @@ fn run_command(
         .output_cap(64 * 1024);
     match LocalTransport::new("controller").run(&cmd) {
         Ok(out) if out.success() => Ok(()),
-        Ok(out) => {
-            let stderr: String = out.stderr_str().chars().take(MAX_REPLY_CHARS).collect();
-            Err(Failure::Retry(redact_str(
-                &format!("command exited with {}: {}", out.code, stderr.trim()),
-                secrets,
-            )))
-        }
+        Ok(out) => Err(Failure::Retry(format!(
+            "command exited with {}: {}",
+            out.code,
+            out.stderr_str().trim()
+        ))),
         Err(e @ TransportError::Io { .. }) => Err(Failure::Permanent(e.to_string())),
         Err(e) => Err(Failure::Retry(e.to_string())),
     }
@@ -1289,6 +1342,57 @@ mod tests {
         }
         assert!(matches!(c.channels["pager"], Channel::Command(_)));
         c.check().unwrap();
+    }
+
+    #[test]
+    fn debug_output_hides_urls_header_values_and_passwords() {
+        let c = cfg(r#"
+            [notify.channels.hook]
+            type = "webhook"
+            url = "https://hooks.example.com/services/T0/B0/literal-hook-token"
+            headers = { Authorization = "Bearer literal-bearer" }
+            [notify.channels.mail]
+            type = "smtp"
+            server = "relay"
+            from = "a@example.com"
+            username = "pb"
+            password = "literal-password"
+        "#);
+        let shown = format!("{c:?}");
+        for secret in ["literal-hook-token", "literal-bearer", "literal-password"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("Authorization"), "{shown}");
+        let mut secrets = c.secrets();
+        secrets.sort();
+        assert_eq!(secrets, vec!["literal-password".to_string()]);
+    }
+
+    #[test]
+    fn longer_secrets_are_hidden_whole() {
+        let c = NotifyConfig::default();
+        let d = notify(
+            &c,
+            &["nobody-abc-abcdef".into()],
+            "x",
+            Severity::Info,
+            &["abc".into(), "abcdef".into()],
+        );
+        let e = d[0].error.as_deref().unwrap();
+        assert!(e.contains("nobody-***-***"), "{e}");
+    }
+
+    #[test]
+    fn long_errors_are_cut_after_redaction() {
+        let secret = "s".repeat(50);
+        let text = format!("{}{secret}", "x".repeat(MAX_ERROR_CHARS - 10));
+        let cut = shorten(redact_str(&text, &[secret]));
+        assert!(!cut.contains("ssssssssss"), "{cut}");
+        assert!(cut.ends_with("***"), "{cut}");
+        assert_eq!(
+            shorten("y".repeat(1000)).chars().count(),
+            MAX_ERROR_CHARS + 1
+        );
     }
 
     #[test]
