@@ -797,7 +797,43 @@ fn bad_notify_config_names_file_line_and_column() {
     let e = Config::load(&path).unwrap_err().to_string();
     assert!(e.contains("patchbook.toml:"), "{e}");
     assert!(e.contains("headrs"), "{e}");
-    assert!(e.contains(":3:") || e.contains(":6:"), "{e}");
+    // Channel tables are read whole (their `type` picks the kind), so the
+    // position is the table's own line.
+    assert!(
+        e.contains("patchbook.toml:3:1: unknown field `headrs`"),
+        "{e}"
+    );
+    std::fs::write(&path, "[notify]\nbackoff = \"soon\"\n").unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("patchbook.toml:2:11: `soon` is not a duration"),
+        "{e}"
+    );
+}
+
+#[test]
+fn many_owners_each_get_their_own_mail_and_record_in_order() {
+    let smtp = SmtpSink::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &format!(
+            "[notify]\ncontacts_channel = \"mail\"\n[notify.channels.mail]\ntype = \"smtp\"\n\
+             server = \"127.0.0.1\"\nport = {}\nfrom = \"patchbook@example.com\"\n",
+            smtp.port
+        ),
+    );
+    let owners: Vec<String> = (0..20)
+        .map(|i| format!("owner{i:02}@example.com"))
+        .collect();
+    let d = notify(&cfg, &owners, "maintenance tonight", Severity::Info, &[]);
+    let to: Vec<&str> = d.iter().map(|d| d.to.as_str()).collect();
+    assert_eq!(to, owners.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(d.iter().all(|d| d.ok && d.attempts == 1), "{d:?}");
+    let mails = smtp.wait_for(20);
+    let mut got: Vec<String> = mails.iter().map(|m| m.rcpt_tos.join(",")).collect();
+    got.sort();
+    assert_eq!(got, owners);
 }
 
 // ---------------------------------------------------------------------------
