@@ -499,8 +499,10 @@ mod tests {
         let targets: Vec<Target> = (0..7)
             .map(|i| t(&format!("h{i}"), Criticality::Low, &[]))
             .collect();
-        let mut policy = Policy::default();
-        policy.waves = vec![Amount::Count(1), Amount::Count(2)];
+        let policy = Policy {
+            waves: vec![Amount::Count(1), Amount::Count(2)],
+            ..Policy::default()
+        };
         let p = Plan::build(targets, &policy, 5).unwrap();
         let sizes: Vec<usize> = p.waves.iter().map(|w| w.hosts.len()).collect();
         assert_eq!(sizes, vec![1, 2, 2, 2]);
