@@ -36,6 +36,32 @@
 //! Every event is emitted from the thread that called [`Executor::run`], in the
 //! order the executor decided things, so observers (journal, progress display)
 //! need no locking of their own. This module must not know Rhai or transports.
+//!
+//! ```
+//! use patchbook::inventory::Host;
+//! use patchbook::rollout::{Clock, Executor, HostOutcome, Plan, Policy, Target};
+//!
+//! let policy = Policy::from_value(&serde_json::json!({ "pilot": 1, "max_failed": "10%" }))?;
+//! let targets = ["web1", "web2", "web3"].map(|n| Target::new(Host::new(n), vec![]));
+//! let plan = Plan::build(targets.to_vec(), &policy, 10)?;
+//! println!("{plan}");
+//! let summary = Executor::new(&plan)
+//!     .clock(Clock::from_env()?)
+//!     .observer(|at: chrono::DateTime<chrono::Utc>, e: &patchbook::rollout::RolloutEvent| {
+//!         println!("{at} {}", serde_json::to_string(e).unwrap_or_default())
+//!     })
+//!     .run(
+//!         |host, ctx| {
+//!             // The script layer calls the playbook's closure here, passing
+//!             // `ctx.remaining()` on to the transport as the deadline.
+//!             let _ = (host, ctx.remaining());
+//!             HostOutcome::Done
+//!         },
+//!         |_host, _ctx| Ok(()), // replay the host's undo steps, newest first
+//!     )?;
+//! assert_eq!(summary.totals.done, 3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

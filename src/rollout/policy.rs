@@ -545,6 +545,15 @@ mod tests {
     }
 
     #[test]
+    fn deserialises_through_serde() {
+        let p: Policy = serde_json::from_value(json!({"waves": [2], "pause": 90})).unwrap();
+        assert_eq!(p.waves, vec![Amount::Count(2)]);
+        assert_eq!(p.pause, Duration::from_secs(90));
+        let e = serde_json::from_value::<Policy>(json!({"order": "random"})).unwrap_err();
+        assert!(e.to_string().contains("`order`"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = Policy::from_value(&json!({"max_failed": "five"})).unwrap_err();
         assert!(e.to_string().contains("`max_failed`"), "{e}");
