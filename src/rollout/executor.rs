@@ -1,0 +1,761 @@
+//! The executor: runs a [`Plan`] with a per-host closure on a bounded pool of
+//! `parallel` worker threads, under the failure budget, the window and the gates,
+//! and reports every state change as a [`RolloutEvent`].
+//!
+//! A run, in order:
+//! 1. Outside its window the run is refused ([`RolloutError::OutsideWindow`], the
+//!    next opening in the window's zone) before anything starts.
+//! 2. For each wave (pilot first): after the previous wave, `pause`, then the gate
+//!    (`Ok(true)` goes on; `Ok(false)` or `Err` stops the run as if the budget were
+//!    spent); then the window check; then the wave's hosts run under the
+//!    [`schedule`](super::schedule) rules.
+//! 3. Window check: the wave starts only if
+//!    `time_left ≥ estimate + buffer`, with
+//!    `estimate = per_host × ceil(wave_size / parallel)` and `per_host` the longest
+//!    per-host duration seen so far in this run (pilot and earlier waves), or the
+//!    policy's `estimate` (default 1m) before any host finished. Otherwise the run
+//!    stops cleanly: no host of that wave starts, the rest stay pending for a resume,
+//!    nothing is rolled back.
+//! 4. A host whose closure returns [`HostOutcome::Failed`], panics, or returns after
+//!    its deadline (`timeout`) has failed. Its rollback runs at once on the same
+//!    worker; the host stays unavailable (in flight) until the rollback is over.
+//!    Each failure counts against the budget ([`budget`](super::budget)); at failure
+//!    number `allowed + 1` no new host starts, in-flight hosts finish (their failures
+//!    still count and are still rolled back).
+//! 5. Any failure in the pilot stops the run before wave 1.
+//! 6. After a stop for budget, pilot failure or gate, with `rollback: "all"`, every
+//!    host that succeeded in this run is rolled back too, one at a time, in reverse
+//!    order of completion (the host that finished last is undone first).
+//!    Hosts that never started are reported as pending.
+//!
+//! Deadlines: the executor cannot interrupt a blocking closure. It hands the
+//! closure a [`HostContext`] with the deadline; the transport layer must honour it
+//! (e.g. by shutting the socket down). Whatever happens, a closure that returns
+//! after its deadline is marked failed, even if it reports success.
+//!
+//! Every event is emitted from the thread that called [`Executor::run`], in the
+//! order the executor decided things, so observers (journal, progress display)
+//! need no locking of their own. This module must not know Rhai or transports.
+//!
+//! ```
+//! use patchbook::inventory::Host;
+//! use patchbook::rollout::{Clock, Executor, HostOutcome, Plan, Policy, Target};
+//!
+//! let policy = Policy::from_value(&serde_json::json!({ "pilot": 1, "max_failed": "10%" }))?;
+//! let targets = ["web1", "web2", "web3"].map(|n| Target::new(Host::new(n), vec![]));
+//! let plan = Plan::build(targets.to_vec(), &policy, 10)?;
+//! println!("{plan}");
+//! let summary = Executor::new(&plan)
+//!     .clock(Clock::from_env()?)
+//!     .observer(|at: chrono::DateTime<chrono::Utc>, e: &patchbook::rollout::RolloutEvent| {
+//!         println!("{at} {}", serde_json::to_string(e).unwrap_or_default())
+//!     })
+//!     .run(
+//!         |host, ctx| {
+//!             // The script layer calls the playbook's closure here, passing
+//!             // `ctx.remaining()` on to the transport as the deadline.
+//!             let _ = (host, ctx.remaining());
+//!             HostOutcome::Done
+//!         },
+//!         |_host, _ctx| Ok(()), // replay the host's undo steps, newest first
+//!     )?;
+//! assert_eq!(summary.totals.done, 3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::inventory::Host;
+
+use super::clock::{between, Clock};
+use super::plan::{Plan, Wave, WaveKind};
+use super::policy::{format_duration, RollbackScope};
+use super::schedule::WaveSchedule;
+use super::window::{after, Window};
+
+/// What the per-host closure reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOutcome {
+    Done,
+    Failed { reason: String },
+}
+
+impl HostOutcome {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        HostOutcome::Failed {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl<E: std::fmt::Display> From<Result<(), E>> for HostOutcome {
+    fn from(r: Result<(), E>) -> Self {
+        match r {
+            Ok(()) => HostOutcome::Done,
+            Err(e) => HostOutcome::failed(e.to_string()),
+        }
+    }
+}
+
+/// Handed to the per-host closure: the run's clock and the host's deadline.
+#[derive(Debug, Clone)]
+pub struct HostContext {
+    pub wave: usize,
+    pub started: DateTime<Utc>,
+    /// `None` without a `timeout` in the policy.
+    pub deadline: Option<DateTime<Utc>>,
+    pub clock: Clock,
+}
+
+impl HostContext {
+    /// Clock time left before the deadline (`None`: no deadline). Pass
+    /// `clock.real_duration(left)` to a transport that waits in real time.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|d| between(self.clock.now(), d))
+    }
+
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| self.clock.now() > d)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackCause {
+    /// The host's own work failed.
+    HostFailed,
+    /// The run stopped early and the policy says `rollback: "all"`.
+    RunStopped,
+}
+
+#[derive(Debug, Clone)]
+pub struct RollbackContext {
+    pub cause: RollbackCause,
+    pub clock: Clock,
+}
+
+/// Passed to the gate between waves.
+#[derive(Debug, Clone)]
+pub struct GateContext {
+    /// The wave that just finished, and the one that would start next.
+    pub finished_wave: usize,
+    pub next_wave: usize,
+    pub failures: usize,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    RunStarted {
+        targets: usize,
+        waves: usize,
+        parallel: usize,
+        allowed_failures: usize,
+    },
+    WaveStarted {
+        index: usize,
+        label: String,
+        hosts: Vec<String>,
+    },
+    HostStarted {
+        host: String,
+        wave: usize,
+    },
+    HostDone {
+        host: String,
+        wave: usize,
+        seconds: f64,
+    },
+    HostFailed {
+        host: String,
+        wave: usize,
+        reason: String,
+    },
+    RolledBack {
+        host: String,
+        cause: RollbackCause,
+    },
+    RollbackFailed {
+        host: String,
+        cause: RollbackCause,
+        error: String,
+    },
+    BudgetExhausted {
+        failures: usize,
+        allowed: usize,
+    },
+    Paused {
+        seconds: f64,
+    },
+    GateStopped {
+        after_wave: usize,
+        reason: String,
+    },
+    WindowClosed {
+        before_wave: usize,
+        time_left_seconds: f64,
+        needed_seconds: f64,
+    },
+    RunDone {
+        summary: Summary,
+    },
+}
+
+/// Receives the events of a run, with the run clock's time.
+pub trait RolloutObserver {
+    fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent);
+}
+
+impl<F: Fn(DateTime<Utc>, &RolloutEvent)> RolloutObserver for F {
+    fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent) {
+        self(at, event)
+    }
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReason {
+    Completed,
+    BudgetExhausted { failures: usize, allowed: usize },
+    PilotFailed { host: String },
+    GateStopped { after_wave: usize, reason: String },
+    WindowClosing { before_wave: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Never started.
+    Pending,
+    Done,
+    /// Its work failed or ran past its deadline.
+    Failed,
+    /// Succeeded, then rolled back by `rollback: "all"`.
+    Reverted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostReport {
+    pub name: String,
+    pub wave: usize,
+    pub state: HostState,
+    pub reason: Option<String>,
+    pub started: Option<DateTime<Utc>>,
+    pub ended: Option<DateTime<Utc>>,
+    /// Its rollback ran and succeeded.
+    pub rolled_back: bool,
+    pub rollback_error: Option<String>,
+}
+
+/// Counts where `targeted = done + failed + reverted + pending`; `rolled_back`
+/// counts successful rollbacks of failed and reverted hosts alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub targeted: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub reverted: usize,
+    pub rolled_back: usize,
+    pub rollback_failed: usize,
+    pub pending: usize,
+}
+
+impl Counts {
+    fn add(&mut self, h: &HostReport) {
+        self.targeted += 1;
+        match h.state {
+            HostState::Pending => self.pending += 1,
+            HostState::Done => self.done += 1,
+            HostState::Failed => self.failed += 1,
+            HostState::Reverted => self.reverted += 1,
+        }
+        if h.rolled_back {
+            self.rolled_back += 1;
+        }
+        if h.rollback_error.is_some() {
+            self.rollback_failed += 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub stop: StopReason,
+    pub allowed_failures: usize,
+    pub totals: Counts,
+    /// Per inventory group of the targets (`all` excluded).
+    pub per_group: BTreeMap<String, Counts>,
+    /// In run order.
+    pub hosts: Vec<HostReport>,
+    /// Successful hosts in order of completion.
+    pub completion_order: Vec<String>,
+    /// Every rollback in the order it finished.
+    pub rollback_order: Vec<String>,
+}
+
+impl Summary {
+    pub fn pending_hosts(&self) -> Vec<&str> {
+        self.hosts
+            .iter()
+            .filter(|h| h.state == HostState::Pending)
+            .map(|h| h.name.as_str())
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RolloutError {
+    #[error("it is {now}, outside the maintenance window `{window}`; the next window starts {next}: run again then, or pass a window that is open now")]
+    OutsideWindow {
+        window: String,
+        now: String,
+        next: String,
+    },
+    #[error("it is {now} and the maintenance window `{window}` will not open again; give the rollout a new window")]
+    WindowPassed { window: String, now: String },
+    #[error("the rollout scheduler stalled in {wave} with {pending} hosts pending and none in flight; this is a bug, please report it with the plan")]
+    Stalled { wave: String, pending: usize },
+}
+
+type GateFn<'a> = dyn Fn(&GateContext) -> Result<bool, String> + 'a;
+
+/// Runs a plan. Build it with [`Executor::new`], add what the run needs, then
+/// call [`Executor::run`] with the per-host work and the rollback.
+pub struct Executor<'a> {
+    plan: &'a Plan,
+    clock: Clock,
+    window: Option<Window>,
+    gate: Option<Box<GateFn<'a>>>,
+    observer: Option<Box<dyn RolloutObserver + 'a>>,
+}
+
+enum Msg {
+    Outcome {
+        host: usize,
+        outcome: HostOutcome,
+        started: DateTime<Utc>,
+        ended: DateTime<Utc>,
+    },
+    Released {
+        host: usize,
+        rollback: Option<Result<(), String>>,
+    },
+}
+
+impl<'a> Executor<'a> {
+    pub fn new(plan: &'a Plan) -> Self {
+        Executor {
+            plan,
+            clock: Clock::system(),
+            window: None,
+            gate: None,
+            observer: None,
+        }
+    }
+
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn window(mut self, window: Window) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    pub fn gate(mut self, gate: impl Fn(&GateContext) -> Result<bool, String> + 'a) -> Self {
+        self.gate = Some(Box::new(gate));
+        self
+    }
+
+    pub fn observer(mut self, observer: impl RolloutObserver + 'a) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
+    fn emit(&self, e: RolloutEvent) {
+        if let Some(o) = &self.observer {
+            o.on_event(self.clock.now(), &e);
+        }
+    }
+
+    fn refuse_outside_window(&self) -> Result<(), RolloutError> {
+        let Some(w) = &self.window else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        if w.contains(now) {
+            return Ok(());
+        }
+        match w.next_start(now) {
+            Some(next) => Err(RolloutError::OutsideWindow {
+                window: w.spec().to_string(),
+                now: w.display_time(now),
+                next: w.display_time(next),
+            }),
+            None => Err(RolloutError::WindowPassed {
+                window: w.spec().to_string(),
+                now: w.display_time(now),
+            }),
+        }
+    }
+
+    /// Runs every wave. `work` runs once per host on a worker thread; `rollback`
+    /// undoes one host (its undo steps, newest first) and reports why it could not.
+    pub fn run<W, R>(&self, work: W, rollback: R) -> Result<Summary, RolloutError>
+    where
+        W: Fn(&Host, &HostContext) -> HostOutcome + Sync,
+        R: Fn(&Host, &RollbackContext) -> Result<(), String> + Sync,
+    {
+        self.refuse_outside_window()?;
+        let plan = self.plan;
+        let n = plan.total();
+        let mut reports: Vec<HostReport> = (0..n)
+            .map(|i| HostReport {
+                name: plan.host(i).name.clone(),
+                wave: 0,
+                state: HostState::Pending,
+                reason: None,
+                started: None,
+                ended: None,
+                rolled_back: false,
+                rollback_error: None,
+            })
+            .collect();
+        for w in &plan.waves {
+            for &i in &w.hosts {
+                reports[i].wave = w.index;
+            }
+        }
+        let mut budget = plan.budget();
+        self.emit(RolloutEvent::RunStarted {
+            targets: n,
+            waves: plan.waves.len(),
+            parallel: plan.parallel,
+            allowed_failures: budget.allowed(),
+        });
+
+        let mut stop: Option<StopReason> = None;
+        let mut completion: Vec<usize> = Vec::new();
+        let mut rollback_order: Vec<usize> = Vec::new();
+        let mut longest: Option<Duration> = None;
+        let workers = plan.parallel.min(n).max(1);
+        let clock = &self.clock;
+        let timeout = plan.policy.timeout;
+
+        let (job_tx, job_rx) = mpsc::channel::<(usize, usize)>();
+        let job_rx = Mutex::new(job_rx);
+        let (msg_tx, msg_rx) = mpsc::channel::<Msg>();
+        let (work, rollback) = (&work, &rollback);
+
+        let result = std::thread::scope(|scope| -> Result<(), RolloutError> {
+            // Owned here so that every way out of this closure closes the job
+            // queue and lets the workers end.
+            let job_tx = job_tx;
+            for _ in 0..workers {
+                let msg_tx = msg_tx.clone();
+                let job_rx = &job_rx;
+                scope.spawn(move || loop {
+                    let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((h, wave)) = job else { break };
+                    let host = plan.host(h);
+                    let started = clock.now();
+                    let ctx = HostContext {
+                        wave,
+                        started,
+                        deadline: timeout.map(|t| after(started, t)),
+                        clock: clock.clone(),
+                    };
+                    let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
+                        .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
+                    let ended = clock.now();
+                    if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
+                        if ended > deadline {
+                            outcome = HostOutcome::failed(format!(
+                                "exceeded its {} deadline (took {})",
+                                format_duration(limit),
+                                format_duration(between(started, ended))
+                            ));
+                        }
+                    }
+                    let failed = matches!(outcome, HostOutcome::Failed { .. });
+                    let _ = msg_tx.send(Msg::Outcome {
+                        host: h,
+                        outcome,
+                        started,
+                        ended,
+                    });
+                    let undo = failed.then(|| {
+                        let rc = RollbackContext {
+                            cause: RollbackCause::HostFailed,
+                            clock: clock.clone(),
+                        };
+                        catch_unwind(AssertUnwindSafe(|| rollback(host, &rc)))
+                            .unwrap_or_else(|p| Err(panic_text(p.as_ref())))
+                    });
+                    let _ = msg_tx.send(Msg::Released {
+                        host: h,
+                        rollback: undo,
+                    });
+                });
+            }
+            drop(msg_tx);
+
+            let mut previous: Option<&Wave> = None;
+            for wave in &plan.waves {
+                if let Some(prev) = previous {
+                    if !plan.policy.pause.is_zero() {
+                        self.emit(RolloutEvent::Paused {
+                            seconds: plan.policy.pause.as_secs_f64(),
+                        });
+                        clock.sleep(plan.policy.pause);
+                    }
+                    if let Some(gate) = &self.gate {
+                        let ctx = GateContext {
+                            finished_wave: prev.index,
+                            next_wave: wave.index,
+                            failures: budget.failures(),
+                            now: clock.now(),
+                        };
+                        let verdict = catch_unwind(AssertUnwindSafe(|| gate(&ctx)))
+                            .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
+                        let reason = match verdict {
+                            Ok(true) => None,
+                            Ok(false) => Some("the gate returned false".to_string()),
+                            Err(e) => Some(format!("the gate failed: {e}")),
+                        };
+                        if let Some(reason) = reason {
+                            self.emit(RolloutEvent::GateStopped {
+                                after_wave: prev.index,
+                                reason: reason.clone(),
+                            });
+                            stop = Some(StopReason::GateStopped {
+                                after_wave: prev.index,
+                                reason,
+                            });
+                            break;
+                        }
+                    }
+                }
+                if let Some(w) = &self.window {
+                    let per_host = longest.unwrap_or(plan.policy.estimate);
+                    let rounds = wave.hosts.len().div_ceil(plan.parallel) as u32;
+                    let needed = per_host.saturating_mul(rounds).saturating_add(w.buffer);
+                    let left = w.time_left(clock.now());
+                    if left < needed {
+                        self.emit(RolloutEvent::WindowClosed {
+                            before_wave: wave.index,
+                            time_left_seconds: left.as_secs_f64(),
+                            needed_seconds: needed.as_secs_f64(),
+                        });
+                        stop = Some(StopReason::WindowClosing {
+                            before_wave: wave.index,
+                        });
+                        break;
+                    }
+                }
+
+                self.emit(RolloutEvent::WaveStarted {
+                    index: wave.index,
+                    label: wave.label(),
+                    hosts: wave
+                        .hosts
+                        .iter()
+                        .map(|&i| plan.host(i).name.clone())
+                        .collect(),
+                });
+                let mut sched = WaveSchedule::new(plan, wave);
+                loop {
+                    for h in sched.start_next() {
+                        self.emit(RolloutEvent::HostStarted {
+                            host: plan.host(h).name.clone(),
+                            wave: wave.index,
+                        });
+                        if job_tx.send((h, wave.index)).is_err() {
+                            return Err(RolloutError::Stalled {
+                                wave: wave.label(),
+                                pending: sched.pending().len(),
+                            });
+                        }
+                    }
+                    if sched.is_over() {
+                        break;
+                    }
+                    if sched.in_flight() == 0 {
+                        return Err(RolloutError::Stalled {
+                            wave: wave.label(),
+                            pending: sched.pending().len(),
+                        });
+                    }
+                    let Ok(msg) = msg_rx.recv() else {
+                        return Err(RolloutError::Stalled {
+                            wave: wave.label(),
+                            pending: sched.pending().len(),
+                        });
+                    };
+                    match msg {
+                        Msg::Outcome {
+                            host,
+                            outcome,
+                            started,
+                            ended,
+                        } => {
+                            let r = &mut reports[host];
+                            r.started = Some(started);
+                            r.ended = Some(ended);
+                            let took = between(started, ended);
+                            longest = Some(longest.map_or(took, |l| l.max(took)));
+                            match outcome {
+                                HostOutcome::Done => {
+                                    r.state = HostState::Done;
+                                    completion.push(host);
+                                    self.emit(RolloutEvent::HostDone {
+                                        host: r.name.clone(),
+                                        wave: wave.index,
+                                        seconds: took.as_secs_f64(),
+                                    });
+                                }
+                                HostOutcome::Failed { reason } => {
+                                    r.state = HostState::Failed;
+                                    r.reason = Some(reason.clone());
+                                    self.emit(RolloutEvent::HostFailed {
+                                        host: r.name.clone(),
+                                        wave: wave.index,
+                                        reason,
+                                    });
+                                    if budget.record_failure() {
+                                        self.emit(RolloutEvent::BudgetExhausted {
+                                            failures: budget.failures(),
+                                            allowed: budget.allowed(),
+                                        });
+                                        stop.get_or_insert(StopReason::BudgetExhausted {
+                                            failures: budget.failures(),
+                                            allowed: budget.allowed(),
+                                        });
+                                    } else if wave.kind == WaveKind::Pilot {
+                                        stop.get_or_insert(StopReason::PilotFailed {
+                                            host: plan.host(host).name.clone(),
+                                        });
+                                    }
+                                    if stop.is_some() {
+                                        sched.stop();
+                                    }
+                                }
+                            }
+                        }
+                        Msg::Released { host, rollback } => {
+                            if let Some(result) = rollback {
+                                self.record_rollback(
+                                    &mut reports[host],
+                                    RollbackCause::HostFailed,
+                                    result,
+                                );
+                                rollback_order.push(host);
+                            }
+                            sched.finish(host);
+                        }
+                    }
+                }
+                if stop.is_some() {
+                    break;
+                }
+                previous = Some(wave);
+            }
+            Ok(())
+        });
+        result?;
+
+        let stop = stop.unwrap_or(StopReason::Completed);
+        let undo_all = plan.policy.rollback == RollbackScope::All
+            && matches!(
+                stop,
+                StopReason::BudgetExhausted { .. }
+                    | StopReason::PilotFailed { .. }
+                    | StopReason::GateStopped { .. }
+            );
+        if undo_all {
+            let rc = RollbackContext {
+                cause: RollbackCause::RunStopped,
+                clock: self.clock.clone(),
+            };
+            for &h in completion.iter().rev() {
+                let result = catch_unwind(AssertUnwindSafe(|| rollback(plan.host(h), &rc)))
+                    .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
+                let r = &mut reports[h];
+                if result.is_ok() {
+                    r.state = HostState::Reverted;
+                }
+                self.record_rollback(r, RollbackCause::RunStopped, result);
+                rollback_order.push(h);
+            }
+        }
+
+        let run_order = plan.run_order();
+        let mut totals = Counts::default();
+        let mut per_group: BTreeMap<String, Counts> = BTreeMap::new();
+        for &i in &run_order {
+            let r = &reports[i];
+            totals.add(r);
+            for g in &plan.host(i).groups {
+                per_group.entry(g.clone()).or_default().add(r);
+            }
+        }
+        let name = |i: &usize| plan.host(*i).name.clone();
+        let summary = Summary {
+            stop,
+            allowed_failures: budget.allowed(),
+            totals,
+            per_group,
+            completion_order: completion.iter().map(name).collect(),
+            rollback_order: rollback_order.iter().map(name).collect(),
+            hosts: run_order.iter().map(|&i| reports[i].clone()).collect(),
+        };
+        self.emit(RolloutEvent::RunDone {
+            summary: summary.clone(),
+        });
+        Ok(summary)
+    }
+
+    fn record_rollback(
+        &self,
+        r: &mut HostReport,
+        cause: RollbackCause,
+        result: Result<(), String>,
+    ) {
+        match result {
+            Ok(()) => {
+                r.rolled_back = true;
+                self.emit(RolloutEvent::RolledBack {
+                    host: r.name.clone(),
+                    cause,
+                });
+            }
+            Err(error) => {
+                r.rollback_error = Some(error.clone());
+                self.emit(RolloutEvent::RollbackFailed {
+                    host: r.name.clone(),
+                    cause,
+                    error,
+                });
+            }
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string());
+    format!("panicked: {msg}")
+}
