@@ -25,6 +25,7 @@ enum Reply {
     /// A body that never ends; the counter holds how many bytes were handed out.
     Endless(Arc<AtomicU64>),
     Status(u16),
+    Redirect(String),
 }
 
 struct Endless(Arc<AtomicU64>);
@@ -76,6 +77,11 @@ impl TestServer {
                             None,
                             None,
                         )),
+                        Reply::Redirect(to) => req.respond(
+                            tiny_http::Response::empty(tiny_http::StatusCode(302)).with_header(
+                                tiny_http::Header::from_bytes("Location", to.as_bytes()).unwrap(),
+                            ),
+                        ),
                         Reply::Status(code) => {
                             req.respond(tiny_http::Response::empty(tiny_http::StatusCode(code)))
                         }
@@ -176,7 +182,10 @@ fn wrong_checksum_is_downloaded_again_then_refused() {
         other => panic!("expected a checksum failure, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains(&sha(GOOD)) && msg.contains(&sha(b"tampered bytes")), "{msg}");
+    assert!(
+        msg.contains(&sha(GOOD)) && msg.contains(&sha(b"tampered bytes")),
+        "{msg}"
+    );
     assert!(msg.contains("3 attempt"), "{msg}");
     let failed: Vec<_> = checks.iter().filter(|c| c.what == "download").collect();
     assert_eq!(failed.len(), 3);
@@ -237,7 +246,10 @@ fn untrusted_urls_are_refused_without_a_request() {
     ] {
         let err = fetch(&spec(url.clone(), GOOD), &s).unwrap_err();
         assert!(
-            matches!(err, ArtifactError::Untrusted { .. } | ArtifactError::InvalidSpec { .. }),
+            matches!(
+                err,
+                ArtifactError::Untrusted { .. } | ArtifactError::InvalidSpec { .. }
+            ),
             "{url}: {err:?}"
         );
     }
@@ -329,6 +341,20 @@ fn http_errors_are_retried_and_reported() {
     let err = fetch(&spec(srv.url("/missing.deb"), GOOD), &s).unwrap_err();
     assert_eq!(srv.hits(), 3);
     assert!(err.to_string().contains("HTTP 404"), "{err}");
+
+    // A redirect, even to a trusted path, is not followed: it could leave the allowlist.
+    let srv = TestServer::start(|path, _| match path {
+        "/pool/a.deb" => Reply::Redirect("/other/a.deb".into()),
+        _ => Reply::Body(GOOD.to_vec()),
+    });
+    let s = settings(state.path(), &[srv.url("/")]);
+    let err = fetch(&spec(srv.url("/pool/a.deb"), GOOD), &s).unwrap_err();
+    assert!(
+        err.to_string().contains("redirects are not followed"),
+        "{err}"
+    );
+    assert_eq!(srv.hits_on("/pool/a.deb"), 3);
+    assert_eq!(srv.hits(), 3, "the redirect target was never requested");
 }
 
 /// A minisign key pair made with the real `minisign` tool.
@@ -350,7 +376,11 @@ fn minisign_keys() -> Keys {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(dir.path().join("key.pub")).unwrap();
     let public = text.lines().nth(1).unwrap().trim().to_string();
     Keys { dir, public }
@@ -370,7 +400,11 @@ impl Keys {
             .arg(&sig)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::read_to_string(sig).unwrap()
     }
 }
@@ -396,7 +430,10 @@ fn minisign_signatures_are_checked_against_pinned_keys() {
 
     // Missing signature while keys are pinned: refused before any request.
     let err = fetch(&spec(srv.url("/pool/a.deb"), GOOD), &s).unwrap_err();
-    assert!(matches!(err, ArtifactError::SignatureMissing { .. }), "{err:?}");
+    assert!(
+        matches!(err, ArtifactError::SignatureMissing { .. }),
+        "{err:?}"
+    );
     assert_eq!(srv.hits(), 0);
 
     let mut only_first_key = s.clone();
@@ -410,7 +447,10 @@ fn minisign_signatures_are_checked_against_pinned_keys() {
         sp.signature = Some(sig.to_string());
         let mut checks = Vec::new();
         let err = fetch_recorded(&sp, settings, &mut checks).unwrap_err();
-        assert!(matches!(err, ArtifactError::BadSignature { .. }), "{sig}: {err:?}");
+        assert!(
+            matches!(err, ArtifactError::BadSignature { .. }),
+            "{sig}: {err:?}"
+        );
         assert!(
             checks.iter().any(|c| c.what == "signature" && !c.ok),
             "{checks:?}"
@@ -435,7 +475,11 @@ fn minisign_signatures_are_checked_against_pinned_keys() {
     let before = srv.hits();
     let a = fetch(&inline, &s).unwrap();
     assert!(a.from_cache && a.signature_checked);
-    assert_eq!(srv.hits(), before, "a cache hit with inline signature needs no request");
+    assert_eq!(
+        srv.hits(),
+        before,
+        "a cache hit with inline signature needs no request"
+    );
     inline.signature = Some(keys.sign(b"tampered"));
     assert!(matches!(
         fetch(&inline, &s).unwrap_err(),

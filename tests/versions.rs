@@ -211,7 +211,11 @@ fn generate(seed: u64, rpm: bool) -> Vec<(String, String)> {
         }
     };
     while pairs.len() < PAIRS + fixed.len() {
-        let a = if rpm { rpm_version(&mut r) } else { deb_version(&mut r) };
+        let a = if rpm {
+            rpm_version(&mut r)
+        } else {
+            deb_version(&mut r)
+        };
         let b = if r.chance(35) {
             if rpm {
                 rpm_version(&mut r)
@@ -375,7 +379,9 @@ fn assert_agreement(
     for ((a, b), t) in pairs.iter().zip(theirs) {
         let mine = sign(ours(a, b));
         if mine != t.signum() {
-            failures.push(format!("  {a} vs {b}: {tool} says {t}, patchbook says {mine}"));
+            failures.push(format!(
+                "  {a} vs {b}: {tool} says {t}, patchbook says {mine}"
+            ));
         }
     }
     assert!(
@@ -383,7 +389,12 @@ fn assert_agreement(
         "{} of {} pairs disagree with {tool}:\n{}",
         failures.len(),
         pairs.len(),
-        failures.iter().take(50).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(50)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

@@ -152,7 +152,9 @@ pub enum ArtifactError {
          add the mirror there if you trust it"
     )]
     Untrusted { url: String, trusted: String },
-    #[error("artifacts.public_keys[{index}] in patchbook.toml is not a minisign public key: {reason}")]
+    #[error(
+        "artifacts.public_keys[{index}] in patchbook.toml is not a minisign public key: {reason}"
+    )]
     PublicKey { index: usize, reason: String },
     #[error(
         "refusing {url}: artifacts.public_keys are pinned in patchbook.toml but the artifact has \
@@ -395,10 +397,9 @@ fn open(
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 Ok((Box::new(resp.into_reader()), len))
             }
-            Err(ureq::Error::Status(code, resp)) => Err(format!(
-                "HTTP {code} {} from {u}",
-                resp.status_text().to_string()
-            )),
+            Err(ureq::Error::Status(code, resp)) => {
+                Err(format!("HTTP {code} {} from {u}", resp.status_text()))
+            }
             Err(e) => Err(format!("cannot download {u}: {e}")),
         },
         Location::File(p) => {
@@ -446,7 +447,9 @@ fn download(
         open(agent, loc).map_err(|e| AttemptError::Retry(AttemptFailure::Transport(e)))?;
     if let (Some(size), Some(len)) = (size, declared_len) {
         if len > size {
-            return Err(AttemptError::Retry(AttemptFailure::TooLong { declared: size }));
+            return Err(AttemptError::Retry(AttemptFailure::TooLong {
+                declared: size,
+            }));
         }
     }
     let mut tmp = tempfile::Builder::new()
@@ -612,7 +615,13 @@ pub fn fetch_recorded(
         }
     };
     if !trusted.iter().any(|t| under(&loc, t)) {
-        record(checks, url, "source", false, format!("{loc} is not trusted"));
+        record(
+            checks,
+            url,
+            "source",
+            false,
+            format!("{loc} is not trusted"),
+        );
         return Err(ArtifactError::Untrusted {
             url: url.to_string(),
             trusted: trusted_list(),
@@ -676,7 +685,10 @@ pub fn fetch_recorded(
                 url,
                 "cache",
                 true,
-                format!("{} re-hashed: SHA-256 {actual}, {len} bytes", cached.display()),
+                format!(
+                    "{} re-hashed: SHA-256 {actual}, {len} bytes",
+                    cached.display()
+                ),
             );
             from_cache = true;
             bytes = len;
@@ -768,7 +780,13 @@ pub fn fetch_recorded(
                     signature_checked = true;
                 }
                 Err(reason) => {
-                    record(checks, url, "signature", false, format!("{shown}: {reason}"));
+                    record(
+                        checks,
+                        url,
+                        "signature",
+                        false,
+                        format!("{shown}: {reason}"),
+                    );
                     return Err(ArtifactError::BadSignature {
                         url: url.to_string(),
                         signature: shown,
@@ -821,7 +839,10 @@ mod tests {
 
     #[test]
     fn prefixes_match_on_boundaries_only() {
-        let s = settings(&["https://mirror.example.com/pool/", "https://dl.example.org/acme"]);
+        let s = settings(&[
+            "https://mirror.example.com/pool/",
+            "https://dl.example.org/acme",
+        ]);
         let yes = [
             "https://mirror.example.com/pool/a.deb",
             "https://MIRROR.example.com/pool/sub/a.deb",
