@@ -584,3 +584,41 @@ fn settings_come_from_patchbook_toml() {
     let err = Config::load(&path).unwrap_err().to_string();
     assert!(err.contains("patchbook.toml:2:"), "{err}");
 }
+
+#[test]
+fn hostile_specs_are_refused_without_a_request() {
+    let srv = TestServer::start(|_, _| Reply::Body(GOOD.to_vec()));
+    let state = tempfile::tempdir().unwrap();
+    let s = settings(state.path(), &[srv.url("/pool/")]);
+    let long = "a".repeat(64 * 1024);
+    for bad in [
+        ";",
+        "$(touch /tmp/pwned)",
+        "`id`",
+        "\n",
+        "\0",
+        "-rf",
+        long.as_str(),
+    ] {
+        let mut by_sha = spec(srv.url("/pool/a.deb"), GOOD);
+        by_sha.sha256 = format!("{}{bad}", &by_sha.sha256[..63]);
+        let err = fetch(&by_sha, &s).unwrap_err();
+        assert!(
+            matches!(err, ArtifactError::InvalidSpec { .. }),
+            "{bad:?}: {err:?}"
+        );
+        assert!(err.to_string().len() < 1000, "the message stays readable");
+    }
+    for url in [
+        format!("{}\n", srv.url("/pool/a.deb")),
+        format!("{}\0", srv.url("/pool/a.deb")),
+        "-rf".to_string(),
+        "$(touch /tmp/pwned)".to_string(),
+    ] {
+        assert!(fetch(&spec(url.clone(), GOOD), &s).is_err(), "{url:?}");
+    }
+    let mut by_sig = spec(srv.url("/pool/a.deb"), GOOD);
+    by_sig.signature = Some("../../etc/passwd\0".to_string());
+    assert!(fetch(&by_sig, &s).is_err());
+    assert_eq!(srv.hits(), 0, "no hostile spec may send a request");
+}
