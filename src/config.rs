@@ -28,6 +28,9 @@ pub struct Config {
     /// URL prefixes (https) and local directories artifacts may come from.
     #[serde(default)]
     pub trusted_sources: Vec<String>,
+    /// `[artifacts]`: download attempts, cache folder, pinned minisign keys.
+    #[serde(default)]
+    pub artifacts: crate::primitives::artifact::ArtifactConfig,
     #[serde(default)]
     pub limits: crate::script::Limits,
     #[serde(default)]

@@ -6,4 +6,6 @@
 //! them. A primitive that changes a host writes its intent to the journal before
 //! acting and its outcome, with the undo step, after. Primitives must not know Rhai.
 
+pub mod artifact;
 pub mod notify;
+pub mod version;
