@@ -324,6 +324,8 @@ fn verify_run(
     if checkpoints.is_empty() {
         return Ok(tampered(Problem::NotIndexed, last_good));
     }
+    // The highest checkpoint that matched: all before it is vouched for by the index.
+    let mut vouched = 0;
     for c in checkpoints {
         if c.at_seq == 0 {
             continue;
@@ -338,12 +340,9 @@ fn verify_run(
                 ))
             }
             Some(r) if r.hash != c.at_hash => {
-                return Ok(tampered(
-                    Problem::Rewritten { seq: c.at_seq },
-                    c.at_seq.saturating_sub(1),
-                ))
+                return Ok(tampered(Problem::Rewritten { seq: c.at_seq }, vouched))
             }
-            Some(_) => {}
+            Some(_) => vouched = vouched.max(c.at_seq),
         }
     }
     let latest = checkpoints[checkpoints.len() - 1];

@@ -762,3 +762,61 @@ pub fn redact_str(s: &str, secrets: &[String]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_from_host_keys_values_and_step_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice")
+            .unwrap()
+            .with_secrets(vec!["s3cr3t".into(), String::new()]);
+        let id = j
+            .intent(
+                "web-s3cr3t-1",
+                "deploy s3cr3t",
+                serde_json::json!({"token=s3cr3t": ["x s3cr3t y", 7], "plain": "ok"}),
+            )
+            .unwrap();
+        j.outcome(
+            "web-s3cr3t-1",
+            id,
+            false,
+            serde_json::json!({"stderr": "bad password s3cr3t"}),
+            Some(UndoStep::Manual {
+                reason: "call s3cr3t".into(),
+            }),
+        )
+        .unwrap();
+        j.append(Some("s3cr3t"), "note", serde_json::json!({"s3cr3t": 1}))
+            .unwrap();
+        let text = std::fs::read_to_string(j.path()).unwrap();
+        assert!(!text.contains("s3cr3t"), "secret leaked: {text}");
+        let recs = j.records().unwrap();
+        assert_eq!(recs[0].host.as_deref(), Some("web-***-1"));
+        assert_eq!(recs[0].data["step"], "deploy ***");
+        assert_eq!(recs[0].data["input"]["token=***"][0], "x *** y");
+        assert_eq!(recs[0].data["input"]["plain"], "ok");
+        assert_eq!(recs[1].data["output"]["stderr"], "bad password ***");
+        assert_eq!(recs[1].data["undo"]["reason"], "call ***");
+        assert_eq!(recs[2].host.as_deref(), Some("***"));
+        assert!(recs[2].data.get("***").is_some());
+        // The redacted records still chain: redaction happens before hashing.
+        for r in &recs {
+            assert_eq!(r.compute_hash(), r.hash);
+        }
+    }
+
+    #[test]
+    fn run_ids_that_could_escape_the_runs_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(matches!(
+                Journal::create(dir.path(), bad, "alice"),
+                Err(JournalError::BadRunId { .. })
+            ));
+        }
+    }
+}
