@@ -469,8 +469,8 @@ fn reopened_closed_run_keeps_its_old_checkpoint_checked() {
     // Rollback after a restart: the closed run is reopened and appended to.
     let j = Journal::open(dir.path(), "r1", "bob").unwrap();
     let st = j.state().unwrap();
-    let (of, undo) = st.host("web2").unwrap().undo_steps()[0].clone();
-    let u = j.undo_intent("web2", of, &undo.clone()).unwrap();
+    let (of, undo) = st.host("web2").unwrap().undo_steps()[0];
+    let u = j.undo_intent("web2", of, undo).unwrap();
     j.outcome("web2", u, true, json!({}), None).unwrap();
     j.host_rolled_back("web2", true, json!({})).unwrap();
     drop(j);

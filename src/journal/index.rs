@@ -150,10 +150,18 @@ pub struct IndexRead {
 /// Reads the audit index and checks its chain. A missing index reads as empty.
 pub fn read(state_dir: &Path) -> Result<IndexRead, JournalError> {
     let path = index_path(state_dir);
-    if !path.exists() {
-        return Ok(IndexRead::default());
-    }
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(IndexRead::default()),
+        Err(source) => return Err(JournalError::Io { path, source }),
+    };
+    // Appenders hold the exclusive lock: never read an entry half-written.
+    file.lock_shared().map_err(|source| JournalError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let scan = super::scan_lines::<IndexEntry>(&path)?;
+    drop(file);
     let mut problem = None;
     let mut prev = GENESIS.to_string();
     let first_bad = scan.bad.first().map(|(l, _)| *l).unwrap_or(usize::MAX);

@@ -310,9 +310,15 @@ impl Journal {
             path: path.clone(),
             source,
         };
-        let fresh_dir = !runs_dir.exists();
+        let fresh_state = !state_dir.exists();
+        let fresh_runs = !runs_dir.exists();
         std::fs::create_dir_all(&runs_dir).map_err(io)?;
-        if fresh_dir {
+        if fresh_state {
+            if let Some(parent) = state_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent)?;
+            }
+        }
+        if fresh_runs {
             fsync_dir(state_dir)?;
         }
         let lock = lock::RunLock::acquire(state_dir, run)?;
