@@ -771,3 +771,41 @@ fn audit_verify_of_an_unknown_run_exits_two() {
     assert_eq!(code, 2, "{out}");
     assert!(err.contains("no run `nope`"), "{err}");
 }
+
+#[test]
+fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = std::sync::Arc::new(Journal::begin(dir.path(), "r1", "alice", &header()).unwrap());
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                let host = format!("web{w}");
+                for i in 0..40 {
+                    let id = j.intent(&host, "deploy", json!({"i": i})).unwrap();
+                    // The intent is on disk before the step would act.
+                    let on_disk = read_records(j.path()).unwrap();
+                    assert!(on_disk
+                        .iter()
+                        .any(|r| r.seq == id.0 && r.host.as_deref() == Some(host.as_str())));
+                    j.outcome(&host, id, true, json!({}), Some(reinstall("1.0.0")))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let j = std::sync::Arc::into_inner(j).unwrap();
+    j.close().unwrap();
+    let report = audit::verify(dir.path(), None).unwrap();
+    assert!(report.intact(), "{report:?}");
+    let st = RunState::load(dir.path(), "r1").unwrap();
+    assert_eq!(st.hosts.len(), 8);
+    assert!(st.open_intents().is_empty());
+    assert!(st
+        .hosts
+        .values()
+        .all(|h| h.steps.len() == 40 && h.undo_steps().len() == 40));
+}

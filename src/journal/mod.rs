@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,8 @@ pub enum JournalError {
         host: String,
         step: StepId,
     },
+    #[error("journal {path} can no longer be appended to ({message}); stop this controller, check the disk, then resume the run")]
+    Broken { path: PathBuf, message: String },
     #[error("run {run} already has {records} records; the run header must be its first record")]
     HeaderNotFirst { run: String, records: u64 },
 }
@@ -276,6 +279,9 @@ struct Tail {
     file: File,
     seq: u64,
     prev: String,
+    /// Set after a failed write: the file may end in half a line, so nothing more
+    /// may be appended through this handle.
+    broken: Option<String>,
     /// Intents still waiting for their outcome: step → (host, step name).
     open_steps: HashMap<StepId, (String, String)>,
 }
@@ -288,8 +294,22 @@ pub struct Journal {
     run: String,
     operator: String,
     tail: Mutex<Tail>,
+    /// Group commit: the seq of the last record written (not yet necessarily synced).
+    written: AtomicU64,
+    durable: Mutex<Durable>,
+    durable_changed: Condvar,
+    /// A second descriptor of the run file, so an fsync never holds the append lock.
+    sync_file: File,
     redact: Vec<String>,
     lock: lock::RunLock,
+}
+
+/// What is known to be on disk. One appender at a time runs the fsync; the others
+/// wait for it, and each fsync covers every record written before it began.
+struct Durable {
+    synced: u64,
+    syncing: bool,
+    failed: Option<String>,
 }
 
 impl Journal {
@@ -339,12 +359,21 @@ impl Journal {
             state_dir: state_dir.to_path_buf(),
             run: run.to_string(),
             operator: operator.to_string(),
+            sync_file: file.try_clone().map_err(io)?,
             tail: Mutex::new(Tail {
                 file,
                 seq: 0,
                 prev: GENESIS.to_string(),
+                broken: None,
                 open_steps: HashMap::new(),
             }),
+            written: AtomicU64::new(0),
+            durable: Mutex::new(Durable {
+                synced: 0,
+                syncing: false,
+                failed: None,
+            }),
+            durable_changed: Condvar::new(),
             redact: Vec::new(),
             lock,
         })
@@ -372,7 +401,10 @@ impl Journal {
             });
         }
         let data = serde_json::to_value(header).unwrap_or(Value::Null);
-        self.append_locked(&mut tail, None, kind::RUN_START, data)
+        let rec = self.append_locked(&mut tail, None, kind::RUN_START, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
     }
 
     /// Opens an existing run to append to it (resume, rollback), taking its lock.
@@ -440,12 +472,21 @@ impl Journal {
             state_dir: state_dir.to_path_buf(),
             run: run.to_string(),
             operator: operator.to_string(),
+            sync_file: file.try_clone().map_err(io)?,
             tail: Mutex::new(Tail {
                 file,
                 seq,
                 prev,
+                broken: None,
                 open_steps,
             }),
+            written: AtomicU64::new(seq),
+            durable: Mutex::new(Durable {
+                synced: seq,
+                syncing: false,
+                failed: None,
+            }),
+            durable_changed: Condvar::new(),
             redact: Vec::new(),
             lock,
         };
@@ -496,7 +537,10 @@ impl Journal {
     ) -> Result<Record, JournalError> {
         let data = redact_value(data, &self.redact);
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        self.append_locked(&mut tail, host, kind, data)
+        let rec = self.append_locked(&mut tail, host, kind, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
     }
 
     fn append_locked(
@@ -524,11 +568,58 @@ impl Journal {
             path: self.path.clone(),
             source,
         };
-        tail.file.write_all(line.as_bytes()).map_err(io)?;
-        tail.file.sync_data().map_err(io)?;
+        if let Some(message) = &tail.broken {
+            return Err(JournalError::Broken {
+                path: self.path.clone(),
+                message: message.clone(),
+            });
+        }
+        if let Err(e) = tail.file.write_all(line.as_bytes()) {
+            tail.broken = Some(e.to_string());
+            return Err(io(e));
+        }
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
+        self.written.store(rec.seq, Ordering::Release);
         Ok(rec)
+    }
+
+    /// Returns once record `seq` is on disk, running an fsync itself unless one that
+    /// covers it is already under way.
+    fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
+        let mut d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(message) = &d.failed {
+                return Err(JournalError::Broken {
+                    path: self.path.clone(),
+                    message: message.clone(),
+                });
+            }
+            if d.synced >= seq {
+                return Ok(());
+            }
+            if d.syncing {
+                d = self
+                    .durable_changed
+                    .wait(d)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            d.syncing = true;
+            drop(d);
+            // Every record up to `target` was fully written before this fsync starts.
+            let target = self.written.load(Ordering::Acquire);
+            let res = self.sync_file.sync_data();
+            d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+            d.syncing = false;
+            match res {
+                Ok(()) => d.synced = d.synced.max(target),
+                // After a failed fsync the kernel may have dropped the dirty pages:
+                // nothing written through this handle can be trusted to be on disk.
+                Err(e) => d.failed = Some(format!("fsync failed: {e}")),
+            }
+            self.durable_changed.notify_all();
+        }
     }
 
     /// Records that a mutating step is about to act on `host`. The record is on disk
@@ -567,6 +658,9 @@ impl Journal {
         let id = StepId(rec.seq);
         tail.open_steps
             .insert(id, (rec.host.unwrap_or_default(), payload.step));
+        drop(tail);
+        // Only now may the step act: its intent is on disk.
+        self.wait_durable(id.0)?;
         Ok(id)
     }
 
@@ -610,6 +704,8 @@ impl Journal {
         let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
         let rec = self.append_locked(&mut tail, Some(&host), kind::STEP_OUTCOME, data)?;
         tail.open_steps.remove(&step_id);
+        drop(tail);
+        self.wait_durable(rec.seq)?;
         Ok(rec)
     }
 
@@ -646,7 +742,10 @@ impl Journal {
         })
         .unwrap_or(Value::Null);
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        self.append_locked(&mut tail, Some(host), kind, data)
+        let rec = self.append_locked(&mut tail, Some(host), kind, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
     }
 
     /// Closes the run: appends `run.close`, records the final hash and record count
@@ -655,6 +754,8 @@ impl Journal {
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.append_locked(&mut tail, None, kind::RUN_CLOSE, serde_json::json!({}))?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
         index::append(
             &self.state_dir,
             &self.run,
