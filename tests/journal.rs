@@ -174,6 +174,21 @@ fn deleted_record_is_detected() {
     write_lines(&path, &l);
     assert_eq!(tampered(dir.path(), "r1"), (Problem::Deleted { seq: 5 }, 4));
     assert_cli_tampered(dir.path(), "r1", "record seq 5 deleted; last good seq 4");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .current_dir(dir.path())
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["--json", "audit", "verify", "r1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first,
+        json!({"run": "r1", "status": "tampered", "problem": "deleted", "seq": 5, "last_good_seq": 4})
+    );
 }
 
 #[test]
@@ -202,6 +217,20 @@ fn edited_record_is_detected() {
         tampered(dir.path(), "r1"),
         (Problem::Unlinked { seq: 4 }, 3)
     );
+
+    // Resume and rollback refuse to extend a broken chain.
+    match Journal::open(dir.path(), "r1", "bob") {
+        Err(e @ JournalError::Tampered { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("record seq 4 does not link to the chain")
+                    && msg.contains("last good seq 3"),
+                "{msg}"
+            );
+        }
+        Err(other) => panic!("expected Tampered, got {other}"),
+        Ok(_) => panic!("a tampered run was opened for appending"),
+    }
 }
 
 #[test]

@@ -279,42 +279,11 @@ fn verify_run(
         .map(|(_, r)| r)
         .collect();
 
-    // The chain, record by record.
-    let mut prev = GENESIS;
-    let mut good: Vec<&Record> = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let expected = good.len() as u64 + 1;
-        let last_good = expected - 1;
-        if r.compute_hash() != r.hash {
-            return Ok(tampered(Problem::Edited { seq: r.seq }, last_good));
-        }
-        if r.run != run {
-            return Ok(tampered(
-                Problem::WrongRun {
-                    seq: r.seq,
-                    found: r.run.clone(),
-                },
-                last_good,
-            ));
-        }
-        if r.seq != expected {
-            let later = records[i + 1..].iter().any(|x| x.seq == expected);
-            let problem = if r.seq < expected || later {
-                Problem::Reordered {
-                    seq: r.seq,
-                    expected,
-                }
-            } else {
-                Problem::Deleted { seq: expected }
-            };
-            return Ok(tampered(problem, last_good));
-        }
-        if r.prev != prev {
-            return Ok(tampered(Problem::Unlinked { seq: r.seq }, last_good));
-        }
-        prev = &r.hash;
-        good.push(r);
-    }
+    let good = match check_chain(run, &records) {
+        Ok(()) => records,
+        Err((problem, last_good_seq)) => return Ok(tampered(problem, last_good_seq)),
+    };
+    let prev = good.last().map(|r| r.hash.as_str()).unwrap_or(GENESIS);
     let last_good = good.len() as u64;
     if let Some((line, message)) = first_bad {
         return Ok(tampered(Problem::Unreadable { line, message }, last_good));
@@ -379,4 +348,43 @@ fn verify_run(
             holder,
         }
     })
+}
+
+/// Walks a run's chain record by record: seq, link, content hash, run id. On the first
+/// break, says what it is and the last good seq.
+pub(crate) fn check_chain(run: &str, records: &[&Record]) -> Result<(), (Problem, u64)> {
+    let mut prev = GENESIS;
+    for (i, r) in records.iter().enumerate() {
+        let expected = i as u64 + 1;
+        let last_good = expected - 1;
+        if r.compute_hash() != r.hash {
+            return Err((Problem::Edited { seq: r.seq }, last_good));
+        }
+        if r.run != run {
+            return Err((
+                Problem::WrongRun {
+                    seq: r.seq,
+                    found: r.run.clone(),
+                },
+                last_good,
+            ));
+        }
+        if r.seq != expected {
+            let later = records[i + 1..].iter().any(|x| x.seq == expected);
+            let problem = if r.seq < expected || later {
+                Problem::Reordered {
+                    seq: r.seq,
+                    expected,
+                }
+            } else {
+                Problem::Deleted { seq: expected }
+            };
+            return Err((problem, last_good));
+        }
+        if r.prev != prev {
+            return Err((Problem::Unlinked { seq: r.seq }, last_good));
+        }
+        prev = &r.hash;
+    }
+    Ok(())
 }

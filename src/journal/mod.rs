@@ -239,6 +239,12 @@ pub enum JournalError {
         host: String,
         step: StepId,
     },
+    #[error("run {run} cannot be continued: {problem}; last good seq {last_good_seq}. Keep the file as evidence and see `patchbook audit verify {run}`")]
+    Tampered {
+        run: String,
+        problem: String,
+        last_good_seq: u64,
+    },
     #[error("journal {path} can no longer be appended to ({message}); stop this controller, check the disk, then resume the run")]
     Broken { path: PathBuf, message: String },
     #[error("run {run} already has {records} records; the run header must be its first record")]
@@ -427,6 +433,14 @@ impl Journal {
                 message: format!(
                     "{message}; run `patchbook audit verify {run}` before resuming this run"
                 ),
+            });
+        }
+        let chain: Vec<&Record> = scan.items.iter().map(|(_, r)| r).collect();
+        if let Err((problem, last_good_seq)) = audit::check_chain(run, &chain) {
+            return Err(JournalError::Tampered {
+                run: run.to_string(),
+                problem: problem.to_string(),
+                last_good_seq,
             });
         }
         let io = |source| JournalError::Io {
