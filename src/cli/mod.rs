@@ -88,6 +88,27 @@ pub enum Verb {
     /// Start and stop a lab fleet of real sshd hosts on this machine (needs root).
     #[command(subcommand)]
     Lab(LabVerb),
+    /// Check the journals' hash chains and the audit index.
+    #[command(subcommand)]
+    Audit(AuditVerb),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditVerb {
+    /// Verify every run's chain (or one run's) against itself and the audit index.
+    ///
+    /// Prints one line per run: OK (closed, intact), OPEN (not closed yet: in
+    /// progress, or stopped or crashed; its chain is intact) or TAMPERED with the
+    /// first problem and the last good seq; then one line for the audit index.
+    #[command(after_help = "\
+Exit codes:
+  0  every run is intact or open, and the audit index is sound
+  1  tampering or damage detected: a run or the index is TAMPERED
+  2  the state directory cannot be read, or no such run")]
+    Verify {
+        /// One run id (default: every run in the state directory and the index).
+        run: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,7 +171,34 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Err(CliError::Other("not built yet".into()))
         }
         Verb::Lab(_) => Err(CliError::Other("not built yet".into())),
+        Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
     }
+}
+
+fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {
+    let rt = Runtime::build(&cli.options())?;
+    let report = crate::journal::audit::verify(&rt.state_dir, run)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    for r in &report.runs {
+        if cli.global.json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            println!("{r}");
+        }
+    }
+    if cli.global.json {
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({"index": report.index})).unwrap_or_default()
+        );
+    } else {
+        println!("{}", report.index);
+    }
+    Ok(if report.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {

@@ -3,13 +3,28 @@
 //! It is the one truth of a run: rollback, resume, audit, reports and patch levels
 //! all read it, and nothing else keeps a second copy. It owns the record format,
 //! durability (an intent is fsynced before the action it announces) and chaining.
-//! It must not know what a step does: `data` is opaque JSON to it.
+//! It must not know what a step does: `data` is opaque JSON to it, apart from the
+//! few record kinds it defines itself (run start and close, step intent and outcome
+//! with its [`UndoStep`], host finish and rollback) so that every reader derives the
+//! same state from them.
+//!
+//! Submodules: [`lock`] (one controller per run), [`index`] (the audit index of run
+//! checkpoints), [`audit`] (chain verification), [`state`] (the read side: per-host
+//! state, open intents, undo order, run listing).
 
+pub mod audit;
+pub mod index;
+pub mod lock;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -69,6 +84,128 @@ pub fn canonical(v: &Value) -> Value {
     }
 }
 
+/// The record kinds the journal itself defines. Other layers may append their own
+/// kinds (`wave.start`, `notify.sent`, …) with [`Journal::append`].
+pub mod kind {
+    /// First record of every run; `data` is a [`super::RunHeader`].
+    pub const RUN_START: &str = "run.start";
+    /// Last record of a closed run.
+    pub const RUN_CLOSE: &str = "run.close";
+    /// A mutating step is about to act; `data` is a [`super::IntentData`].
+    pub const STEP_INTENT: &str = "step.intent";
+    /// What a step did; `data` is an [`super::OutcomeData`].
+    pub const STEP_OUTCOME: &str = "step.outcome";
+    /// A host's work ended; `data` is `{ok, detail}`.
+    pub const HOST_FINISH: &str = "host.finish";
+    /// A host's rollback ended; `data` is `{ok, detail}`.
+    pub const HOST_ROLLBACK: &str = "host.rollback";
+    /// A torn last line (crash mid-write) was cut off when the run was reopened.
+    pub const JOURNAL_REPAIR: &str = "journal.repair";
+}
+
+/// What the first record of a run names: enough to say later exactly what ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunHeader {
+    pub playbook: PathBuf,
+    /// SHA-256 of the compiled playbook version the run pinned.
+    pub playbook_sha256: String,
+    /// Every imported module: its path (as resolved) and SHA-256.
+    #[serde(default)]
+    pub modules: BTreeMap<String, String>,
+    pub inventory_sha256: String,
+    pub patchbook_version: String,
+    /// The rollout policy (waves, budget, window, …) as the playbook gave it.
+    #[serde(default)]
+    pub policy: Value,
+}
+
+impl RunHeader {
+    /// A header stamped with this build's version.
+    pub fn new(
+        playbook: PathBuf,
+        playbook_sha256: String,
+        modules: BTreeMap<String, String>,
+        inventory_sha256: String,
+        policy: Value,
+    ) -> Self {
+        RunHeader {
+            playbook,
+            playbook_sha256,
+            modules,
+            inventory_sha256,
+            patchbook_version: env!("CARGO_PKG_VERSION").to_string(),
+            policy,
+        }
+    }
+}
+
+/// A step of a run, named by the `seq` of its intent record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StepId(pub u64);
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How to reverse a step that changed a host. Recorded with the step's outcome, so
+/// rollback needs nothing but the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum UndoStep {
+    /// Install the previous version again from a cached, checksummed artifact.
+    Reinstall {
+        package: String,
+        artifact_sha256: String,
+        artifact_path: PathBuf,
+        version: String,
+    },
+    /// Unpack a backup archive over the paths it was taken from.
+    Restore {
+        backup_id: String,
+        archive: PathBuf,
+        sha256: String,
+        paths: Vec<String>,
+    },
+    /// Remove a package that was not installed before.
+    Remove { package: String },
+    /// Cannot be reversed automatically; a person must.
+    Manual { reason: String },
+}
+
+/// `data` of a [`kind::STEP_INTENT`] record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentData {
+    pub step: String,
+    #[serde(default)]
+    pub input: Value,
+    /// Set when this step applies the undo of an earlier step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undoes: Option<StepId>,
+}
+
+/// `data` of a [`kind::STEP_OUTCOME`] record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeData {
+    pub step_id: StepId,
+    pub step: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub output: Value,
+    #[serde(default)]
+    pub undo: Option<UndoStep>,
+}
+
+/// `data` of [`kind::HOST_FINISH`] and [`kind::HOST_ROLLBACK`] records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEndData {
+    pub ok: bool,
+    #[serde(default)]
+    pub detail: Value,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("journal {path}: {source}")]
@@ -92,21 +229,93 @@ pub enum JournalError {
     },
     #[error("no run `{run}` under {dir}; `patchbook audit verify` lists the runs it knows")]
     NoSuchRun { run: String, dir: PathBuf },
+    #[error("run `{run}` already exists at {path}; resume it, or pick another run id")]
+    Exists { run: String, path: PathBuf },
+    #[error("`{run}` is not a usable run id: use letters, digits, `-`, `_` and `.`, not starting with `.`")]
+    BadRunId { run: String },
+    #[error("run {run}: no open intent {step} for host {host}; an outcome must follow its own intent, once")]
+    UnknownStep {
+        run: String,
+        host: String,
+        step: StepId,
+    },
+    #[error("run {run} cannot be continued: {problem}; last good seq {last_good_seq}. Keep the file as evidence and see `patchbook audit verify {run}`")]
+    Tampered {
+        run: String,
+        problem: String,
+        last_good_seq: u64,
+    },
+    #[error("journal {path} can no longer be appended to ({message}); stop this controller, check the disk, then resume the run")]
+    Broken { path: PathBuf, message: String },
+    #[error("run {run} already has {records} records; the run header must be its first record")]
+    HeaderNotFirst { run: String, records: u64 },
+}
+
+/// UTC now, RFC 3339 with microseconds: the one timestamp format of the journal.
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Makes a directory entry (a new file, a rename) durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| JournalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn check_run_id(run: &str) -> Result<(), JournalError> {
+    let ok = !run.is_empty()
+        && !run.starts_with('.')
+        && run
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(JournalError::BadRunId {
+            run: run.to_string(),
+        })
+    }
 }
 
 struct Tail {
     file: File,
     seq: u64,
     prev: String,
+    /// Set after a failed write: the file may end in half a line, so nothing more
+    /// may be appended through this handle.
+    broken: Option<String>,
+    /// Intents still waiting for their outcome: step → (host, step name).
+    open_steps: HashMap<StepId, (String, String)>,
 }
 
-/// An open run journal. Appends are serialised and fsynced before they return.
+/// An open run journal. Appends are serialised and fsynced before they return, and
+/// the run's lock is held for as long as this value lives.
 pub struct Journal {
     path: PathBuf,
+    state_dir: PathBuf,
     run: String,
     operator: String,
     tail: Mutex<Tail>,
+    /// Group commit: the seq of the last record written (not yet necessarily synced).
+    written: AtomicU64,
+    durable: Mutex<Durable>,
+    durable_changed: Condvar,
+    /// A second descriptor of the run file, so an fsync never holds the append lock.
+    sync_file: File,
     redact: Vec<String>,
+    lock: lock::RunLock,
+}
+
+/// What is known to be on disk. One appender at a time runs the fsync; the others
+/// wait for it, and each fsync covers every record written before it began.
+struct Durable {
+    synced: u64,
+    syncing: bool,
+    failed: Option<String>,
 }
 
 impl Journal {
@@ -115,34 +324,99 @@ impl Journal {
         state_dir.join("runs").join(format!("{run}.jsonl"))
     }
 
-    /// Creates a new run file; fails if the run exists.
+    /// Creates a new run file, locked; fails if the run exists. The file and its
+    /// directory entry are on disk when this returns, and the audit index knows the
+    /// run is open. Write the header next with [`Journal::start`], or use
+    /// [`Journal::begin`] for both.
     pub fn create(state_dir: &Path, run: &str, operator: &str) -> Result<Self, JournalError> {
+        check_run_id(run)?;
         let path = Self::run_path(state_dir, run);
+        let runs_dir = state_dir.join("runs");
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(path.parent().unwrap_or(state_dir)).map_err(io)?;
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
+        let fresh_state = !state_dir.exists();
+        let fresh_runs = !runs_dir.exists();
+        std::fs::create_dir_all(&runs_dir).map_err(io)?;
+        if fresh_state {
+            if let Some(parent) = state_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent)?;
+            }
+        }
+        if fresh_runs {
+            fsync_dir(state_dir)?;
+        }
+        let lock = lock::RunLock::acquire(state_dir, run)?;
+        let file = match OpenOptions::new().create_new(true).append(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(JournalError::Exists {
+                    run: run.to_string(),
+                    path,
+                })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        fsync_dir(&runs_dir)?;
+        index::append(state_dir, run, index::IndexEvent::Open, 0, GENESIS)?;
         Ok(Journal {
             path: path.clone(),
+            state_dir: state_dir.to_path_buf(),
             run: run.to_string(),
             operator: operator.to_string(),
+            sync_file: file.try_clone().map_err(io)?,
             tail: Mutex::new(Tail {
                 file,
                 seq: 0,
                 prev: GENESIS.to_string(),
+                broken: None,
+                open_steps: HashMap::new(),
             }),
+            written: AtomicU64::new(0),
+            durable: Mutex::new(Durable {
+                synced: 0,
+                syncing: false,
+                failed: None,
+            }),
+            durable_changed: Condvar::new(),
             redact: Vec::new(),
+            lock,
         })
     }
 
-    /// Opens an existing run to append to it (resume, rollback).
+    /// [`Journal::create`] followed by [`Journal::start`].
+    pub fn begin(
+        state_dir: &Path,
+        run: &str,
+        operator: &str,
+        header: &RunHeader,
+    ) -> Result<Self, JournalError> {
+        let j = Self::create(state_dir, run, operator)?;
+        j.start(header)?;
+        Ok(j)
+    }
+
+    /// Writes the `run.start` record; it must be the run's first record.
+    pub fn start(&self, header: &RunHeader) -> Result<Record, JournalError> {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        if tail.seq != 0 {
+            return Err(JournalError::HeaderNotFirst {
+                run: self.run.clone(),
+                records: tail.seq,
+            });
+        }
+        let data = serde_json::to_value(header).unwrap_or(Value::Null);
+        let rec = self.append_locked(&mut tail, None, kind::RUN_START, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
+    }
+
+    /// Opens an existing run to append to it (resume, rollback), taking its lock.
+    /// A torn last line left by a crash is cut off and the cut is recorded.
     pub fn open(state_dir: &Path, run: &str, operator: &str) -> Result<Self, JournalError> {
+        check_run_id(run)?;
         let path = Self::run_path(state_dir, run);
         if !path.exists() {
             return Err(JournalError::NoSuchRun {
@@ -150,23 +424,94 @@ impl Journal {
                 dir: state_dir.join("runs"),
             });
         }
-        let records = read_records(&path)?;
-        let (seq, prev) = records
-            .last()
-            .map(|r| (r.seq, r.hash.clone()))
-            .unwrap_or((0, GENESIS.to_string()));
+        let lock = lock::RunLock::acquire(state_dir, run)?;
+        let scan = scan_lines::<Record>(&path)?;
+        if let Some((line, message)) = scan.bad.first() {
+            return Err(JournalError::Corrupt {
+                path,
+                line: *line,
+                message: format!(
+                    "{message}; run `patchbook audit verify {run}` before resuming this run"
+                ),
+            });
+        }
+        let chain: Vec<&Record> = scan.items.iter().map(|(_, r)| r).collect();
+        if let Err((problem, last_good_seq)) = audit::check_chain(run, &chain) {
+            return Err(JournalError::Tampered {
+                run: run.to_string(),
+                problem: problem.to_string(),
+                last_good_seq,
+            });
+        }
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
         };
         let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        Ok(Journal {
+        let torn = if scan.torn.is_some() {
+            let dropped = scan.total_len - scan.good_len;
+            file.set_len(scan.good_len).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            Some(dropped)
+        } else {
+            if scan.good_len < scan.total_len {
+                // The last record is whole but its newline never reached the disk.
+                (&file).write_all(b"\n").map_err(io)?;
+                file.sync_data().map_err(io)?;
+            }
+            None
+        };
+        let records: Vec<Record> = scan.items.into_iter().map(|(_, r)| r).collect();
+        let (seq, prev) = records
+            .last()
+            .map(|r| (r.seq, r.hash.clone()))
+            .unwrap_or((0, GENESIS.to_string()));
+        let open_steps = state::RunState::from_records(run, &records)
+            .open_intents()
+            .into_iter()
+            .map(|(host, s)| (s.id, (host.to_string(), s.step.clone())))
+            .collect();
+        let index = index::read(state_dir)?;
+        let closed = index
+            .entries
+            .iter()
+            .rev()
+            .find(|e| e.run == run)
+            .is_some_and(|e| e.event == index::IndexEvent::Close);
+        if closed {
+            index::append(state_dir, run, index::IndexEvent::Reopen, seq, &prev)?;
+        }
+        let j = Journal {
             path: path.clone(),
+            state_dir: state_dir.to_path_buf(),
             run: run.to_string(),
             operator: operator.to_string(),
-            tail: Mutex::new(Tail { file, seq, prev }),
+            sync_file: file.try_clone().map_err(io)?,
+            tail: Mutex::new(Tail {
+                file,
+                seq,
+                prev,
+                broken: None,
+                open_steps,
+            }),
+            written: AtomicU64::new(seq),
+            durable: Mutex::new(Durable {
+                synced: seq,
+                syncing: false,
+                failed: None,
+            }),
+            durable_changed: Condvar::new(),
             redact: Vec::new(),
-        })
+            lock,
+        };
+        if let Some(dropped) = torn {
+            j.append(
+                None,
+                kind::JOURNAL_REPAIR,
+                serde_json::json!({ "torn_after_seq": seq, "dropped_bytes": dropped }),
+            )?;
+        }
+        Ok(j)
     }
 
     /// Values that must never reach the disk; each is replaced by `***`.
@@ -183,7 +528,21 @@ impl Journal {
         &self.path
     }
 
-    /// Appends one record and fsyncs it before returning.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn operator(&self) -> &str {
+        &self.operator
+    }
+
+    /// Who holds this run's lock: this process.
+    pub fn holder(&self) -> &lock::Holder {
+        self.lock.holder_note()
+    }
+
+    /// Appends one record and fsyncs it before returning. Secrets are redacted from
+    /// the host, the keys and the values.
     pub fn append(
         &self,
         host: Option<&str>,
@@ -192,13 +551,26 @@ impl Journal {
     ) -> Result<Record, JournalError> {
         let data = redact_value(data, &self.redact);
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.append_locked(&mut tail, host, kind, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
+    }
+
+    fn append_locked(
+        &self,
+        tail: &mut Tail,
+        host: Option<&str>,
+        kind: &str,
+        data: Value,
+    ) -> Result<Record, JournalError> {
         let mut rec = Record {
             seq: tail.seq + 1,
-            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ts: now_rfc3339(),
             run: self.run.clone(),
-            operator: self.operator.clone(),
-            host: host.map(str::to_string),
-            kind: kind.to_string(),
+            operator: redact_str(&self.operator, &self.redact),
+            host: host.map(|h| redact_str(h, &self.redact)),
+            kind: redact_str(kind, &self.redact),
             data,
             prev: tail.prev.clone(),
             hash: String::new(),
@@ -210,54 +582,282 @@ impl Journal {
             path: self.path.clone(),
             source,
         };
-        tail.file.write_all(line.as_bytes()).map_err(io)?;
-        tail.file.sync_data().map_err(io)?;
+        if let Some(message) = &tail.broken {
+            return Err(JournalError::Broken {
+                path: self.path.clone(),
+                message: message.clone(),
+            });
+        }
+        if let Err(e) = tail.file.write_all(line.as_bytes()) {
+            tail.broken = Some(e.to_string());
+            return Err(io(e));
+        }
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
+        self.written.store(rec.seq, Ordering::Release);
         Ok(rec)
+    }
+
+    /// Returns once record `seq` is on disk, running an fsync itself unless one that
+    /// covers it is already under way.
+    fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
+        let mut d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(message) = &d.failed {
+                return Err(JournalError::Broken {
+                    path: self.path.clone(),
+                    message: message.clone(),
+                });
+            }
+            if d.synced >= seq {
+                return Ok(());
+            }
+            if d.syncing {
+                d = self
+                    .durable_changed
+                    .wait(d)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            d.syncing = true;
+            drop(d);
+            // Every record up to `target` was fully written before this fsync starts.
+            let target = self.written.load(Ordering::Acquire);
+            let res = self.sync_file.sync_data();
+            d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+            d.syncing = false;
+            match res {
+                Ok(()) => d.synced = d.synced.max(target),
+                // After a failed fsync the kernel may have dropped the dirty pages:
+                // nothing written through this handle can be trusted to be on disk.
+                Err(e) => d.failed = Some(format!("fsync failed: {e}")),
+            }
+            self.durable_changed.notify_all();
+        }
+    }
+
+    /// Records that a mutating step is about to act on `host`. The record is on disk
+    /// when this returns: only then may the step act.
+    pub fn intent(&self, host: &str, step: &str, data: Value) -> Result<StepId, JournalError> {
+        self.intent_inner(host, step, data, None)
+    }
+
+    /// Records that the undo of step `undoes` is about to be applied on `host`.
+    /// Close it with [`Journal::outcome`] like any other step.
+    pub fn undo_intent(
+        &self,
+        host: &str,
+        undoes: StepId,
+        undo: &UndoStep,
+    ) -> Result<StepId, JournalError> {
+        let input = serde_json::to_value(undo).unwrap_or(Value::Null);
+        self.intent_inner(host, "undo", input, Some(undoes))
+    }
+
+    fn intent_inner(
+        &self,
+        host: &str,
+        step: &str,
+        input: Value,
+        undoes: Option<StepId>,
+    ) -> Result<StepId, JournalError> {
+        let payload = IntentData {
+            step: redact_str(step, &self.redact),
+            input: redact_value(input, &self.redact),
+            undoes,
+        };
+        let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.append_locked(&mut tail, Some(host), kind::STEP_INTENT, data)?;
+        let id = StepId(rec.seq);
+        tail.open_steps
+            .insert(id, (rec.host.unwrap_or_default(), payload.step));
+        drop(tail);
+        // Only now may the step act: its intent is on disk.
+        self.wait_durable(id.0)?;
+        Ok(id)
+    }
+
+    /// Records what step `step_id` did on `host`, with the undo step that reverses
+    /// it when it changed something. Fails when `step_id` is not an open intent of
+    /// that host.
+    pub fn outcome(
+        &self,
+        host: &str,
+        step_id: StepId,
+        ok: bool,
+        data: Value,
+        undo: Option<UndoStep>,
+    ) -> Result<Record, JournalError> {
+        let host = redact_str(host, &self.redact);
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let step = match tail.open_steps.get(&step_id) {
+            Some((h, step)) if *h == host => step.clone(),
+            _ => {
+                return Err(JournalError::UnknownStep {
+                    run: self.run.clone(),
+                    host,
+                    step: step_id,
+                })
+            }
+        };
+        let undo = undo.map(|u| {
+            let v = redact_value(
+                serde_json::to_value(&u).unwrap_or(Value::Null),
+                &self.redact,
+            );
+            serde_json::from_value(v).unwrap_or(u)
+        });
+        let payload = OutcomeData {
+            step_id,
+            step,
+            ok,
+            output: redact_value(data, &self.redact),
+            undo,
+        };
+        let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
+        let rec = self.append_locked(&mut tail, Some(&host), kind::STEP_OUTCOME, data)?;
+        tail.open_steps.remove(&step_id);
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
+    }
+
+    /// Records that a host's work ended, well or not.
+    pub fn host_finished(
+        &self,
+        host: &str,
+        ok: bool,
+        detail: Value,
+    ) -> Result<Record, JournalError> {
+        self.host_end(host, kind::HOST_FINISH, ok, detail)
+    }
+
+    /// Records that a host's rollback ended, well or not.
+    pub fn host_rolled_back(
+        &self,
+        host: &str,
+        ok: bool,
+        detail: Value,
+    ) -> Result<Record, JournalError> {
+        self.host_end(host, kind::HOST_ROLLBACK, ok, detail)
+    }
+
+    fn host_end(
+        &self,
+        host: &str,
+        kind: &str,
+        ok: bool,
+        detail: Value,
+    ) -> Result<Record, JournalError> {
+        let data = serde_json::to_value(HostEndData {
+            ok,
+            detail: redact_value(detail, &self.redact),
+        })
+        .unwrap_or(Value::Null);
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.append_locked(&mut tail, Some(host), kind, data)?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        Ok(rec)
+    }
+
+    /// Closes the run: appends `run.close`, records the final hash and record count
+    /// in the audit index, and releases the lock. A run that is never closed (a
+    /// crash, a stop) stays "open" to `audit verify` and can be resumed.
+    pub fn close(self) -> Result<index::IndexEntry, JournalError> {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.append_locked(&mut tail, None, kind::RUN_CLOSE, serde_json::json!({}))?;
+        drop(tail);
+        self.wait_durable(rec.seq)?;
+        index::append(
+            &self.state_dir,
+            &self.run,
+            index::IndexEvent::Close,
+            rec.seq,
+            &rec.hash,
+        )
     }
 
     /// Every record of this run, read back from disk.
     pub fn records(&self) -> Result<Vec<Record>, JournalError> {
         read_records(&self.path)
     }
+
+    /// This run's state, derived from its records on disk.
+    pub fn state(&self) -> Result<state::RunState, JournalError> {
+        Ok(state::RunState::from_records(&self.run, &self.records()?))
+    }
+}
+
+/// A JSON Lines file read leniently: parsed items, lines that did not parse, and
+/// whether the last line is torn (a crash mid-write).
+pub(crate) struct Scan<T> {
+    /// (1-based line, item)
+    pub items: Vec<(usize, T)>,
+    /// Unparseable lines before the last one: (1-based line, parse error).
+    pub bad: Vec<(usize, String)>,
+    /// The last line, when it did not parse: (1-based line, parse error).
+    pub torn: Option<(usize, String)>,
+    /// Bytes up to the end of the last line that parsed (or was blank).
+    pub good_len: u64,
+    pub total_len: u64,
+}
+
+pub(crate) fn scan_lines<T: DeserializeOwned>(path: &Path) -> Result<Scan<T>, JournalError> {
+    let bytes = std::fs::read(path).map_err(|source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut scan = Scan {
+        items: Vec::new(),
+        bad: Vec::new(),
+        torn: None,
+        good_len: 0,
+        total_len: bytes.len() as u64,
+    };
+    let mut offset = 0usize;
+    let pieces: Vec<&[u8]> = bytes.split_inclusive(|&b| b == b'\n').collect();
+    let n = pieces.len();
+    for (i, piece) in pieces.into_iter().enumerate() {
+        offset += piece.len();
+        let line = String::from_utf8_lossy(piece);
+        if line.trim().is_empty() {
+            scan.good_len = offset as u64;
+            continue;
+        }
+        match serde_json::from_str::<T>(line.trim_end_matches(['\n', '\r'])) {
+            Ok(item) if piece.ends_with(b"\n") || i + 1 < n => {
+                scan.items.push((i + 1, item));
+                scan.good_len = offset as u64;
+            }
+            // A whole record without its newline: the crash came before the newline
+            // reached the disk; keep it, the next append must not glue onto it.
+            Ok(item) => {
+                scan.items.push((i + 1, item));
+            }
+            Err(e) if i + 1 == n => scan.torn = Some((i + 1, e.to_string())),
+            Err(e) => scan.bad.push((i + 1, e.to_string())),
+        }
+    }
+    Ok(scan)
 }
 
 /// Reads a run file; a torn last line (crash mid-write) is ignored.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
-    let file = File::open(path).map_err(|source| JournalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    let lines: Vec<String> = BufReader::new(file)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(|source| JournalError::Io {
+    let scan = scan_lines::<Record>(path)?;
+    if let Some((line, message)) = scan.bad.into_iter().next() {
+        return Err(JournalError::Corrupt {
             path: path.to_path_buf(),
-            source,
-        })?;
-    let n = lines.len();
-    for (i, line) in lines.into_iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Record>(&line) {
-            Ok(r) => out.push(r),
-            Err(_) if i + 1 == n => break,
-            Err(e) => {
-                return Err(JournalError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    message: e.to_string(),
-                })
-            }
-        }
+            line,
+            message,
+        });
     }
-    Ok(out)
+    Ok(scan.items.into_iter().map(|(_, r)| r).collect())
 }
 
-/// Replaces every occurrence of a secret in every string of `v` with `***`.
+/// Replaces every occurrence of a secret in every string of `v`, object keys
+/// included, with `***`.
 pub fn redact_value(v: Value, secrets: &[String]) -> Value {
     if secrets.is_empty() {
         return v;
@@ -267,7 +867,7 @@ pub fn redact_value(v: Value, secrets: &[String]) -> Value {
         Value::Array(a) => Value::Array(a.into_iter().map(|x| redact_value(x, secrets)).collect()),
         Value::Object(m) => Value::Object(
             m.into_iter()
-                .map(|(k, x)| (k, redact_value(x, secrets)))
+                .map(|(k, x)| (redact_str(&k, secrets), redact_value(x, secrets)))
                 .collect(),
         ),
         other => other,
@@ -282,4 +882,62 @@ pub fn redact_str(s: &str, secrets: &[String]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_from_host_keys_values_and_step_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice")
+            .unwrap()
+            .with_secrets(vec!["s3cr3t".into(), String::new()]);
+        let id = j
+            .intent(
+                "web-s3cr3t-1",
+                "deploy s3cr3t",
+                serde_json::json!({"token=s3cr3t": ["x s3cr3t y", 7], "plain": "ok"}),
+            )
+            .unwrap();
+        j.outcome(
+            "web-s3cr3t-1",
+            id,
+            false,
+            serde_json::json!({"stderr": "bad password s3cr3t"}),
+            Some(UndoStep::Manual {
+                reason: "call s3cr3t".into(),
+            }),
+        )
+        .unwrap();
+        j.append(Some("s3cr3t"), "note", serde_json::json!({"s3cr3t": 1}))
+            .unwrap();
+        let text = std::fs::read_to_string(j.path()).unwrap();
+        assert!(!text.contains("s3cr3t"), "secret leaked: {text}");
+        let recs = j.records().unwrap();
+        assert_eq!(recs[0].host.as_deref(), Some("web-***-1"));
+        assert_eq!(recs[0].data["step"], "deploy ***");
+        assert_eq!(recs[0].data["input"]["token=***"][0], "x *** y");
+        assert_eq!(recs[0].data["input"]["plain"], "ok");
+        assert_eq!(recs[1].data["output"]["stderr"], "bad password ***");
+        assert_eq!(recs[1].data["undo"]["reason"], "call ***");
+        assert_eq!(recs[2].host.as_deref(), Some("***"));
+        assert!(recs[2].data.get("***").is_some());
+        // The redacted records still chain: redaction happens before hashing.
+        for r in &recs {
+            assert_eq!(r.compute_hash(), r.hash);
+        }
+    }
+
+    #[test]
+    fn run_ids_that_could_escape_the_runs_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(matches!(
+                Journal::create(dir.path(), bad, "alice"),
+                Err(JournalError::BadRunId { .. })
+            ));
+        }
+    }
 }

@@ -1,0 +1,390 @@
+//! `audit verify`: checks every run's hash chain against itself and against the audit
+//! index, and the index's own chain.
+//!
+//! It owns the verdicts (intact, open, tampered, with the first problem and the last
+//! good seq). It only reads: it never repairs, and it must not take a run's lock for
+//! longer than the instant needed to see whether a controller holds it.
+//!
+//! What it can and cannot see: any edit, deletion, reordering or insertion breaks the
+//! chain. A rewrite that recomputes every hash after the change is caught for closed
+//! runs, whose final seq and hash the index remembers, and for any checkpoint the
+//! index holds; the tail written after a run's last checkpoint is only as trustworthy
+//! as the chain itself.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::index::{self, IndexEntry, IndexEvent};
+use super::lock::{Holder, RunLock};
+use super::{scan_lines, Journal, JournalError, Record, GENESIS};
+
+/// The first thing wrong with a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Problem {
+    /// The index knows the run, its file is gone.
+    Missing { indexed_seq: u64 },
+    /// A run file the index has never heard of.
+    NotIndexed,
+    /// A line before the last one is not a record.
+    Unreadable { line: usize, message: String },
+    /// The last line is torn (a crash mid-write, or a cut).
+    TornTail { line: usize },
+    /// A record's hash does not match its content.
+    Edited { seq: u64 },
+    /// The record with this seq is gone.
+    Deleted { seq: u64 },
+    /// A record appears where another seq belongs.
+    Reordered { seq: u64, expected: u64 },
+    /// A record's `prev` is not the hash of the record before it.
+    Unlinked { seq: u64 },
+    /// A record names another run.
+    WrongRun { seq: u64, found: String },
+    /// The file ends before a checkpoint the index holds.
+    Truncated { index_seq: u64 },
+    /// The record at an index checkpoint has another hash: the file was rewritten.
+    Rewritten { seq: u64 },
+    /// Records follow the run's close.
+    AfterClose { seq: u64, closed_at: u64 },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Missing { indexed_seq } => write!(
+                f,
+                "run file deleted: the audit index knows it up to seq {indexed_seq}"
+            ),
+            Problem::NotIndexed => write!(
+                f,
+                "not in the audit index: the file was put there by hand, or index entries were removed"
+            ),
+            Problem::Unreadable { line, message } => {
+                write!(f, "line {line} is not a record ({message})")
+            }
+            Problem::TornTail { line } => write!(
+                f,
+                "truncated tail: line {line} is torn (a crash mid-write, or a cut)"
+            ),
+            Problem::Edited { seq } => write!(
+                f,
+                "record seq {seq} edited: its hash does not match its content (edited or forged)"
+            ),
+            Problem::Deleted { seq } => write!(f, "record seq {seq} deleted"),
+            Problem::Reordered { seq, expected } => write!(
+                f,
+                "records reordered: seq {seq} appears where seq {expected} belongs"
+            ),
+            Problem::Unlinked { seq } => write!(
+                f,
+                "record seq {seq} does not link to the chain (forged or inserted)"
+            ),
+            Problem::WrongRun { seq, found } => {
+                write!(f, "record seq {seq} belongs to run `{found}`")
+            }
+            Problem::Truncated { index_seq } => write!(
+                f,
+                "truncated: the audit index holds seq {index_seq}, the file ends before it"
+            ),
+            Problem::Rewritten { seq } => write!(
+                f,
+                "rewritten: record seq {seq} differs from the hash the audit index holds"
+            ),
+            Problem::AfterClose { seq, closed_at } => write!(
+                f,
+                "record seq {seq} appended after the run was closed at seq {closed_at}"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Closed, and every check passed.
+    Intact { records: u64, final_hash: String },
+    /// Not closed yet: in progress (the lock is held), or stopped or crashed. Every
+    /// check that applies to it passed.
+    Open {
+        records: u64,
+        holder: Option<Holder>,
+    },
+    Tampered {
+        #[serde(flatten)]
+        problem: Problem,
+        last_good_seq: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunAudit {
+    pub run: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+impl fmt::Display for RunAudit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.verdict {
+            Verdict::Intact {
+                records,
+                final_hash,
+            } => write!(
+                f,
+                "{}  OK  {records} records, closed, final hash {}",
+                self.run,
+                final_hash.get(..16).unwrap_or(final_hash)
+            ),
+            Verdict::Open {
+                records,
+                holder: Some(h),
+            } => write!(
+                f,
+                "{}  OPEN  {records} records, in progress: pid {} on {} since {}",
+                self.run, h.pid, h.host, h.since
+            ),
+            Verdict::Open {
+                records,
+                holder: None,
+            } => write!(
+                f,
+                "{}  OPEN  {records} records, chain intact, not closed (stopped or crashed: resume or roll it back)",
+                self.run
+            ),
+            Verdict::Tampered {
+                problem,
+                last_good_seq,
+            } => write!(
+                f,
+                "{}  TAMPERED  {problem}; last good seq {last_good_seq}",
+                self.run
+            ),
+        }
+    }
+}
+
+/// The index's own verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IndexAudit {
+    pub entries: u64,
+    pub problem: Option<String>,
+}
+
+impl fmt::Display for IndexAudit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.problem {
+            None => write!(f, "{}  OK  {} entries", index::INDEX_FILE, self.entries),
+            Some(p) => write!(f, "{}  TAMPERED  {p}", index::INDEX_FILE),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    pub runs: Vec<RunAudit>,
+    pub index: IndexAudit,
+}
+
+impl AuditReport {
+    /// True when nothing was tampered with: every run intact or open, the index sound.
+    pub fn intact(&self) -> bool {
+        self.index.problem.is_none()
+            && self
+                .runs
+                .iter()
+                .all(|r| !matches!(r.verdict, Verdict::Tampered { .. }))
+    }
+
+    pub fn run(&self, run: &str) -> Option<&RunAudit> {
+        self.runs.iter().find(|r| r.run == run)
+    }
+}
+
+/// Verifies one run, or every run the state directory or the index knows.
+pub fn verify(state_dir: &Path, run: Option<&str>) -> Result<AuditReport, JournalError> {
+    let idx = index::read(state_dir)?;
+    let mut names: BTreeSet<String> = idx.entries.iter().map(|e| e.run.clone()).collect();
+    let runs_dir = state_dir.join("runs");
+    match std::fs::read_dir(&runs_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(|source| JournalError::Io {
+                    path: runs_dir.clone(),
+                    source,
+                })?;
+                if let Some(name) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".jsonl"))
+                {
+                    names.insert(name.to_string());
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: runs_dir,
+                source,
+            })
+        }
+    }
+    if let Some(run) = run {
+        if !names.contains(run) {
+            return Err(JournalError::NoSuchRun {
+                run: run.to_string(),
+                dir: runs_dir,
+            });
+        }
+        names = BTreeSet::from([run.to_string()]);
+    }
+    let mut runs = Vec::new();
+    for name in names {
+        let checkpoints: Vec<&IndexEntry> = idx.entries.iter().filter(|e| e.run == name).collect();
+        let verdict = verify_run(state_dir, &name, &checkpoints)?;
+        runs.push(RunAudit { run: name, verdict });
+    }
+    Ok(AuditReport {
+        runs,
+        index: IndexAudit {
+            entries: idx.entries.len() as u64,
+            problem: idx.problem,
+        },
+    })
+}
+
+fn verify_run(
+    state_dir: &Path,
+    run: &str,
+    checkpoints: &[&IndexEntry],
+) -> Result<Verdict, JournalError> {
+    let path = Journal::run_path(state_dir, run);
+    let tampered = |problem, last_good_seq| Verdict::Tampered {
+        problem,
+        last_good_seq,
+    };
+    if !path.exists() {
+        let indexed_seq = checkpoints.iter().map(|c| c.at_seq).max().unwrap_or(0);
+        return Ok(tampered(Problem::Missing { indexed_seq }, 0));
+    }
+    let scan = scan_lines::<Record>(&path)?;
+    let first_bad = scan.bad.first().cloned();
+    let records: Vec<&Record> = scan
+        .items
+        .iter()
+        .filter(|(line, _)| first_bad.as_ref().is_none_or(|(b, _)| line < b))
+        .map(|(_, r)| r)
+        .collect();
+
+    let good = match check_chain(run, &records) {
+        Ok(()) => records,
+        Err((problem, last_good_seq)) => return Ok(tampered(problem, last_good_seq)),
+    };
+    let prev = good.last().map(|r| r.hash.as_str()).unwrap_or(GENESIS);
+    let last_good = good.len() as u64;
+    if let Some((line, message)) = first_bad {
+        return Ok(tampered(Problem::Unreadable { line, message }, last_good));
+    }
+
+    // The chain against what the index remembers.
+    if checkpoints.is_empty() {
+        return Ok(tampered(Problem::NotIndexed, last_good));
+    }
+    // The highest checkpoint that matched: all before it is vouched for by the index.
+    let mut vouched = 0;
+    for c in checkpoints {
+        if c.at_seq == 0 {
+            continue;
+        }
+        match good.get(c.at_seq as usize - 1) {
+            None => {
+                return Ok(tampered(
+                    Problem::Truncated {
+                        index_seq: c.at_seq,
+                    },
+                    last_good,
+                ))
+            }
+            Some(r) if r.hash != c.at_hash => {
+                return Ok(tampered(Problem::Rewritten { seq: c.at_seq }, vouched))
+            }
+            Some(_) => vouched = vouched.max(c.at_seq),
+        }
+    }
+    let latest = checkpoints[checkpoints.len() - 1];
+    let closed = latest.event == IndexEvent::Close;
+    if closed && last_good > latest.at_seq {
+        return Ok(tampered(
+            Problem::AfterClose {
+                seq: latest.at_seq + 1,
+                closed_at: latest.at_seq,
+            },
+            latest.at_seq,
+        ));
+    }
+
+    let holder = if closed {
+        None
+    } else {
+        RunLock::holder(state_dir, run)?
+    };
+    if let Some((line, _)) = scan.torn {
+        // A controller mid-append can leave a half-written last line for an instant.
+        if holder.is_none() {
+            return Ok(tampered(Problem::TornTail { line }, last_good));
+        }
+    }
+    Ok(if closed {
+        Verdict::Intact {
+            records: last_good,
+            final_hash: prev.to_string(),
+        }
+    } else {
+        Verdict::Open {
+            records: last_good,
+            holder,
+        }
+    })
+}
+
+/// Walks a run's chain record by record: seq, link, content hash, run id. On the first
+/// break, says what it is and the last good seq.
+pub(crate) fn check_chain(run: &str, records: &[&Record]) -> Result<(), (Problem, u64)> {
+    let mut prev = GENESIS;
+    for (i, r) in records.iter().enumerate() {
+        let expected = i as u64 + 1;
+        let last_good = expected - 1;
+        if r.compute_hash() != r.hash {
+            return Err((Problem::Edited { seq: r.seq }, last_good));
+        }
+        if r.run != run {
+            return Err((
+                Problem::WrongRun {
+                    seq: r.seq,
+                    found: r.run.clone(),
+                },
+                last_good,
+            ));
+        }
+        if r.seq != expected {
+            let later = records[i + 1..].iter().any(|x| x.seq == expected);
+            let problem = if r.seq < expected || later {
+                Problem::Reordered {
+                    seq: r.seq,
+                    expected,
+                }
+            } else {
+                Problem::Deleted { seq: expected }
+            };
+            return Err((problem, last_good));
+        }
+        if r.prev != prev {
+            return Err((Problem::Unlinked { seq: r.seq }, last_good));
+        }
+        prev = &r.hash;
+    }
+    Ok(())
+}

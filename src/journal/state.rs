@@ -1,0 +1,279 @@
+//! The read side of the journal: what resume, rollback and reports need to know about
+//! a run, derived from its records every time and never stored anywhere else.
+//!
+//! It owns the meaning of the kinds the journal defines (intent, outcome, host finish,
+//! host rollback); it must not write anything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{
+    kind, scan_lines, HostEndData, IntentData, Journal, JournalError, OutcomeData, Record,
+    RunHeader, StepId, UndoStep,
+};
+
+/// One step of a host: its intent and, once it is known, its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepState {
+    pub id: StepId,
+    pub step: String,
+    pub intent: Record,
+    pub outcome: Option<Record>,
+    /// The undo recorded with a successful or failed outcome, if the step changed something.
+    pub undo: Option<UndoStep>,
+    /// Set when this step applied the undo of an earlier step.
+    pub undoes: Option<StepId>,
+}
+
+impl StepState {
+    /// `Some(ok)` once the outcome is recorded, `None` while the intent is open.
+    pub fn ok(&self) -> Option<bool> {
+        let outcome = self.outcome.as_ref()?;
+        serde_json::from_value::<OutcomeData>(outcome.data.clone())
+            .ok()
+            .map(|o| o.ok)
+    }
+
+    pub fn input(&self) -> serde_json::Value {
+        self.intent
+            .data
+            .get("input")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Everything the journal says about one host of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HostState {
+    pub steps: Vec<StepState>,
+    /// A `host.finish` was recorded.
+    pub finished: bool,
+    /// The last `host.finish` said failed, or (without one) the last step that
+    /// ended did.
+    pub failed: bool,
+    /// The last `host.rollback` said it succeeded.
+    pub rolled_back: bool,
+}
+
+impl HostState {
+    /// Steps whose intent is on disk but whose outcome is not: the action may or may
+    /// not have happened, so resume must check the host before going on.
+    pub fn open_intents(&self) -> Vec<&StepState> {
+        self.steps.iter().filter(|s| s.outcome.is_none()).collect()
+    }
+
+    /// The undo steps still to apply, newest first: steps that recorded an undo and
+    /// whose undo has not yet been applied successfully.
+    pub fn undo_steps(&self) -> Vec<(StepId, &UndoStep)> {
+        let applied: Vec<StepId> = self
+            .steps
+            .iter()
+            .filter(|s| s.ok() == Some(true))
+            .filter_map(|s| s.undoes)
+            .collect();
+        self.steps
+            .iter()
+            .rev()
+            .filter(|s| s.undoes.is_none() && !applied.contains(&s.id))
+            .filter_map(|s| s.undo.as_ref().map(|u| (s.id, u)))
+            .collect()
+    }
+
+    /// The last step with an outcome, undo steps excluded.
+    pub fn last_completed(&self) -> Option<&StepState> {
+        self.steps
+            .iter()
+            .rev()
+            .find(|s| s.undoes.is_none() && s.outcome.is_some())
+    }
+}
+
+/// A run as its records describe it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunState {
+    pub run: String,
+    pub header: Option<RunHeader>,
+    pub operator: Option<String>,
+    pub started: Option<String>,
+    pub hosts: BTreeMap<String, HostState>,
+    /// Hosts in the order their first (non-undo) step began: the deployment order.
+    pub deploy_order: Vec<String>,
+    /// A `run.close` record is present.
+    pub closed: bool,
+    pub last_seq: u64,
+}
+
+impl RunState {
+    pub fn from_records(run: &str, records: &[Record]) -> Self {
+        let mut st = RunState {
+            run: run.to_string(),
+            ..RunState::default()
+        };
+        // Where each step lives, so an outcome finds its intent without a scan.
+        let mut where_is: BTreeMap<StepId, (String, usize)> = BTreeMap::new();
+        for rec in records {
+            st.last_seq = rec.seq;
+            match rec.kind.as_str() {
+                kind::RUN_START => {
+                    st.header = serde_json::from_value(rec.data.clone()).ok();
+                    st.operator = Some(rec.operator.clone());
+                    st.started = Some(rec.ts.clone());
+                }
+                kind::RUN_CLOSE => st.closed = true,
+                kind::STEP_INTENT => {
+                    let (Some(host), Ok(data)) = (
+                        rec.host.clone(),
+                        serde_json::from_value::<IntentData>(rec.data.clone()),
+                    ) else {
+                        continue;
+                    };
+                    if data.undoes.is_none() && !st.deploy_order.contains(&host) {
+                        st.deploy_order.push(host.clone());
+                    }
+                    let h = st.hosts.entry(host.clone()).or_default();
+                    let id = StepId(rec.seq);
+                    where_is.insert(id, (host, h.steps.len()));
+                    h.steps.push(StepState {
+                        id,
+                        step: data.step,
+                        intent: rec.clone(),
+                        outcome: None,
+                        undo: None,
+                        undoes: data.undoes,
+                    });
+                }
+                kind::STEP_OUTCOME => {
+                    let Ok(data) = serde_json::from_value::<OutcomeData>(rec.data.clone()) else {
+                        continue;
+                    };
+                    let Some((host, i)) = where_is.get(&data.step_id) else {
+                        continue;
+                    };
+                    if let Some(step) = st.hosts.get_mut(host).and_then(|h| h.steps.get_mut(*i)) {
+                        step.outcome = Some(rec.clone());
+                        step.undo = data.undo;
+                    }
+                }
+                kind::HOST_FINISH | kind::HOST_ROLLBACK => {
+                    let (Some(host), Ok(data)) = (
+                        rec.host.clone(),
+                        serde_json::from_value::<HostEndData>(rec.data.clone()),
+                    ) else {
+                        continue;
+                    };
+                    let h = st.hosts.entry(host).or_default();
+                    if rec.kind == kind::HOST_FINISH {
+                        h.finished = true;
+                        h.failed = !data.ok;
+                    } else {
+                        h.rolled_back = data.ok;
+                    }
+                }
+                _ => {
+                    if let Some(host) = &rec.host {
+                        st.hosts.entry(host.clone()).or_default();
+                    }
+                }
+            }
+        }
+        for h in st.hosts.values_mut() {
+            if !h.finished {
+                h.failed = h.last_completed().and_then(StepState::ok) == Some(false);
+            }
+        }
+        st
+    }
+
+    /// Reads a run from the state directory. A torn last line is ignored.
+    pub fn load(state_dir: &Path, run: &str) -> Result<Self, JournalError> {
+        let path = Journal::run_path(state_dir, run);
+        if !path.exists() {
+            return Err(JournalError::NoSuchRun {
+                run: run.to_string(),
+                dir: state_dir.join("runs"),
+            });
+        }
+        Ok(Self::from_records(run, &super::read_records(&path)?))
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostState> {
+        self.hosts.get(name)
+    }
+
+    /// Every open intent of the run, with its host, in record order.
+    pub fn open_intents(&self) -> Vec<(&str, &StepState)> {
+        let mut out: Vec<(&str, &StepState)> = self
+            .hosts
+            .iter()
+            .flat_map(|(name, h)| {
+                h.open_intents()
+                    .into_iter()
+                    .map(move |s| (name.as_str(), s))
+            })
+            .collect();
+        out.sort_by_key(|(_, s)| s.id);
+        out
+    }
+
+    /// Hosts in the order a rollback must visit them: reverse deployment order.
+    pub fn rollback_order(&self) -> Vec<&str> {
+        self.deploy_order.iter().rev().map(String::as_str).collect()
+    }
+}
+
+/// What `list_runs` says about one run file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    pub run: String,
+    pub path: PathBuf,
+    pub records: usize,
+    pub started: Option<String>,
+    pub operator: Option<String>,
+    pub playbook: Option<PathBuf>,
+    pub closed: bool,
+    /// Some line did not parse; `patchbook audit verify` says which.
+    pub damaged: bool,
+}
+
+/// Every run under a state directory, oldest first (by start time, then id).
+pub fn list_runs(state_dir: &Path) -> Result<Vec<RunInfo>, JournalError> {
+    let dir = state_dir.join("runs");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(JournalError::Io { path: dir, source }),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| JournalError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = entry.path();
+        let Some(run) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let scan = scan_lines::<Record>(&path)?;
+        let damaged = !scan.bad.is_empty() || scan.torn.is_some();
+        let records: Vec<Record> = scan.items.into_iter().map(|(_, r)| r).collect();
+        let st = RunState::from_records(&run, &records);
+        out.push(RunInfo {
+            run,
+            path,
+            records: records.len(),
+            started: st.started,
+            operator: st.operator,
+            playbook: st.header.map(|h| h.playbook),
+            closed: st.closed,
+            damaged,
+        });
+    }
+    out.sort_by(|a, b| (&a.started, &a.run).cmp(&(&b.started, &b.run)));
+    Ok(out)
+}
