@@ -105,6 +105,12 @@ pub(crate) fn load_ini_into(
             }
             continue;
         }
+        if line.starts_with('[') && !line.contains(']') {
+            return Err(syntax(
+                lineno,
+                format!("section header `{line}` is missing its closing `]`"),
+            ));
+        }
         if line.starts_with('[') && line.ends_with(']') {
             return Err(syntax(
                 lineno,

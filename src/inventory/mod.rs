@@ -146,7 +146,7 @@ pub enum InventoryError {
     Cycle { cycle: Vec<String> },
     #[error("bad selector `{selector}`: {message}")]
     Selector { selector: String, message: String },
-    #[error("host `{host}` depends on `{target}`, which is neither a host nor a group")]
+    #[error("host `{host}` depends on `{target}`, which is neither a host nor a group; add it to the inventory or correct depends_on")]
     UnknownDependency { host: String, target: String },
 }
 

@@ -159,10 +159,7 @@ pub(crate) fn load_into(
             path: path.to_path_buf(),
             line,
             column,
-            message: format!(
-                "{} (see the native inventory format in the README)",
-                e.message().trim()
-            ),
+            message: e.message().trim().replace('\n', "; "),
         }
     })?;
     let invalid = |message: String| InventoryError::Invalid {
