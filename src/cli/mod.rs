@@ -208,17 +208,7 @@ fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
             let v = crate::inventory::ansible::to_list_json(&rt.inventory);
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
-        InventoryVerb::List => {
-            for h in rt.inventory.hosts() {
-                println!(
-                    "{:<24} {:<24} {:<9} {}",
-                    h.name,
-                    format!("{}:{}", h.address, h.port),
-                    h.criticality.as_str(),
-                    h.groups.join(",")
-                );
-            }
-        }
+        InventoryVerb::List => print!("{}", crate::inventory::graph::table(&rt.inventory)),
         InventoryVerb::Graph => print!("{}", crate::inventory::graph::render(&rt.inventory)),
     }
     Ok(ExitCode::SUCCESS)

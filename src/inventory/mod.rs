@@ -5,7 +5,9 @@
 //! reached: a [`Host`] carries an address and a transport kind, nothing more.
 
 pub mod ansible;
+mod data;
 pub mod graph;
+mod literal;
 pub mod native;
 pub mod select;
 
@@ -144,7 +146,7 @@ pub enum InventoryError {
     Cycle { cycle: Vec<String> },
     #[error("bad selector `{selector}`: {message}")]
     Selector { selector: String, message: String },
-    #[error("host `{host}` depends on `{target}`, which is neither a host nor a group")]
+    #[error("host `{host}` depends on `{target}`, which is neither a host nor a group; add it to the inventory or correct depends_on")]
     UnknownDependency { host: String, target: String },
 }
 
@@ -169,30 +171,17 @@ impl Inventory {
         }
     }
 
-    /// Loads and merges inventory files; the format is chosen by extension and
-    /// content (`.toml` native, `.yml`/`.yaml` Ansible YAML, anything else Ansible INI).
+    /// Loads and merges inventory files; the format is chosen by extension
+    /// (`.toml` native, `.yml`/`.yaml`/`.json` Ansible YAML, anything else Ansible INI).
+    /// Several files merge into one inventory as `ansible-inventory -i A -i B` merges them.
     pub fn load(paths: &[PathBuf]) -> Result<Self, InventoryError> {
-        let mut merged = Inventory::default();
+        let mut raw = data::RawInventory::default();
         for path in paths {
-            let one = load_one(path)?;
-            merged.merge(one);
+            load_into(&mut raw, path)?;
         }
+        let merged = raw.finish()?;
         merged.check_dependencies()?;
         Ok(merged)
-    }
-
-    fn merge(&mut self, other: Inventory) {
-        for h in other.hosts {
-            if let Some(existing) = self.hosts.iter_mut().find(|e| e.name == h.name) {
-                *existing = h;
-            } else {
-                self.hosts.push(h);
-            }
-        }
-        for (name, g) in other.groups {
-            self.groups.insert(name, g);
-        }
-        self.sources.extend(other.sources);
     }
 
     pub fn hosts(&self) -> &[Host] {
@@ -320,15 +309,16 @@ impl Inventory {
     }
 }
 
-fn load_one(path: &Path) -> Result<Inventory, InventoryError> {
+fn load_into(raw: &mut data::RawInventory, path: &Path) -> Result<(), InventoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    raw.begin_source(path);
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
-        "toml" => native::parse(path, &text),
-        "yml" | "yaml" => ansible::parse_yaml(path, &text),
-        _ => ansible::parse_ini(path, &text),
+        "toml" => native::load_into(raw, path, &text),
+        "yml" | "yaml" | "json" => ansible::load_yaml_into(raw, path, &text),
+        _ => ansible::load_ini_into(raw, path, &text),
     }
 }

@@ -1,0 +1,409 @@
+//! Inventory loading, Ansible compatibility, selectors and dependency checks.
+//!
+//! Every inventory under tests/inventories/ that Ansible can read is compared with
+//! the real `ansible-inventory --list` (from `target/ci-venv`, installed by
+//! `.ci/setup`), as parsed JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use patchbook::inventory::{ansible, Criticality, Inventory, InventoryError, TransportKind};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inventories")
+}
+
+fn ansible_inventory() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/ansible-inventory");
+    if local.exists() {
+        return local;
+    }
+    if let Some(venv) = std::env::var_os("PATCHBOOK_VENV") {
+        let p = PathBuf::from(venv).join("bin/ansible-inventory");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "ansible-inventory not found in target/ci-venv or $PATCHBOOK_VENV; run `bash .ci/setup` \
+         (it installs ansible-core into target/ci-venv)"
+    );
+}
+
+/// What the real Ansible prints for `file`, run with its state in a temp dir.
+fn ansible_list(file: &Path) -> Value {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(ansible_inventory())
+        .arg("-i")
+        .arg(file)
+        .arg("--list")
+        .env("ANSIBLE_HOME", home.path())
+        .env("ANSIBLE_LOCAL_TEMP", home.path().join("tmp"))
+        .env("ANSIBLE_INVENTORY_UNPARSED_FAILED", "1")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ansible-inventory failed on {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What `patchbook -i FILE inventory list --json` prints.
+fn patchbook_list(file: &Path) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .current_dir(dir.path())
+        .arg("-i")
+        .arg(file)
+        .args(["inventory", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patchbook failed on {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn ansible_fixtures() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn list_json_equals_ansible_inventory_on_every_fixture() {
+    let files = ansible_fixtures();
+    assert!(files.len() >= 15, "only {} Ansible fixtures", files.len());
+    let mut through_binary = 0;
+    for (i, file) in files.iter().enumerate() {
+        let expected = ansible_list(file);
+        // Every other file goes through the built binary, the rest through the library.
+        let ours = if i % 2 == 0 {
+            through_binary += 1;
+            patchbook_list(file)
+        } else {
+            ansible::to_list_json(&Inventory::load(std::slice::from_ref(file)).unwrap())
+        };
+        assert_eq!(
+            ours,
+            expected,
+            "{}: patchbook\n{}\nansible\n{}",
+            file.display(),
+            serde_json::to_string_pretty(&ours).unwrap(),
+            serde_json::to_string_pretty(&expected).unwrap()
+        );
+    }
+    assert!(through_binary >= 8);
+}
+
+#[test]
+fn two_inventories_merge_like_ansible() {
+    let a = fixtures().join("03-children-of-children.ini");
+    let b = fixtures().join("11-basic.yml");
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(ansible_inventory())
+        .args([
+            "-i".as_ref(),
+            a.as_os_str(),
+            "-i".as_ref(),
+            b.as_os_str(),
+            "--list".as_ref(),
+        ])
+        .env("ANSIBLE_HOME", home.path())
+        .env("ANSIBLE_LOCAL_TEMP", home.path().join("tmp"))
+        .env("ANSIBLE_INVENTORY_UNPARSED_FAILED", "1")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = ansible::to_list_json(&Inventory::load(&[a, b]).unwrap());
+    assert_eq!(ours, expected);
+}
+
+#[test]
+fn ini_values_typed_and_precedence_applied() {
+    let inv = Inventory::load(&[fixtures().join("04-precedence.ini")]).unwrap();
+    let web01 = inv.host("web01").unwrap();
+    let web02 = inv.host("web02").unwrap();
+    assert_eq!(web01.vars["level"], "host");
+    assert_eq!(web02.vars["level"], "web");
+    assert_eq!(web02.vars["region_only"], "eu");
+    assert_eq!(web02.vars["only_all"], 1);
+    // alpha, web and zulu sit at depth 1, 2 and 1: web is deepest, zulu beats alpha.
+    assert_eq!(web02.vars["shared"], "web");
+    assert_eq!(web02.vars["sibling"], "zulu");
+    assert_eq!(web02.groups, vec!["alpha", "region", "web", "zulu"]);
+
+    let q = Inventory::load(&[fixtures().join("08-quoted-values.ini")]).unwrap();
+    let h1 = q.host("host1").unwrap();
+    assert_eq!(h1.vars["a"], 1);
+    assert_eq!(h1.vars["b"], "yes");
+    assert_eq!(h1.vars["c"], "quoted string");
+    assert_eq!(h1.vars["i"], "010");
+    assert_eq!(h1.vars["j"], serde_json::json!([1, 2, "x"]));
+}
+
+#[test]
+fn ansible_connection_vars_become_host_fields() {
+    let inv = Inventory::load(&[fixtures().join("10-ports.ini")]).unwrap();
+    let gamma = inv.host("gamma").unwrap();
+    assert_eq!(gamma.address, "192.0.2.10");
+    assert_eq!(gamma.port, 2201);
+    assert_eq!(gamma.user.as_deref(), Some("ops"));
+    assert_eq!(gamma.identity.as_deref(), Some(Path::new("/keys/ops")));
+    assert_eq!(gamma.vars["ansible_host"], "192.0.2.10");
+    assert_eq!(inv.host("alpha").unwrap().port, 2222);
+    assert_eq!(inv.host("web2.example.com").unwrap().port, 8022);
+    assert_eq!(inv.host("mail").map(|h| h.port), None);
+}
+
+#[test]
+fn native_toml_hosts_keep_file_order_and_typed_fields() {
+    let inv = Inventory::load(&[fixtures().join("18-native.toml")]).unwrap();
+    let names: Vec<&str> = inv.hosts().iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, vec!["web01", "db01", "local", "web-eu-1"]);
+    let web01 = inv.host("web01").unwrap();
+    assert_eq!((web01.address.as_str(), web01.port), ("127.0.0.1", 2201));
+    assert_eq!(web01.criticality, Criticality::Low);
+    assert_eq!(web01.owners, vec!["ops@example.com"]);
+    assert_eq!(web01.vars["http_port"], 80);
+    assert_eq!(web01.groups, vec!["pilot", "web"]);
+    let db01 = inv.host("db01").unwrap();
+    assert_eq!(db01.criticality, Criticality::Critical);
+    assert_eq!(db01.owners, vec!["dba@example.com"]);
+    assert_eq!(db01.user.as_deref(), Some("root"));
+    assert_eq!(db01.secret_vars, vec!["db_password"]);
+    assert_eq!(inv.host("local").unwrap().transport, TransportKind::Local);
+    assert_eq!(inv.host("web-eu-1").unwrap().groups, vec!["web", "web_eu"]);
+    assert_eq!(inv.dependencies_of(web01), vec!["db01"]);
+    // Secrets never reach the listing.
+    let listed = ansible::to_list_json(&inv);
+    assert_eq!(listed["_meta"]["hostvars"]["db01"]["db_password"], "***");
+    assert_eq!(listed["web"]["children"], serde_json::json!(["web_eu"]));
+}
+
+#[test]
+fn criticality_may_come_from_group_vars() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.ini");
+    std::fs::write(
+        &f,
+        "[db]\ndb1\ndb2 criticality=low\n[db:vars]\ncriticality=high\n",
+    )
+    .unwrap();
+    let inv = Inventory::load(&[f]).unwrap();
+    assert_eq!(inv.host("db1").unwrap().criticality, Criticality::High);
+    assert_eq!(inv.host("db2").unwrap().criticality, Criticality::Low);
+}
+
+fn load_err(name: &str, text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join(name);
+    std::fs::write(&f, text).unwrap();
+    let err = Inventory::load(std::slice::from_ref(&f)).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&f.display().to_string()), "{msg}");
+    msg
+}
+
+#[test]
+fn malformed_inventories_name_file_and_line() {
+    let m = load_err("a.toml", "[hosts.a]\naddress = \"x\"\nport = \"twenty\"\n");
+    assert!(m.contains("a.toml:3:8:"), "{m}");
+    let m = load_err("b.toml", "[hosts.a]\ncolour = 1\n");
+    assert!(
+        m.contains("b.toml:2:1:") && m.contains("unknown field `colour`"),
+        "{m}"
+    );
+    let m = load_err("c.toml", "[hosts.a]\ncriticality = \"severe\"\n");
+    assert!(m.contains("c.toml:2:15:"), "{m}");
+    let m = load_err("d.ini", "[web]\nweb01\n[web:children\nx\n");
+    assert!(m.contains("d.ini:3:1:") && m.contains("closing `]`"), "{m}");
+    let m = load_err("e.ini", "[web]\nweb[3:1]\n");
+    assert!(m.contains("e.ini:2:1:") && m.contains("web[3:1]"), "{m}");
+    let m = load_err("f.ini", "[web]\nw1\n[g:children]\nweb01 ansible_host=x\n");
+    assert!(
+        m.contains("f.ini:4:1:") && m.contains("expected a group name"),
+        "{m}"
+    );
+    let m = load_err("g.ini", "[web]\nw1 novalue\n");
+    assert!(m.contains("g.ini:2:1:") && m.contains("key=value"), "{m}");
+    let m = load_err("h.ini", "[prod:children]\nweb\n");
+    assert!(m.contains("h.ini:2:1:") && m.contains("`web`"), "{m}");
+    let m = load_err("i.ini", "[web]\nw1 a=\"open\n");
+    assert!(
+        m.contains("i.ini:2:1:") && m.contains("closing quotation"),
+        "{m}"
+    );
+    let m = load_err("j.yml", "all:\n  hosts:\n    a:\n   b: 1\n");
+    assert!(m.contains("j.yml:4:"), "{m}");
+    let m = load_err("k.yaml", "all:\n  hosts: [a, b]\n");
+    assert!(
+        m.contains("k.yaml") && m.contains("`hosts` must be a mapping"),
+        "{m}"
+    );
+}
+
+#[test]
+fn dependency_cycle_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("cycle.toml");
+    std::fs::write(
+        &f,
+        "[hosts.a]\ndepends_on = [\"b\"]\n[hosts.b]\ndepends_on = [\"dbs\"]\n\
+         [hosts.c]\ngroups = [\"dbs\"]\ndepends_on = \"a\"\n",
+    )
+    .unwrap();
+    let err = Inventory::load(&[f]).unwrap_err();
+    assert!(matches!(err, InventoryError::Cycle { .. }), "{err}");
+    assert!(err.to_string().contains("a -> b -> c -> a"), "{err}");
+}
+
+#[test]
+fn unknown_dependency_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("dep.toml");
+    std::fs::write(&f, "[hosts.a]\ndepends_on = [\"nowhere\"]\n").unwrap();
+    let err = Inventory::load(&[f]).unwrap_err();
+    assert!(
+        matches!(&err, InventoryError::UnknownDependency { host, target } if host == "a" && target == "nowhere"),
+        "{err}"
+    );
+}
+
+fn names(inv: &Inventory, pattern: &str) -> Vec<String> {
+    inv.select(pattern)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.name.clone())
+        .collect()
+}
+
+fn selector_inventory() -> Inventory {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("sel.ini");
+    std::fs::write(
+        &f,
+        "solo\n[web]\nweb01\nweb02\nweb03\n[db]\ndb-a\ndb-b\ndb-cc\n\
+         [prod]\nweb01\nweb03\ndb-a\n[eu:children]\nweb\n",
+    )
+    .unwrap();
+    Inventory::load(&[f]).unwrap()
+}
+
+#[test]
+fn selectors_follow_ansible_patterns() {
+    let inv = selector_inventory();
+    let all = vec!["solo", "web01", "web02", "web03", "db-a", "db-b", "db-cc"];
+    assert_eq!(names(&inv, "all"), all);
+    assert_eq!(names(&inv, "*"), all);
+    assert_eq!(names(&inv, "web"), vec!["web01", "web02", "web03"]);
+    assert_eq!(names(&inv, "eu"), vec!["web01", "web02", "web03"]);
+    // Union keeps inventory order whatever order the parts were written in.
+    assert_eq!(
+        names(&inv, "db:web"),
+        vec!["web01", "web02", "web03", "db-a", "db-b", "db-cc"]
+    );
+    assert_eq!(
+        names(&inv, "db,solo"),
+        vec!["solo", "db-a", "db-b", "db-cc"]
+    );
+    assert_eq!(names(&inv, "web:&prod"), vec!["web01", "web03"]);
+    assert_eq!(names(&inv, "web:!web03"), vec!["web01", "web02"]);
+    // `!` and `&` apply after every union, wherever they are written.
+    assert_eq!(names(&inv, "!web03:web"), vec!["web01", "web02"]);
+    assert_eq!(names(&inv, "&prod:web:db"), vec!["web01", "web03", "db-a"]);
+    assert_eq!(names(&inv, "!prod"), vec!["solo", "web02", "db-b", "db-cc"]);
+    assert_eq!(names(&inv, "web0*"), vec!["web01", "web02", "web03"]);
+    assert_eq!(names(&inv, "db-?"), vec!["db-a", "db-b"]);
+    assert_eq!(names(&inv, "~db-(a|cc)"), vec!["db-a", "db-cc"]);
+    assert_eq!(names(&inv, "~web0[12]"), vec!["web01", "web02"]);
+    assert_eq!(names(&inv, "web02"), vec!["web02"]);
+    assert_eq!(names(&inv, "ungrouped"), vec!["solo"]);
+    assert_eq!(names(&inv, "web[0:1]"), vec!["web01", "web02"]);
+    assert_eq!(names(&inv, "web[-1]"), vec!["web03"]);
+    assert!(names(&inv, "nosuchgroup").is_empty());
+    assert_eq!(names(&inv, "nosuchgroup:solo"), vec!["solo"]);
+}
+
+#[test]
+fn broken_regex_is_a_selector_error() {
+    let inv = selector_inventory();
+    let err = inv.select("~web(").unwrap_err();
+    assert!(matches!(err, InventoryError::Selector { .. }), "{err}");
+    assert!(err.to_string().contains("~web("), "{err}");
+}
+
+#[test]
+fn graph_and_table_through_the_binary() {
+    let file = fixtures().join("18-native.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |verb: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+            .current_dir(dir.path())
+            .arg("-i")
+            .arg(&file)
+            .args(["inventory", verb])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let graph = run("graph");
+    assert!(
+        graph.contains("  |--@web:\n  |  |--@web_eu:\n  |  |  |--web-eu-1\n  |  |--web01\n"),
+        "{graph}"
+    );
+    assert!(
+        graph.contains("dependencies:\n  web01 -> db01\n"),
+        "{graph}"
+    );
+    let table = run("list");
+    let db = table.lines().find(|l| l.starts_with("db01")).unwrap();
+    assert!(
+        db.contains("127.0.0.1:2202") && db.contains("critical"),
+        "{table}"
+    );
+    assert!(db.contains("dba@example.com"), "{table}");
+}
+
+#[test]
+fn graph_matches_ansible_inventory_graph() {
+    let file = fixtures().join("03-children-of-children.ini");
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(ansible_inventory())
+        .arg("-i")
+        .arg(&file)
+        .arg("--graph")
+        .env("ANSIBLE_HOME", home.path())
+        .env("ANSIBLE_LOCAL_TEMP", home.path().join("tmp"))
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let expected = String::from_utf8(out.stdout).unwrap();
+    let ours = patchbook::inventory::graph::render(&Inventory::load(&[file]).unwrap());
+    let tree = ours.split("dependencies:").next().unwrap();
+    assert_eq!(tree.trim_end(), expected.trim_end());
+}
