@@ -12,7 +12,8 @@ use patchbook::journal::index::{self, IndexEvent};
 use patchbook::journal::lock::{self, RunLock};
 use patchbook::journal::state::{list_runs, RunState};
 use patchbook::journal::{
-    kind, read_records, Journal, JournalError, Record, RunHeader, StepId, UndoStep, GENESIS,
+    kind, read_records, BackupRef, Journal, JournalError, Record, RunHeader, StepId, UndoStep,
+    GENESIS,
 };
 use serde_json::json;
 
@@ -695,10 +696,12 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
     let dir = tempfile::tempdir().unwrap();
     let j = Journal::begin(dir.path(), "r1", "alice", &header()).unwrap();
     let restore = UndoStep::Restore {
-        backup_id: "b1".into(),
-        archive: PathBuf::from("backups/r1/web2/etc.tar"),
-        sha256: "e".repeat(64),
-        paths: vec!["/etc/acme".into()],
+        backups: vec![BackupRef {
+            id: "b1".into(),
+            archive: PathBuf::from("backups/r1/web2/etc.tar"),
+            sha256: "e".repeat(64),
+            paths: vec!["/etc/acme".into()],
+        }],
     };
     // web2 deploys first, then web1, then db1 crashes mid-step.
     let b = j.intent("web2", "backup", json!({})).unwrap();

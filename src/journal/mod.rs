@@ -162,17 +162,22 @@ pub enum UndoStep {
         artifact_path: PathBuf,
         version: String,
     },
-    /// Unpack a backup archive over the paths it was taken from.
-    Restore {
-        backup_id: String,
-        archive: PathBuf,
-        sha256: String,
-        paths: Vec<String>,
-    },
+    /// Unpack backup archives over the paths they were taken from, newest first.
+    Restore { backups: Vec<BackupRef> },
     /// Remove a package that was not installed before.
     Remove { package: String },
     /// Cannot be reversed automatically; a person must.
     Manual { reason: String },
+}
+
+/// A backup archive on the controller, as an undo step names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRef {
+    pub id: String,
+    pub archive: PathBuf,
+    pub sha256: String,
+    /// Absolute paths on the host the archive was taken from.
+    pub paths: Vec<String>,
 }
 
 /// `data` of a [`kind::STEP_INTENT`] record.

@@ -19,7 +19,8 @@ pub struct StepState {
     pub step: String,
     pub intent: Record,
     pub outcome: Option<Record>,
-    /// The undo recorded with a successful or failed outcome, if the step changed something.
+    /// The undo planned with the intent (`input.undo`), replaced by the one recorded
+    /// with the outcome when there is one.
     pub undo: Option<UndoStep>,
     /// Set when this step applied the undo of an earlier step.
     pub undoes: Option<StepId>,
@@ -139,7 +140,12 @@ impl RunState {
                         step: data.step,
                         intent: rec.clone(),
                         outcome: None,
-                        undo: None,
+                        // The undo planned before acting, so a crash between the
+                        // action and its outcome still leaves a way back.
+                        undo: data
+                            .input
+                            .get("undo")
+                            .and_then(|u| serde_json::from_value(u.clone()).ok()),
                         undoes: data.undoes,
                     });
                 }
@@ -152,7 +158,9 @@ impl RunState {
                     };
                     if let Some(step) = st.hosts.get_mut(host).and_then(|h| h.steps.get_mut(*i)) {
                         step.outcome = Some(rec.clone());
-                        step.undo = data.undo;
+                        if data.undo.is_some() {
+                            step.undo = data.undo;
+                        }
                     }
                 }
                 kind::HOST_FINISH | kind::HOST_ROLLBACK => {
