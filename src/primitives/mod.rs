@@ -6,6 +6,7 @@
 //! them. A primitive that changes a host writes its intent to the journal before
 //! acting and its outcome, with the undo step, after. Primitives must not know Rhai.
 
+pub mod artifact;
 pub mod backup;
 pub mod context;
 pub mod facts;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod packages;
 pub mod deploy;
 pub mod undo;
+pub mod version;
 
 pub use context::{HostCtx, Mode, PlannedAction, RunCtx};
 
