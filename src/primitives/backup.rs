@@ -40,7 +40,9 @@ fn check_path(p: &str) -> Result<String, PrimitiveError> {
         reason: reason.into(),
     };
     if p.len() > 4096 || p.chars().any(|c| c.is_control()) {
-        return Err(refuse("paths have no control characters and are at most 4096 bytes"));
+        return Err(refuse(
+            "paths have no control characters and are at most 4096 bytes",
+        ));
     }
     let path = Path::new(p);
     if !path.is_absolute() {
@@ -63,7 +65,13 @@ fn check_path(p: &str) -> Result<String, PrimitiveError> {
 
 fn safe_name(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -104,29 +112,54 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Streams a tar of `paths` from the host into the backup store and checks it.
 pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, PrimitiveError> {
-    let rel: Vec<String> = paths.iter().map(|p| check_path(p)).collect::<Result<_, _>>()?;
+    let rel: Vec<String> = paths
+        .iter()
+        .map(|p| check_path(p))
+        .collect::<Result<_, _>>()?;
     if rel.is_empty() {
         return Err(PrimitiveError::step(ctx.name(), "backup", "no paths given"));
     }
-    let dir = ctx.run.state_dir.join("backups").join(safe_name(&ctx.run.run_id)).join(safe_name(ctx.name()));
+    let dir = ctx
+        .run
+        .state_dir
+        .join("backups")
+        .join(safe_name(&ctx.run.run_id))
+        .join(safe_name(ctx.name()));
     let io = |context: String| move |source| PrimitiveError::Io { context, source };
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     let id = format!("b{:03}", n / 2 + 1);
     let archive = dir.join(format!("{id}.tar"));
-    let mut argv: Vec<String> =
-        ["tar", "-cf", "-", "--numeric-owner", "--ignore-failed-read", "-C", "/", "--"].map(String::from).to_vec();
+    let mut argv: Vec<String> = [
+        "tar",
+        "-cf",
+        "-",
+        "--numeric-owner",
+        "--ignore-failed-read",
+        "-C",
+        "/",
+        "--",
+    ]
+    .map(String::from)
+    .to_vec();
     argv.extend(rel.iter().cloned());
     let file = File::create(&archive).map_err(io(format!("create {}", archive.display())))?;
-    let mut sink = HashingWriter { inner: std::io::BufWriter::new(file), hash: Sha256::new(), len: 0 };
-    let out = ctx
-        .transport
-        .run_to_writer(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(3600))), &mut sink)?;
-    sink.flush().map_err(io(format!("write {}", archive.display())))?;
+    let mut sink = HashingWriter {
+        inner: std::io::BufWriter::new(file),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let out = ctx.transport.run_to_writer(
+        &Command::new(argv).timeout(ctx.timeout(Duration::from_secs(3600))),
+        &mut sink,
+    )?;
+    sink.flush()
+        .map_err(io(format!("write {}", archive.display())))?;
     let sha256 = hex::encode(sink.hash.clone().finalize());
     let size = sink.len;
     if let Ok(f) = sink.inner.into_inner() {
-        f.sync_all().map_err(io(format!("fsync {}", archive.display())))?;
+        f.sync_all()
+            .map_err(io(format!("fsync {}", archive.display())))?;
     }
     if !out.success() {
         return Err(PrimitiveError::failed(ctx.name(), "backup", &out));
@@ -139,21 +172,42 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         .filter(|(_, r)| stderr.contains(&format!("{r}: Warning: Cannot stat")))
         .map(|(p, _)| p.clone())
         .collect();
-    let handle = BackupHandle { id, host: ctx.name().to_string(), paths: paths.to_vec(), archive, sha256, size, missing };
+    let handle = BackupHandle {
+        id,
+        host: ctx.name().to_string(),
+        paths: paths.to_vec(),
+        archive,
+        sha256,
+        size,
+        missing,
+    };
     let manifest = handle.archive.with_extension("manifest.json");
-    std::fs::write(&manifest, serde_json::to_vec_pretty(&handle).unwrap_or_default())
-        .map_err(io(format!("write {}", manifest.display())))?;
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec_pretty(&handle).unwrap_or_default(),
+    )
+    .map_err(io(format!("write {}", manifest.display())))?;
     // Re-read what landed on disk: a backup that cannot be read back is no backup.
-    let (again, again_size) = sha256_file(&handle.archive).map_err(io(format!("re-read {}", handle.archive.display())))?;
+    let (again, again_size) = sha256_file(&handle.archive)
+        .map_err(io(format!("re-read {}", handle.archive.display())))?;
     if again != handle.sha256 || again_size != handle.size {
         return Err(PrimitiveError::step(
             ctx.name(),
             "backup",
-            format!("archive {} reads back as {again}, written as {}", handle.archive.display(), handle.sha256),
+            format!(
+                "archive {} reads back as {again}, written as {}",
+                handle.archive.display(),
+                handle.sha256
+            ),
         ));
     }
-    check_archive(&handle.archive, &rel).map_err(|m| PrimitiveError::step(ctx.name(), "backup", m))?;
-    ctx.record("backup", "backup", serde_json::to_value(&handle).unwrap_or_default())?;
+    check_archive(&handle.archive, &rel)
+        .map_err(|m| PrimitiveError::step(ctx.name(), "backup", m))?;
+    ctx.record(
+        "backup",
+        "backup",
+        serde_json::to_value(&handle).unwrap_or_default(),
+    )?;
     Ok(handle)
 }
 
@@ -164,12 +218,19 @@ pub fn check_archive(archive: &Path, roots: &[String]) -> Result<(), String> {
     let f = File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
     let mut ar = tar::Archive::new(BufReader::new(f));
     let mut links: Vec<PathBuf> = Vec::new();
-    let entries = ar.entries().map_err(|e| format!("read {}: {e}", archive.display()))?;
+    let entries = ar
+        .entries()
+        .map_err(|e| format!("read {}: {e}", archive.display()))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("read {}: {e}", archive.display()))?;
-        let name = entry.path().map_err(|e| format!("bad entry name: {e}"))?.into_owned();
+        let name = entry
+            .path()
+            .map_err(|e| format!("bad entry name: {e}"))?
+            .into_owned();
         let shown = name.display().to_string();
-        let normal = name.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        let normal = name
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !normal {
             return Err(format!("entry `{shown}` is absolute or contains `..`"));
         }
@@ -182,7 +243,12 @@ pub fn check_archive(archive: &Path, roots: &[String]) -> Result<(), String> {
         }
         use tar::EntryType as T;
         match entry.header().entry_type() {
-            T::Regular | T::Directory | T::Continuous | T::GNULongName | T::XHeader | T::XGlobalHeader => {}
+            T::Regular
+            | T::Directory
+            | T::Continuous
+            | T::GNULongName
+            | T::XHeader
+            | T::XGlobalHeader => {}
             T::Symlink | T::Link => {
                 let target = entry
                     .link_name()
@@ -195,11 +261,18 @@ pub fn check_archive(archive: &Path, roots: &[String]) -> Result<(), String> {
                     name.parent().map(Path::to_path_buf).unwrap_or_default()
                 };
                 if !stays_inside(&base, &target) {
-                    return Err(format!("link `{shown}` -> `{}` leaves the root", target.display()));
+                    return Err(format!(
+                        "link `{shown}` -> `{}` leaves the root",
+                        target.display()
+                    ));
                 }
                 links.push(name.clone());
             }
-            other => return Err(format!("entry `{shown}` has type {other:?}, which restore does not write")),
+            other => {
+                return Err(format!(
+                    "entry `{shown}` has type {other:?}, which restore does not write"
+                ))
+            }
         }
     }
     Ok(())
@@ -210,7 +283,10 @@ fn stays_inside(base: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
     }
-    let mut depth: i64 = base.components().filter(|c| matches!(c, Component::Normal(_))).count() as i64;
+    let mut depth: i64 = base
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .count() as i64;
     for c in target.components() {
         match c {
             Component::Normal(_) => depth += 1,
@@ -228,7 +304,11 @@ fn stays_inside(base: &Path, target: &Path) -> bool {
 /// Puts a backup back: checks the manifest hash and every entry on the controller,
 /// uploads to a private temp folder on the host, and extracts over `/`.
 pub fn restore(ctx: &HostCtx, handle: &BackupHandle) -> Result<(), PrimitiveError> {
-    let rel: Vec<String> = handle.paths.iter().map(|p| check_path(p)).collect::<Result<_, _>>()?;
+    let rel: Vec<String> = handle
+        .paths
+        .iter()
+        .map(|p| check_path(p))
+        .collect::<Result<_, _>>()?;
     let (sha, _) = sha256_file(&handle.archive).map_err(|source| PrimitiveError::Io {
         context: format!("read backup {}", handle.archive.display()),
         source,
@@ -237,25 +317,41 @@ pub fn restore(ctx: &HostCtx, handle: &BackupHandle) -> Result<(), PrimitiveErro
         return Err(PrimitiveError::step(
             ctx.name(),
             "restore",
-            format!("backup {} changed since it was taken: sha256 {sha}, manifest {}", handle.archive.display(), handle.sha256),
+            format!(
+                "backup {} changed since it was taken: sha256 {sha}, manifest {}",
+                handle.archive.display(),
+                handle.sha256
+            ),
         ));
     }
-    check_archive(&handle.archive, &rel).map_err(|m| PrimitiveError::step(ctx.name(), "restore", format!("refused: {m}")))?;
+    check_archive(&handle.archive, &rel)
+        .map_err(|m| PrimitiveError::step(ctx.name(), "restore", format!("refused: {m}")))?;
     if ctx.planning() {
-        ctx.plan("restore", format!("restore {} ({})", handle.id, handle.paths.join(", ")), "unknown");
+        ctx.plan(
+            "restore",
+            format!("restore {} ({})", handle.id, handle.paths.join(", ")),
+            "unknown",
+        );
         return Ok(());
     }
-    let intent = ctx.record("restore", "restore.intent", serde_json::json!({ "backup": handle }))?;
+    let intent = ctx.record(
+        "restore",
+        "restore.intent",
+        serde_json::json!({ "backup": handle }),
+    )?;
     let result = (|| {
         let tmp = private_tmpdir(ctx, "restore")?;
         let remote = format!("{tmp}/backup.tar");
         let put = ctx.transport.put(&handle.archive, &remote, 0o600);
         let out = put.and_then(|_| {
             ctx.transport.run(
-                &Command::new(["tar", "-xpf", &remote, "--numeric-owner", "-C", "/"]).timeout(ctx.timeout(Duration::from_secs(3600))),
+                &Command::new(["tar", "-xpf", &remote, "--numeric-owner", "-C", "/"])
+                    .timeout(ctx.timeout(Duration::from_secs(3600))),
             )
         });
-        let _ = ctx.transport.run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
+        let _ = ctx
+            .transport
+            .run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
         let out = out?;
         if !out.success() {
             return Err(PrimitiveError::failed(ctx.name(), "restore", &out));
@@ -277,15 +373,20 @@ pub fn restore(ctx: &HostCtx, handle: &BackupHandle) -> Result<(), PrimitiveErro
 /// A fresh folder on the host with mode 0700, made by `mktemp -d` so that no
 /// pre-existing path can be reused.
 pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveError> {
-    let out = ctx
-        .transport
-        .run(&Command::new(["mktemp", "-d", "/tmp/patchbook.XXXXXXXXXX"]).timeout(ctx.timeout(Duration::from_secs(60))))?;
+    let out = ctx.transport.run(
+        &Command::new(["mktemp", "-d", "/tmp/patchbook.XXXXXXXXXX"])
+            .timeout(ctx.timeout(Duration::from_secs(60))),
+    )?;
     if !out.success() {
         return Err(PrimitiveError::failed(ctx.name(), step, &out));
     }
     let dir = out.stdout_str().trim().to_string();
     if !dir.starts_with("/tmp/patchbook.") || dir.contains(char::is_whitespace) {
-        return Err(PrimitiveError::step(ctx.name(), step, format!("mktemp returned an unexpected path {dir:?}")));
+        return Err(PrimitiveError::step(
+            ctx.name(),
+            step,
+            format!("mktemp returned an unexpected path {dir:?}"),
+        ));
     }
     Ok(dir)
 }
@@ -317,14 +418,19 @@ mod tests {
 
     #[test]
     fn accepts_plain_entries() {
-        let a = archive_with(&[("opt/acme/", tar::EntryType::Directory, None), ("opt/acme/x", tar::EntryType::Regular, None)]);
+        let a = archive_with(&[
+            ("opt/acme/", tar::EntryType::Directory, None),
+            ("opt/acme/x", tar::EntryType::Regular, None),
+        ]);
         assert_eq!(check_archive(a.path(), &["opt/acme".into()]), Ok(()));
     }
 
     #[test]
     fn refuses_dotdot_and_absolute_names() {
         let a = archive_with(&[("opt/acme/../../etc/passwd", tar::EntryType::Regular, None)]);
-        assert!(check_archive(a.path(), &["opt/acme".into()]).unwrap_err().contains(".."));
+        assert!(check_archive(a.path(), &["opt/acme".into()])
+            .unwrap_err()
+            .contains(".."));
         let b = archive_with(&[("/etc/passwd", tar::EntryType::Regular, None)]);
         assert!(check_archive(b.path(), &["opt/acme".into()]).is_err());
     }
@@ -332,12 +438,16 @@ mod tests {
     #[test]
     fn refuses_links_leaving_the_root_and_writes_through_links() {
         let a = archive_with(&[("opt/acme/l", tar::EntryType::Symlink, Some("../../../etc"))]);
-        assert!(check_archive(a.path(), &["opt/acme".into()]).unwrap_err().contains("leaves the root"));
+        assert!(check_archive(a.path(), &["opt/acme".into()])
+            .unwrap_err()
+            .contains("leaves the root"));
         let b = archive_with(&[
             ("opt/acme/l", tar::EntryType::Symlink, Some("sub")),
             ("opt/acme/l/x", tar::EntryType::Regular, None),
         ]);
-        assert!(check_archive(b.path(), &["opt/acme".into()]).unwrap_err().contains("through a link"));
+        assert!(check_archive(b.path(), &["opt/acme".into()])
+            .unwrap_err()
+            .contains("through a link"));
     }
 
     #[test]

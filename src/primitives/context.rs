@@ -46,7 +46,12 @@ pub struct RunCtx {
 }
 
 impl RunCtx {
-    pub fn new(run_id: impl Into<String>, state_dir: PathBuf, journal: Option<Arc<Journal>>, mode: Mode) -> Self {
+    pub fn new(
+        run_id: impl Into<String>,
+        state_dir: PathBuf,
+        journal: Option<Arc<Journal>>,
+        mode: Mode,
+    ) -> Self {
         RunCtx {
             run_id: run_id.into(),
             state_dir,
@@ -58,7 +63,11 @@ impl RunCtx {
     }
 
     pub fn cached_facts(&self, host: &str) -> Option<Facts> {
-        self.facts.lock().unwrap_or_else(|p| p.into_inner()).get(host).cloned()
+        self.facts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned()
     }
 
     pub fn cache_facts(&self, host: &str, facts: Facts) {
@@ -69,7 +78,10 @@ impl RunCtx {
     }
 
     pub fn planned(&self) -> Vec<PlannedAction> {
-        self.planned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.planned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -107,7 +119,12 @@ impl HostCtx<'_> {
 
     /// Appends a record for this host; fsynced before it returns. With no journal
     /// (unit tests, `eval`), nothing is written.
-    pub fn record(&self, step: &str, kind: &str, data: Value) -> Result<Option<Record>, PrimitiveError> {
+    pub fn record(
+        &self,
+        step: &str,
+        kind: &str,
+        data: Value,
+    ) -> Result<Option<Record>, PrimitiveError> {
         match &self.run.journal {
             None => Ok(None),
             Some(j) => j
@@ -153,7 +170,10 @@ impl HostCtx<'_> {
             m.insert("intent".into(), serde_json::json!(intent));
             m.insert("ok".into(), Value::Bool(ok));
             if let Some(u) = undo {
-                m.insert("undo".into(), serde_json::to_value(u).unwrap_or(Value::Null));
+                m.insert(
+                    "undo".into(),
+                    serde_json::to_value(u).unwrap_or(Value::Null),
+                );
             }
         }
         self.record(step, "step.outcome", data).map(|_| ())

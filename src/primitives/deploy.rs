@@ -11,8 +11,8 @@ use super::artifact::Artifact;
 use super::backup::{private_tmpdir, BackupHandle};
 use super::facts::{facts, PackageManager};
 use super::packages::{check_package, installed};
-use super::{cut, HostCtx, PrimitiveError};
 use super::undo::UndoStep;
+use super::{cut, HostCtx, PrimitiveError};
 use crate::transport::Command;
 
 /// How a package file is installed.
@@ -38,7 +38,11 @@ pub struct DeployOptions {
 
 impl Default for DeployOptions {
     fn default() -> Self {
-        DeployOptions { method: Method::Auto, rollback_to: None, timeout: Duration::from_secs(900) }
+        DeployOptions {
+            method: Method::Auto,
+            rollback_to: None,
+            timeout: Duration::from_secs(900),
+        }
     }
 }
 
@@ -52,20 +56,46 @@ pub struct Deployed {
 }
 
 /// The package name and version inside a staged package file, read on the host.
-fn package_fields(ctx: &HostCtx, pm: PackageManager, file: &str) -> Result<(String, String), PrimitiveError> {
+fn package_fields(
+    ctx: &HostCtx,
+    pm: PackageManager,
+    file: &str,
+) -> Result<(String, String), PrimitiveError> {
     let argv: Vec<&str> = match pm {
-        PackageManager::Rpm => vec!["rpm", "-qp", "--qf", "%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}\\n", "--", file],
-        _ => vec!["dpkg-deb", "--showformat=${Package}\\n${Version}\\n", "-W", "--", file],
+        PackageManager::Rpm => vec![
+            "rpm",
+            "-qp",
+            "--qf",
+            "%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
+            "--",
+            file,
+        ],
+        _ => vec![
+            "dpkg-deb",
+            "--showformat=${Package}\\n${Version}\\n",
+            "-W",
+            "--",
+            file,
+        ],
     };
-    let out = ctx.transport.run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(60))))?;
+    let out = ctx
+        .transport
+        .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(60))))?;
     if !out.success() {
-        return Err(PrimitiveError::failed(ctx.name(), "deploy: read package fields", &out));
+        return Err(PrimitiveError::failed(
+            ctx.name(),
+            "deploy: read package fields",
+            &out,
+        ));
     }
     let text = out.stdout_str();
     let mut lines = text.lines();
     let name = lines.next().unwrap_or_default().trim().to_string();
     let version = lines.next().unwrap_or_default().trim();
-    let version = version.strip_prefix("(none):").unwrap_or(version).to_string();
+    let version = version
+        .strip_prefix("(none):")
+        .unwrap_or(version)
+        .to_string();
     check_package("deploy", pm, &name)?;
     Ok((name, version))
 }
@@ -73,13 +103,26 @@ fn package_fields(ctx: &HostCtx, pm: PackageManager, file: &str) -> Result<(Stri
 fn install_argv(method: &Method, pm: PackageManager, file: &str) -> Vec<String> {
     let words: Vec<&str> = match (method, pm) {
         (Method::Custom(argv), _) => {
-            return argv.iter().map(|w| if w == "{file}" { file.to_string() } else { w.clone() }).collect()
+            return argv
+                .iter()
+                .map(|w| {
+                    if w == "{file}" {
+                        file.to_string()
+                    } else {
+                        w.clone()
+                    }
+                })
+                .collect()
         }
-        (Method::Dpkg, _) | (Method::Auto, PackageManager::Dpkg) | (Method::Auto, PackageManager::Unknown) => {
+        (Method::Dpkg, _)
+        | (Method::Auto, PackageManager::Dpkg)
+        | (Method::Auto, PackageManager::Unknown) => {
             vec!["dpkg", "-i", "--", file]
         }
         (Method::Apt, _) => vec!["apt-get", "install", "-y", "--allow-downgrades", file],
-        (Method::Rpm, _) | (Method::Auto, PackageManager::Rpm) => vec!["rpm", "-U", "--oldpackage", "--", file],
+        (Method::Rpm, _) | (Method::Auto, PackageManager::Rpm) => {
+            vec!["rpm", "-U", "--oldpackage", "--", file]
+        }
         (Method::Dnf, _) => vec!["dnf", "install", "-y", file],
     };
     words.into_iter().map(str::to_string).collect()
@@ -104,7 +147,11 @@ fn checked_install(sha256: &str, file: &str, install: &[String]) -> Vec<String> 
 /// Exit code `checked_install` uses for a file changed after upload.
 pub const CHANGED_AFTER_UPLOAD: i32 = 97;
 
-pub fn deploy(ctx: &HostCtx, artifact: &Artifact, opts: &DeployOptions) -> Result<Deployed, PrimitiveError> {
+pub fn deploy(
+    ctx: &HostCtx,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+) -> Result<Deployed, PrimitiveError> {
     deploy_with_hook(ctx, artifact, opts, &|_| {})
 }
 
@@ -126,15 +173,29 @@ pub fn deploy_with_hook(
     if ctx.planning() {
         ctx.plan(
             "deploy",
-            format!("upload {} (sha256 {}), then `{}`", artifact.url, &artifact.sha256, install_words.join(" ")),
+            format!(
+                "upload {} (sha256 {}), then `{}`",
+                artifact.url,
+                &artifact.sha256,
+                install_words.join(" ")
+            ),
             "unknown",
         );
-        return Ok(Deployed { package: String::new(), before: None, after: None, undo: UndoStep::Manual { reason: "plan".into() } });
+        return Ok(Deployed {
+            package: String::new(),
+            before: None,
+            after: None,
+            undo: UndoStep::Manual {
+                reason: "plan".into(),
+            },
+        });
     }
     let tmp = private_tmpdir(ctx, "deploy")?;
     let remote = format!("{tmp}/{file_name}");
     let result = deploy_staged(ctx, pm, artifact, opts, &remote, before_install);
-    let _ = ctx.transport.run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
+    let _ = ctx
+        .transport
+        .run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
     result
 }
 
@@ -151,7 +212,10 @@ fn deploy_staged(
         return Err(PrimitiveError::step(
             ctx.name(),
             "deploy",
-            format!("uploaded {} hashes to {} on the host, expected {}", remote, upload.sha256, artifact.sha256),
+            format!(
+                "uploaded {} hashes to {} on the host, expected {}",
+                remote, upload.sha256, artifact.sha256
+            ),
         ));
     }
     let (package, version) = package_fields(ctx, pm, remote)?;
@@ -166,15 +230,24 @@ fn deploy_staged(
         }),
     )?;
     before_install(remote);
-    let out = ctx
-        .transport
-        .run(&Command::new(checked_install(&artifact.sha256, remote, &install)).timeout(ctx.timeout(opts.timeout)));
+    let out = ctx.transport.run(
+        &Command::new(checked_install(&artifact.sha256, remote, &install))
+            .timeout(ctx.timeout(opts.timeout)),
+    );
     // Whatever happened, the host's real state is read back and recorded.
     let after = installed(ctx, &package).ok().flatten().map(|i| i.version);
     let (ok, error) = match &out {
         Ok(o) if o.success() => (true, None),
-        Ok(o) if o.code == CHANGED_AFTER_UPLOAD => (false, Some(format!("{remote} changed on the host after upload (sha256 mismatch); not installed"))),
-        Ok(o) => (false, Some(PrimitiveError::failed(ctx.name(), "deploy", o).to_string())),
+        Ok(o) if o.code == CHANGED_AFTER_UPLOAD => (
+            false,
+            Some(format!(
+                "{remote} changed on the host after upload (sha256 mismatch); not installed"
+            )),
+        ),
+        Ok(o) => (
+            false,
+            Some(PrimitiveError::failed(ctx.name(), "deploy", o).to_string()),
+        ),
         Err(e) => (false, Some(e.to_string())),
     };
     ctx.outcome(
@@ -185,11 +258,19 @@ fn deploy_staged(
         Some(undo.clone()),
     )?;
     match out {
-        Ok(o) if o.success() => Ok(Deployed { package, before, after, undo }),
+        Ok(o) if o.success() => Ok(Deployed {
+            package,
+            before,
+            after,
+            undo,
+        }),
         Ok(o) if o.code == CHANGED_AFTER_UPLOAD => Err(PrimitiveError::step(
             ctx.name(),
             "deploy",
-            format!("{remote} changed on the host after upload (sha256 mismatch); not installed: {}", cut(o.stderr_str().trim(), 500)),
+            format!(
+                "{remote} changed on the host after upload (sha256 mismatch); not installed: {}",
+                cut(o.stderr_str().trim(), 500)
+            ),
         )),
         Ok(o) => Err(PrimitiveError::failed(ctx.name(), "deploy", &o)),
         Err(e) => Err(e.into()),
@@ -199,7 +280,12 @@ fn deploy_staged(
 /// The undo step, decided before acting: reinstall `rollback_to`, else restore this
 /// run's backups of the host, else remove a package that was not there before,
 /// else manual.
-fn undo_for(ctx: &HostCtx, package: &str, before: Option<&str>, opts: &DeployOptions) -> Result<UndoStep, PrimitiveError> {
+fn undo_for(
+    ctx: &HostCtx,
+    package: &str,
+    before: Option<&str>,
+    opts: &DeployOptions,
+) -> Result<UndoStep, PrimitiveError> {
     if let Some(a) = &opts.rollback_to {
         return Ok(UndoStep::Reinstall {
             package: package.to_string(),
@@ -213,7 +299,9 @@ fn undo_for(ctx: &HostCtx, package: &str, before: Option<&str>, opts: &DeployOpt
         return Ok(UndoStep::Restore { backups });
     }
     if before.is_none() {
-        return Ok(UndoStep::Remove { package: package.to_string() });
+        return Ok(UndoStep::Remove {
+            package: package.to_string(),
+        });
     }
     Ok(UndoStep::Manual {
         reason: format!("{package} was at {} before; no rollback_to artifact and no backup of this host in this run", before.unwrap_or("?")),

@@ -45,7 +45,8 @@ pub fn facts(ctx: &HostCtx) -> Result<Facts, PrimitiveError> {
     if let Some(f) = ctx.run.cached_facts(ctx.name()) {
         return Ok(f);
     }
-    let cmd = Command::new(["sh", "-c", PROBE]).timeout(ctx.timeout(std::time::Duration::from_secs(60)));
+    let cmd =
+        Command::new(["sh", "-c", PROBE]).timeout(ctx.timeout(std::time::Duration::from_secs(60)));
     let out = ctx.transport.run(&cmd)?;
     if !out.success() {
         return Err(PrimitiveError::failed(ctx.name(), "facts", &out));
@@ -68,7 +69,9 @@ pub fn parse(text: &str) -> Facts {
     };
     let mut has = Vec::new();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         let v = v.trim().trim_matches('"').to_string();
         match k.trim() {
             "ID" => f.os_id = v,
@@ -80,11 +83,16 @@ pub fn parse(text: &str) -> Facts {
             _ => {}
         }
     }
-    let family: Vec<&str> = std::iter::once(f.os_id.as_str()).chain(f.os_like.iter().map(String::as_str)).collect();
+    let family: Vec<&str> = std::iter::once(f.os_id.as_str())
+        .chain(f.os_like.iter().map(String::as_str))
+        .collect();
     let debian_like = family.iter().any(|x| matches!(*x, "debian" | "ubuntu"));
-    let rpm_like = family
-        .iter()
-        .any(|x| matches!(*x, "rhel" | "fedora" | "centos" | "suse" | "opensuse" | "rocky" | "almalinux" | "amzn"));
+    let rpm_like = family.iter().any(|x| {
+        matches!(
+            *x,
+            "rhel" | "fedora" | "centos" | "suse" | "opensuse" | "rocky" | "almalinux" | "amzn"
+        )
+    });
     let has_dpkg = has.iter().any(|x| x == "dpkg");
     let has_rpm = has.iter().any(|x| x == "rpm");
     f.package_manager = match (debian_like, rpm_like) {
@@ -103,7 +111,9 @@ mod tests {
 
     #[test]
     fn debian_with_rpm_tool_uses_dpkg() {
-        let f = parse("ID=debian\nVERSION_ID=\"12\"\n__arch=x86_64\n__kernel=6.1.0\n__pm=dpkg\n__pm=rpm\n");
+        let f = parse(
+            "ID=debian\nVERSION_ID=\"12\"\n__arch=x86_64\n__kernel=6.1.0\n__pm=dpkg\n__pm=rpm\n",
+        );
         assert_eq!(f.os_id, "debian");
         assert_eq!(f.os_version, "12");
         assert_eq!(f.package_manager, PackageManager::Dpkg);

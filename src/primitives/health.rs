@@ -31,7 +31,11 @@ impl Default for HealthCheck {
 }
 
 /// Runs `argv` until it passes or the retries are spent. Returns its stdout.
-pub fn health(ctx: &HostCtx, argv: &[String], check: &HealthCheck) -> Result<String, PrimitiveError> {
+pub fn health(
+    ctx: &HostCtx,
+    argv: &[String],
+    check: &HealthCheck,
+) -> Result<String, PrimitiveError> {
     if argv.is_empty() {
         return Err(PrimitiveError::step(ctx.name(), "health", "empty argv"));
     }
@@ -40,12 +44,21 @@ pub fn health(ctx: &HostCtx, argv: &[String], check: &HealthCheck) -> Result<Str
         if attempt > 0 {
             std::thread::sleep(check.delay);
         }
-        let out = ctx.transport.run(&Command::new(argv.iter().cloned()).timeout(ctx.timeout(check.timeout)))?;
+        let out = ctx
+            .transport
+            .run(&Command::new(argv.iter().cloned()).timeout(ctx.timeout(check.timeout)))?;
         let stdout = out.stdout_str();
         let code_ok = out.code == check.expect_code;
-        let text_ok = check.expect_stdout.as_ref().is_none_or(|s| stdout.contains(s.as_str()));
+        let text_ok = check
+            .expect_stdout
+            .as_ref()
+            .is_none_or(|s| stdout.contains(s.as_str()));
         if code_ok && text_ok {
-            ctx.record("health", "health", serde_json::json!({ "argv": argv, "ok": true, "attempts": attempt + 1 }))?;
+            ctx.record(
+                "health",
+                "health",
+                serde_json::json!({ "argv": argv, "ok": true, "attempts": attempt + 1 }),
+            )?;
             return Ok(stdout);
         }
         last = if !code_ok {
@@ -71,28 +84,44 @@ pub fn health(ctx: &HostCtx, argv: &[String], check: &HealthCheck) -> Result<Str
     Err(PrimitiveError::step(
         ctx.name(),
         "health",
-        format!("`{}` failed after {} attempt(s): {last}", argv.join(" "), check.retries + 1),
+        format!(
+            "`{}` failed after {} attempt(s): {last}",
+            argv.join(" "),
+            check.retries + 1
+        ),
     ))
 }
 
 /// Whether a systemd unit is active. Hosts without systemctl answer with an error,
 /// not with `false`, so a missing init system is never read as "service down".
 pub fn service_active(ctx: &HostCtx, name: &str) -> Result<bool, PrimitiveError> {
-    if name.is_empty() || name.starts_with('-') || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if name.is_empty()
+        || name.starts_with('-')
+        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(PrimitiveError::Refused {
             step: "service_active".into(),
             what: "unit name".into(),
             value: cut(name, 80),
-            reason: "unit names have no spaces or control characters and do not start with '-'".into(),
+            reason: "unit names have no spaces or control characters and do not start with '-'"
+                .into(),
         });
     }
-    let probe = ctx.transport.run(&Command::new(["sh", "-c", "command -v systemctl"]).timeout(ctx.timeout(Duration::from_secs(30))))?;
+    let probe = ctx.transport.run(
+        &Command::new(["sh", "-c", "command -v systemctl"])
+            .timeout(ctx.timeout(Duration::from_secs(30))),
+    )?;
     if !probe.success() {
-        return Err(PrimitiveError::step(ctx.name(), "service_active", "systemctl is not available on this host"));
+        return Err(PrimitiveError::step(
+            ctx.name(),
+            "service_active",
+            "systemctl is not available on this host",
+        ));
     }
-    let out = ctx
-        .transport
-        .run(&Command::new(["systemctl", "is-active", "--", name]).timeout(ctx.timeout(Duration::from_secs(30))))?;
+    let out = ctx.transport.run(
+        &Command::new(["systemctl", "is-active", "--", name])
+            .timeout(ctx.timeout(Duration::from_secs(30))),
+    )?;
     Ok(out.success() && out.stdout_str().trim() == "active")
 }
 
@@ -106,7 +135,11 @@ pub struct HttpCheck {
 
 impl Default for HttpCheck {
     fn default() -> Self {
-        HttpCheck { status: 200, contains: None, timeout: Duration::from_secs(10) }
+        HttpCheck {
+            status: 200,
+            contains: None,
+            timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -120,7 +153,10 @@ pub enum HttpCheckError {
 /// the body is read.
 pub fn http_check(url: &str, check: &HttpCheck) -> Result<u16, HttpCheckError> {
     use std::io::Read;
-    let fail = |message: String| HttpCheckError::Failed { url: url.to_string(), message };
+    let fail = |message: String| HttpCheckError::Failed {
+        url: url.to_string(),
+        message,
+    };
     let agent = ureq::AgentBuilder::new().timeout(check.timeout).build();
     let resp = match agent.get(url).call() {
         Ok(r) => r,

@@ -9,10 +9,10 @@
 pub mod artifact;
 pub mod backup;
 pub mod context;
+pub mod deploy;
 pub mod facts;
 pub mod health;
 pub mod packages;
-pub mod deploy;
 pub mod undo;
 pub mod version;
 
@@ -74,7 +74,11 @@ pub enum PrimitiveError {
 impl PrimitiveError {
     /// A failed command, with its stderr (or stdout) cut to [`ERROR_OUTPUT_CHARS`].
     pub fn failed(host: &str, step: &str, out: &Output) -> Self {
-        let text = if out.stderr.is_empty() { out.stdout_str() } else { out.stderr_str() };
+        let text = if out.stderr.is_empty() {
+            out.stdout_str()
+        } else {
+            out.stderr_str()
+        };
         PrimitiveError::Failed {
             host: host.to_string(),
             step: step.to_string(),

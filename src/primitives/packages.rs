@@ -76,18 +76,44 @@ pub fn installed(ctx: &HostCtx, pkg: &str) -> Result<Option<Installed>, Primitiv
     match pm {
         PackageManager::Rpm => {
             let out = ctx.transport.run(
-                &Command::new(["rpm", "-q", "--qf", "%{EPOCH}:%{VERSION}-%{RELEASE}\\n", "--", pkg]).timeout(timeout),
+                &Command::new([
+                    "rpm",
+                    "-q",
+                    "--qf",
+                    "%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
+                    "--",
+                    pkg,
+                ])
+                .timeout(timeout),
             )?;
             if !out.success() {
                 return Ok(None);
             }
-            let line = out.stdout_str().lines().next().unwrap_or_default().to_string();
-            let version = line.strip_prefix("(none):").map(str::to_string).unwrap_or(line);
-            Ok(Some(Installed { version, status: "installed".into() }))
+            let line = out
+                .stdout_str()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let version = line
+                .strip_prefix("(none):")
+                .map(str::to_string)
+                .unwrap_or(line);
+            Ok(Some(Installed {
+                version,
+                status: "installed".into(),
+            }))
         }
         _ => {
             let out = ctx.transport.run(
-                &Command::new(["dpkg-query", "-W", "-f=${db:Status-Abbrev}\\t${Version}\\n", "--", pkg]).timeout(timeout),
+                &Command::new([
+                    "dpkg-query",
+                    "-W",
+                    "-f=${db:Status-Abbrev}\\t${Version}\\n",
+                    "--",
+                    pkg,
+                ])
+                .timeout(timeout),
             )?;
             if !out.success() {
                 return Ok(None);
@@ -97,10 +123,17 @@ pub fn installed(ctx: &HostCtx, pkg: &str) -> Result<Option<Installed>, Primitiv
             let (status, version) = line.split_once('\t').unwrap_or((line, ""));
             let status = status.trim().to_string();
             // `rc`: removed, config files remain; `un`/`pn`: not installed.
-            if version.is_empty() || status.starts_with('r') || status.starts_with('u') || status.starts_with('p') {
+            if version.is_empty()
+                || status.starts_with('r')
+                || status.starts_with('u')
+                || status.starts_with('p')
+            {
                 return Ok(None);
             }
-            Ok(Some(Installed { version: version.to_string(), status }))
+            Ok(Some(Installed {
+                version: version.to_string(),
+                status,
+            }))
         }
     }
 }

@@ -38,11 +38,23 @@ pub enum UndoStep {
 impl UndoStep {
     pub fn describe(&self) -> String {
         match self {
-            UndoStep::Reinstall { package, version, .. } => {
-                format!("reinstall {package} {}", version.as_deref().unwrap_or("(previous file)"))
+            UndoStep::Reinstall {
+                package, version, ..
+            } => {
+                format!(
+                    "reinstall {package} {}",
+                    version.as_deref().unwrap_or("(previous file)")
+                )
             }
             UndoStep::Restore { backups } => {
-                format!("restore {}", backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", "))
+                format!(
+                    "restore {}",
+                    backups
+                        .iter()
+                        .map(|b| b.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
             UndoStep::Remove { package } => format!("remove {package}"),
             UndoStep::Manual { reason } => format!("manual: {reason}"),
@@ -68,9 +80,22 @@ pub fn pending_undos(records: &[Record], host: &str) -> Vec<PendingUndo> {
     for r in mine {
         match r.kind.as_str() {
             "step.intent" => {
-                if let Some(undo) = r.data.get("undo").and_then(|u| serde_json::from_value::<UndoStep>(u.clone()).ok()) {
-                    let step = r.data.get("step").and_then(Value::as_str).unwrap_or_default().to_string();
-                    pending.push(PendingUndo { intent: r.seq, step, undo });
+                if let Some(undo) = r
+                    .data
+                    .get("undo")
+                    .and_then(|u| serde_json::from_value::<UndoStep>(u.clone()).ok())
+                {
+                    let step = r
+                        .data
+                        .get("step")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    pending.push(PendingUndo {
+                        intent: r.seq,
+                        step,
+                        undo,
+                    });
                 }
             }
             "undo.outcome" if r.data.get("ok").and_then(Value::as_bool) == Some(true) => {
@@ -132,10 +157,18 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
 
 fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
     match undo {
-        UndoStep::Reinstall { package, version, artifact_path, artifact_sha256 } => {
+        UndoStep::Reinstall {
+            package,
+            version,
+            artifact_path,
+            artifact_sha256,
+        } => {
             let pm = facts(ctx)?.package_manager;
             let tmp = super::backup::private_tmpdir(ctx, "rollback")?;
-            let name = artifact_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into());
+            let name = artifact_path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "artifact".into());
             let remote = format!("{tmp}/{name}");
             let result = (|| {
                 let up = ctx.transport.put(artifact_path, &remote, 0o600)?;
@@ -143,20 +176,27 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
                     return Err(PrimitiveError::step(
                         ctx.name(),
                         "rollback",
-                        format!("{} hashes to {} on the host, expected {artifact_sha256}", remote, up.sha256),
+                        format!(
+                            "{} hashes to {} on the host, expected {artifact_sha256}",
+                            remote, up.sha256
+                        ),
                     ));
                 }
                 let argv: Vec<&str> = match pm {
                     PackageManager::Rpm => vec!["rpm", "-U", "--oldpackage", "--", &remote],
                     _ => vec!["dpkg", "-i", "--", &remote],
                 };
-                let out = ctx.transport.run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(900))))?;
+                let out = ctx
+                    .transport
+                    .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(900))))?;
                 if !out.success() {
                     return Err(PrimitiveError::failed(ctx.name(), "rollback", &out));
                 }
                 Ok(())
             })();
-            let _ = ctx.transport.run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
+            let _ = ctx
+                .transport
+                .run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
             result?;
             if let Some(v) = version {
                 super::packages::verify(ctx, package, v)?;
@@ -176,12 +216,18 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
                 PackageManager::Rpm => vec!["rpm", "-e", "--", package],
                 _ => vec!["dpkg", "--purge", "--", package],
             };
-            let out = ctx.transport.run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(900))))?;
+            let out = ctx
+                .transport
+                .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(900))))?;
             if !out.success() {
                 return Err(PrimitiveError::failed(ctx.name(), "rollback", &out));
             }
             if installed(ctx, package)?.is_some() {
-                return Err(PrimitiveError::step(ctx.name(), "rollback", format!("{package} is still installed after removal")));
+                return Err(PrimitiveError::step(
+                    ctx.name(),
+                    "rollback",
+                    format!("{package} is still installed after removal"),
+                ));
             }
             Ok(())
         }

@@ -385,11 +385,7 @@ fn parse_evr(evr: &str) -> RpmEvr<'_> {
         Some(k) => {
             let dash = digits + k;
             let start = evr.len() - rest.len();
-            let version = if dash >= start {
-                &evr[start..dash]
-            } else {
-                ""
-            };
+            let version = if dash >= start { &evr[start..dash] } else { "" };
             (version, Some(&evr[dash + 1..]))
         }
         None => (rest, None),
@@ -547,7 +543,9 @@ mod tests {
     #[test]
     fn hostile_names_and_versions_are_refused() {
         let long = "1".repeat(64 * 1024);
-        for bad in ["a;b", "$(id)", "`id`", "a\nb", "a\0b", "-rf", "", &long, "a b"] {
+        for bad in [
+            "a;b", "$(id)", "`id`", "a\nb", "a\0b", "-rf", "", &long, "a b",
+        ] {
             assert!(!valid_deb_package(bad), "{bad:?}");
             assert!(!valid_rpm_name(bad), "{bad:?}");
         }
