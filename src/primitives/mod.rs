@@ -7,5 +7,102 @@
 //! acting and its outcome, with the undo step, after. Primitives must not know Rhai.
 
 pub mod artifact;
+pub mod backup;
+pub mod context;
+pub mod deploy;
+pub mod facts;
+pub mod health;
 pub mod notify;
+pub mod packages;
+pub mod undo;
 pub mod version;
+
+pub use context::{HostCtx, Mode, PlannedAction, RunCtx};
+
+use crate::transport::{Output, TransportError};
+
+/// How much of a host's output an error message quotes.
+pub const ERROR_OUTPUT_CHARS: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrimitiveError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A command on the host failed; `output` is what it printed, cut to a sane size.
+    #[error("{host}: {step} failed (exit {code}): {output}")]
+    Failed {
+        host: String,
+        step: String,
+        code: i32,
+        output: String,
+    },
+    /// Input refused before it reached a command line.
+    #[error("{step}: refused {what} {value:?}: {reason}")]
+    Refused {
+        step: String,
+        what: String,
+        value: String,
+        reason: String,
+    },
+    #[error("{host}: verify failed: {package} is {found}, expected {expected}")]
+    Verify {
+        host: String,
+        package: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{host}: {step}: {message}")]
+    Step {
+        host: String,
+        step: String,
+        message: String,
+    },
+    #[error("{host}: {step}: cannot write the journal, so the step was not started: {source}")]
+    Journal {
+        host: String,
+        step: String,
+        #[source]
+        source: crate::journal::JournalError,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl PrimitiveError {
+    /// A failed command, with its stderr (or stdout) cut to [`ERROR_OUTPUT_CHARS`].
+    pub fn failed(host: &str, step: &str, out: &Output) -> Self {
+        let text = if out.stderr.is_empty() {
+            out.stdout_str()
+        } else {
+            out.stderr_str()
+        };
+        PrimitiveError::Failed {
+            host: host.to_string(),
+            step: step.to_string(),
+            code: out.code,
+            output: cut(text.trim(), ERROR_OUTPUT_CHARS),
+        }
+    }
+
+    pub fn step(host: &str, step: &str, message: impl Into<String>) -> Self {
+        PrimitiveError::Step {
+            host: host.to_string(),
+            step: step.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Cuts text to at most `max` characters, saying how much was dropped.
+pub fn cut(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(max).collect();
+    format!("{kept}… ({} more characters)", n - max)
+}

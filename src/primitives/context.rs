@@ -1,0 +1,222 @@
+//! What a primitive needs to know about the run and the host it works on: the
+//! transport, the journal, the state directory, and whether this is a `plan`.
+//!
+//! It owns the per-run caches (facts) and the plan's list of would-be actions. It
+//! must not decide policy: that is the rollout layer's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::facts::Facts;
+use super::PrimitiveError;
+use crate::inventory::Host;
+use crate::journal::state::HostState;
+use crate::journal::{BackupRef, Journal, Record, StepId, UndoStep};
+use crate::transport::Transport;
+
+/// Whether mutating primitives act or only record what they would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Apply,
+    Plan,
+}
+
+/// One action a mutating primitive would have taken, in `plan` mode.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlannedAction {
+    pub host: String,
+    pub step: String,
+    pub detail: String,
+    /// `unknown` where the result cannot be known without acting.
+    pub result: String,
+}
+
+/// Shared by every host of one run.
+pub struct RunCtx {
+    pub run_id: String,
+    pub state_dir: PathBuf,
+    pub journal: Option<Arc<Journal>>,
+    pub mode: Mode,
+    facts: Mutex<HashMap<String, Facts>>,
+    planned: Mutex<Vec<PlannedAction>>,
+}
+
+impl RunCtx {
+    pub fn new(
+        run_id: impl Into<String>,
+        state_dir: PathBuf,
+        journal: Option<Arc<Journal>>,
+        mode: Mode,
+    ) -> Self {
+        RunCtx {
+            run_id: run_id.into(),
+            state_dir,
+            journal,
+            mode,
+            facts: Mutex::new(HashMap::new()),
+            planned: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn cached_facts(&self, host: &str) -> Option<Facts> {
+        self.facts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned()
+    }
+
+    pub fn cache_facts(&self, host: &str, facts: Facts) {
+        self.facts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), facts);
+    }
+
+    pub fn planned(&self) -> Vec<PlannedAction> {
+        self.planned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// One host's view of the run, handed to every primitive.
+pub struct HostCtx<'a> {
+    pub host: &'a Host,
+    pub transport: &'a dyn Transport,
+    pub run: &'a RunCtx,
+    /// When the host's work must be done; commands get at most the time left.
+    pub deadline: Option<Instant>,
+}
+
+impl HostCtx<'_> {
+    pub fn name(&self) -> &str {
+        &self.host.name
+    }
+
+    pub fn planning(&self) -> bool {
+        self.run.mode == Mode::Plan
+    }
+
+    /// Records what a mutating step would do, instead of doing it.
+    pub fn plan(&self, step: &str, detail: impl Into<String>, result: &str) {
+        self.run
+            .planned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(PlannedAction {
+                host: self.host.name.clone(),
+                step: step.to_string(),
+                detail: detail.into(),
+                result: result.to_string(),
+            });
+    }
+
+    /// Appends a record for this host; fsynced before it returns. With no journal
+    /// (unit tests, `eval`), nothing is written.
+    pub fn record(
+        &self,
+        step: &str,
+        kind: &str,
+        data: Value,
+    ) -> Result<Option<Record>, PrimitiveError> {
+        match &self.run.journal {
+            None => Ok(None),
+            Some(j) => j
+                .append(Some(&self.host.name), kind, data)
+                .map(Some)
+                .map_err(|source| PrimitiveError::Journal {
+                    host: self.host.name.clone(),
+                    step: step.to_string(),
+                    source,
+                }),
+        }
+    }
+
+    /// The command timeout for a step: its own, cut to the host's deadline.
+    pub fn timeout(&self, step_timeout: std::time::Duration) -> std::time::Duration {
+        match self.deadline {
+            Some(d) => step_timeout.min(d.saturating_duration_since(Instant::now())),
+            None => step_timeout,
+        }
+    }
+}
+
+impl HostCtx<'_> {
+    fn journal_error(
+        &self,
+        step: &str,
+    ) -> impl FnOnce(crate::journal::JournalError) -> PrimitiveError + '_ {
+        let step = step.to_string();
+        move |source| PrimitiveError::Journal {
+            host: self.host.name.clone(),
+            step,
+            source,
+        }
+    }
+
+    /// Writes a step's intent, on disk before this returns; only then may the step
+    /// act. `None` without a journal.
+    pub fn intent(&self, step: &str, data: Value) -> Result<Option<StepId>, PrimitiveError> {
+        match &self.run.journal {
+            None => Ok(None),
+            Some(j) => j
+                .intent(&self.host.name, step, data)
+                .map(Some)
+                .map_err(self.journal_error(step)),
+        }
+    }
+
+    /// Writes what a step did, with the undo step that reverses it.
+    pub fn outcome(
+        &self,
+        step: &str,
+        intent: Option<StepId>,
+        ok: bool,
+        data: Value,
+        undo: Option<UndoStep>,
+    ) -> Result<(), PrimitiveError> {
+        match (&self.run.journal, intent) {
+            (Some(j), Some(id)) => j
+                .outcome(&self.host.name, id, ok, data, undo)
+                .map(|_| ())
+                .map_err(self.journal_error(step)),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the journal says about this host in this run so far.
+    pub fn journal_state(&self) -> Result<Option<HostState>, PrimitiveError> {
+        match &self.run.journal {
+            None => Ok(None),
+            Some(j) => Ok(j
+                .state()
+                .map_err(self.journal_error("read journal"))?
+                .hosts
+                .remove(&self.host.name)),
+        }
+    }
+
+    /// The backups taken of this host in this run, oldest first, from the journal.
+    pub fn backups(&self) -> Result<Vec<BackupRef>, PrimitiveError> {
+        let Some(j) = &self.run.journal else {
+            return Ok(Vec::new());
+        };
+        Ok(j.records()
+            .map_err(self.journal_error("read journal"))?
+            .into_iter()
+            .filter(|r| {
+                r.kind == super::backup::RECORD_KIND
+                    && r.host.as_deref() == Some(self.host.name.as_str())
+            })
+            .filter_map(|r| serde_json::from_value::<super::backup::BackupHandle>(r.data).ok())
+            .map(|h| h.as_ref_for_undo())
+            .collect())
+    }
+}

@@ -1,0 +1,309 @@
+//! Deploy: upload an artifact, re-hash it on the host, install it with the host's
+//! package manager, and record the version before and after together with the undo
+//! step that reverses it. The undo step is decided before anything is installed, so
+//! the rollback plan exists before the deployment does.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::artifact::Artifact;
+use super::backup::private_tmpdir;
+use super::facts::{facts, PackageManager};
+use super::packages::{check_package, installed};
+use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::UndoStep;
+use crate::transport::Command;
+
+/// How a package file is installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    /// The host's own: `dpkg -i` or `rpm -U`.
+    Auto,
+    Dpkg,
+    Apt,
+    Rpm,
+    Dnf,
+    /// An argv from the playbook; the word `{file}` is replaced by the staged path.
+    Custom(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    pub method: Method,
+    /// Reinstalled by the undo step, when given.
+    pub rollback_to: Option<Artifact>,
+    pub timeout: Duration,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            method: Method::Auto,
+            rollback_to: None,
+            timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deployed {
+    pub package: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    pub undo: UndoStep,
+}
+
+/// The package name and version inside a staged package file, read on the host.
+fn package_fields(
+    ctx: &HostCtx,
+    pm: PackageManager,
+    file: &str,
+) -> Result<(String, String), PrimitiveError> {
+    let argv: Vec<&str> = match pm {
+        PackageManager::Rpm => vec![
+            "rpm",
+            "-qp",
+            "--qf",
+            "%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
+            "--",
+            file,
+        ],
+        _ => vec![
+            "dpkg-deb",
+            "--showformat=${Package}\\n${Version}\\n",
+            "-W",
+            "--",
+            file,
+        ],
+    };
+    let out = ctx
+        .transport
+        .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(60))))?;
+    if !out.success() {
+        return Err(PrimitiveError::failed(
+            ctx.name(),
+            "deploy: read package fields",
+            &out,
+        ));
+    }
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    let name = lines.next().unwrap_or_default().trim().to_string();
+    let version = lines.next().unwrap_or_default().trim();
+    let version = version
+        .strip_prefix("(none):")
+        .unwrap_or(version)
+        .to_string();
+    check_package("deploy", pm, &name)?;
+    Ok((name, version))
+}
+
+fn install_argv(method: &Method, pm: PackageManager, file: &str) -> Vec<String> {
+    let words: Vec<&str> = match (method, pm) {
+        (Method::Custom(argv), _) => {
+            return argv
+                .iter()
+                .map(|w| {
+                    if w == "{file}" {
+                        file.to_string()
+                    } else {
+                        w.clone()
+                    }
+                })
+                .collect()
+        }
+        (Method::Dpkg, _)
+        | (Method::Auto, PackageManager::Dpkg)
+        | (Method::Auto, PackageManager::Unknown) => {
+            vec!["dpkg", "-i", "--", file]
+        }
+        (Method::Apt, _) => vec!["apt-get", "install", "-y", "--allow-downgrades", file],
+        (Method::Rpm, _) | (Method::Auto, PackageManager::Rpm) => {
+            vec!["rpm", "-U", "--oldpackage", "--", file]
+        }
+        (Method::Dnf, _) => vec!["dnf", "install", "-y", file],
+    };
+    words.into_iter().map(str::to_string).collect()
+}
+
+/// Checks the staged file's hash and installs it in ONE command, so nothing can
+/// change the file between the on-host check and the install. The script is fixed;
+/// data arrives as positional parameters, never spliced into it.
+fn checked_install(sha256: &str, file: &str, install: &[String]) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "sh".into(),
+        "-c".into(),
+        "printf '%s  %s\\n' \"$1\" \"$2\" | sha256sum -c --status - || { echo \"patchbook: $2 changed on the host after upload (sha256 mismatch); not installed\" >&2; exit 97; }; shift 2; exec \"$@\"".into(),
+        "patchbook-install".into(),
+        sha256.into(),
+        file.into(),
+    ];
+    argv.extend(install.iter().cloned());
+    argv
+}
+
+/// Exit code `checked_install` uses for a file changed after upload.
+pub const CHANGED_AFTER_UPLOAD: i32 = 97;
+
+pub fn deploy(
+    ctx: &HostCtx,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+) -> Result<Deployed, PrimitiveError> {
+    deploy_with_hook(ctx, artifact, opts, &|_| {})
+}
+
+/// [`deploy`], with a hook called between upload and install (tests use it to
+/// tamper with the staged file).
+pub fn deploy_with_hook(
+    ctx: &HostCtx,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+    before_install: &dyn Fn(&str),
+) -> Result<Deployed, PrimitiveError> {
+    let pm = facts(ctx)?.package_manager;
+    let file_name = artifact
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "artifact".into());
+    let install_words = install_argv(&opts.method, pm, "<staged file>");
+    if ctx.planning() {
+        ctx.plan(
+            "deploy",
+            format!(
+                "upload {} (sha256 {}), then `{}`",
+                artifact.url,
+                &artifact.sha256,
+                install_words.join(" ")
+            ),
+            "unknown",
+        );
+        return Ok(Deployed {
+            package: String::new(),
+            before: None,
+            after: None,
+            undo: UndoStep::Manual {
+                reason: "plan".into(),
+            },
+        });
+    }
+    let tmp = private_tmpdir(ctx, "deploy")?;
+    let remote = format!("{tmp}/{file_name}");
+    let result = deploy_staged(ctx, pm, artifact, opts, &remote, before_install);
+    let _ = ctx
+        .transport
+        .run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
+    result
+}
+
+fn deploy_staged(
+    ctx: &HostCtx,
+    pm: PackageManager,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+    remote: &str,
+    before_install: &dyn Fn(&str),
+) -> Result<Deployed, PrimitiveError> {
+    let upload = ctx.transport.put(&artifact.path, remote, 0o600)?;
+    if upload.sha256 != artifact.sha256 {
+        return Err(PrimitiveError::step(
+            ctx.name(),
+            "deploy",
+            format!(
+                "uploaded {} hashes to {} on the host, expected {}",
+                remote, upload.sha256, artifact.sha256
+            ),
+        ));
+    }
+    let (package, version) = package_fields(ctx, pm, remote)?;
+    let before = installed(ctx, &package)?.map(|i| i.version);
+    let undo = undo_for(ctx, &package, before.as_deref(), opts)?;
+    let install = install_argv(&opts.method, pm, remote);
+    let intent = ctx.intent(
+        "deploy",
+        serde_json::json!({
+            "artifact": artifact.url, "sha256": artifact.sha256, "package": package,
+            "from": before, "to": version, "argv": install, "undo": undo,
+        }),
+    )?;
+    before_install(remote);
+    let out = ctx.transport.run(
+        &Command::new(checked_install(&artifact.sha256, remote, &install))
+            .timeout(ctx.timeout(opts.timeout)),
+    );
+    // Whatever happened, the host's real state is read back and recorded.
+    let after = installed(ctx, &package).ok().flatten().map(|i| i.version);
+    let (ok, error) = match &out {
+        Ok(o) if o.success() => (true, None),
+        Ok(o) if o.code == CHANGED_AFTER_UPLOAD => (
+            false,
+            Some(format!(
+                "{remote} changed on the host after upload (sha256 mismatch); not installed"
+            )),
+        ),
+        Ok(o) => (
+            false,
+            Some(PrimitiveError::failed(ctx.name(), "deploy", o).to_string()),
+        ),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    ctx.outcome(
+        "deploy",
+        intent,
+        ok,
+        serde_json::json!({ "package": package, "from": before, "after": after, "error": error }),
+        Some(undo.clone()),
+    )?;
+    match out {
+        Ok(o) if o.success() => Ok(Deployed {
+            package,
+            before,
+            after,
+            undo,
+        }),
+        Ok(o) if o.code == CHANGED_AFTER_UPLOAD => Err(PrimitiveError::step(
+            ctx.name(),
+            "deploy",
+            format!(
+                "{remote} changed on the host after upload (sha256 mismatch); not installed: {}",
+                cut(o.stderr_str().trim(), 500)
+            ),
+        )),
+        Ok(o) => Err(PrimitiveError::failed(ctx.name(), "deploy", &o)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The undo step, decided before acting: reinstall `rollback_to` (and expect the
+/// version that was there before), else restore this run's backups of the host,
+/// else remove a package that was not there before, else manual.
+fn undo_for(
+    ctx: &HostCtx,
+    package: &str,
+    before: Option<&str>,
+    opts: &DeployOptions,
+) -> Result<UndoStep, PrimitiveError> {
+    if let (Some(a), Some(before)) = (&opts.rollback_to, before) {
+        return Ok(UndoStep::Reinstall {
+            package: package.to_string(),
+            version: before.to_string(),
+            artifact_path: a.path.clone(),
+            artifact_sha256: a.sha256.clone(),
+        });
+    }
+    let backups = ctx.backups()?;
+    if !backups.is_empty() {
+        return Ok(UndoStep::Restore { backups });
+    }
+    if before.is_none() {
+        return Ok(UndoStep::Remove {
+            package: package.to_string(),
+        });
+    }
+    Ok(UndoStep::Manual {
+        reason: format!("{package} was at {} before; no rollback_to artifact and no backup of this host in this run", before.unwrap_or("?")),
+    })
+}

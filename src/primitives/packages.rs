@@ -1,0 +1,182 @@
+//! Package state on a host, read from the package database itself: `installed`,
+//! `verify` and `needing`. `verify` never trusts a deploy's exit code; it asks
+//! `dpkg-query` or `rpm -q` independently.
+
+use std::cmp::Ordering;
+
+use super::facts::{facts, PackageManager};
+use super::version;
+use super::{HostCtx, PrimitiveError};
+use crate::transport::Command;
+
+/// What the package database says about one package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub version: String,
+    /// dpkg's `db:Status-Abbrev` (`ii`, `iF`, …) or `installed` for rpm.
+    pub status: String,
+}
+
+impl Installed {
+    /// Fully installed and configured, not half-done by a failed maintainer script.
+    pub fn healthy(&self) -> bool {
+        self.status == "ii" || self.status == "installed"
+    }
+}
+
+/// Refuses a package name the host's package manager would not accept, before it
+/// reaches a command line.
+pub fn check_package(step: &str, pm: PackageManager, name: &str) -> Result<(), PrimitiveError> {
+    let ok = match pm {
+        PackageManager::Rpm => version::valid_rpm_name(name),
+        _ => version::valid_deb_package(name),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(PrimitiveError::Refused {
+            step: step.to_string(),
+            what: "package name".into(),
+            value: super::cut(name, 80),
+            reason: format!("not a valid {} package name", pm.as_str()),
+        })
+    }
+}
+
+pub fn check_version(step: &str, pm: PackageManager, v: &str) -> Result<(), PrimitiveError> {
+    let ok = match pm {
+        PackageManager::Rpm => version::valid_rpm_version(v),
+        _ => version::valid_deb_version(v),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(PrimitiveError::Refused {
+            step: step.to_string(),
+            what: "version".into(),
+            value: super::cut(v, 80),
+            reason: format!("not a valid {} version", pm.as_str()),
+        })
+    }
+}
+
+/// Compares two versions by the rules of the host's package manager.
+pub fn compare(pm: PackageManager, a: &str, b: &str) -> Ordering {
+    match pm {
+        PackageManager::Rpm => version::rpm_cmp(a, b),
+        _ => version::dpkg_cmp(a, b),
+    }
+}
+
+/// The installed package, or `None` when it is absent (or only its config remains).
+pub fn installed(ctx: &HostCtx, pkg: &str) -> Result<Option<Installed>, PrimitiveError> {
+    let pm = facts(ctx)?.package_manager;
+    check_package("installed", pm, pkg)?;
+    let timeout = ctx.timeout(std::time::Duration::from_secs(60));
+    match pm {
+        PackageManager::Rpm => {
+            let out = ctx.transport.run(
+                &Command::new([
+                    "rpm",
+                    "-q",
+                    "--qf",
+                    "%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
+                    "--",
+                    pkg,
+                ])
+                .timeout(timeout),
+            )?;
+            if !out.success() {
+                return Ok(None);
+            }
+            let line = out
+                .stdout_str()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let version = line
+                .strip_prefix("(none):")
+                .map(str::to_string)
+                .unwrap_or(line);
+            Ok(Some(Installed {
+                version,
+                status: "installed".into(),
+            }))
+        }
+        _ => {
+            let out = ctx.transport.run(
+                &Command::new([
+                    "dpkg-query",
+                    "-W",
+                    "-f=${db:Status-Abbrev}\\t${Version}\\n",
+                    "--",
+                    pkg,
+                ])
+                .timeout(timeout),
+            )?;
+            if !out.success() {
+                return Ok(None);
+            }
+            let text = out.stdout_str();
+            let line = text.lines().next().unwrap_or_default();
+            let (status, version) = line.split_once('\t').unwrap_or((line, ""));
+            let status = status.trim().to_string();
+            // `rc`: removed, config files remain; `un`/`pn`: not installed.
+            if version.is_empty()
+                || status.starts_with('r')
+                || status.starts_with('u')
+                || status.starts_with('p')
+            {
+                return Ok(None);
+            }
+            Ok(Some(Installed {
+                version: version.to_string(),
+                status,
+            }))
+        }
+    }
+}
+
+/// Checks the package database independently: `pkg` must be fully installed at
+/// exactly `expected`. Returns the version found.
+pub fn verify(ctx: &HostCtx, pkg: &str, expected: &str) -> Result<String, PrimitiveError> {
+    let pm = facts(ctx)?.package_manager;
+    check_version("verify", pm, expected)?;
+    let found = installed(ctx, pkg)?;
+    let ok = found
+        .as_ref()
+        .map(|i| i.healthy() && compare(pm, &i.version, expected) == Ordering::Equal)
+        .unwrap_or(false);
+    let found_text = match &found {
+        None => "not installed".to_string(),
+        Some(i) if i.healthy() => i.version.clone(),
+        Some(i) => format!("{} (state {}, not fully installed)", i.version, i.status),
+    };
+    let _ = ctx.record(
+        "verify",
+        "verify",
+        serde_json::json!({ "package": pkg, "expected": expected, "found": found_text, "ok": ok }),
+    )?;
+    if ok {
+        Ok(found.map(|i| i.version).unwrap_or_default())
+    } else {
+        Err(PrimitiveError::Verify {
+            host: ctx.name().to_string(),
+            package: pkg.to_string(),
+            expected: expected.to_string(),
+            found: found_text,
+        })
+    }
+}
+
+/// True when the host has `pkg` installed below `fixed` (an absent package does not
+/// need the fix).
+pub fn needs(ctx: &HostCtx, pkg: &str, fixed: &str) -> Result<bool, PrimitiveError> {
+    let pm = facts(ctx)?.package_manager;
+    check_version("needing", pm, fixed)?;
+    Ok(match installed(ctx, pkg)? {
+        Some(i) => compare(pm, &i.version, fixed) == Ordering::Less,
+        None => false,
+    })
+}
