@@ -224,15 +224,9 @@ fn run_playbook(cli: &Cli, playbook: &Path) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One host's outcome of `patchbook exec`.
-struct HostOutcome {
-    host: String,
-    result: Result<serde_json::Value, crate::script::ScriptError>,
-}
-
 /// `patchbook exec`: the snippet once per selected host, `--forks` at a time.
 fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
-    use crate::script::{to_json, Compiler, ScriptHost, ScriptRun, HOST_VAR};
+    use crate::script::{run_per_host, to_json, Compiler, HOST_VAR};
     let rt = Arc::new(Runtime::build(&cli.options())?);
     let hosts = rt.targets(selector)?;
     if hosts.is_empty() {
@@ -242,40 +236,37 @@ fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> 
     }
     let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
     let limits = rt.config.limits.clone();
-    let outcomes = crate::rollout::pool::map_bounded(&hosts, rt.forks, |h| {
-        let host = ScriptHost::new(h.clone());
-        let run = ScriptRun::for_host(&limits, Some(rt.clone()), host.clone());
-        HostOutcome {
-            host: h.name.clone(),
-            result: run.run_with_host(&pb, host).map(|v| to_json(&v)),
-        }
-    });
-    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    let outcomes: Vec<(String, Result<serde_json::Value, crate::script::ScriptError>)> =
+        run_per_host(&pb, &hosts, rt.clone(), &limits, rt.forks)
+            .into_iter()
+            .map(|r| (r.host, r.result.map(|v| to_json(&v))))
+            .collect();
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     if cli.global.json {
-        for o in &outcomes {
-            let line = match &o.result {
-                Ok(v) => serde_json::json!({"host": o.host, "ok": true, "value": v}),
-                Err(e) => serde_json::json!({"host": o.host, "ok": false, "error": e.to_string()}),
+        for (host, result) in &outcomes {
+            let line = match result {
+                Ok(v) => serde_json::json!({"host": host, "ok": true, "value": v}),
+                Err(e) => serde_json::json!({"host": host, "ok": false, "error": e.to_string()}),
             };
             println!("{line}");
         }
     } else {
         let width = outcomes
             .iter()
-            .map(|o| o.host.len())
+            .map(|(h, _)| h.len())
             .max()
             .unwrap_or(4)
             .max(4);
         println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
-        for o in &outcomes {
-            match &o.result {
-                Ok(v) => println!("{:<width$}  {:<6}  {}", o.host, "ok", show(v)),
+        for (host, result) in &outcomes {
+            match result {
+                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", show(v)),
                 Err(e) => {
                     let text = e.to_string();
                     let mut lines = text.lines();
                     println!(
                         "{:<width$}  {:<6}  {}",
-                        o.host,
+                        host,
                         "FAILED",
                         lines.next().unwrap_or("")
                     );

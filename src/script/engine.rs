@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rhai::packages::{Package, StandardPackage};
 type SharedModule = std::sync::Arc<rhai::Module>;
-use rhai::{Dynamic, Engine, OptimizationLevel};
+use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position};
 
 use super::resolver::RefusingResolver;
 use super::Limits;
@@ -135,6 +135,7 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
         }
         over_bounds(&cancel)
     });
+    guard_container_growth(&mut engine, limits);
     engine.on_print(|text| tracing::info!(target: "patchbook::script", "{text}"));
     engine.on_debug(|text, source, pos| {
         tracing::debug!(
@@ -147,7 +148,106 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
     engine
 }
 
+/// Rhai checks sizes when a value passes through a function call, but not when
+/// `m[key] = value` adds an entry to a map held in a variable: a loop of such
+/// assignments would grow a map until the operation limit. Every variable read
+/// checks the variable's own size first, so the next touch of an oversized
+/// container stops the script. Nested containers are walked on one read in
+/// [`DEEP_CHECK_EVERY`], because a full walk on every read would be quadratic.
+fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
+    let limits = limits.clone();
+    #[allow(deprecated)] // stable in practice; Rhai marks every resolver hook volatile
+    engine.on_var(move |name, _index, ctx| {
+        let Some(v) = ctx.scope().get(name) else {
+            return Ok(None);
+        };
+        if !(v.is_map() || v.is_array() || v.is_string()) {
+            return Ok(None);
+        }
+        let deep = READS.with(|r| {
+            let n = r.get().wrapping_add(1);
+            r.set(n);
+            n % DEEP_CHECK_EVERY == 0
+        });
+        let mut sizes = Sizes::default();
+        sizes.add(v, deep);
+        let over = |max: usize, n: usize| max > 0 && n > max;
+        let what = if over(limits.max_map_size, sizes.map) {
+            "Size of object map"
+        } else if over(limits.max_array_size, sizes.array) {
+            "Size of array"
+        } else if over(limits.max_string_size, sizes.string) {
+            "Length of string"
+        } else {
+            return Ok(None);
+        };
+        Err(Box::new(EvalAltResult::ErrorDataTooLarge(
+            what.into(),
+            Position::NONE,
+        )))
+    });
+}
+
+/// One read in this many walks nested containers.
+const DEEP_CHECK_EVERY: u64 = 256;
+
+thread_local! {
+    static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[derive(Default)]
+struct Sizes {
+    map: usize,
+    array: usize,
+    string: usize,
+}
+
+impl Sizes {
+    fn add(&mut self, v: &Dynamic, deep: bool) {
+        if let Some(m) = v.read_lock::<rhai::Map>() {
+            self.map += m.len();
+            if deep {
+                m.values().for_each(|x| self.add(x, true));
+            }
+        } else if let Some(a) = v.read_lock::<rhai::Array>() {
+            self.array += a.len();
+            if deep {
+                a.iter().for_each(|x| self.add(x, true));
+            }
+        } else if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
+            self.string = self.string.max(s.len());
+        }
+    }
+}
+
 /// The configured per-call deadline.
 pub fn deadline(limits: &Limits) -> Duration {
     Duration::from_secs(limits.deadline_secs.max(1))
+}
+
+/// Stack for a thread that runs scripts: Rhai recurses on the native stack for
+/// every script call level, and an unoptimised build needs far more per level than
+/// the 2 MiB a spawned thread gets by default. Only touched pages are committed.
+pub fn stack_size(engine: &Engine) -> usize {
+    let per_level = 256 * 1024;
+    (engine.max_call_levels().max(1) * per_level + (8 << 20)).min(1 << 30)
+}
+
+/// Runs `f` on a fresh thread whose stack fits `engine`'s call-depth limit, so a
+/// runaway recursion ends as a Rhai "Stack overflow" error instead of aborting the
+/// process. Costs one thread spawn, noise next to a command on a host.
+pub fn on_script_stack<R: Send>(
+    engine: &Engine,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, std::io::Error> {
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("patchbook-script".into())
+            .stack_size(stack_size(engine))
+            .spawn_scoped(s, f)?;
+        match handle.join() {
+            Ok(r) => Ok(r),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }

@@ -16,7 +16,9 @@ use serde::Deserialize;
 
 pub use diagnostics::{Diagnostic, Frame, Location, SourceMap};
 pub use engine::{sandbox, CallGuard};
-pub use playbook::{to_json, CompiledPlaybook, Compiler, HostClosure, ScriptRun, HOST_VAR};
+pub use playbook::{
+    run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
+};
 pub use register::ScriptHost;
 pub use resolver::{ImportError, LibraryResolver};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, NativeCallContext, Position, Scope, AST};
 
 use super::diagnostics::{diagnose, Diagnostic, SourceMap};
-use super::engine::{deadline, sandbox, CallGuard};
+use super::engine::{deadline, on_script_stack, sandbox, CallGuard};
 use super::register::{register_primitives, ScriptHost};
 use super::resolver::{sha256_hex, LibraryResolver};
 use super::{Limits, ScriptError};
@@ -188,6 +188,11 @@ impl ScriptRun {
         &self.engine
     }
 
+    /// For layers that add their own functions (e.g. `rollout`) to this run.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     /// Setting this flag stops every call on this run at its next check.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
@@ -200,10 +205,12 @@ impl ScriptRun {
 
     /// Runs the playbook's top-level statements.
     pub fn run(&self, pb: &CompiledPlaybook) -> Result<Dynamic, ScriptError> {
-        let _guard = CallGuard::new(self.budget, None);
-        self.engine
-            .eval_ast::<Dynamic>(&pb.ast)
-            .map_err(|e| pb.error(&e))
+        let result = on_script_stack(&self.engine, || {
+            let _guard = CallGuard::new(self.budget, None);
+            self.engine.eval_ast::<Dynamic>(&pb.ast)
+        })
+        .unwrap_or_else(|e| Err(no_thread(e)));
+        result.map_err(|e| pb.error(&e))
     }
 
     /// Runs a snippet compiled with [`HOST_VAR`] declared, with `host` bound.
@@ -212,12 +219,15 @@ impl ScriptRun {
         pb: &CompiledPlaybook,
         host: ScriptHost,
     ) -> Result<Dynamic, ScriptError> {
-        let _guard = CallGuard::new(self.budget, None);
-        let mut scope = Scope::new();
-        scope.push(HOST_VAR, host);
-        self.engine
-            .eval_ast_with_scope::<Dynamic>(&mut scope, &pb.ast)
-            .map_err(|e| pb.error(&e))
+        let result = on_script_stack(&self.engine, || {
+            let _guard = CallGuard::new(self.budget, None);
+            let mut scope = Scope::new();
+            scope.push(HOST_VAR, host);
+            self.engine
+                .eval_ast_with_scope::<Dynamic>(&mut scope, &pb.ast)
+        })
+        .unwrap_or_else(|e| Err(no_thread(e)));
+        result.map_err(|e| pb.error(&e))
     }
 }
 
@@ -253,19 +263,29 @@ impl HostClosure {
         budget: Duration,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
-        let _guard = CallGuard::new(budget, cancel);
-        let mut global = self.global.clone();
-        global.num_operations = 0;
-        global.tag = Dynamic::from(host.clone());
-        let ctx = NativeCallContext::new_with_all_fields(
-            engine,
-            self.f.fn_name(),
-            self.source.as_deref(),
-            &global,
-            self.pos,
-        );
-        self.f.call_raw(&ctx, None, [Dynamic::from(host)])
+        on_script_stack(engine, || {
+            let _guard = CallGuard::new(budget, cancel);
+            let mut global = self.global.clone();
+            global.num_operations = 0;
+            global.tag = Dynamic::from(host.clone());
+            let ctx = NativeCallContext::new_with_all_fields(
+                engine,
+                self.f.fn_name(),
+                self.source.as_deref(),
+                &global,
+                self.pos,
+            );
+            self.f.call_raw(&ctx, None, [Dynamic::from(host)])
+        })
+        .unwrap_or_else(|e| Err(no_thread(e)))
     }
+}
+
+fn no_thread(e: std::io::Error) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        format!("cannot start a thread to run the script: {e}").into(),
+        Position::NONE,
+    ))
 }
 
 /// The host objects for `hosts`, as scripts see them.
@@ -304,4 +324,31 @@ pub fn to_json(v: &Dynamic) -> serde_json::Value {
         return Value::String(h.name().to_string());
     }
     Value::String(v.to_string())
+}
+
+/// One host's outcome of an ad-hoc run.
+#[derive(Debug)]
+pub struct HostResult {
+    pub host: String,
+    pub result: Result<Dynamic, ScriptError>,
+}
+
+/// Runs a snippet compiled with [`HOST_VAR`] declared once per host, `forks` at a
+/// time. Each host gets its own engine (its own operation count, deadline and
+/// tag), so one host's runaway script stops only that host.
+pub fn run_per_host(
+    pb: &CompiledPlaybook,
+    hosts: &[Host],
+    runtime: Arc<Runtime>,
+    limits: &Limits,
+    forks: usize,
+) -> Vec<HostResult> {
+    crate::rollout::pool::map_bounded(hosts, forks, |h| {
+        let host = ScriptHost::new(h.clone());
+        let run = ScriptRun::for_host(limits, Some(runtime.clone()), host.clone());
+        HostResult {
+            host: h.name.clone(),
+            result: run.run_with_host(pb, host),
+        }
+    })
 }
