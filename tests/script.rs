@@ -135,7 +135,10 @@ fn limit_errors_are_marked_as_limits() {
         let e = eval_str(&run, &compiler, src).unwrap_err();
         let d = e.diagnostic().expect("a diagnostic");
         assert!(d.limit, "{what} not marked as a limit: {e}");
-        assert!(d.help.as_deref().unwrap_or("").contains("limits."), "{what}: {e}");
+        assert!(
+            d.help.as_deref().unwrap_or("").contains("limits."),
+            "{what}: {e}"
+        );
     }
 }
 
@@ -151,7 +154,11 @@ fn deadline_stops_a_loop_that_the_operation_limit_would_not() {
     let started = Instant::now();
     let err = script_err(eval_str(&run, &compiler, "let i = 0; loop { i += 1; }"));
     assert!(err.contains("deadline"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -237,7 +244,10 @@ fn hosts_exec_shell_and_getters_work_on_local_hosts() {
         "#,
     )
     .unwrap();
-    let uname = std::process::Command::new("uname").arg("-r").output().unwrap();
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
     let kernel = String::from_utf8(uname.stdout).unwrap();
     let json = patchbook::script::to_json(&v);
     let arr = json.as_array().unwrap();
@@ -273,10 +283,17 @@ fn exec_refuses_a_non_string_argv_with_a_position() {
 fn primitives_refuse_to_run_while_a_module_loads() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("x")).unwrap();
-    std::fs::write(dir.path().join("x/eager.rhai"), "let all = hosts(\"all\");\n").unwrap();
+    std::fs::write(
+        dir.path().join("x/eager.rhai"),
+        "let all = hosts(\"all\");\n",
+    )
+    .unwrap();
     let compiler = Compiler::new(small_limits(), vec![dir.path().to_path_buf()]);
     let err = script_err(compiler.compile_source("<test>", "import \"x/eager\" as e;", &[]));
-    assert!(err.contains("cannot run while modules are being compiled"), "{err}");
+    assert!(
+        err.contains("cannot run while modules are being compiled"),
+        "{err}"
+    );
     assert!(err.contains("in module `x/eager`"), "{err}");
 }
 
@@ -301,9 +318,10 @@ fn register_each_host(run: &mut ScriptRun) {
             })
         },
     );
-    run.engine_mut().register_fn("tagged_host", |ctx: NativeCallContext| {
-        patchbook::script::register::current_host(&ctx).unwrap_or_default()
-    });
+    run.engine_mut()
+        .register_fn("tagged_host", |ctx: NativeCallContext| {
+            patchbook::script::register::current_host(&ctx).unwrap_or_default()
+        });
 }
 
 #[test]
@@ -350,7 +368,10 @@ fn compiled_playbook_records_hashes_and_never_reads_the_disk_again() {
     std::fs::write(&book, src).unwrap();
     let compiler = Compiler::new(small_limits(), vec![dir.path().join("lib")]);
     let pb: CompiledPlaybook = compiler.compile_file(&book).unwrap();
-    assert_eq!(pb.sha256, patchbook::script::resolver::sha256_hex(src.as_bytes()));
+    assert_eq!(
+        pb.sha256,
+        patchbook::script::resolver::sha256_hex(src.as_bytes())
+    );
     assert_eq!(pb.modules.len(), 1);
     assert_eq!(pb.modules[0].0, "org/m");
     assert_eq!(pb.modules[0].1, module);
@@ -374,7 +395,11 @@ fn stdlib_comes_before_libraries() {
     let dir = tempfile::tempdir().unwrap();
     for (root, v) in [("std", 1), ("lib", 2)] {
         std::fs::create_dir_all(dir.path().join(root).join("p")).unwrap();
-        std::fs::write(dir.path().join(root).join("p/m.rhai"), format!("fn v() {{ {v} }}")).unwrap();
+        std::fs::write(
+            dir.path().join(root).join("p/m.rhai"),
+            format!("fn v() {{ {v} }}"),
+        )
+        .unwrap();
     }
     let compiler = Compiler::new(
         small_limits(),
@@ -391,7 +416,11 @@ fn stdlib_comes_before_libraries() {
 fn dynamic_imports_are_refused_at_run_time() {
     let compiler = fixture_compiler();
     let run = ScriptRun::new(&small_limits(), None);
-    let err = script_err(eval_str(&run, &compiler, "let p = \"acme/contacts\";\nimport p as c;"));
+    let err = script_err(eval_str(
+        &run,
+        &compiler,
+        "let p = \"acme/contacts\";\nimport p as c;",
+    ));
     assert!(err.contains("not part of the compiled playbook"), "{err}");
     assert!(err.contains("<test>:2:8"), "{err}");
 }
@@ -464,7 +493,10 @@ fn cli_eval_prints_json() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v, serde_json::json!({"a": [1, "two", true, null], "b": 1.5}));
+    assert_eq!(
+        v,
+        serde_json::json!({"a": [1, "two", true, null], "b": 1.5})
+    );
 }
 
 #[test]
@@ -475,7 +507,10 @@ fn cli_eval_file_and_errors_exit_2() {
     let out = bin().arg("eval").arg("-f").arg(&f).output().unwrap();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("{}:2:12", f.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:12", f.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains(" 2 | let b = a +;"), "{stderr}");
 
     std::fs::write(&f, "let a = 20;\na * 2 + 2\n").unwrap();
@@ -494,7 +529,11 @@ fn cli_sandbox_bombs_exit_2_with_a_clear_error() {
     )
     .unwrap();
     for (what, src, expect) in BOMBS {
-        let out = bin().current_dir(dir.path()).args(["eval", src]).output().unwrap();
+        let out = bin()
+            .current_dir(dir.path())
+            .args(["eval", src])
+            .output()
+            .unwrap();
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
         assert!(stderr.contains(expect), "{what}: {stderr}");
@@ -556,15 +595,30 @@ fn cli_run_renders_errors_and_exits_2() {
         "import \"patch/util\" as util;\n\nutil::half(10);\n",
     )
     .unwrap();
-    let out = bin().current_dir(dir.path()).args(["run", "book.rhai"]).output().unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["run", "book.rhai"])
+        .output()
+        .unwrap();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("Division by zero"), "{stderr}");
     assert!(stderr.contains("./stdlib/patch/util.rhai:2:7"), "{stderr}");
-    assert!(stderr.contains("in call to function `half` (book.rhai:3:7)"), "{stderr}");
+    assert!(
+        stderr.contains("in call to function `half` (book.rhai:3:7)"),
+        "{stderr}"
+    );
 
-    std::fs::write(dir.path().join("ok.rhai"), "import \"patch/util\" as util;\nlet x = util::zero();\n").unwrap();
-    let out = bin().current_dir(dir.path()).args(["run", "ok.rhai"]).output().unwrap();
+    std::fs::write(
+        dir.path().join("ok.rhai"),
+        "import \"patch/util\" as util;\nlet x = util::zero();\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["run", "ok.rhai"])
+        .output()
+        .unwrap();
     let (_, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
 }
@@ -592,7 +646,10 @@ fn cli_exec_uname_on_three_local_hosts() {
         .unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    let uname = std::process::Command::new("uname").arg("-r").output().unwrap();
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
     let kernel = String::from_utf8(uname.stdout).unwrap();
     for h in ["h1", "h2", "h3"] {
         let line = stdout
@@ -632,8 +689,17 @@ fn cli_exec_json_lines_and_exit_1_when_one_host_fails() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3, "{stdout}");
-    assert_eq!(lines[0], serde_json::json!({"host": "h1", "ok": true, "value": "h1-ok"}));
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"host": "h1", "ok": true, "value": "h1-ok"})
+    );
     assert_eq!(lines[1]["ok"], false);
-    assert!(lines[1]["error"].as_str().unwrap().contains("Too many operations"));
-    assert_eq!(lines[2], serde_json::json!({"host": "h3", "ok": true, "value": "h3-ok"}));
+    assert!(lines[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Too many operations"));
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"host": "h3", "ok": true, "value": "h3-ok"})
+    );
 }

@@ -236,11 +236,13 @@ fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> 
     }
     let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
     let limits = rt.config.limits.clone();
-    let outcomes: Vec<(String, Result<serde_json::Value, crate::script::ScriptError>)> =
-        run_per_host(&pb, &hosts, rt.clone(), &limits, rt.forks)
-            .into_iter()
-            .map(|r| (r.host, r.result.map(|v| to_json(&v))))
-            .collect();
+    let outcomes: Vec<(
+        String,
+        Result<serde_json::Value, crate::script::ScriptError>,
+    )> = run_per_host(&pb, &hosts, rt.clone(), &limits, rt.forks)
+        .into_iter()
+        .map(|r| (r.host, r.result.map(|v| to_json(&v))))
+        .collect();
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     if cli.global.json {
         for (host, result) in &outcomes {

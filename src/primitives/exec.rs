@@ -35,10 +35,12 @@ pub fn exec(
         });
     }
     let cmd = Command::new(argv.iter().cloned()).timeout(timeout);
-    let out = t.run(&cmd).map_err(|source| PrimitiveError::Transport {
-        host: t.host().to_string(),
-        step: format!("exec `{}`", crate::transport::quote::argv(argv)),
-        source,
+    let out = t.run(&cmd).map_err(|e| {
+        PrimitiveError::transport(
+            t.host(),
+            format!("exec `{}`", crate::transport::quote::argv(argv)),
+            e,
+        )
     })?;
     Ok(ExecResult {
         code: out.code,

@@ -17,12 +17,13 @@ pub const OUTPUT_IN_ERRORS: usize = 2000;
 /// host output cut to [`OUTPUT_IN_ERRORS`] characters.
 #[derive(Debug, thiserror::Error)]
 pub enum PrimitiveError {
-    #[error("{host}: {step}: {source}")]
+    /// The transport's message already names the host.
+    #[error("{step}: {source}")]
     Transport {
         host: String,
         step: String,
         #[source]
-        source: TransportError,
+        source: Box<TransportError>,
     },
     #[error("{host}: {step} failed: {message}{}", if output.is_empty() { String::new() } else { format!("\nhost output:\n{output}") })]
     Failed {
@@ -38,6 +39,17 @@ pub enum PrimitiveError {
         step: String,
         message: String,
     },
+}
+
+impl PrimitiveError {
+    /// A transport failure during `step` on `host`.
+    pub fn transport(host: impl Into<String>, step: impl Into<String>, e: TransportError) -> Self {
+        PrimitiveError::Transport {
+            host: host.into(),
+            step: step.into(),
+            source: Box::new(e),
+        }
+    }
 }
 
 /// `text` cut to at most `max` characters, marking the cut.
