@@ -703,3 +703,61 @@ fn cli_exec_json_lines_and_exit_1_when_one_host_fails() {
         serde_json::json!({"host": "h3", "ok": true, "value": "h3-ok"})
     );
 }
+
+/// Captures every tracing event of this test binary as JSON lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn log_carries_the_host_and_shell_is_marked_raw() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("no other test in this binary installs a subscriber");
+    let rt = local_runtime(&["h1", "h2"]);
+    let pb = fixture_compiler()
+        .compile_source(
+            "<exec>",
+            r#"log(`checking ${host.name}`); shell(host, "true").code"#,
+            &[HOST_VAR],
+        )
+        .unwrap();
+    let hosts = rt.targets("all").unwrap();
+    for r in run_per_host(&pb, &hosts, rt.clone(), &small_limits(), 2) {
+        assert_eq!(r.result.unwrap().as_int().unwrap(), 0);
+    }
+    let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for h in ["h1", "h2"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["fields"]["host"] == h
+                    && e["fields"]["message"] == format!("checking {h}")),
+            "no log event for {h}: {out}"
+        );
+        assert!(
+            events.iter().any(|e| e["fields"]["host"] == h
+                && e["fields"]["raw_shell"] == true
+                && e["fields"]["script"] == "true"),
+            "no raw shell event for {h}: {out}"
+        );
+    }
+}

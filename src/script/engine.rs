@@ -240,11 +240,16 @@ pub fn on_script_stack<R: Send>(
     engine: &Engine,
     f: impl FnOnce() -> R + Send,
 ) -> Result<R, std::io::Error> {
+    let span = tracing::Span::current();
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
             .name("patchbook-script".into())
             .stack_size(stack_size(engine))
-            .spawn_scoped(s, f)?;
+            .spawn_scoped(s, move || {
+                // Keep the caller's span (run, wave, host) on the script's events.
+                let _span = span.enter();
+                f()
+            })?;
         match handle.join() {
             Ok(r) => Ok(r),
             Err(panic) => std::panic::resume_unwind(panic),
