@@ -70,6 +70,11 @@ impl Runtime {
             opts.inventories.clone()
         };
         let inventory = Inventory::load(&inventory_paths)?;
+        Ok(Runtime::from_parts(config, inventory, opts))
+    }
+
+    /// A runtime over a config and inventory already in memory (embedding, tests).
+    pub fn from_parts(config: Config, inventory: Inventory, opts: &Options) -> Self {
         let state_dir = opts
             .state_dir
             .clone()
@@ -77,7 +82,7 @@ impl Runtime {
         let forks = opts.forks.or(config.forks).unwrap_or(DEFAULT_FORKS).max(1);
         let operator = opts.operator.clone().unwrap_or_else(login_name);
         let ssh = SshConnector::from_config(&config, opts);
-        Ok(Runtime {
+        Runtime {
             config,
             inventory,
             state_dir,
@@ -86,7 +91,7 @@ impl Runtime {
             limit: opts.limit.clone(),
             ssh,
             sessions: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.

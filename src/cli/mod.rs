@@ -3,8 +3,9 @@
 //! It turns arguments into calls on the runtime and the layers below, and renders
 //! what comes back. It must not know how anything is done.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -134,6 +135,8 @@ pub enum CliError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Inventory(#[from] crate::inventory::InventoryError),
+    #[error(transparent)]
+    Script(#[from] crate::script::ScriptError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -167,9 +170,10 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
-        Verb::Run { .. } | Verb::Check { .. } | Verb::Exec { .. } | Verb::Eval { .. } => {
-            Err(CliError::Other("not built yet".into()))
-        }
+        Verb::Run { playbook } => run_playbook(&cli, playbook),
+        Verb::Check { paths } => check(&cli, paths),
+        Verb::Exec { selector, snippet } => exec(&cli, selector, snippet),
+        Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
         Verb::Lab(_) => Err(CliError::Other("not built yet".into())),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
     }
@@ -212,4 +216,189 @@ fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
         InventoryVerb::Graph => print!("{}", crate::inventory::graph::render(&rt.inventory)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook eval`: no hosts needed; prints the value as JSON.
+fn eval(cli: &Cli, snippet: Option<&str>, file: Option<&Path>) -> Result<ExitCode, CliError> {
+    use crate::script::{to_json, Compiler, ScriptRun};
+    let rt = Runtime::build(&cli.options())?;
+    let compiler = Compiler::from_config(&rt.config);
+    let pb = match (snippet, file) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::Usage(
+                "give either a snippet or -f FILE, not both".into(),
+            ))
+        }
+        (Some(text), None) => compiler.compile_source("<eval>", text, &[])?,
+        (None, Some(path)) => compiler.compile_file(path)?,
+        (None, None) => {
+            return Err(CliError::Usage(
+                "nothing to evaluate: give a snippet (patchbook eval '1 + 2') or -f FILE.rhai"
+                    .into(),
+            ))
+        }
+    };
+    let limits = rt.config.limits.clone();
+    let run = ScriptRun::new(&limits, Some(Arc::new(rt)));
+    let value = run.run(&pb)?;
+    println!("{}", to_json(&value));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook run`: compile and evaluate a playbook.
+fn run_playbook(cli: &Cli, playbook: &Path) -> Result<ExitCode, CliError> {
+    use crate::script::{Compiler, ScriptRun};
+    let rt = Runtime::build(&cli.options())?;
+    let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
+    tracing::info!(
+        playbook = %playbook.display(),
+        sha256 = %pb.sha256,
+        modules = pb.modules.len(),
+        "running playbook"
+    );
+    let limits = rt.config.limits.clone();
+    let run = ScriptRun::new(&limits, Some(Arc::new(rt)));
+    let _ = run.run(&pb)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook exec`: the snippet once per selected host, `--forks` at a time.
+fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
+    use crate::script::{run_per_host, to_json, Compiler, HOST_VAR};
+    let rt = Arc::new(Runtime::build(&cli.options())?);
+    let hosts = rt.targets(selector)?;
+    if hosts.is_empty() {
+        return Err(CliError::Usage(format!(
+            "selector `{selector}` matched no hosts; `patchbook inventory list` shows them"
+        )));
+    }
+    let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
+    let limits = rt.config.limits.clone();
+    let outcomes: Vec<(
+        String,
+        Result<serde_json::Value, crate::script::ScriptError>,
+    )> = run_per_host(&pb, &hosts, rt.clone(), &limits, rt.forks)
+        .into_iter()
+        .map(|r| (r.host, r.result.map(|v| to_json(&v))))
+        .collect();
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    if cli.global.json {
+        for (host, result) in &outcomes {
+            let line = match result {
+                Ok(v) => serde_json::json!({"host": host, "ok": true, "value": v}),
+                Err(e) => serde_json::json!({"host": host, "ok": false, "error": e.to_string()}),
+            };
+            println!("{line}");
+        }
+    } else {
+        let width = outcomes
+            .iter()
+            .map(|(h, _)| h.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
+        for (host, result) in &outcomes {
+            match result {
+                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", show(v)),
+                Err(e) => {
+                    let text = e.to_string();
+                    let mut lines = text.lines();
+                    println!(
+                        "{:<width$}  {:<6}  {}",
+                        host,
+                        "FAILED",
+                        lines.next().unwrap_or("")
+                    );
+                    for l in lines {
+                        println!("{:<width$}  {:<6}  {l}", "", "");
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} hosts failed", outcomes.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A value for the result table: strings bare and trimmed, everything else JSON.
+fn show(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.trim_end().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `patchbook check`: compile every playbook and module, report every failure.
+fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
+    use crate::script::Compiler;
+    let rt = Runtime::build(&cli.options())?;
+    let compiler = Compiler::from_config(&rt.config);
+    let explicit = !paths.is_empty();
+    let roots: Vec<PathBuf> = if explicit {
+        paths.to_vec()
+    } else {
+        let mut r = vec![rt.config.playbook_dir()];
+        r.extend(compiler.roots().iter().cloned());
+        r
+    };
+    let mut files = Vec::new();
+    for root in &roots {
+        if root.is_dir() {
+            collect_rhai(root, &mut files)
+                .map_err(|e| CliError::Other(format!("cannot list {}: {e}", root.display())))?;
+        } else if root.is_file() {
+            files.push(root.clone());
+        } else if explicit {
+            return Err(CliError::Usage(format!(
+                "{} does not exist",
+                root.display()
+            )));
+        }
+    }
+    files.dedup();
+    let mut errors = 0;
+    for f in &files {
+        match compiler.compile_file(f) {
+            Ok(pb) => tracing::info!(file = %f.display(), sha256 = %pb.sha256, "ok"),
+            Err(e) => {
+                errors += 1;
+                eprintln!("error: {e}\n");
+            }
+        }
+    }
+    if errors > 0 {
+        eprintln!("{errors} of {} files failed to compile", files.len());
+        return Ok(ExitCode::from(2));
+    }
+    if !cli.global.quiet {
+        println!("{} files compiled cleanly", files.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every `.rhai` file under `dir`, sorted, skipping hidden entries (editor swap files).
+fn collect_rhai(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for p in entries {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            collect_rhai(&p, out)?;
+        } else if p.extension().is_some_and(|e| e == "rhai") {
+            out.push(p);
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod backup;
 pub mod context;
 pub mod deploy;
+pub mod exec;
 pub mod facts;
 pub mod health;
 pub mod notify;
@@ -97,12 +98,10 @@ impl PrimitiveError {
     }
 }
 
-/// Cuts text to at most `max` characters, saying how much was dropped.
+/// `text` cut to at most `max` characters, marking the cut.
 pub fn cut(text: &str, max: usize) -> String {
-    let n = text.chars().count();
-    if n <= max {
-        return text.to_string();
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}… [{} more bytes cut]", &text[..at], text.len() - at),
     }
-    let kept: String = text.chars().take(max).collect();
-    format!("{kept}… ({} more characters)", n - max)
 }

@@ -4,7 +4,47 @@
 //! It adapts typed primitives to Rhai and owns nothing else: it must not open
 //! sockets, files or processes itself.
 
+pub mod diagnostics;
+pub mod engine;
+pub mod playbook;
+pub mod register;
+pub mod resolver;
+
+use std::path::PathBuf;
+
 use serde::Deserialize;
+
+pub use diagnostics::{Diagnostic, Frame, Location, SourceMap};
+pub use engine::{sandbox, CallGuard};
+pub use playbook::{
+    run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
+};
+pub use register::ScriptHost;
+pub use resolver::{ImportError, LibraryResolver};
+
+/// Why a script did not compile or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    #[error("cannot read script {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A compile or run error, rendered with its position and call chain.
+    #[error("{0}")]
+    Script(Box<Diagnostic>),
+}
+
+impl ScriptError {
+    /// The rendered diagnostic, when the error came from a script.
+    pub fn diagnostic(&self) -> Option<&Diagnostic> {
+        match self {
+            ScriptError::Script(d) => Some(d),
+            ScriptError::Read { .. } => None,
+        }
+    }
+}
 
 /// Sandbox limits, `[limits]` in `patchbook.toml`. Every one is set: Rhai's own
 /// defaults are "unlimited".

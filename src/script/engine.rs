@@ -1,0 +1,258 @@
+//! Building sandboxed engines and bounding each call into a script.
+//!
+//! The standard package is built once per process; every engine after that costs
+//! microseconds, so each run (or each host of an ad-hoc run) gets its own engine
+//! with its own cancel flag. The wall-clock deadline lives in a thread-local set
+//! around each call, because `on_progress` runs on the calling thread and knows
+//! nothing else about the call. This file must not register anything that touches
+//! the world: that is `register`'s job.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use rhai::packages::{Package, StandardPackage};
+type SharedModule = std::sync::Arc<rhai::Module>;
+use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position};
+
+use super::resolver::RefusingResolver;
+use super::Limits;
+
+/// How often (in operations) the deadline and cancel flags are looked at.
+/// Reading the clock on every operation would cost more than the script itself.
+const CHECK_EVERY: u64 = 1024;
+
+fn standard_package() -> SharedModule {
+    static STANDARD: OnceLock<SharedModule> = OnceLock::new();
+    STANDARD
+        .get_or_init(|| StandardPackage::new().as_shared_module())
+        .clone()
+}
+
+/// One call's bounds: when it must end, and a flag that ends it early.
+#[derive(Clone)]
+struct CallBounds {
+    deadline: Instant,
+    budget: Duration,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+thread_local! {
+    static BOUNDS: RefCell<Vec<CallBounds>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bounds every script call made on this thread while it lives; nested guards
+/// stack, and dropping one restores the outer bounds.
+#[must_use = "the bounds only hold while the guard lives"]
+pub struct CallGuard {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl CallGuard {
+    pub fn new(budget: Duration, cancel: Option<Arc<AtomicBool>>) -> Self {
+        let deadline = Instant::now()
+            .checked_add(budget)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        BOUNDS.with(|b| {
+            b.borrow_mut().push(CallBounds {
+                deadline,
+                budget,
+                cancel,
+            })
+        });
+        CallGuard {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        BOUNDS.with(|b| {
+            b.borrow_mut().pop();
+        });
+    }
+}
+
+/// Time left before the innermost call deadline on this thread, if any; primitives
+/// use it to cap the commands they run, so a host command cannot outlive the call.
+pub fn remaining() -> Option<Duration> {
+    BOUNDS.with(|b| {
+        b.borrow()
+            .last()
+            .map(|c| c.deadline.saturating_duration_since(Instant::now()))
+    })
+}
+
+fn over_bounds(run_cancel: &AtomicBool) -> Option<Dynamic> {
+    if run_cancel.load(Ordering::Relaxed) {
+        return Some("the run was cancelled".into());
+    }
+    BOUNDS.with(|b| {
+        let b = b.borrow();
+        let c = b.last()?;
+        if c.cancel.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            return Some("the call was cancelled".into());
+        }
+        if Instant::now() >= c.deadline {
+            return Some(
+                format!(
+                    "the script ran past its deadline of {}s (limits.deadline_secs in patchbook.toml)",
+                    c.budget.as_secs()
+                )
+                .into(),
+            );
+        }
+        None
+    })
+}
+
+/// A sandboxed engine with every limit from `limits`, `eval` disabled, strict
+/// variables, `Simple` optimisation, no module resolution beyond what a compiled
+/// playbook carries, and `print`/`debug` sent to tracing. `cancel` stops every call
+/// on this engine at its next check.
+pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
+    let mut engine = Engine::new_raw();
+    engine.register_global_module(standard_package());
+    engine
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_function_expr_depth)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_max_variables(limits.max_variables)
+        .set_max_modules(limits.max_modules)
+        .set_strict_variables(true)
+        // Full would run registered functions at compile time.
+        .set_optimization_level(OptimizationLevel::Simple)
+        .disable_symbol("eval")
+        .set_module_resolver(RefusingResolver);
+    engine.on_progress(move |ops| {
+        if ops % CHECK_EVERY != 0 {
+            return None;
+        }
+        over_bounds(&cancel)
+    });
+    guard_container_growth(&mut engine, limits);
+    engine.on_print(|text| tracing::info!(target: "patchbook::script", "{text}"));
+    engine.on_debug(|text, source, pos| {
+        tracing::debug!(
+            target: "patchbook::script",
+            source = source.unwrap_or(""),
+            line = pos.line().unwrap_or(0),
+            "{text}"
+        )
+    });
+    engine
+}
+
+/// Rhai checks sizes when a value passes through a function call, but not when
+/// `m[key] = value` adds an entry to a map held in a variable: a loop of such
+/// assignments would grow a map until the operation limit. Every variable read
+/// checks the variable's own size first, so the next touch of an oversized
+/// container stops the script. Nested containers are walked on one read in
+/// [`DEEP_CHECK_EVERY`], because a full walk on every read would be quadratic.
+fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
+    let limits = limits.clone();
+    #[allow(deprecated)] // stable in practice; Rhai marks every resolver hook volatile
+    engine.on_var(move |name, _index, ctx| {
+        let Some(v) = ctx.scope().get(name) else {
+            return Ok(None);
+        };
+        if !(v.is_map() || v.is_array() || v.is_string()) {
+            return Ok(None);
+        }
+        let deep = READS.with(|r| {
+            let n = r.get().wrapping_add(1);
+            r.set(n);
+            n % DEEP_CHECK_EVERY == 0
+        });
+        let mut sizes = Sizes::default();
+        sizes.add(v, deep);
+        let over = |max: usize, n: usize| max > 0 && n > max;
+        let what = if over(limits.max_map_size, sizes.map) {
+            "Size of object map"
+        } else if over(limits.max_array_size, sizes.array) {
+            "Size of array"
+        } else if over(limits.max_string_size, sizes.string) {
+            "Length of string"
+        } else {
+            return Ok(None);
+        };
+        Err(Box::new(EvalAltResult::ErrorDataTooLarge(
+            what.into(),
+            Position::NONE,
+        )))
+    });
+}
+
+/// One read in this many walks nested containers.
+const DEEP_CHECK_EVERY: u64 = 256;
+
+thread_local! {
+    static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[derive(Default)]
+struct Sizes {
+    map: usize,
+    array: usize,
+    string: usize,
+}
+
+impl Sizes {
+    fn add(&mut self, v: &Dynamic, deep: bool) {
+        if let Some(m) = v.read_lock::<rhai::Map>() {
+            self.map += m.len();
+            if deep {
+                m.values().for_each(|x| self.add(x, true));
+            }
+        } else if let Some(a) = v.read_lock::<rhai::Array>() {
+            self.array += a.len();
+            if deep {
+                a.iter().for_each(|x| self.add(x, true));
+            }
+        } else if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
+            self.string = self.string.max(s.len());
+        }
+    }
+}
+
+/// The configured per-call deadline.
+pub fn deadline(limits: &Limits) -> Duration {
+    Duration::from_secs(limits.deadline_secs.max(1))
+}
+
+/// Stack for a thread that runs scripts: Rhai recurses on the native stack for
+/// every script call level, and an unoptimised build needs far more per level than
+/// the 2 MiB a spawned thread gets by default. Only touched pages are committed.
+pub fn stack_size(engine: &Engine) -> usize {
+    let per_level = 256 * 1024;
+    (engine.max_call_levels().max(1) * per_level + (8 << 20)).min(1 << 30)
+}
+
+/// Runs `f` on a fresh thread whose stack fits `engine`'s call-depth limit, so a
+/// runaway recursion ends as a Rhai "Stack overflow" error instead of aborting the
+/// process. Costs one thread spawn, noise next to a command on a host.
+pub fn on_script_stack<R: Send>(
+    engine: &Engine,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, std::io::Error> {
+    let span = tracing::Span::current();
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("patchbook-script".into())
+            .stack_size(stack_size(engine))
+            .spawn_scoped(s, move || {
+                // Keep the caller's span (run, wave, host) on the script's events.
+                let _span = span.enter();
+                f()
+            })?;
+        match handle.join() {
+            Ok(r) => Ok(r),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}

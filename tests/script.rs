@@ -1,0 +1,763 @@
+//! The script layer end to end: sandbox limits, module resolution, error rendering
+//! (snapshots), primitives over local-transport hosts, and the `eval`, `exec`,
+//! `check` and `run` verbs through the real binary.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use patchbook::config::Config;
+use patchbook::inventory::{Host, Inventory, TransportKind};
+use patchbook::runtime::{Options, Runtime};
+use patchbook::script::{
+    run_per_host, CompiledPlaybook, Compiler, HostClosure, Limits, ScriptError, ScriptHost,
+    ScriptRun, HOST_VAR,
+};
+use rhai::{Array, Dynamic, FnPtr, NativeCallContext};
+
+const FIXTURES: &str = "tests/fixtures/script";
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_patchbook"))
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Limits small enough that runaway scripts stop within a second in a debug build.
+fn small_limits() -> Limits {
+    Limits {
+        max_operations: 500_000,
+        max_array_size: 10_000,
+        ..Limits::default()
+    }
+}
+
+fn fixture_compiler() -> Compiler {
+    Compiler::new(
+        small_limits(),
+        vec![
+            PathBuf::from(FIXTURES).join("stdlib"),
+            PathBuf::from(FIXTURES).join("acme"),
+        ],
+    )
+}
+
+fn local_hosts(names: &[&str]) -> Vec<Host> {
+    names
+        .iter()
+        .map(|n| {
+            let mut h = Host::new(*n);
+            h.transport = TransportKind::Local;
+            h.groups = vec!["local".into()];
+            h
+        })
+        .collect()
+}
+
+fn local_runtime(names: &[&str]) -> Arc<Runtime> {
+    let inv = Inventory::from_parts(local_hosts(names), BTreeMap::new(), Vec::new());
+    let mut cfg = Config::defaults_in(Path::new(FIXTURES));
+    cfg.limits = small_limits();
+    Arc::new(Runtime::from_parts(cfg, inv, &Options::default()))
+}
+
+fn script_err(r: Result<impl std::fmt::Debug, ScriptError>) -> String {
+    match r {
+        Ok(v) => panic!("expected a script error, got {v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn eval_str(run: &ScriptRun, compiler: &Compiler, src: &str) -> Result<Dynamic, ScriptError> {
+    let pb = compiler.compile_source("<test>", src, &[])?;
+    run.run(&pb)
+}
+
+// ---------- sandbox ----------
+
+const BOMBS: &[(&str, &str, &str)] = &[
+    ("infinite loop", "loop {}", "Too many operations"),
+    (
+        "deep recursion",
+        "fn f(n) { if n == 0 { 0 } else { 1 + f(n - 1) } } f(1000000)",
+        "Stack overflow",
+    ),
+    (
+        "string doubling",
+        r#"let s = "x"; loop { s += s; }"#,
+        "Length of string too large",
+    ),
+    (
+        "200,000-entry map",
+        "let m = #{}; for i in 0..200000 { m[i.to_string()] = i; }",
+        "Size of object map too large",
+    ),
+    (
+        "200,000-entry nested map",
+        "let m = #{ inner: #{} }; for i in 0..200000 { m.inner[`k${i}`] = i; }",
+        "Size of object map too large",
+    ),
+    ("eval", r#"eval("1 + 1")"#, "'eval' is disabled"),
+    (
+        "array growth",
+        "let a = []; for i in 0..200000 { a.push(i); }",
+        "Size of array",
+    ),
+];
+
+#[test]
+fn every_bomb_ends_with_a_clear_error_and_the_process_goes_on() {
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), None);
+    for (what, src, expect) in BOMBS {
+        let err = script_err(eval_str(&run, &compiler, src));
+        assert!(err.contains(expect), "{what}: {err}");
+        assert!(err.contains("<test>:1:"), "{what} has no position: {err}");
+        // The same process, the same run: the next call works.
+        let v = eval_str(&run, &compiler, "40 + 2").expect("call after a bomb");
+        assert_eq!(v.as_int().unwrap(), 42, "{what}");
+    }
+}
+
+#[test]
+fn limit_errors_are_marked_as_limits() {
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), None);
+    for (what, src, _) in &BOMBS[..5] {
+        let e = eval_str(&run, &compiler, src).unwrap_err();
+        let d = e.diagnostic().expect("a diagnostic");
+        assert!(d.limit, "{what} not marked as a limit: {e}");
+        assert!(
+            d.help.as_deref().unwrap_or("").contains("limits."),
+            "{what}: {e}"
+        );
+    }
+}
+
+#[test]
+fn deadline_stops_a_loop_that_the_operation_limit_would_not() {
+    let limits = Limits {
+        max_operations: 0, // unlimited: only the clock can stop it
+        deadline_secs: 1,
+        ..Limits::default()
+    };
+    let compiler = Compiler::new(limits.clone(), vec![]);
+    let run = ScriptRun::new(&limits, None);
+    let started = Instant::now();
+    let err = script_err(eval_str(&run, &compiler, "let i = 0; loop { i += 1; }"));
+    assert!(err.contains("deadline"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn cancel_flag_stops_a_running_script() {
+    let limits = Limits {
+        max_operations: 0,
+        ..Limits::default()
+    };
+    let compiler = Compiler::new(limits.clone(), vec![]);
+    let run = ScriptRun::new(&limits, None);
+    let flag = run.cancel_flag();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        flag.store(true, Ordering::Relaxed);
+    });
+    let err = script_err(eval_str(&run, &compiler, "loop {}"));
+    stopper.join().unwrap();
+    assert!(err.contains("cancelled"), "{err}");
+}
+
+#[test]
+fn one_hosts_runaway_snippet_leaves_the_others_alone() {
+    let rt = local_runtime(&["h1", "h2", "h3", "h4"]);
+    let pb = fixture_compiler()
+        .compile_source(
+            "<exec>",
+            r#"if host.name == "h2" { loop {} } else { exec(host, ["echo", host.name]).stdout }"#,
+            &[HOST_VAR],
+        )
+        .unwrap();
+    let hosts = rt.targets("all").unwrap();
+    let results = run_per_host(&pb, &hosts, rt.clone(), &small_limits(), 4);
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        match (r.host.as_str(), &r.result) {
+            ("h2", Err(e)) => assert!(e.to_string().contains("Too many operations"), "{e}"),
+            ("h2", Ok(v)) => panic!("h2 should have hit the limit, got {v}"),
+            (h, Ok(v)) => assert_eq!(v.clone().into_string().unwrap(), format!("{h}\n")),
+            (h, Err(e)) => panic!("{h} failed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn deep_recursion_on_a_worker_thread_is_an_error_not_a_crash() {
+    let rt = local_runtime(&["h1", "h2"]);
+    let pb = fixture_compiler()
+        .compile_source(
+            "<exec>",
+            "fn f(n) { if n == 0 { 0 } else { 1 + f(n - 1) } } f(1000000)",
+            &[HOST_VAR],
+        )
+        .unwrap();
+    let hosts = rt.targets("all").unwrap();
+    // Default limits: the depth that a real configuration uses.
+    let results = run_per_host(&pb, &hosts, rt.clone(), &Limits::default(), 2);
+    for r in results {
+        let e = r.result.unwrap_err().to_string();
+        assert!(e.contains("Stack overflow"), "{e}");
+    }
+}
+
+// ---------- primitives ----------
+
+#[test]
+fn hosts_exec_shell_and_getters_work_on_local_hosts() {
+    let rt = local_runtime(&["h1", "h2", "h3"]);
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), Some(rt));
+    let v = eval_str(
+        &run,
+        &compiler,
+        r#"
+        let out = [];
+        for h in hosts("all") {
+            let r = exec(h, ["uname", "-r"]);
+            let s = shell(h, "echo $((6 * 7)); exit 3");
+            out.push(#{ name: h.name, port: h.port, groups: h.groups, crit: h.criticality,
+                        code: r.code, kernel: r.stdout, shell: s.stdout, shell_code: s.code,
+                        truncated: r.truncated });
+        }
+        out
+        "#,
+    )
+    .unwrap();
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
+    let kernel = String::from_utf8(uname.stdout).unwrap();
+    let json = patchbook::script::to_json(&v);
+    let arr = json.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    for (i, entry) in arr.iter().enumerate() {
+        assert_eq!(entry["name"], format!("h{}", i + 1));
+        assert_eq!(entry["port"], 22);
+        assert_eq!(entry["groups"], serde_json::json!(["local"]));
+        assert_eq!(entry["crit"], "medium");
+        assert_eq!(entry["code"], 0);
+        assert_eq!(entry["kernel"], kernel.as_str());
+        assert_eq!(entry["shell"], "42\n");
+        assert_eq!(entry["shell_code"], 3);
+        assert_eq!(entry["truncated"], false);
+    }
+}
+
+#[test]
+fn exec_refuses_a_non_string_argv_with_a_position() {
+    let rt = local_runtime(&["h1"]);
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), Some(rt));
+    let err = script_err(eval_str(
+        &run,
+        &compiler,
+        "let h = hosts(\"h1\")[0];\nexec(h, [\"echo\", 42])",
+    ));
+    assert!(err.contains("argv[1] is i64, not a string"), "{err}");
+    assert!(err.contains("<test>:2:1"), "{err}");
+}
+
+#[test]
+fn primitives_refuse_to_run_while_a_module_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("x")).unwrap();
+    std::fs::write(
+        dir.path().join("x/eager.rhai"),
+        "let all = hosts(\"all\");\n",
+    )
+    .unwrap();
+    let compiler = Compiler::new(small_limits(), vec![dir.path().to_path_buf()]);
+    let err = script_err(compiler.compile_source("<test>", "import \"x/eager\" as e;", &[]));
+    assert!(
+        err.contains("cannot run while modules are being compiled"),
+        "{err}"
+    );
+    assert!(err.contains("in module `x/eager`"), "{err}");
+}
+
+/// A stand-in for the rollout layer: calls a closure once per host from worker
+/// threads through [`HostClosure`], the way `rollout(…)` will.
+fn register_each_host(run: &mut ScriptRun) {
+    let budget = run.budget();
+    run.engine_mut().register_fn(
+        "each_host",
+        move |ctx: NativeCallContext, hosts: Array, f: FnPtr| -> Array {
+            let hosts: Vec<ScriptHost> = hosts
+                .into_iter()
+                .map(|h| h.try_cast::<ScriptHost>().unwrap())
+                .collect();
+            let closure = HostClosure::from_context(&ctx, f);
+            let engine = ctx.engine();
+            patchbook::rollout::pool::map_bounded(&hosts, 3, |h| {
+                match closure.call(engine, h.clone(), budget, None) {
+                    Ok(v) => v,
+                    Err(e) => Dynamic::from(format!("error: {e}")),
+                }
+            })
+        },
+    );
+    run.engine_mut()
+        .register_fn("tagged_host", |ctx: NativeCallContext| {
+            patchbook::script::register::current_host(&ctx).unwrap_or_default()
+        });
+}
+
+#[test]
+fn a_closure_runs_per_host_on_workers_with_imports_and_the_host_tag() {
+    let rt = local_runtime(&["h1", "h2", "h3", "h4", "h5"]);
+    let pb = fixture_compiler()
+        .compile_source(
+            "<test>",
+            r#"
+            import "acme/contacts" as contacts;
+            let suffix = "!";
+            each_host(hosts("all"), |h| {
+                if h.name == "h3" { loop {} }
+                `${tagged_host()}:${contacts::owners()[0]}:${exec(h, ["echo", h.name]).stdout.len()}${suffix}`
+            })
+            "#,
+            &[],
+        )
+        .unwrap();
+    let mut run = ScriptRun::new(&small_limits(), Some(rt));
+    register_each_host(&mut run);
+    let out = run.run(&pb).unwrap();
+    let out: Vec<String> = out
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.into_string().unwrap())
+        .collect();
+    assert_eq!(out[0], "h1:ops@example.com:3!");
+    assert!(out[2].contains("Too many operations"), "{}", out[2]);
+    assert_eq!(out[4], "h5:ops@example.com:3!");
+}
+
+// ---------- modules ----------
+
+#[test]
+fn compiled_playbook_records_hashes_and_never_reads_the_disk_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("lib/org")).unwrap();
+    let module = dir.path().join("lib/org/m.rhai");
+    std::fs::write(&module, "fn answer() { 42 }\n").unwrap();
+    let book = dir.path().join("book.rhai");
+    let src = "import \"org/m\" as m;\nm::answer()\n";
+    std::fs::write(&book, src).unwrap();
+    let compiler = Compiler::new(small_limits(), vec![dir.path().join("lib")]);
+    let pb: CompiledPlaybook = compiler.compile_file(&book).unwrap();
+    assert_eq!(
+        pb.sha256,
+        patchbook::script::resolver::sha256_hex(src.as_bytes())
+    );
+    assert_eq!(pb.modules.len(), 1);
+    assert_eq!(pb.modules[0].0, "org/m");
+    assert_eq!(pb.modules[0].1, module);
+    assert_eq!(
+        pb.modules[0].2,
+        patchbook::script::resolver::sha256_hex(b"fn answer() { 42 }\n")
+    );
+    // Change and then remove the module: the compiled version keeps its own copy.
+    std::fs::write(&module, "fn answer() { 0 }\n").unwrap();
+    let run = ScriptRun::new(&small_limits(), None);
+    assert_eq!(run.run(&pb).unwrap().as_int().unwrap(), 42);
+    std::fs::remove_file(&module).unwrap();
+    assert_eq!(run.run(&pb).unwrap().as_int().unwrap(), 42);
+    // A fresh compile sees the disk as it is now.
+    let err = script_err(compiler.compile_file(&book));
+    assert!(err.contains("Module not found: org/m"), "{err}");
+}
+
+#[test]
+fn stdlib_comes_before_libraries() {
+    let dir = tempfile::tempdir().unwrap();
+    for (root, v) in [("std", 1), ("lib", 2)] {
+        std::fs::create_dir_all(dir.path().join(root).join("p")).unwrap();
+        std::fs::write(
+            dir.path().join(root).join("p/m.rhai"),
+            format!("fn v() {{ {v} }}"),
+        )
+        .unwrap();
+    }
+    let compiler = Compiler::new(
+        small_limits(),
+        vec![dir.path().join("std"), dir.path().join("lib")],
+    );
+    let pb = compiler
+        .compile_source("<test>", "import \"p/m\" as m; m::v()", &[])
+        .unwrap();
+    let run = ScriptRun::new(&small_limits(), None);
+    assert_eq!(run.run(&pb).unwrap().as_int().unwrap(), 1);
+}
+
+#[test]
+fn dynamic_imports_are_refused_at_run_time() {
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), None);
+    let err = script_err(eval_str(
+        &run,
+        &compiler,
+        "let p = \"acme/contacts\";\nimport p as c;",
+    ));
+    assert!(err.contains("not part of the compiled playbook"), "{err}");
+    assert!(err.contains("<test>:2:8"), "{err}");
+}
+
+// ---------- diagnostics (snapshots) ----------
+
+fn render(playbook: &str) -> String {
+    let path = PathBuf::from(FIXTURES).join("playbooks").join(playbook);
+    let compiler = fixture_compiler();
+    let pb = match compiler.compile_file(&path) {
+        Ok(pb) => pb,
+        Err(e) => return format!("error: {e}"),
+    };
+    let run = ScriptRun::new(&small_limits(), None);
+    format!("error: {}", script_err(run.run(&pb)))
+}
+
+#[test]
+fn snapshot_syntax_error() {
+    insta::assert_snapshot!("syntax_error", render("syntax.rhai"));
+}
+
+#[test]
+fn snapshot_undefined_variable_at_compile_time() {
+    insta::assert_snapshot!("undefined_variable", render("undefined.rhai"));
+}
+
+#[test]
+fn snapshot_runtime_error_through_functions_and_modules() {
+    insta::assert_snapshot!("call_chain", render("chain.rhai"));
+}
+
+#[test]
+fn snapshot_syntax_error_in_an_imported_module() {
+    insta::assert_snapshot!("module_syntax_error", render("imports_broken.rhai"));
+}
+
+#[test]
+fn snapshot_missing_import_names_paths_searched() {
+    insta::assert_snapshot!("missing_import", render("missing.rhai"));
+}
+
+#[test]
+fn snapshot_import_escape_refused() {
+    insta::assert_snapshot!("import_escape", render("escape.rhai"));
+}
+
+#[test]
+fn snapshot_sandbox_limit() {
+    let compiler = fixture_compiler();
+    let run = ScriptRun::new(&small_limits(), None);
+    let src = "fn spin() {\n    loop {\n        let x = 1;\n    }\n}\n\nspin();\n";
+    let err = script_err(eval_str(&run, &compiler, src));
+    insta::assert_snapshot!("operation_limit", format!("error: {err}"));
+}
+
+// ---------- CLI ----------
+
+#[test]
+fn cli_eval_prints_json() {
+    let out = bin().args(["eval", "1 + 2"]).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "3\n");
+
+    let out = bin()
+        .args(["eval", r#"#{ a: [1, "two", true, ()], b: 1.5 }"#])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"a": [1, "two", true, null], "b": 1.5})
+    );
+}
+
+#[test]
+fn cli_eval_file_and_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("calc.rhai");
+    std::fs::write(&f, "let a = 20;\nlet b = a +;\n").unwrap();
+    let out = bin().arg("eval").arg("-f").arg(&f).output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:12", f.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(" 2 | let b = a +;"), "{stderr}");
+
+    std::fs::write(&f, "let a = 20;\na * 2 + 2\n").unwrap();
+    let out = bin().arg("eval").arg("-f").arg(&f).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "42\n");
+}
+
+#[test]
+fn cli_sandbox_bombs_exit_2_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("patchbook.toml"),
+        "[limits]\nmax_operations = 500000\nmax_array_size = 10000\n",
+    )
+    .unwrap();
+    for (what, src, expect) in BOMBS {
+        let out = bin()
+            .current_dir(dir.path())
+            .args(["eval", src])
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(stderr.contains(expect), "{what}: {stderr}");
+    }
+}
+
+#[test]
+fn cli_check_reports_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::create_dir_all(dir.path().join("stdlib/patch")).unwrap();
+    std::fs::write(scripts.join("a_bad.rhai"), "let x = ;\n").unwrap();
+    std::fs::write(scripts.join("b_good.rhai"), "let x = 1;\n").unwrap();
+    std::fs::write(scripts.join("c_bad.rhai"), "let y = 1;\nlet z = y + q;\n").unwrap();
+    std::fs::write(dir.path().join("stdlib/patch/m.rhai"), "fn f( {\n").unwrap();
+    let out = bin().current_dir(dir.path()).arg("check").output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("scripts/a_bad.rhai:1:9"), "{stderr}");
+    assert!(stderr.contains("scripts/c_bad.rhai:2:13"), "{stderr}");
+    assert!(stderr.contains("stdlib/patch/m.rhai:1:"), "{stderr}");
+    assert!(!stderr.contains("b_good"), "{stderr}");
+    assert!(stderr.contains("3 of 4 files failed"), "{stderr}");
+
+    // Explicit paths; a clean set exits 0.
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["check", "scripts/b_good.rhai"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("1 files compiled cleanly"), "{stdout}");
+}
+
+#[test]
+fn cli_check_passes_on_the_shipped_scripts_and_stdlib() {
+    let out = bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check", "scripts", "stdlib"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+}
+
+#[test]
+fn cli_run_renders_errors_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("stdlib/patch")).unwrap();
+    std::fs::write(
+        dir.path().join("stdlib/patch/util.rhai"),
+        "fn half(n) {\n    n / zero()\n}\nfn zero() { 0 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("book.rhai"),
+        "import \"patch/util\" as util;\n\nutil::half(10);\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["run", "book.rhai"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Division by zero"), "{stderr}");
+    assert!(stderr.contains("./stdlib/patch/util.rhai:2:7"), "{stderr}");
+    assert!(
+        stderr.contains("in call to function `half` (book.rhai:3:7)"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        dir.path().join("ok.rhai"),
+        "import \"patch/util\" as util;\nlet x = util::zero();\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["run", "ok.rhai"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+}
+
+fn toml_inventory(dir: &Path, names: &[&str]) -> PathBuf {
+    let mut s = String::new();
+    for n in names {
+        s.push_str(&format!("[hosts.{n}]\ntransport = \"local\"\n\n"));
+    }
+    let p = dir.join("inventory.toml");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn cli_exec_uname_on_three_local_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = toml_inventory(dir.path(), &["h1", "h2", "h3"]);
+    let out = bin()
+        .current_dir(dir.path())
+        .arg("-i")
+        .arg(&inv)
+        .args(["exec", "all", r#"exec(host, ["uname","-r"]).stdout"#])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
+    let kernel = String::from_utf8(uname.stdout).unwrap();
+    for h in ["h1", "h2", "h3"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(h))
+            .unwrap_or_else(|| panic!("no row for {h}: {stdout}"));
+        assert!(line.contains("ok"), "{line}");
+        assert!(line.contains(kernel.trim()), "{line}");
+    }
+}
+
+#[test]
+fn cli_exec_json_lines_and_exit_1_when_one_host_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("patchbook.toml"),
+        "[limits]\nmax_operations = 500000\n",
+    )
+    .unwrap();
+    let inv = toml_inventory(dir.path(), &["h1", "h2", "h3"]);
+    let out = bin()
+        .current_dir(dir.path())
+        .arg("-i")
+        .arg(&inv)
+        .args([
+            "--json",
+            "exec",
+            "all",
+            r#"if host.name == "h2" { loop {} } else { host.name + "-ok" }"#,
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"host": "h1", "ok": true, "value": "h1-ok"})
+    );
+    assert_eq!(lines[1]["ok"], false);
+    assert!(lines[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Too many operations"));
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"host": "h3", "ok": true, "value": "h3-ok"})
+    );
+}
+
+/// Captures every tracing event of this test binary as JSON lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn log_carries_the_host_and_shell_is_marked_raw() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("no other test in this binary installs a subscriber");
+    let rt = local_runtime(&["h1", "h2"]);
+    let pb = fixture_compiler()
+        .compile_source(
+            "<exec>",
+            r#"log(`checking ${host.name}`); shell(host, "true").code"#,
+            &[HOST_VAR],
+        )
+        .unwrap();
+    let hosts = rt.targets("all").unwrap();
+    for r in run_per_host(&pb, &hosts, rt.clone(), &small_limits(), 2) {
+        assert_eq!(r.result.unwrap().as_int().unwrap(), 0);
+    }
+    let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for h in ["h1", "h2"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["fields"]["host"] == h
+                    && e["fields"]["message"] == format!("checking {h}")),
+            "no log event for {h}: {out}"
+        );
+        assert!(
+            events.iter().any(|e| e["fields"]["host"] == h
+                && e["fields"]["raw_shell"] == true
+                && e["fields"]["script"] == "true"),
+            "no raw shell event for {h}: {out}"
+        );
+    }
+}
