@@ -159,11 +159,34 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// An inventory built in code. Groups named in a host's `groups` but missing
+    /// from `groups` are created with that host as a direct member, so selectors see
+    /// the same membership as for a loaded inventory.
     pub fn from_parts(
         hosts: Vec<Host>,
-        groups: BTreeMap<String, Group>,
+        mut groups: BTreeMap<String, Group>,
         sources: Vec<PathBuf>,
     ) -> Self {
+        let given: Vec<String> = groups.keys().cloned().collect();
+        for h in &hosts {
+            for g in &h.groups {
+                if given.contains(g) {
+                    continue;
+                }
+                let entry = groups.entry(g.clone()).or_insert_with(|| Group {
+                    name: g.clone(),
+                    ..Group::default()
+                });
+                if !entry.hosts.contains(&h.name) {
+                    entry.hosts.push(h.name.clone());
+                }
+            }
+        }
+        groups.entry("all".into()).or_insert_with(|| Group {
+            name: "all".into(),
+            hosts: hosts.iter().map(|h| h.name.clone()).collect(),
+            ..Group::default()
+        });
         Inventory {
             hosts,
             groups,
