@@ -134,7 +134,7 @@ impl HostCtx<'_> {
                 .map_err(|source| PrimitiveError::Journal {
                     host: self.host.name.clone(),
                     step: step.to_string(),
-                    source,
+                    source: Box::new(source),
                 }),
         }
     }
@@ -157,7 +157,7 @@ impl HostCtx<'_> {
         move |source| PrimitiveError::Journal {
             host: self.host.name.clone(),
             step,
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -27,8 +27,9 @@ pub const ERROR_OUTPUT_CHARS: usize = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrimitiveError {
+    /// Boxed: transport errors are large and every primitive returns this type.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(Box<TransportError>),
     /// A command on the host failed; `output` is what it printed, cut to a sane size.
     #[error("{host}: {step} failed (exit {code}): {output}")]
     Failed {
@@ -63,7 +64,7 @@ pub enum PrimitiveError {
         host: String,
         step: String,
         #[source]
-        source: crate::journal::JournalError,
+        source: Box<crate::journal::JournalError>,
     },
     #[error("{context}: {source}")]
     Io {
@@ -71,6 +72,12 @@ pub enum PrimitiveError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<TransportError> for PrimitiveError {
+    fn from(e: TransportError) -> Self {
+        PrimitiveError::Transport(Box::new(e))
+    }
 }
 
 impl PrimitiveError {

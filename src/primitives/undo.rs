@@ -67,7 +67,7 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
             .map_err(|source| PrimitiveError::Journal {
                 host: ctx.name().to_string(),
                 step: "rollback".into(),
-                source,
+                source: Box::new(source),
             })?;
         let result = apply(ctx, undo);
         ctx.outcome(
