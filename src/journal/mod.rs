@@ -311,7 +311,8 @@ pub struct Journal {
     durable_changed: Condvar,
     /// A second descriptor of the run file, so an fsync never holds the append lock.
     sync_file: File,
-    redact: Vec<String>,
+    /// Values shown as `***`; grows when a script declares a `secret()`.
+    redact: std::sync::RwLock<Vec<String>>,
     lock: lock::RunLock,
 }
 
@@ -385,7 +386,7 @@ impl Journal {
                 failed: None,
             }),
             durable_changed: Condvar::new(),
-            redact: Vec::new(),
+            redact: std::sync::RwLock::new(Vec::new()),
             lock,
         })
     }
@@ -506,7 +507,7 @@ impl Journal {
                 failed: None,
             }),
             durable_changed: Condvar::new(),
-            redact: Vec::new(),
+            redact: std::sync::RwLock::new(Vec::new()),
             lock,
         };
         if let Some(dropped) = torn {
@@ -520,8 +521,27 @@ impl Journal {
     }
 
     /// Values that must never reach the disk; each is replaced by `***`.
+    /// Adds a value to hide from every record written from now on.
+    pub fn add_secret(&self, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let mut r = self.redact.write().unwrap_or_else(|p| p.into_inner());
+        if !r.iter().any(|x| x == value) {
+            r.push(value.to_string());
+        }
+    }
+
+    fn secrets_now(&self) -> Vec<String> {
+        self.redact
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
-        self.redact = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+        self.redact =
+            std::sync::RwLock::new(secrets.into_iter().filter(|s| !s.is_empty()).collect());
         self
     }
 
@@ -554,7 +574,7 @@ impl Journal {
         kind: &str,
         data: Value,
     ) -> Result<Record, JournalError> {
-        let data = redact_value(data, &self.redact);
+        let data = redact_value(data, &self.secrets_now());
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.append_locked(&mut tail, host, kind, data)?;
         drop(tail);
@@ -573,9 +593,9 @@ impl Journal {
             seq: tail.seq + 1,
             ts: now_rfc3339(),
             run: self.run.clone(),
-            operator: redact_str(&self.operator, &self.redact),
-            host: host.map(|h| redact_str(h, &self.redact)),
-            kind: redact_str(kind, &self.redact),
+            operator: redact_str(&self.operator, &self.secrets_now()),
+            host: host.map(|h| redact_str(h, &self.secrets_now())),
+            kind: redact_str(kind, &self.secrets_now()),
             data,
             prev: tail.prev.clone(),
             hash: String::new(),
@@ -667,8 +687,8 @@ impl Journal {
         undoes: Option<StepId>,
     ) -> Result<StepId, JournalError> {
         let payload = IntentData {
-            step: redact_str(step, &self.redact),
-            input: redact_value(input, &self.redact),
+            step: redact_str(step, &self.secrets_now()),
+            input: redact_value(input, &self.secrets_now()),
             undoes,
         };
         let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
@@ -694,7 +714,7 @@ impl Journal {
         data: Value,
         undo: Option<UndoStep>,
     ) -> Result<Record, JournalError> {
-        let host = redact_str(host, &self.redact);
+        let host = redact_str(host, &self.secrets_now());
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let step = match tail.open_steps.get(&step_id) {
             Some((h, step)) if *h == host => step.clone(),
@@ -709,7 +729,7 @@ impl Journal {
         let undo = undo.map(|u| {
             let v = redact_value(
                 serde_json::to_value(&u).unwrap_or(Value::Null),
-                &self.redact,
+                &self.secrets_now(),
             );
             serde_json::from_value(v).unwrap_or(u)
         });
@@ -717,7 +737,7 @@ impl Journal {
             step_id,
             step,
             ok,
-            output: redact_value(data, &self.redact),
+            output: redact_value(data, &self.secrets_now()),
             undo,
         };
         let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
@@ -757,7 +777,7 @@ impl Journal {
     ) -> Result<Record, JournalError> {
         let data = serde_json::to_value(HostEndData {
             ok,
-            detail: redact_value(detail, &self.redact),
+            detail: redact_value(detail, &self.secrets_now()),
         })
         .unwrap_or(Value::Null);
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,0 +1,112 @@
+//! One run's world as the registered primitives see it: the runtime (inventory,
+//! transports), the run context (journal, state dir, plan mode), artifact settings,
+//! secrets, and each host's deadline while the rollout works on it.
+//!
+//! It owns no policy and performs no I/O itself; it only hands each primitive a
+//! [`HostCtx`] for the host it is called with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::inventory::Host;
+use crate::primitives::artifact::ArtifactSettings;
+use crate::primitives::{HostCtx, PrimitiveError, RunCtx};
+use crate::runtime::Runtime;
+
+pub struct Session {
+    pub runtime: Arc<Runtime>,
+    pub run: RunCtx,
+    pub artifacts: ArtifactSettings,
+    secrets: Mutex<Vec<String>>,
+    deadlines: Mutex<HashMap<String, Instant>>,
+}
+
+impl Session {
+    pub fn new(runtime: Arc<Runtime>, run: RunCtx) -> Self {
+        let artifacts = ArtifactSettings::from_config(&runtime.config, &runtime.state_dir);
+        let mut secrets = runtime.config.notify.secrets();
+        for h in runtime.inventory.hosts() {
+            for name in &h.secret_vars {
+                if let Some(v) = h.vars.get(name) {
+                    secrets.push(match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    });
+                }
+            }
+        }
+        secrets.retain(|s| !s.is_empty());
+        Session {
+            runtime,
+            run,
+            artifacts,
+            secrets: Mutex::new(secrets),
+            deadlines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `f` with a context for `host`: its cached transport (connected on first
+    /// use), the run, and the host's deadline. A transport failure drops the cached
+    /// session so the host's next step reconnects.
+    pub fn with_host<R>(
+        &self,
+        host: &Host,
+        f: impl FnOnce(&HostCtx) -> Result<R, PrimitiveError>,
+    ) -> Result<R, PrimitiveError> {
+        let t = match self.runtime.transport(host) {
+            Ok(t) => t,
+            Err(e) => return Err(e.into()),
+        };
+        let ctx = HostCtx {
+            host,
+            transport: &*t,
+            run: &self.run,
+            deadline: self.deadline(&host.name),
+        };
+        let r = f(&ctx);
+        if matches!(r, Err(PrimitiveError::Transport(_))) {
+            self.runtime.forget(&host.name);
+        }
+        r
+    }
+
+    /// Set by the rollout while it works on a host; commands get at most the time left.
+    pub fn set_deadline(&self, host: &str, deadline: Option<Instant>) {
+        let mut d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        match deadline {
+            Some(at) => d.insert(host.to_string(), at),
+            None => d.remove(host),
+        };
+    }
+
+    pub fn deadline(&self, host: &str) -> Option<Instant> {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied()
+    }
+
+    /// A value that must never be shown: journal, logs, reports and notifications
+    /// print `***` instead.
+    pub fn add_secret(&self, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let mut s = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.iter().any(|x| x == value) {
+            s.push(value.to_string());
+        }
+        if let Some(j) = &self.run.journal {
+            j.add_secret(value);
+        }
+    }
+
+    pub fn secrets(&self) -> Vec<String> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
