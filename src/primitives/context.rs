@@ -42,6 +42,8 @@ pub struct RunCtx {
     pub state_dir: PathBuf,
     pub journal: Option<Arc<Journal>>,
     pub mode: Mode,
+    /// The playbook this run executes, for messages.
+    pub playbook: String,
     facts: Mutex<HashMap<String, Facts>>,
     planned: Mutex<Vec<PlannedAction>>,
 }
@@ -58,9 +60,15 @@ impl RunCtx {
             state_dir,
             journal,
             mode,
+            playbook: String::new(),
             facts: Mutex::new(HashMap::new()),
             planned: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn with_playbook(mut self, playbook: impl Into<String>) -> Self {
+        self.playbook = playbook.into();
+        self
     }
 
     pub fn cached_facts(&self, host: &str) -> Option<Facts> {

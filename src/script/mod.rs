@@ -9,6 +9,7 @@ pub mod engine;
 pub mod playbook;
 pub mod register;
 pub mod resolver;
+pub mod rollout;
 pub mod session;
 
 use std::path::PathBuf;
