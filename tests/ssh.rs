@@ -28,11 +28,16 @@ fn first(f: &Fleet) -> Host {
 }
 
 fn connect(f: &Fleet, host: &Host) -> SshTransport {
-    connector(f).connect_ssh(host).unwrap_or_else(|e| panic!("{e}"))
+    connector(f)
+        .connect_ssh(host)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn refusal(kh: &Path, f: &Fleet, host: &Host) -> String {
-    match SshConnector::new(kh).identity(f.identity()).connect_ssh(host) {
+    match SshConnector::new(kh)
+        .identity(f.identity())
+        .connect_ssh(host)
+    {
         Ok(_) => panic!("connection with {} should be refused", kh.display()),
         Err(e @ TransportError::HostKey { .. }) => e.to_string(),
         Err(e) => panic!("expected a host key error, got {e}"),
@@ -67,14 +72,29 @@ fn exit_codes_stdin_and_stderr_are_faithful_and_the_session_is_reused() {
     let f = fleet();
     let t = connect(f, &first(f));
     let out = t
-        .run(&Command::new(["sh", "-c", "echo out; echo err >&2; exit 3"]))
+        .run(&Command::new([
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ]))
         .unwrap();
-    assert_eq!((out.code, out.stdout_str().as_str(), out.stderr_str().as_str()), (3, "out\n", "err\n"));
+    assert_eq!(
+        (
+            out.code,
+            out.stdout_str().as_str(),
+            out.stderr_str().as_str()
+        ),
+        (3, "out\n", "err\n")
+    );
     let out = t
         .run(&Command::new(["sh", "-c", "cat; printf tail >&2"]).stdin(b"from stdin".to_vec()))
         .unwrap();
     assert_eq!(out.stdout_str(), "from stdin");
-    assert_eq!(out.stderr_str(), "tail", "the exit sentinel must not leak into stderr");
+    assert_eq!(
+        out.stderr_str(),
+        "tail",
+        "the exit sentinel must not leak into stderr"
+    );
     // Hostile words arrive verbatim: nothing becomes shell syntax.
     let out = t
         .run(&Command::new(["printf", "%s|", "$(id)", "a b", "it's"]))
@@ -84,7 +104,11 @@ fn exit_codes_stdin_and_stderr_are_faithful_and_the_session_is_reused() {
     // (the parent of the login shell that runs the command).
     let sshd_of = |t: &SshTransport| {
         let out = t
-            .run(&Command::new(["sh", "-c", "cut -d' ' -f4 /proc/$PPID/stat"]))
+            .run(&Command::new([
+                "sh",
+                "-c",
+                "cut -d' ' -f4 /proc/$PPID/stat",
+            ]))
             .unwrap();
         assert!(out.success(), "{}", out.stderr_str());
         out.stdout_str()
@@ -135,7 +159,10 @@ fn host_absent_from_a_populated_known_hosts_is_refused() {
     assert_eq!(others.lines().count(), HOSTS - 1);
     std::fs::write(&kh, &others).unwrap();
     let msg = refusal(&kh, f, &host);
-    assert!(msg.contains(&format!("[127.0.0.1]:{} is not in", host.port)), "{msg}");
+    assert!(
+        msg.contains(&format!("[127.0.0.1]:{} is not in", host.port)),
+        "{msg}"
+    );
     assert_eq!(std::fs::read_to_string(&kh).unwrap(), others);
 }
 
@@ -146,9 +173,20 @@ fn changed_host_key_is_refused_even_with_accept_new() {
     let dir = tempfile::tempdir().unwrap();
     let kh = dir.path().join("known_hosts");
     // Record another host's key under this host's name: a changed key.
-    let other = std::fs::read_to_string(f.host("lab02").unwrap().dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let other = std::fs::read_to_string(
+        f.host("lab02")
+            .unwrap()
+            .dir
+            .join("ssh_host_ed25519_key.pub"),
+    )
+    .unwrap();
     let mut w = other.split_whitespace();
-    let forged = format!("[127.0.0.1]:{} {} {}\n", host.port, w.next().unwrap(), w.next().unwrap());
+    let forged = format!(
+        "[127.0.0.1]:{} {} {}\n",
+        host.port,
+        w.next().unwrap(),
+        w.next().unwrap()
+    );
     std::fs::write(&kh, &forged).unwrap();
     let msg = refusal(&kh, f, &host);
     assert!(msg.contains("HOST KEY CHANGED"), "{msg}");
@@ -177,10 +215,20 @@ fn hashed_known_hosts_entry_that_matches_is_accepted() {
         .arg(&kh)
         .output()
         .expect("ssh-keygen runs");
-    assert!(hashed.status.success(), "{}", String::from_utf8_lossy(&hashed.stderr));
+    assert!(
+        hashed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hashed.stderr)
+    );
     let text = std::fs::read_to_string(&kh).unwrap();
-    assert!(text.lines().filter(|l| l.starts_with("|1|")).count() >= HOSTS, "{text}");
-    assert!(!text.contains("127.0.0.1"), "every entry must be hashed: {text}");
+    assert!(
+        text.lines().filter(|l| l.starts_with("|1|")).count() >= HOSTS,
+        "{text}"
+    );
+    assert!(
+        !text.contains("127.0.0.1"),
+        "every entry must be hashed: {text}"
+    );
     // A junk line first: one bad line must not hide the rest of the file.
     std::fs::write(&kh, format!("this line is not a key\n{text}")).unwrap();
     let t = SshConnector::new(&kh)
@@ -222,18 +270,27 @@ fn dead_host_fails_alone() {
     let lab = Lab::start(4);
     let hosts = lab.inventory_hosts();
     let conn = connector(&lab);
-    let transports: Vec<SshTransport> = hosts.iter().map(|h| conn.connect_ssh(h).unwrap()).collect();
+    let transports: Vec<SshTransport> =
+        hosts.iter().map(|h| conn.connect_ssh(h).unwrap()).collect();
     // lab03 dies during the run: after its session is up, before its next step.
     lab.kill_host("lab03").unwrap();
     let items: Vec<usize> = (0..hosts.len()).collect();
     let results = map_bounded(&items, 4, |i| {
-        transports[*i].run(&Command::new(["dpkg-query", "-W", "-f=${Version}", "acme-agent"]).timeout(Duration::from_secs(10)))
+        transports[*i].run(
+            &Command::new(["dpkg-query", "-W", "-f=${Version}", "acme-agent"])
+                .timeout(Duration::from_secs(10)),
+        )
     });
     for (h, r) in hosts.iter().zip(&results) {
         if h.name == "lab03" {
             let err = r.as_ref().expect_err("the dead host fails");
             assert!(
-                matches!(err, TransportError::Ssh { .. } | TransportError::Connect { .. } | TransportError::NoExitStatus { .. }),
+                matches!(
+                    err,
+                    TransportError::Ssh { .. }
+                        | TransportError::Connect { .. }
+                        | TransportError::NoExitStatus { .. }
+                ),
                 "{err}"
             );
             assert!(err.to_string().starts_with("lab03: "), "{err}");
@@ -243,7 +300,10 @@ fn dead_host_fails_alone() {
     }
     // A reconnect attempt fails fast with a connect error naming the address.
     let started = Instant::now();
-    let err = conn.connect_ssh(&hosts[2]).err().expect("dead host refuses");
+    let err = conn
+        .connect_ssh(&hosts[2])
+        .err()
+        .expect("dead host refuses");
     assert!(matches!(err, TransportError::Connect { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -258,7 +318,10 @@ fn hanging_command_ends_at_its_deadline() {
         .unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, TransportError::Deadline { .. }), "{err}");
-    assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(3500), "took {took:?}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_millis(3500),
+        "took {took:?}"
+    );
     // The broken session is replaced on the next step.
     let out = t.run(&Command::new(["echo", "back"])).unwrap();
     assert_eq!(out.stdout_str(), "back\n");
@@ -271,14 +334,20 @@ fn huge_output_is_capped_and_memory_stays_flat() {
     let before = support::rss_kb();
     let started = Instant::now();
     let out = t
-        .run(&Command::new(["head", "-c", "200000000", "/dev/zero"]).timeout(Duration::from_secs(120)))
+        .run(
+            &Command::new(["head", "-c", "200000000", "/dev/zero"])
+                .timeout(Duration::from_secs(120)),
+        )
         .unwrap();
     let grown_mb = support::rss_kb().saturating_sub(before) / 1024;
     assert_eq!(out.code, 0);
     assert!(out.truncated);
     assert_eq!(out.stdout.len(), patchbook::transport::DEFAULT_OUTPUT_CAP);
     assert!(grown_mb < 100, "RSS grew by {grown_mb} MB");
-    eprintln!("200 MB drained in {:?}, RSS +{grown_mb} MB", started.elapsed());
+    eprintln!(
+        "200 MB drained in {:?}, RSS +{grown_mb} MB",
+        started.elapsed()
+    );
     // stderr is capped the same way, and the exit status still survives it.
     let out = t
         .run(&Command::new(["sh", "-c", "head -c 3000000 /dev/zero >&2; exit 4"]).output_cap(1000))
@@ -292,7 +361,10 @@ fn run_to_writer_streams_stdout() {
     let t = connect(f, &f.inventory_hosts()[3]);
     let mut sink: Vec<u8> = Vec::new();
     let out = t
-        .run_to_writer(&Command::new(["head", "-c", "3000000", "/dev/zero"]).output_cap(10), &mut sink)
+        .run_to_writer(
+            &Command::new(["head", "-c", "3000000", "/dev/zero"]).output_cap(10),
+            &mut sink,
+        )
         .unwrap();
     assert_eq!(out.code, 0);
     assert_eq!(sink.len(), 3_000_000, "streamed output is never capped");
@@ -326,18 +398,39 @@ fn ten_megabyte_upload_arrives_intact_and_downloads_back() {
     // Twice: the second upload replaces an existing file.
     for _ in 0..2 {
         let up = t.put(&local, remote, 0o640).unwrap();
-        assert_eq!((up.size, up.sha256.as_str()), (10 * 1024 * 1024, sha.as_str()));
+        assert_eq!(
+            (up.size, up.sha256.as_str()),
+            (10 * 1024 * 1024, sha.as_str())
+        );
     }
     // Checked independently inside the host's namespace.
-    let check = f.exec_in(&host.name, &["sh", "-c", "sha256sum /opt/acme/upload.bin; stat -c %a /opt/acme/upload.bin; ls -a /opt/acme"]).unwrap();
+    let check = f
+        .exec_in(
+            &host.name,
+            &[
+                "sh",
+                "-c",
+                "sha256sum /opt/acme/upload.bin; stat -c %a /opt/acme/upload.bin; ls -a /opt/acme",
+            ],
+        )
+        .unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.starts_with(&sha), "{text}");
     assert!(text.contains("\n640\n"), "{text}");
-    assert!(!text.contains("patchbook"), "no temp file may be left: {text}");
-    assert!(!Path::new(remote).exists(), "the upload must stay inside the host's /opt");
+    assert!(
+        !text.contains("patchbook"),
+        "no temp file may be left: {text}"
+    );
+    assert!(
+        !Path::new(remote).exists(),
+        "the upload must stay inside the host's /opt"
+    );
     let back = dir.path().join("back.bin");
     assert_eq!(t.get(remote, &back).unwrap(), 10 * 1024 * 1024);
-    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&local).unwrap());
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(&local).unwrap()
+    );
 }
 
 #[test]
@@ -350,13 +443,27 @@ fn upload_changed_on_the_host_before_hashing_is_detected() {
     let remote = "/opt/acme/tampered.bin";
     let mut tamper = |path: &str| {
         let out = f
-            .exec_in(&host.name, &["sh", "-c", &format!("printf X | dd of={path} bs=1 seek=500 conv=notrunc 2>/dev/null")])
+            .exec_in(
+                &host.name,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("printf X | dd of={path} bs=1 seek=500 conv=notrunc 2>/dev/null"),
+                ],
+            )
             .unwrap();
         assert!(out.status.success());
     };
-    let err = t.put_with_hook(&local, remote, 0o644, Some(&mut tamper)).unwrap_err();
+    let err = t
+        .put_with_hook(&local, remote, 0o644, Some(&mut tamper))
+        .unwrap_err();
     match &err {
-        TransportError::UploadCorrupt { sent, found, remote: r, .. } => {
+        TransportError::UploadCorrupt {
+            sent,
+            found,
+            remote: r,
+            ..
+        } => {
             assert_eq!(sent, &sha);
             assert_ne!(found, &sha);
             assert_eq!(r, remote);

@@ -180,8 +180,8 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         LabVerb::Down { dir } => {
-            let killed = crate::lab::down(dir)
-                .map_err(|e| CliError::Other(format!("lab down: {e}")))?;
+            let killed =
+                crate::lab::down(dir).map_err(|e| CliError::Other(format!("lab down: {e}")))?;
             eprintln!("lab: stopped {} processes", killed.len());
             Ok(ExitCode::SUCCESS)
         }

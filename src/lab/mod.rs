@@ -136,7 +136,10 @@ impl Fleet {
         }
 
         // Every key at once: ssh-keygen processes run in parallel.
-        let mut keygens = vec![spawn_keygen(&dir.join("id_ed25519"), "patchbook-lab-controller")?];
+        let mut keygens = vec![spawn_keygen(
+            &dir.join("id_ed25519"),
+            "patchbook-lab-controller",
+        )?];
         for name in &names {
             keygens.push(spawn_keygen(
                 &hosts_dir.join(name).join("ssh_host_ed25519_key"),
@@ -283,7 +286,11 @@ impl Fleet {
         }
         for group in ["pilot", "web", "db"] {
             let _ = writeln!(ini, "\n[{group}]");
-            for h in self.hosts.iter().filter(|h| h.groups.iter().any(|g| g == group)) {
+            for h in self
+                .hosts
+                .iter()
+                .filter(|h| h.groups.iter().any(|g| g == group))
+            {
                 let _ = writeln!(ini, "{}", h.name);
             }
         }
@@ -549,7 +556,15 @@ fn preflight() -> Result<(), LabError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(LabError::NotRoot);
     }
-    for tool in [SSHD, "unshare", "nsenter", "ssh-keygen", "dpkg", "dpkg-deb", "mount"] {
+    for tool in [
+        SSHD,
+        "unshare",
+        "nsenter",
+        "ssh-keygen",
+        "dpkg",
+        "dpkg-deb",
+        "mount",
+    ] {
         let found = if tool.starts_with('/') {
             Path::new(tool).exists()
         } else {
@@ -882,7 +897,10 @@ mod tests {
                       Package: acme-agent\nStatus: install ok installed\nVersion: 1.0.1\n\n\
                       Package: gone\nStatus: deinstall ok config-files\nVersion: 2\n\n\
                       Package: old\nStatus: purge ok not-installed\nVersion: 3\n";
-        assert_eq!(status_version(status, "acme-agent").as_deref(), Some("1.0.1"));
+        assert_eq!(
+            status_version(status, "acme-agent").as_deref(),
+            Some("1.0.1")
+        );
         assert_eq!(status_version(status, "old"), None);
         assert_eq!(status_version(status, "missing"), None);
     }
@@ -901,7 +919,11 @@ mod tests {
         assert!(all[0].0.contains(&"pilot".to_string()));
         assert_eq!(all[0].1, Criticality::Low);
         assert!(!all[2].0.contains(&"pilot".to_string()));
-        for c in [Criticality::Medium, Criticality::High, Criticality::Critical] {
+        for c in [
+            Criticality::Medium,
+            Criticality::High,
+            Criticality::Critical,
+        ] {
             assert!(all.iter().any(|(_, k)| *k == c));
         }
         assert!(all.iter().any(|(g, _)| g.contains(&"db".to_string())));

@@ -115,7 +115,10 @@ impl SshConnector {
     }
 
     /// Connects and authenticates now; the concrete type offers test hooks.
-    pub fn connect_ssh(&self, host: &crate::inventory::Host) -> Result<SshTransport, TransportError> {
+    pub fn connect_ssh(
+        &self,
+        host: &crate::inventory::Host,
+    ) -> Result<SshTransport, TransportError> {
         let target = Target {
             name: host.name.clone(),
             address: host.address.clone(),
@@ -209,7 +212,8 @@ impl Target {
                 Err(e) => last = e.to_string(),
             }
         }
-        let tcp = tcp.ok_or_else(|| connect_err(format!("{last} (timeout {:?})", s.connect_timeout)))?;
+        let tcp =
+            tcp.ok_or_else(|| connect_err(format!("{last} (timeout {:?})", s.connect_timeout)))?;
         let _ = tcp.set_nodelay(true);
         let sock = tcp
             .try_clone()
@@ -234,7 +238,8 @@ impl Target {
                 tracing::warn!(host = %self.name, "host key preference {methods} not taken: {e}");
             }
         }
-        sess.handshake().map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
+        sess.handshake()
+            .map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
         self.check_host_key(&sess, &known)?;
         self.authenticate(&sess)?;
         tracing::debug!(host = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "connected");
@@ -333,7 +338,10 @@ impl Target {
         Err(auth_err(if tried.is_empty() {
             "no SSH agent and no ~/.ssh/id_* key; pass --identity FILE or set [ssh].identity".into()
         } else {
-            format!("tried {}; pass --identity FILE or load the key into the agent", tried.join("; "))
+            format!(
+                "tried {}; pass --identity FILE or load the key into the agent",
+                tried.join("; ")
+            )
         }))
     }
 }
@@ -673,7 +681,12 @@ impl SshTransport {
     }
 
     /// Re-hashes `remote` on the host with `sha256sum` and compares with `sent`.
-    pub fn verify_remote(&self, remote: &str, sent: &str, size: u64) -> Result<Upload, TransportError> {
+    pub fn verify_remote(
+        &self,
+        remote: &str,
+        sent: &str,
+        size: u64,
+    ) -> Result<Upload, TransportError> {
         let out = self.helper(sv(&["sha256sum", "--", remote]), "sha256sum")?;
         let found = out
             .stdout_str()
@@ -717,7 +730,8 @@ impl SshTransport {
                 source,
             }
         };
-        let mut src = std::fs::File::open(local).map_err(io_err(format!("open {}", local.display())))?;
+        let mut src =
+            std::fs::File::open(local).map_err(io_err(format!("open {}", local.display())))?;
         let (size, sent, synced) = self.with_conn(|conn| {
             let fail = |conn: &mut Conn, context: String, e: &dyn std::fmt::Display| {
                 conn.broken = true;
@@ -852,11 +866,13 @@ impl Transport for SshTransport {
                     message: "no sftp channel".into(),
                 });
             };
-            let mut file = sftp.open(Path::new(remote)).map_err(|e| TransportError::Ssh {
-                host: host.clone(),
-                context: format!("open {remote}"),
-                message: e.to_string(),
-            })?;
+            let mut file = sftp
+                .open(Path::new(remote))
+                .map_err(|e| TransportError::Ssh {
+                    host: host.clone(),
+                    context: format!("open {remote}"),
+                    message: e.to_string(),
+                })?;
             let mut out = std::fs::File::create(local).map_err(|e| TransportError::Io {
                 host: host.clone(),
                 context: format!("create {}", local.display()),
@@ -906,8 +922,15 @@ mod tests {
     #[test]
     fn sentinel_round_trips_through_a_real_shell() {
         let marker = sentinel_marker();
-        let line = command_line(&sv(&["sh", "-c", "echo out; printf 'no newline' >&2; exit 7"]), &marker);
-        let out = std::process::Command::new("sh").arg("-c").arg(&line).output().unwrap();
+        let line = command_line(
+            &sv(&["sh", "-c", "echo out; printf 'no newline' >&2; exit 7"]),
+            &marker,
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(7));
         assert_eq!(find_sentinel(&out.stderr, &marker), Some(7));
         let mut err = out.stderr.clone();
@@ -919,10 +942,16 @@ mod tests {
     fn a_missing_sentinel_is_not_a_zero() {
         let marker = sentinel_marker();
         assert_eq!(find_sentinel(b"some stderr\n", &marker), None);
-        assert_eq!(find_sentinel(format!("\n{marker}").as_bytes(), &marker), None);
+        assert_eq!(
+            find_sentinel(format!("\n{marker}").as_bytes(), &marker),
+            None
+        );
         let other = sentinel_marker();
         assert_ne!(marker, other);
-        assert_eq!(find_sentinel(format!("\n{other}0\n").as_bytes(), &marker), None);
+        assert_eq!(
+            find_sentinel(format!("\n{other}0\n").as_bytes(), &marker),
+            None
+        );
     }
 
     #[test]

@@ -38,8 +38,12 @@ pub struct KnownHosts {
 pub enum Verdict {
     Match,
     /// The host is recorded, but with other keys; `line` is the first of them.
-    Changed { line: usize },
-    Revoked { line: usize },
+    Changed {
+        line: usize,
+    },
+    Revoked {
+        line: usize,
+    },
     Unknown,
 }
 
@@ -87,7 +91,10 @@ impl KnownHosts {
                 continue;
             };
             let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(b64) else {
-                skipped.push(format!("{}:{line}: key is not valid base64", path.display()));
+                skipped.push(format!(
+                    "{}:{line}: key is not valid base64",
+                    path.display()
+                ));
                 continue;
             };
             entries.push(Entry {
@@ -150,7 +157,13 @@ impl KnownHosts {
     /// Appends one key under an exclusive lock with a single write, after checking
     /// (under the lock) that nobody recorded the host meanwhile. Returns false when
     /// the key was already there.
-    pub fn append(path: &Path, host: &str, port: u16, key_type: &str, blob: &[u8]) -> std::io::Result<bool> {
+    pub fn append(
+        path: &Path,
+        host: &str,
+        port: u16,
+        key_type: &str,
+        blob: &[u8],
+    ) -> std::io::Result<bool> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
