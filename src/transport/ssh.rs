@@ -688,6 +688,16 @@ impl SshTransport {
         size: u64,
     ) -> Result<Upload, TransportError> {
         let out = self.helper(sv(&["sha256sum", "--", remote]), "sha256sum")?;
+        self.compare_hash(remote, sent, size, &out)
+    }
+
+    fn compare_hash(
+        &self,
+        remote: &str,
+        sent: &str,
+        size: u64,
+        out: &Output,
+    ) -> Result<Upload, TransportError> {
         let found = out
             .stdout_str()
             .split_whitespace()
@@ -800,21 +810,21 @@ impl SshTransport {
         }
         let mode = format!("{:o}", mode & 0o7777);
         // OpenSSH's SFTP server cannot rename over a file, hence `mv -f`.
+        let place = "mv -f -- \"$1\" \"$2\" && chmod \"$3\" -- \"$2\"";
+        let Some(hook) = before_hash else {
+            // One process on the host: move, chmod and re-hash together.
+            let script = format!("{place} && sha256sum -- \"$2\"");
+            let out = self.helper(
+                sv(&["sh", "-c", &script, "sh", &tmp, remote, &mode]),
+                "move upload into place and re-hash it",
+            )?;
+            return self.compare_hash(remote, &sent, size, &out);
+        };
         self.helper(
-            sv(&[
-                "sh",
-                "-c",
-                "mv -f -- \"$1\" \"$2\" && chmod \"$3\" -- \"$2\"",
-                "sh",
-                &tmp,
-                remote,
-                &mode,
-            ]),
+            sv(&["sh", "-c", place, "sh", &tmp, remote, &mode]),
             "move upload into place",
         )?;
-        if let Some(hook) = before_hash {
-            hook(remote);
-        }
+        hook(remote);
         self.verify_remote(remote, &sent, size)
     }
 }
