@@ -174,8 +174,43 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Check { paths } => check(&cli, paths),
         Verb::Exec { selector, snippet } => exec(&cli, selector, snippet),
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
-        Verb::Lab(_) => Err(CliError::Other("not built yet".into())),
+        Verb::Lab(v) => lab(v),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
+    }
+}
+
+fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
+    match verb {
+        LabVerb::Up { count, dir } => {
+            let started = std::time::Instant::now();
+            let fleet = crate::lab::Fleet::start(*count, dir, crate::lab::Tie::Detached)
+                .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
+            for h in fleet.hosts() {
+                println!(
+                    "{:<6} 127.0.0.1:{:<5} sshd pid {:<7} {:<9} {}",
+                    h.name,
+                    h.port,
+                    h.sshd_pid,
+                    h.criticality.as_str(),
+                    h.groups.join(",")
+                );
+            }
+            let d = fleet.dir().display().to_string();
+            eprintln!(
+                "lab: {} hosts up in {:.1}s; inventory {d}/inventory.toml (Ansible: {d}/inventory.ini), \
+                 config {d}/patchbook.toml; stop with `patchbook lab down {d}`",
+                fleet.hosts().len(),
+                started.elapsed().as_secs_f64()
+            );
+            fleet.detach();
+            Ok(ExitCode::SUCCESS)
+        }
+        LabVerb::Down { dir } => {
+            let killed =
+                crate::lab::down(dir).map_err(|e| CliError::Other(format!("lab down: {e}")))?;
+            eprintln!("lab: stopped {} processes", killed.len());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
