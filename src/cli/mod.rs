@@ -79,9 +79,17 @@ pub enum Verb {
         /// checked on the host first, pending hosts run.
         #[arg(long, value_name = "RUN")]
         resume: Option<String>,
+        /// A value the playbook reads with `var("NAME")`; repeatable.
+        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
     },
     /// Show the waves and what each host would do, changing nothing.
-    Plan { playbook: PathBuf },
+    Plan {
+        playbook: PathBuf,
+        /// A value the playbook reads with `var("NAME")`; repeatable.
+        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
     /// Reverse a finished or crashed run from its journal, in reverse deployment order.
     Rollback {
         run: String,
@@ -189,8 +197,17 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
-        Verb::Run { playbook, resume } => run::run(&cli, playbook.as_deref(), resume.as_deref()),
-        Verb::Plan { playbook } => run::plan(&cli, playbook),
+        Verb::Run {
+            playbook,
+            resume,
+            vars,
+        } => run::run(
+            &cli,
+            playbook.as_deref(),
+            resume.as_deref(),
+            &run::parse_vars(vars)?,
+        ),
+        Verb::Plan { playbook, vars } => run::plan(&cli, playbook, &run::parse_vars(vars)?),
         Verb::Rollback { run, hosts } => run::rollback(&cli, run, hosts.as_deref()),
         Verb::Check { paths } => check(&cli, paths),
         Verb::Exec { selector, snippet } => exec(&cli, selector, snippet),

@@ -2,6 +2,7 @@
 //! through the journal. The journal is opened (or created) here, handed down, and
 //! closed here; the exit code comes from what the journal-backed summaries say.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,7 +81,25 @@ fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
 }
 
 /// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
-pub fn run(cli: &Cli, playbook: Option<&Path>, resume: Option<&str>) -> Result<ExitCode, CliError> {
+/// `NAME=VALUE` words from `--var`.
+pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    words
+        .iter()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(CliError::Usage(format!(
+                "--var takes NAME=VALUE, not `{w}`"
+            ))),
+        })
+        .collect()
+}
+
+pub fn run(
+    cli: &Cli,
+    playbook: Option<&Path>,
+    resume: Option<&str>,
+    vars: &BTreeMap<String, String>,
+) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
     rt.ensure_state_dir()?;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
@@ -152,11 +171,10 @@ pub fn run(cli: &Cli, playbook: Option<&Path>, resume: Option<&str>) -> Result<E
         );
     }
     let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
-    let control = Arc::new(RunControl::new(
-        session.clone(),
-        clock,
-        progress::sink(style, &run_id),
-    ));
+    let control = Arc::new(
+        RunControl::new(session.clone(), clock, progress::sink(style, &run_id))
+            .with_vars(vars.clone()),
+    );
     forward_stop_signals(control.stop.clone());
     let script = engine_for(&control);
     let result = script.run(&pb);
@@ -231,14 +249,20 @@ fn finish_notice(control: &RunControl, summaries: &[crate::rollout::Summary], ru
 
 /// `patchbook plan PLAYBOOK`: the same script with every mutating primitive
 /// recording instead of acting; prints the waves and each host's actions.
-pub fn plan(cli: &Cli, playbook: &Path) -> Result<ExitCode, CliError> {
+pub fn plan(
+    cli: &Cli,
+    playbook: &Path,
+    vars: &BTreeMap<String, String>,
+) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
     let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
     let ctx = RunCtx::new("plan", rt.state_dir.clone(), None, Mode::Plan)
         .with_playbook(playbook.display().to_string());
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
-    let control = Arc::new(RunControl::new(session.clone(), clock, Arc::new(|_, _| {})));
+    let control = Arc::new(
+        RunControl::new(session.clone(), clock, Arc::new(|_, _| {})).with_vars(vars.clone()),
+    );
     let script = engine_for(&control);
     let _ = script.run(&pb)?;
     let planned = session.run.planned();
