@@ -65,32 +65,55 @@ fn reinstall_100() -> UndoStep {
 fn staging_checks(j: &Journal) {
     let v = Some("1.0.1".to_string());
     let cases = [
-        TestCase::run("agent starts and answers --check", TestKind::Functional, v.clone(), || {
-            std::thread::sleep(Duration::from_millis(2));
-            Ok(None)
-        }),
-        TestCase::run("agent reports to the collector", TestKind::Integration, v.clone(), || Ok(None)),
-        TestCase::run("p95 check latency", TestKind::Performance, v.clone(), || {
-            Ok(Some(Metrics {
-                before: 120.0,
-                after: 126.0,
-                threshold_pct: 10.0,
-                unit: "ms".into(),
-                higher_is_better: false,
-            }))
-        }),
-        TestCase::run("events per second", TestKind::Performance, v.clone(), || {
-            Ok(Some(Metrics {
-                before: 5000.0,
-                after: 4100.0,
-                threshold_pct: 15.0,
-                unit: "ev/s".into(),
-                higher_is_better: true,
-            }))
-        }),
-        TestCase::run("CVE-2026-1234 reproducer no longer crashes", TestKind::Regression, v, || {
-            Err("reproducer still exits 139 on staging-2".into())
-        }),
+        TestCase::run(
+            "agent starts and answers --check",
+            TestKind::Functional,
+            v.clone(),
+            || {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(None)
+            },
+        ),
+        TestCase::run(
+            "agent reports to the collector",
+            TestKind::Integration,
+            v.clone(),
+            || Ok(None),
+        ),
+        TestCase::run(
+            "p95 check latency",
+            TestKind::Performance,
+            v.clone(),
+            || {
+                Ok(Some(Metrics {
+                    before: 120.0,
+                    after: 126.0,
+                    threshold_pct: 10.0,
+                    unit: "ms".into(),
+                    higher_is_better: false,
+                }))
+            },
+        ),
+        TestCase::run(
+            "events per second",
+            TestKind::Performance,
+            v.clone(),
+            || {
+                Ok(Some(Metrics {
+                    before: 5000.0,
+                    after: 4100.0,
+                    threshold_pct: 15.0,
+                    unit: "ev/s".into(),
+                    higher_is_better: true,
+                }))
+            },
+        ),
+        TestCase::run(
+            "CVE-2026-1234 reproducer no longer crashes",
+            TestKind::Regression,
+            v,
+            || Err("reproducer still exits 139 on staging-2".into()),
+        ),
     ];
     for case in &cases {
         report::record_test(j, Some("staging-1"), case).unwrap();
@@ -121,7 +144,10 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
     std::thread::sleep(Duration::from_millis(3));
     let error = fails.then(|| {
         if host == LONG_OUTPUT_HOST {
-            format!("{DPKG_ERROR}\n{}", "Setting up acme-agent (1.0.1) ...\n".repeat(200))
+            format!(
+                "{DPKG_ERROR}\n{}",
+                "Setting up acme-agent (1.0.1) ...\n".repeat(200)
+            )
         } else {
             DPKG_ERROR.to_string()
         }
@@ -149,9 +175,16 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
         let undo = j.undo_intent(host, deploy, &reinstall_100()).unwrap();
         std::thread::sleep(Duration::from_millis(2));
         if host == ROLLBACK_FAILS {
-            let error = format!("{host}: rollback: dpkg -i exited 2: dpkg: error: cannot access archive");
-            j.outcome(host, undo, false, json!({"undo": "reinstall acme-agent 1.0.0", "error": error}), None)
-                .unwrap();
+            let error =
+                format!("{host}: rollback: dpkg -i exited 2: dpkg: error: cannot access archive");
+            j.outcome(
+                host,
+                undo,
+                false,
+                json!({"undo": "reinstall acme-agent 1.0.0", "error": error}),
+                None,
+            )
+            .unwrap();
             j.host_rolled_back(host, false, json!({"error": error}))
                 .unwrap();
             event(
@@ -163,8 +196,14 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
                 },
             );
         } else {
-            j.outcome(host, undo, true, json!({"undo": "reinstall acme-agent 1.0.0", "error": null}), None)
-                .unwrap();
+            j.outcome(
+                host,
+                undo,
+                true,
+                json!({"undo": "reinstall acme-agent 1.0.0", "error": null}),
+                None,
+            )
+            .unwrap();
             j.append(
                 Some(host),
                 "verify",
@@ -294,8 +333,18 @@ fn fleet_run(state: &Path, run: &str) {
         let rollback_error = (name == ROLLBACK_FAILS).then(|| "dpkg -i exited 2".to_string());
         let h = HostReport {
             name: name.clone(),
-            wave: if i < 2 { 0 } else if i < 10 { 1 } else { 2 },
-            state: if failed { HostState::Failed } else { HostState::Done },
+            wave: if i < 2 {
+                0
+            } else if i < 10 {
+                1
+            } else {
+                2
+            },
+            state: if failed {
+                HostState::Failed
+            } else {
+                HostState::Done
+            },
             reason: failed.then(|| "deploy failed".into()),
             started: None,
             ended: None,
@@ -386,10 +435,19 @@ fn markdown_report_of_a_30_host_run() {
 
     assert!(md.contains("**Operator:** alice"), "{md}");
     assert!(md.contains("Sat 02:00-06:00 Asia/Hong\\_Kong"), "{md}");
-    assert!(md.contains(&format!("`scripts/acme-agent.rhai` sha256 `{}`", sha("playbook"))));
-    assert!(md.contains(&format!("module `stdlib/patch/debian.rhai` sha256 `{}`", sha("debian"))));
+    assert!(md.contains(&format!(
+        "`scripts/acme-agent.rhai` sha256 `{}`",
+        sha("playbook")
+    )));
+    assert!(md.contains(&format!(
+        "module `stdlib/patch/debian.rhai` sha256 `{}`",
+        sha("debian")
+    )));
     // targeted, done, failed, reverted, rolled back, rollback failed, in progress, unknown, pending
-    assert!(md.contains("| 30 | 27 | 3 | 0 | 2 | 1 | 0 | 0 | 0 |"), "{md}");
+    assert!(
+        md.contains("| 30 | 27 | 3 | 0 | 2 | 1 | 0 | 0 | 0 |"),
+        "{md}"
+    );
     assert!(md.contains("| web | 15 | 13 | 2 | 0 | 2 | 0 | 0 |"), "{md}");
     assert!(md.contains("| db | 15 | 14 | 1 | 0 | 0 | 1 | 0 |"), "{md}");
 
@@ -403,7 +461,10 @@ fn markdown_report_of_a_30_host_run() {
         assert!(row.contains("acme-agent 1.0.0"), "before version: {row}");
         let failed = FAILING.contains(&h.as_str());
         if !failed {
-            assert!(row.contains("| done |") && row.contains("acme-agent 1.0.1"), "{row}");
+            assert!(
+                row.contains("| done |") && row.contains("acme-agent 1.0.1"),
+                "{row}"
+            );
         }
         // Every step with a duration: deploy slept 3 ms between intent and outcome.
         let deploy_ms: f64 = row
@@ -415,22 +476,58 @@ fn markdown_report_of_a_30_host_run() {
             .unwrap_or_else(|| panic!("no deploy duration in {row}"));
         assert!(deploy_ms >= 3.0, "{row}");
     }
-    let row = |h: &str| md.lines().find(|l| l.starts_with(&format!("| {h} |"))).unwrap();
-    assert!(row("fleet-07").contains("| failed, rolled back |"), "{}", row("fleet-07"));
+    let row = |h: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {h} |")))
+            .unwrap()
+    };
+    assert!(
+        row("fleet-07").contains("| failed, rolled back |"),
+        "{}",
+        row("fleet-07")
+    );
     assert!(row("fleet-07").contains("undo ok"), "{}", row("fleet-07"));
-    assert!(row("fleet-22").contains("| failed, rollback failed |"), "{}", row("fleet-22"));
+    assert!(
+        row("fleet-22").contains("| failed, rollback failed |"),
+        "{}",
+        row("fleet-22")
+    );
     // The rolled-back host is back on 1.0.0, the one whose rollback failed is not.
-    assert!(row("fleet-07").split('|').nth(5).unwrap().contains("1.0.0"), "{}", row("fleet-07"));
-    assert!(row("fleet-22").split('|').nth(5).unwrap().contains("half-configured"), "{}", row("fleet-22"));
+    assert!(
+        row("fleet-07").split('|').nth(5).unwrap().contains("1.0.0"),
+        "{}",
+        row("fleet-07")
+    );
+    assert!(
+        row("fleet-22")
+            .split('|')
+            .nth(5)
+            .unwrap()
+            .contains("half-configured"),
+        "{}",
+        row("fleet-22")
+    );
 
     // Failures show the host's output, cut when long.
-    let failures = md.split("## Failures").nth(1).unwrap().split("## Host details").next().unwrap();
+    let failures = md
+        .split("## Failures")
+        .nth(1)
+        .unwrap()
+        .split("## Host details")
+        .next()
+        .unwrap();
     for h in FAILING {
         assert!(failures.contains(&format!("### {h} (")), "{failures}");
     }
     assert!(failures.contains("post-installation script subprocess returned error exit status 1"));
-    assert!(failures.contains("more bytes cut]"), "long output is cut: {failures}");
-    assert!(failures.contains("cannot access archive"), "rollback error shown");
+    assert!(
+        failures.contains("more bytes cut]"),
+        "long output is cut: {failures}"
+    );
+    assert!(
+        failures.contains("cannot access archive"),
+        "rollback error shown"
+    );
     assert!(md.len() < 200_000, "report stays a sane size: {}", md.len());
 
     // Details: backups with archive and checksum, undo steps, rollback.
@@ -445,23 +542,45 @@ fn markdown_report_of_a_30_host_run() {
     // Test report: patch version, every case, performance numbers and threshold.
     let tests = md.split("## Staging test report").nth(1).unwrap();
     assert!(tests.contains("**Patch version:** 1.0.1"), "{tests}");
-    assert!(tests.contains("**Cases:** 5 — 3 passed, 2 failed"), "{tests}");
-    let p95 = tests.lines().find(|l| l.contains("p95 check latency")).unwrap();
+    assert!(
+        tests.contains("**Cases:** 5 — 3 passed, 2 failed"),
+        "{tests}"
+    );
+    let p95 = tests
+        .lines()
+        .find(|l| l.contains("p95 check latency"))
+        .unwrap();
     assert!(
         p95.contains("| performance | pass |") && p95.contains("| 120 ms | 126 ms | +5.0% | 10% |"),
         "{p95}"
     );
-    let eps = tests.lines().find(|l| l.contains("events per second")).unwrap();
-    assert!(eps.contains("| 5000 ev/s | 4100 ev/s | +18.0% | 15% |") && eps.contains("FAIL"), "{eps}");
+    let eps = tests
+        .lines()
+        .find(|l| l.contains("events per second"))
+        .unwrap();
+    assert!(
+        eps.contains("| 5000 ev/s | 4100 ev/s | +18.0% | 15% |") && eps.contains("FAIL"),
+        "{eps}"
+    );
     assert!(eps.contains("over the 15% threshold"), "{eps}");
     let reg = tests.lines().find(|l| l.contains("reproducer")).unwrap();
-    assert!(reg.contains("| regression | FAIL |") && reg.contains("exits 139"), "{reg}");
+    assert!(
+        reg.contains("| regression | FAIL |") && reg.contains("exits 139"),
+        "{reg}"
+    );
 
     // Notifications sent, and the one that failed.
     let notes = md.split("## Notifications").nth(1).unwrap();
-    assert_eq!(notes.lines().filter(|l| l.starts_with("| 20")).count(), 4, "{notes}");
+    assert_eq!(
+        notes.lines().filter(|l| l.starts_with("| 20")).count(),
+        4,
+        "{notes}"
+    );
     assert!(notes.contains("| pager | oncall | FAILED | 3 |"), "{notes}");
-    assert!(notes.contains("| mail | ops@example.com | sent | 2 |"), "{notes}");
+    assert!(
+        notes.contains("| mail | ops@example.com | sent | 2 |"),
+        "{notes}"
+    );
     assert!(md.contains("## Artifact checks"), "{md}");
 }
 
@@ -469,7 +588,10 @@ fn markdown_report_of_a_30_host_run() {
 fn json_report_has_the_documented_structure() {
     let state = tempfile::tempdir().unwrap();
     fleet_run(state.path(), "fleet-run");
-    let out = ok_stdout(patchbook(state.path(), &["report", "fleet-run", "--format", "json"]));
+    let out = ok_stdout(patchbook(
+        state.path(),
+        &["report", "fleet-run", "--format", "json"],
+    ));
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["schema"], "patchbook.report/1");
     assert_eq!(r["run"]["id"], "fleet-run");
@@ -499,7 +621,11 @@ fn json_report_has_the_documented_structure() {
         assert!(deploy["duration_ms"].as_f64().unwrap() >= 3.0, "{deploy}");
         assert!(h["started"].is_string() && h["ended"].is_string(), "{h}");
         let failed = FAILING.contains(&name);
-        assert_eq!(h["outcome"], if failed { "failed" } else { "done" }, "{name}");
+        assert_eq!(
+            h["outcome"],
+            if failed { "failed" } else { "done" },
+            "{name}"
+        );
         assert_eq!(h["error_output"].is_string(), failed, "{name}");
         if failed {
             assert_eq!(h["steps"][1]["undoes"], deploy["id"]);
@@ -510,19 +636,34 @@ fn json_report_has_the_documented_structure() {
     assert_eq!(f7["rollback"]["ok"], true);
     assert_eq!(f7["rollback"]["cause"], "host_failed");
     assert_eq!(f7["packages"][0]["after"], "1.0.0");
-    assert!(f7["error_output"].as_str().unwrap().contains("exit status 1"));
+    assert!(f7["error_output"]
+        .as_str()
+        .unwrap()
+        .contains("exit status 1"));
     let f22 = &hosts[21];
     assert_eq!(f22["rollback"]["ok"], false);
-    assert!(f22["rollback_error"].as_str().unwrap().contains("cannot access archive"));
+    assert!(f22["rollback_error"]
+        .as_str()
+        .unwrap()
+        .contains("cannot access archive"));
     let long = hosts[14]["error_output"].as_str().unwrap();
-    assert!(long.chars().count() < 2100 && long.ends_with("more bytes cut]"), "{long}");
+    assert!(
+        long.chars().count() < 2100 && long.ends_with("more bytes cut]"),
+        "{long}"
+    );
 
     let tests = &r["tests"];
     assert_eq!(tests["patch_versions"], json!(["1.0.1"]));
-    assert_eq!((tests["total"].as_u64(), tests["passed"].as_u64()), (Some(5), Some(3)));
+    assert_eq!(
+        (tests["total"].as_u64(), tests["passed"].as_u64()),
+        (Some(5), Some(3))
+    );
     let p95 = &tests["cases"][2];
     assert_eq!(p95["kind"], "performance");
-    assert_eq!(p95["metrics"], json!({"before": 120.0, "after": 126.0, "threshold_pct": 10.0, "unit": "ms"}));
+    assert_eq!(
+        p95["metrics"],
+        json!({"before": 120.0, "after": 126.0, "threshold_pct": 10.0, "unit": "ms"})
+    );
     assert!((p95["degradation_pct"].as_f64().unwrap() - 5.0).abs() < 1e-9);
     assert_eq!(p95["host"], "staging-1");
     assert!(p95["duration_ms"].as_f64().unwrap() >= 0.0);
@@ -565,7 +706,11 @@ fn dump_dom(file: &Path) -> String {
         .arg(format!("file://{}", file.display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -581,14 +726,24 @@ fn html_report_opens_in_chromium_with_host_rows_and_one_bar_per_host() {
     let file = out_dir.path().join("fleet-run.html");
     let printed = ok_stdout(patchbook(
         state.path(),
-        &["report", "fleet-run", "--format", "html", "--out", file.to_str().unwrap()],
+        &[
+            "report",
+            "fleet-run",
+            "--format",
+            "html",
+            "--out",
+            file.to_str().unwrap(),
+        ],
     ));
     assert_eq!(printed.trim(), file.display().to_string());
     let html = std::fs::read_to_string(&file).unwrap();
     // Self-contained: no scripts, no linked assets.
     assert!(!html.contains("<script"), "no scripts");
     for linked in ["<link", " src=", " href=", "url(", "@import"] {
-        assert!(!html.contains(linked), "external asset reference `{linked}`");
+        assert!(
+            !html.contains(linked),
+            "external asset reference `{linked}`"
+        );
     }
 
     let profile = tempfile::tempdir().unwrap();
@@ -599,9 +754,17 @@ fn html_report_opens_in_chromium_with_host_rows_and_one_bar_per_host() {
         .arg(format!("file://{}", file.display()))
         .output()
         .unwrap();
-    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
     let bytes = std::fs::read(&png).expect("chromium wrote no screenshot");
-    assert!(bytes.len() > 20_000, "screenshot is suspiciously small: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 20_000,
+        "screenshot is suspiciously small: {} bytes",
+        bytes.len()
+    );
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
     assert_eq!(&bytes[12..16], b"IHDR");
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
@@ -609,11 +772,21 @@ fn html_report_opens_in_chromium_with_host_rows_and_one_bar_per_host() {
     assert_eq!((width, height), (1400, 2000));
 
     let dom = dump_dom(&file);
-    assert_eq!(count(&dom, "<tr class=\"host-row "), HOSTS, "host rows in the rendered DOM");
+    assert_eq!(
+        count(&dom, "<tr class=\"host-row "),
+        HOSTS,
+        "host rows in the rendered DOM"
+    );
     for i in 1..=HOSTS {
         assert!(dom.contains(&format!("data-host=\"{}\"", host_name(i))));
     }
-    let svg = dom.split("<svg").nth(1).unwrap().split("</svg>").next().unwrap();
+    let svg = dom
+        .split("<svg")
+        .nth(1)
+        .unwrap()
+        .split("</svg>")
+        .next()
+        .unwrap();
     assert_eq!(count(svg, "class=\"bar bar-"), HOSTS, "one bar per host");
     let bar_hosts: HashSet<&str> = svg
         .split("class=\"bar bar-")
@@ -624,7 +797,11 @@ fn html_report_opens_in_chromium_with_host_rows_and_one_bar_per_host() {
     assert_eq!(count(svg, "class=\"bar bar-done\""), 27);
     assert_eq!(count(svg, "class=\"bar bar-rolled-back\""), 2);
     assert_eq!(count(svg, "class=\"bar bar-failed\""), 1);
-    assert_eq!(count(svg, "class=\"wave-boundary\""), 3, "wave starts marked");
+    assert_eq!(
+        count(svg, "class=\"wave-boundary\""),
+        3,
+        "wave starts marked"
+    );
     assert!(svg.contains("class=\"legend\"") && svg.contains(">rolled back</text>"));
     assert!(dom.contains("id=\"tests\"") && dom.contains("p95 check latency"));
 }
@@ -644,10 +821,20 @@ fn hostile_host_output_is_escaped_in_every_format() {
         },
     );
     let id = j
-        .intent(host, "deploy", json!({"package": PKG, "from": "1.0.0", "to": HOSTILE}))
+        .intent(
+            host,
+            "deploy",
+            json!({"package": PKG, "from": "1.0.0", "to": HOSTILE}),
+        )
         .unwrap();
-    j.outcome(host, id, false, json!({"error": format!("```\n{HOSTILE}\n```")}), None)
-        .unwrap();
+    j.outcome(
+        host,
+        id,
+        false,
+        json!({"error": format!("```\n{HOSTILE}\n```")}),
+        None,
+    )
+    .unwrap();
     event(
         &j,
         &RolloutEvent::HostFailed {
@@ -679,20 +866,35 @@ fn hostile_host_output_is_escaped_in_every_format() {
     j.close().unwrap();
 
     let html = report::render(state.path(), "xss", Format::Html).unwrap();
-    assert!(!html.contains("<script") && !html.contains("<img") && !html.contains("<b>"), "{html}");
+    assert!(
+        !html.contains("<script") && !html.contains("<img") && !html.contains("<b>"),
+        "{html}"
+    );
     assert!(html.contains("&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt;"));
     let file = state.path().join("xss.html");
     std::fs::write(&file, &html).unwrap();
     let dom = dump_dom(&file);
-    assert!(!dom.contains("<script") && !dom.contains("<img"), "markup from the journal became DOM");
-    assert!(dom.contains("&lt;script&gt;alert('owned')&lt;/script&gt;"), "shown as text");
+    assert!(
+        !dom.contains("<script") && !dom.contains("<img"),
+        "markup from the journal became DOM"
+    );
+    assert!(
+        dom.contains("&lt;script&gt;alert('owned')&lt;/script&gt;"),
+        "shown as text"
+    );
     assert_eq!(count(&dom, "class=\"bar bar-"), 1);
 
     let md = report::render(state.path(), "xss", Format::Markdown).unwrap();
     let markup = outside_fences(&md);
-    assert!(!markup.contains("<script") && !markup.contains("<img") && !markup.contains("<b>"), "{markup}");
+    assert!(
+        !markup.contains("<script") && !markup.contains("<img") && !markup.contains("<b>"),
+        "{markup}"
+    );
     // The host output sits in a fence its own backticks cannot close.
-    assert!(md.contains(&format!("````text\ndeploy: ```\n{HOSTILE}\n```\n````")), "{md}");
+    assert!(
+        md.contains(&format!("````text\ndeploy: ```\n{HOSTILE}\n```\n````")),
+        "{md}"
+    );
 
     let json = report::render(state.path(), "xss", Format::Json).unwrap();
     let v: Value = serde_json::from_str(&json).unwrap();
@@ -723,24 +925,45 @@ fn a_crashed_run_shows_unfinished_hosts_in_progress_not_done() {
             },
         );
         for h in &hosts[..4] {
-            event(&j, &RolloutEvent::HostStarted { host: h.clone(), wave: 0 });
+            event(
+                &j,
+                &RolloutEvent::HostStarted {
+                    host: h.clone(),
+                    wave: 0,
+                },
+            );
         }
         for h in &hosts[..2] {
             work_on(&j, h, 0);
         }
         // fleet-03: intent on disk, then the controller died before the outcome.
-        j.intent(&hosts[2], "deploy", json!({"package": PKG, "from": "1.0.0", "to": "1.0.1", "undo": reinstall_100()}))
-            .unwrap();
+        j.intent(
+            &hosts[2],
+            "deploy",
+            json!({"package": PKG, "from": "1.0.0", "to": "1.0.1", "undo": reinstall_100()}),
+        )
+        .unwrap();
         // fleet-04: its deploy completed, but the host never finished.
         let id = j
-            .intent(&hosts[3], "deploy", json!({"package": PKG, "from": "1.0.0", "to": "1.0.1"}))
+            .intent(
+                &hosts[3],
+                "deploy",
+                json!({"package": PKG, "from": "1.0.0", "to": "1.0.1"}),
+            )
             .unwrap();
-        j.outcome(&hosts[3], id, true, json!({"package": PKG, "after": "1.0.1"}), Some(reinstall_100()))
-            .unwrap();
+        j.outcome(
+            &hosts[3],
+            id,
+            true,
+            json!({"package": PKG, "after": "1.0.1"}),
+            Some(reinstall_100()),
+        )
+        .unwrap();
         // Dropped without close: as after a SIGKILL, no run.close.
     }
     let r: Value =
-        serde_json::from_str(&report::render(state.path(), "crashed", Format::Json).unwrap()).unwrap();
+        serde_json::from_str(&report::render(state.path(), "crashed", Format::Json).unwrap())
+            .unwrap();
     assert_eq!(r["run"]["closed"], false);
     assert!(r["run"]["ended"].is_null());
     assert_eq!(r["run"]["open_intents"], 1);
@@ -759,14 +982,24 @@ fn a_crashed_run_shows_unfinished_hosts_in_progress_not_done() {
     assert_eq!(r["counts"]["targeted"], 7);
 
     let md = report::render(state.path(), "crashed", Format::Markdown).unwrap();
-    assert!(md.contains("not closed (still running, stopped or crashed)"), "{md}");
+    assert!(
+        md.contains("not closed (still running, stopped or crashed)"),
+        "{md}"
+    );
     assert!(md.contains("**Open intents:** 1"), "{md}");
     let row = md.lines().find(|l| l.starts_with("| fleet-03 |")).unwrap();
-    assert!(row.contains("| in progress |") && row.contains("deploy OPEN ?"), "{row}");
+    assert!(
+        row.contains("| in progress |") && row.contains("deploy OPEN ?"),
+        "{row}"
+    );
     assert!(!row.contains("| done |"));
     let html = report::render(state.path(), "crashed", Format::Html).unwrap();
     assert_eq!(count(&html, "class=\"bar bar-in-progress\""), 2);
-    assert_eq!(count(&html, "class=\"bar bar-"), 4, "the pending host gets a mark, not a bar");
+    assert_eq!(
+        count(&html, "class=\"bar bar-"),
+        4,
+        "the pending host gets a mark, not a bar"
+    );
     assert_eq!(count(&html, "class=\"pending-mark\""), 1);
 }
 
@@ -782,9 +1015,11 @@ fn report_last_renders_the_newest_run_and_bad_runs_are_explained() {
         work_on(&j, "fleet-01", 0);
         j.close().unwrap();
     }
-    let r: Value =
-        serde_json::from_str(&ok_stdout(patchbook(state.path(), &["report", "last", "--format", "json"])))
-            .unwrap();
+    let r: Value = serde_json::from_str(&ok_stdout(patchbook(
+        state.path(),
+        &["report", "last", "--format", "json"],
+    )))
+    .unwrap();
     assert_eq!(r["run"]["id"], "newer");
     let md = ok_stdout(patchbook(state.path(), &["report", "last"]));
     assert!(md.starts_with("# Patch report: run `newer`"), "{md}");
@@ -832,7 +1067,10 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
         ok_stdout(patchbook(state.path(), &args))
     };
     let before: Value = serde_json::from_str(&list(true)).unwrap();
-    assert!(!before.to_string().contains("patchbook_patch_levels"), "{before}");
+    assert!(
+        !before.to_string().contains("patchbook_patch_levels"),
+        "{before}"
+    );
 
     let j = Journal::begin(state.path(), "first", "alice", &header()).unwrap();
     verify(&j, "fleet-01", PKG, "1.0.0", true);
@@ -841,7 +1079,13 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
     let j = Journal::begin(state.path(), "second", "alice", &header()).unwrap();
     verify(&j, "fleet-01", PKG, "1.0.1", true);
     // Not verified: a failed check is no patch level.
-    verify(&j, "fleet-02", PKG, "1.0.1 (state half-configured, not fully installed)", false);
+    verify(
+        &j,
+        "fleet-02",
+        PKG,
+        "1.0.1 (state half-configured, not fully installed)",
+        false,
+    );
     j.close().unwrap();
     // A crashed run's verified versions count too.
     let j = Journal::begin(state.path(), "third", "alice", &header()).unwrap();
@@ -864,7 +1108,11 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
             .map(|l| l[col..].to_string())
             .unwrap()
     };
-    assert_eq!(cell("fleet-01"), "acme-agent=1.0.1,openssl=3.0.13-1", "{table}");
+    assert_eq!(
+        cell("fleet-01"),
+        "acme-agent=1.0.1,openssl=3.0.13-1",
+        "{table}"
+    );
     assert_eq!(cell("fleet-02"), "-", "{table}");
     assert_eq!(cell("fleet-03"), "acme-agent=1.0.1", "{table}");
 
@@ -874,16 +1122,25 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
         hv["fleet-01"]["patchbook_patch_levels"],
         json!({"acme-agent": "1.0.1", "openssl": "3.0.13-1"})
     );
-    assert!(hv["fleet-02"].get("patchbook_patch_levels").is_none(), "{after}");
+    assert!(
+        hv["fleet-02"].get("patchbook_patch_levels").is_none(),
+        "{after}"
+    );
     assert_eq!(hv["fleet-03"]["patchbook_patch_levels"][PKG], "1.0.1");
     // Everything else is as before.
     let mut stripped = after.clone();
     for h in ["fleet-01", "fleet-03"] {
-        stripped["_meta"]["hostvars"].as_object_mut().unwrap().remove(h);
+        stripped["_meta"]["hostvars"]
+            .as_object_mut()
+            .unwrap()
+            .remove(h);
     }
     let mut before_stripped = before.clone();
     for h in ["fleet-01", "fleet-03"] {
-        before_stripped["_meta"]["hostvars"].as_object_mut().unwrap().remove(h);
+        before_stripped["_meta"]["hostvars"]
+            .as_object_mut()
+            .unwrap()
+            .remove(h);
     }
     assert_eq!(stripped, before_stripped);
 }

@@ -106,7 +106,8 @@ pub enum Verb {
 }
 
 fn parse_format(s: &str) -> Result<crate::report::Format, String> {
-    s.parse().map_err(|e: crate::report::ReportError| e.to_string())
+    s.parse()
+        .map_err(|e: crate::report::ReportError| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]

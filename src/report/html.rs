@@ -52,6 +52,7 @@ pre.output { background: #1e1e1e; color: #f1f1f1; padding: 8px 10px; white-space
 svg.timeline { border: 1px solid #ddd; background: #fff; max-width: 100%; height: auto; }
 svg .host-label, svg .axis-label, svg .legend-label { font: 11px system-ui, sans-serif; fill: #333; }
 svg .wave-label { font: bold 11px system-ui, sans-serif; fill: #333; }
+table.hosts td:first-child, td.num, .step, .status { white-space: nowrap; }
 details { margin: 4px 0; } summary { cursor: pointer; }
 "#;
 
@@ -146,12 +147,7 @@ pub fn render(r: &RunReport) -> String {
     }
     let _ = writeln!(o, "</dl>");
     for a in &run.alerts {
-        let _ = writeln!(
-            o,
-            "<p class=\"alert\">{}: {}</p>",
-            esc(&a.ts),
-            esc(&a.text)
-        );
+        let _ = writeln!(o, "<p class=\"alert\">{}: {}</p>", esc(&a.ts), esc(&a.text));
     }
     let _ = writeln!(o, "</section>");
 
@@ -229,10 +225,7 @@ pub fn render(r: &RunReport) -> String {
         let _ = writeln!(o, "</tbody></table></section>");
     }
 
-    let _ = writeln!(
-        o,
-        "<section id=\"notifications\"><h2>Notifications</h2>"
-    );
+    let _ = writeln!(o, "<section id=\"notifications\"><h2>Notifications</h2>");
     if r.notifications.is_empty() {
         let _ = writeln!(o, "<p>None recorded.</p>");
     } else {
@@ -560,12 +553,12 @@ fn host_details(o: &mut String, h: &HostReport) {
 
 fn tests(o: &mut String, r: &RunReport) {
     let t = &r.tests;
-    let _ = writeln!(
-        o,
-        "<section id=\"tests\"><h2>Staging test report</h2>"
-    );
+    let _ = writeln!(o, "<section id=\"tests\"><h2>Staging test report</h2>");
     if t.cases.is_empty() {
-        let _ = writeln!(o, "<p>No staging checks recorded in this run.</p></section>");
+        let _ = writeln!(
+            o,
+            "<p>No staging checks recorded in this run.</p></section>"
+        );
         return;
     }
     let _ = writeln!(

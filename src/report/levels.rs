@@ -36,8 +36,7 @@ pub fn patch_levels(state_dir: &Path) -> Result<PatchLevels, ReportError> {
     for info in list_runs(state_dir)? {
         let scan = scan_lines::<Record>(&info.path)?;
         for (_, rec) in scan.items {
-            if rec.kind != "verify" || rec.data.get("ok").and_then(|v| v.as_bool()) != Some(true)
-            {
+            if rec.kind != "verify" || rec.data.get("ok").and_then(|v| v.as_bool()) != Some(true) {
                 continue;
             }
             let (Some(host), Some(package), Some(version)) = (

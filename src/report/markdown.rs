@@ -103,8 +103,14 @@ pub fn render(r: &RunReport) -> String {
     let _ = writeln!(
         o,
         "- **Playbook:** {} sha256 {}",
-        run.playbook.as_deref().map(code).unwrap_or_else(|| "—".into()),
-        run.playbook_sha256.as_deref().map(code).unwrap_or_else(|| "—".into())
+        run.playbook
+            .as_deref()
+            .map(code)
+            .unwrap_or_else(|| "—".into()),
+        run.playbook_sha256
+            .as_deref()
+            .map(code)
+            .unwrap_or_else(|| "—".into())
     );
     for (path, sha) in &run.modules {
         let _ = writeln!(o, "  - module {} sha256 {}", code(path), code(sha));
@@ -112,7 +118,10 @@ pub fn render(r: &RunReport) -> String {
     let _ = writeln!(
         o,
         "- **Inventory sha256:** {}",
-        run.inventory_sha256.as_deref().map(code).unwrap_or_else(|| "—".into())
+        run.inventory_sha256
+            .as_deref()
+            .map(code)
+            .unwrap_or_else(|| "—".into())
     );
     let _ = writeln!(
         o,
@@ -331,7 +340,11 @@ fn host_row(o: &mut String, h: &HostReport) {
         esc(&h.status_text()),
         versions(|p| p.before.as_deref()),
         versions(|p| p.after.as_deref()),
-        if steps.is_empty() { "—".into() } else { steps },
+        if steps.is_empty() {
+            "—".into()
+        } else {
+            steps
+        },
         h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into()),
         if backups.is_empty() {
             "—".into()
@@ -407,13 +420,21 @@ fn host_details(o: &mut String, h: &HostReport) {
             code(&b.archive),
             code(&b.sha256),
             b.size.map(|s| format!(", {s} bytes")).unwrap_or_default(),
-            b.paths.iter().map(|p| code(p)).collect::<Vec<_>>().join(", "),
+            b.paths
+                .iter()
+                .map(|p| code(p))
+                .collect::<Vec<_>>()
+                .join(", "),
             if b.missing.is_empty() {
                 String::new()
             } else {
                 format!(
                     " (missing on the host: {})",
-                    b.missing.iter().map(|p| code(p)).collect::<Vec<_>>().join(", ")
+                    b.missing
+                        .iter()
+                        .map(|p| code(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             }
         );
@@ -461,7 +482,11 @@ fn host_details(o: &mut String, h: &HostReport) {
             } else {
                 format!(
                     "; undone: {}",
-                    rb.undone.iter().map(|u| esc(u)).collect::<Vec<_>>().join("; ")
+                    rb.undone
+                        .iter()
+                        .map(|u| esc(u))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )
             }
         );

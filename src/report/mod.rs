@@ -72,7 +72,7 @@ pub enum ReportError {
     NoRuns { dir: PathBuf },
     #[error("`{given}` is not a report format; use md, json or html")]
     UnknownFormat { given: String },
-    #[error("cannot write the report to {path}: {source}; check the folder exists and is writable")]
+    #[error("cannot write the report to {path}; check the folder exists and is writable")]
     Write {
         path: PathBuf,
         #[source]
@@ -163,7 +163,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = resolve_run(dir.path(), LAST).unwrap_err().to_string();
         assert!(e.contains("no runs under") && e.contains("runs"), "{e}");
-        let e = render(dir.path(), "nope", Format::Json).unwrap_err().to_string();
+        let e = render(dir.path(), "nope", Format::Json)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no run `nope`"), "{e}");
     }
 }

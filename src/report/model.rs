@@ -413,9 +413,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                 if let Some(h) = &host {
                     order.add(h);
                 }
-                let ev = host
-                    .as_ref()
-                    .map(|h| events.entry(h.clone()).or_default());
+                let ev = host.as_ref().map(|h| events.entry(h.clone()).or_default());
                 let wave = e.get("wave").and_then(Value::as_u64).map(|w| w as usize);
                 match (e.get("kind").and_then(Value::as_str), ev) {
                     (Some("run_started"), _) => {
@@ -574,7 +572,12 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     }
 
     if let Some(s) = &summary {
-        for h in s.get("hosts").and_then(Value::as_array).into_iter().flatten() {
+        for h in s
+            .get("hosts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(name) = field(h, "name") {
                 order.add(&name);
                 let ev = events.entry(name).or_default();
@@ -591,7 +594,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         order.add(h);
     }
 
-    let labels: BTreeMap<usize, String> = waves.iter().map(|w| (w.index, w.label.clone())).collect();
+    let labels: BTreeMap<usize, String> =
+        waves.iter().map(|w| (w.index, w.label.clone())).collect();
     let no_records = Vec::new();
     let hosts: Vec<HostReport> = order
         .names
@@ -650,7 +654,10 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
             closed: state.closed,
             playbook: header.as_ref().map(|h| h.playbook.display().to_string()),
             playbook_sha256: header.as_ref().map(|h| h.playbook_sha256.clone()),
-            modules: header.as_ref().map(|h| h.modules.clone()).unwrap_or_default(),
+            modules: header
+                .as_ref()
+                .map(|h| h.modules.clone())
+                .unwrap_or_default(),
             inventory_sha256: header.as_ref().map(|h| h.inventory_sha256.clone()),
             patchbook_version: header.as_ref().map(|h| h.patchbook_version.clone()),
             policy: header.map(|h| h.policy).unwrap_or(Value::Null),
@@ -697,7 +704,7 @@ fn host_report(
     let mut steps: Vec<StepReport> = Vec::new();
     let mut intents: BTreeMap<u64, (IntentData, usize)> = BTreeMap::new();
     let mut packages: BTreeMap<String, PackageChange> = BTreeMap::new();
-    let mut errors: Vec<String> = Vec::new();
+    let mut errors = ErrorOutput::default();
     let mut backups = Vec::new();
     let mut verifications = Vec::new();
     let mut health = Vec::new();
@@ -752,7 +759,7 @@ fn host_report(
                 }
                 if !out.ok {
                     if let Some(e) = &error {
-                        errors.push(format!("{}: {e}", intent.step));
+                        errors.add(&intent.step, e);
                     }
                 }
                 if intent.undoes.is_some() {
@@ -763,7 +770,12 @@ fn host_report(
                         }
                     }
                     match (out.ok, undo) {
-                        (true, Some(UndoStep::Reinstall { package, version, .. })) => {
+                        (
+                            true,
+                            Some(UndoStep::Reinstall {
+                                package, version, ..
+                            }),
+                        ) => {
                             if let Some(p) = packages.get_mut(&package) {
                                 p.after = Some(version);
                             }
@@ -776,7 +788,8 @@ fn host_report(
                         _ => {}
                     }
                 } else if intent.step == "deploy" {
-                    let pkg = field(&out.output, "package").or_else(|| field(&intent.input, "package"));
+                    let pkg =
+                        field(&out.output, "package").or_else(|| field(&intent.input, "package"));
                     if let Some(p) = pkg.and_then(|k| packages.get_mut(&k)) {
                         p.after = field(&out.output, "after");
                     }
@@ -789,7 +802,7 @@ fn host_report(
                 if rec.kind == kind::HOST_FINISH {
                     if !end.ok {
                         if let Some(t) = detail_text(&end.detail) {
-                            errors.push(t);
+                            errors.add("", &t);
                         }
                     }
                     finish = Some((rec.ts.clone(), end));
@@ -828,12 +841,15 @@ fn host_report(
                     );
                 }
                 if !v.ok {
-                    errors.push(format!(
-                        "verify {}: expected {}, found {}",
-                        v.package,
-                        v.expected.as_deref().unwrap_or("?"),
-                        v.found.as_deref().unwrap_or("?")
-                    ));
+                    errors.add(
+                        "verify",
+                        &format!(
+                            "{}: expected {}, found {}",
+                            v.package,
+                            v.expected.as_deref().unwrap_or("?"),
+                            v.found.as_deref().unwrap_or("?")
+                        ),
+                    );
                 }
                 verifications.push(v);
             }
@@ -851,7 +867,7 @@ fn host_report(
                     ts: rec.ts.clone(),
                 };
                 if let (false, Some(e)) = (h.ok, &h.error) {
-                    errors.push(format!("health `{}`: {e}", h.command));
+                    errors.add(&format!("health `{}`", h.command), e);
                 }
                 health.push(h);
             }
@@ -870,22 +886,25 @@ fn host_report(
     };
     let rolled_back = ev.rolled_back.is_some()
         || rollback_rec.as_ref().is_some_and(|(_, end)| end.ok) && ev.rollback_error.is_none();
-    let rollback_error = ev.rollback_error.as_ref().map(|(_, _, e)| e.clone()).or_else(|| {
-        rollback_rec
-            .as_ref()
-            .filter(|(_, end)| !end.ok)
-            .map(|(_, end)| detail_text(&end.detail).unwrap_or_else(|| "rollback failed".into()))
-    });
+    let rollback_error = ev
+        .rollback_error
+        .as_ref()
+        .map(|(_, _, e)| e.clone())
+        .or_else(|| {
+            rollback_rec
+                .as_ref()
+                .filter(|(_, end)| !end.ok)
+                .map(|(_, end)| {
+                    detail_text(&end.detail).unwrap_or_else(|| "rollback failed".into())
+                })
+        });
     if outcome == Outcome::Done && rolled_back {
         outcome = Outcome::Reverted;
     }
     if let Some(reason) = &ev.reason {
-        if !errors.iter().any(|e| e.contains(reason.as_str())) {
-            errors.insert(0, reason.clone());
-        }
+        errors.add("", reason);
     }
-    let error_output = (!errors.is_empty())
-        .then(|| crate::primitives::cut(&errors.join("\n"), OUTPUT_LIMIT));
+    let error_output = errors.text();
 
     let rollback = if rolled_back || rollback_error.is_some() || !undone.is_empty() {
         Some(RollbackReport {
@@ -915,7 +934,10 @@ fn host_report(
         None
     };
 
-    let started = ev.started.clone().or_else(|| steps.first().map(|s| s.started.clone()));
+    let started = ev
+        .started
+        .clone()
+        .or_else(|| steps.first().map(|s| s.started.clone()));
     let ended = ev.ended.clone().or_else(|| match outcome {
         Outcome::Done | Outcome::Failed | Outcome::Reverted => finish
             .as_ref()
@@ -947,6 +969,56 @@ fn host_report(
         backups,
         verifications,
         health,
+    }
+}
+
+/// A host's error output gathered from several records, each message once: the
+/// rollout's reason and `host.finish` usually repeat the failed step's error.
+#[derive(Default)]
+struct ErrorOutput {
+    /// (where it came from, message)
+    entries: Vec<(String, String)>,
+}
+
+impl ErrorOutput {
+    fn add(&mut self, source: &str, message: &str) {
+        let message = message.trim();
+        if message.is_empty() {
+            return;
+        }
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|(_, m)| message.contains(m.as_str()))
+        {
+            // The longer message says more: it replaces the one it contains.
+            self.entries[i] = (source.to_string(), message.to_string());
+            self.entries
+                .retain(|(_, m)| m == message || !message.contains(m.as_str()));
+            return;
+        }
+        if self.entries.iter().any(|(_, m)| m.contains(message)) {
+            return;
+        }
+        self.entries.push((source.to_string(), message.to_string()));
+    }
+
+    fn text(&self) -> Option<String> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let all: Vec<String> = self
+            .entries
+            .iter()
+            .map(|(source, m)| {
+                if source.is_empty() {
+                    m.clone()
+                } else {
+                    format!("{source}: {m}")
+                }
+            })
+            .collect();
+        Some(crate::primitives::cut(&all.join("\n"), OUTPUT_LIMIT))
     }
 }
 

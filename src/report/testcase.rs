@@ -58,7 +58,9 @@ impl std::fmt::Display for TestKind {
 
 /// A test kind that is none of the four.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{given}` is not a test kind; use one of functional, integration, performance, regression")]
+#[error(
+    "`{given}` is not a test kind; use one of functional, integration, performance, regression"
+)]
 pub struct UnknownTestKind {
     pub given: String,
 }
@@ -240,8 +242,13 @@ mod tests {
         });
         assert!(!case.ok);
         let error = case.error.unwrap();
-        assert!(error.contains("30.0%") && error.contains("10% threshold"), "{error}");
-        let case = TestCase::run("login", TestKind::Functional, None, || Err("HTTP 500".into()));
+        assert!(
+            error.contains("30.0%") && error.contains("10% threshold"),
+            "{error}"
+        );
+        let case = TestCase::run("login", TestKind::Functional, None, || {
+            Err("HTTP 500".into())
+        });
         assert_eq!((case.ok, case.error.as_deref()), (false, Some("HTTP 500")));
         let case = TestCase::run("login", TestKind::Functional, None, || Ok(None));
         assert!(case.ok && case.error.is_none() && case.duration_ms >= 0.0);

@@ -37,6 +37,9 @@ pub fn colour(class: &str) -> &'static str {
         .unwrap_or("#999999")
 }
 
+/// When a host's bar starts and ends.
+type Span = (DateTime<FixedOffset>, DateTime<FixedOffset>);
+
 pub fn render(r: &RunReport) -> String {
     let end_of_run = r
         .run
@@ -44,7 +47,7 @@ pub fn render(r: &RunReport) -> String {
         .as_deref()
         .or(r.run.last_record.as_deref())
         .and_then(parse_ts);
-    let spans: Vec<(&HostReport, Option<(DateTime<FixedOffset>, DateTime<FixedOffset>)>)> = r
+    let spans: Vec<(&HostReport, Option<Span>)> = r
         .hosts
         .iter()
         .map(|h| {
