@@ -524,6 +524,18 @@ fn markdown_report_of_a_30_host_run() {
         failures.contains("more bytes cut]"),
         "long output is cut: {failures}"
     );
+    let f7 = failures
+        .split("### fleet-07 (")
+        .nth(1)
+        .unwrap()
+        .split("### ")
+        .next()
+        .unwrap();
+    assert_eq!(
+        f7.matches("exit status 1").count(),
+        1,
+        "each message once: {f7}"
+    );
     assert!(
         failures.contains("cannot access archive"),
         "rollback error shown"
