@@ -1090,3 +1090,123 @@ fn step_detail(intent: &IntentData) -> String {
         other => crate::primitives::cut(&other.to_string(), 160),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use serde_json::json;
+
+    fn rollout(j: &Journal, e: Value) {
+        j.append(None, ROLLOUT_EVENT, e).unwrap();
+    }
+
+    #[test]
+    fn without_header_or_events_outcomes_come_from_host_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "bare", "ops").unwrap();
+        for (host, ok) in [("a", true), ("b", false)] {
+            let id = j.intent(host, "exec", json!({"argv": ["true"]})).unwrap();
+            j.outcome(host, id, ok, json!({"stderr": "boom"}), None)
+                .unwrap();
+            j.host_finished(host, ok, json!({})).unwrap();
+        }
+        let id = j.intent("c", "exec", json!({})).unwrap();
+        j.outcome("c", id, true, json!({}), None).unwrap();
+        let records = j.records().unwrap();
+        j.close().unwrap();
+        let mut closed = records.clone();
+        closed.push(Record {
+            kind: kind::RUN_CLOSE.into(),
+            seq: records.len() as u64 + 1,
+            ..records[0].clone()
+        });
+
+        let open = build("bare", &records);
+        let outcomes: Vec<Outcome> = open.hosts.iter().map(|h| h.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Done, Outcome::Failed, Outcome::InProgress]
+        );
+        assert_eq!(open.hosts[1].error_output.as_deref(), Some("exec: boom"));
+        assert_eq!(open.hosts[0].steps[0].detail, "argv=true");
+        assert!(open.run.playbook.is_none() && open.run.window.is_none());
+        // Once the run is closed, a host with no end is unknown, still not done.
+        let closed = build("bare", &closed);
+        assert_eq!(closed.hosts[2].outcome, Outcome::Unknown);
+        assert_eq!(closed.counts.unknown, 1);
+        assert_eq!(closed.counts.targeted, 3);
+    }
+
+    #[test]
+    fn a_host_undone_after_a_stop_is_reverted_and_alerts_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "stop", "ops").unwrap();
+        rollout(
+            &j,
+            json!({"kind": "wave_started", "index": 0, "label": "pilot", "hosts": ["a", "b", "c"]}),
+        );
+        for h in ["a", "b"] {
+            rollout(&j, json!({"kind": "host_started", "host": h, "wave": 0}));
+        }
+        rollout(
+            &j,
+            json!({"kind": "host_done", "host": "a", "wave": 0, "seconds": 1.5}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "host_failed", "host": "b", "wave": 0, "reason": "health check failed"}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "budget_exhausted", "failures": 1, "allowed": 0}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "rolled_back", "host": "b", "cause": "host_failed"}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "rolled_back", "host": "a", "cause": "run_stopped"}),
+        );
+        let r = build("stop", &j.records().unwrap());
+        let by_name = |n: &str| r.hosts.iter().find(|h| h.name == n).unwrap();
+        assert_eq!(by_name("a").outcome, Outcome::Reverted);
+        assert_eq!(by_name("a").class(), "rolled-back");
+        assert_eq!(by_name("b").outcome, Outcome::Failed);
+        assert_eq!(by_name("b").status_text(), "failed, rolled back");
+        assert_eq!(
+            by_name("b").error_output.as_deref(),
+            Some("health check failed")
+        );
+        assert_eq!(by_name("c").outcome, Outcome::Pending);
+        assert_eq!(
+            (
+                r.counts.reverted,
+                r.counts.failed,
+                r.counts.rolled_back,
+                r.counts.pending
+            ),
+            (1, 1, 2, 1)
+        );
+        assert_eq!(r.run.alerts.len(), 1);
+        assert!(
+            r.run.alerts[0].text.contains("1 failures, 0 allowed"),
+            "{:?}",
+            r.run.alerts
+        );
+        assert_eq!(by_name("a").wave_label.as_deref(), Some("pilot"));
+    }
+
+    #[test]
+    fn durations_read_for_people() {
+        assert_eq!(fmt_ms(0.25), "250 µs");
+        assert_eq!(fmt_ms(12.34), "12.3 ms");
+        assert_eq!(fmt_ms(4200.0), "4.20 s");
+        assert_eq!(fmt_ms(192_000.0), "3m 12s");
+        assert_eq!(
+            ms_between("2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:01.500250Z"),
+            Some(1500.25)
+        );
+    }
+}
