@@ -6,6 +6,7 @@
 //! | module       | owns                                                                 |
 //! |--------------|----------------------------------------------------------------------|
 //! | [`cli`]      | argument parsing, exit codes, terminal output                        |
+//! | [`report`]   | run reports (md, json, html) and patch levels, read from the journal |
 //! | [`runtime`]  | wiring config + inventory + engine + journal + transports, built once |
 //! | [`script`]   | the sandboxed Rhai engine, module resolution, primitive registration |
 //! | [`rollout`]  | waves, bounded concurrency, failure budget, windows, rollback order  |
@@ -23,6 +24,7 @@ pub mod inventory;
 pub mod journal;
 pub mod lab;
 pub mod primitives;
+pub mod report;
 pub mod rollout;
 pub mod runtime;
 pub mod script;

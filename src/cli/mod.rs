@@ -119,6 +119,22 @@ pub enum Verb {
     /// Check the journals' hash chains and the audit index.
     #[command(subcommand)]
     Audit(AuditVerb),
+    /// Render a run's report from its journal: summary, counts, hosts, tests.
+    Report {
+        /// Run id, or `last` for the most recently started run.
+        run: String,
+        /// md, json or html (one self-contained file with a wave timeline).
+        #[arg(long, default_value = "md", value_parser = parse_format)]
+        format: crate::report::Format,
+        /// Write the report to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_format(s: &str) -> Result<crate::report::Format, String> {
+    s.parse()
+        .map_err(|e: crate::report::ReportError| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +180,8 @@ pub enum CliError {
     Inventory(#[from] crate::inventory::InventoryError),
     #[error(transparent)]
     Script(#[from] crate::script::ScriptError),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -214,6 +232,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
         Verb::Lab(v) => lab(v),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
+        Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
     }
 }
 
@@ -252,6 +271,27 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
     }
 }
 
+/// `patchbook report`: rendered from the journal on disk, to stdout or a file.
+fn report(
+    cli: &Cli,
+    run: &str,
+    format: crate::report::Format,
+    out: Option<&Path>,
+) -> Result<ExitCode, CliError> {
+    let rt = Runtime::build(&cli.options())?;
+    let text = crate::report::render(&rt.state_dir, run, format)?;
+    match out {
+        Some(path) => {
+            crate::report::write_file(path, &text)?;
+            if !cli.global.quiet {
+                println!("{}", path.display());
+            }
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
     let report = crate::journal::audit::verify(&rt.state_dir, run)
@@ -280,15 +320,76 @@ fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {
 
 fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
+    let levels = || {
+        crate::report::patch_levels(&rt.state_dir).unwrap_or_else(|e| {
+            tracing::warn!("patch levels left out: {e}");
+            Default::default()
+        })
+    };
     match verb {
         InventoryVerb::List if cli.global.json => {
-            let v = crate::inventory::ansible::to_list_json(&rt.inventory);
+            let mut v = crate::inventory::ansible::to_list_json(&rt.inventory);
+            add_patch_levels(&mut v, &levels());
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
-        InventoryVerb::List => print!("{}", crate::inventory::graph::table(&rt.inventory)),
+        InventoryVerb::List => print!(
+            "{}",
+            with_patch_levels(
+                &crate::inventory::graph::table(&rt.inventory),
+                &rt.inventory,
+                &levels()
+            )
+        ),
         InventoryVerb::Graph => print!("{}", crate::inventory::graph::render(&rt.inventory)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Puts each host's verified versions under
+/// `_meta.hostvars.<host>.patchbook_patch_levels`, only for hosts that have some, so
+/// the structure stays exactly `ansible-inventory --list`'s when no run verified anything.
+fn add_patch_levels(list: &mut serde_json::Value, levels: &crate::report::PatchLevels) {
+    let Some(hostvars) = list
+        .pointer_mut("/_meta/hostvars")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    for (host, packages) in levels.iter().filter(|(_, p)| !p.is_empty()) {
+        let versions: serde_json::Map<String, serde_json::Value> = packages
+            .iter()
+            .map(|(pkg, level)| (pkg.clone(), level.version.clone().into()))
+            .collect();
+        let vars = hostvars
+            .entry(host.clone())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(vars) = vars.as_object_mut() {
+            vars.insert("patchbook_patch_levels".into(), versions.into());
+        }
+    }
+}
+
+/// The host table with a PATCH LEVELS column: `pkg=version` per verified package,
+/// `-` for hosts no run has verified. The table's lines are the header and then one
+/// per host, in inventory order.
+fn with_patch_levels(
+    table: &str,
+    inv: &crate::inventory::Inventory,
+    levels: &crate::report::PatchLevels,
+) -> String {
+    let lines: Vec<&str> = table.lines().collect();
+    let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    let column = std::iter::once("PATCH LEVELS".to_string()).chain(
+        inv.hosts()
+            .iter()
+            .map(|h| crate::report::levels::summary(levels.get(&h.name))),
+    );
+    let mut out = String::new();
+    for (line, cell) in lines.iter().zip(column) {
+        let pad = width - line.chars().count();
+        out.push_str(&format!("{line}{}  {cell}\n", " ".repeat(pad)));
+    }
+    out
 }
 
 /// `patchbook eval`: no hosts needed; prints the value as JSON.

@@ -299,13 +299,23 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
             Err(e) => return fail(&ctx, format!("window: {e}")),
         };
         let now = c.clock.now();
+        let open = w.contains(now);
+        let start = if open { Some(now) } else { w.next_start(now) };
+        let end = if open {
+            w.current_end(now)
+        } else {
+            start.and_then(|t| w.current_end(t))
+        };
         c.record(
             None,
             "window",
             serde_json::json!({
-                "spec": spec, "buffer": buffer, "now": w.display_time(now), "open": w.contains(now),
-                "end": w.current_end(now).map(|t| w.display_time(t)),
-                "next_start": w.next_start(now).map(|t| w.display_time(t)),
+                "spec": spec,
+                "zone": spec.split_whitespace().last(),
+                "buffer": buffer,
+                "open": open,
+                "start": start.map(|t| w.display_time(t)),
+                "end": end.map(|t| w.display_time(t)),
             }),
         );
         *c.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
@@ -350,6 +360,64 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
                     .unwrap_or_else(|| default.to_string()))
             },
         );
+
+    let c = control_.clone();
+    let test_fn = move |ctx: NativeCallContext,
+                        name: &str,
+                        kind: &str,
+                        opts: Map,
+                        check: FnPtr|
+          -> RhaiResult<bool> {
+        let c = control(&ctx, &c, "test")?;
+        let kind: crate::report::TestKind = match kind.parse() {
+            Ok(k) => k,
+            Err(e) => return fail(&ctx, format!("test: {e}")),
+        };
+        let patch_version = opts.get("patch_version").map(|v| v.to_string());
+        let closure = HostClosure::from_context(&ctx, check);
+        let budget = Duration::from_secs(c.session.runtime.config.limits.deadline_secs.max(1));
+        let engine = ctx.engine();
+        let case = crate::report::TestCase::run(name, kind, patch_version, || {
+            match closure.call_with(
+                engine,
+                Dynamic::UNIT,
+                Vec::new(),
+                budget,
+                Some(c.stop.clone()),
+            ) {
+                Ok(v) if v.is_map() => serde_json::from_value(to_json(&v)).map(Some).map_err(|e| {
+                    format!("a check returns () or #{{ before, after, threshold_pct, unit }}: {e}")
+                }),
+                Ok(_) => Ok(None),
+                Err(e) => Err(root_message(&e)),
+            }
+        });
+        if let (Some(j), false) = (&c.session.run.journal, c.planning()) {
+            if let Err(e) = case.record(j, None) {
+                return fail(&ctx, format!("test: cannot write the journal: {e}"));
+            }
+        }
+        Ok(case.ok)
+    };
+    let t2 = test_fn.clone();
+    FuncRegistration::new("test")
+        .with_volatility(true)
+        .with_params_info(["name: &str", "kind: &str", "check: FnPtr", "bool"])
+        .with_comments(["/// A staging check for the test report: `kind` is functional, integration,\n/// performance or regression; the closure throws to fail, or returns\n/// `#{ before, after, threshold_pct, unit }` for a performance check. Returns pass."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, name: &str, kind: &str, check: FnPtr| {
+            t2(ctx, name, kind, Map::new(), check)
+        });
+    FuncRegistration::new("test")
+        .with_volatility(true)
+        .with_params_info([
+            "name: &str",
+            "kind: &str",
+            "opts: Map",
+            "check: FnPtr",
+            "bool",
+        ])
+        .with_comments(["/// A staging check with options: `#{ patch_version: \"1.0.1\" }`."])
+        .register_into_engine(engine, test_fn);
 
     let c = control_;
     FuncRegistration::new("rollout")

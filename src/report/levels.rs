@@ -1,0 +1,76 @@
+//! Patch levels: each host's last verified version per package, from every run's
+//! `verify` records. This is the "update the documentation" step of the process;
+//! `patchbook inventory list` shows it next to the inventory.
+//!
+//! Only an independent check counts: a `verify` record with `ok: true`. A deploy's
+//! own read-back is not a patch level.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::journal::state::list_runs;
+use crate::journal::{scan_lines, Record};
+
+use super::model::parse_ts;
+use super::ReportError;
+
+/// One host's verified version of one package, and where it was verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PatchLevel {
+    pub version: String,
+    pub run: String,
+    pub ts: String,
+}
+
+/// host → package → level.
+pub type PatchLevels = BTreeMap<String, BTreeMap<String, PatchLevel>>;
+
+/// The newest successful `verify` per host and package across every run under
+/// `state_dir`. No state directory, or no runs, is no patch levels. Lines of a run
+/// file that do not parse are skipped: `patchbook audit verify` is where damage is
+/// reported.
+pub fn patch_levels(state_dir: &Path) -> Result<PatchLevels, ReportError> {
+    let mut levels = PatchLevels::new();
+    for info in list_runs(state_dir)? {
+        let scan = scan_lines::<Record>(&info.path)?;
+        for (_, rec) in scan.items {
+            if rec.kind != "verify" || rec.data.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+                continue;
+            }
+            let (Some(host), Some(package), Some(version)) = (
+                rec.host.as_deref(),
+                rec.data.get("package").and_then(|v| v.as_str()),
+                rec.data.get("found").and_then(|v| v.as_str()),
+            ) else {
+                continue;
+            };
+            let level = PatchLevel {
+                version: version.to_string(),
+                run: info.run.clone(),
+                ts: rec.ts.clone(),
+            };
+            let slot = levels.entry(host.to_string()).or_default();
+            let newer = slot
+                .get(package)
+                .is_none_or(|old| parse_ts(&level.ts) >= parse_ts(&old.ts));
+            if newer {
+                slot.insert(package.to_string(), level);
+            }
+        }
+    }
+    Ok(levels)
+}
+
+/// `pkg=version` pairs of one host, comma-separated; `-` when none is known.
+pub fn summary(levels: Option<&BTreeMap<String, PatchLevel>>) -> String {
+    match levels {
+        Some(l) if !l.is_empty() => l
+            .iter()
+            .map(|(pkg, level)| format!("{pkg}={}", level.version))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".to_string(),
+    }
+}

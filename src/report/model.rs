@@ -1,0 +1,1212 @@
+//! What a report shows, derived from a run's records every time it is rendered.
+//!
+//! [`RunReport`] is also the JSON format (`--format json`), a stable structure:
+//! fields are only ever added, never renamed or removed, and `schema` changes its
+//! number when a change could break a reader. Absent values are `null`, never left
+//! out. Timestamps are the journal's (UTC, RFC 3339); durations are milliseconds.
+//!
+//! ```text
+//! { "schema": "patchbook.report/1",
+//!   "run": { "id", "operator", "started", "ended" (run.close; null while open),
+//!            "last_record", "closed", "playbook", "playbook_sha256",
+//!            "modules": {path: sha256}, "inventory_sha256", "patchbook_version",
+//!            "policy", "window": {spec, zone, start, end, buffer} | null,
+//!            "stop": <run_done summary.stop> | null, "alerts": [{ts, kind, text}],
+//!            "open_intents" },
+//!   "counts": { targeted, done, failed, reverted, rolled_back, rollback_failed,
+//!               in_progress, unknown, pending },
+//!   "groups": { group: {targeted, done, failed, reverted, rolled_back,
+//!                       rollback_failed, pending} },   // as the run recorded it
+//!   "waves": [{ index, label, started, hosts: [name] }],
+//!   "hosts": [{ name, wave, wave_label,
+//!               outcome: "done"|"failed"|"reverted"|"in_progress"|"unknown"|"pending",
+//!               rolled_back, rollback_error, reason, started, ended, duration_ms,
+//!               packages: [{package, before, target, after}],
+//!               steps: [{id, step, started, ended, duration_ms, ok, undoes, detail, error}],
+//!               error_output, rollback: {ok, ts, cause, error, undone: [text]} | null,
+//!               backups: [{id, archive, sha256, size, paths, missing, ts}],
+//!               verifications: [{package, expected, found, ok, ts}],
+//!               health: [{command, ok, attempts, error, ts}] }],
+//!   "tests": { patch_versions, total, passed, failed,
+//!              cases: [{ts, host, name, kind, ok, duration_ms, error, patch_version,
+//!                       metrics: {before, after, threshold_pct, unit, higher_is_better}
+//!                                | null,
+//!                       degradation_pct}] },
+//!   "artifacts": [{ts, url, what, ok, detail}],
+//!   "notifications": [{ts, event, message, severity, channel, to, ok, attempts, error}],
+//!   "problems": [text] }   // records that could not be read as their kind says
+//! ```
+//!
+//! A host's outcome comes from the rollout events first (`host_done`, `host_failed`,
+//! `rolled_back`), then from `host.finish`; a host that started and has no end is
+//! `in_progress` while the run is open (a crash or a stop) and `unknown` once it is
+//! closed: never `done` without a record saying so.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, FixedOffset};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::testcase::{self, TestCase};
+use crate::journal::state::RunState;
+use crate::journal::{kind, HostEndData, IntentData, OutcomeData, Record, UndoStep};
+use crate::primitives::undo::describe;
+
+pub const SCHEMA: &str = "patchbook.report/1";
+
+/// Kind of the records the rollout glue writes, one per [`crate::rollout::RolloutEvent`].
+pub const ROLLOUT_EVENT: &str = "rollout.event";
+/// Kind of the record naming the run's maintenance window.
+pub const WINDOW: &str = "window";
+
+/// Host error output longer than this many characters is cut, marking the cut.
+pub const OUTPUT_LIMIT: usize = 2000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub schema: &'static str,
+    pub run: RunSummary,
+    pub counts: Counts,
+    pub groups: BTreeMap<String, Value>,
+    pub waves: Vec<WaveReport>,
+    pub hosts: Vec<HostReport>,
+    pub tests: TestSection,
+    pub artifacts: Vec<ArtifactCheck>,
+    pub notifications: Vec<Notification>,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub operator: Option<String>,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub last_record: Option<String>,
+    pub closed: bool,
+    pub playbook: Option<String>,
+    pub playbook_sha256: Option<String>,
+    pub modules: BTreeMap<String, String>,
+    pub inventory_sha256: Option<String>,
+    pub patchbook_version: Option<String>,
+    pub policy: Value,
+    pub window: Option<WindowReport>,
+    pub stop: Option<Value>,
+    pub alerts: Vec<Alert>,
+    pub open_intents: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowReport {
+    pub spec: Option<String>,
+    pub zone: Option<String>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub buffer: Option<String>,
+}
+
+/// A rollout event worth a reader's attention: budget spent, gate stop, window close.
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub ts: String,
+    pub kind: String,
+    pub text: String,
+}
+
+/// `targeted = done + failed + reverted + in_progress + unknown + pending`;
+/// `rolled_back` and `rollback_failed` overlap with `failed` and `reverted`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub targeted: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub reverted: usize,
+    pub rolled_back: usize,
+    pub rollback_failed: usize,
+    pub in_progress: usize,
+    pub unknown: usize,
+    pub pending: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WaveReport {
+    pub index: usize,
+    pub label: String,
+    pub started: Option<String>,
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    Failed,
+    /// Succeeded, then rolled back because the run stopped.
+    Reverted,
+    /// Started, no end recorded, run still open (running, stopped or crashed).
+    InProgress,
+    /// Started, no end recorded, yet the run was closed.
+    Unknown,
+    /// Never started.
+    Pending,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Failed => "failed",
+            Outcome::Reverted => "reverted",
+            Outcome::InProgress => "in progress",
+            Outcome::Unknown => "unknown",
+            Outcome::Pending => "pending",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub name: String,
+    pub wave: Option<usize>,
+    pub wave_label: Option<String>,
+    pub outcome: Outcome,
+    pub rolled_back: bool,
+    pub rollback_error: Option<String>,
+    /// Why it failed, as the rollout recorded it.
+    pub reason: Option<String>,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub duration_ms: Option<f64>,
+    pub packages: Vec<PackageChange>,
+    pub steps: Vec<StepReport>,
+    /// The host's error output, cut to [`OUTPUT_LIMIT`] characters.
+    pub error_output: Option<String>,
+    pub rollback: Option<RollbackReport>,
+    pub backups: Vec<BackupReport>,
+    pub verifications: Vec<Verification>,
+    pub health: Vec<HealthCheck>,
+}
+
+impl HostReport {
+    /// The colour class a timeline bar and a table row get.
+    pub fn class(&self) -> &'static str {
+        match self.outcome {
+            Outcome::Done => "done",
+            Outcome::Failed if self.rolled_back => "rolled-back",
+            Outcome::Failed => "failed",
+            Outcome::Reverted => "rolled-back",
+            Outcome::InProgress => "in-progress",
+            Outcome::Unknown => "unknown",
+            Outcome::Pending => "pending",
+        }
+    }
+
+    /// The outcome as a reader says it: "failed, rolled back".
+    pub fn status_text(&self) -> String {
+        let mut s = self.outcome.as_str().to_string();
+        if self.rolled_back && self.outcome != Outcome::Reverted {
+            s.push_str(", rolled back");
+        }
+        if self.rollback_error.is_some() {
+            s.push_str(", rollback failed");
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PackageChange {
+    pub package: String,
+    /// Installed before the run's first deploy of it (`null`: not installed).
+    pub before: Option<String>,
+    /// The version the deploy installed.
+    pub target: Option<String>,
+    /// The last version the journal saw on the host: a verify, a deploy read-back,
+    /// or an undo.
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub id: u64,
+    pub step: String,
+    pub started: String,
+    pub ended: Option<String>,
+    pub duration_ms: Option<f64>,
+    /// `null` while the intent is open.
+    pub ok: Option<bool>,
+    pub undoes: Option<u64>,
+    pub detail: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackReport {
+    pub ok: Option<bool>,
+    pub ts: Option<String>,
+    pub cause: Option<String>,
+    pub error: Option<String>,
+    pub undone: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub id: String,
+    pub archive: String,
+    pub sha256: String,
+    pub size: Option<u64>,
+    pub paths: Vec<String>,
+    pub missing: Vec<String>,
+    pub ts: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    pub package: String,
+    pub expected: Option<String>,
+    pub found: Option<String>,
+    pub ok: bool,
+    pub ts: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthCheck {
+    pub command: String,
+    pub ok: bool,
+    pub attempts: Option<u64>,
+    pub error: Option<String>,
+    pub ts: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TestSection {
+    pub patch_versions: Vec<String>,
+    pub total: usize,
+    pub passed: usize,
+    pub failed: usize,
+    pub cases: Vec<TestCaseReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TestCaseReport {
+    pub ts: String,
+    pub host: Option<String>,
+    #[serde(flatten)]
+    pub case: TestCase,
+    pub degradation_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArtifactCheck {
+    pub ts: String,
+    pub url: Option<String>,
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Notification {
+    pub ts: String,
+    pub event: Option<String>,
+    pub message: Option<String>,
+    pub severity: Option<String>,
+    pub channel: String,
+    pub to: String,
+    pub ok: bool,
+    pub attempts: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Milliseconds from `a` to `b`, both RFC 3339.
+pub fn ms_between(a: &str, b: &str) -> Option<f64> {
+    let a = parse_ts(a)?;
+    let b = parse_ts(b)?;
+    (b - a).num_microseconds().map(|us| us as f64 / 1000.0)
+}
+
+pub fn parse_ts(ts: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_rfc3339(ts).ok()
+}
+
+/// A duration for people: "850 µs", "12.3 ms", "4.20 s", "3m 12s".
+pub fn fmt_ms(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{:.0} µs", ms * 1000.0)
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else if ms < 60_000.0 {
+        format!("{:.2} s", ms / 1000.0)
+    } else {
+        let s = (ms / 1000.0).round() as u64;
+        format!("{}m {:02}s", s / 60, s % 60)
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn field(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(text)
+}
+
+/// What the rollout events say about one host.
+#[derive(Default)]
+struct HostEvents {
+    wave: Option<usize>,
+    started: Option<String>,
+    ended: Option<String>,
+    outcome: Option<Outcome>,
+    reason: Option<String>,
+    duration_ms: Option<f64>,
+    rolled_back: Option<(String, String)>,
+    rollback_error: Option<(String, String, String)>,
+}
+
+/// Every host the run's records name, in run order, without duplicates.
+#[derive(Default)]
+struct HostOrder {
+    names: Vec<String>,
+    seen: BTreeSet<String>,
+}
+
+impl HostOrder {
+    fn add(&mut self, name: &str) {
+        if self.seen.insert(name.to_string()) {
+            self.names.push(name.to_string());
+        }
+    }
+}
+
+/// Derives the report of run `run` from its records, in the order they were written.
+pub fn build(run: &str, records: &[Record]) -> RunReport {
+    let state = RunState::from_records(run, records);
+    let mut problems = Vec::new();
+    let mut order = HostOrder::default();
+    let mut events: BTreeMap<String, HostEvents> = BTreeMap::new();
+    let mut waves: Vec<WaveReport> = Vec::new();
+    let mut alerts = Vec::new();
+    let mut targets: Option<usize> = None;
+    let mut summary: Option<Value> = None;
+    let mut window = None;
+    let mut ended = None;
+    let mut tests = TestSection::default();
+    let mut artifacts = Vec::new();
+    let mut notifications = Vec::new();
+    let mut by_host: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+
+    for rec in records {
+        let bad = |problems: &mut Vec<String>, why: &str| {
+            problems.push(format!("record {} ({}): {why}", rec.seq, rec.kind));
+        };
+        match rec.kind.as_str() {
+            kind::RUN_CLOSE => ended = Some(rec.ts.clone()),
+            ROLLOUT_EVENT => {
+                let e = &rec.data;
+                let host = field(e, "host");
+                if let Some(h) = &host {
+                    order.add(h);
+                }
+                let ev = host.as_ref().map(|h| events.entry(h.clone()).or_default());
+                let wave = e.get("wave").and_then(Value::as_u64).map(|w| w as usize);
+                match (e.get("kind").and_then(Value::as_str), ev) {
+                    (Some("run_started"), _) => {
+                        targets = e.get("targets").and_then(Value::as_u64).map(|t| t as usize)
+                    }
+                    (Some("wave_started"), _) => {
+                        let hosts: Vec<String> = e
+                            .get("hosts")
+                            .and_then(Value::as_array)
+                            .map(|a| a.iter().filter_map(text).collect())
+                            .unwrap_or_default();
+                        for h in &hosts {
+                            order.add(h);
+                        }
+                        let index = e
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .map(|i| i as usize)
+                            .unwrap_or(waves.len());
+                        for h in &hosts {
+                            events.entry(h.clone()).or_default().wave.get_or_insert(index);
+                        }
+                        waves.push(WaveReport {
+                            index,
+                            label: field(e, "label").unwrap_or_else(|| format!("wave {index}")),
+                            started: Some(rec.ts.clone()),
+                            hosts,
+                        });
+                    }
+                    (Some("host_started"), Some(ev)) => {
+                        // A resumed host starts again: the latest attempt is the one shown.
+                        ev.started = Some(rec.ts.clone());
+                        ev.ended = None;
+                        ev.outcome = None;
+                        ev.wave = wave.or(ev.wave);
+                    }
+                    (Some("host_done"), Some(ev)) => {
+                        ev.ended = Some(rec.ts.clone());
+                        ev.outcome = Some(Outcome::Done);
+                        ev.duration_ms = e.get("seconds").and_then(Value::as_f64).map(|s| s * 1000.0);
+                        ev.wave = wave.or(ev.wave);
+                    }
+                    (Some("host_failed"), Some(ev)) => {
+                        ev.ended = Some(rec.ts.clone());
+                        ev.outcome = Some(Outcome::Failed);
+                        ev.reason = field(e, "reason");
+                        ev.wave = wave.or(ev.wave);
+                    }
+                    (Some("rolled_back"), Some(ev)) => {
+                        ev.rolled_back =
+                            Some((rec.ts.clone(), field(e, "cause").unwrap_or_default()));
+                        ev.rollback_error = None;
+                    }
+                    (Some("rollback_failed"), Some(ev)) => {
+                        ev.rollback_error = Some((
+                            rec.ts.clone(),
+                            field(e, "cause").unwrap_or_default(),
+                            field(e, "error").unwrap_or_else(|| "rollback failed".into()),
+                        ));
+                    }
+                    (Some("budget_exhausted"), _) => alerts.push(Alert {
+                        ts: rec.ts.clone(),
+                        kind: "budget_exhausted".into(),
+                        text: format!(
+                            "failure budget exhausted: {} failures, {} allowed; no new host started",
+                            field(e, "failures").unwrap_or_default(),
+                            field(e, "allowed").unwrap_or_default()
+                        ),
+                    }),
+                    (Some("gate_stopped"), _) => alerts.push(Alert {
+                        ts: rec.ts.clone(),
+                        kind: "gate_stopped".into(),
+                        text: format!(
+                            "gate stopped the run after wave {}: {}",
+                            field(e, "after_wave").unwrap_or_default(),
+                            field(e, "reason").unwrap_or_default()
+                        ),
+                    }),
+                    (Some("window_closed"), _) => alerts.push(Alert {
+                        ts: rec.ts.clone(),
+                        kind: "window_closed".into(),
+                        text: format!(
+                            "window closing before wave {}: {} s left, {} s needed; the rest stays pending",
+                            field(e, "before_wave").unwrap_or_default(),
+                            e.get("time_left_seconds").and_then(Value::as_f64).map(|s| format!("{s:.0}")).unwrap_or_default(),
+                            e.get("needed_seconds").and_then(Value::as_f64).map(|s| format!("{s:.0}")).unwrap_or_default()
+                        ),
+                    }),
+                    (Some("run_done"), _) => summary = e.get("summary").cloned(),
+                    (Some(_), _) => {}
+                    (None, _) => bad(&mut problems, "no event kind"),
+                }
+            }
+            WINDOW => {
+                let d = &rec.data;
+                window = Some(WindowReport {
+                    spec: field(d, "spec"),
+                    zone: field(d, "zone"),
+                    start: field(d, "start"),
+                    end: field(d, "end"),
+                    buffer: field(d, "buffer"),
+                });
+            }
+            testcase::RECORD_KIND => match serde_json::from_value::<TestCase>(rec.data.clone()) {
+                Ok(case) => tests.cases.push(TestCaseReport {
+                    ts: rec.ts.clone(),
+                    host: rec.host.clone(),
+                    degradation_pct: case.metrics.as_ref().and_then(|m| m.degradation_pct()),
+                    case,
+                }),
+                Err(e) => bad(&mut problems, &e.to_string()),
+            },
+            "artifact" => {
+                let url = field(&rec.data, "url");
+                for check in items(&rec.data, "checks") {
+                    artifacts.push(ArtifactCheck {
+                        ts: rec.ts.clone(),
+                        url: field(check, "url").or_else(|| url.clone()),
+                        what: field(check, "what").unwrap_or_default(),
+                        ok: check.get("ok").and_then(Value::as_bool).unwrap_or(false),
+                        detail: field(check, "detail").unwrap_or_default(),
+                    });
+                }
+            }
+            "notify" => {
+                let d = &rec.data;
+                for delivery in items(d, "deliveries") {
+                    notifications.push(Notification {
+                        ts: rec.ts.clone(),
+                        event: field(d, "event"),
+                        message: field(d, "message"),
+                        severity: field(d, "severity"),
+                        channel: field(delivery, "channel").unwrap_or_default(),
+                        to: field(delivery, "to").unwrap_or_default(),
+                        ok: delivery.get("ok").and_then(Value::as_bool).unwrap_or(false),
+                        attempts: delivery.get("attempts").and_then(Value::as_u64),
+                        error: field(delivery, "error"),
+                    });
+                }
+            }
+            _ => {}
+        }
+        let per_host = matches!(
+            rec.kind.as_str(),
+            kind::STEP_INTENT
+                | kind::STEP_OUTCOME
+                | kind::HOST_FINISH
+                | kind::HOST_ROLLBACK
+                | "backup"
+                | "verify"
+                | "health"
+        );
+        if let (true, Some(h)) = (per_host, &rec.host) {
+            by_host.entry(h.clone()).or_default().push(rec);
+        }
+    }
+
+    if let Some(s) = &summary {
+        for h in s
+            .get("hosts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = field(h, "name") {
+                order.add(&name);
+                let ev = events.entry(name).or_default();
+                if ev.wave.is_none() {
+                    ev.wave = h.get("wave").and_then(Value::as_u64).map(|w| w as usize);
+                }
+            }
+        }
+    }
+    for h in &state.deploy_order {
+        order.add(h);
+    }
+    for h in by_host.keys() {
+        order.add(h);
+    }
+
+    let labels: BTreeMap<usize, String> =
+        waves.iter().map(|w| (w.index, w.label.clone())).collect();
+    let no_records = Vec::new();
+    let hosts: Vec<HostReport> = order
+        .names
+        .iter()
+        .map(|name| {
+            host_report(
+                name,
+                events.remove(name).unwrap_or_default(),
+                by_host.get(name).unwrap_or(&no_records),
+                state.closed,
+                &labels,
+            )
+        })
+        .collect();
+
+    let mut counts = Counts::default();
+    for h in &hosts {
+        match h.outcome {
+            Outcome::Done => counts.done += 1,
+            Outcome::Failed => counts.failed += 1,
+            Outcome::Reverted => counts.reverted += 1,
+            Outcome::InProgress => counts.in_progress += 1,
+            Outcome::Unknown => counts.unknown += 1,
+            Outcome::Pending => counts.pending += 1,
+        }
+        counts.rolled_back += usize::from(h.rolled_back);
+        counts.rollback_failed += usize::from(h.rollback_error.is_some());
+    }
+    counts.targeted = hosts.len();
+    // Targets the run announced but whose names no record carries never started.
+    if let Some(t) = targets.filter(|t| *t > hosts.len()) {
+        counts.pending += t - hosts.len();
+        counts.targeted = t;
+    }
+
+    let mut versions = BTreeSet::new();
+    for c in &tests.cases {
+        if let Some(v) = &c.case.patch_version {
+            versions.insert(v.clone());
+        }
+    }
+    tests.patch_versions = versions.into_iter().collect();
+    tests.total = tests.cases.len();
+    tests.passed = tests.cases.iter().filter(|c| c.case.ok).count();
+    tests.failed = tests.total - tests.passed;
+
+    let header = state.header.clone();
+    RunReport {
+        schema: SCHEMA,
+        run: RunSummary {
+            id: run.to_string(),
+            operator: state.operator.clone(),
+            started: state.started.clone(),
+            ended,
+            last_record: records.last().map(|r| r.ts.clone()),
+            closed: state.closed,
+            playbook: header.as_ref().map(|h| h.playbook.display().to_string()),
+            playbook_sha256: header.as_ref().map(|h| h.playbook_sha256.clone()),
+            modules: header
+                .as_ref()
+                .map(|h| h.modules.clone())
+                .unwrap_or_default(),
+            inventory_sha256: header.as_ref().map(|h| h.inventory_sha256.clone()),
+            patchbook_version: header.as_ref().map(|h| h.patchbook_version.clone()),
+            policy: header.map(|h| h.policy).unwrap_or(Value::Null),
+            window,
+            stop: summary.as_ref().and_then(|s| s.get("stop").cloned()),
+            alerts,
+            open_intents: state.open_intents().len(),
+        },
+        counts,
+        groups: summary
+            .as_ref()
+            .and_then(|s| s.get("per_group"))
+            .and_then(Value::as_object)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
+        waves,
+        hosts,
+        tests,
+        artifacts,
+        notifications,
+        problems,
+    }
+}
+
+/// The entries of a record that carries one item, a list of them, or `{key: [...]}`.
+fn items<'a>(data: &'a Value, key: &str) -> Vec<&'a Value> {
+    match data {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(m) => match m.get(key) {
+            Some(Value::Array(a)) => a.iter().collect(),
+            _ => vec![data],
+        },
+        _ => Vec::new(),
+    }
+}
+
+fn host_report(
+    name: &str,
+    ev: HostEvents,
+    records: &[&Record],
+    run_closed: bool,
+    labels: &BTreeMap<usize, String>,
+) -> HostReport {
+    let mut steps: Vec<StepReport> = Vec::new();
+    let mut intents: BTreeMap<u64, (IntentData, usize)> = BTreeMap::new();
+    let mut packages: BTreeMap<String, PackageChange> = BTreeMap::new();
+    let mut errors = ErrorOutput::default();
+    let mut backups = Vec::new();
+    let mut verifications = Vec::new();
+    let mut health = Vec::new();
+    let mut finish: Option<(String, HostEndData)> = None;
+    let mut rollback_rec: Option<(String, HostEndData)> = None;
+    let mut undone = Vec::new();
+
+    for rec in records {
+        let d = &rec.data;
+        match rec.kind.as_str() {
+            kind::STEP_INTENT => {
+                let Ok(intent) = serde_json::from_value::<IntentData>(d.clone()) else {
+                    continue;
+                };
+                if intent.step == "deploy" && intent.undoes.is_none() {
+                    if let Some(pkg) = field(&intent.input, "package") {
+                        let p = packages.entry(pkg.clone()).or_insert(PackageChange {
+                            package: pkg,
+                            before: field(&intent.input, "from"),
+                            target: None,
+                            after: None,
+                        });
+                        p.target = field(&intent.input, "to");
+                    }
+                }
+                steps.push(StepReport {
+                    id: rec.seq,
+                    step: intent.step.clone(),
+                    started: rec.ts.clone(),
+                    ended: None,
+                    duration_ms: None,
+                    ok: None,
+                    undoes: intent.undoes.map(|s| s.0),
+                    detail: step_detail(&intent),
+                    error: None,
+                });
+                intents.insert(rec.seq, (intent, steps.len() - 1));
+            }
+            kind::STEP_OUTCOME => {
+                let Ok(out) = serde_json::from_value::<OutcomeData>(d.clone()) else {
+                    continue;
+                };
+                let Some((intent, i)) = intents.get(&out.step_id.0) else {
+                    continue;
+                };
+                let error = output_error(&out.output);
+                if let Some(step) = steps.get_mut(*i) {
+                    step.ended = Some(rec.ts.clone());
+                    step.duration_ms = ms_between(&step.started, &rec.ts);
+                    step.ok = Some(out.ok);
+                    step.error = error.clone();
+                }
+                if !out.ok {
+                    if let Some(e) = &error {
+                        errors.add(&intent.step, e);
+                    }
+                }
+                if intent.undoes.is_some() {
+                    let undo = serde_json::from_value::<UndoStep>(intent.input.clone()).ok();
+                    if out.ok {
+                        if let Some(u) = &undo {
+                            undone.push(describe(u));
+                        }
+                    }
+                    match (out.ok, undo) {
+                        (
+                            true,
+                            Some(UndoStep::Reinstall {
+                                package, version, ..
+                            }),
+                        ) => {
+                            if let Some(p) = packages.get_mut(&package) {
+                                p.after = Some(version);
+                            }
+                        }
+                        (true, Some(UndoStep::Remove { package })) => {
+                            if let Some(p) = packages.get_mut(&package) {
+                                p.after = None;
+                            }
+                        }
+                        _ => {}
+                    }
+                } else if intent.step == "deploy" {
+                    let pkg =
+                        field(&out.output, "package").or_else(|| field(&intent.input, "package"));
+                    if let Some(p) = pkg.and_then(|k| packages.get_mut(&k)) {
+                        p.after = field(&out.output, "after");
+                    }
+                }
+            }
+            kind::HOST_FINISH | kind::HOST_ROLLBACK => {
+                let Ok(end) = serde_json::from_value::<HostEndData>(d.clone()) else {
+                    continue;
+                };
+                if rec.kind == kind::HOST_FINISH {
+                    if !end.ok {
+                        if let Some(t) = detail_text(&end.detail) {
+                            errors.add("", &t);
+                        }
+                    }
+                    finish = Some((rec.ts.clone(), end));
+                } else {
+                    rollback_rec = Some((rec.ts.clone(), end));
+                }
+            }
+            "backup" => backups.push(BackupReport {
+                id: field(d, "id").unwrap_or_default(),
+                archive: field(d, "archive").unwrap_or_default(),
+                sha256: field(d, "sha256").unwrap_or_default(),
+                size: d.get("size").and_then(Value::as_u64),
+                paths: strings(d.get("paths")),
+                missing: strings(d.get("missing")),
+                ts: rec.ts.clone(),
+            }),
+            "verify" => {
+                let v = Verification {
+                    package: field(d, "package").unwrap_or_default(),
+                    expected: field(d, "expected"),
+                    found: field(d, "found"),
+                    ok: d.get("ok").and_then(Value::as_bool).unwrap_or(false),
+                    ts: rec.ts.clone(),
+                };
+                if let Some(p) = packages.get_mut(&v.package) {
+                    p.after = v.found.clone();
+                } else {
+                    packages.insert(
+                        v.package.clone(),
+                        PackageChange {
+                            package: v.package.clone(),
+                            before: None,
+                            target: v.expected.clone(),
+                            after: v.found.clone(),
+                        },
+                    );
+                }
+                if !v.ok {
+                    errors.add(
+                        "verify",
+                        &format!(
+                            "{}: expected {}, found {}",
+                            v.package,
+                            v.expected.as_deref().unwrap_or("?"),
+                            v.found.as_deref().unwrap_or("?")
+                        ),
+                    );
+                }
+                verifications.push(v);
+            }
+            "health" => {
+                let h = HealthCheck {
+                    command: d
+                        .get("argv")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().filter_map(text).collect::<Vec<_>>().join(" "))
+                        .or_else(|| field(d, "command"))
+                        .unwrap_or_default(),
+                    ok: d.get("ok").and_then(Value::as_bool).unwrap_or(false),
+                    attempts: d.get("attempts").and_then(Value::as_u64),
+                    error: field(d, "error"),
+                    ts: rec.ts.clone(),
+                };
+                if let (false, Some(e)) = (h.ok, &h.error) {
+                    errors.add(&format!("health `{}`", h.command), e);
+                }
+                health.push(h);
+            }
+            _ => {}
+        }
+    }
+
+    let has_activity = ev.started.is_some() || !steps.is_empty() || finish.is_some();
+    let mut outcome = match (ev.outcome, &finish) {
+        (Some(o), _) => o,
+        (None, Some((_, end))) if end.ok => Outcome::Done,
+        (None, Some(_)) => Outcome::Failed,
+        (None, None) if !has_activity => Outcome::Pending,
+        (None, None) if run_closed => Outcome::Unknown,
+        (None, None) => Outcome::InProgress,
+    };
+    let rolled_back = ev.rolled_back.is_some()
+        || rollback_rec.as_ref().is_some_and(|(_, end)| end.ok) && ev.rollback_error.is_none();
+    let rollback_error = ev
+        .rollback_error
+        .as_ref()
+        .map(|(_, _, e)| e.clone())
+        .or_else(|| {
+            rollback_rec
+                .as_ref()
+                .filter(|(_, end)| !end.ok)
+                .map(|(_, end)| {
+                    detail_text(&end.detail).unwrap_or_else(|| "rollback failed".into())
+                })
+        });
+    if outcome == Outcome::Done && rolled_back {
+        outcome = Outcome::Reverted;
+    }
+    if let Some(reason) = &ev.reason {
+        errors.add("", reason);
+    }
+    let error_output = errors.text();
+
+    let rollback = if rolled_back || rollback_error.is_some() || !undone.is_empty() {
+        Some(RollbackReport {
+            ok: if rollback_error.is_some() {
+                Some(false)
+            } else if rolled_back {
+                Some(true)
+            } else {
+                None
+            },
+            ts: ev
+                .rollback_error
+                .as_ref()
+                .map(|(ts, _, _)| ts.clone())
+                .or_else(|| ev.rolled_back.as_ref().map(|(ts, _)| ts.clone()))
+                .or_else(|| rollback_rec.as_ref().map(|(ts, _)| ts.clone())),
+            cause: ev
+                .rollback_error
+                .as_ref()
+                .map(|(_, c, _)| c.clone())
+                .or_else(|| ev.rolled_back.as_ref().map(|(_, c)| c.clone()))
+                .filter(|c| !c.is_empty()),
+            error: rollback_error.clone(),
+            undone,
+        })
+    } else {
+        None
+    };
+
+    let started = ev
+        .started
+        .clone()
+        .or_else(|| steps.first().map(|s| s.started.clone()));
+    let ended = ev.ended.clone().or_else(|| match outcome {
+        Outcome::Done | Outcome::Failed | Outcome::Reverted => finish
+            .as_ref()
+            .map(|(ts, _)| ts.clone())
+            .or_else(|| steps.iter().rev().find_map(|s| s.ended.clone())),
+        _ => None,
+    });
+    let duration_ms = match (&started, &ended) {
+        (Some(a), Some(b)) => ms_between(a, b),
+        _ => None,
+    }
+    .or(ev.duration_ms);
+
+    HostReport {
+        name: name.to_string(),
+        wave: ev.wave,
+        wave_label: ev.wave.and_then(|w| labels.get(&w).cloned()),
+        outcome,
+        rolled_back,
+        rollback_error,
+        reason: ev.reason,
+        started,
+        ended,
+        duration_ms,
+        packages: packages.into_values().collect(),
+        steps,
+        error_output,
+        rollback,
+        backups,
+        verifications,
+        health,
+    }
+}
+
+/// A host's error output gathered from several records, each message once: the
+/// rollout's reason and `host.finish` usually repeat the failed step's error.
+#[derive(Default)]
+struct ErrorOutput {
+    /// (where it came from, message)
+    entries: Vec<(String, String)>,
+}
+
+impl ErrorOutput {
+    fn add(&mut self, source: &str, message: &str) {
+        let message = message.trim();
+        if message.is_empty() {
+            return;
+        }
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|(_, m)| message.contains(m.as_str()))
+        {
+            // The longer message says more: it replaces the one it contains.
+            self.entries[i] = (source.to_string(), message.to_string());
+            self.entries
+                .retain(|(_, m)| m == message || !message.contains(m.as_str()));
+            return;
+        }
+        if self.entries.iter().any(|(_, m)| m.contains(message)) {
+            return;
+        }
+        self.entries.push((source.to_string(), message.to_string()));
+    }
+
+    fn text(&self) -> Option<String> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let all: Vec<String> = self
+            .entries
+            .iter()
+            .map(|(source, m)| {
+                if source.is_empty() {
+                    m.clone()
+                } else {
+                    format!("{source}: {m}")
+                }
+            })
+            .collect();
+        Some(crate::primitives::cut(&all.join("\n"), OUTPUT_LIMIT))
+    }
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(text).collect())
+        .unwrap_or_default()
+}
+
+/// A failed step's error: `error`, else the host's own output.
+fn output_error(output: &Value) -> Option<String> {
+    if let Some(e) = field(output, "error") {
+        return Some(e);
+    }
+    let stderr = field(output, "stderr").unwrap_or_default();
+    let stdout = field(output, "stdout").unwrap_or_default();
+    let both = format!("{stderr}{stdout}");
+    (!both.trim().is_empty()).then(|| both.trim().to_string())
+}
+
+fn detail_text(detail: &Value) -> Option<String> {
+    match detail {
+        Value::Null => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::Object(m) if m.is_empty() => None,
+        Value::Object(_) => field(detail, "error")
+            .or_else(|| field(detail, "reason"))
+            .or_else(|| Some(detail.to_string())),
+        other => text(other),
+    }
+}
+
+/// One line saying what a step set out to do.
+fn step_detail(intent: &IntentData) -> String {
+    let input = &intent.input;
+    if intent.undoes.is_some() {
+        if let Ok(u) = serde_json::from_value::<UndoStep>(input.clone()) {
+            return describe(&u);
+        }
+    }
+    if intent.step == "deploy" {
+        if let Some(pkg) = field(input, "package") {
+            return format!(
+                "{pkg} {} → {}",
+                field(input, "from").unwrap_or_else(|| "(not installed)".into()),
+                field(input, "to").unwrap_or_else(|| "?".into())
+            );
+        }
+    }
+    match input {
+        Value::Object(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .filter(|(k, _)| k.as_str() != "undo")
+                .filter_map(|(k, v)| match v {
+                    Value::String(s) => Some(format!("{k}={s}")),
+                    Value::Number(n) => Some(format!("{k}={n}")),
+                    Value::Bool(b) => Some(format!("{k}={b}")),
+                    Value::Array(a) if a.iter().all(Value::is_string) => Some(format!(
+                        "{k}={}",
+                        a.iter().filter_map(text).collect::<Vec<_>>().join(",")
+                    )),
+                    _ => None,
+                })
+                .collect();
+            crate::primitives::cut(&parts.join(" "), 160)
+        }
+        Value::Null => String::new(),
+        other => crate::primitives::cut(&other.to_string(), 160),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use serde_json::json;
+
+    fn rollout(j: &Journal, e: Value) {
+        j.append(None, ROLLOUT_EVENT, e).unwrap();
+    }
+
+    #[test]
+    fn without_header_or_events_outcomes_come_from_host_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "bare", "ops").unwrap();
+        for (host, ok) in [("a", true), ("b", false)] {
+            let id = j.intent(host, "exec", json!({"argv": ["true"]})).unwrap();
+            j.outcome(host, id, ok, json!({"stderr": "boom"}), None)
+                .unwrap();
+            j.host_finished(host, ok, json!({})).unwrap();
+        }
+        let id = j.intent("c", "exec", json!({})).unwrap();
+        j.outcome("c", id, true, json!({}), None).unwrap();
+        let records = j.records().unwrap();
+        j.close().unwrap();
+        let mut closed = records.clone();
+        closed.push(Record {
+            kind: kind::RUN_CLOSE.into(),
+            seq: records.len() as u64 + 1,
+            ..records[0].clone()
+        });
+
+        let open = build("bare", &records);
+        let outcomes: Vec<Outcome> = open.hosts.iter().map(|h| h.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Done, Outcome::Failed, Outcome::InProgress]
+        );
+        assert_eq!(open.hosts[1].error_output.as_deref(), Some("exec: boom"));
+        assert_eq!(open.hosts[0].steps[0].detail, "argv=true");
+        assert!(open.run.playbook.is_none() && open.run.window.is_none());
+        // Once the run is closed, a host with no end is unknown, still not done.
+        let closed = build("bare", &closed);
+        assert_eq!(closed.hosts[2].outcome, Outcome::Unknown);
+        assert_eq!(closed.counts.unknown, 1);
+        assert_eq!(closed.counts.targeted, 3);
+    }
+
+    #[test]
+    fn a_host_undone_after_a_stop_is_reverted_and_alerts_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "stop", "ops").unwrap();
+        rollout(
+            &j,
+            json!({"kind": "wave_started", "index": 0, "label": "pilot", "hosts": ["a", "b", "c"]}),
+        );
+        for h in ["a", "b"] {
+            rollout(&j, json!({"kind": "host_started", "host": h, "wave": 0}));
+        }
+        rollout(
+            &j,
+            json!({"kind": "host_done", "host": "a", "wave": 0, "seconds": 1.5}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "host_failed", "host": "b", "wave": 0, "reason": "health check failed"}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "budget_exhausted", "failures": 1, "allowed": 0}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "rolled_back", "host": "b", "cause": "host_failed"}),
+        );
+        rollout(
+            &j,
+            json!({"kind": "rolled_back", "host": "a", "cause": "run_stopped"}),
+        );
+        let r = build("stop", &j.records().unwrap());
+        let by_name = |n: &str| r.hosts.iter().find(|h| h.name == n).unwrap();
+        assert_eq!(by_name("a").outcome, Outcome::Reverted);
+        assert_eq!(by_name("a").class(), "rolled-back");
+        assert_eq!(by_name("b").outcome, Outcome::Failed);
+        assert_eq!(by_name("b").status_text(), "failed, rolled back");
+        assert_eq!(
+            by_name("b").error_output.as_deref(),
+            Some("health check failed")
+        );
+        assert_eq!(by_name("c").outcome, Outcome::Pending);
+        assert_eq!(
+            (
+                r.counts.reverted,
+                r.counts.failed,
+                r.counts.rolled_back,
+                r.counts.pending
+            ),
+            (1, 1, 2, 1)
+        );
+        assert_eq!(r.run.alerts.len(), 1);
+        assert!(
+            r.run.alerts[0].text.contains("1 failures, 0 allowed"),
+            "{:?}",
+            r.run.alerts
+        );
+        assert_eq!(by_name("a").wave_label.as_deref(), Some("pilot"));
+    }
+
+    #[test]
+    fn durations_read_for_people() {
+        assert_eq!(fmt_ms(0.25), "250 µs");
+        assert_eq!(fmt_ms(12.34), "12.3 ms");
+        assert_eq!(fmt_ms(4200.0), "4.20 s");
+        assert_eq!(fmt_ms(192_000.0), "3m 12s");
+        assert_eq!(
+            ms_between("2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:01.500250Z"),
+            Some(1500.25)
+        );
+    }
+}
