@@ -92,6 +92,11 @@ pub enum Verb {
     /// Check the journals' hash chains and the audit index.
     #[command(subcommand)]
     Audit(AuditVerb),
+    /// Write Rhai definition files (.d.rhai) of every primitive for editor completion.
+    Docs {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,7 +181,26 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
         Verb::Lab(_) => Err(CliError::Other("not built yet".into())),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
+        Verb::Docs { out } => docs(&cli, out),
     }
+}
+
+/// `patchbook docs`: definition files for editors; needs no inventory.
+fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
+    let limits = match &cli.global.config {
+        Some(p) => crate::config::Config::load(p)
+            .map_err(RuntimeError::from)?
+            .limits,
+        None => crate::script::Limits::default(),
+    };
+    let files =
+        crate::script::docs::write(out, &limits).map_err(|e| CliError::Other(e.to_string()))?;
+    if !cli.global.quiet {
+        for f in &files {
+            println!("{}", f.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {

@@ -5,7 +5,9 @@
 //! sockets, files or processes itself.
 
 pub mod diagnostics;
+pub mod docs;
 pub mod engine;
+pub mod patch;
 pub mod playbook;
 pub mod register;
 pub mod resolver;
@@ -20,7 +22,9 @@ pub use engine::{sandbox, CallGuard};
 pub use playbook::{
     run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
 };
+pub use patch::{ScriptArtifact, ScriptBackup};
 pub use register::ScriptHost;
+pub use session::Session;
 pub use resolver::{ImportError, LibraryResolver};
 
 /// Why a script did not compile or did not finish.
