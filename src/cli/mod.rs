@@ -188,9 +188,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
 /// `patchbook docs`: definition files for editors; needs no inventory.
 fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
     let limits = match &cli.global.config {
-        Some(p) => crate::config::Config::load(p)
-            .map_err(RuntimeError::from)?
-            .limits,
+        Some(p) => {
+            crate::config::Config::load(p)
+                .map_err(RuntimeError::from)?
+                .limits
+        }
         None => crate::script::Limits::default(),
     };
     let files =

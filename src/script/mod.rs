@@ -19,13 +19,13 @@ use serde::Deserialize;
 
 pub use diagnostics::{Diagnostic, Frame, Location, SourceMap};
 pub use engine::{sandbox, CallGuard};
+pub use patch::{ScriptArtifact, ScriptBackup};
 pub use playbook::{
     run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
 };
-pub use patch::{ScriptArtifact, ScriptBackup};
 pub use register::ScriptHost;
-pub use session::Session;
 pub use resolver::{ImportError, LibraryResolver};
+pub use session::Session;
 
 /// Why a script did not compile or did not finish.
 #[derive(Debug, thiserror::Error)]

@@ -192,7 +192,13 @@ fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResu
 }
 
 /// The strings of an array, refusing anything that is not one.
-fn strings(ctx: &NativeCallContext, host: &str, step: &str, what: &str, a: Array) -> RhaiResult<Vec<String>> {
+fn strings(
+    ctx: &NativeCallContext,
+    host: &str,
+    step: &str,
+    what: &str,
+    a: Array,
+) -> RhaiResult<Vec<String>> {
     let mut out = Vec::with_capacity(a.len());
     for (i, v) in a.into_iter().enumerate() {
         match v.into_immutable_string() {
@@ -227,7 +233,9 @@ pub fn argv_problem(argv: &[String]) -> Option<String> {
     }
     for (i, w) in argv.iter().enumerate() {
         if w.contains('\0') {
-            return Some(format!("argv[{i}] contains NUL, which no command line can carry"));
+            return Some(format!(
+                "argv[{i}] contains NUL, which no command line can carry"
+            ));
         }
         if w.len() > MAX_WORD {
             return Some(format!(
@@ -264,7 +272,9 @@ pub fn path_problem(p: &str) -> Option<&'static str> {
         return Some("backup paths must be absolute");
     }
     if p.chars().any(|c| SHELL_META.contains(c)) {
-        return Some("paths with shell metacharacters (; & | $ ` < > ( ) { } * ? ! quotes \\) are refused");
+        return Some(
+            "paths with shell metacharacters (; & | $ ` < > ( ) { } * ? ! quotes \\) are refused",
+        );
     }
     None
 }
@@ -377,59 +387,95 @@ fn cmp_int(o: Ordering) -> i64 {
 pub fn register_patch_types(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptArtifact>("Artifact");
     engine.register_type_with_name::<ScriptBackup>("Backup");
-    let getters: [(&str, &str, fn(&mut ScriptArtifact) -> Dynamic); 5] = [
-        ("url", "/// Where the artifact was fetched from, as the playbook gave it.", |a| {
-            a.0.url.clone().into()
-        }),
-        ("sha256", "/// The verified SHA-256 of the file, lowercase hex.", |a| {
-            a.0.sha256.clone().into()
-        }),
-        ("size", "/// The verified size of the file in bytes.", |a| {
-            (a.0.bytes as i64).into()
-        }),
-        ("path", "/// The file in the controller's content-addressed cache.", |a| {
-            a.0.path.display().to_string().into()
-        }),
+    let getters: [(&str, &str, &str, fn(&mut ScriptArtifact) -> Dynamic); 5] = [
+        (
+            "url",
+            "String",
+            "/// Where the artifact was fetched from, as the playbook gave it.",
+            |a| a.0.url.clone().into(),
+        ),
+        (
+            "sha256",
+            "String",
+            "/// The verified SHA-256 of the file, lowercase hex.",
+            |a| a.0.sha256.clone().into(),
+        ),
+        (
+            "size",
+            "int",
+            "/// The verified size of the file in bytes.",
+            |a| (a.0.bytes as i64).into(),
+        ),
+        (
+            "path",
+            "String",
+            "/// The file in the controller's content-addressed cache.",
+            |a| a.0.path.display().to_string().into(),
+        ),
         (
             "signature_checked",
+            "bool",
             "/// True when a minisign signature was checked against a pinned key.",
             |a| a.0.signature_checked.into(),
         ),
     ];
-    for (name, doc, get) in getters {
+    for (name, ty, doc, get) in getters {
         FuncRegistration::new_getter(name)
-            .with_params_info(["artifact: &mut Artifact", "?"])
+            .with_params_info(["artifact: &mut Artifact", ty])
             .with_comments([doc])
             .register_into_engine(engine, get);
     }
-    let getters: [(&str, &str, fn(&mut ScriptBackup) -> Dynamic); 7] = [
-        ("id", "/// The backup's id within its host and run, e.g. `b001`.", |b| {
-            b.0.id.clone().into()
-        }),
-        ("host", "/// The host the backup was taken from.", |b| {
-            b.0.host.clone().into()
-        }),
-        ("sha256", "/// SHA-256 of the archive, as written in its manifest.", |b| {
-            b.0.sha256.clone().into()
-        }),
-        ("archive", "/// The archive on the controller (never on the host).", |b| {
-            b.0.archive.display().to_string().into()
-        }),
-        ("size", "/// Size of the archive in bytes.", |b| {
+    let getters: [(&str, &str, &str, fn(&mut ScriptBackup) -> Dynamic); 7] = [
+        (
+            "id",
+            "String",
+            "/// The backup's id within its host and run, e.g. `b001`.",
+            |b| b.0.id.clone().into(),
+        ),
+        (
+            "host",
+            "String",
+            "/// The host the backup was taken from.",
+            |b| b.0.host.clone().into(),
+        ),
+        (
+            "sha256",
+            "String",
+            "/// SHA-256 of the archive, as written in its manifest.",
+            |b| b.0.sha256.clone().into(),
+        ),
+        (
+            "archive",
+            "String",
+            "/// The archive on the controller (never on the host).",
+            |b| b.0.archive.display().to_string().into(),
+        ),
+        ("size", "int", "/// Size of the archive in bytes.", |b| {
             (b.0.size as i64).into()
         }),
-        ("paths", "/// The host paths the archive holds, as given.", |b| {
-            Dynamic::from_array(b.0.paths.iter().map(|p| Dynamic::from(p.clone())).collect())
-        }),
+        (
+            "paths",
+            "Array",
+            "/// The host paths the archive holds, as given.",
+            |b| Dynamic::from_array(b.0.paths.iter().map(|p| Dynamic::from(p.clone())).collect()),
+        ),
         (
             "missing",
+            "Array",
             "/// Paths that did not exist on the host when the backup was taken.",
-            |b| Dynamic::from_array(b.0.missing.iter().map(|p| Dynamic::from(p.clone())).collect()),
+            |b| {
+                Dynamic::from_array(
+                    b.0.missing
+                        .iter()
+                        .map(|p| Dynamic::from(p.clone()))
+                        .collect(),
+                )
+            },
         ),
     ];
-    for (name, doc, get) in getters {
+    for (name, ty, doc, get) in getters {
         FuncRegistration::new_getter(name)
-            .with_params_info(["backup: &mut Backup", "?"])
+            .with_params_info(["backup: &mut Backup", ty])
             .with_comments([doc])
             .register_into_engine(engine, get);
     }
@@ -720,11 +766,7 @@ fn register_backup(engine: &mut Engine, session_: &Option<Arc<Session>>) {
         );
 }
 
-fn deploy_options(
-    ctx: &NativeCallContext,
-    host: &str,
-    opts: &Map,
-) -> RhaiResult<DeployOptions> {
+fn deploy_options(ctx: &NativeCallContext, host: &str, opts: &Map) -> RhaiResult<DeployOptions> {
     let bad = |m: String| fail::<DeployOptions>(ctx, format!("{host}: deploy: {m}"));
     if let Err(e) = no_unknown_keys(opts, &["method", "rollback_to", "timeout"]) {
         return bad(e);
@@ -732,7 +774,12 @@ fn deploy_options(
     let mut o = DeployOptions::default();
     if let Some(m) = opts.get("method").filter(|m| !m.is_unit()) {
         o.method = if m.is_array() {
-            let argv = argv_arg(ctx, host, "deploy", m.clone().into_array().unwrap_or_default())?;
+            let argv = argv_arg(
+                ctx,
+                host,
+                "deploy",
+                m.clone().into_array().unwrap_or_default(),
+            )?;
             if !argv.iter().any(|w| w == "{file}") {
                 return bad("a custom method argv must contain the word \"{file}\", replaced by the staged package file".into());
             }
@@ -758,7 +805,11 @@ fn deploy_options(
         let ty = a.type_name();
         match a.clone().try_cast::<ScriptArtifact>() {
             Some(a) => o.rollback_to = Some((*a.0).clone()),
-            None => return bad(format!("`rollback_to` must be an Artifact from artifact(…), got {ty}")),
+            None => {
+                return bad(format!(
+                    "`rollback_to` must be an Artifact from artifact(…), got {ty}"
+                ))
+            }
         }
     }
     match opt_duration(opts, "timeout") {
@@ -785,14 +836,14 @@ fn do_deploy(
     if planning(s) {
         m.insert("planned".into(), true.into());
         m.insert("result".into(), "unknown".into());
-        m.insert("package".into(), Dynamic::UNIT);
+        m.insert("pkg".into(), Dynamic::UNIT);
         m.insert("before".into(), Dynamic::UNIT);
         m.insert("after".into(), Dynamic::UNIT);
         m.insert("undo".into(), Dynamic::UNIT);
         return Ok(m);
     }
     m.insert("planned".into(), false.into());
-    m.insert("package".into(), d.package.into());
+    m.insert("pkg".into(), d.package.into());
     m.insert("before".into(), opt_string(d.before));
     m.insert("after".into(), opt_string(d.after));
     m.insert(
@@ -803,7 +854,8 @@ fn do_deploy(
 }
 
 fn register_deploy(engine: &mut Engine, session_: &Option<Arc<Session>>) {
-    const DOC: &str = "/// Uploads the artifact to a fresh private folder on the host, re-hashes it there and\n/// installs it in the same command (`dpkg -i` or `rpm -U` by default). The intent, the\n/// versions before and after, and the undo step (reinstall `rollback_to`, else restore\n/// this run's backups, else remove a new package, else manual) go to the journal.\n/// Returns `#{ package, before, after, undo, planned }`; in a plan\n/// `#{ planned: true, result: \"unknown\" }`.";
+    const DOC: &str = "/// Uploads the artifact to a fresh private folder on the host, re-hashes it there and\n/// installs it in the same command (`dpkg -i` or `rpm -U` by default). The intent, the\n/// versions before and after, and the undo step (reinstall `rollback_to`, else restore\n/// this run's backups, else remove a new package, else manual) go to the journal.\n/// Returns `#{ pkg, before, after, undo, planned }` (`package` is a reserved word in
+/// Rhai); in a plan\n/// `#{ planned: true, result: \"unknown\" }`.";
     let s = session_.clone();
     FuncRegistration::new("deploy")
         .with_volatility(true)
@@ -811,7 +863,10 @@ fn register_deploy(engine: &mut Engine, session_: &Option<Arc<Session>>) {
         .with_comments([DOC])
         .register_into_engine(
             engine,
-            move |ctx: NativeCallContext, host: ScriptHost, artifact: ScriptArtifact| -> RhaiResult<Map> {
+            move |ctx: NativeCallContext,
+                  host: ScriptHost,
+                  artifact: ScriptArtifact|
+                  -> RhaiResult<Map> {
                 do_deploy(&ctx, &s, host, artifact, Map::new())
             },
         );
@@ -854,13 +909,23 @@ fn register_deploy(engine: &mut Engine, session_: &Option<Arc<Session>>) {
 
 fn health_check(ctx: &NativeCallContext, host: &str, opts: &Map) -> RhaiResult<HealthCheck> {
     let bad = |m: String| fail::<HealthCheck>(ctx, format!("{host}: health: {m}"));
-    if let Err(e) = no_unknown_keys(opts, &["expect_code", "expect_stdout", "retries", "delay", "timeout"]) {
+    if let Err(e) = no_unknown_keys(
+        opts,
+        &[
+            "expect_code",
+            "expect_stdout",
+            "retries",
+            "delay",
+            "timeout",
+        ],
+    ) {
         return bad(e);
     }
     let mut c = HealthCheck::default();
     let parsed = (|| -> Result<(), String> {
         if let Some(n) = opt_int(opts, "expect_code")? {
-            c.expect_code = i32::try_from(n).map_err(|_| "`expect_code` is out of range".to_string())?;
+            c.expect_code =
+                i32::try_from(n).map_err(|_| "`expect_code` is out of range".to_string())?;
         }
         c.expect_stdout = opt_str(opts, "expect_stdout")?;
         if let Some(n) = opt_int(opts, "retries")? {
@@ -907,7 +972,8 @@ fn http_options(ctx: &NativeCallContext, url: &str, opts: &Map) -> RhaiResult<Ht
     let parsed = (|| -> Result<(), String> {
         no_unknown_keys(opts, &["status", "contains", "timeout"])?;
         if let Some(n) = opt_int(opts, "status")? {
-            c.status = u16::try_from(n).map_err(|_| "`status` must be an HTTP status code".to_string())?;
+            c.status =
+                u16::try_from(n).map_err(|_| "`status` must be an HTTP status code".to_string())?;
         }
         c.contains = opt_str(opts, "contains")?;
         if let Some(d) = opt_duration(opts, "timeout")? {
@@ -935,7 +1001,10 @@ fn do_http_check(
             "url": url, "ok": r.is_ok(), "error": r.as_ref().err().map(|e| e.to_string()),
         });
         if let Err(e) = j.append(None, "http_check", data) {
-            return fail(ctx, format!("http_check {url}: cannot write the journal: {e}"));
+            return fail(
+                ctx,
+                format!("http_check {url}: cannot write the journal: {e}"),
+            );
         }
     }
     match r {
@@ -1046,7 +1115,15 @@ fn do_notify(
         Err(e) => return fail(ctx, format!("notify: {e}")),
     };
     if planning(s) {
-        plan_on_controller(s, "notify", format!("to {}: {}", to.join(", "), message.lines().next().unwrap_or("")));
+        plan_on_controller(
+            s,
+            "notify",
+            format!(
+                "to {}: {}",
+                to.join(", "),
+                message.lines().next().unwrap_or("")
+            ),
+        );
         return Ok(Array::new());
     }
     let secrets = s.secrets();
@@ -1095,12 +1172,16 @@ fn register_notify(engine: &mut Engine, session_: &Option<Arc<Session>>) {
     FuncRegistration::new("notify")
         .with_volatility(true)
         .with_params_info(["to: ?", "message: &str", "options: Map", "Array"])
-        .with_comments([&format!("{DOC}\n/// Options: `severity` (\"info\", \"warning\" or \"critical\").")])
+        .with_comments([&format!(
+            "{DOC}\n/// Options: `severity` (\"info\", \"warning\" or \"critical\")."
+        )])
         .register_into_engine(
             engine,
-            move |ctx: NativeCallContext, to: Dynamic, message: &str, opts: Map| -> RhaiResult<Array> {
-                do_notify(&ctx, &s, to, message, opts)
-            },
+            move |ctx: NativeCallContext,
+                  to: Dynamic,
+                  message: &str,
+                  opts: Map|
+                  -> RhaiResult<Array> { do_notify(&ctx, &s, to, message, opts) },
         );
 }
 
@@ -1117,9 +1198,11 @@ mod tests {
         assert!(argv_problem(&w(&["sh;id"])).unwrap().contains("plain path"));
         assert!(argv_problem(&w(&["-x"])).unwrap().contains("plain path"));
         assert!(argv_problem(&w(&["echo", "a\0b"])).unwrap().contains("NUL"));
-        assert!(argv_problem(&["echo".to_string(), "x".repeat(MAX_WORD + 1)])
-            .unwrap()
-            .contains("bytes"));
+        assert!(
+            argv_problem(&["echo".to_string(), "x".repeat(MAX_WORD + 1)])
+                .unwrap()
+                .contains("bytes")
+        );
     }
 
     #[test]
