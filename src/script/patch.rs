@@ -271,6 +271,9 @@ pub fn path_problem(p: &str) -> Option<&'static str> {
     if !p.starts_with('/') {
         return Some("backup paths must be absolute");
     }
+    if p.split('/').any(|c| c.starts_with('-')) {
+        return Some("no part of a backup path may start with '-' (it would read as an option)");
+    }
     if p.chars().any(|c| SHELL_META.contains(c)) {
         return Some(
             "paths with shell metacharacters (; & | $ ` < > ( ) { } * ? ! quotes \\) are refused",
@@ -793,7 +796,7 @@ fn deploy_options(ctx: &NativeCallContext, host: &str, opts: &Map) -> RhaiResult
                 Ok("auto") => Method::Auto,
                 Ok(other) => {
                     return bad(format!(
-                        "unknown method {:?}: use \"dpkg\", \"apt\", \"rpm\", \"dnf\" or an argv array with \"{{file}}\"",
+                        "refused method {:?}: use \"dpkg\", \"apt\", \"rpm\", \"dnf\" or an argv array with \"{{file}}\"",
                         cut(other, 80)
                     ))
                 }
@@ -1209,7 +1212,16 @@ mod tests {
     fn path_and_unit_rules() {
         assert!(path_problem("/etc/acme").is_none());
         assert!(path_problem("/etc/My App").is_none());
-        for bad in ["etc", "/x;y", "/$(id)", "/`id`", "/a\nb", "/a\0b", "-x"] {
+        for bad in [
+            "etc",
+            "/x;y",
+            "/$(id)",
+            "/`id`",
+            "/a\nb",
+            "/a\0b",
+            "-x",
+            "/tmp/--x=y",
+        ] {
             assert!(path_problem(bad).is_some(), "{bad:?}");
         }
         assert!(unit_problem("nginx.service").is_none());
