@@ -30,6 +30,9 @@ const PRIMITIVES: &[&str] = &[
     "rollback",
     "notify",
     "secret",
+    "rollout",
+    "window",
+    "var",
 ];
 
 /// `(name as written in a definition file, is a property getter)` of every function
@@ -80,16 +83,15 @@ fn definitions_name_every_registered_function() {
         );
     }
     for (name, getter) in &names {
-        let needle = if *getter {
-            format!("fn get {name}(")
-        } else if name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-            format!("fn {name}(")
+        // Operators and reserved words (`var`) are written as `op`.
+        let needles = if *getter {
+            vec![format!("fn get {name}(")]
         } else {
-            format!("op {name}(")
+            vec![format!("fn {name}("), format!("op {name}(")]
         };
         assert!(
-            text.contains(&needle),
-            "{needle} is missing from {PRIMITIVES_FILE}"
+            needles.iter().any(|n| text.contains(n)),
+            "{name} is missing from {PRIMITIVES_FILE}"
         );
     }
     for ty in ["Host", "Artifact", "Backup"] {
@@ -115,7 +117,8 @@ fn every_primitive_has_a_doc_comment() {
             .collect()
     };
     for p in PRIMITIVES {
-        let found = documented(&format!("fn {p}("));
+        let mut found = documented(&format!("fn {p}("));
+        found.extend(documented(&format!("op {p}(")));
         assert!(!found.is_empty(), "fn {p} is not in the definitions");
         assert!(
             found.iter().all(|d| *d),

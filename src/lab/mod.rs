@@ -1,3 +1,941 @@
 //! The lab fleet: real OpenSSH sshd hosts on loopback, each in its own mount
 //! namespace with its own dpkg database, for tests, demos and benchmarks.
 //! It is never used by a real run.
+//!
+//! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
+//! and exactly the processes it starts, which it records by PID in `lab.json`. It
+//! must not touch the machine's own dpkg database, `/opt` or `/etc/acme`: every host
+//! sees per-host copies bind-mounted over them in its private mount namespace, and
+//! runs in its own PID namespace so that killing its sshd ends every process it spawned.
+
+pub mod deb;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::{Criticality, Host};
+use crate::transport::quote;
+
+/// Where each host's sshd binary lives (Debian's openssh-server).
+pub const SSHD: &str = "/usr/sbin/sshd";
+/// Name of the state file `lab down` reads.
+pub const STATE_FILE: &str = "lab.json";
+/// How long `up` waits for every sshd to accept connections.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs `{tool}`, which is missing: run `.ci/setup` as root")]
+    MissingTool { tool: String },
+    #[error("the lab needs root (mount namespaces and sshd); run it as root")]
+    NotRoot,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{tool}` failed ({status}): {stderr}")]
+    Tool {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("host {host} did not come up within {timeout:?}; see {log}")]
+    Start {
+        host: String,
+        timeout: Duration,
+        log: PathBuf,
+    },
+    #[error("{path}: not a lab state file ({message}); was `lab up` run with this folder?")]
+    State { path: PathBuf, message: String },
+    #[error("no lab host named `{0}`")]
+    NoSuchHost(String),
+}
+
+impl LabError {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+        move |source| LabError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One lab host as recorded in `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabHost {
+    pub name: String,
+    pub port: u16,
+    /// The host's own folder: sshd config, host key, and the trees bind-mounted
+    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme` and `/var/log/dpkg.log`.
+    pub dir: PathBuf,
+    /// The `unshare` process that created the namespaces.
+    pub unshare_pid: i32,
+    /// The host's sshd (PID 1 of its PID namespace), as seen from outside.
+    pub sshd_pid: i32,
+    /// Start times (clock ticks since boot) of the two processes, so a recycled PID
+    /// is never killed by mistake.
+    pub unshare_start: u64,
+    pub sshd_start: u64,
+    pub groups: Vec<String>,
+    pub criticality: Criticality,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    hosts: Vec<LabHost>,
+}
+
+/// A running lab fleet. Dropping it stops exactly its processes, unless it was
+/// [`Fleet::detach`]ed (what `patchbook lab up` does).
+#[derive(Debug)]
+pub struct Fleet {
+    dir: PathBuf,
+    hosts: Vec<LabHost>,
+    children: Vec<Child>,
+    attached: bool,
+}
+
+/// How the fleet's processes relate to the process that starts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tie {
+    /// The hosts die with the thread that started them (parent-death signal): no
+    /// sshd outlives a test binary, even one that never runs destructors.
+    ToStartingThread,
+    /// The hosts outlive the starting process, until `lab down`.
+    Detached,
+}
+
+impl Fleet {
+    /// Starts `n` hosts in `dir`, tied to the calling thread (see [`Tie`]).
+    pub fn up(n: usize, dir: &Path) -> Result<Fleet, LabError> {
+        Fleet::start(n, dir, Tie::ToStartingThread)
+    }
+
+    /// Starts `n` hosts in `dir` (created if missing) and waits until each accepts
+    /// connections.
+    pub fn start(n: usize, dir: &Path, tie: Tie) -> Result<Fleet, LabError> {
+        preflight()?;
+        std::fs::create_dir_all(dir).map_err(LabError::io(dir))?;
+        let dir = std::fs::canonicalize(dir).map_err(LabError::io(dir))?;
+        let hosts_dir = dir.join("hosts");
+        std::fs::create_dir_all(&hosts_dir).map_err(LabError::io(&hosts_dir))?;
+        let names: Vec<String> = (1..=n).map(host_name).collect();
+        for name in &names {
+            let h = hosts_dir.join(name);
+            let _ = std::fs::remove_dir_all(&h);
+            std::fs::create_dir_all(&h).map_err(LabError::io(&h))?;
+        }
+
+        // Every key at once: ssh-keygen processes run in parallel.
+        let mut keygens = vec![spawn_keygen(
+            &dir.join("id_ed25519"),
+            "patchbook-lab-controller",
+        )?];
+        for name in &names {
+            keygens.push(spawn_keygen(
+                &hosts_dir.join(name).join("ssh_host_ed25519_key"),
+                name,
+            )?);
+        }
+        deb::build_acme_agent(&dir.join("debs"))?;
+        build_template(&dir)?;
+        for (mut child, what) in keygens {
+            wait_tool(&mut child, &what)?;
+        }
+        let pubkey = dir.join("id_ed25519.pub");
+        std::fs::copy(&pubkey, dir.join("authorized_keys")).map_err(LabError::io(&pubkey))?;
+
+        let items: Vec<(usize, String)> = names.iter().cloned().enumerate().collect();
+        let template = dir.join("template");
+        crate::rollout::pool::map_bounded(&items, 4, |(_, name)| {
+            seed_host(&template, &hosts_dir.join(name))
+        })
+        .into_iter()
+        .collect::<Result<Vec<()>, LabError>>()?;
+
+        let penalties = supports_option("PerSourcePenalties no");
+        let mut fleet = Fleet {
+            dir: dir.clone(),
+            hosts: Vec::new(),
+            children: Vec::new(),
+            attached: true,
+        };
+        let ports = free_ports(n)?;
+        let mut pending = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let hdir = hosts_dir.join(name);
+            write_sshd_config(&dir, &hdir, ports[i], penalties)?;
+            pending.push((i, name.clone(), hdir, ports[i]));
+        }
+        validate_configs(&pending)?;
+        for (i, name, hdir, port) in &pending {
+            let child = spawn_host(hdir, tie)?;
+            let (groups, criticality) = placement(*i, n);
+            fleet.hosts.push(LabHost {
+                name: name.clone(),
+                port: *port,
+                dir: hdir.clone(),
+                unshare_pid: child.id() as i32,
+                sshd_pid: 0,
+                unshare_start: start_time(child.id() as i32).unwrap_or(0),
+                sshd_start: 0,
+                groups,
+                criticality,
+            });
+            fleet.children.push(child);
+        }
+        fleet.wait_ready()?;
+        fleet.write_files()?;
+        if tie == Tie::Detached {
+            fleet.attached = false;
+        }
+        Ok(fleet)
+    }
+
+    /// Waits until every sshd accepts, and learns each sshd's outer PID.
+    fn wait_ready(&mut self) -> Result<(), LabError> {
+        let started = Instant::now();
+        let mut ready = vec![false; self.hosts.len()];
+        while ready.iter().any(|r| !r) {
+            for (i, h) in self.hosts.iter().enumerate() {
+                if ready[i] {
+                    continue;
+                }
+                let addr = SocketAddr::from(([127, 0, 0, 1], h.port));
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    ready[i] = true;
+                    continue;
+                }
+                let exited = self.children[i].try_wait().ok().flatten().is_some();
+                if exited || started.elapsed() > START_DEADLINE {
+                    return Err(LabError::Start {
+                        host: h.name.clone(),
+                        timeout: START_DEADLINE,
+                        log: h.dir.join("sshd.log"),
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let children = children_by_parent();
+        for h in &mut self.hosts {
+            let kid = children
+                .get(&h.unshare_pid)
+                .and_then(|k| k.first().copied())
+                .ok_or_else(|| LabError::Start {
+                    host: h.name.clone(),
+                    timeout: START_DEADLINE,
+                    log: h.dir.join("sshd.log"),
+                })?;
+            h.sshd_pid = kid;
+            h.sshd_start = start_time(kid).unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    /// Writes keys' companions: known_hosts, inventories, patchbook.toml, lab.json.
+    fn write_files(&self) -> Result<(), LabError> {
+        let d = &self.dir;
+        let mut known = String::new();
+        for h in &self.hosts {
+            let p = h.dir.join("ssh_host_ed25519_key.pub");
+            let key = std::fs::read_to_string(&p).map_err(LabError::io(&p))?;
+            let mut parts = key.split_whitespace();
+            let (kind, blob) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let _ = writeln!(known, "[127.0.0.1]:{} {kind} {blob}", h.port);
+        }
+        write(&d.join("known_hosts"), &known)?;
+        let identity = d.join("id_ed25519");
+        let id = identity.display();
+
+        let mut toml = String::from("# patchbook lab inventory (written by `patchbook lab up`)\n");
+        for h in &self.hosts {
+            let groups: Vec<String> = h.groups.iter().map(|g| format!("{g:?}")).collect();
+            let _ = write!(
+                toml,
+                "\n[hosts.{}]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"root\"\n\
+                 identity = \"{id}\"\ngroups = [{}]\ncriticality = \"{}\"\n\
+                 owner = [\"ops@example.com\"]\n",
+                h.name,
+                h.port,
+                groups.join(", "),
+                h.criticality.as_str()
+            );
+        }
+        write(&d.join("inventory.toml"), &toml)?;
+
+        let mut ini = String::from("# patchbook lab inventory, Ansible INI\n");
+        for h in &self.hosts {
+            let _ = writeln!(
+                ini,
+                "{} ansible_host=127.0.0.1 ansible_port={} ansible_user=root \
+                 ansible_ssh_private_key_file={id} criticality={}",
+                h.name,
+                h.port,
+                h.criticality.as_str()
+            );
+        }
+        for group in ["pilot", "web", "db"] {
+            let _ = writeln!(ini, "\n[{group}]");
+            for h in self
+                .hosts
+                .iter()
+                .filter(|h| h.groups.iter().any(|g| g == group))
+            {
+                let _ = writeln!(ini, "{}", h.name);
+            }
+        }
+        write(&d.join("inventory.ini"), &ini)?;
+
+        write(
+            &d.join("patchbook.toml"),
+            &format!(
+                "# patchbook settings for the lab fleet in this folder\n\
+                 inventory = [\"inventory.toml\"]\n\
+                 # the lab's packages are an offline mirror patches may come from\n\
+                 trusted_sources = [\"{}\"]\n\n[ssh]\nuser = \"root\"\n\
+                 identity = \"{id}\"\nknown_hosts = \"{}\"\n",
+                d.join("debs").display(),
+                d.join("known_hosts").display()
+            ),
+        )?;
+        let state = State {
+            hosts: self.hosts.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).unwrap_or_default();
+        write(&d.join(STATE_FILE), &json)
+    }
+
+    /// Keeps the hosts running after this value is dropped (until `lab down`).
+    pub fn detach(mut self) {
+        self.attached = false;
+        self.children.clear();
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn hosts(&self) -> &[LabHost] {
+        &self.hosts
+    }
+    pub fn identity(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+    pub fn deb(&self, version: &str) -> PathBuf {
+        self.dir.join("debs").join(deb::file_name(version))
+    }
+
+    pub fn host(&self, name: &str) -> Result<&LabHost, LabError> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::NoSuchHost(name.to_string()))
+    }
+
+    /// The lab hosts as inventory hosts (what `inventory.toml` describes).
+    pub fn inventory_hosts(&self) -> Vec<Host> {
+        self.hosts
+            .iter()
+            .map(|h| {
+                let mut host = Host::new(h.name.clone());
+                host.address = "127.0.0.1".into();
+                host.port = h.port;
+                host.user = Some("root".into());
+                host.identity = Some(self.identity());
+                host.groups = h.groups.clone();
+                host.criticality = h.criticality;
+                host.owners = vec!["ops@example.com".into()];
+                host
+            })
+            .collect()
+    }
+
+    /// Kills one host's sshd, and with it everything in its PID namespace: the
+    /// host is dead from then on.
+    pub fn kill_host(&self, name: &str) -> Result<(), LabError> {
+        let h = self.host(name)?;
+        kill_checked(h.sshd_pid, h.sshd_start);
+        wait_gone(h.sshd_pid, Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Runs argv inside the host's mount namespace, from the controller side.
+    pub fn exec_in(&self, name: &str, argv: &[&str]) -> Result<std::process::Output, LabError> {
+        let h = self.host(name)?;
+        std::process::Command::new("nsenter")
+            .arg("-t")
+            .arg(h.sshd_pid.to_string())
+            .args(["-m", "--"])
+            .args(argv)
+            .output()
+            .map_err(|e| LabError::Tool {
+                tool: "nsenter".into(),
+                status: "did not start".into(),
+                stderr: e.to_string(),
+            })
+    }
+
+    /// The version of `package` in the host's dpkg status, read from its own copy.
+    pub fn installed_version(&self, name: &str, package: &str) -> Result<Option<String>, LabError> {
+        let p = self.host(name)?.dir.join("dpkg/status");
+        let text = std::fs::read_to_string(&p).map_err(LabError::io(&p))?;
+        Ok(status_version(&text, package))
+    }
+
+    /// The host's own `/var/log/dpkg.log`.
+    pub fn dpkg_log(&self, name: &str) -> Result<String, LabError> {
+        let p = self.host(name)?.dir.join("dpkg.log");
+        std::fs::read_to_string(&p).map_err(LabError::io(&p))
+    }
+
+    /// Puts the host back to its start state: acme-agent 1.0.0, fresh dpkg log.
+    pub fn reseed(&self, name: &str) -> Result<(), LabError> {
+        let h = self.host(name)?;
+        seed_host(&self.dir.join("template"), &h.dir)
+    }
+
+    /// Stops every process this fleet started, exactly by PID.
+    pub fn down(mut self) -> Vec<i32> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Vec<i32> {
+        let killed = stop_hosts(&self.hosts);
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        self.children.clear();
+        let _ = std::fs::remove_file(self.dir.join(STATE_FILE));
+        self.attached = false;
+        killed
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if self.attached {
+            self.stop();
+        }
+    }
+}
+
+/// `lab down DIR`: stops exactly the processes recorded in DIR's state file.
+/// Returns the PIDs it signalled.
+pub fn down(dir: &Path) -> Result<Vec<i32>, LabError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(LabError::io(&path))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| LabError::State {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let killed = stop_hosts(&state.hosts);
+    std::fs::remove_file(&path).map_err(LabError::io(&path))?;
+    Ok(killed)
+}
+
+fn stop_hosts(hosts: &[LabHost]) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for h in hosts {
+        if kill_checked(h.sshd_pid, h.sshd_start) {
+            killed.push(h.sshd_pid);
+        }
+        if kill_checked(h.unshare_pid, h.unshare_start) {
+            killed.push(h.unshare_pid);
+        }
+    }
+    for pid in &killed {
+        wait_gone(*pid, Duration::from_secs(5));
+    }
+    killed
+}
+
+/// SIGKILLs `pid` only if it is still the process started at `start`.
+fn kill_checked(pid: i32, start: u64) -> bool {
+    if pid <= 1 || start_time(pid) != Some(start) {
+        return false;
+    }
+    // SAFETY: kill(2) on a PID we started, checked against its start time.
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
+}
+
+fn wait_gone(pid: i32, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // A zombie is gone for every purpose but its parent's wait.
+            Ok(s) if stat_field(&s, 3).as_deref() != Some("Z") => {}
+            _ => return,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/PID/stat` line.
+fn stat_field(stat: &str, n: usize) -> Option<String> {
+    // The command name (field 2) may hold spaces and parentheses: split after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(n - 3).map(str::to_string)
+}
+
+/// Start time of a process in clock ticks since boot, or None when it is gone.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&s, 22)?.parse().ok()
+}
+
+/// Parent PID → children, from one scan of /proc.
+fn children_by_parent() -> HashMap<i32, Vec<i32>> {
+    let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(ppid) = stat_field(&s, 4).and_then(|p| p.parse().ok()) {
+                    map.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+    }
+    map
+}
+
+/// The version of `package` in a dpkg status file, if it is installed.
+pub fn status_version(status: &str, package: &str) -> Option<String> {
+    for stanza in status.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        if field("Package:").as_deref() == Some(package) {
+            let installed = field("Status:").is_some_and(|s| !s.ends_with("not-installed"));
+            return if installed { field("Version:") } else { None };
+        }
+    }
+    None
+}
+
+fn host_name(i: usize) -> String {
+    format!("lab{i:02}")
+}
+
+/// Groups and criticality of host `i` (0-based) of `n`: the first two are the
+/// low-criticality pilot, every third host is a database.
+fn placement(i: usize, _n: usize) -> (Vec<String>, Criticality) {
+    let mut groups = Vec::new();
+    if i < 2 {
+        groups.push("pilot".to_string());
+    }
+    groups.push(
+        if (i + 1).is_multiple_of(3) {
+            "db"
+        } else {
+            "web"
+        }
+        .to_string(),
+    );
+    let criticality = if i < 2 {
+        Criticality::Low
+    } else {
+        [
+            Criticality::Medium,
+            Criticality::High,
+            Criticality::Low,
+            Criticality::Critical,
+        ][i % 4]
+    };
+    (groups, criticality)
+}
+
+fn preflight() -> Result<(), LabError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LabError::NotRoot);
+    }
+    for tool in [
+        SSHD,
+        "unshare",
+        "nsenter",
+        "ssh-keygen",
+        "dpkg",
+        "dpkg-deb",
+        "mount",
+    ] {
+        let found = if tool.starts_with('/') {
+            Path::new(tool).exists()
+        } else {
+            which(tool)
+        };
+        if !found {
+            return Err(LabError::MissingTool { tool: tool.into() });
+        }
+    }
+    // sshd's privilege separation needs this folder; Debian's service creates it.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    // Mount points for the per-host trees must exist on the real filesystem.
+    let _ = std::fs::create_dir_all("/etc/acme");
+    if !Path::new("/var/log/dpkg.log").exists() {
+        let _ = std::fs::write("/var/log/dpkg.log", "");
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn write(path: &Path, text: &str) -> Result<(), LabError> {
+    std::fs::write(path, text).map_err(LabError::io(path))
+}
+
+pub(crate) fn run_tool(cmd: &mut std::process::Command, tool: &str) -> Result<(), LabError> {
+    let out = cmd.output().map_err(|e| LabError::Tool {
+        tool: tool.into(),
+        status: "did not start".into(),
+        stderr: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Tool {
+            tool: tool.into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn spawn_keygen(path: &Path, comment: &str) -> Result<(Child, String), LabError> {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(path.with_extension("pub"));
+    let child = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|_| LabError::MissingTool {
+            tool: "ssh-keygen".into(),
+        })?;
+    Ok((child, format!("ssh-keygen {}", path.display())))
+}
+
+fn wait_tool(child: &mut Child, what: &str) -> Result<(), LabError> {
+    let status = child.wait().map_err(|e| LabError::Tool {
+        tool: what.into(),
+        status: "lost".into(),
+        stderr: e.to_string(),
+    })?;
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Err(LabError::Tool {
+        tool: what.into(),
+        status: status.to_string(),
+        stderr,
+    })
+}
+
+/// The per-host trees every host starts from: a copy of the machine's dpkg admin
+/// folder with acme-agent 1.0.0 installed into it, and the `/opt`, `/etc/acme` it left.
+fn build_template(dir: &Path) -> Result<(), LabError> {
+    let t = dir.join("template");
+    let _ = std::fs::remove_dir_all(&t);
+    for sub in ["dpkg", "opt", "etc-acme"] {
+        std::fs::create_dir_all(t.join(sub)).map_err(LabError::io(&t))?;
+    }
+    write(&t.join("dpkg.log"), "")?;
+    copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?;
+    let deb = dir.join("debs").join(deb::file_name(deb::BASE_VERSION));
+    let script = format!(
+        "{} && dpkg -i {} >/dev/null",
+        bind_mounts(&t),
+        quote::word(&deb.to_string_lossy())
+    );
+    run_tool(
+        std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(script),
+        "dpkg -i acme-agent 1.0.0 (lab template)",
+    )?;
+    // The template's own install is not an event on any host.
+    write(&t.join("dpkg.log"), "")
+}
+
+/// The mount commands that put a host's trees in place of the real ones.
+fn bind_mounts(hdir: &Path) -> String {
+    let q = |s: &str| quote::word(&hdir.join(s).to_string_lossy());
+    format!(
+        "mount --bind {} /var/lib/dpkg && mount --bind {} /opt && \
+         mount --bind {} /etc/acme && mount --bind {} /var/log/dpkg.log",
+        q("dpkg"),
+        q("opt"),
+        q("etc-acme"),
+        q("dpkg.log")
+    )
+}
+
+/// Copies a dpkg admin folder. The big, never-rewritten-in-place file lists under
+/// `info/` are hard-linked when on the same filesystem (dpkg replaces them by rename).
+fn copy_dpkg_admin(src: &Path, dst: &Path) -> Result<(), LabError> {
+    for sub in ["info", "updates", "triggers", "parts", "alternatives"] {
+        std::fs::create_dir_all(dst.join(sub)).map_err(LabError::io(dst))?;
+    }
+    for f in ["status", "available", "diversions", "statoverride", "arch"] {
+        let s = src.join(f);
+        if s.exists() {
+            std::fs::copy(&s, dst.join(f)).map_err(LabError::io(&s))?;
+        }
+    }
+    for sub in ["triggers", "alternatives"] {
+        copy_flat(&src.join(sub), &dst.join(sub), false)?;
+    }
+    copy_flat(&src.join("info"), &dst.join("info"), true)
+}
+
+/// Copies the regular files of one folder; `link` hard-links instead where it can.
+fn copy_flat(src: &Path, dst: &Path, link: bool) -> Result<(), LabError> {
+    let Ok(rd) = std::fs::read_dir(src) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let from = e.path();
+        if !from.is_file() {
+            continue;
+        }
+        let to = dst.join(e.file_name());
+        let name = e.file_name().to_string_lossy().into_owned();
+        let acme = name.starts_with("acme-agent.");
+        if link && !acme && std::fs::hard_link(&from, &to).is_ok() {
+            continue;
+        }
+        std::fs::copy(&from, &to).map_err(LabError::io(&from))?;
+    }
+    Ok(())
+}
+
+/// Puts a host's trees into the template's state. The folders themselves stay
+/// (they are mount sources of a running host); only their contents are replaced.
+fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
+    for sub in ["dpkg", "opt", "etc-acme"] {
+        let d = hdir.join(sub);
+        std::fs::create_dir_all(&d).map_err(LabError::io(&d))?;
+        clear_dir(&d)?;
+    }
+    copy_dpkg_admin(&template.join("dpkg"), &hdir.join("dpkg"))?;
+    copy_tree(&template.join("opt"), &hdir.join("opt"))?;
+    copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
+    // Truncate in place: the file is a mount source too.
+    write(&hdir.join("dpkg.log"), "")
+}
+
+fn clear_dir(d: &Path) -> Result<(), LabError> {
+    for e in std::fs::read_dir(d).map_err(LabError::io(d))?.flatten() {
+        let p = e.path();
+        let r = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(LabError::io(&p))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), LabError> {
+    run_tool(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(src.join("."))
+            .arg(dst),
+        "cp -a",
+    )
+}
+
+/// Asks the OS for `n` distinct free loopback ports.
+fn free_ports(n: usize) -> Result<Vec<u16>, LabError> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(LabError::io(Path::new("127.0.0.1:0")))?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(LabError::io(Path::new("127.0.0.1:0")))
+        })
+        .collect()
+}
+
+/// Whether this sshd knows a config option (newer OpenSSH adds penalties that
+/// would lock out loopback after the refused-host-key tests).
+fn supports_option(option: &str) -> bool {
+    std::process::Command::new(SSHD)
+        .args(["-t", "-f", "/dev/null", "-o"])
+        .arg(option)
+        .args(["-o", "HostKey=/nonexistent"])
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stderr).contains("Bad configuration option"))
+        .unwrap_or(false)
+}
+
+fn write_sshd_config(dir: &Path, hdir: &Path, port: u16, penalties: bool) -> Result<(), LabError> {
+    let mut cfg = format!(
+        "# lab host sshd config (written by `patchbook lab up`)\n\
+         ListenAddress 127.0.0.1:{port}\n\
+         HostKey {hk}\n\
+         PidFile {pid}\n\
+         AuthorizedKeysFile {ak}\n\
+         PubkeyAuthentication yes\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PermitRootLogin prohibit-password\n\
+         UsePAM no\n\
+         StrictModes no\n\
+         UseDNS no\n\
+         AllowAgentForwarding no\n\
+         AllowTcpForwarding no\n\
+         X11Forwarding no\n\
+         PrintMotd no\n\
+         PrintLastLog no\n\
+         MaxStartups 1000\n\
+         MaxSessions 1000\n\
+         MaxAuthTries 20\n\
+         LoginGraceTime 60\n\
+         LogLevel ERROR\n\
+         Subsystem sftp internal-sftp\n",
+        hk = hdir.join("ssh_host_ed25519_key").display(),
+        pid = hdir.join("sshd.pid").display(),
+        ak = dir.join("authorized_keys").display(),
+    );
+    if penalties {
+        cfg.push_str("PerSourcePenalties no\n");
+    }
+    write(&hdir.join("sshd_config"), &cfg)
+}
+
+fn validate_configs(pending: &[(usize, String, PathBuf, u16)]) -> Result<(), LabError> {
+    let mut checks = Vec::new();
+    for (_, name, hdir, _) in pending {
+        let child = std::process::Command::new(SSHD)
+            .arg("-t")
+            .arg("-f")
+            .arg(hdir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|_| LabError::MissingTool { tool: SSHD.into() })?;
+        checks.push((child, format!("sshd -t ({name})")));
+    }
+    for (mut child, what) in checks {
+        wait_tool(&mut child, &what)?;
+    }
+    Ok(())
+}
+
+fn spawn_host(hdir: &Path, tie: Tie) -> Result<Child, LabError> {
+    let script = format!(
+        "{} && exec {SSHD} -D -e -f {}",
+        bind_mounts(hdir),
+        quote::word(&hdir.join("sshd_config").to_string_lossy())
+    );
+    let log = hdir.join("sshd.log");
+    let log_file = std::fs::File::create(&log).map_err(LabError::io(&log))?;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+    ])
+    .arg(script)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log_file);
+    let tied = tie == Tie::ToStartingThread;
+    // SAFETY: only async-signal-safe calls (setsid, prctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if tied {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|_| LabError::MissingTool {
+        tool: "unshare".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_version_reads_installed_packages_only() {
+        let status = "Package: a\nStatus: install ok installed\nVersion: 1.0\n\n\
+                      Package: acme-agent\nStatus: install ok installed\nVersion: 1.0.1\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 2\n\n\
+                      Package: old\nStatus: purge ok not-installed\nVersion: 3\n";
+        assert_eq!(
+            status_version(status, "acme-agent").as_deref(),
+            Some("1.0.1")
+        );
+        assert_eq!(status_version(status, "old"), None);
+        assert_eq!(status_version(status, "missing"), None);
+    }
+
+    #[test]
+    fn stat_fields_survive_odd_command_names() {
+        let s = "42 (a b) c) S 7 42 42 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 12345 0";
+        assert_eq!(stat_field(s, 3).as_deref(), Some("S"));
+        assert_eq!(stat_field(s, 4).as_deref(), Some("7"));
+        assert_eq!(stat_field(s, 22).as_deref(), Some("12345"));
+    }
+
+    #[test]
+    fn placement_gives_a_low_pilot_and_every_criticality() {
+        let all: Vec<_> = (0..8).map(|i| placement(i, 8)).collect();
+        assert!(all[0].0.contains(&"pilot".to_string()));
+        assert_eq!(all[0].1, Criticality::Low);
+        assert!(!all[2].0.contains(&"pilot".to_string()));
+        for c in [
+            Criticality::Medium,
+            Criticality::High,
+            Criticality::Critical,
+        ] {
+            assert!(all.iter().any(|(_, k)| *k == c));
+        }
+        assert!(all.iter().any(|(g, _)| g.contains(&"db".to_string())));
+    }
+}

@@ -24,9 +24,12 @@ pub enum DocsError {
     },
 }
 
-/// An engine with every primitive registered, as a run has them.
+/// An engine with every primitive registered, as `run` and `plan` build it
+/// (`rollout`, `window` and `var` included), with no session behind it.
 pub fn run_engine(limits: &Limits) -> ScriptRun {
-    ScriptRun::new(limits, None)
+    let mut run = ScriptRun::new(limits, None);
+    super::rollout::register_rollout(run.engine_mut(), None);
+    run
 }
 
 /// The definition files for `run`'s engine, as `(file name, content)` pairs.

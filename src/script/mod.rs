@@ -11,6 +11,7 @@ pub mod patch;
 pub mod playbook;
 pub mod register;
 pub mod resolver;
+pub mod rollout;
 pub mod session;
 
 use std::path::PathBuf;

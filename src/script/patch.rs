@@ -722,21 +722,6 @@ fn register_backup(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                         return fail(&ctx, refused(&format!("{}: backup", host.name()), "path", p, why));
                     }
                 }
-                if planning(s) {
-                    on_host(&ctx, s, &host, "backup", |hc| {
-                        hc.plan("backup", paths.join(", "), "unknown");
-                        Ok(())
-                    })?;
-                    return Ok(ScriptBackup(Arc::new(BackupHandle {
-                        id: "planned".into(),
-                        host: host.name().to_string(),
-                        paths,
-                        archive: Default::default(),
-                        sha256: String::new(),
-                        size: 0,
-                        missing: Vec::new(),
-                    })));
-                }
                 let h = on_host(&ctx, s, &host, "backup", |hc| {
                     crate::primitives::backup::backup(hc, &paths)
                 })?;
@@ -896,13 +881,6 @@ fn register_deploy(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                 let s = session(&ctx, &s, "verify")?;
                 check_package_arg(&ctx, &format!("{}: verify", host.name()), pkg)?;
                 check_version_arg(&ctx, &format!("{}: verify", host.name()), v)?;
-                if planning(s) {
-                    on_host(&ctx, s, &host, "verify", |hc| {
-                        hc.plan("verify", format!("{pkg} is {v}"), "unknown");
-                        Ok(())
-                    })?;
-                    return Ok(v.to_string());
-                }
                 on_host(&ctx, s, &host, "verify", |hc| {
                     crate::primitives::packages::verify(hc, pkg, v)
                 })
@@ -958,13 +936,6 @@ fn do_health(
     let s = session(ctx, s, "health")?;
     let argv = argv_arg(ctx, host.name(), "health", argv)?;
     let check = health_check(ctx, host.name(), &opts)?;
-    if planning(s) {
-        on_host(ctx, s, &host, "health", |hc| {
-            hc.plan("health", argv.join(" "), "unknown");
-            Ok(())
-        })?;
-        return Ok(String::new());
-    }
     on_host(ctx, s, &host, "health", |hc| {
         crate::primitives::health::health(hc, &argv, &check)
     })

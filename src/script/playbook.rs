@@ -291,11 +291,25 @@ impl HostClosure {
         budget: Duration,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
+        let tag = Dynamic::from(host.clone());
+        self.call_with(engine, tag, vec![Dynamic::from(host)], budget, cancel)
+    }
+
+    /// Calls the closure with any arguments (a rollout gate takes none); `tag` is
+    /// what native functions see as the current host, `()` for none.
+    pub fn call_with(
+        &self,
+        engine: &Engine,
+        tag: Dynamic,
+        args: Vec<Dynamic>,
+        budget: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
         on_script_stack(engine, || {
             let _guard = CallGuard::new(budget, cancel);
             let mut global = self.global.clone();
             global.num_operations = 0;
-            global.tag = Dynamic::from(host.clone());
+            global.tag = tag;
             let ctx = NativeCallContext::new_with_all_fields(
                 engine,
                 self.f.fn_name(),
@@ -303,7 +317,7 @@ impl HostClosure {
                 &global,
                 self.pos,
             );
-            self.f.call_raw(&ctx, None, [Dynamic::from(host)])
+            self.f.call_raw(&ctx, None, args)
         })
         .unwrap_or_else(|e| Err(no_thread(e)))
     }

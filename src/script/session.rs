@@ -54,10 +54,7 @@ impl Session {
         host: &Host,
         f: impl FnOnce(&HostCtx) -> Result<R, PrimitiveError>,
     ) -> Result<R, PrimitiveError> {
-        let t = match self.runtime.transport(host) {
-            Ok(t) => t,
-            Err(e) => return Err(e.into()),
-        };
+        let t = self.runtime.transport(host)?;
         let ctx = HostCtx {
             host,
             transport: &*t,

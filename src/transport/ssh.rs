@@ -1,6 +1,27 @@
-//! The SSH transport over ssh2 (libssh2).
+//! The SSH transport over ssh2 (libssh2): one session per host, reused for every
+//! step, with strict host-key checking, real per-command deadlines, capped
+//! capture, a reliable exit status, and uploads re-hashed on the host.
+//!
+//! It owns connections and byte movement only. It must not interpret what the
+//! commands do, must never add host keys without the explicit opt-in, and never
+//! forwards the agent.
+
+pub mod known_hosts;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use serde::Deserialize;
-use std::path::PathBuf;
+use sha2::Digest;
+use ssh2::{BlockDirections, MethodType, Session};
+
+use self::known_hosts::{KnownHosts, Verdict};
+use super::{quote, Command, Output, Transport, TransportError, Upload};
 
 /// `[ssh]` in `patchbook.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -14,12 +35,107 @@ pub struct SshConfig {
     pub r#become: bool,
 }
 
+/// Connect timeout when the config names none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest single wait of an SFTP transfer or a short helper command.
+const IO_WAIT: Duration = Duration::from_secs(60);
+/// Longest a single poll sleeps before the deadline is looked at again.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+/// Bytes of stderr always kept (beyond the cap) to find the exit sentinel.
+const TAIL: usize = 512;
+
 /// Builds SSH transports from config + CLI defaults.
-pub struct SshConnector {}
+#[derive(Debug, Clone)]
+pub struct SshConnector {
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    known_hosts: PathBuf,
+    connect_timeout: Duration,
+    become_root: bool,
+    accept_new_host_keys: bool,
+}
 
 impl SshConnector {
-    pub fn from_config(_config: &crate::config::Config, _opts: &crate::runtime::Options) -> Self {
-        SshConnector {}
+    pub fn from_config(config: &crate::config::Config, opts: &crate::runtime::Options) -> Self {
+        let ssh = &config.ssh;
+        let known_hosts = opts
+            .known_hosts
+            .clone()
+            .or_else(|| ssh.known_hosts.as_ref().map(|p| config.resolve(p)))
+            .unwrap_or_else(|| home().join(".ssh/known_hosts"));
+        let connect_timeout = ssh
+            .connect_timeout
+            .as_deref()
+            .and_then(parse_duration)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        SshConnector {
+            user: ssh.user.clone(),
+            identity: opts
+                .identity
+                .clone()
+                .or_else(|| ssh.identity.as_ref().map(|p| config.resolve(p))),
+            known_hosts,
+            connect_timeout,
+            become_root: ssh.r#become,
+            accept_new_host_keys: opts.accept_new_host_keys,
+        }
+    }
+
+    /// A connector checking against `known_hosts`, with every other setting default.
+    pub fn new(known_hosts: impl Into<PathBuf>) -> Self {
+        SshConnector {
+            user: None,
+            identity: None,
+            known_hosts: known_hosts.into(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            become_root: false,
+            accept_new_host_keys: false,
+        }
+    }
+
+    pub fn identity(mut self, path: impl Into<PathBuf>) -> Self {
+        self.identity = Some(path.into());
+        self
+    }
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+    pub fn become_root(mut self, on: bool) -> Self {
+        self.become_root = on;
+        self
+    }
+    pub fn accept_new_host_keys(mut self, on: bool) -> Self {
+        self.accept_new_host_keys = on;
+        self
+    }
+
+    /// Connects and authenticates now; the concrete type offers test hooks.
+    pub fn connect_ssh(
+        &self,
+        host: &crate::inventory::Host,
+    ) -> Result<SshTransport, TransportError> {
+        let target = Target {
+            name: host.name.clone(),
+            address: host.address.clone(),
+            port: host.port,
+            user: host
+                .user
+                .clone()
+                .or_else(|| self.user.clone())
+                .unwrap_or_else(crate::runtime::login_name),
+            identity: host.identity.clone().or_else(|| self.identity.clone()),
+            settings: self.clone(),
+        };
+        let conn = target.open()?;
+        Ok(SshTransport {
+            target,
+            conn: Mutex::new(Some(conn)),
+        })
     }
 }
 
@@ -28,9 +144,840 @@ impl super::Connector for SshConnector {
         &self,
         host: &crate::inventory::Host,
     ) -> Result<Box<dyn super::Transport>, super::TransportError> {
-        Err(super::TransportError::Other {
-            host: host.name.clone(),
-            message: "ssh transport not built yet".into(),
+        Ok(Box::new(self.connect_ssh(host)?))
+    }
+}
+
+/// Everything needed to (re)open one host's session.
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    address: String,
+    port: u16,
+    user: String,
+    identity: Option<PathBuf>,
+    settings: SshConnector,
+}
+
+/// One open session and the socket under it.
+struct Conn {
+    sess: Session,
+    /// A clone of the session's socket: polled while waiting, shut down to stop a
+    /// command at its deadline.
+    sock: TcpStream,
+    sftp: Option<ssh2::Sftp>,
+    /// Set when the session can no longer be trusted; it is dropped after the call.
+    broken: bool,
+}
+
+/// One host's SSH transport. The session sits behind a mutex: libssh2 sessions
+/// are one lock anyway, and the runtime gives each host to one worker at a time.
+pub struct SshTransport {
+    target: Target,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl Target {
+    fn err_ssh(&self, context: &str, e: impl std::fmt::Display) -> TransportError {
+        TransportError::Ssh {
+            host: self.name.clone(),
+            context: context.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn open(&self) -> Result<Conn, TransportError> {
+        let span = tracing::info_span!("ssh.connect", host = %self.name, address = %self.address, port = self.port);
+        let _g = span.enter();
+        let started = Instant::now();
+        let s = &self.settings;
+        let display = format!("{}:{}", self.address, self.port);
+        let connect_err = |reason: String| TransportError::Connect {
+            host: self.name.clone(),
+            address: display.clone(),
+            reason,
+        };
+        let addrs: Vec<_> = (self.address.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| connect_err(format!("cannot resolve: {e}")))?
+            .collect();
+        let mut last = String::from("no address");
+        let mut tcp = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, s.connect_timeout) {
+                Ok(t) => {
+                    tcp = Some(t);
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        let tcp =
+            tcp.ok_or_else(|| connect_err(format!("{last} (timeout {:?})", s.connect_timeout)))?;
+        let _ = tcp.set_nodelay(true);
+        let sock = tcp
+            .try_clone()
+            .map_err(|e| connect_err(format!("cannot clone socket: {e}")))?;
+
+        let known = KnownHosts::load(&s.known_hosts).map_err(|e| TransportError::HostKey {
+            host: self.name.clone(),
+            reason: format!("cannot read known_hosts {}: {e}", s.known_hosts.display()),
+        })?;
+        for skipped in &known.skipped {
+            tracing::warn!(host = %self.name, "known_hosts line skipped: {skipped}");
+        }
+        let mut sess = Session::new().map_err(|e| self.err_ssh("new session", e))?;
+        sess.set_tcp_stream(tcp);
+        sess.set_timeout(millis(s.connect_timeout));
+        let recorded = known.recorded_types(&self.address, self.port);
+        if !recorded.is_empty() {
+            // Offer only what is recorded, so a host that also has another key type
+            // is not mistaken for one whose key changed.
+            let methods = known_hosts::host_key_methods(&recorded);
+            if let Err(e) = sess.method_pref(MethodType::HostKey, &methods) {
+                tracing::warn!(host = %self.name, "host key preference {methods} not taken: {e}");
+            }
+        }
+        sess.handshake()
+            .map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
+        self.check_host_key(&sess, &known)?;
+        self.authenticate(&sess)?;
+        tracing::debug!(host = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "connected");
+        Ok(Conn {
+            sess,
+            sock,
+            sftp: None,
+            broken: false,
         })
+    }
+
+    fn check_host_key(&self, sess: &Session, known: &KnownHosts) -> Result<(), TransportError> {
+        let (blob, _) = sess.host_key().ok_or_else(|| TransportError::HostKey {
+            host: self.name.clone(),
+            reason: "the server presented no host key".into(),
+        })?;
+        let blob = blob.to_vec();
+        let key_type = known_hosts::blob_type(&blob).unwrap_or_else(|| "unknown".into());
+        let fp = known_hosts::fingerprint(&blob);
+        let file = known.path().display().to_string();
+        let pattern = known_hosts::host_pattern(&self.address, self.port);
+        let refuse = |reason: String| TransportError::HostKey {
+            host: self.name.clone(),
+            reason,
+        };
+        match known.check(&self.address, self.port, &blob) {
+            Verdict::Match => Ok(()),
+            Verdict::Revoked { line } => Err(refuse(format!(
+                "the {key_type} key {fp} of {pattern} is marked @revoked at {file}:{line}; \
+                 do not connect until the host has a new key"
+            ))),
+            Verdict::Changed { line } => Err(refuse(format!(
+                "HOST KEY CHANGED for {pattern}: it offers {key_type} {fp}, which differs from the key \
+                 recorded at {file}:{line}. Someone may be intercepting the connection, or the host \
+                 was reinstalled. Verify the new fingerprint with the host's owner; if the change is \
+                 expected, remove the old entry with `ssh-keygen -R '{pattern}' -f {file}` and add \
+                 the new one (--accept-new-host-keys never replaces a changed key)"
+            ))),
+            Verdict::Unknown if self.settings.accept_new_host_keys => {
+                KnownHosts::append(&self.settings.known_hosts, &self.address, self.port, &key_type, &blob)
+                    .map_err(|e| refuse(format!("cannot record the new key in {file}: {e}")))?;
+                tracing::warn!(host = %self.name, key_type = %key_type, fingerprint = %fp,
+                    "accepted new host key for {pattern} and appended it to {file}");
+                Ok(())
+            }
+            Verdict::Unknown => Err(refuse(format!(
+                "{pattern} is not in {file} (unknown host); it offers {key_type} {fp}. \
+                 Check that fingerprint with the host's owner, then add it with \
+                 `ssh-keyscan -p {port} {addr} >> {file}`, or pass --accept-new-host-keys \
+                 to record new hosts on first contact",
+                port = self.port,
+                addr = self.address
+            ))),
+        }
+    }
+
+    fn authenticate(&self, sess: &Session) -> Result<(), TransportError> {
+        let user = &self.user;
+        let auth_err = |reason: String| TransportError::Auth {
+            host: self.name.clone(),
+            user: user.clone(),
+            reason,
+        };
+        if let Some(id) = &self.identity {
+            if !id.is_file() {
+                return Err(auth_err(format!(
+                    "identity file {} does not exist; fix the inventory's identity / \
+                     ansible_ssh_private_key_file, --identity or [ssh].identity",
+                    id.display()
+                )));
+            }
+            return sess.userauth_pubkey_file(user, None, id, None).map_err(|e| {
+                auth_err(format!(
+                    "key {} was refused ({e}); is {}.pub in the user's authorized_keys on the host?",
+                    id.display(),
+                    id.display()
+                ))
+            });
+        }
+        let mut tried = Vec::new();
+        if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+            match sess.userauth_agent(user) {
+                Ok(()) => return Ok(()),
+                Err(e) => tried.push(format!("agent: {e}")),
+            }
+        }
+        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+            let p = home().join(".ssh").join(name);
+            if p.is_file() {
+                match sess.userauth_pubkey_file(user, None, &p, None) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => tried.push(format!("{}: {e}", p.display())),
+                }
+            }
+        }
+        Err(auth_err(if tried.is_empty() {
+            "no SSH agent and no ~/.ssh/id_* key; pass --identity FILE or set [ssh].identity".into()
+        } else {
+            format!(
+                "tried {}; pass --identity FILE or load the key into the agent",
+                tried.join("; ")
+            )
+        }))
+    }
+}
+
+fn is_eagain(e: &ssh2::Error) -> bool {
+    e.code() == ssh2::ErrorCode::Session(-37)
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().clamp(1, u32::MAX as u128) as u32
+}
+
+/// Waits (at most `max`) until the socket is ready in the direction libssh2 is blocked on.
+fn wait_socket(conn: &Conn, max: Duration) {
+    let events = match conn.sess.block_directions() {
+        BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
+        BlockDirections::Outbound => libc::POLLOUT,
+        BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
+    };
+    let mut pfd = libc::pollfd {
+        fd: conn.sock.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a socket we own, for a bounded time.
+    unsafe {
+        libc::poll(&mut pfd, 1, max.as_millis().min(i32::MAX as u128) as i32);
+    }
+}
+
+/// A fresh marker for one command's exit sentinel.
+fn sentinel_marker() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seed = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+    );
+    let h = sha2::Sha256::digest(seed.as_bytes());
+    format!("__PATCHBOOK_EXIT_{}:", hex::encode(&h[..8]))
+}
+
+/// The command line sent to the host: the quoted argv, then a sentinel carrying
+/// its exit status on stderr. The SSH exit-status message alone cannot tell "0"
+/// from "no status sent"; the sentinel can.
+fn command_line(argv: &[String], marker: &str) -> String {
+    format!(
+        "{}; __pb_s=$?; printf '\\n{marker}%d\\n' \"$__pb_s\" >&2; exit \"$__pb_s\"",
+        quote::argv(argv)
+    )
+}
+
+/// Finds the sentinel in the stderr tail; returns the exit code.
+fn find_sentinel(tail: &[u8], marker: &str) -> Option<i32> {
+    let needle = format!("\n{marker}");
+    let at = rfind(tail, needle.as_bytes())?;
+    let rest = &tail[at + needle.len()..];
+    let end = rest.iter().position(|b| *b == b'\n')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// Removes the sentinel line from captured stderr, when it was captured.
+fn strip_sentinel(stderr: &mut Vec<u8>, marker: &str) {
+    let needle = format!("\n{marker}");
+    if let Some(at) = rfind(stderr, needle.as_bytes()) {
+        let end = stderr[at + 1..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|p| at + 1 + p + 1)
+            .unwrap_or(stderr.len());
+        stderr.drain(at..end);
+    }
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.len() > hay.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
+}
+
+/// Keeps up to `cap` bytes; counts what it drops.
+struct Capture {
+    kept: Vec<u8>,
+    cap: usize,
+    dropped: bool,
+}
+
+impl Capture {
+    fn new(cap: usize) -> Self {
+        Capture {
+            kept: Vec::new(),
+            cap,
+            dropped: false,
+        }
+    }
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.cap.saturating_sub(self.kept.len());
+        if bytes.len() > room {
+            self.dropped = true;
+        }
+        self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+enum Sink<'a> {
+    Capture(Capture),
+    Stream(&'a mut dyn Write),
+}
+
+impl SshTransport {
+    /// Runs `f` on the session, reconnecting first if the last one broke; drops
+    /// the session afterwards if `f` marked it broken.
+    fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.target.open()?);
+        }
+        let conn = guard.as_mut().ok_or_else(|| TransportError::Other {
+            host: self.target.name.clone(),
+            message: "no session".into(),
+        })?;
+        let r = f(conn);
+        if conn.broken {
+            let _ = conn.sock.shutdown(Shutdown::Both);
+            *guard = None;
+        }
+        r
+    }
+
+    fn effective_argv(&self, cmd: &Command) -> Vec<String> {
+        if self.target.settings.become_root && self.target.user != "root" {
+            let mut v: Vec<String> = ["sudo", "-n", "--"].iter().map(|s| s.to_string()).collect();
+            v.extend(cmd.argv.iter().cloned());
+            v
+        } else {
+            cmd.argv.clone()
+        }
+    }
+
+    fn exec(&self, cmd: &Command, mut stdout: Sink<'_>) -> Result<Output, TransportError> {
+        let host = self.target.name.clone();
+        if cmd.argv.is_empty() {
+            return Err(TransportError::Other {
+                host,
+                message: "empty argv".into(),
+            });
+        }
+        let argv = self.effective_argv(cmd);
+        let shown = quote::argv(&cmd.argv);
+        let span = tracing::info_span!("ssh.command", host = %host, command = %shown);
+        let _g = span.enter();
+        let deadline = Instant::now() + cmd.timeout;
+        let marker = sentinel_marker();
+        let line = command_line(&argv, &marker);
+        let deadline_err = || TransportError::Deadline {
+            host: host.clone(),
+            command: shown.clone(),
+            timeout: cmd.timeout,
+        };
+        self.with_conn(|conn| {
+            let ssh_err = |conn: &mut Conn, context: &str, e: &dyn std::fmt::Display| {
+                conn.broken = true;
+                TransportError::Ssh {
+                    host: host.clone(),
+                    context: context.to_string(),
+                    message: e.to_string(),
+                }
+            };
+            conn.sess.set_blocking(true);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            conn.sess.set_timeout(millis(remaining.min(IO_WAIT)));
+            let mut ch = match conn.sess.channel_session() {
+                Ok(ch) => ch,
+                Err(e) => return Err(ssh_err(conn, "open channel", &e)),
+            };
+            if let Err(e) = ch.exec(&line) {
+                return Err(ssh_err(conn, "exec", &e));
+            }
+            conn.sess.set_blocking(false);
+            let result = (|| {
+                let stdin = cmd.stdin.as_deref().unwrap_or(&[]);
+                let mut written = 0usize;
+                let mut eof_sent = false;
+                let mut stderr = Capture::new(cmd.output_cap);
+                let mut tail: Vec<u8> = Vec::new();
+                let mut buf = vec![0u8; 32 * 1024];
+                let (mut out_done, mut err_done) = (false, false);
+                loop {
+                    let mut progress = false;
+                    if !eof_sent {
+                        if written < stdin.len() {
+                            match ch.write(&stdin[written..]) {
+                                Ok(n) => {
+                                    written += n;
+                                    progress = true;
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) => return Err(ssh_err(conn, "write stdin", &e)),
+                            }
+                        }
+                        if written >= stdin.len() {
+                            match ch.send_eof() {
+                                Ok(()) => eof_sent = true,
+                                Err(e) if is_eagain(&e) => {}
+                                Err(e) => return Err(ssh_err(conn, "send eof", &e)),
+                            }
+                        }
+                    }
+                    if !out_done {
+                        match ch.read(&mut buf) {
+                            Ok(0) => out_done = ch.eof(),
+                            Ok(n) => {
+                                progress = true;
+                                match &mut stdout {
+                                    Sink::Capture(c) => c.push(&buf[..n]),
+                                    Sink::Stream(w) => {
+                                        if let Err(e) = w.write_all(&buf[..n]) {
+                                            conn.broken = true;
+                                            return Err(TransportError::Io {
+                                                host: host.clone(),
+                                                context: "write command output".into(),
+                                                source: e,
+                                            });
+                                        }
+                                    }
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(ssh_err(conn, "read stdout", &e)),
+                        }
+                    }
+                    if !err_done {
+                        match ch.stderr().read(&mut buf) {
+                            Ok(0) => err_done = ch.eof(),
+                            Ok(n) => {
+                                progress = true;
+                                stderr.push(&buf[..n]);
+                                tail.extend_from_slice(&buf[..n]);
+                                if tail.len() > TAIL * 2 {
+                                    tail.drain(..tail.len() - TAIL);
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(ssh_err(conn, "read stderr", &e)),
+                        }
+                    }
+                    if out_done && err_done {
+                        break;
+                    }
+                    if !progress {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            conn.broken = true;
+                            return Err(deadline_err());
+                        }
+                        wait_socket(conn, (deadline - now).min(POLL_SLICE));
+                    }
+                }
+                loop {
+                    match ch.wait_close() {
+                        Ok(()) => break,
+                        Err(e) if is_eagain(&e) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                conn.broken = true;
+                                return Err(deadline_err());
+                            }
+                            wait_socket(conn, (deadline - now).min(POLL_SLICE));
+                        }
+                        Err(e) => return Err(ssh_err(conn, "close channel", &e)),
+                    }
+                }
+                let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
+                let code = match (find_sentinel(&tail, &marker), signal) {
+                    (Some(code), None) => code,
+                    (_, Some(sig)) => {
+                        tracing::warn!(host = %host, "remote shell ended by signal {sig}");
+                        return Err(TransportError::NoExitStatus {
+                            host: host.clone(),
+                            command: shown.clone(),
+                        });
+                    }
+                    (None, None) => {
+                        return Err(TransportError::NoExitStatus {
+                            host: host.clone(),
+                            command: shown.clone(),
+                        })
+                    }
+                };
+                let protocol = ch.exit_status().unwrap_or(-1);
+                if protocol != code {
+                    tracing::debug!(host = %host, sentinel = code, protocol, "exit status differs; sentinel wins");
+                }
+                let mut stderr_bytes = stderr.kept;
+                strip_sentinel(&mut stderr_bytes, &marker);
+                let (stdout_bytes, out_dropped) = match stdout {
+                    Sink::Capture(c) => (c.kept, c.dropped),
+                    Sink::Stream(_) => (Vec::new(), false),
+                };
+                tracing::debug!(host = %host, code, "command finished");
+                Ok(Output {
+                    code,
+                    stdout: stdout_bytes,
+                    stderr: stderr_bytes,
+                    truncated: out_dropped || stderr.dropped,
+                })
+            })();
+            if conn.broken {
+                // Before the channel is freed: freeing it on a live socket would wait
+                // for the host to confirm the close, past the deadline.
+                let _ = conn.sock.shutdown(Shutdown::Both);
+            }
+            drop(ch);
+            conn.sess.set_blocking(true);
+            result
+        })
+    }
+
+    /// Runs a short helper command, failing unless it exits 0.
+    fn helper(&self, argv: Vec<String>, what: &str) -> Result<Output, TransportError> {
+        let out = self.run(&Command::new(argv).timeout(IO_WAIT))?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(TransportError::Other {
+                host: self.target.name.clone(),
+                message: format!("{what} failed ({}): {}", out.code, out.stderr_str().trim()),
+            })
+        }
+    }
+
+    /// Re-hashes `remote` on the host with `sha256sum` and compares with `sent`.
+    pub fn verify_remote(
+        &self,
+        remote: &str,
+        sent: &str,
+        size: u64,
+    ) -> Result<Upload, TransportError> {
+        let out = self.helper(sv(&["sha256sum", "--", remote]), "sha256sum")?;
+        self.compare_hash(remote, sent, size, &out)
+    }
+
+    fn compare_hash(
+        &self,
+        remote: &str,
+        sent: &str,
+        size: u64,
+        out: &Output,
+    ) -> Result<Upload, TransportError> {
+        let found = out
+            .stdout_str()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if found != sent {
+            return Err(TransportError::UploadCorrupt {
+                host: self.target.name.clone(),
+                remote: remote.to_string(),
+                sent: sent.to_string(),
+                found,
+            });
+        }
+        Ok(Upload {
+            remote_path: remote.to_string(),
+            size,
+            sha256: found,
+        })
+    }
+
+    /// [`Transport::put`] with a hook run after the file is in place and before it
+    /// is re-hashed: tests use it to change the file on the host in between.
+    pub fn put_with_hook(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: u32,
+        before_hash: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<Upload, TransportError> {
+        let host = self.target.name.clone();
+        let span = tracing::info_span!("ssh.put", host = %host, remote = %remote);
+        let _g = span.enter();
+        let tmp = super::staging_name(remote).to_string_lossy().into_owned();
+        let io_err = |context: String| {
+            let host = host.clone();
+            move |source| TransportError::Io {
+                host,
+                context,
+                source,
+            }
+        };
+        let mut src =
+            std::fs::File::open(local).map_err(io_err(format!("open {}", local.display())))?;
+        let (size, sent, synced) = self.with_conn(|conn| {
+            let fail = |conn: &mut Conn, context: String, e: &dyn std::fmt::Display| {
+                conn.broken = true;
+                TransportError::Ssh {
+                    host: host.clone(),
+                    context,
+                    message: e.to_string(),
+                }
+            };
+            conn.sess.set_blocking(true);
+            conn.sess.set_timeout(millis(IO_WAIT));
+            if conn.sftp.is_none() {
+                match conn.sess.sftp() {
+                    Ok(s) => conn.sftp = Some(s),
+                    Err(e) => return Err(fail(conn, "start sftp".into(), &e)),
+                }
+            }
+            let Some(sftp) = conn.sftp.as_ref() else {
+                return Err(fail(conn, "start sftp".into(), &"no sftp channel"));
+            };
+            let opened = sftp.open_mode(
+                Path::new(&tmp),
+                ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::TRUNCATE,
+                0o600,
+                ssh2::OpenType::File,
+            );
+            let mut file = match opened {
+                Ok(f) => f,
+                Err(e) => {
+                    // A refusal to create the file (permissions, no folder) leaves the session fine.
+                    return Err(TransportError::Ssh {
+                        host: host.clone(),
+                        context: format!("create {tmp}"),
+                        message: e.to_string(),
+                    });
+                }
+            };
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut size = 0u64;
+            loop {
+                let n = match src.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        return Err(TransportError::Io {
+                            host: host.clone(),
+                            context: format!("read {}", local.display()),
+                            source: e,
+                        })
+                    }
+                };
+                hasher.update(&buf[..n]);
+                if let Err(e) = file.write_all(&buf[..n]) {
+                    return Err(fail(conn, format!("write {tmp}"), &e));
+                }
+                size += n as u64;
+            }
+            // fsync@openssh.com; without it a `sync` on the host does the job.
+            let synced = file.fsync().is_ok();
+            drop(file);
+            Ok((size, hex::encode(hasher.finalize()), synced))
+        })?;
+        if !synced {
+            self.helper(sv(&["sync", "--", &tmp]), "sync")?;
+        }
+        let mode = format!("{:o}", mode & 0o7777);
+        // OpenSSH's SFTP server cannot rename over a file, hence `mv -f`.
+        let place = "mv -f -- \"$1\" \"$2\" && chmod \"$3\" -- \"$2\"";
+        let Some(hook) = before_hash else {
+            // One process on the host: move, chmod and re-hash together.
+            let script = format!("{place} && sha256sum -- \"$2\"");
+            let out = self.helper(
+                sv(&["sh", "-c", &script, "sh", &tmp, remote, &mode]),
+                "move upload into place and re-hash it",
+            )?;
+            return self.compare_hash(remote, &sent, size, &out);
+        };
+        self.helper(
+            sv(&["sh", "-c", place, "sh", &tmp, remote, &mode]),
+            "move upload into place",
+        )?;
+        hook(remote);
+        self.verify_remote(remote, &sent, size)
+    }
+}
+
+fn sv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|s| s.to_string()).collect()
+}
+
+impl Transport for SshTransport {
+    fn host(&self) -> &str {
+        &self.target.name
+    }
+
+    fn run(&self, cmd: &Command) -> Result<Output, TransportError> {
+        self.exec(cmd, Sink::Capture(Capture::new(cmd.output_cap)))
+    }
+
+    fn run_to_writer(&self, cmd: &Command, sink: &mut dyn Write) -> Result<Output, TransportError> {
+        self.exec(cmd, Sink::Stream(sink))
+    }
+
+    fn put(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError> {
+        self.put_with_hook(local, remote, mode, None)
+    }
+
+    fn get(&self, remote: &str, local: &Path) -> Result<u64, TransportError> {
+        let host = self.target.name.clone();
+        let span = tracing::info_span!("ssh.get", host = %host, remote = %remote);
+        let _g = span.enter();
+        self.with_conn(|conn| {
+            conn.sess.set_blocking(true);
+            conn.sess.set_timeout(millis(IO_WAIT));
+            if conn.sftp.is_none() {
+                match conn.sess.sftp() {
+                    Ok(s) => conn.sftp = Some(s),
+                    Err(e) => {
+                        conn.broken = true;
+                        return Err(TransportError::Ssh {
+                            host: host.clone(),
+                            context: "start sftp".into(),
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            let Some(sftp) = conn.sftp.as_ref() else {
+                return Err(TransportError::Other {
+                    host: host.clone(),
+                    message: "no sftp channel".into(),
+                });
+            };
+            let mut file = sftp
+                .open(Path::new(remote))
+                .map_err(|e| TransportError::Ssh {
+                    host: host.clone(),
+                    context: format!("open {remote}"),
+                    message: e.to_string(),
+                })?;
+            let mut out = std::fs::File::create(local).map_err(|e| TransportError::Io {
+                host: host.clone(),
+                context: format!("create {}", local.display()),
+                source: e,
+            })?;
+            let n = std::io::copy(&mut file, &mut out).map_err(|e| TransportError::Io {
+                host: host.clone(),
+                context: format!("download {remote}"),
+                source: e,
+            })?;
+            out.sync_all().map_err(|e| TransportError::Io {
+                host: host.clone(),
+                context: format!("fsync {}", local.display()),
+                source: e,
+            })?;
+            Ok(n)
+        })
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// `10`, `10s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" | "" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_round_trips_through_a_real_shell() {
+        let marker = sentinel_marker();
+        let line = command_line(
+            &sv(&["sh", "-c", "echo out; printf 'no newline' >&2; exit 7"]),
+            &marker,
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(7));
+        assert_eq!(find_sentinel(&out.stderr, &marker), Some(7));
+        let mut err = out.stderr.clone();
+        strip_sentinel(&mut err, &marker);
+        assert_eq!(err, b"no newline");
+    }
+
+    #[test]
+    fn a_missing_sentinel_is_not_a_zero() {
+        let marker = sentinel_marker();
+        assert_eq!(find_sentinel(b"some stderr\n", &marker), None);
+        assert_eq!(
+            find_sentinel(format!("\n{marker}").as_bytes(), &marker),
+            None
+        );
+        let other = sentinel_marker();
+        assert_ne!(marker, other);
+        assert_eq!(
+            find_sentinel(format!("\n{other}0\n").as_bytes(), &marker),
+            None
+        );
+    }
+
+    #[test]
+    fn capture_keeps_the_cap_and_notes_drops() {
+        let mut c = Capture::new(5);
+        c.push(b"abc");
+        c.push(b"defg");
+        assert_eq!(c.kept, b"abcde");
+        assert!(c.dropped);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("x"), None);
     }
 }

@@ -1,0 +1,217 @@
+//! The lab fleet itself: namespace isolation and exact process ownership.
+
+mod support;
+
+use std::time::Duration;
+
+use patchbook::lab::deb;
+use support::{alive, patchbook, Lab};
+
+fn run_ok(lab: &Lab, host: &str, argv: &[&str]) -> String {
+    let out = lab.exec_in(host, argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{host}: {argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dpkg_and_opt_changes_stay_inside_one_host() {
+    let lab = Lab::start(3);
+    for h in lab.hosts() {
+        assert_eq!(
+            lab.installed_version(&h.name, deb::PACKAGE)
+                .unwrap()
+                .as_deref(),
+            Some("1.0.0")
+        );
+    }
+    let good = lab.deb(deb::GOOD_VERSION);
+    run_ok(&lab, "lab01", &["dpkg", "-i", good.to_str().unwrap()]);
+
+    assert_eq!(
+        lab.installed_version("lab01", deb::PACKAGE)
+            .unwrap()
+            .as_deref(),
+        Some("1.0.1")
+    );
+    assert_eq!(
+        lab.installed_version("lab02", deb::PACKAGE)
+            .unwrap()
+            .as_deref(),
+        Some("1.0.0")
+    );
+    // What the hosts themselves say, through their own namespaces.
+    let q = ["dpkg-query", "-W", "-f=${Version}", deb::PACKAGE];
+    assert_eq!(run_ok(&lab, "lab01", &q), "1.0.1");
+    assert_eq!(run_ok(&lab, "lab02", &q), "1.0.0");
+    assert_eq!(
+        run_ok(&lab, "lab01", &["/opt/acme/agent.sh", "--check"]),
+        "acme-agent 1.0.1 ok\n"
+    );
+    assert_eq!(
+        run_ok(&lab, "lab03", &["cat", "/opt/acme/VERSION"]),
+        "1.0.0\n"
+    );
+    run_ok(&lab, "lab02", &["touch", "/opt/only-on-lab02"]);
+    assert!(
+        lab.exec_in("lab03", &["test", "-e", "/opt/only-on-lab02"])
+            .unwrap()
+            .status
+            .code()
+            == Some(1)
+    );
+
+    // The real machine sees none of it.
+    let real = std::process::Command::new("dpkg-query")
+        .args(["-W", deb::PACKAGE])
+        .output()
+        .unwrap();
+    assert!(
+        !real.status.success(),
+        "acme-agent leaked onto the real machine"
+    );
+    assert!(!std::path::Path::new("/opt/acme").exists());
+    assert!(!std::path::Path::new("/opt/only-on-lab02").exists());
+    assert!(!std::path::Path::new("/etc/acme/agent.conf").exists());
+
+    // Each host keeps its own dpkg log.
+    let log1 = lab.dpkg_log("lab01").unwrap();
+    assert_eq!(
+        log1.lines()
+            .filter(|l| l.contains(" upgrade acme-agent"))
+            .count(),
+        1,
+        "{log1}"
+    );
+    assert_eq!(lab.dpkg_log("lab02").unwrap(), "");
+
+    // The bad patch fails in its postinst.
+    let bad = lab
+        .exec_in(
+            "lab03",
+            &["dpkg", "-i", lab.deb(deb::BAD_VERSION).to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("postinst"));
+
+    // Reseeding puts a host back to 1.0.0 with a fresh log.
+    lab.reseed("lab01").unwrap();
+    assert_eq!(run_ok(&lab, "lab01", &q), "1.0.0");
+    assert_eq!(lab.dpkg_log("lab01").unwrap(), "");
+}
+
+#[test]
+fn lab_writes_keys_known_hosts_and_inventories() {
+    let lab = Lab::start(5);
+    let d = lab.dir();
+    for f in [
+        "id_ed25519",
+        "id_ed25519.pub",
+        "known_hosts",
+        "inventory.toml",
+        "inventory.ini",
+        "patchbook.toml",
+        "lab.json",
+    ] {
+        assert!(d.join(f).is_file(), "{f} missing");
+    }
+    let kh = std::fs::read_to_string(d.join("known_hosts")).unwrap();
+    for h in lab.hosts() {
+        assert!(kh.contains(&format!("[127.0.0.1]:{} ssh-ed25519 ", h.port)));
+    }
+    let ini = std::fs::read_to_string(d.join("inventory.ini")).unwrap();
+    assert!(ini.contains("[pilot]\nlab01\nlab02\n"), "{ini}");
+    assert!(ini.contains("ansible_ssh_private_key_file="), "{ini}");
+    let toml: toml::Value =
+        toml::from_str(&std::fs::read_to_string(d.join("inventory.toml")).unwrap()).unwrap();
+    let h1 = &toml["hosts"]["lab01"];
+    assert_eq!(h1["port"].as_integer(), Some(lab.hosts()[0].port as i64));
+    assert_eq!(h1["criticality"].as_str(), Some("low"));
+    let crits: std::collections::BTreeSet<_> = toml["hosts"]
+        .as_table()
+        .unwrap()
+        .values()
+        .map(|h| h["criticality"].as_str().unwrap().to_string())
+        .collect();
+    assert!(crits.len() >= 3, "{crits:?}");
+    let cfg = patchbook::config::Config::load(&d.join("patchbook.toml")).unwrap();
+    assert_eq!(
+        cfg.ssh.known_hosts.as_deref(),
+        Some(d.join("known_hosts").canonicalize().unwrap().as_path())
+    );
+}
+
+#[test]
+fn cli_lab_down_stops_exactly_its_processes() {
+    support::require_lab();
+    let dir = tempfile::Builder::new()
+        .prefix("cli-lab-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let up = patchbook(["lab", "up", "3", dir.path().to_str().unwrap()]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
+            .unwrap();
+    let pids: Vec<i32> = state["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|h| {
+            [
+                h["sshd_pid"].as_i64().unwrap() as i32,
+                h["unshare_pid"].as_i64().unwrap() as i32,
+            ]
+        })
+        .collect();
+    assert_eq!(pids.len(), 6);
+    assert!(pids.iter().all(|p| alive(*p)), "the hosts outlive `lab up`");
+    // A bystander sshd-like process that the lab did not start must survive.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let down = patchbook(["lab", "down", dir.path().to_str().unwrap()]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    for p in &pids {
+        assert!(!alive(*p), "pid {p} still alive after lab down");
+    }
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "lab down killed a process it did not start"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    assert!(!dir.path().join("lab.json").exists());
+    // A second down has nothing to stop and says so.
+    let again = patchbook(["lab", "down", dir.path().to_str().unwrap()]);
+    assert!(!again.status.success());
+}
+
+#[test]
+fn dropping_a_fleet_stops_its_hosts() {
+    let lab = Lab::start(2);
+    let pids: Vec<i32> = lab
+        .hosts()
+        .iter()
+        .flat_map(|h| [h.sshd_pid, h.unshare_pid])
+        .collect();
+    assert!(pids.iter().all(|p| alive(*p)));
+    drop(lab);
+    for p in &pids {
+        assert!(!alive(*p), "pid {p} survived the fleet");
+    }
+}

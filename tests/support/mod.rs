@@ -1,0 +1,130 @@
+//! Shared harness for the integration tests: real lab fleets and the built binary.
+//!
+//! A test file gets one fleet shared by all its tests with [`shared_fleet`], or a
+//! fleet of its own with [`Lab::start`] (stopped on drop, even on panic). No sshd
+//! outlives the test binary: fleets are tied to the thread that starts them by a
+//! parent-death signal, and the shared fleet's thread lives until the process exits,
+//! when an exit hook also stops it by PID and removes its folder.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use patchbook::lab::Fleet;
+
+/// Fails (never skips) when the machine cannot run the lab.
+pub fn require_lab() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab tests need root (mount namespaces, sshd); run them as root after `.ci/setup`"
+    );
+    for tool in ["/usr/sbin/sshd", "/usr/bin/unshare", "/usr/bin/nsenter"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: run `.ci/setup` as root"
+        );
+    }
+}
+
+/// A fleet in its own temporary folder, stopped and removed on drop.
+pub struct Lab {
+    pub fleet: Fleet,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn start(n: usize) -> Lab {
+        require_lab();
+        let dir = tempfile::Builder::new()
+            .prefix("lab-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("temp dir");
+        let fleet = Fleet::up(n, dir.path()).unwrap_or_else(|e| panic!("lab up {n}: {e}"));
+        Lab { fleet, dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Fleet;
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+static SHARED: OnceLock<(Fleet, PathBuf)> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some((fleet, dir)) = SHARED.get() {
+        let _ = patchbook::lab::down(fleet.dir());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One fleet of `n` hosts for every test of this binary (the first caller's `n` wins).
+pub fn shared_fleet(n: usize) -> &'static Fleet {
+    let (fleet, _) = SHARED.get_or_init(|| {
+        require_lab();
+        let dir = tempfile::Builder::new()
+            .prefix("shared-lab-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("temp dir")
+            .keep();
+        // The fleet is started (and so tied) to a thread that never ends before the
+        // process does: statics are never dropped, the parent-death signal still fires.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Fleet::up(n, &d));
+            loop {
+                std::thread::park();
+            }
+        });
+        let fleet = rx
+            .recv()
+            .expect("lab thread")
+            .unwrap_or_else(|e| panic!("lab up {n}: {e}"));
+        // SAFETY: registering a plain extern "C" fn with atexit.
+        unsafe {
+            libc::atexit(stop_shared);
+        }
+        (fleet, dir)
+    });
+    fleet
+}
+
+/// Runs the built `patchbook` binary.
+pub fn patchbook<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .args(args)
+        .output()
+        .expect("patchbook binary runs")
+}
+
+/// Resident set size of this process in kB.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+/// Whether a PID is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
