@@ -386,11 +386,19 @@ fn cmp_int(o: Ordering) -> i64 {
     }
 }
 
+/// A property of a custom type: name, Rhai type, doc comment, getter.
+type Getter<T> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&mut T) -> Dynamic,
+);
+
 /// Registers `Artifact` and `Backup` with their getters.
 pub fn register_patch_types(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptArtifact>("Artifact");
     engine.register_type_with_name::<ScriptBackup>("Backup");
-    let getters: [(&str, &str, &str, fn(&mut ScriptArtifact) -> Dynamic); 5] = [
+    let getters: [Getter<ScriptArtifact>; 5] = [
         (
             "url",
             "String",
@@ -428,7 +436,7 @@ pub fn register_patch_types(engine: &mut Engine) {
             .with_comments([doc])
             .register_into_engine(engine, get);
     }
-    let getters: [(&str, &str, &str, fn(&mut ScriptBackup) -> Dynamic); 7] = [
+    let getters: [Getter<ScriptBackup>; 7] = [
         (
             "id",
             "String",
