@@ -1060,39 +1060,7 @@ fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Dura
         .map_err(serde::de::Error::custom)
 }
 
-/// `"250ms"`, `"1s"`, `"2m"`, `"1h"`, or a sum like `"1m30s"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let text = s.trim();
-    let bad = || format!("`{s}` is not a duration; write e.g. \"500ms\", \"2s\", \"1m30s\"");
-    if text.is_empty() {
-        return Err(bad());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            _ => return Err(bad()),
-        };
-    }
-    Ok(total)
-}
+pub use crate::config::parse_duration;
 
 // ---------------------------------------------------------------------------
 // Automatic notification texts. The rollout layer fills these plain structs.
@@ -1447,7 +1415,7 @@ mod tests {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("20ms").unwrap(), Duration::from_millis(20));
-        assert!(parse_duration("5").is_err());
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("").is_err());
     }
