@@ -334,7 +334,7 @@ fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
                     .map_err(|_| format!("`{key}` must not be negative"));
             }
             match v.clone().into_immutable_string() {
-                Ok(s) => crate::rollout::policy::parse_duration(&s)
+                Ok(s) => crate::config::parse_duration(&s)
                     .map(Some)
                     .map_err(|e| format!("`{key}`: {e}")),
                 Err(ty) => Err(format!(
