@@ -76,12 +76,12 @@ impl Bench {
             .arg("run")
             .arg(playbook);
         cmd.args([
-            "--var",
+            "--param",
             &format!("mirror={}", f.dir().join("debs").display()),
         ]);
         for v in ["1.0.0", "1.0.1", "1.0.2"] {
             cmd.args([
-                "--var",
+                "--param",
                 &format!("sha_{}={}", v.replace('.', "_"), sha(&f.deb(v))),
             ]);
         }
@@ -175,11 +175,11 @@ fn inventory(
 }
 
 const PATCH_OR_BREAK: &str = r#"
-let good = artifact(`${var("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: var("sha_1_0_1") });
-let bad = artifact(`${var("mirror")}/acme-agent_1.0.2_all.deb`, #{ sha256: var("sha_1_0_2") });
-let previous = artifact(`${var("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: var("sha_1_0_0") });
-let breaking = var("bad").split(",");
-rollout(hosts(var("targets")), #{ pilot: var("pilot", "0").parse_int(), waves: ["100%"], max_failed: var("max_failed").parse_int(), parallel: 1 }, |host| {
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_1_0_1") });
+let bad = artifact(`${param("mirror")}/acme-agent_1.0.2_all.deb`, #{ sha256: param("sha_1_0_2") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_1_0_0") });
+let breaking = param("bad").split(",");
+rollout(hosts(param("targets")), #{ pilot: param("pilot", "0").parse_int(), waves: ["100%"], max_failed: param("max_failed").parse_int(), parallel: 1 }, |host| {
     let p = if breaking.contains(host.name) { bad } else { good };
     deploy(host, p, #{ rollback_to: previous });
     verify(host, "acme-agent", if breaking.contains(host.name) { "1.0.2" } else { "1.0.1" });
@@ -198,11 +198,11 @@ fn failure_budget_stops_at_the_third_failure_and_rolls_the_failed_back() {
         &pb,
         &[],
         &[
-            "--var",
+            "--param",
             &format!("targets={targets}"),
-            "--var",
+            "--param",
             "bad=lab05,lab07,lab09",
-            "--var",
+            "--param",
             "max_failed=2",
         ],
     );
@@ -279,13 +279,13 @@ fn a_failing_pilot_stops_the_run_before_wave_one() {
         &pb,
         &[],
         &[
-            "--var",
+            "--param",
             "targets=lab13:lab14:lab15:lab16",
-            "--var",
+            "--param",
             "bad=lab13",
-            "--var",
+            "--param",
             "max_failed=3",
-            "--var",
+            "--param",
             "pilot=1",
         ],
     );
@@ -309,7 +309,7 @@ fn a_failing_pilot_stops_the_run_before_wave_one() {
 }
 
 const SLOW_TOUCH: &str = r#"
-rollout(hosts("all"), #{ waves: ["100%"], parallel: 8, order: var("order", "inventory"), max_unavailable: #{ quad: 1 } }, |host| {
+rollout(hosts("all"), #{ waves: ["100%"], parallel: 8, order: param("order", "inventory"), max_unavailable: #{ quad: 1 } }, |host| {
     exec(host, ["sleep", "0.3"]);
 });
 "#;
@@ -377,7 +377,7 @@ fn every_low_host_finishes_before_any_critical_host_starts() {
         &cfg,
         &b.playbook(SLOW_TOUCH),
         &[],
-        &["--var", "order=criticality"],
+        &["--param", "order=criticality"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let s = spans(&b.records());
@@ -490,12 +490,12 @@ fn plan_leaves_the_fleet_unchanged_and_shows_unknowns() {
         .arg("plan")
         .arg(&pb);
     cmd.args([
-        "--var",
+        "--param",
         &format!("mirror={}", f.dir().join("debs").display()),
     ]);
-    cmd.args(["--var", &format!("sha256={}", sha(&f.deb("1.0.1")))]);
+    cmd.args(["--param", &format!("sha256={}", sha(&f.deb("1.0.1")))]);
     cmd.args([
-        "--var",
+        "--param",
         &format!("previous_sha256={}", sha(&f.deb("1.0.0"))),
     ]);
     let out = cmd.output().unwrap();

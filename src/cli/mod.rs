@@ -79,15 +79,15 @@ pub enum Verb {
         /// checked on the host first, pending hosts run.
         #[arg(long, value_name = "RUN")]
         resume: Option<String>,
-        /// A value the playbook reads with `var("NAME")`; repeatable.
-        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        /// A value the playbook reads with `param("NAME")`; repeatable.
+        #[arg(short = 'e', long = "param", value_name = "NAME=VALUE")]
         vars: Vec<String>,
     },
     /// Show the waves and what each host would do, changing nothing.
     Plan {
         playbook: PathBuf,
-        /// A value the playbook reads with `var("NAME")`; repeatable.
-        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        /// A value the playbook reads with `param("NAME")`; repeatable.
+        #[arg(short = 'e', long = "param", value_name = "NAME=VALUE")]
         vars: Vec<String>,
     },
     /// Reverse a finished or crashed run from its journal, in reverse deployment order.
@@ -119,6 +119,11 @@ pub enum Verb {
     /// Check the journals' hash chains and the audit index.
     #[command(subcommand)]
     Audit(AuditVerb),
+    /// Write Rhai definition files (.d.rhai) of every primitive for editor completion.
+    Docs {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Render a run's report from its journal: summary, counts, hosts, tests.
     Report {
         /// Run id, or `last` for the most recently started run.
@@ -233,6 +238,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Lab(v) => lab(v),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
+        Verb::Docs { out } => docs(&cli, out),
     }
 }
 
@@ -288,6 +294,26 @@ fn report(
             }
         }
         None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook docs`: definition files for editors; needs no inventory.
+fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
+    let limits = match &cli.global.config {
+        Some(p) => {
+            crate::config::Config::load(p)
+                .map_err(RuntimeError::from)?
+                .limits
+        }
+        None => crate::script::Limits::default(),
+    };
+    let files =
+        crate::script::docs::write(out, &limits).map_err(|e| CliError::Other(e.to_string()))?;
+    if !cli.global.quiet {
+        for f in &files {
+            println!("{}", f.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -81,14 +81,14 @@ fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
 }
 
 /// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
-/// `NAME=VALUE` words from `--var`.
+/// `NAME=VALUE` words from `--param`.
 pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError> {
     words
         .iter()
         .map(|w| match w.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
             _ => Err(CliError::Usage(format!(
-                "--var takes NAME=VALUE, not `{w}`"
+                "--param takes NAME=VALUE, not `{w}`"
             ))),
         })
         .collect()

@@ -5,7 +5,9 @@
 //! sockets, files or processes itself.
 
 pub mod diagnostics;
+pub mod docs;
 pub mod engine;
+pub mod patch;
 pub mod playbook;
 pub mod register;
 pub mod resolver;
@@ -18,11 +20,13 @@ use serde::Deserialize;
 
 pub use diagnostics::{Diagnostic, Frame, Location, SourceMap};
 pub use engine::{sandbox, CallGuard};
+pub use patch::{ScriptArtifact, ScriptBackup};
 pub use playbook::{
     run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
 };
 pub use register::ScriptHost;
 pub use resolver::{ImportError, LibraryResolver};
+pub use session::Session;
 
 /// Why a script did not compile or did not finish.
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,10 @@ use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, NativeCallContext, Position, S
 
 use super::diagnostics::{diagnose, Diagnostic, SourceMap};
 use super::engine::{deadline, on_script_stack, sandbox, CallGuard};
+use super::patch::register_patch;
 use super::register::{register_primitives, ScriptHost};
 use super::resolver::{sha256_hex, LibraryResolver};
+use super::session::Session;
 use super::{Limits, ScriptError};
 use crate::inventory::Host;
 use crate::runtime::Runtime;
@@ -120,6 +122,7 @@ impl Compiler {
         let resolver = LibraryResolver::new(self.roots.clone());
         let mut engine = sandbox(&self.limits, Arc::new(AtomicBool::new(false)));
         register_primitives(&mut engine, None);
+        register_patch(&mut engine, None);
         engine.set_module_resolver(resolver.clone());
         let mut scope = Scope::new();
         for v in vars {
@@ -157,29 +160,49 @@ impl Compiler {
     }
 }
 
-/// One run's engine: the sandbox plus the primitives bound to a runtime, with its
-/// own cancel flag. Cheap to build (microseconds); build one per run.
+/// One run's engine: the sandbox plus the primitives bound to a runtime (and, for
+/// a real run, to its [`Session`]), with its own cancel flag. Cheap to build
+/// (microseconds); build one per run.
 pub struct ScriptRun {
     engine: Engine,
     cancel: Arc<AtomicBool>,
     budget: Duration,
+    session: Option<Arc<Session>>,
 }
 
 impl ScriptRun {
+    /// A run without a session: `hosts`, `exec`, `shell` and `log` work; the patch
+    /// primitives exist (so the names resolve) but refuse to run.
     pub fn new(limits: &Limits, runtime: Option<Arc<Runtime>>) -> Self {
+        Self::build(limits, runtime, None)
+    }
+
+    /// A run with every primitive bound to `session` (its runtime, journal, plan mode
+    /// and secrets).
+    pub fn with_session(limits: &Limits, session: Arc<Session>) -> Self {
+        Self::build(limits, Some(session.runtime.clone()), Some(session))
+    }
+
+    fn build(
+        limits: &Limits,
+        runtime: Option<Arc<Runtime>>,
+        session: Option<Arc<Session>>,
+    ) -> Self {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut engine = sandbox(limits, cancel.clone());
         register_primitives(&mut engine, runtime);
+        register_patch(&mut engine, session.clone());
         ScriptRun {
             engine,
             cancel,
             budget: deadline(limits),
+            session,
         }
     }
 
-    /// A run with every primitive, bound to one run's session.
-    pub fn with_session(limits: &Limits, session: Arc<crate::script::session::Session>) -> Self {
-        ScriptRun::new(limits, Some(session.runtime.clone()))
+    /// The session this run's primitives work in, if it has one.
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
     }
 
     /// A run about one host: primitives such as `log` report it as the current host.

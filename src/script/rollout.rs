@@ -49,7 +49,7 @@ pub struct RunControl {
     finished: BTreeSet<String>,
     first_failure: AtomicBool,
     started: Instant,
-    /// `--var NAME=VALUE` from the command line, read with `var("NAME")`.
+    /// `--param NAME=VALUE` from the command line, read with `param("NAME")`.
     vars: std::collections::BTreeMap<String, String>,
 }
 
@@ -334,26 +334,28 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
         .register_into_engine(engine, window_fn);
 
     let c = control_.clone();
-    FuncRegistration::new("var")
+    FuncRegistration::new("param")
         .with_volatility(true)
         .with_params_info(["name: &str", "String"])
-        .with_comments(["/// The value of `--var NAME=VALUE` from the command line; an error names the\n/// missing variable."])
+        .with_comments(["/// The value of `--param NAME=VALUE` from the command line; an error names the\n/// missing variable."])
         .register_into_engine(engine, move |ctx: NativeCallContext, name: &str| -> RhaiResult<String> {
-            let c = control(&ctx, &c, "var")?;
+            let c = control(&ctx, &c, "param")?;
             match c.vars.get(name) {
                 Some(v) => Ok(v.clone()),
-                None => fail(&ctx, format!("var(\"{name}\") is not set; pass it as `--var {name}=VALUE`")),
+                None => fail(&ctx, format!("param(\"{name}\") is not set; pass it as `--param {name}=VALUE`")),
             }
         });
     let c = control_.clone();
-    FuncRegistration::new("var")
+    FuncRegistration::new("param")
         .with_volatility(true)
         .with_params_info(["name: &str", "default: &str", "String"])
-        .with_comments(["/// The value of `--var NAME=VALUE`, or `default` when it was not given."])
+        .with_comments([
+            "/// The value of `--param NAME=VALUE`, or `default` when it was not given.",
+        ])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, name: &str, default: &str| -> RhaiResult<String> {
-                let c = control(&ctx, &c, "var")?;
+                let c = control(&ctx, &c, "param")?;
                 Ok(c.vars
                     .get(name)
                     .cloned()
