@@ -265,7 +265,19 @@ pub fn plan(
     );
     let script = engine_for(&control);
     let _ = script.run(&pb)?;
-    let planned = session.run.planned();
+    let mut planned = session.run.planned();
+    // Hosts run in parallel; group each host's actions together, in plan order.
+    let order: Vec<String> = control
+        .summaries()
+        .iter()
+        .flat_map(|s| s.hosts.iter().map(|h| h.name.clone()))
+        .collect();
+    planned.sort_by_key(|a| {
+        order
+            .iter()
+            .position(|h| *h == a.host)
+            .unwrap_or(usize::MAX)
+    });
     if cli.global.json {
         let v = serde_json::json!({ "plans": control.plans(), "actions": planned });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

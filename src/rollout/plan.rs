@@ -335,10 +335,10 @@ impl fmt::Display for Plan {
             budget.stops_at()
         )?;
         let mut extra = vec![format!(
-            "rollback {}",
+            "rollback: {}",
             match p.rollback {
-                RollbackScope::Failed => "failed",
-                RollbackScope::All => "all",
+                RollbackScope::Failed => "failed hosts",
+                RollbackScope::All => "every changed host, in reverse order",
             }
         )];
         if !p.pause.is_zero() {
