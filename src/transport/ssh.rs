@@ -357,7 +357,14 @@ fn millis(d: Duration) -> u32 {
 /// Waits (at most `max`) until the socket is ready in the direction libssh2 is blocked on.
 fn wait_socket(conn: &Conn, max: Duration) {
     let events = match conn.sess.block_directions() {
-        BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
+        // libssh2 is not waiting on the socket: what it needs (an EOF, the exit
+        // status, the close) may already sit in its own buffer, where poll(2) cannot
+        // see it. Yield briefly instead of sleeping a whole slice.
+        BlockDirections::None => {
+            std::thread::sleep(Duration::from_micros(200));
+            return;
+        }
+        BlockDirections::Inbound => libc::POLLIN,
         BlockDirections::Outbound => libc::POLLOUT,
         BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
     };
