@@ -27,3 +27,4 @@ pub mod rollout;
 pub mod runtime;
 pub mod script;
 pub mod transport;
+pub mod watch;
