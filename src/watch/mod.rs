@@ -92,6 +92,39 @@ pub fn report(service: &Service, outcome: &ReloadOutcome) {
     }
 }
 
+/// Reloads on every change `watch` reports, until the service stops. With `print`,
+/// each outcome is reported on stdout/stderr.
+pub fn spawn_reloader(
+    service: Arc<Service>,
+    watch: FileWatch,
+    print: bool,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("watch-reload".into())
+        .spawn(move || {
+            while !service.stopping() {
+                let Some(changes) = watch.next(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let mut rescan = false;
+                for c in &changes {
+                    match c {
+                        files::Change::Rescan => rescan = true,
+                        files::Change::Error(e) => {
+                            eprintln!("file watcher: {e}; reloading everything");
+                            rescan = true;
+                        }
+                        files::Change::Files => {}
+                    }
+                }
+                let outcome = service.reload(rescan);
+                if print {
+                    report(&service, &outcome);
+                }
+            }
+        })
+}
+
 /// Runs the service until SIGTERM or SIGINT: the first reload, the file watcher,
 /// the scheduler, the control socket and (with `listen`) the status page. On the
 /// signal it stops starting runs, waits for the runs in flight to finish their
@@ -122,32 +155,8 @@ pub fn serve(service: Arc<Service>, opts: &ServeOptions) -> Result<(), WatchErro
         None => None,
     };
 
-    let reloader = {
-        let service = service.clone();
-        std::thread::Builder::new()
-            .name("watch-reload".into())
-            .spawn(move || {
-                while !service.stopping() {
-                    let Some(changes) = watch.next(Duration::from_millis(200)) else {
-                        continue;
-                    };
-                    let mut rescan = false;
-                    for c in &changes {
-                        match c {
-                            files::Change::Rescan => rescan = true,
-                            files::Change::Error(e) => {
-                                eprintln!("file watcher: {e}; reloading everything");
-                                rescan = true;
-                            }
-                            files::Change::Files => {}
-                        }
-                    }
-                    let outcome = service.reload(rescan);
-                    report(&service, &outcome);
-                }
-            })
-            .map_err(|e| WatchError::Start(e.to_string()))?
-    };
+    let reloader = spawn_reloader(service.clone(), watch, true)
+        .map_err(|e| WatchError::Start(e.to_string()))?;
 
     let result: Result<(), WatchError> = rt.block_on(async {
         tokio::spawn(control::serve(listener, service.clone()));
