@@ -112,12 +112,10 @@ impl Service {
         };
         let t0 = Instant::now();
         loop {
-            let found = s
-                .out
-                .lock()
-                .unwrap()
-                .iter()
-                .find_map(|l| l.strip_prefix("status page: ").map(|u| u.trim_end_matches('/').to_string()));
+            let found = s.out.lock().unwrap().iter().find_map(|l| {
+                l.strip_prefix("status page: ")
+                    .map(|u| u.trim_end_matches('/').to_string())
+            });
             if let Some(u) = found {
                 s.url = u;
                 break;
@@ -125,7 +123,11 @@ impl Service {
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("watch exited early ({st}): {:#?}", s.output());
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "watch did not start: {:#?}", s.output());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "watch did not start: {:#?}",
+                s.output()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         s
@@ -174,7 +176,10 @@ impl Service {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "watch ignored SIGTERM");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "watch ignored SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -241,7 +246,12 @@ fn journal_kinds(p: &Project, run: &str) -> Vec<String> {
     std::fs::read_to_string(p.path(&format!(".patchbook/runs/{run}.jsonl")))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -252,13 +262,20 @@ fn each_save_style_goes_live_once_within_a_second() {
     let p = Project::new();
     p.write("scripts/a.rhai", QUICK);
     let svc = Service::start(&p, &[]);
-    let (s, _) = svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    let (s, _) = svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     assert_eq!(playbook_sha(&s, "a").unwrap(), sha(QUICK));
 
     let file = p.path("scripts/a.rhai");
-    let styles: [(&str, &dyn Fn(&str)); 3] = [
+    type Save<'a> = &'a dyn Fn(&str);
+    let styles: [(&str, Save); 3] = [
         ("in-place write", &|text: &str| {
-            let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&file)
+                .unwrap();
             f.write_all(text.as_bytes()).unwrap();
             f.sync_all().unwrap();
         }),
@@ -284,16 +301,25 @@ fn each_save_style_goes_live_once_within_a_second() {
     ];
     for (i, (style, save)) in styles.iter().enumerate() {
         let before = svc.status();
-        let (gen0, attempts0) = (generation(&before), before["reloads"]["attempts"].as_u64().unwrap());
+        let (gen0, attempts0) = (
+            generation(&before),
+            before["reloads"]["attempts"].as_u64().unwrap(),
+        );
         let text = format!("// {style}\nlet x = {i};\nx + 1\n");
         save(&text);
-        let (_, took) = svc.wait(Duration::from_secs(1), &format!("{style}: new hash live"), |s| {
-            playbook_sha(s, "a").as_deref() == Some(sha(&text).as_str())
-        });
+        let (_, took) = svc.wait(
+            Duration::from_secs(1),
+            &format!("{style}: new hash live"),
+            |s| playbook_sha(s, "a").as_deref() == Some(sha(&text).as_str()),
+        );
         // Let any stray event settle, then count.
         std::thread::sleep(Duration::from_millis(500));
         let after = svc.status();
-        assert_eq!(generation(&after), gen0 + 1, "{style}: exactly one new generation (took {took:?})");
+        assert_eq!(
+            generation(&after),
+            gen0 + 1,
+            "{style}: exactly one new generation (took {took:?})"
+        );
         assert_eq!(
             after["reloads"]["attempts"].as_u64().unwrap(),
             attempts0 + 1,
@@ -309,7 +335,10 @@ fn each_save_style_goes_live_once_within_a_second() {
     let after = svc.status();
     assert_eq!(generation(&after), generation(&before));
     assert_eq!(after["reloads"]["attempts"], before["reloads"]["attempts"]);
-    assert!(after["reloads"]["unchanged"].as_u64().unwrap() > before["reloads"]["unchanged"].as_u64().unwrap());
+    assert!(
+        after["reloads"]["unchanged"].as_u64().unwrap()
+            > before["reloads"]["unchanged"].as_u64().unwrap()
+    );
 }
 
 #[test]
@@ -317,22 +346,38 @@ fn a_syntax_error_keeps_the_old_generation_and_shows_its_position() {
     let p = Project::new();
     p.write("scripts/a.rhai", QUICK);
     let svc = Service::start(&p, &[]);
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     p.write("scripts/a.rhai", "let x = 1;\nlet y = ;\n");
-    let (s, _) = svc.wait(Duration::from_secs(2), "error shown", |s| !s["last_error"].is_null());
+    let (s, _) = svc.wait(Duration::from_secs(2), "error shown", |s| {
+        !s["last_error"].is_null()
+    });
     assert_eq!(generation(&s), 1, "the old generation stays live");
     assert_eq!(playbook_sha(&s, "a").unwrap(), sha(QUICK));
     let e = &s["last_error"]["errors"][0];
-    assert!(e["file"].as_str().unwrap().ends_with("scripts/a.rhai"), "{e:#}");
-    assert_eq!((e["line"].as_u64(), e["column"].as_u64()), (Some(2), Some(9)), "{e:#}");
-    assert!(e["message"].as_str().unwrap().contains("let y = ;"), "source frame: {e:#}");
+    assert!(
+        e["file"].as_str().unwrap().ends_with("scripts/a.rhai"),
+        "{e:#}"
+    );
+    assert_eq!(
+        (e["line"].as_u64(), e["column"].as_u64()),
+        (Some(2), Some(9)),
+        "{e:#}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("let y = ;"),
+        "source frame: {e:#}"
+    );
     assert_eq!(s["reloads"]["rejected"], 1);
     // Runs still use the live generation.
     let out = trigger(&p, "a");
     assert!(out.status.success(), "{out:?}");
     // Fixing it clears the error and goes live.
     p.write("scripts/a.rhai", "let x = 2;\nx\n");
-    let (s, _) = svc.wait(Duration::from_secs(2), "fixed generation", |s| generation(s) == 2);
+    let (s, _) = svc.wait(Duration::from_secs(2), "fixed generation", |s| {
+        generation(s) == 2
+    });
     assert!(s["last_error"].is_null());
     // The page and the event stream are served.
     assert!(svc.get("/").contains("<title>patchbook watch</title>"));
@@ -347,7 +392,10 @@ fn a_syntax_error_keeps_the_old_generation_and_shows_its_position() {
         assert!(n > 0);
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert!(got.contains("text/event-stream") && got.contains("event: status"), "{got}");
+    assert!(
+        got.contains("text/event-stream") && got.contains("event: status"),
+        "{got}"
+    );
     assert!(svc.get("/nope").starts_with("HTTP/1.1 404"));
 }
 
@@ -356,28 +404,51 @@ fn a_library_edit_reloads_every_importer_and_only_if_all_compile() {
     let p = Project::new();
     let v1 = "fn twice(x) { x * 2 }\n";
     p.write("stdlib/patch/util.rhai", v1);
-    p.write("scripts/a.rhai", "import \"patch/util\" as u;\nu::twice(1)\n");
-    p.write("scripts/b.rhai", "import \"patch/util\" as u;\nu::twice(2)\n");
+    p.write(
+        "scripts/a.rhai",
+        "import \"patch/util\" as u;\nu::twice(1)\n",
+    );
+    p.write(
+        "scripts/b.rhai",
+        "import \"patch/util\" as u;\nu::twice(2)\n",
+    );
     p.write("scripts/c.rhai", QUICK);
     let svc = Service::start(&p, &[]);
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
 
     p.write("stdlib/patch/util.rhai", "fn twice(x) {\n  x * \n}\n");
-    let (s, _) = svc.wait(Duration::from_secs(2), "module error", |s| !s["last_error"].is_null());
+    let (s, _) = svc.wait(Duration::from_secs(2), "module error", |s| {
+        !s["last_error"].is_null()
+    });
     assert_eq!(generation(&s), 1);
     for pb in ["a", "b"] {
-        assert_eq!(module_sha(&s, pb, "patch/util").unwrap(), sha(v1), "{pb} keeps the old module");
+        assert_eq!(
+            module_sha(&s, pb, "patch/util").unwrap(),
+            sha(v1),
+            "{pb} keeps the old module"
+        );
     }
     let errors = s["last_error"]["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "reported once: {errors:#?}");
-    assert!(errors[0]["file"].as_str().unwrap().contains("util"), "{errors:#?}");
+    assert!(
+        errors[0]["file"].as_str().unwrap().contains("util"),
+        "{errors:#?}"
+    );
     assert!(errors[0]["line"].as_u64().is_some());
 
     let v2 = "fn twice(x) { x + x }\n";
     p.write("stdlib/patch/util.rhai", v2);
-    let (s, _) = svc.wait(Duration::from_secs(2), "module fix live", |s| generation(s) == 2);
+    let (s, _) = svc.wait(Duration::from_secs(2), "module fix live", |s| {
+        generation(s) == 2
+    });
     for pb in ["a", "b"] {
-        assert_eq!(module_sha(&s, pb, "patch/util").unwrap(), sha(v2), "{pb} has the new module");
+        assert_eq!(
+            module_sha(&s, pb, "patch/util").unwrap(),
+            sha(v2),
+            "{pb} has the new module"
+        );
     }
     assert!(s["last_error"].is_null());
 }
@@ -389,40 +460,67 @@ fn an_in_flight_run_keeps_its_generation_and_runs_never_overlap() {
     let p = Project::new();
     p.write("scripts/slow.rhai", SLOW);
     let svc = Service::start(&p, &[]);
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     let out = trigger(&p, "slow");
     assert!(out.status.success(), "{out:?}");
     let (s, _) = svc.wait(Duration::from_secs(2), "run in flight with progress", |s| {
         s["runs"]["in_flight"][0]["progress"]["in_progress"] == 1
     });
-    let run1 = s["runs"]["in_flight"][0]["run_id"].as_str().unwrap().to_string();
+    let run1 = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(s["runs"]["in_flight"][0]["progress"]["targeted"], 1);
 
     // A second trigger while it runs is refused and names the run.
     let again = trigger(&p, "slow");
     assert_eq!(again.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&again.stderr).contains(&run1), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(&run1),
+        "{again:?}"
+    );
 
     let v2 = format!("// v2\n{SLOW}");
     p.write("scripts/slow.rhai", &v2);
-    let (s, _) = svc.wait(Duration::from_secs(1), "edit live during the run", |s| generation(s) == 2);
-    assert_eq!(s["runs"]["in_flight"][0]["run_id"], run1.as_str(), "still running");
+    let (s, _) = svc.wait(Duration::from_secs(1), "edit live during the run", |s| {
+        generation(s) == 2
+    });
+    assert_eq!(
+        s["runs"]["in_flight"][0]["run_id"],
+        run1.as_str(),
+        "still running"
+    );
     assert_eq!(s["runs"]["in_flight"][0]["sha256"], sha(SLOW).as_str());
 
     svc.wait(Duration::from_secs(10), "first run ends", |s| {
-        s["runs"]["in_flight"].as_array().is_some_and(|a| a.is_empty())
+        s["runs"]["in_flight"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
     });
-    assert_eq!(journal_header(&p, &run1)["playbook_sha256"], sha(SLOW).as_str());
+    assert_eq!(
+        journal_header(&p, &run1)["playbook_sha256"],
+        sha(SLOW).as_str()
+    );
     assert_eq!(journal_kinds(&p, &run1).last().unwrap(), "run.close");
 
     let out = trigger(&p, "slow");
     assert!(out.status.success(), "{out:?}");
     let (s, _) = svc.wait(Duration::from_secs(2), "second run", |s| {
-        s["runs"]["in_flight"].as_array().is_some_and(|a| !a.is_empty())
+        s["runs"]["in_flight"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
     });
-    let run2 = s["runs"]["in_flight"][0]["run_id"].as_str().unwrap().to_string();
+    let run2 = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(run1, run2);
-    assert_eq!(journal_header(&p, &run2)["playbook_sha256"], sha(&v2).as_str());
+    assert_eq!(
+        journal_header(&p, &run2)["playbook_sha256"],
+        sha(&v2).as_str()
+    );
 }
 
 #[test]
@@ -439,21 +537,45 @@ fn a_scheduled_run_starts_on_time_and_never_overlaps_itself() {
     );
     let svc = Service::start(
         &p,
-        &[("PATCHBOOK_NOW", "2026-11-28T01:59:30+08:00"), ("PATCHBOOK_CLOCK_SPEED", "60")],
+        &[
+            ("PATCHBOOK_NOW", "2026-11-28T01:59:30+08:00"),
+            ("PATCHBOOK_CLOCK_SPEED", "60"),
+        ],
     );
-    let (s, _) = svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
-    let weekly = s["schedules"].as_array().unwrap().iter().find(|x| x["playbook"] == "weekly").unwrap().clone();
+    let (s, _) = svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
+    let weekly = s["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["playbook"] == "weekly")
+        .unwrap()
+        .clone();
     assert_eq!(weekly["next_start"], "2026-11-27T18:00:00Z", "{weekly:#}");
 
     let (s, _) = svc.wait(Duration::from_secs(8), "weekly run", |s| {
-        s["runs"]["recent"].as_array().unwrap().iter().any(|r| r["playbook"] == "weekly")
+        s["runs"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["playbook"] == "weekly")
     });
-    let run = s["runs"]["recent"].as_array().unwrap().iter().find(|r| r["playbook"] == "weekly").unwrap().clone();
+    let run = s["runs"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["playbook"] == "weekly")
+        .unwrap()
+        .clone();
     let started = chrono::DateTime::parse_from_rfc3339(run["started"].as_str().unwrap()).unwrap();
     let due = chrono::DateTime::parse_from_rfc3339("2026-11-28T02:00:00+08:00").unwrap();
     let late = (started - due).num_milliseconds();
     // One 50 ms scheduler tick is three clock seconds at speed 60.
-    assert!((0..6_000).contains(&late), "started {started}, {late} ms after 02:00");
+    assert!(
+        (0..6_000).contains(&late),
+        "started {started}, {late} ms after 02:00"
+    );
     assert_eq!(run["cause"]["by"], "schedule");
     assert_eq!(run["ok"], true, "{run:#}");
 
@@ -478,8 +600,16 @@ fn a_scheduled_run_starts_on_time_and_never_overlaps_itself() {
     for w in runs.windows(2) {
         assert!(w[0].1 <= w[1].0, "runs overlap: {w:?}");
     }
-    let every = s["schedules"].as_array().unwrap().iter().find(|x| x["playbook"] == "every").unwrap();
-    assert!(every["skipped_overlaps"].as_u64().unwrap() >= 1, "{every:#}");
+    let every = s["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["playbook"] == "every")
+        .unwrap();
+    assert!(
+        every["skipped_overlaps"].as_u64().unwrap() >= 1,
+        "{every:#}"
+    );
 }
 
 #[test]
@@ -487,11 +617,21 @@ fn the_control_socket_refuses_a_client_of_another_user() {
     let p = Project::new();
     p.write("scripts/a.rhai", QUICK);
     let svc = Service::start(&p, &[]);
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     let mode = std::fs::metadata(p.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let out = Command::new(setpriv())
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "trigger", "a", "--socket"])
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            BIN,
+            "trigger",
+            "a",
+            "--socket",
+        ])
         .arg(p.socket())
         .output()
         .unwrap();
@@ -501,7 +641,10 @@ fn the_control_socket_refuses_a_client_of_another_user() {
     std::thread::sleep(Duration::from_millis(200));
     let s = svc.status();
     assert!(s["runs"]["in_flight"].as_array().unwrap().is_empty());
-    assert!(s["runs"]["recent"].as_array().unwrap().is_empty(), "no run started");
+    assert!(
+        s["runs"]["recent"].as_array().unwrap().is_empty(),
+        "no run started"
+    );
     // The owner is served.
     let out = trigger(&p, "a");
     assert!(out.status.success(), "{out:?}");
@@ -513,15 +656,27 @@ fn the_control_socket_checks_the_peer_uid_not_only_the_file_mode() {
     // stands between it and the socket.
     let p = Project::new();
     p.write("scripts/a.rhai", QUICK);
-    let st = Command::new("chown").args(["-R", "nobody:nogroup"]).arg(p.dir.path()).status().unwrap();
+    let st = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(p.dir.path())
+        .status()
+        .unwrap();
     assert!(st.success(), "chown needs root");
     let svc = Service::start_as(&p, &[], Some("nobody"));
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     let out = trigger(&p, "a");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refused") && err.contains("owner-only"), "{err}");
-    assert!(svc.status()["runs"]["recent"].as_array().unwrap().is_empty());
+    assert!(
+        err.contains("refused") && err.contains("owner-only"),
+        "{err}"
+    );
+    assert!(svc.status()["runs"]["recent"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -529,16 +684,26 @@ fn sigterm_lets_the_run_finish_its_step_and_exits_zero() {
     let p = Project::new();
     p.write("scripts/slow.rhai", SLOW);
     let mut svc = Service::start(&p, &[]);
-    svc.wait(Duration::from_secs(5), "first generation", |s| generation(s) == 1);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
     assert!(trigger(&p, "slow").status.success());
     let (s, _) = svc.wait(Duration::from_secs(2), "run in flight", |s| {
-        s["runs"]["in_flight"].as_array().is_some_and(|a| !a.is_empty())
+        s["runs"]["in_flight"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
     });
-    let run = s["runs"]["in_flight"][0]["run_id"].as_str().unwrap().to_string();
+    let run = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let t0 = Instant::now();
     let st = svc.terminate();
     assert!(st.success(), "{st:?} {:#?}", svc.output());
-    assert!(t0.elapsed() >= Duration::from_millis(1000), "the host step was not cut short");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "the host step was not cut short"
+    );
     assert!(svc.output().iter().any(|l| l == "stopped"));
     assert!(!p.socket().exists(), "socket removed");
     let kinds = journal_kinds(&p, &run);
@@ -566,15 +731,32 @@ fn service_pins_generations_for_runs_library_level() {
             operator: "tester".into(),
         })
         .with_engine_hook(Arc::new(|e: &mut rhai::Engine| {
-            e.register_fn("sleep_ms", |ms: i64| std::thread::sleep(Duration::from_millis(ms as u64)));
+            e.register_fn("sleep_ms", |ms: i64| {
+                std::thread::sleep(Duration::from_millis(ms as u64))
+            });
         }));
-    let svc = Svc::new(inputs, Arc::new(launcher), patchbook::rollout::Clock::system());
-    assert!(matches!(svc.reload(false), patchbook::watch::ReloadOutcome::Live { generation: 1, .. }));
-    assert!(matches!(svc.reload(false), patchbook::watch::ReloadOutcome::Unchanged));
-    let run1 = svc.trigger("nap", patchbook::watch::Cause::Trigger).unwrap();
+    let svc = Svc::new(
+        inputs,
+        Arc::new(launcher),
+        patchbook::rollout::Clock::system(),
+    );
+    assert!(matches!(
+        svc.reload(false),
+        patchbook::watch::ReloadOutcome::Live { generation: 1, .. }
+    ));
+    assert!(matches!(
+        svc.reload(false),
+        patchbook::watch::ReloadOutcome::Unchanged
+    ));
+    let run1 = svc
+        .trigger("nap", patchbook::watch::Cause::Trigger)
+        .unwrap();
     let v2 = "sleep_ms(10);\n2\n";
     p.write("scripts/nap.rhai", v2);
-    assert!(matches!(svc.reload(false), patchbook::watch::ReloadOutcome::Live { generation: 2, .. }));
+    assert!(matches!(
+        svc.reload(false),
+        patchbook::watch::ReloadOutcome::Live { generation: 2, .. }
+    ));
     assert!(matches!(
         svc.trigger("nap", patchbook::watch::Cause::Trigger),
         Err(patchbook::watch::TriggerError::AlreadyRunning { .. })

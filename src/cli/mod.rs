@@ -237,7 +237,9 @@ fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
 fn trigger(cli: &Cli, playbook: &str, socket: Option<&Path>) -> Result<ExitCode, CliError> {
     let socket = match socket {
         Some(s) => s.to_path_buf(),
-        None => Runtime::build(&cli.options())?.state_dir.join("control.sock"),
+        None => Runtime::build(&cli.options())?
+            .state_dir
+            .join("control.sock"),
     };
     // The service resolves paths from its own folder: send files as absolute paths.
     let name = match std::fs::canonicalize(playbook) {
@@ -254,15 +256,25 @@ fn trigger(cli: &Cli, playbook: &str, socket: Option<&Path>) -> Result<ExitCode,
         println!(
             "started run {} on generation {}",
             answer.get("run").and_then(|v| v.as_str()).unwrap_or("?"),
-            answer.get("generation").map(|v| v.to_string()).unwrap_or_default()
+            answer
+                .get("generation")
+                .map(|v| v.to_string())
+                .unwrap_or_default()
         );
     } else {
         eprintln!(
             "refused: {}",
-            answer.get("error").and_then(|v| v.as_str()).unwrap_or("no reason given")
+            answer
+                .get("error")
+                .and_then(|v| v.as_str())
+                .unwrap_or("no reason given")
         );
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {

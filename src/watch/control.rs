@@ -136,7 +136,9 @@ fn handle(service: &Arc<Service>, req: &Value) -> Value {
             }
         }
         Some("status") => json!({"ok": true, "status": service.status()}),
-        _ => json!({"ok": false, "error": "unknown op; use {\"op\":\"trigger\",\"playbook\":NAME} or {\"op\":\"status\"}"}),
+        _ => {
+            json!({"ok": false, "error": "unknown op; use {\"op\":\"trigger\",\"playbook\":NAME} or {\"op\":\"status\"}"})
+        }
     }
 }
 

@@ -124,9 +124,9 @@ impl FileWatch {
                     let _ = tx.send(Change::Rescan);
                     return;
                 }
-                let any = events.iter().any(|e| {
-                    relevant(&e.kind) && e.paths.iter().any(|p| !ignored_path(p))
-                });
+                let any = events
+                    .iter()
+                    .any(|e| relevant(&e.kind) && e.paths.iter().any(|p| !ignored_path(p)));
                 if any {
                     let _ = tx.send(Change::Files);
                 }
@@ -204,7 +204,14 @@ mod tests {
 
     #[test]
     fn editor_files_are_ignored() {
-        for n in [".a.rhai.swp", ".a.rhai.swx", "a.rhai~", "#a.rhai#", ".#a.rhai", "4913"] {
+        for n in [
+            ".a.rhai.swp",
+            ".a.rhai.swx",
+            "a.rhai~",
+            "#a.rhai#",
+            ".#a.rhai",
+            "4913",
+        ] {
             assert!(ignored_name(n), "{n}");
         }
         for n in ["a.rhai", "swp.rhai", "4913.rhai"] {

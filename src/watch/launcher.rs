@@ -211,7 +211,9 @@ impl Launcher for ScriptLauncher {
         });
         let summary = match (&result, stopped) {
             (Ok(_), _) => "finished".to_string(),
-            (Err(_), true) => "stopped by shutdown; the journal stays open for `run --resume`".to_string(),
+            (Err(_), true) => {
+                "stopped by shutdown; the journal stays open for `run --resume`".to_string()
+            }
             (Err(e), false) => e.to_string(),
         };
         if let Some(j) = journal {

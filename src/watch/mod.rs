@@ -28,9 +28,7 @@ use std::time::Duration;
 
 pub use files::{FileWatch, FileWatchError, WatchTiming};
 pub use generation::{Generation, Inputs};
-pub use launcher::{
-    Cause, LaunchRequest, LaunchResult, Launcher, ProgressCounts, ScriptLauncher,
-};
+pub use launcher::{Cause, LaunchRequest, LaunchResult, Launcher, ProgressCounts, ScriptLauncher};
 pub use service::{ReloadOutcome, Service, TriggerError};
 
 /// How `serve` runs.
@@ -175,8 +173,10 @@ pub fn serve(service: Arc<Service>, opts: &ServeOptions) -> Result<(), WatchErro
             }
         });
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| WatchError::Start(e.to_string()))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| WatchError::Start(e.to_string()))?;
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| WatchError::Start(e.to_string()))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| WatchError::Start(e.to_string()))?;
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

@@ -215,7 +215,9 @@ impl Cron {
         let mut months = [false; 13];
         mon_v.iter().for_each(|d| months[*d as usize] = true);
         let mut weekdays = [false; 7];
-        dow_v.iter().for_each(|d| weekdays[(*d % 7) as usize] = true);
+        dow_v
+            .iter()
+            .for_each(|d| weekdays[(*d % 7) as usize] = true);
         Ok(Cron {
             minutes,
             hours,
@@ -404,9 +406,13 @@ mod tests {
         let specs: Vec<&str> = found.iter().map(|s| s.spec()).collect();
         assert_eq!(specs, ["Sat 02:00 UTC", "0 1 * * * UTC"]);
 
-        let ast = engine.compile("let x = \"Sat 02:00 UTC\";\n  schedule(x);").unwrap();
+        let ast = engine
+            .compile("let x = \"Sat 02:00 UTC\";\n  schedule(x);")
+            .unwrap();
         let e = discover(&ast, "p.rhai").unwrap_err();
         assert_eq!((e.line, e.column), (2, 3), "{e}");
-        assert!(e.to_string().starts_with("p.rhai:2:3: schedule() takes string literals"));
+        assert!(e
+            .to_string()
+            .starts_with("p.rhai:2:3: schedule() takes string literals"));
     }
 }

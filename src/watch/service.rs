@@ -186,7 +186,10 @@ impl Service {
         };
         let live = self.live();
         if !force {
-            if live.as_ref().is_some_and(|g| g.input_hash == snap.input_hash) {
+            if live
+                .as_ref()
+                .is_some_and(|g| g.input_hash == snap.input_hash)
+            {
                 let mut st = self.state();
                 st.unchanged += 1;
                 // A save that restores the live inputs clears a stale error.
@@ -297,7 +300,10 @@ impl Service {
         let seq = self.runs_started.fetch_add(1, Ordering::AcqRel) + 1;
         let run_id = format!(
             "{}-{}-g{}-{}",
-            key.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"),
+            key.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_"
+            ),
             now.format("%Y%m%dT%H%M%S"),
             generation.number,
             seq

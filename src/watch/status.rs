@@ -65,7 +65,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-async fn respond(stream: &mut TcpStream, code: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    code: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
@@ -81,16 +86,32 @@ async fn answer(mut stream: TcpStream, service: Arc<Service>) -> std::io::Result
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     if method != "GET" {
-        return respond(&mut stream, "405 Method Not Allowed", "text/plain", "the status page is read-only\n").await;
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "the status page is read-only\n",
+        )
+        .await;
     }
     match path {
-        "/" | "/index.html" => respond(&mut stream, "200 OK", "text/html; charset=utf-8", PAGE).await,
+        "/" | "/index.html" => {
+            respond(&mut stream, "200 OK", "text/html; charset=utf-8", PAGE).await
+        }
         "/status.json" => {
             let body = serde_json::to_string_pretty(&service.status()).unwrap_or_default();
             respond(&mut stream, "200 OK", "application/json", &body).await
         }
         "/events" => events(stream, service).await,
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found; try /, /status.json or /events\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                "not found; try /, /status.json or /events\n",
+            )
+            .await
+        }
     }
 }
 
