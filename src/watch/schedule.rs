@@ -70,6 +70,11 @@ impl Schedule {
             None => {
                 let parts: Vec<&str> = spec.split_whitespace().collect();
                 let (days, time, zone) = match parts.as_slice() {
+                    [days, time] if NaiveTime::parse_from_str(time, "%H:%M").is_ok() => {
+                        return Err(format!(
+                            "a time zone is missing in `{days} {time}` (e.g. {days} {time} UTC); {FORMS}"
+                        ))
+                    }
                     [time, zone] => (None, *time, *zone),
                     [days, time, zone] => (Some(*days), *time, *zone),
                     [_, _, _, _, _] => {
