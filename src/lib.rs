@@ -29,3 +29,4 @@ pub mod rollout;
 pub mod runtime;
 pub mod script;
 pub mod transport;
+pub mod watch;

@@ -10,7 +10,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            let text = format!("error: {:#}", anyhow::Error::from(e));
+            eprintln!("{}", patchbook::journal::scrub(&text));
             code
         }
     }
@@ -27,7 +28,7 @@ fn init_tracing(g: &cli::Global) {
     let filter = EnvFilter::try_from_env("PATCHBOOK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(cli::progress::ScrubbedStderr);
     if g.json {
         builder.json().init();
     } else {

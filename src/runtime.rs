@@ -82,6 +82,9 @@ impl Runtime {
         let forks = opts.forks.or(config.forks).unwrap_or(DEFAULT_FORKS).max(1);
         let operator = opts.operator.clone().unwrap_or_else(login_name);
         let ssh = SshConnector::from_config(&config, opts);
+        for secret in configured_secrets(&config, &inventory) {
+            crate::journal::register_secret(&secret);
+        }
         Runtime {
             config,
             inventory,
@@ -157,6 +160,24 @@ impl Runtime {
             source,
         })
     }
+}
+
+/// Values the config and inventory mark secret: notification credentials and the
+/// values of each host's `secret_vars`.
+pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String> {
+    let mut out = config.notify.secrets();
+    for h in inventory.hosts() {
+        for name in &h.secret_vars {
+            if let Some(v) = h.vars.get(name) {
+                out.push(match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+            }
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
 }
 
 /// The login name of the user running the controller.

@@ -119,6 +119,17 @@ pub enum Verb {
     /// Check the journals' hash chains and the audit index.
     #[command(subcommand)]
     Audit(AuditVerb),
+    /// Hot-reload playbooks and libraries, start scheduled and triggered runs,
+    /// and serve a read-only status page. Stops cleanly on SIGTERM.
+    Watch(WatchArgs),
+    /// Ask the running `patchbook watch` to start a playbook now.
+    Trigger {
+        /// Playbook name under the playbook folder (`nightly`), or its file.
+        playbook: String,
+        /// Control socket (default: <state-dir>/control.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Write Rhai definition files (.d.rhai) of every primitive for editor completion.
     Docs {
         #[arg(long)]
@@ -135,6 +146,22 @@ pub enum Verb {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Serve the status page on this address, e.g. 127.0.0.1:8080 (port 0 picks one).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Allow --listen on a non-loopback address (the page shows files, hashes and errors).
+    #[arg(long)]
+    pub public_status: bool,
+    /// Poll for changes instead of inotify (network filesystems).
+    #[arg(long)]
+    pub poll: bool,
+    /// Control socket (default: <state-dir>/control.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
 }
 
 fn parse_format(s: &str) -> Result<crate::report::Format, String> {
@@ -239,6 +266,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
+        Verb::Watch(args) => watch(&cli, args),
+        Verb::Trigger { playbook, socket } => trigger(&cli, playbook, socket.as_deref()),
     }
 }
 
@@ -316,6 +345,75 @@ fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook watch`: runs until SIGTERM.
+fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
+    use crate::watch::{Inputs, ScriptLauncher, ServeOptions, Service, WatchTiming};
+    let rt = Runtime::build(&cli.options())?;
+    rt.ensure_state_dir()?;
+    let clock = crate::rollout::Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| rt.state_dir.join("control.sock"));
+    let inputs = Inputs::from_config(&rt.config);
+    let launcher = ScriptLauncher::new(rt.config.limits.clone()).with_runtime(Arc::new(rt));
+    let service = Service::new(inputs, Arc::new(launcher), clock);
+    let opts = ServeOptions {
+        listen: args.listen,
+        public_status: args.public_status,
+        poll: args.poll,
+        socket,
+        timing: WatchTiming::default(),
+        tick: std::time::Duration::from_millis(50),
+    };
+    crate::watch::serve(service, &opts).map_err(|e| CliError::Other(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook trigger`: one request on the control socket; prints the answer.
+fn trigger(cli: &Cli, playbook: &str, socket: Option<&Path>) -> Result<ExitCode, CliError> {
+    let socket = match socket {
+        Some(s) => s.to_path_buf(),
+        None => Runtime::build(&cli.options())?
+            .state_dir
+            .join("control.sock"),
+    };
+    // The service resolves paths from its own folder: send files as absolute paths.
+    let name = match std::fs::canonicalize(playbook) {
+        Ok(p) if p.is_file() => p.display().to_string(),
+        _ => playbook.to_string(),
+    };
+    let req = serde_json::json!({"op": "trigger", "playbook": name});
+    let answer = crate::watch::control::request(&socket, &req)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+    if cli.global.json {
+        println!("{answer}");
+    } else if ok {
+        println!(
+            "started run {} on generation {}",
+            answer.get("run").and_then(|v| v.as_str()).unwrap_or("?"),
+            answer
+                .get("generation")
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        );
+    } else {
+        eprintln!(
+            "refused: {}",
+            answer
+                .get("error")
+                .and_then(|v| v.as_str())
+                .unwrap_or("no reason given")
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {

@@ -11,6 +11,29 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::rollout::RolloutEvent;
 use crate::script::rollout::EventSink;
 
+/// stderr with every registered secret shown as `***`: logs go through it, so a
+/// secret in a command line or in host output never reaches the terminal.
+#[derive(Debug, Clone, Copy)]
+pub struct ScrubbedStderr;
+
+impl std::io::Write for ScrubbedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = crate::journal::scrub(&String::from_utf8_lossy(buf));
+        std::io::stderr().write_all(text.as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ScrubbedStderr {
+    type Writer = ScrubbedStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        ScrubbedStderr
+    }
+}
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
@@ -87,12 +110,13 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                 m.insert("run".into(), run.clone().into());
             }
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{v}");
+            let _ = writeln!(out, "{}", crate::journal::scrub(&v.to_string()));
         }),
         Style::Lines => Arc::new(move |at: DateTime<Utc>, e: &RolloutEvent| {
             let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
             t.apply(e);
-            eprintln!("{} {}  [{}]", at.format("%H:%M:%S"), describe(e), t.line());
+            let line = format!("{} {}  [{}]", at.format("%H:%M:%S"), describe(e), t.line());
+            eprintln!("{}", crate::journal::scrub(&line));
         }),
         Style::Bars => {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -114,7 +138,7 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                     | RolloutEvent::BudgetExhausted { .. }
                     | RolloutEvent::GateStopped { .. }
                     | RolloutEvent::WindowClosed { .. } => {
-                        let _ = multi.println(describe(e));
+                        let _ = multi.println(crate::journal::scrub(&describe(e)));
                     }
                     RolloutEvent::RunDone { .. } => bar.finish(),
                     _ => {}

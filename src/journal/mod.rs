@@ -537,6 +537,7 @@ impl Journal {
         if value.is_empty() {
             return;
         }
+        register_secret(value);
         let mut r = self.redact.write().unwrap_or_else(|p| p.into_inner());
         if !r.iter().any(|x| x == value) {
             r.push(value.to_string());
@@ -551,6 +552,9 @@ impl Journal {
     }
 
     pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
+        for v in &secrets {
+            register_secret(v);
+        }
         self.redact =
             std::sync::RwLock::new(secrets.into_iter().filter(|s| !s.is_empty()).collect());
         self
@@ -929,7 +933,10 @@ pub fn redact_value(v: Value, secrets: &[String]) -> Value {
 
 pub fn redact_str(s: &str, secrets: &[String]) -> String {
     let mut out = s.to_string();
-    for secret in secrets {
+    // Longest first, so a secret that contains another is hidden whole.
+    let mut ordered: Vec<&String> = secrets.iter().collect();
+    ordered.sort_by_key(|x| std::cmp::Reverse(x.len()));
+    for secret in ordered {
         if !secret.is_empty() && out.contains(secret.as_str()) {
             out = out.replace(secret.as_str(), "***");
         }
@@ -993,4 +1000,28 @@ mod tests {
             ));
         }
     }
+}
+
+/// Every secret this process has seen, for output that does not pass through a
+/// journal: logs, progress lines, error messages.
+static PROCESS_SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Hides `value` from everything [`scrub`] filters, from now on.
+pub fn register_secret(value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    let mut all = PROCESS_SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    if !all.iter().any(|x| x == value) {
+        all.push(value.to_string());
+    }
+}
+
+/// `text` with every registered secret shown as `***`.
+pub fn scrub(text: &str) -> String {
+    let all = PROCESS_SECRETS.read().unwrap_or_else(|p| p.into_inner());
+    if all.is_empty() {
+        return text.to_string();
+    }
+    redact_str(text, &all)
 }

@@ -25,18 +25,7 @@ pub struct Session {
 impl Session {
     pub fn new(runtime: Arc<Runtime>, run: RunCtx) -> Self {
         let artifacts = ArtifactSettings::from_config(&runtime.config, &runtime.state_dir);
-        let mut secrets = runtime.config.notify.secrets();
-        for h in runtime.inventory.hosts() {
-            for name in &h.secret_vars {
-                if let Some(v) = h.vars.get(name) {
-                    secrets.push(match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    });
-                }
-            }
-        }
-        secrets.retain(|s| !s.is_empty());
+        let secrets = crate::runtime::configured_secrets(&runtime.config, &runtime.inventory);
         Session {
             runtime,
             run,
@@ -95,6 +84,7 @@ impl Session {
         if !s.iter().any(|x| x == value) {
             s.push(value.to_string());
         }
+        crate::journal::register_secret(value);
         if let Some(j) = &self.run.journal {
             j.add_secret(value);
         }

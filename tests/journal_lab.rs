@@ -1,0 +1,265 @@
+//! The journal on real hosts: rollback from the record after a controller restart,
+//! crash-safe resume after SIGKILL at twenty points of a rollout, and a secret
+//! canary that must never reach the disk, the terminal or a notification.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use patchbook::journal::read_records;
+use support::Lab;
+
+fn sha(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+const PATCH: &str = r#"
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+rollout(hosts("all"), #{ waves: ["25%", "100%"], parallel: param("parallel", "4").parse_int() }, |host| {
+    backup(host, ["/etc/acme", "/opt/acme"]);
+    deploy(host, good, #{ rollback_to: previous });
+    verify(host, "acme-agent", "1.0.1");
+});
+"#;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    playbook: PathBuf,
+    state: PathBuf,
+    params: Vec<String>,
+}
+
+fn setup(lab: &Lab, playbook: &str, extra_config: &str) -> Setup {
+    let dir = tempfile::Builder::new().prefix("journal-lab-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
+    let lab_cfg = lab_cfg.replace(
+        "inventory = [\"inventory.toml\"]",
+        &format!("inventory = [\"{}\"]", lab.dir().join("inventory.toml").display()),
+    );
+    let config = dir.path().join("patchbook.toml");
+    std::fs::write(&config, format!("{extra_config}\n{lab_cfg}")).unwrap();
+    let pb = dir.path().join("play.rhai");
+    std::fs::write(&pb, playbook).unwrap();
+    let params = vec![
+        "--param".into(),
+        format!("mirror={}", lab.dir().join("debs").display()),
+        "--param".into(),
+        format!("sha_new={}", sha(&lab.deb("1.0.1"))),
+        "--param".into(),
+        format!("sha_old={}", sha(&lab.deb("1.0.0"))),
+    ];
+    Setup { state: dir.path().join("state"), config, playbook: pb, params, _dir: dir }
+}
+
+impl Setup {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_patchbook"));
+        c.arg("--config").arg(&self.config).arg("--state-dir").arg(&self.state).args(args);
+        c
+    }
+
+    fn run(&self, extra: &[&str]) -> Output {
+        let mut c = self.command(&["-q", "run"]);
+        c.arg(&self.playbook).args(&self.params).args(extra);
+        c.output().unwrap()
+    }
+
+    fn runs(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.state.join("runs"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    fn audit_ok(&self) -> bool {
+        self.command(&["audit", "verify"]).output().unwrap().status.success()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn rollback_after_a_restart_restores_every_host_in_reverse_deployment_order() {
+    let lab = Lab::start(10);
+    let s = setup(&lab, PATCH, "");
+    let out = s.run(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for h in lab.hosts() {
+        assert_eq!(lab.installed_version(&h.name, "acme-agent").unwrap().as_deref(), Some("1.0.1"));
+    }
+    let run = s.runs().pop().unwrap();
+    // A fresh process, knowing nothing but the journal.
+    let out = s.command(&["rollback", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for h in lab.hosts() {
+        assert_eq!(lab.installed_version(&h.name, "acme-agent").unwrap().as_deref(), Some("1.0.0"), "{}", h.name);
+    }
+    let records = read_records(&s.state.join("runs").join(format!("{run}.jsonl"))).unwrap();
+    let first_deploy = |host: &str| {
+        records
+            .iter()
+            .find(|r| r.kind == "step.intent" && r.host.as_deref() == Some(host) && r.data["step"] == "deploy")
+            .map(|r| r.ts.clone())
+            .unwrap()
+    };
+    let rollbacks: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r.kind == "host.rollback")
+        .map(|r| (r.host.clone().unwrap(), r.ts.clone()))
+        .collect();
+    assert_eq!(rollbacks.len(), 10);
+    // Timestamps say: the later a host was deployed, the earlier it was rolled back.
+    for pair in rollbacks.windows(2) {
+        let ((a, ta), (b, tb)) = (&pair[0], &pair[1]);
+        assert!(ta <= tb);
+        assert!(first_deploy(a) >= first_deploy(b), "{a} rolled back before {b} but deployed earlier");
+    }
+    assert!(s.audit_ok());
+    // Idempotent: a second rollback changes nothing.
+    let out = s.command(&["rollback", &run]).output().unwrap();
+    assert!(text(&out).contains("nothing left to undo"), "{}", text(&out));
+}
+
+/// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
+fn installs(lab: &Lab, host: &str) -> usize {
+    lab.dpkg_log(host).unwrap().lines().filter(|l| l.contains(" status installed acme-agent:all 1.0.1")).count()
+}
+
+#[test]
+fn sigkill_at_twenty_points_then_resume_patches_every_host_exactly_once() {
+    let lab = Lab::start(20);
+    let s = setup(&lab, PATCH, "");
+    // How long an undisturbed run takes, to spread the kill points over it.
+    let started = Instant::now();
+    let out = s.run(&["--param", "parallel=6"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let full = started.elapsed();
+    let mut rng: u64 = 0x5eed_1234_abcd_0001;
+    for point in 0..20 {
+        for h in lab.hosts() {
+            lab.reseed(&h.name).unwrap();
+        }
+        let before: Vec<usize> = lab.hosts().iter().map(|h| installs(&lab, &h.name)).collect();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let at = full.mul_f64((rng % 1000) as f64 / 1000.0 * 0.9 + 0.02);
+        let runs_before = s.runs().len();
+        let mut c = s.command(&["-q", "run"]);
+        c.arg(&s.playbook).args(&s.params).args(["--param", "parallel=6"]);
+        let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        let runs = s.runs();
+        if runs.len() == runs_before {
+            continue; // killed before the journal existed: nothing to resume
+        }
+        let run = runs.last().unwrap().clone();
+        let out = s.command(&["-q", "run", "--resume", &run]).args(&s.params).args(["--param", "parallel=6"]).output().unwrap();
+        assert!(out.status.success(), "point {point} ({at:?}): resume failed: {}", text(&out));
+        for (i, h) in lab.hosts().iter().enumerate() {
+            let v = lab.installed_version(&h.name, "acme-agent").unwrap();
+            assert_eq!(v.as_deref(), Some("1.0.1"), "point {point}: {} not patched", h.name);
+            let n = installs(&lab, &h.name) - before[i];
+            assert_eq!(n, 1, "point {point} ({at:?}): {} installed 1.0.1 {n} times", h.name);
+        }
+        let records = read_records(&s.state.join("runs").join(format!("{run}.jsonl"))).unwrap();
+        for h in lab.hosts() {
+            assert!(
+                records.iter().any(|r| r.kind == "verify" && r.host.as_deref() == Some(h.name.as_str()) && r.data["ok"] == true),
+                "point {point}: {} has no passing verify in the journal",
+                h.name
+            );
+        }
+        assert!(s.audit_ok(), "point {point}: audit verify failed");
+    }
+}
+
+/// A loopback HTTP server that keeps every request body it receives.
+fn webhook_sink() -> (String, Arc<Mutex<Vec<String>>>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let keep = bodies.clone();
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
+            keep.lock().unwrap().push(format!("{:?} {body}", req.headers()));
+            let _ = req.respond(tiny_http::Response::from_string("ok"));
+        }
+    });
+    (url, bodies)
+}
+
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return hits };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn a_secret_canary_never_reaches_the_journal_logs_output_or_notifications() {
+    let lab = Lab::start(3);
+    let (url, bodies) = webhook_sink();
+    let canary = "CANARY-7f3a9c1e-do-not-leak";
+    let config = format!(
+        "[notify]\nto = [\"hook\"]\nretries = 0\n[notify.channels.hook]\ntype = \"webhook\"\nurl = \"{url}\"\n"
+    );
+    let playbook = r#"
+let token = secret(param("token"));
+notify("hook", `deploying with ${token}`);
+rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host| {
+    let r = exec(host, ["echo", token]);
+    log(`${host.name} answered ${r.stdout}`);
+    if host.name == "lab01" { throw `lab01 failed holding ${token}`; }
+    if host.name == "lab02" { exec(host, ["sh", "-c", `sleep 20; echo ${token}`]); }
+});
+"#;
+    let s = setup(&lab, playbook, &config);
+    let mut outputs = String::new();
+    for mode in [&["-vv"][..], &["--json", "-vv"][..]] {
+        let mut c = s.command(mode);
+        c.arg("run").arg(&s.playbook).args(["--param", &format!("token={canary}")]);
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        outputs.push_str(&text(&out));
+    }
+    // The paths were really taken: a failure, a deadline, a notification.
+    assert!(outputs.contains("failed holding ***"), "{outputs}");
+    assert!(outputs.contains("deadline"), "{outputs}");
+    let received = bodies.lock().unwrap().join("\n");
+    assert!(received.contains("deploying with ***"), "{received}");
+    assert!(!outputs.contains(canary), "the canary reached stdout or stderr");
+    assert!(!received.contains(canary), "the canary reached a notification");
+    let leaks = files_containing(&s.state, canary);
+    assert!(leaks.is_empty(), "the canary is in {leaks:?}");
+    let report = s.command(&["report", "last", "--format", "json"]).output().unwrap();
+    assert!(!text(&report).contains(canary));
+    let _ = Duration::ZERO;
+}
