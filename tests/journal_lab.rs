@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use patchbook::journal::read_records;
 use support::Lab;
@@ -36,14 +36,20 @@ struct Setup {
 }
 
 fn setup(lab: &Lab, playbook: &str, extra_config: &str) -> Setup {
-    let dir = tempfile::Builder::new().prefix("journal-lab-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("journal-lab-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
     let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
     let lab_cfg = lab_cfg.replace(
         "inventory = [\"inventory.toml\"]",
-        &format!("inventory = [\"{}\"]", lab.dir().join("inventory.toml").display()),
+        &format!(
+            "inventory = [\"{}\"]",
+            lab.dir().join("inventory.toml").display()
+        ),
     );
     let config = dir.path().join("patchbook.toml");
-    std::fs::write(&config, format!("{extra_config}\n{lab_cfg}")).unwrap();
+    std::fs::write(&config, format!("{lab_cfg}\n{extra_config}")).unwrap();
     let pb = dir.path().join("play.rhai");
     std::fs::write(&pb, playbook).unwrap();
     let params = vec![
@@ -54,13 +60,23 @@ fn setup(lab: &Lab, playbook: &str, extra_config: &str) -> Setup {
         "--param".into(),
         format!("sha_old={}", sha(&lab.deb("1.0.0"))),
     ];
-    Setup { state: dir.path().join("state"), config, playbook: pb, params, _dir: dir }
+    Setup {
+        state: dir.path().join("state"),
+        config,
+        playbook: pb,
+        params,
+        _dir: dir,
+    }
 }
 
 impl Setup {
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_patchbook"));
-        c.arg("--config").arg(&self.config).arg("--state-dir").arg(&self.state).args(args);
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args);
         c
     }
 
@@ -84,12 +100,20 @@ impl Setup {
     }
 
     fn audit_ok(&self) -> bool {
-        self.command(&["audit", "verify"]).output().unwrap().status.success()
+        self.command(&["audit", "verify"])
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -99,20 +123,36 @@ fn rollback_after_a_restart_restores_every_host_in_reverse_deployment_order() {
     let out = s.run(&[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     for h in lab.hosts() {
-        assert_eq!(lab.installed_version(&h.name, "acme-agent").unwrap().as_deref(), Some("1.0.1"));
+        assert_eq!(
+            lab.installed_version(&h.name, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.1")
+        );
     }
     let run = s.runs().pop().unwrap();
     // A fresh process, knowing nothing but the journal.
     let out = s.command(&["rollback", &run]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     for h in lab.hosts() {
-        assert_eq!(lab.installed_version(&h.name, "acme-agent").unwrap().as_deref(), Some("1.0.0"), "{}", h.name);
+        assert_eq!(
+            lab.installed_version(&h.name, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.0"),
+            "{}",
+            h.name
+        );
     }
     let records = read_records(&s.state.join("runs").join(format!("{run}.jsonl"))).unwrap();
     let first_deploy = |host: &str| {
         records
             .iter()
-            .find(|r| r.kind == "step.intent" && r.host.as_deref() == Some(host) && r.data["step"] == "deploy")
+            .find(|r| {
+                r.kind == "step.intent"
+                    && r.host.as_deref() == Some(host)
+                    && r.data["step"] == "deploy"
+            })
             .map(|r| r.ts.clone())
             .unwrap()
     };
@@ -126,17 +166,28 @@ fn rollback_after_a_restart_restores_every_host_in_reverse_deployment_order() {
     for pair in rollbacks.windows(2) {
         let ((a, ta), (b, tb)) = (&pair[0], &pair[1]);
         assert!(ta <= tb);
-        assert!(first_deploy(a) >= first_deploy(b), "{a} rolled back before {b} but deployed earlier");
+        assert!(
+            first_deploy(a) >= first_deploy(b),
+            "{a} rolled back before {b} but deployed earlier"
+        );
     }
     assert!(s.audit_ok());
     // Idempotent: a second rollback changes nothing.
     let out = s.command(&["rollback", &run]).output().unwrap();
-    assert!(text(&out).contains("nothing left to undo"), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing left to undo"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
 fn installs(lab: &Lab, host: &str) -> usize {
-    lab.dpkg_log(host).unwrap().lines().filter(|l| l.contains(" status installed acme-agent:all 1.0.1")).count()
+    lab.dpkg_log(host)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" status installed acme-agent:all 1.0.1"))
+        .count()
 }
 
 #[test]
@@ -153,15 +204,25 @@ fn sigkill_at_twenty_points_then_resume_patches_every_host_exactly_once() {
         for h in lab.hosts() {
             lab.reseed(&h.name).unwrap();
         }
-        let before: Vec<usize> = lab.hosts().iter().map(|h| installs(&lab, &h.name)).collect();
+        let before: Vec<usize> = lab
+            .hosts()
+            .iter()
+            .map(|h| installs(&lab, &h.name))
+            .collect();
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let at = full.mul_f64((rng % 1000) as f64 / 1000.0 * 0.9 + 0.02);
         let runs_before = s.runs().len();
         let mut c = s.command(&["-q", "run"]);
-        c.arg(&s.playbook).args(&s.params).args(["--param", "parallel=6"]);
-        let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        c.arg(&s.playbook)
+            .args(&s.params)
+            .args(["--param", "parallel=6"]);
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(at);
         let _ = child.kill();
         let _ = child.wait();
@@ -170,18 +231,38 @@ fn sigkill_at_twenty_points_then_resume_patches_every_host_exactly_once() {
             continue; // killed before the journal existed: nothing to resume
         }
         let run = runs.last().unwrap().clone();
-        let out = s.command(&["-q", "run", "--resume", &run]).args(&s.params).args(["--param", "parallel=6"]).output().unwrap();
-        assert!(out.status.success(), "point {point} ({at:?}): resume failed: {}", text(&out));
+        let out = s
+            .command(&["-q", "run", "--resume", &run])
+            .args(&s.params)
+            .args(["--param", "parallel=6"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "point {point} ({at:?}): resume failed: {}",
+            text(&out)
+        );
         for (i, h) in lab.hosts().iter().enumerate() {
             let v = lab.installed_version(&h.name, "acme-agent").unwrap();
-            assert_eq!(v.as_deref(), Some("1.0.1"), "point {point}: {} not patched", h.name);
+            assert_eq!(
+                v.as_deref(),
+                Some("1.0.1"),
+                "point {point}: {} not patched",
+                h.name
+            );
             let n = installs(&lab, &h.name) - before[i];
-            assert_eq!(n, 1, "point {point} ({at:?}): {} installed 1.0.1 {n} times", h.name);
+            assert_eq!(
+                n, 1,
+                "point {point} ({at:?}): {} installed 1.0.1 {n} times",
+                h.name
+            );
         }
         let records = read_records(&s.state.join("runs").join(format!("{run}.jsonl"))).unwrap();
         for h in lab.hosts() {
             assert!(
-                records.iter().any(|r| r.kind == "verify" && r.host.as_deref() == Some(h.name.as_str()) && r.data["ok"] == true),
+                records.iter().any(|r| r.kind == "verify"
+                    && r.host.as_deref() == Some(h.name.as_str())
+                    && r.data["ok"] == true),
                 "point {point}: {} has no passing verify in the journal",
                 h.name
             );
@@ -200,7 +281,9 @@ fn webhook_sink() -> (String, Arc<Mutex<Vec<String>>>) {
         for mut req in server.incoming_requests() {
             let mut body = String::new();
             let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
-            keep.lock().unwrap().push(format!("{:?} {body}", req.headers()));
+            keep.lock()
+                .unwrap()
+                .push(format!("{:?} {body}", req.headers()));
             let _ = req.respond(tiny_http::Response::from_string("ok"));
         }
     });
@@ -209,7 +292,9 @@ fn webhook_sink() -> (String, Arc<Mutex<Vec<String>>>) {
 
 fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return hits };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return hits;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -245,7 +330,9 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host|
     let mut outputs = String::new();
     for mode in [&["-vv"][..], &["--json", "-vv"][..]] {
         let mut c = s.command(mode);
-        c.arg("run").arg(&s.playbook).args(["--param", &format!("token={canary}")]);
+        c.arg("run")
+            .arg(&s.playbook)
+            .args(["--param", &format!("token={canary}")]);
         let out = c.output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         outputs.push_str(&text(&out));
@@ -255,11 +342,19 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host|
     assert!(outputs.contains("deadline"), "{outputs}");
     let received = bodies.lock().unwrap().join("\n");
     assert!(received.contains("deploying with ***"), "{received}");
-    assert!(!outputs.contains(canary), "the canary reached stdout or stderr");
-    assert!(!received.contains(canary), "the canary reached a notification");
+    assert!(
+        !outputs.contains(canary),
+        "the canary reached stdout or stderr"
+    );
+    assert!(
+        !received.contains(canary),
+        "the canary reached a notification"
+    );
     let leaks = files_containing(&s.state, canary);
     assert!(leaks.is_empty(), "the canary is in {leaks:?}");
-    let report = s.command(&["report", "last", "--format", "json"]).output().unwrap();
+    let report = s
+        .command(&["report", "last", "--format", "json"])
+        .output()
+        .unwrap();
     assert!(!text(&report).contains(canary));
-    let _ = Duration::ZERO;
 }

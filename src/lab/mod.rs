@@ -75,7 +75,7 @@ pub struct LabHost {
     pub name: String,
     pub port: u16,
     /// The host's own folder: sshd config, host key, and the trees bind-mounted
-    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme` and `/var/log/dpkg.log`.
+    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log` and `/root`.
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
@@ -666,6 +666,7 @@ fn build_template(dir: &Path) -> Result<(), LabError> {
     for sub in ["dpkg", "opt", "etc-acme"] {
         std::fs::create_dir_all(t.join(sub)).map_err(LabError::io(&t))?;
     }
+    seed_home(&t.join("root"))?;
     write(&t.join("dpkg.log"), "")?;
     copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?;
     let deb = dir.join("debs").join(deb::file_name(deb::BASE_VERSION));
@@ -689,11 +690,13 @@ fn bind_mounts(hdir: &Path) -> String {
     let q = |s: &str| quote::word(&hdir.join(s).to_string_lossy());
     format!(
         "mount --bind {} /var/lib/dpkg && mount --bind {} /opt && \
-         mount --bind {} /etc/acme && mount --bind {} /var/log/dpkg.log",
+         mount --bind {} /etc/acme && mount --bind {} /var/log/dpkg.log && \
+         mount --bind {} /root",
         q("dpkg"),
         q("opt"),
         q("etc-acme"),
-        q("dpkg.log")
+        q("dpkg.log"),
+        q("root")
     )
 }
 
@@ -747,8 +750,17 @@ fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
     copy_dpkg_admin(&template.join("dpkg"), &hdir.join("dpkg"))?;
     copy_tree(&template.join("opt"), &hdir.join("opt"))?;
     copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
+    seed_home(&hdir.join("root"))?;
     // Truncate in place: the file is a mount source too.
     write(&hdir.join("dpkg.log"), "")
+}
+
+/// A host's own `/root`: the controller's home (its shell start-up files, tool
+/// shims) never leaks into a host, and every command starts a plain shell.
+fn seed_home(home: &Path) -> Result<(), LabError> {
+    std::fs::create_dir_all(home).map_err(LabError::io(home))?;
+    write(&home.join(".bashrc"), "# lab host: plain shell\n")?;
+    write(&home.join(".profile"), "# lab host: plain shell\n")
 }
 
 fn clear_dir(d: &Path) -> Result<(), LabError> {
