@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod progress;
+pub mod run;
+
 use crate::runtime::{Options, Runtime, RuntimeError};
 
 const EXIT_CODES: &str = "\
@@ -68,8 +71,32 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Verb {
-    /// Run a playbook.
-    Run { playbook: PathBuf },
+    /// Run a playbook, journaled; or continue a stopped or crashed run.
+    Run {
+        /// The playbook (with --resume: taken from the journal when omitted).
+        playbook: Option<PathBuf>,
+        /// Continue run RUN: finished hosts are not touched again, open steps are
+        /// checked on the host first, pending hosts run.
+        #[arg(long, value_name = "RUN")]
+        resume: Option<String>,
+        /// A value the playbook reads with `var("NAME")`; repeatable.
+        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
+    /// Show the waves and what each host would do, changing nothing.
+    Plan {
+        playbook: PathBuf,
+        /// A value the playbook reads with `var("NAME")`; repeatable.
+        #[arg(short = 'e', long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
+    /// Reverse a finished or crashed run from its journal, in reverse deployment order.
+    Rollback {
+        run: String,
+        /// Only these hosts (a selector).
+        #[arg(long)]
+        hosts: Option<String>,
+    },
     /// Compile every playbook and library and report all errors.
     Check {
         /// Files or folders (default: the playbook folder, stdlib and libraries).
@@ -170,7 +197,18 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
-        Verb::Run { playbook } => run_playbook(&cli, playbook),
+        Verb::Run {
+            playbook,
+            resume,
+            vars,
+        } => run::run(
+            &cli,
+            playbook.as_deref(),
+            resume.as_deref(),
+            &run::parse_vars(vars)?,
+        ),
+        Verb::Plan { playbook, vars } => run::plan(&cli, playbook, &run::parse_vars(vars)?),
+        Verb::Rollback { run, hosts } => run::rollback(&cli, run, hosts.as_deref()),
         Verb::Check { paths } => check(&cli, paths),
         Verb::Exec { selector, snippet } => exec(&cli, selector, snippet),
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
@@ -281,22 +319,6 @@ fn eval(cli: &Cli, snippet: Option<&str>, file: Option<&Path>) -> Result<ExitCod
 }
 
 /// `patchbook run`: compile and evaluate a playbook.
-fn run_playbook(cli: &Cli, playbook: &Path) -> Result<ExitCode, CliError> {
-    use crate::script::{Compiler, ScriptRun};
-    let rt = Runtime::build(&cli.options())?;
-    let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
-    tracing::info!(
-        playbook = %playbook.display(),
-        sha256 = %pb.sha256,
-        modules = pb.modules.len(),
-        "running playbook"
-    );
-    let limits = rt.config.limits.clone();
-    let run = ScriptRun::new(&limits, Some(Arc::new(rt)));
-    let _ = run.run(&pb)?;
-    Ok(ExitCode::SUCCESS)
-}
-
 /// `patchbook exec`: the snippet once per selected host, `--forks` at a time.
 fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
     use crate::script::{run_per_host, to_json, Compiler, HOST_VAR};

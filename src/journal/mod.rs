@@ -295,6 +295,9 @@ struct Tail {
     broken: Option<String>,
     /// Intents still waiting for their outcome: step → (host, step name).
     open_steps: HashMap<StepId, (String, String)>,
+    /// Each host's records as written, so a step can consult its host's history
+    /// without re-reading the whole run file (a view of the file, not a second truth).
+    by_host: HashMap<String, Vec<Record>>,
 }
 
 /// An open run journal. Appends are serialised and fsynced before they return, and
@@ -378,6 +381,7 @@ impl Journal {
                 prev: GENESIS.to_string(),
                 broken: None,
                 open_steps: HashMap::new(),
+                by_host: HashMap::new(),
             }),
             written: AtomicU64::new(0),
             durable: Mutex::new(Durable {
@@ -477,6 +481,12 @@ impl Journal {
             .into_iter()
             .map(|(host, s)| (s.id, (host.to_string(), s.step.clone())))
             .collect();
+        let mut by_host: HashMap<String, Vec<Record>> = HashMap::new();
+        for r in &records {
+            if let Some(h) = &r.host {
+                by_host.entry(h.clone()).or_default().push(r.clone());
+            }
+        }
         let index = index::read(state_dir)?;
         let closed = index
             .entries
@@ -499,6 +509,7 @@ impl Journal {
                 prev,
                 broken: None,
                 open_steps,
+                by_host,
             }),
             written: AtomicU64::new(seq),
             durable: Mutex::new(Durable {
@@ -619,6 +630,9 @@ impl Journal {
         }
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
+        if let Some(h) = &rec.host {
+            tail.by_host.entry(h.clone()).or_default().push(rec.clone());
+        }
         self.written.store(rec.seq, Ordering::Release);
         Ok(rec)
     }
@@ -810,6 +824,20 @@ impl Journal {
     }
 
     /// This run's state, derived from its records on disk.
+    /// The records of one host so far, in order, without reading the file.
+    pub fn host_records(&self, host: &str) -> Vec<Record> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.by_host.get(host).cloned().unwrap_or_default()
+    }
+
+    /// What the records say about one host, without reading the file.
+    pub fn host_state(&self, host: &str) -> state::HostState {
+        state::RunState::from_records(&self.run, &self.host_records(host))
+            .hosts
+            .remove(host)
+            .unwrap_or_default()
+    }
+
     pub fn state(&self) -> Result<state::RunState, JournalError> {
         Ok(state::RunState::from_records(&self.run, &self.records()?))
     }

@@ -300,8 +300,11 @@ impl Fleet {
             &d.join("patchbook.toml"),
             &format!(
                 "# patchbook settings for the lab fleet in this folder\n\
-                 inventory = [\"inventory.toml\"]\n\n[ssh]\nuser = \"root\"\n\
+                 inventory = [\"inventory.toml\"]\n\
+                 # the lab's packages are an offline mirror patches may come from\n\
+                 trusted_sources = [\"{}\"]\n\n[ssh]\nuser = \"root\"\n\
                  identity = \"{id}\"\nknown_hosts = \"{}\"\n",
+                d.join("debs").display(),
                 d.join("known_hosts").display()
             ),
         )?;

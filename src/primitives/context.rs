@@ -201,14 +201,11 @@ impl HostCtx<'_> {
 
     /// What the journal says about this host in this run so far.
     pub fn journal_state(&self) -> Result<Option<HostState>, PrimitiveError> {
-        match &self.run.journal {
-            None => Ok(None),
-            Some(j) => Ok(j
-                .state()
-                .map_err(self.journal_error("read journal"))?
-                .hosts
-                .remove(&self.host.name)),
-        }
+        Ok(self
+            .run
+            .journal
+            .as_ref()
+            .map(|j| j.host_state(&self.host.name)))
     }
 
     /// The backups taken of this host in this run, oldest first, from the journal.
@@ -216,13 +213,9 @@ impl HostCtx<'_> {
         let Some(j) = &self.run.journal else {
             return Ok(Vec::new());
         };
-        Ok(j.records()
-            .map_err(self.journal_error("read journal"))?
+        Ok(j.host_records(&self.host.name)
             .into_iter()
-            .filter(|r| {
-                r.kind == super::backup::RECORD_KIND
-                    && r.host.as_deref() == Some(self.host.name.as_str())
-            })
+            .filter(|r| r.kind == super::backup::RECORD_KIND)
             .filter_map(|r| serde_json::from_value::<super::backup::BackupHandle>(r.data).ok())
             .map(|h| h.as_ref_for_undo())
             .collect())

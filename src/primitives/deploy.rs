@@ -190,6 +190,9 @@ pub fn deploy_with_hook(
             },
         });
     }
+    if let Some(done) = earlier_deploy(ctx, artifact)? {
+        return Ok(done);
+    }
     let tmp = private_tmpdir(ctx, "deploy")?;
     let remote = format!("{tmp}/{file_name}");
     let result = deploy_staged(ctx, pm, artifact, opts, &remote, before_install);
@@ -275,6 +278,74 @@ fn deploy_staged(
         Ok(o) => Err(PrimitiveError::failed(ctx.name(), "deploy", &o)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// On a resumed run: the same artifact's deploy on this host, from the journal.
+/// A completed one is returned as it was recorded, and the host is not touched
+/// again. An intent without an outcome (the controller died in between) is checked
+/// on the host first: if the package is there at the intended version, the step is
+/// completed in the journal; otherwise it is closed as not applied and deployed
+/// again.
+fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>, PrimitiveError> {
+    let Some(state) = ctx.journal_state()? else {
+        return Ok(None);
+    };
+    let str_of =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    for step in state.steps.iter().rev() {
+        let input = step.input();
+        if step.step != "deploy"
+            || step.undoes.is_some()
+            || str_of(&input, "sha256").as_deref() != Some(artifact.sha256.as_str())
+        {
+            continue;
+        }
+        let package = str_of(&input, "package").unwrap_or_default();
+        let before = str_of(&input, "from");
+        let undo = step.undo.clone().unwrap_or(UndoStep::Manual {
+            reason: "no undo recorded".into(),
+        });
+        match (step.ok(), &step.outcome) {
+            (Some(true), Some(outcome)) => {
+                let after = outcome.data.get("output").and_then(|o| str_of(o, "after"));
+                return Ok(Some(Deployed {
+                    package,
+                    before,
+                    after,
+                    undo,
+                }));
+            }
+            (None, _) => {
+                let to = str_of(&input, "to").unwrap_or_default();
+                let now = installed(ctx, &package)?;
+                let applied = now.as_ref().is_some_and(|i| i.healthy() && i.version == to);
+                let after = now.map(|i| i.version);
+                let note = if applied {
+                    "verified on the host after a restart: the install had completed"
+                } else {
+                    "verified on the host after a restart: not applied; deploying again"
+                };
+                ctx.outcome(
+                    "deploy",
+                    Some(step.id),
+                    applied,
+                    serde_json::json!({ "package": package, "from": before, "after": after, "resumed": note }),
+                    Some(undo.clone()),
+                )?;
+                if applied {
+                    return Ok(Some(Deployed {
+                        package,
+                        before,
+                        after,
+                        undo,
+                    }));
+                }
+                return Ok(None);
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// The undo step, decided before acting: reinstall `rollback_to` (and expect the

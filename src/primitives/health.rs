@@ -39,6 +39,10 @@ pub fn health(
     if argv.is_empty() {
         return Err(PrimitiveError::step(ctx.name(), "health", "empty argv"));
     }
+    if ctx.planning() {
+        ctx.plan("health", argv.join(" "), "unknown");
+        return Ok(String::new());
+    }
     let mut last = String::new();
     for attempt in 0..=check.retries {
         if attempt > 0 {

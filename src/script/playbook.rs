@@ -177,6 +177,11 @@ impl ScriptRun {
         }
     }
 
+    /// A run with every primitive, bound to one run's session.
+    pub fn with_session(limits: &Limits, session: Arc<crate::script::session::Session>) -> Self {
+        ScriptRun::new(limits, Some(session.runtime.clone()))
+    }
+
     /// A run about one host: primitives such as `log` report it as the current host.
     pub fn for_host(limits: &Limits, runtime: Option<Arc<Runtime>>, host: ScriptHost) -> Self {
         let mut run = ScriptRun::new(limits, runtime);

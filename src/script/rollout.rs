@@ -49,6 +49,8 @@ pub struct RunControl {
     finished: BTreeSet<String>,
     first_failure: AtomicBool,
     started: Instant,
+    /// `--var NAME=VALUE` from the command line, read with `var("NAME")`.
+    vars: std::collections::BTreeMap<String, String>,
 }
 
 impl RunControl {
@@ -78,7 +80,13 @@ impl RunControl {
             finished,
             first_failure: AtomicBool::new(false),
             started: Instant::now(),
+            vars: Default::default(),
         }
+    }
+
+    pub fn with_vars(mut self, vars: std::collections::BTreeMap<String, String>) -> Self {
+        self.vars = vars;
+        self
     }
 
     /// Every rollout summary of this run, in order.
@@ -314,6 +322,34 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
         .with_params_info(["spec: &str", "opts: Map", "()"])
         .with_comments(["/// Sets the maintenance window with options: `#{ buffer: \"30m\" }` keeps that much\n/// time in reserve; no wave starts unless it fits before the end minus the buffer."])
         .register_into_engine(engine, window_fn);
+
+    let c = control_.clone();
+    FuncRegistration::new("var")
+        .with_volatility(true)
+        .with_params_info(["name: &str", "String"])
+        .with_comments(["/// The value of `--var NAME=VALUE` from the command line; an error names the\n/// missing variable."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, name: &str| -> RhaiResult<String> {
+            let c = control(&ctx, &c, "var")?;
+            match c.vars.get(name) {
+                Some(v) => Ok(v.clone()),
+                None => fail(&ctx, format!("var(\"{name}\") is not set; pass it as `--var {name}=VALUE`")),
+            }
+        });
+    let c = control_.clone();
+    FuncRegistration::new("var")
+        .with_volatility(true)
+        .with_params_info(["name: &str", "default: &str", "String"])
+        .with_comments(["/// The value of `--var NAME=VALUE`, or `default` when it was not given."])
+        .register_into_engine(
+            engine,
+            move |ctx: NativeCallContext, name: &str, default: &str| -> RhaiResult<String> {
+                let c = control(&ctx, &c, "var")?;
+                Ok(c.vars
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| default.to_string()))
+            },
+        );
 
     let c = control_;
     FuncRegistration::new("rollout")

@@ -1,0 +1,155 @@
+//! Live progress of a rollout on the terminal: bars on a TTY, one plain line per
+//! state change elsewhere, one JSON event per line with `--json`. It only renders
+//! events; the journal is written before any of this runs.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::rollout::RolloutEvent;
+use crate::script::rollout::EventSink;
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Bars,
+    Lines,
+    Json,
+    Quiet,
+}
+
+impl Style {
+    pub fn pick(json: bool, quiet: bool) -> Self {
+        if json {
+            Style::Json
+        } else if quiet {
+            Style::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Style::Bars
+        } else {
+            Style::Lines
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    targeted: usize,
+    done: usize,
+    failed: usize,
+    rolled_back: usize,
+    in_flight: usize,
+    wave: String,
+}
+
+impl Tally {
+    fn line(&self) -> String {
+        let pending = self
+            .targeted
+            .saturating_sub(self.done + self.failed + self.in_flight);
+        format!(
+            "{} | done {} | in progress {} | failed {} | rolled back {} | pending {}",
+            self.wave, self.done, self.in_flight, self.failed, self.rolled_back, pending
+        )
+    }
+
+    fn apply(&mut self, e: &RolloutEvent) {
+        match e {
+            RolloutEvent::RunStarted { targets, .. } => self.targeted = *targets,
+            RolloutEvent::WaveStarted { label, .. } => self.wave = label.clone(),
+            RolloutEvent::HostStarted { .. } => self.in_flight += 1,
+            RolloutEvent::HostDone { .. } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                self.done += 1;
+            }
+            RolloutEvent::HostFailed { .. } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                self.failed += 1;
+            }
+            RolloutEvent::RolledBack { .. } => self.rolled_back += 1,
+            _ => {}
+        }
+    }
+}
+
+/// A sink for one run's events.
+pub fn sink(style: Style, run: &str) -> EventSink {
+    let run = run.to_string();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    match style {
+        Style::Quiet => Arc::new(|_, _| {}),
+        Style::Json => Arc::new(move |at: DateTime<Utc>, e: &RolloutEvent| {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let serde_json::Value::Object(m) = &mut v {
+                m.insert("ts".into(), at.to_rfc3339().into());
+                m.insert("run".into(), run.clone().into());
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+        }),
+        Style::Lines => Arc::new(move |at: DateTime<Utc>, e: &RolloutEvent| {
+            let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+            t.apply(e);
+            eprintln!("{} {}  [{}]", at.format("%H:%M:%S"), describe(e), t.line());
+        }),
+        Style::Bars => {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let bar = multi.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            Arc::new(move |_at: DateTime<Utc>, e: &RolloutEvent| {
+                let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                t.apply(e);
+                bar.set_length(t.targeted as u64);
+                bar.set_position((t.done + t.failed) as u64);
+                bar.set_message(t.line());
+                match e {
+                    RolloutEvent::HostFailed { .. }
+                    | RolloutEvent::RollbackFailed { .. }
+                    | RolloutEvent::BudgetExhausted { .. }
+                    | RolloutEvent::GateStopped { .. }
+                    | RolloutEvent::WindowClosed { .. } => {
+                        let _ = multi.println(describe(e));
+                    }
+                    RolloutEvent::RunDone { .. } => bar.finish(),
+                    _ => {}
+                }
+            })
+        }
+    }
+}
+
+/// One event in words.
+pub fn describe(e: &RolloutEvent) -> String {
+    match e {
+        RolloutEvent::RunStarted { targets, waves, parallel, allowed_failures } => format!(
+            "run started: {targets} hosts in {waves} waves, {parallel} at a time, up to {allowed_failures} failures allowed"
+        ),
+        RolloutEvent::WaveStarted { label, hosts, .. } => format!("{label} started: {} hosts", hosts.len()),
+        RolloutEvent::HostStarted { host, .. } => format!("{host}: started"),
+        RolloutEvent::HostDone { host, seconds, .. } => format!("{host}: done in {seconds:.1}s"),
+        RolloutEvent::HostFailed { host, reason, .. } => format!("{host}: FAILED: {reason}"),
+        RolloutEvent::RolledBack { host, .. } => format!("{host}: rolled back"),
+        RolloutEvent::RollbackFailed { host, error, .. } => format!("{host}: ROLLBACK FAILED: {error}"),
+        RolloutEvent::BudgetExhausted { failures, allowed } => {
+            format!("failure budget exhausted: {failures} failures, {allowed} allowed; no new hosts start")
+        }
+        RolloutEvent::Paused { seconds } => format!("pausing {seconds:.0}s before the next wave"),
+        RolloutEvent::GateStopped { after_wave, reason } => format!("gate stopped the run after wave {after_wave}: {reason}"),
+        RolloutEvent::WindowClosed { before_wave, time_left_seconds, needed_seconds } => format!(
+            "window closing: wave {before_wave} needs {needed_seconds:.0}s, {time_left_seconds:.0}s left; remaining hosts stay pending"
+        ),
+        RolloutEvent::RunDone { summary } => {
+            let t = &summary.totals;
+            format!(
+                "run done: {} targeted, {} done, {} failed, {} rolled back, {} pending",
+                t.targeted, t.done, t.failed, t.rolled_back, t.pending
+            )
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! `run`, `run --resume`, `plan` and `rollback`: the commands that drive a playbook
+//! through the journal. The journal is opened (or created) here, handed down, and
+//! closed here; the exit code comes from what the journal-backed summaries say.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::progress::{self, Style};
+use super::{Cli, CliError};
+use crate::journal::{Journal, RunHeader};
+use crate::primitives::{Mode, RunCtx};
+use crate::rollout::{Clock, StopReason};
+use crate::runtime::Runtime;
+use crate::script::rollout::{register_rollout, RunControl};
+use crate::script::session::Session;
+use crate::script::{CompiledPlaybook, Compiler, ScriptRun};
+
+/// Set by SIGTERM or SIGINT; the run stops starting hosts and finishes the rest.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Routes SIGTERM and SIGINT to `stop`: in-flight host steps finish, the journal
+/// is written, pending hosts stay pending for `run --resume`.
+fn forward_stop_signals(stop: Arc<AtomicBool>) {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+    }
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::SeqCst) {
+            stop.store(true, Ordering::SeqCst);
+            eprintln!("patchbook: stopping: hosts in flight finish, the rest stay pending (resume with `patchbook run --resume`)");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+}
+
+/// A new run id: UTC time plus process id, sortable and unique on one controller.
+pub fn new_run_id() -> String {
+    format!(
+        "{}-{:05}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        std::process::id() % 100_000
+    )
+}
+
+fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
+    RunHeader::new(
+        playbook.to_path_buf(),
+        pb.sha256.clone(),
+        pb.modules
+            .iter()
+            .map(|(name, _, sha)| (name.clone(), sha.clone()))
+            .collect(),
+        rt.inventory.content_hash(),
+        serde_json::Value::Null,
+    )
+}
+
+/// A run engine with every primitive, bound to this run's control.
+fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
+    let session = control.session.clone();
+    let limits = session.runtime.config.limits.clone();
+    let mut run = ScriptRun::with_session(&limits, session);
+    register_rollout(run.engine_mut(), Some(control.clone()));
+    run
+}
+
+/// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
+/// `NAME=VALUE` words from `--var`.
+pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    words
+        .iter()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(CliError::Usage(format!(
+                "--var takes NAME=VALUE, not `{w}`"
+            ))),
+        })
+        .collect()
+}
+
+pub fn run(
+    cli: &Cli,
+    playbook: Option<&Path>,
+    resume: Option<&str>,
+    vars: &BTreeMap<String, String>,
+) -> Result<ExitCode, CliError> {
+    let rt = Arc::new(Runtime::build(&cli.options())?);
+    rt.ensure_state_dir()?;
+    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
+    let (run_id, journal, playbook, pb) = match resume {
+        Some(run_id) => {
+            let journal =
+                Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?;
+            let state = journal.state().map_err(journal_err)?;
+            let Some(h) = state.header else {
+                return Err(CliError::Other(format!(
+                    "run {run_id} has no run.start record; it cannot be resumed"
+                )));
+            };
+            let path = playbook
+                .map(Path::to_path_buf)
+                .unwrap_or(h.playbook.clone());
+            let pb = Compiler::from_config(&rt.config).compile_file(&path)?;
+            if pb.sha256 != h.playbook_sha256 {
+                return Err(CliError::Usage(format!(
+                    "{} changed since run {run_id} started (sha256 {} then, {} now); resume needs the same playbook: restore it, or start a new run",
+                    path.display(),
+                    h.playbook_sha256,
+                    pb.sha256
+                )));
+            }
+            journal
+                .append(
+                    None,
+                    "run.resume",
+                    serde_json::json!({ "operator": rt.operator }),
+                )
+                .map_err(journal_err)?;
+            (run_id.to_string(), journal, path, pb)
+        }
+        None => {
+            let Some(path) = playbook else {
+                return Err(CliError::Usage("name a playbook, or --resume RUN".into()));
+            };
+            let pb = Compiler::from_config(&rt.config).compile_file(path)?;
+            let run_id = new_run_id();
+            let journal = Journal::begin(
+                &rt.state_dir,
+                &run_id,
+                &rt.operator,
+                &header(&rt, path, &pb),
+            )
+            .map_err(journal_err)?;
+            (run_id, journal, path.to_path_buf(), pb)
+        }
+    };
+    let journal = Arc::new(journal);
+    let ctx = RunCtx::new(
+        run_id.clone(),
+        rt.state_dir.clone(),
+        Some(journal.clone()),
+        Mode::Apply,
+    )
+    .with_playbook(playbook.display().to_string());
+    let session = Arc::new(Session::new(rt.clone(), ctx));
+    for s in session.secrets() {
+        journal.add_secret(&s);
+    }
+    let style = Style::pick(cli.global.json, cli.global.quiet);
+    if style != Style::Json && style != Style::Quiet {
+        eprintln!(
+            "patchbook: run {run_id} ({}), journal {}",
+            playbook.display(),
+            journal.path().display()
+        );
+    }
+    let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
+    let control = Arc::new(
+        RunControl::new(session.clone(), clock, progress::sink(style, &run_id))
+            .with_vars(vars.clone()),
+    );
+    forward_stop_signals(control.stop.clone());
+    let script = engine_for(&control);
+    let result = script.run(&pb);
+    let summaries = control.summaries();
+    finish_notice(&control, &summaries, &run_id);
+    drop(script);
+    drop(control);
+    drop(session);
+    match Arc::try_unwrap(journal) {
+        Ok(j) => {
+            if let Err(e) = j.close() {
+                tracing::error!(error = %e, "cannot close the journal");
+            }
+        }
+        Err(_) => {
+            tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
+        }
+    }
+    let _ = result?;
+    let failed: usize = summaries
+        .iter()
+        .map(|s| s.totals.failed + s.totals.rollback_failed)
+        .sum();
+    let stopped = summaries.iter().any(|s| s.stop != StopReason::Completed);
+    if style != Style::Json && style != Style::Quiet {
+        for s in &summaries {
+            let t = &s.totals;
+            eprintln!(
+                "patchbook: run {run_id}: {} targeted, {} done, {} failed, {} rolled back, {} pending ({:?}); report: patchbook report {run_id}",
+                t.targeted, t.done, t.failed, t.rolled_back, t.pending, s.stop
+            );
+        }
+    }
+    Ok(if failed > 0 || stopped {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn finish_notice(control: &RunControl, summaries: &[crate::rollout::Summary], run_id: &str) {
+    use crate::primitives::notify;
+    let mut s = notify::RunSummary::default();
+    for sum in summaries {
+        let t = &sum.totals;
+        s.targeted += t.targeted;
+        s.patched += t.done;
+        s.failed += t.failed;
+        s.rolled_back += t.rolled_back;
+        s.pending += t.pending;
+    }
+    let notice = notify::RunFinished {
+        run: run_id.to_string(),
+        summary: s,
+        report: Some(format!("patchbook report {run_id}")),
+        duration: Some(control.elapsed()),
+    }
+    .notice();
+    let session = &control.session;
+    let deliveries = notify::automatic(
+        &session.runtime.config.notify,
+        &notice,
+        &[],
+        &session.secrets(),
+    );
+    if let Some(j) = &session.run.journal {
+        for d in deliveries {
+            let _ = j.append(None, "notify", serde_json::to_value(&d).unwrap_or_default());
+        }
+    }
+}
+
+/// `patchbook plan PLAYBOOK`: the same script with every mutating primitive
+/// recording instead of acting; prints the waves and each host's actions.
+pub fn plan(
+    cli: &Cli,
+    playbook: &Path,
+    vars: &BTreeMap<String, String>,
+) -> Result<ExitCode, CliError> {
+    let rt = Arc::new(Runtime::build(&cli.options())?);
+    let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
+    let ctx = RunCtx::new("plan", rt.state_dir.clone(), None, Mode::Plan)
+        .with_playbook(playbook.display().to_string());
+    let session = Arc::new(Session::new(rt.clone(), ctx));
+    let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
+    let control = Arc::new(
+        RunControl::new(session.clone(), clock, Arc::new(|_, _| {})).with_vars(vars.clone()),
+    );
+    let script = engine_for(&control);
+    let _ = script.run(&pb)?;
+    let planned = session.run.planned();
+    if cli.global.json {
+        let v = serde_json::json!({ "plans": control.plans(), "actions": planned });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(w) = control.window() {
+        let now = control.clock.now();
+        println!(
+            "window: {} ({})",
+            w.spec(),
+            if w.contains(now) {
+                "open now"
+            } else {
+                "closed now"
+            }
+        );
+    }
+    for p in control.plans() {
+        println!("{p}");
+    }
+    let mut current = String::new();
+    for a in &planned {
+        if a.host != current {
+            println!("{}:", a.host);
+            current = a.host.clone();
+        }
+        println!("  {:<10} {:<8} {}", a.step, a.result, a.detail);
+    }
+    if planned.is_empty() {
+        println!("no host would be changed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchbook rollback RUN [--hosts SELECTOR]`: reverses a run from its journal
+/// alone, in reverse deployment order, verifying each host.
+pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode, CliError> {
+    let rt = Arc::new(Runtime::build(&cli.options())?);
+    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
+    let journal =
+        Arc::new(Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?);
+    journal
+        .append(
+            None,
+            "run.rollback",
+            serde_json::json!({ "hosts": hosts, "operator": rt.operator }),
+        )
+        .map_err(journal_err)?;
+    let state = journal.state().map_err(journal_err)?;
+    let allowed: Option<Vec<String>> = match hosts {
+        Some(sel) => Some(
+            rt.inventory
+                .select(sel)?
+                .into_iter()
+                .map(|h| h.name.clone())
+                .collect(),
+        ),
+        None => None,
+    };
+    let order: Vec<String> = state
+        .rollback_order()
+        .into_iter()
+        .filter(|h| allowed.as_ref().is_none_or(|a| a.iter().any(|x| x == h)))
+        .map(str::to_string)
+        .collect();
+    let ctx = RunCtx::new(
+        run_id,
+        rt.state_dir.clone(),
+        Some(journal.clone()),
+        Mode::Apply,
+    );
+    let session = Session::new(rt.clone(), ctx);
+    let mut failed = 0;
+    for name in &order {
+        let Some(host) = rt.inventory.host(name) else {
+            eprintln!("{name}: not in the inventory any more; roll it back by hand (its undo steps are in the journal)");
+            failed += 1;
+            continue;
+        };
+        let r = session.with_host(host, crate::primitives::undo::rollback);
+        let (ok, line) = match &r {
+            Ok(rep) if rep.manual.is_empty() && rep.undone.is_empty() => {
+                (true, "nothing left to undo".to_string())
+            }
+            Ok(rep) if rep.manual.is_empty() => {
+                (true, format!("rolled back: {}", rep.undone.join(", ")))
+            }
+            Ok(rep) => (
+                false,
+                format!("needs manual undo: {}", rep.manual.join("; ")),
+            ),
+            Err(e) => (false, format!("ROLLBACK FAILED: {e}")),
+        };
+        let _ = journal.host_rolled_back(
+            name,
+            ok,
+            serde_json::json!({ "detail": line, "command": "rollback" }),
+        );
+        if !ok {
+            failed += 1;
+        }
+        println!("{name}: {line}");
+    }
+    drop(session);
+    if let Ok(j) = Arc::try_unwrap(journal) {
+        let _ = j.close();
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
