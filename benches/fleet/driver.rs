@@ -362,25 +362,16 @@ fn write_peer_files(lab: &Lab) -> Result<(), String> {
         .map_err(|e| format!("benches/fleet/remote.sh: {e}"))?;
     write(&w.join("remote.sh"), &template.replace("@SHA256@", &lab.sha256))?;
 
-    // patchbook: the lab's settings plus the patch file's location and hash as vars
-    // of `all`, and the artifact's folder as a trusted source.
-    write(
-        &w.join("bench-vars.toml"),
-        &format!(
-            "[groups.all]\nvars = {{ patch_file = \"{}\", patch_sha256 = \"{}\" }}\n",
-            lab.deb.display(),
-            lab.sha256
-        ),
-    )?;
+    // patchbook: the lab's settings, the repository's playbooks, the lab's packages
+    // as a trusted source; the .deb and its hash come as `--var`s.
     write(
         &w.join("patchbook.toml"),
         &format!(
-            "inventory = [\"{d}/inventory.toml\", \"{w}/bench-vars.toml\"]\n\
+            "inventory = [\"{d}/inventory.toml\"]\n\
              stdlib = \"{root}/stdlib\"\nplaybooks = \"{root}/scripts\"\n\
              trusted_sources = [\"{d}/debs\"]\n\n[ssh]\nuser = \"root\"\n\
              identity = \"{d}/id_ed25519\"\nknown_hosts = \"{d}/known_hosts\"\n",
             d = d.display(),
-            w = w.display(),
             root = ROOT
         ),
     )?;
@@ -467,7 +458,8 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
                 .arg("--state-dir")
                 .arg(w.join("state"))
                 .args(["--forks", &n, "-q", "run"])
-                .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
+                .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"))
+                .args(patch_vars(&lab.deb, &lab.sha256));
         }
         Peer::OpenSsh => {
             cmd = Command::new("xargs");
@@ -550,6 +542,16 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
         s.why = format!("{} (log: {})", s.why, log.display());
     }
     Ok(s)
+}
+
+/// The playbook's `--var`s: the .deb and its SHA-256.
+fn patch_vars(deb: &Path, sha256: &str) -> [String; 4] {
+    [
+        "--var".into(),
+        format!("deb={}", deb.display()),
+        "--var".into(),
+        format!("sha256={sha256}"),
+    ]
 }
 
 fn prepend_path(dir: &Path) -> std::ffi::OsString {
@@ -715,8 +717,7 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
         let _ = std::fs::remove_dir_all(&sub);
         std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
         let mut inv = format!(
-            "[groups.all]\nvars = {{ patch_file = \"{}\", patch_sha256 = \"{sha}\", sim_latency_ms = {latency_ms} }}\n",
-            deb.display()
+            "[groups.all]\nvars = {{ sim_latency_ms = {latency_ms} }}\n"
         );
         for i in 1..=count {
             let _ = write!(inv, "\n[hosts.s{i:05}]\ntransport = \"sim\"\n");
@@ -736,7 +737,8 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
             .arg("--state-dir")
             .arg(sub.join("state"))
             .args(["--forks", "50", "-q", verb])
-            .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
+            .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"))
+            .args(patch_vars(&deb, &sha));
         let s = measure(&mut cmd, &sub.join("log"))?;
         eprintln!(
             "  sim {verb} {count}: {:.2}s wall {:.2}s cpu {} KB {}",
