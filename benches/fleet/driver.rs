@@ -363,15 +363,20 @@ fn write_peer_files(lab: &Lab) -> Result<(), String> {
     write(&w.join("remote.sh"), &template.replace("@SHA256@", &lab.sha256))?;
 
     // patchbook: the lab's settings, the repository's playbooks, the lab's packages
-    // as a trusted source; the .deb and its hash come as `--var`s.
+    // as a trusted source, and the .deb and its hash as vars of `all`.
+    write(
+        &w.join("bench-vars.toml"),
+        &format!("[groups.all]\nvars = {{ {} }}\n", patch_vars(&lab.deb, &lab.sha256)),
+    )?;
     write(
         &w.join("patchbook.toml"),
         &format!(
-            "inventory = [\"{d}/inventory.toml\"]\n\
+            "inventory = [\"{d}/inventory.toml\", \"{w}/bench-vars.toml\"]\n\
              stdlib = \"{root}/stdlib\"\nplaybooks = \"{root}/scripts\"\n\
              trusted_sources = [\"{d}/debs\"]\n\n[ssh]\nuser = \"root\"\n\
              identity = \"{d}/id_ed25519\"\nknown_hosts = \"{d}/known_hosts\"\n",
             d = d.display(),
+            w = w.display(),
             root = ROOT
         ),
     )?;
@@ -458,8 +463,7 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
                 .arg("--state-dir")
                 .arg(w.join("state"))
                 .args(["--forks", &n, "-q", "run"])
-                .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"))
-                .args(patch_vars(&lab.deb, &lab.sha256));
+                .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
         }
         Peer::OpenSsh => {
             cmd = Command::new("xargs");
@@ -544,14 +548,12 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
     Ok(s)
 }
 
-/// The playbook's `--var`s: the .deb and its SHA-256.
-fn patch_vars(deb: &Path, sha256: &str) -> [String; 4] {
-    [
-        "--var".into(),
-        format!("deb={}", deb.display()),
-        "--var".into(),
-        format!("sha256={sha256}"),
-    ]
+/// The inventory vars the playbook reads: the .deb and its SHA-256.
+fn patch_vars(deb: &Path, sha256: &str) -> String {
+    format!(
+        "bench_deb = \"{}\", bench_sha256 = \"{sha256}\"",
+        deb.display()
+    )
 }
 
 fn prepend_path(dir: &Path) -> std::ffi::OsString {
@@ -717,7 +719,8 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
         let _ = std::fs::remove_dir_all(&sub);
         std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
         let mut inv = format!(
-            "[groups.all]\nvars = {{ sim_latency_ms = {latency_ms} }}\n"
+            "[groups.all]\nvars = {{ sim_latency_ms = {latency_ms}, {} }}\n",
+            patch_vars(&deb, &sha)
         );
         for i in 1..=count {
             let _ = write!(inv, "\n[hosts.s{i:05}]\ntransport = \"sim\"\n");
@@ -737,8 +740,7 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
             .arg("--state-dir")
             .arg(sub.join("state"))
             .args(["--forks", "50", "-q", verb])
-            .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"))
-            .args(patch_vars(&deb, &sha));
+            .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
         let s = measure(&mut cmd, &sub.join("log"))?;
         eprintln!(
             "  sim {verb} {count}: {:.2}s wall {:.2}s cpu {} KB {}",
