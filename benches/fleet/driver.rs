@@ -180,6 +180,8 @@ struct Sample {
     wall: f64,
     cpu: f64,
     rss_kb: u64,
+    /// CPU seconds the lab's sshd processes and everything they ran spent meanwhile.
+    host_cpu: f64,
     ok: bool,
     why: String,
 }
@@ -245,12 +247,13 @@ fn bench(args: Args) -> Result<(), String> {
                 reseed(&lab)?;
                 let s = run_peer(peer, &lab, &pb, &venv, round)?;
                 eprintln!(
-                    "  n={n:<4} {:<10} run {}: {:>7.2}s wall {:>7.2}s cpu {:>8} KB {}",
+                    "  n={n:<4} {:<10} run {}: {:>7.2}s wall {:>7.2}s cpu {:>8} KB {:>7.2}s host cpu {}",
                     peer.key(),
                     round + 1,
                     s.wall,
                     s.cpu,
                     s.rss_kb,
+                    s.host_cpu,
                     if s.ok { "ok".to_string() } else { format!("FAILED: {}", s.why) }
                 );
                 samples.entry(peer).or_default().push(s);
@@ -360,13 +363,19 @@ fn write_peer_files(lab: &Lab) -> Result<(), String> {
     write(&w.join("ports"), &ports)?;
     let template = std::fs::read_to_string(Path::new(ROOT).join("benches/fleet/remote.sh"))
         .map_err(|e| format!("benches/fleet/remote.sh: {e}"))?;
-    write(&w.join("remote.sh"), &template.replace("@SHA256@", &lab.sha256))?;
+    write(
+        &w.join("remote.sh"),
+        &template.replace("@SHA256@", &lab.sha256),
+    )?;
 
     // patchbook: the lab's settings, the repository's playbooks, the lab's packages
     // as a trusted source, and the .deb and its hash as vars of `all`.
     write(
         &w.join("bench-vars.toml"),
-        &format!("[groups.all]\nvars = {{ {} }}\n", patch_vars(&lab.deb, &lab.sha256)),
+        &format!(
+            "[groups.all]\nvars = {{ {} }}\n",
+            patch_vars(&lab.deb, &lab.sha256)
+        ),
     )?;
     write(
         &w.join("patchbook.toml"),
@@ -511,7 +520,9 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
         }
     }
     let log = w.join(format!("{}-{}.log", peer.key(), round + 1));
+    let host_before = host_cpu(lab);
     let mut s = measure(&mut cmd, &log)?;
+    s.host_cpu = host_cpu(lab) - host_before;
     if peer == Peer::Ansible {
         // ControlPersist masters outlive ansible-playbook; their CPU is the
         // controller's too (they did the key exchanges).
@@ -524,13 +535,13 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
             .fleet
             .hosts()
             .iter()
-            .filter_map(|h| {
-                match lab.fleet.installed_version(&h.name, "acme-agent") {
+            .filter_map(
+                |h| match lab.fleet.installed_version(&h.name, "acme-agent") {
                     Ok(Some(v)) if v == "1.0.1" => None,
                     Ok(v) => Some(format!("{} at {v:?}", h.name)),
                     Err(e) => Some(format!("{}: {e}", h.name)),
-                }
-            })
+                },
+            )
             .collect();
         if !wrong.is_empty() {
             s.ok = false;
@@ -554,6 +565,30 @@ fn patch_vars(deb: &Path, sha256: &str) -> String {
         "bench_deb = \"{}\", bench_sha256 = \"{sha256}\"",
         deb.display()
     )
+}
+
+/// CPU seconds of the lab's sshd processes plus their reaped children (every
+/// session, shell and dpkg on the hosts).
+fn host_cpu(lab: &Lab) -> f64 {
+    // SAFETY: sysconf has no failure mode for _SC_CLK_TCK.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    lab.fleet
+        .hosts()
+        .iter()
+        .map(|h| {
+            let s =
+                std::fs::read_to_string(format!("/proc/{}/stat", h.sshd_pid)).unwrap_or_default();
+            let f: Vec<&str> = s
+                .rfind(')')
+                .map(|i| s[i + 2..].split_whitespace().collect())
+                .unwrap_or_default();
+            // utime, stime, cutime, cstime: fields 14-17 of proc(5).
+            (11..15)
+                .filter_map(|k| f.get(k).and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>()
+                / tick
+        })
+        .sum()
 }
 
 fn prepend_path(dir: &Path) -> std::ffi::OsString {
@@ -598,11 +633,16 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let exited = libc::WIFEXITED(status);
-    let code = if exited { libc::WEXITSTATUS(status) } else { -1 };
+    let code = if exited {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
     Ok(Sample {
         wall,
         cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
         rss_kb: peak.load(Ordering::Relaxed).max(ru.ru_maxrss as u64),
+        host_cpu: 0.0,
         ok: code == 0,
         why: if code == 0 {
             String::new()
@@ -709,7 +749,10 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
     let dir = base.join("sim");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let deb = dir.join("acme-agent_1.0.1_all.deb");
-    write(&deb, "a stand-in package: the sim transport only hashes it\n")?;
+    write(
+        &deb,
+        "a stand-in package: the sim transport only hashes it\n",
+    )?;
     let sha = hex::encode(Sha256::digest(
         std::fs::read(&deb).map_err(|e| e.to_string())?,
     ));
@@ -814,11 +857,12 @@ fn render(
          with parallelism N; wall time, controller CPU (user+sys of the peer's process tree) and \
          controller peak RSS (summed over the tree) are medians of {} runs; every host is \
          re-seeded to 1.0.0 before each run, and a run that leaves any host below 1.0.1 is FAILED \
-         and does not count. Ratio = wall time / patchbook's wall time.\n",
+         and does not count. Host CPU is what the hosts' sshd and everything they started spent \
+         (same cores). Ratio = wall time / patchbook's wall time.\n",
         args.runs
     );
-    md.push_str("| N | tool | wall | controller CPU | controller peak RSS | wall / patchbook |\n");
-    md.push_str("|---:|---|---:|---:|---:|---:|\n");
+    md.push_str("| N | tool | wall | controller CPU | controller peak RSS | host CPU | wall / patchbook |\n");
+    md.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
     let mut pb_wall: HashMap<usize, f64> = HashMap::new();
     for (n, peer, samples) in table {
         let good: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
@@ -829,11 +873,16 @@ fn render(
         }
         if good.is_empty() {
             let why = samples.first().map(|s| s.why.as_str()).unwrap_or("");
-            let _ = writeln!(md, "| {n} | {} | FAILED | | | | <!-- {why} -->", peer.label());
+            let _ = writeln!(
+                md,
+                "| {n} | {} | FAILED | | | | | <!-- {why} -->",
+                peer.label()
+            );
             continue;
         }
         let cpu = median(good.iter().map(|s| s.cpu).collect());
         let rss = median(good.iter().map(|s| s.rss_kb as f64).collect());
+        let host = median(good.iter().map(|s| s.host_cpu).collect());
         let ratio = pb_wall
             .get(n)
             .map(|p| format!("{:.2}×", wall / p))
@@ -845,7 +894,7 @@ fn render(
         };
         let _ = writeln!(
             md,
-            "| {n} | {}{note} | {wall:.2} s | {cpu:.2} s | {:.1} MB | {ratio} |",
+            "| {n} | {}{note} | {wall:.2} s | {cpu:.2} s | {:.1} MB | {host:.2} s | {ratio} |",
             peer.label(),
             rss / 1024.0
         );

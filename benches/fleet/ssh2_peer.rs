@@ -72,7 +72,9 @@ fn connect(job: &Job, port: u16) -> Result<Session, String> {
 /// Runs `command` on a fresh exec channel; stdin bytes go in first, stdout goes to
 /// `out`. Fails on a non-zero exit.
 fn exec(sess: &Session, command: &str, stdin: &[u8], out: &mut dyn Write) -> Result<(), String> {
-    let mut ch = sess.channel_session().map_err(|e| format!("channel: {e}"))?;
+    let mut ch = sess
+        .channel_session()
+        .map_err(|e| format!("channel: {e}"))?;
     ch.exec(command).map_err(|e| format!("exec: {e}"))?;
     if !stdin.is_empty() {
         ch.write_all(stdin).map_err(|e| format!("stdin: {e}"))?;
@@ -98,27 +100,54 @@ fn patch_host(job: &Job, name: &str, port: u16) -> Result<(), String> {
     }
     let staged = format!("/tmp/bench-ssh2-{name}.deb");
     let mut sink = Vec::new();
-    exec(&sess, "dpkg-query -W -f='${Version}' acme-agent", &[], &mut sink)?;
-    exec(&sess, "tar -cf - --numeric-owner -C / opt/acme", &[], &mut tar)?;
-    exec(&sess, &format!("umask 077 && cat >{staged}"), &job.deb, &mut sink)?;
+    exec(
+        &sess,
+        "dpkg-query -W -f='${Version}' acme-agent",
+        &[],
+        &mut sink,
+    )?;
+    exec(
+        &sess,
+        "tar -cf - --numeric-owner -C / opt/acme",
+        &[],
+        &mut tar,
+    )?;
+    exec(
+        &sess,
+        &format!("umask 077 && cat >{staged}"),
+        &job.deb,
+        &mut sink,
+    )?;
     let check = format!("echo '{}  {staged}' | sha256sum -c --status -", job.sha256);
     exec(&sess, &check, &[], &mut sink)?;
     exec(&sess, &format!("dpkg -i {staged}"), &[], &mut sink)?;
     let mut version = Vec::new();
-    exec(&sess, "dpkg-query -W -f='${Version}' acme-agent", &[], &mut version)?;
+    exec(
+        &sess,
+        "dpkg-query -W -f='${Version}' acme-agent",
+        &[],
+        &mut version,
+    )?;
     if version != b"1.0.1" {
         return Err(format!(
             "verify: found {:?}",
             String::from_utf8_lossy(&version)
         ));
     }
-    exec(&sess, &format!("/opt/acme/agent.sh --check && rm -f {staged}"), &[], &mut sink)
+    exec(
+        &sess,
+        &format!("/opt/acme/agent.sh --check && rm -f {staged}"),
+        &[],
+        &mut sink,
+    )
 }
 
 /// `fleet ssh2-peer HOSTS KEY KNOWN_HOSTS DEB SHA256 SCRIPT BACKUPS FORKS CHANNELS`
 pub fn main(args: &[String]) -> i32 {
     let [hosts, key, known, deb, sha, script, backups, forks, channels] = args else {
-        eprintln!("usage: ssh2-peer HOSTS KEY KNOWN_HOSTS DEB SHA256 SCRIPT BACKUPS FORKS CHANNELS");
+        eprintln!(
+            "usage: ssh2-peer HOSTS KEY KNOWN_HOSTS DEB SHA256 SCRIPT BACKUPS FORKS CHANNELS"
+        );
         return 2;
     };
     let read = |p: &str| std::fs::read(Path::new(p)).map_err(|e| format!("{p}: {e}"));
