@@ -522,14 +522,16 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
     let log = w.join(format!("{}-{}.log", peer.key(), round + 1));
     let host_before = host_cpu(lab);
     let mut s = measure(&mut cmd, &log)?;
-    s.host_cpu = host_cpu(lab) - host_before;
     if peer == Peer::Ansible {
         // ControlPersist masters outlive ansible-playbook; their CPU is the
-        // controller's too (they did the key exchanges).
+        // controller's too (they did the key exchanges). Their sessions on the hosts
+        // end with them and are only then counted in the hosts' CPU.
         let (cpu, rss) = reap_detached(&w.join("ansible-cp"));
         s.cpu += cpu;
         s.rss_kb += rss;
+        std::thread::sleep(Duration::from_millis(500));
     }
+    s.host_cpu = host_cpu(lab) - host_before;
     if s.ok {
         let wrong: Vec<String> = lab
             .fleet
