@@ -263,6 +263,8 @@ fn bench(args: Args) -> Result<(), String> {
             table.push((n, peer, samples.remove(&peer).unwrap_or_default()));
         }
         drop(lab.fleet);
+        // Written after every size, so a long run stopped part-way keeps its table.
+        write(&args.out, &render(&args, &table, &unavailable, None))?;
     }
 
     let sim = if args.sim > 0 {
