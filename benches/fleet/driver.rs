@@ -777,7 +777,9 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
             &sub.join("patchbook.toml"),
             &format!(
                 "inventory = [\"inventory.toml\"]\nstdlib = \"{ROOT}/stdlib\"\n\
-                 playbooks = \"{ROOT}/scripts\"\ntrusted_sources = [\"{}\"]\n",
+                 playbooks = \"{ROOT}/scripts\"\ntrusted_sources = [\"{}\"]\n\n\
+                 # rollout() returns one entry per host: past the default 10,000\n\
+                 [limits]\nmax_map_size = 1000000\nmax_array_size = 1000000\n",
                 dir.display()
             ),
         )?;
