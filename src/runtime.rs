@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{Config, ConfigError};
 use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
 use crate::transport::local::LocalTransport;
+use crate::transport::sim::SimTransport;
 use crate::transport::ssh::SshConnector;
 use crate::transport::{Connector, Transport, TransportError};
 
@@ -131,12 +132,8 @@ impl Runtime {
         let t: Arc<dyn Transport> = match host.transport {
             TransportKind::Local => Arc::new(LocalTransport::new(host.name.clone())),
             TransportKind::Ssh => Arc::from(self.ssh.connect(host)?),
-            TransportKind::Sim => {
-                return Err(TransportError::Other {
-                    host: host.name.clone(),
-                    message: "the sim transport is for benchmarks only".into(),
-                })
-            }
+            // Benchmark-only pretend host; see `transport::sim`.
+            TransportKind::Sim => Arc::new(SimTransport::for_host(host)?),
         };
         self.sessions
             .lock()

@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod quote;
+pub mod sim;
 pub mod ssh;
 
 use std::io::Write;

@@ -1,0 +1,940 @@
+//! Fleet benchmark (not a test). On lab fleets of real sshd hosts it runs the same
+//! patch job (read the installed version, tar /opt/acme back, upload the 1.0.1 .deb,
+//! check its SHA-256 on the host, `dpkg -i`, verify with `dpkg-query`, health check)
+//! with patchbook and its peers, re-seeding every host to 1.0.0 before each run, and
+//! prints wall time, controller CPU time and controller peak RSS (median of the runs
+//! that patched every host) with each tool's wall time divided by patchbook's. The
+//! table goes to `benches/fleet/results.md` too. With `--sim N` it also runs the
+//! playbook on N hosts of the `sim` transport and reports controller CPU and memory
+//! per host. Run it with `benches/fleet/run.sh` (needs root; see `--help`).
+
+mod ssh2_peer;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use patchbook::lab::Fleet;
+use sha2::{Digest, Sha256};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const USAGE: &str = "\
+usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none|pyinfra,ansible]
+                            [--only patchbook,openssh,ssh2,ssh2-7ch,pyinfra,ansible]
+                            [--sim 10000] [--sim-latency-ms 0] [--out benches/fleet/results.md]
+                            [--keep]
+  --peers none   skips the Python peers (pyinfra, Ansible); the default installs them
+                 into target/bench-venv from PyPI
+  --sim N        also runs the playbook on N hosts of the `sim` transport (0: skip)";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Peer {
+    Patchbook,
+    OpenSsh,
+    Ssh2One,
+    Ssh2Seven,
+    Pyinfra,
+    Ansible,
+}
+
+impl Peer {
+    const ALL: [Peer; 6] = [
+        Peer::Patchbook,
+        Peer::OpenSsh,
+        Peer::Ssh2One,
+        Peer::Ssh2Seven,
+        Peer::Pyinfra,
+        Peer::Ansible,
+    ];
+    fn key(self) -> &'static str {
+        match self {
+            Peer::Patchbook => "patchbook",
+            Peer::OpenSsh => "openssh",
+            Peer::Ssh2One => "ssh2",
+            Peer::Ssh2Seven => "ssh2-7ch",
+            Peer::Pyinfra => "pyinfra",
+            Peer::Ansible => "ansible",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Peer::Patchbook => "patchbook (rollout, journal, backups)",
+            Peer::OpenSsh => "OpenSSH + xargs -P (1 connection, 1 script per host)",
+            Peer::Ssh2One => "libssh2 minimal, 1 exec channel per host",
+            Peer::Ssh2Seven => "libssh2 minimal, 7 exec channels per host",
+            Peer::Pyinfra => "pyinfra",
+            Peer::Ansible => "ansible-core (forks=N, no facts, pipelining)",
+        }
+    }
+    fn python(self) -> bool {
+        matches!(self, Peer::Pyinfra | Peer::Ansible)
+    }
+}
+
+struct Args {
+    sizes: Vec<usize>,
+    runs: usize,
+    peers: Vec<Peer>,
+    sim: usize,
+    sim_latency_ms: u64,
+    out: PathBuf,
+    keep: bool,
+}
+
+fn parse_args(argv: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        sizes: vec![10, 50, 100],
+        runs: 3,
+        peers: Peer::ALL.to_vec(),
+        sim: 0,
+        sim_latency_ms: 0,
+        out: Path::new(ROOT).join("benches/fleet/results.md"),
+        keep: false,
+    };
+    let mut python: Option<Vec<Peer>> = None;
+    let mut only: Option<Vec<Peer>> = None;
+    let mut it = argv.iter().filter(|a| *a != "--bench");
+    let list = |v: &str| -> Result<Vec<Peer>, String> {
+        v.split(',')
+            .filter(|s| !s.is_empty())
+            .map(|k| {
+                Peer::ALL
+                    .into_iter()
+                    .find(|p| p.key() == k)
+                    .ok_or_else(|| format!("unknown peer {k:?}"))
+            })
+            .collect()
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--sizes" => {
+                a.sizes = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|e| format!("--sizes {s:?}: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--runs" => a.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--peers" => {
+                python = Some(match value()?.as_str() {
+                    "all" => vec![Peer::Pyinfra, Peer::Ansible],
+                    "none" => vec![],
+                    v => list(v)?,
+                })
+            }
+            "--only" => only = Some(list(&value()?)?),
+            "--sim" => a.sim = value()?.parse().map_err(|e| format!("--sim: {e}"))?,
+            "--sim-latency-ms" => {
+                a.sim_latency_ms = value()?
+                    .parse()
+                    .map_err(|e| format!("--sim-latency-ms: {e}"))?
+            }
+            "--out" => a.out = value()?.into(),
+            "--keep" => a.keep = true,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if let Some(only) = only {
+        a.peers.retain(|p| only.contains(p));
+    }
+    if let Some(python) = python {
+        a.peers.retain(|p| !p.python() || python.contains(p));
+    }
+    if !a.peers.contains(&Peer::Patchbook) {
+        return Err("patchbook must be among the peers: every ratio is against it".into());
+    }
+    a.runs = a.runs.max(1);
+    Ok(a)
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("ssh2-peer") {
+        std::process::exit(ssh2_peer::main(&argv[1..]));
+    }
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("fleet bench: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = bench(args) {
+        eprintln!("fleet bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One timed run of one peer.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    rss_kb: u64,
+    /// CPU seconds the lab's sshd processes and everything they ran spent meanwhile.
+    host_cpu: f64,
+    ok: bool,
+    why: String,
+}
+
+/// Everything the peers need about one lab.
+struct Lab {
+    fleet: Fleet,
+    dir: PathBuf,
+    work: PathBuf,
+    deb: PathBuf,
+    sha256: String,
+    n: usize,
+}
+
+fn bench(args: Args) -> Result<(), String> {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("run as root: the lab fleet needs mount and PID namespaces".into());
+    }
+    for tool in ["ssh", "xargs", "sha256sum"] {
+        if which(tool).is_none() {
+            return Err(format!("{tool} is missing: run .ci/setup"));
+        }
+    }
+    let pb = std::env::var_os("PATCHBOOK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(ROOT).join("target/release/patchbook"));
+    if !pb.exists() {
+        return Err(format!(
+            "{} is missing: build it with `cargo build --release` (run.sh does)",
+            pb.display()
+        ));
+    }
+    let mut peers = args.peers.clone();
+    let mut unavailable: Vec<(Peer, String)> = Vec::new();
+    let venv = Path::new(ROOT).join("target/bench-venv");
+    if peers.iter().any(|p| p.python()) {
+        if let Err(e) = ensure_venv(&venv) {
+            for p in peers.iter().filter(|p| p.python()) {
+                unavailable.push((*p, e.clone()));
+            }
+            peers.retain(|p| !p.python());
+        }
+    }
+
+    let base = tempfile::Builder::new()
+        .prefix("patchbook-fleet-bench-")
+        .tempdir_in("/tmp")
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let base_path = if args.keep {
+        base.keep()
+    } else {
+        base.path().to_path_buf()
+    };
+    eprintln!("fleet bench: working in {}", base_path.display());
+
+    let mut table: Vec<(usize, Peer, Vec<Sample>)> = Vec::new();
+    for &n in &args.sizes {
+        let lab = start_lab(&base_path, n)?;
+        let mut samples: HashMap<Peer, Vec<Sample>> = HashMap::new();
+        for round in 0..args.runs {
+            for &peer in &peers {
+                reseed(&lab)?;
+                let s = run_peer(peer, &lab, &pb, &venv, round)?;
+                eprintln!(
+                    "  n={n:<4} {:<10} run {}: {:>7.2}s wall {:>7.2}s cpu {:>8} KB {:>7.2}s host cpu {}",
+                    peer.key(),
+                    round + 1,
+                    s.wall,
+                    s.cpu,
+                    s.rss_kb,
+                    s.host_cpu,
+                    if s.ok { "ok".to_string() } else { format!("FAILED: {}", s.why) }
+                );
+                samples.entry(peer).or_default().push(s);
+            }
+        }
+        for &peer in &peers {
+            table.push((n, peer, samples.remove(&peer).unwrap_or_default()));
+        }
+        drop(lab.fleet);
+        // Written after every size, so a long run stopped part-way keeps its table.
+        write(&args.out, &render(&args, &table, &unavailable, None))?;
+    }
+
+    let sim = if args.sim > 0 {
+        Some(sim_scale(&base_path, &pb, args.sim, args.sim_latency_ms)?)
+    } else {
+        None
+    };
+
+    let md = render(&args, &table, &unavailable, sim.as_ref());
+    println!("{md}");
+    if let Some(parent) = args.out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&args.out, &md).map_err(|e| format!("write {}: {e}", args.out.display()))?;
+    eprintln!("fleet bench: table written to {}", args.out.display());
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Creates the venv with pyinfra 3 and ansible-core from PyPI, once.
+fn ensure_venv(venv: &Path) -> Result<(), String> {
+    let ready = venv.join("bin/pyinfra").exists() && venv.join("bin/ansible-playbook").exists();
+    if ready {
+        return Ok(());
+    }
+    eprintln!(
+        "fleet bench: installing pyinfra and ansible-core into {}",
+        venv.display()
+    );
+    let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+    if !ok(Command::new("python3").arg("-m").arg("venv").arg(venv)) {
+        return Err("python3 -m venv failed: install python3-venv (.ci/setup)".into());
+    }
+    if !ok(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "pyinfra>=3,<4",
+        "ansible-core>=2.17,<2.20",
+    ])) {
+        return Err("pip install pyinfra ansible-core failed (is PyPI reachable?)".into());
+    }
+    Ok(())
+}
+
+fn start_lab(base: &Path, n: usize) -> Result<Lab, String> {
+    let dir = base.join(format!("lab{n}"));
+    let t = Instant::now();
+    let fleet = Fleet::up(n, &dir).map_err(|e| format!("lab up {n}: {e}"))?;
+    eprintln!(
+        "fleet bench: {n} hosts up in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let dir = fleet.dir().to_path_buf();
+    let work = base.join(format!("work{n}"));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let deb = fleet.deb("1.0.1");
+    let bytes = std::fs::read(&deb).map_err(|e| format!("{}: {e}", deb.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let lab = Lab {
+        fleet,
+        dir,
+        work,
+        deb,
+        sha256,
+        n,
+    };
+    write_peer_files(&lab)?;
+    Ok(lab)
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Inventories, configs and scripts every peer reads, written once per lab.
+fn write_peer_files(lab: &Lab) -> Result<(), String> {
+    let (d, w) = (&lab.dir, &lab.work);
+    let hosts: String = lab
+        .fleet
+        .hosts()
+        .iter()
+        .map(|h| format!("{} {}\n", h.name, h.port))
+        .collect();
+    write(&w.join("hosts"), &hosts)?;
+    let ports: String = lab
+        .fleet
+        .hosts()
+        .iter()
+        .map(|h| format!("{}\n", h.port))
+        .collect();
+    write(&w.join("ports"), &ports)?;
+    let template = std::fs::read_to_string(Path::new(ROOT).join("benches/fleet/remote.sh"))
+        .map_err(|e| format!("benches/fleet/remote.sh: {e}"))?;
+    write(
+        &w.join("remote.sh"),
+        &template.replace("@SHA256@", &lab.sha256),
+    )?;
+
+    // patchbook: the lab's settings, the repository's playbooks, the lab's packages
+    // as a trusted source, and the .deb and its hash as vars of `all`.
+    write(
+        &w.join("bench-vars.toml"),
+        &format!(
+            "[groups.all]\nvars = {{ {} }}\n",
+            patch_vars(&lab.deb, &lab.sha256)
+        ),
+    )?;
+    write(
+        &w.join("patchbook.toml"),
+        &format!(
+            "inventory = [\"{d}/inventory.toml\", \"{w}/bench-vars.toml\"]\n\
+             stdlib = \"{root}/stdlib\"\nplaybooks = \"{root}/scripts\"\n\
+             trusted_sources = [\"{d}/debs\"]\n\n[ssh]\nuser = \"root\"\n\
+             identity = \"{d}/id_ed25519\"\nknown_hosts = \"{d}/known_hosts\"\n",
+            d = d.display(),
+            w = w.display(),
+            root = ROOT
+        ),
+    )?;
+
+    // OpenSSH: one connection per host running remote.sh; the .deb on stdin, the
+    // backup on stdout. OpenSSH's own defaults otherwise (a plain script).
+    write(
+        &w.join("openssh-host.sh"),
+        &format!(
+            "#!/bin/sh\nport=$1\nexec ssh -o BatchMode=yes -o StrictHostKeyChecking=yes \
+             -o UserKnownHostsFile={d}/known_hosts -o IdentitiesOnly=yes -i {d}/id_ed25519 \
+             -o LogLevel=ERROR -p \"$port\" root@127.0.0.1 \"$(cat {w}/remote.sh)\" \
+             <{deb} >{w}/backups-openssh/$port.tar 2>{w}/logs-openssh/$port.err\n",
+            d = d.display(),
+            w = w.display(),
+            deb = lab.deb.display()
+        ),
+    )?;
+
+    // pyinfra: one inventory entry per host with strict host-key checking.
+    let mut inv = String::from("hosts = [\n");
+    for h in lab.fleet.hosts() {
+        let _ = writeln!(
+            inv,
+            "    (\"{}\", {{\"ssh_hostname\": \"127.0.0.1\", \"ssh_port\": {}, \"ssh_user\": \"root\", \
+             \"ssh_key\": \"{d}/id_ed25519\", \"ssh_known_hosts_file\": \"{d}/known_hosts\", \
+             \"ssh_strict_host_key_checking\": \"yes\"}}),",
+            h.name,
+            h.port,
+            d = d.display()
+        );
+    }
+    inv.push_str("]\n");
+    write(&w.join("pyinfra_inventory.py"), &inv)?;
+
+    // Ansible: forks = N, no facts, pipelining, strict host keys against the lab's.
+    write(
+        &w.join("ansible.cfg"),
+        &format!(
+            "[defaults]\nforks = {n}\nhost_key_checking = True\ngathering = explicit\n\
+             interpreter_python = /usr/bin/python3\nretry_files_enabled = False\n\
+             deprecation_warnings = False\n\n[ssh_connection]\npipelining = True\n\
+             ssh_args = -o ControlMaster=auto -o ControlPersist=60s -o IdentitiesOnly=yes \
+             -o StrictHostKeyChecking=yes -o UserKnownHostsFile={d}/known_hosts\n\
+             control_path_dir = {w}/ansible-cp\n",
+            n = lab.n,
+            d = d.display(),
+            w = w.display()
+        ),
+    )
+}
+
+/// Puts every host back at acme-agent 1.0.0 and clears the previous run's files.
+fn reseed(lab: &Lab) -> Result<(), String> {
+    for h in lab.fleet.hosts() {
+        lab.fleet
+            .reseed(&h.name)
+            .map_err(|e| format!("reseed {}: {e}", h.name))?;
+    }
+    for sub in [
+        "state",
+        "backups-openssh",
+        "logs-openssh",
+        "backups-ssh2",
+        "backups-python",
+        "ansible-cp",
+    ] {
+        let p = lab.work.join(sub);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Result<Sample, String> {
+    let w = &lab.work;
+    let n = lab.n.to_string();
+    let mut cmd;
+    match peer {
+        Peer::Patchbook => {
+            cmd = Command::new(pb);
+            cmd.arg("--config")
+                .arg(w.join("patchbook.toml"))
+                .arg("--state-dir")
+                .arg(w.join("state"))
+                .args(["--forks", &n, "-q", "run"])
+                .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
+        }
+        Peer::OpenSsh => {
+            cmd = Command::new("xargs");
+            cmd.args(["-P", &n, "-n", "1", "sh"])
+                .arg(w.join("openssh-host.sh"))
+                .stdin(File::open(w.join("ports")).map_err(|e| e.to_string())?);
+        }
+        Peer::Ssh2One | Peer::Ssh2Seven => {
+            cmd = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+            cmd.arg("ssh2-peer")
+                .arg(w.join("hosts"))
+                .arg(lab.dir.join("id_ed25519"))
+                .arg(lab.dir.join("known_hosts"))
+                .arg(&lab.deb)
+                .arg(&lab.sha256)
+                .arg(w.join("remote.sh"))
+                .arg(w.join("backups-ssh2"))
+                .arg(&n)
+                .arg(if peer == Peer::Ssh2One { "1" } else { "7" });
+        }
+        Peer::Pyinfra => {
+            cmd = Command::new(venv.join("bin/pyinfra"));
+            cmd.args(["-y", "--parallel", &n])
+                .arg(w.join("pyinfra_inventory.py"))
+                .arg(Path::new(ROOT).join("benches/fleet/pyinfra/deploy.py"))
+                .env("BENCH_DEB", &lab.deb)
+                .env("BENCH_SHA256", &lab.sha256)
+                .env("BENCH_BACKUPS", w.join("backups-python"));
+        }
+        Peer::Ansible => {
+            cmd = Command::new(venv.join("bin/ansible-playbook"));
+            cmd.arg("-i")
+                .arg(lab.dir.join("inventory.ini"))
+                .args(["-f", &n])
+                .arg(Path::new(ROOT).join("benches/fleet/ansible/patch.yml"))
+                .arg("-e")
+                .arg(format!(
+                    "deb={} sha256={} backups={}",
+                    lab.deb.display(),
+                    lab.sha256,
+                    w.join("backups-python").display()
+                ))
+                .env("ANSIBLE_CONFIG", w.join("ansible.cfg"))
+                .env("PATH", prepend_path(&venv.join("bin")));
+        }
+    }
+    let log = w.join(format!("{}-{}.log", peer.key(), round + 1));
+    let host_before = host_cpu(lab);
+    let mut s = measure(&mut cmd, &log)?;
+    if peer == Peer::Ansible {
+        // ControlPersist masters outlive ansible-playbook; their CPU is the
+        // controller's too (they did the key exchanges). Their sessions on the hosts
+        // end with them and are only then counted in the hosts' CPU.
+        let (cpu, rss) = reap_detached(&w.join("ansible-cp"));
+        s.cpu += cpu;
+        s.rss_kb += rss;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    s.host_cpu = host_cpu(lab) - host_before;
+    if s.ok {
+        let wrong: Vec<String> = lab
+            .fleet
+            .hosts()
+            .iter()
+            .filter_map(
+                |h| match lab.fleet.installed_version(&h.name, "acme-agent") {
+                    Ok(Some(v)) if v == "1.0.1" => None,
+                    Ok(v) => Some(format!("{} at {v:?}", h.name)),
+                    Err(e) => Some(format!("{}: {e}", h.name)),
+                },
+            )
+            .collect();
+        if !wrong.is_empty() {
+            s.ok = false;
+            s.why = format!(
+                "{} of {} hosts not at 1.0.1 (e.g. {})",
+                wrong.len(),
+                lab.n,
+                wrong[0]
+            );
+        }
+    }
+    if !s.ok {
+        s.why = format!("{} (log: {})", s.why, log.display());
+    }
+    Ok(s)
+}
+
+/// The inventory vars the playbook reads: the .deb and its SHA-256.
+fn patch_vars(deb: &Path, sha256: &str) -> String {
+    format!(
+        "bench_deb = \"{}\", bench_sha256 = \"{sha256}\"",
+        deb.display()
+    )
+}
+
+/// CPU seconds of the lab's sshd processes plus their reaped children (every
+/// session, shell and dpkg on the hosts).
+fn host_cpu(lab: &Lab) -> f64 {
+    // SAFETY: sysconf has no failure mode for _SC_CLK_TCK.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    lab.fleet
+        .hosts()
+        .iter()
+        .map(|h| {
+            let s =
+                std::fs::read_to_string(format!("/proc/{}/stat", h.sshd_pid)).unwrap_or_default();
+            let f: Vec<&str> = s
+                .rfind(')')
+                .map(|i| s[i + 2..].split_whitespace().collect())
+                .unwrap_or_default();
+            // utime, stime, cutime, cstime: fields 14-17 of proc(5).
+            (11..15)
+                .filter_map(|k| f.get(k).and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>()
+                / tick
+        })
+        .sum()
+}
+
+fn prepend_path(dir: &Path) -> std::ffi::OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+/// Runs `cmd` to its end: wall time, user+sys CPU of its whole process tree (from
+/// wait4), and the peak of the tree's summed RSS (sampled) or of its largest process.
+fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
+    let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    cmd.stdout(out).stderr(err);
+    let start = Instant::now();
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let pid = child.id() as i32;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(tree_rss_kb(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    if r != pid {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let exited = libc::WIFEXITED(status);
+    let code = if exited {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    Ok(Sample {
+        wall,
+        cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
+        rss_kb: peak.load(Ordering::Relaxed).max(ru.ru_maxrss as u64),
+        host_cpu: 0.0,
+        ok: code == 0,
+        why: if code == 0 {
+            String::new()
+        } else {
+            format!("exit {code}")
+        },
+    })
+}
+
+/// Parent PID of every process, from one scan of /proc.
+fn parents() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(ppid) = s
+                    .rfind(')')
+                    .and_then(|i| s[i + 2..].split_whitespace().nth(1))
+                    .and_then(|p| p.parse().ok())
+                {
+                    out.push((pid, ppid));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    // statm's second field is resident pages.
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page_kb())
+        .unwrap_or(0)
+}
+
+fn page_kb() -> u64 {
+    // SAFETY: sysconf has no failure mode for _SC_PAGESIZE.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64 / 1024).max(1)
+}
+
+/// Summed RSS of `root` and all its descendants.
+fn tree_rss_kb(root: i32) -> u64 {
+    let all = parents();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.into_iter().map(rss_kb).sum()
+}
+
+/// CPU seconds and RSS of processes left behind with `marker` in their command line
+/// (OpenSSH ControlPersist masters); they are stopped by PID afterwards.
+fn reap_detached(marker: &Path) -> (f64, u64) {
+    let marker = marker.display().to_string();
+    // SAFETY: sysconf has no failure mode for _SC_CLK_TCK.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (mut cpu, mut rss) = (0.0, 0);
+    for (pid, _) in parents() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&marker) {
+            continue;
+        }
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let f: Vec<&str> = s
+                .rfind(')')
+                .map(|i| s[i + 2..].split_whitespace().collect())
+                .unwrap_or_default();
+            // utime and stime are fields 14 and 15 of proc(5), 12 and 13 here.
+            let ticks: f64 = [11, 12]
+                .iter()
+                .filter_map(|&k| f.get(k).and_then(|v| v.parse::<f64>().ok()))
+                .sum();
+            cpu += ticks / tick;
+        }
+        rss += rss_kb(pid);
+        // SAFETY: kill(2) on a process our peer started, found by its command line.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    (cpu, rss)
+}
+
+struct SimResult {
+    hosts: usize,
+    latency_ms: u64,
+    plan: Option<Sample>,
+    run: Sample,
+    small_run: Sample,
+    small_hosts: usize,
+}
+
+/// The playbook on `n` hosts of the `sim` transport, and on a small fleet for the
+/// baseline, so memory per host is the marginal cost.
+fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimResult, String> {
+    let dir = base.join("sim");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let deb = dir.join("acme-agent_1.0.1_all.deb");
+    write(
+        &deb,
+        "a stand-in package: the sim transport only hashes it\n",
+    )?;
+    let sha = hex::encode(Sha256::digest(
+        std::fs::read(&deb).map_err(|e| e.to_string())?,
+    ));
+    let small = 100.min(n);
+    let one = |count: usize, verb: &str| -> Result<Sample, String> {
+        let sub = dir.join(format!("{verb}{count}"));
+        let _ = std::fs::remove_dir_all(&sub);
+        std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+        let mut inv = format!(
+            "[groups.all]\nvars = {{ sim_latency_ms = {latency_ms}, {} }}\n",
+            patch_vars(&deb, &sha)
+        );
+        for i in 1..=count {
+            let _ = write!(inv, "\n[hosts.s{i:05}]\ntransport = \"sim\"\n");
+        }
+        write(&sub.join("inventory.toml"), &inv)?;
+        write(
+            &sub.join("patchbook.toml"),
+            &format!(
+                "inventory = [\"inventory.toml\"]\nstdlib = \"{ROOT}/stdlib\"\n\
+                 playbooks = \"{ROOT}/scripts\"\ntrusted_sources = [\"{}\"]\n\n\
+                 # rollout() returns one entry per host: past the default 10,000\n\
+                 [limits]\nmax_map_size = 1000000\nmax_array_size = 1000000\n",
+                dir.display()
+            ),
+        )?;
+        let mut cmd = Command::new(pb);
+        cmd.arg("--config")
+            .arg(sub.join("patchbook.toml"))
+            .arg("--state-dir")
+            .arg(sub.join("state"))
+            .args(["--forks", "50", "-q", verb])
+            .arg(Path::new(ROOT).join("scripts/bench-patch.rhai"));
+        let s = measure(&mut cmd, &sub.join("log"))?;
+        eprintln!(
+            "  sim {verb} {count}: {:.2}s wall {:.2}s cpu {} KB {}",
+            s.wall,
+            s.cpu,
+            s.rss_kb,
+            if s.ok { "ok" } else { &s.why }
+        );
+        Ok(s)
+    };
+    let plan = one(n, "plan").ok().filter(|s| s.ok);
+    let small_run = one(small, "run")?;
+    let run = one(n, "run")?;
+    Ok(SimResult {
+        hosts: n,
+        latency_ms,
+        plan,
+        run,
+        small_run,
+        small_hosts: small,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn machine_facts() -> String {
+    let sh = |c: &str| {
+        Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "- date: {}\n- machine: {} cores ({}), {} memory, kernel {}\n- patchbook {} (release build); {}; {}\n",
+        sh("date -u '+%Y-%m-%d %H:%M UTC'"),
+        sh("nproc"),
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
+        sh("free -h | awk '/^Mem:/ {print $2}'"),
+        sh("uname -r"),
+        sh(&format!("git -C {ROOT} rev-parse --short HEAD")),
+        sh("ssh -V 2>&1"),
+        sh(&format!(
+            "{ROOT}/target/bench-venv/bin/pip list 2>/dev/null | awk '/^(pyinfra|ansible-core) / {{printf \"%s %s  \", $1, $2}}'"
+        )),
+    )
+}
+
+fn render(
+    args: &Args,
+    table: &[(usize, Peer, Vec<Sample>)],
+    unavailable: &[(Peer, String)],
+    sim: Option<&SimResult>,
+) -> String {
+    let mut md = String::from("# Fleet benchmark\n\n");
+    md.push_str(&machine_facts());
+    let _ = writeln!(
+        md,
+        "\nEvery peer runs the same 7-step patch job on N real sshd hosts (one dpkg database each) \
+         with parallelism N; wall time, controller CPU (user+sys of the peer's process tree) and \
+         controller peak RSS (summed over the tree) are medians of {} runs; every host is \
+         re-seeded to 1.0.0 before each run, and a run that leaves any host below 1.0.1 is FAILED \
+         and does not count. Host CPU is what the hosts' sshd and everything they started spent \
+         (same cores). Ratio = wall time / patchbook's wall time.\n",
+        args.runs
+    );
+    md.push_str("| N | tool | wall | controller CPU | controller peak RSS | host CPU | wall / patchbook |\n");
+    md.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    let mut pb_wall: HashMap<usize, f64> = HashMap::new();
+    for (n, peer, samples) in table {
+        let good: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+        let failed = samples.len() - good.len();
+        let wall = median(good.iter().map(|s| s.wall).collect());
+        if *peer == Peer::Patchbook && !good.is_empty() {
+            pb_wall.insert(*n, wall);
+        }
+        if good.is_empty() {
+            let why = samples.first().map(|s| s.why.as_str()).unwrap_or("");
+            let _ = writeln!(
+                md,
+                "| {n} | {} | FAILED | | | | | <!-- {why} -->",
+                peer.label()
+            );
+            continue;
+        }
+        let cpu = median(good.iter().map(|s| s.cpu).collect());
+        let rss = median(good.iter().map(|s| s.rss_kb as f64).collect());
+        let host = median(good.iter().map(|s| s.host_cpu).collect());
+        let ratio = pb_wall
+            .get(n)
+            .map(|p| format!("{:.2}×", wall / p))
+            .unwrap_or_else(|| "n/a".into());
+        let note = if failed > 0 {
+            format!(" ({failed} of {} runs FAILED)", samples.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            md,
+            "| {n} | {}{note} | {wall:.2} s | {cpu:.2} s | {:.1} MB | {host:.2} s | {ratio} |",
+            peer.label(),
+            rss / 1024.0
+        );
+    }
+    for (peer, why) in unavailable {
+        let _ = writeln!(md, "\n{} was not run: {why}", peer.label());
+    }
+    if let Some(s) = sim {
+        let _ = writeln!(
+            md,
+            "\n## Controller-only scale (`sim` transport, {} ms latency)\n",
+            s.latency_ms
+        );
+        md.push_str("| run | hosts | wall | controller CPU | CPU per host | peak RSS | RSS per host (marginal) |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        let per_host_kb = (s.run.rss_kb as f64 - s.small_run.rss_kb as f64)
+            / (s.hosts - s.small_hosts).max(1) as f64;
+        let mut row = |name: &str, hosts: usize, x: &Sample, mem: String| {
+            let status = if x.ok { "" } else { " FAILED" };
+            let _ = writeln!(
+                md,
+                "| {name}{status} | {hosts} | {:.2} s | {:.2} s | {:.3} ms | {:.1} MB | {mem} |",
+                x.wall,
+                x.cpu,
+                x.cpu * 1000.0 / hosts as f64,
+                x.rss_kb as f64 / 1024.0
+            );
+        };
+        if let Some(p) = &s.plan {
+            row("plan", s.hosts, p, String::new());
+        }
+        row("run", s.small_hosts, &s.small_run, String::new());
+        row("run", s.hosts, &s.run, format!("{per_host_kb:.1} KB"));
+        let _ = writeln!(md, "\nGoal: ≤ 1 ms CPU and ≤ 50 KB per host.");
+    }
+    md
+}
