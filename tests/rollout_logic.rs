@@ -835,3 +835,36 @@ fn events_serialise_with_a_kind_and_a_panicking_host_fails_cleanly() {
     assert!(kinds.contains(&"rollback_failed".to_string()));
     assert_eq!(kinds.last().map(String::as_str), Some("run_done"));
 }
+
+#[test]
+fn a_halt_lets_hosts_in_flight_finish_and_leaves_the_rest_pending() {
+    let plan = Plan::build(
+        plain_targets(12),
+        &policy(json!({"waves": ["50%", "100%"], "parallel": 3, "max_failed": 0})),
+        3,
+    )
+    .unwrap();
+    let halt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = AtomicUsize::new(0);
+    let summary = Executor::new(&plan)
+        .halt_on(halt.clone())
+        .run(
+            |_, _| {
+                // The fourth host to start asks for the stop, as SIGTERM would.
+                if started.fetch_add(1, Ordering::SeqCst) == 3 {
+                    halt.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                HostOutcome::Done
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(summary.stop, StopReason::Halted);
+    assert_eq!(summary.totals.failed, 0, "a halt is not a failure");
+    assert_eq!(summary.totals.rolled_back, 0);
+    let n = started.load(Ordering::SeqCst);
+    assert!((4..=6).contains(&n), "{n} hosts started");
+    assert_eq!(summary.totals.done, n);
+    assert_eq!(summary.totals.pending, 12 - n);
+}

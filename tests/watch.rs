@@ -453,7 +453,7 @@ fn a_library_edit_reloads_every_importer_and_only_if_all_compile() {
     assert!(s["last_error"].is_null());
 }
 
-const SLOW: &str = "for h in hosts(\"all\") { exec(h, [\"sleep\", \"2\"]); }\n";
+const SLOW: &str = "rollout(hosts(\"all\"), #{}, |h| { exec(h, [\"sleep\", \"2\"]); });\n";
 
 #[test]
 fn an_in_flight_run_keeps_its_generation_and_runs_never_overlap() {

@@ -349,7 +349,7 @@ fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
 
 /// `patchbook watch`: runs until SIGTERM.
 fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
-    use crate::watch::{Inputs, ScriptLauncher, ServeOptions, Service, WatchTiming};
+    use crate::watch::{Inputs, ServeOptions, Service, WatchTiming};
     let rt = Runtime::build(&cli.options())?;
     rt.ensure_state_dir()?;
     let clock = crate::rollout::Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
@@ -358,7 +358,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
         .clone()
         .unwrap_or_else(|| rt.state_dir.join("control.sock"));
     let inputs = Inputs::from_config(&rt.config);
-    let launcher = ScriptLauncher::new(rt.config.limits.clone()).with_runtime(Arc::new(rt));
+    let launcher = run::RolloutLauncher::new(Arc::new(rt));
     let service = Service::new(inputs, Arc::new(launcher), clock);
     let opts = ServeOptions {
         listen: args.listen,

@@ -12,9 +12,9 @@ use super::progress::{self, Style};
 use super::{Cli, CliError};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
-use crate::rollout::{Clock, StopReason};
+use crate::rollout::{Clock, StopReason, Summary};
 use crate::runtime::Runtime;
-use crate::script::rollout::{register_rollout, RunControl};
+use crate::script::rollout::{register_rollout, EventSink, RunControl};
 use crate::script::session::Session;
 use crate::script::{CompiledPlaybook, Compiler, ScriptRun};
 
@@ -27,7 +27,7 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 
 /// Routes SIGTERM and SIGINT to `stop`: in-flight host steps finish, the journal
 /// is written, pending hosts stay pending for `run --resume`.
-fn forward_stop_signals(stop: Arc<AtomicBool>) {
+pub fn forward_stop_signals(stop: Arc<AtomicBool>) {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -77,7 +77,68 @@ fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
     let limits = session.runtime.config.limits.clone();
     let mut run = ScriptRun::with_session(&limits, session);
     register_rollout(run.engine_mut(), Some(control.clone()));
+    crate::watch::schedule::register_schedule_noop(run.engine_mut());
     run
+}
+
+/// What a run needs besides its playbook and journal.
+pub struct Execution {
+    pub clock: Clock,
+    pub sink: EventSink,
+    /// Set to stop starting new hosts; hosts in flight finish.
+    pub stop: Arc<AtomicBool>,
+    pub vars: BTreeMap<String, String>,
+}
+
+/// Runs a compiled playbook against a journal that is already open, then closes
+/// the journal. Shared by `run`, `run --resume` and the `watch` service, so every
+/// run goes through the same session, rollout glue and notifications.
+pub fn execute(
+    rt: &Arc<Runtime>,
+    pb: &CompiledPlaybook,
+    journal: Journal,
+    playbook: &str,
+    ex: Execution,
+) -> (
+    Result<rhai::Dynamic, crate::script::ScriptError>,
+    Vec<Summary>,
+) {
+    let run_id = journal.run().to_string();
+    let journal = Arc::new(journal);
+    let ctx = RunCtx::new(
+        run_id.clone(),
+        rt.state_dir.clone(),
+        Some(journal.clone()),
+        Mode::Apply,
+    )
+    .with_playbook(playbook.to_string());
+    let session = Arc::new(Session::new(rt.clone(), ctx));
+    for s in session.secrets() {
+        journal.add_secret(&s);
+    }
+    let control = Arc::new(
+        RunControl::new(session.clone(), ex.clock, ex.sink)
+            .with_vars(ex.vars)
+            .with_stop(ex.stop),
+    );
+    let script = engine_for(&control);
+    let result = script.run(pb);
+    let summaries = control.summaries();
+    finish_notice(&control, &summaries, &run_id);
+    drop(script);
+    drop(control);
+    drop(session);
+    match Arc::try_unwrap(journal) {
+        Ok(j) => {
+            if let Err(e) = j.close() {
+                tracing::error!(error = %e, "cannot close the journal");
+            }
+        }
+        Err(_) => {
+            tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
+        }
+    }
+    (result, summaries)
 }
 
 /// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
@@ -150,18 +211,6 @@ pub fn run(
             (run_id, journal, path.to_path_buf(), pb)
         }
     };
-    let journal = Arc::new(journal);
-    let ctx = RunCtx::new(
-        run_id.clone(),
-        rt.state_dir.clone(),
-        Some(journal.clone()),
-        Mode::Apply,
-    )
-    .with_playbook(playbook.display().to_string());
-    let session = Arc::new(Session::new(rt.clone(), ctx));
-    for s in session.secrets() {
-        journal.add_secret(&s);
-    }
     let style = Style::pick(cli.global.json, cli.global.quiet);
     if style != Style::Json && style != Style::Quiet {
         eprintln!(
@@ -171,28 +220,20 @@ pub fn run(
         );
     }
     let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
-    let control = Arc::new(
-        RunControl::new(session.clone(), clock, progress::sink(style, &run_id))
-            .with_vars(vars.clone()),
+    let stop = Arc::new(AtomicBool::new(false));
+    forward_stop_signals(stop.clone());
+    let (result, summaries) = execute(
+        &rt,
+        &pb,
+        journal,
+        &playbook.display().to_string(),
+        Execution {
+            clock,
+            sink: progress::sink(style, &run_id),
+            stop,
+            vars: vars.clone(),
+        },
     );
-    forward_stop_signals(control.stop.clone());
-    let script = engine_for(&control);
-    let result = script.run(&pb);
-    let summaries = control.summaries();
-    finish_notice(&control, &summaries, &run_id);
-    drop(script);
-    drop(control);
-    drop(session);
-    match Arc::try_unwrap(journal) {
-        Ok(j) => {
-            if let Err(e) = j.close() {
-                tracing::error!(error = %e, "cannot close the journal");
-            }
-        }
-        Err(_) => {
-            tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
-        }
-    }
     let _ = result?;
     let failed: usize = summaries
         .iter()
@@ -390,4 +431,102 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Starts `watch`'s runs the same way `patchbook run` does: journal header with
+/// the pinned generation's hashes, session, rollout, notifications.
+pub struct RolloutLauncher {
+    rt: Arc<Runtime>,
+}
+
+impl RolloutLauncher {
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        RolloutLauncher { rt }
+    }
+}
+
+impl crate::watch::Launcher for RolloutLauncher {
+    fn launch(
+        &self,
+        req: &crate::watch::LaunchRequest,
+        progress: &dyn Fn(crate::watch::ProgressCounts),
+        stop: Arc<AtomicBool>,
+    ) -> Result<crate::watch::LaunchResult, String> {
+        use crate::watch::ProgressCounts;
+        let rt = &self.rt;
+        let pb = &req.playbook;
+        let journal = Journal::begin(
+            &rt.state_dir,
+            &req.run_id,
+            &rt.operator,
+            &header(rt, &pb.path, pb),
+        )
+        .map_err(|e| e.to_string())?;
+        progress(ProgressCounts::default());
+        let (tx, rx) = std::sync::mpsc::channel::<ProgressCounts>();
+        let counts = std::sync::Mutex::new(ProgressCounts::default());
+        let sink: EventSink = Arc::new(move |_, e: &crate::rollout::RolloutEvent| {
+            use crate::rollout::RolloutEvent as E;
+            let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+            match e {
+                E::RunStarted { targets, .. } => {
+                    c.targeted += targets;
+                    c.pending += targets;
+                }
+                E::HostStarted { .. } => {
+                    c.in_progress += 1;
+                    c.pending = c.pending.saturating_sub(1);
+                }
+                E::HostDone { .. } => {
+                    c.in_progress = c.in_progress.saturating_sub(1);
+                    c.done += 1;
+                }
+                E::HostFailed { .. } => {
+                    c.in_progress = c.in_progress.saturating_sub(1);
+                    c.failed += 1;
+                }
+                _ => return,
+            }
+            let _ = tx.send(*c);
+        });
+        let clock = Clock::from_env().map_err(|e| e.to_string())?;
+        let ex = Execution {
+            clock,
+            sink,
+            stop,
+            vars: BTreeMap::new(),
+        };
+        let playbook = pb.path.display().to_string();
+        let (result, summaries) = std::thread::scope(|s| {
+            let worker = s.spawn(|| execute(rt, pb, journal, &playbook, ex));
+            for c in rx.iter() {
+                progress(c);
+            }
+            worker.join().map_err(|_| "the run panicked".to_string())
+        })?;
+        let failed: usize = summaries
+            .iter()
+            .map(|s| s.totals.failed + s.totals.rollback_failed)
+            .sum();
+        let stopped = summaries.iter().any(|s| s.stop != StopReason::Completed);
+        let summary = match &result {
+            Err(e) => format!("script error: {}", crate::journal::scrub(&e.to_string())),
+            Ok(_) => summaries
+                .iter()
+                .map(|s| {
+                    let t = &s.totals;
+                    format!(
+                        "{} targeted, {} done, {} failed, {} pending",
+                        t.targeted, t.done, t.failed, t.pending
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        Ok(crate::watch::LaunchResult {
+            run_id: req.run_id.clone(),
+            ok: result.is_ok() && failed == 0 && !stopped,
+            summary,
+        })
+    }
 }

@@ -225,10 +225,23 @@ impl<F: Fn(DateTime<Utc>, &RolloutEvent)> RolloutObserver for F {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StopReason {
     Completed,
-    BudgetExhausted { failures: usize, allowed: usize },
-    PilotFailed { host: String },
-    GateStopped { after_wave: usize, reason: String },
-    WindowClosing { before_wave: usize },
+    BudgetExhausted {
+        failures: usize,
+        allowed: usize,
+    },
+    PilotFailed {
+        host: String,
+    },
+    GateStopped {
+        after_wave: usize,
+        reason: String,
+    },
+    WindowClosing {
+        before_wave: usize,
+    },
+    /// The controller was asked to stop (SIGTERM, the watch service shutting
+    /// down): hosts in flight finished, the rest are pending for `run --resume`.
+    Halted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -336,6 +349,7 @@ pub struct Executor<'a> {
     window: Option<Window>,
     gate: Option<Box<GateFn<'a>>>,
     observer: Option<Box<dyn RolloutObserver + 'a>>,
+    halt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 enum Msg {
@@ -359,6 +373,7 @@ impl<'a> Executor<'a> {
             window: None,
             gate: None,
             observer: None,
+            halt: None,
         }
     }
 
@@ -374,6 +389,12 @@ impl<'a> Executor<'a> {
 
     pub fn gate(mut self, gate: impl Fn(&GateContext) -> Result<bool, String> + 'a) -> Self {
         self.gate = Some(Box::new(gate));
+        self
+    }
+
+    /// A flag that, once set, stops new hosts from starting; hosts in flight finish.
+    pub fn halt_on(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.halt = Some(flag);
         self
     }
 
@@ -510,8 +531,17 @@ impl<'a> Executor<'a> {
             }
             drop(msg_tx);
 
+            let halted = || {
+                self.halt
+                    .as_ref()
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+            };
             let mut previous: Option<&Wave> = None;
             for wave in &plan.waves {
+                if halted() {
+                    stop = Some(StopReason::Halted);
+                    break;
+                }
                 if let Some(prev) = previous {
                     if !plan.policy.pause.is_zero() {
                         self.emit(RolloutEvent::Paused {
@@ -575,6 +605,10 @@ impl<'a> Executor<'a> {
                 });
                 let mut sched = WaveSchedule::new(plan, wave);
                 loop {
+                    if stop.is_none() && halted() {
+                        stop = Some(StopReason::Halted);
+                        sched.stop();
+                    }
                     for h in sched.start_next() {
                         self.emit(RolloutEvent::HostStarted {
                             host: plan.host(h).name.clone(),

@@ -84,6 +84,12 @@ impl RunControl {
         }
     }
 
+    /// Shares a stop flag with the caller (signals, the watch service).
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = stop;
+        self
+    }
+
     pub fn with_vars(mut self, vars: std::collections::BTreeMap<String, String>) -> Self {
         self.vars = vars;
         self
@@ -503,7 +509,7 @@ fn rollout(
         c.clock.clone()
     };
 
-    let mut ex = Executor::new(&plan).clock(clock);
+    let mut ex = Executor::new(&plan).clock(clock).halt_on(c.stop.clone());
     if let (Some(w), false) = (c.window(), planning) {
         ex = ex.window(w);
     }
