@@ -944,6 +944,30 @@ pub fn redact_str(s: &str, secrets: &[String]) -> String {
     out
 }
 
+/// Every secret this process has seen, for output that does not pass through a
+/// journal: logs, progress lines, error messages.
+static PROCESS_SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Hides `value` from everything [`scrub`] filters, from now on.
+pub fn register_secret(value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    let mut all = PROCESS_SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    if !all.iter().any(|x| x == value) {
+        all.push(value.to_string());
+    }
+}
+
+/// `text` with every registered secret shown as `***`.
+pub fn scrub(text: &str) -> String {
+    let all = PROCESS_SECRETS.read().unwrap_or_else(|p| p.into_inner());
+    if all.is_empty() {
+        return text.to_string();
+    }
+    redact_str(text, &all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,28 +1024,4 @@ mod tests {
             ));
         }
     }
-}
-
-/// Every secret this process has seen, for output that does not pass through a
-/// journal: logs, progress lines, error messages.
-static PROCESS_SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
-
-/// Hides `value` from everything [`scrub`] filters, from now on.
-pub fn register_secret(value: &str) {
-    if value.is_empty() {
-        return;
-    }
-    let mut all = PROCESS_SECRETS.write().unwrap_or_else(|p| p.into_inner());
-    if !all.iter().any(|x| x == value) {
-        all.push(value.to_string());
-    }
-}
-
-/// `text` with every registered secret shown as `***`.
-pub fn scrub(text: &str) -> String {
-    let all = PROCESS_SECRETS.read().unwrap_or_else(|p| p.into_inner());
-    if all.is_empty() {
-        return text.to_string();
-    }
-    redact_str(text, &all)
 }
