@@ -342,6 +342,11 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host|
     assert!(outputs.contains("deadline"), "{outputs}");
     let received = bodies.lock().unwrap().join("\n");
     assert!(received.contains("deploying with ***"), "{received}");
+    // The automatic notifications went out too: run started, first failure (the
+    // failure's text, redacted), run finished.
+    assert!(received.contains("started by"), "{received}");
+    assert!(received.contains("failed holding ***"), "{received}");
+    assert!(received.contains("patchbook report"), "{received}");
     assert!(
         !outputs.contains(canary),
         "the canary reached stdout or stderr"

@@ -513,3 +513,39 @@ fn plan_leaves_the_fleet_unchanged_and_shows_unknowns() {
         "plan wrote a journal"
     );
 }
+
+#[test]
+fn staging_checks_recorded_with_test_reach_the_report() {
+    let b = Bench::new();
+    let cfg = b.config(None);
+    let pb = b.playbook(
+        r#"
+let ok = test("agent answers on lab27", "functional", #{ patch_version: "1.0.1" }, || {
+    let h = hosts("lab27")[0];
+    health(h, ["/opt/acme/agent.sh", "--check"]);
+});
+let slow = test("check latency", "performance", #{ patch_version: "1.0.1" }, || {
+    #{ before: 10.0, after: 12.0, threshold_pct: 10.0, unit: "ms" }
+});
+if !ok || slow { throw "the functional check should pass and the degraded one fail"; }
+"#,
+    );
+    let out = b.run(&cfg, &pb, &[], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .arg("--state-dir")
+        .arg(b.path("state"))
+        .args(["report", "last", "--format", "json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let tests = &v["tests"];
+    assert_eq!(tests["total"], 2, "{tests}");
+    assert_eq!(tests["passed"], 1);
+    assert_eq!(tests["failed"], 1);
+    let cases = tests["cases"].as_array().unwrap();
+    let perf = cases.iter().find(|c| c["kind"] == "performance").unwrap();
+    assert_eq!(perf["metrics"]["threshold_pct"], 10.0);
+    assert!(perf["degradation_pct"].as_f64().unwrap() > 19.0, "{perf}");
+    assert_eq!(perf["patch_version"], "1.0.1");
+}
