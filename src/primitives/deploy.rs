@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::artifact::Artifact;
 use super::backup::private_tmpdir;
 use super::facts::{facts, PackageManager};
-use super::packages::{check_package, installed};
+use super::packages::{check_package, installed, parse_query, Installed};
 use super::{cut, HostCtx, PrimitiveError};
 use crate::journal::UndoStep;
 use crate::transport::Command;
@@ -55,29 +55,31 @@ pub struct Deployed {
     pub undo: UndoStep,
 }
 
-/// The package name and version inside a staged package file, read on the host.
+/// Reads the staged file's package name and version and what the host has of that
+/// package now, in one command: every exec channel is a process on the host. The
+/// script is fixed; the file arrives as a positional parameter.
+fn fields_script(pm: PackageManager) -> &'static str {
+    match pm {
+        PackageManager::Rpm => {
+            "f=$1; fields=$(rpm -qp --qf '%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}' -- \"$f\") || exit 98; \
+             printf '%s\\n__PB_BEFORE__\\n' \"$fields\"; name=$(printf '%s\\n' \"$fields\" | head -n 1); \
+             out=$(rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\" 2>/dev/null) && printf '%s\\n' \"$out\"; exit 0"
+        }
+        _ => {
+            "f=$1; fields=$(dpkg-deb '--showformat=${Package}\\n${Version}' -W -- \"$f\") || exit 98; \
+             printf '%s\\n__PB_BEFORE__\\n' \"$fields\"; name=$(printf '%s\\n' \"$fields\" | head -n 1); \
+             out=$(dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\" 2>/dev/null) && printf '%s\\n' \"$out\"; exit 0"
+        }
+    }
+}
+
+/// The staged package's name and version, and the installed package before.
 fn package_fields(
     ctx: &HostCtx,
     pm: PackageManager,
     file: &str,
-) -> Result<(String, String), PrimitiveError> {
-    let argv: Vec<&str> = match pm {
-        PackageManager::Rpm => vec![
-            "rpm",
-            "-qp",
-            "--qf",
-            "%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
-            "--",
-            file,
-        ],
-        _ => vec![
-            "dpkg-deb",
-            "--showformat=${Package}\\n${Version}\\n",
-            "-W",
-            "--",
-            file,
-        ],
-    };
+) -> Result<(String, String, Option<Installed>), PrimitiveError> {
+    let argv = ["sh", "-c", fields_script(pm), "patchbook-fields", file];
     let out = ctx
         .transport
         .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(60))))?;
@@ -89,7 +91,8 @@ fn package_fields(
         ));
     }
     let text = out.stdout_str();
-    let mut lines = text.lines();
+    let (fields, before) = text.split_once("__PB_BEFORE__\n").unwrap_or((&text, ""));
+    let mut lines = fields.lines();
     let name = lines.next().unwrap_or_default().trim().to_string();
     let version = lines.next().unwrap_or_default().trim();
     let version = version
@@ -97,7 +100,7 @@ fn package_fields(
         .unwrap_or(version)
         .to_string();
     check_package("deploy", pm, &name)?;
-    Ok((name, version))
+    Ok((name, version, parse_query(pm, before)))
 }
 
 fn install_argv(method: &Method, pm: PackageManager, file: &str) -> Vec<String> {
@@ -128,21 +131,45 @@ fn install_argv(method: &Method, pm: PackageManager, file: &str) -> Vec<String> 
     words.into_iter().map(str::to_string).collect()
 }
 
-/// Checks the staged file's hash and installs it in ONE command, so nothing can
-/// change the file between the on-host check and the install. The script is fixed;
-/// data arrives as positional parameters, never spliced into it.
-fn checked_install(sha256: &str, file: &str, install: &[String]) -> Vec<String> {
+/// Checks the staged file's hash, installs it, reads the package back and removes
+/// the staging folder, in ONE command: nothing can change the file between the
+/// on-host check and the install, and no further process is started on the host.
+/// The script is fixed; data arrives as positional parameters, never spliced in.
+fn checked_install(
+    pm: PackageManager,
+    sha256: &str,
+    file: &str,
+    package: &str,
+    dir: &str,
+    install: &[String],
+) -> Vec<String> {
+    let query = match pm {
+        PackageManager::Rpm => "rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\"",
+        _ => "dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\"",
+    };
+    let script = format!(
+        "sha=$1; f=$2; name=$3; dir=$4; shift 4; \
+         printf '%s  %s\\n' \"$sha\" \"$f\" | sha256sum -c --status - || \
+         {{ echo \"patchbook: $f changed on the host after upload (sha256 mismatch); not installed\" >&2; rm -rf -- \"$dir\"; exit {CHANGED_AFTER_UPLOAD}; }}; \
+         \"$@\"; rc=$?; printf '\\n{AFTER}\\n'; out=$({query} 2>/dev/null) && printf '%s\\n' \"$out\"; \
+         rm -rf -- \"$dir\"; exit $rc"
+    );
     let mut argv: Vec<String> = vec![
         "sh".into(),
         "-c".into(),
-        "printf '%s  %s\\n' \"$1\" \"$2\" | sha256sum -c --status - || { echo \"patchbook: $2 changed on the host after upload (sha256 mismatch); not installed\" >&2; exit 97; }; shift 2; exec \"$@\"".into(),
+        script,
         "patchbook-install".into(),
         sha256.into(),
         file.into(),
+        package.into(),
+        dir.into(),
     ];
     argv.extend(install.iter().cloned());
     argv
 }
+
+/// The line after which `checked_install` prints the package as installed now.
+const AFTER: &str = "__PB_AFTER__";
 
 /// Exit code `checked_install` uses for a file changed after upload.
 pub const CHANGED_AFTER_UPLOAD: i32 = 97;
@@ -195,50 +222,85 @@ pub fn deploy_with_hook(
     }
     let tmp = private_tmpdir(ctx, "deploy")?;
     let remote = format!("{tmp}/{file_name}");
-    let result = deploy_staged(ctx, pm, artifact, opts, &remote, before_install);
+    let (result, cleaned) = deploy_staged(ctx, pm, artifact, opts, &tmp, &remote, before_install);
+    if cleaned {
+        return result;
+    }
     let _ = ctx
         .transport
         .run(&Command::new(["rm", "-rf", "--", &tmp]).timeout(Duration::from_secs(60)));
     result
 }
 
+/// The deploy after the staging folder exists. Also says whether the install
+/// command already removed the folder.
 fn deploy_staged(
     ctx: &HostCtx,
     pm: PackageManager,
     artifact: &Artifact,
     opts: &DeployOptions,
+    dir: &str,
     remote: &str,
     before_install: &dyn Fn(&str),
-) -> Result<Deployed, PrimitiveError> {
-    let upload = ctx.transport.put(&artifact.path, remote, 0o600)?;
-    if upload.sha256 != artifact.sha256 {
-        return Err(PrimitiveError::step(
-            ctx.name(),
-            "deploy",
-            format!(
-                "uploaded {} hashes to {} on the host, expected {}",
-                remote, upload.sha256, artifact.sha256
-            ),
-        ));
-    }
-    let (package, version) = package_fields(ctx, pm, remote)?;
-    let before = installed(ctx, &package)?.map(|i| i.version);
-    let undo = undo_for(ctx, &package, before.as_deref(), opts)?;
+) -> (Result<Deployed, PrimitiveError>, bool) {
+    let prepared = (|| {
+        let upload = ctx.transport.put(&artifact.path, remote, 0o600)?;
+        if upload.sha256 != artifact.sha256 {
+            return Err(PrimitiveError::step(
+                ctx.name(),
+                "deploy",
+                format!(
+                    "uploaded {} hashes to {} on the host, expected {}",
+                    remote, upload.sha256, artifact.sha256
+                ),
+            ));
+        }
+        package_fields(ctx, pm, remote)
+    })();
+    let (package, version, before) = match prepared {
+        Ok(p) => p,
+        Err(e) => return (Err(e), false),
+    };
+    let before = before.map(|i| i.version);
+    let undo = match undo_for(ctx, &package, before.as_deref(), opts) {
+        Ok(u) => u,
+        Err(e) => return (Err(e), false),
+    };
     let install = install_argv(&opts.method, pm, remote);
-    let intent = ctx.intent(
+    let intent = match ctx.intent(
         "deploy",
         serde_json::json!({
             "artifact": artifact.url, "sha256": artifact.sha256, "package": package,
             "from": before, "to": version, "argv": install, "undo": undo,
         }),
-    )?;
+    ) {
+        Ok(i) => i,
+        Err(e) => return (Err(e), false),
+    };
     before_install(remote);
     let out = ctx.transport.run(
-        &Command::new(checked_install(&artifact.sha256, remote, &install))
-            .timeout(ctx.timeout(opts.timeout)),
+        &Command::new(checked_install(
+            pm,
+            &artifact.sha256,
+            remote,
+            &package,
+            dir,
+            &install,
+        ))
+        .timeout(ctx.timeout(opts.timeout)),
     );
-    // Whatever happened, the host's real state is read back and recorded.
-    let after = installed(ctx, &package).ok().flatten().map(|i| i.version);
+    let cleaned = out.is_ok();
+    // Whatever happened, the host's real state is read back and recorded: from the
+    // install command itself, or by asking again when it did not finish.
+    let after = match &out {
+        Ok(o) if o.code != CHANGED_AFTER_UPLOAD => {
+            let text = o.stdout_str();
+            text.rsplit_once(&format!("{AFTER}\n"))
+                .and_then(|(_, q)| parse_query(pm, q))
+                .map(|i| i.version)
+        }
+        _ => installed(ctx, &package).ok().flatten().map(|i| i.version),
+    };
     let (ok, error) = match &out {
         Ok(o) if o.success() => (true, None),
         Ok(o) if o.code == CHANGED_AFTER_UPLOAD => (
@@ -249,18 +311,20 @@ fn deploy_staged(
         ),
         Ok(o) => (
             false,
-            Some(PrimitiveError::failed(ctx.name(), "deploy", o).to_string()),
+            Some(PrimitiveError::failed(ctx.name(), "deploy", &without_after(o)).to_string()),
         ),
         Err(e) => (false, Some(e.to_string())),
     };
-    ctx.outcome(
+    if let Err(e) = ctx.outcome(
         "deploy",
         intent,
         ok,
         serde_json::json!({ "package": package, "from": before, "after": after, "error": error }),
         Some(undo.clone()),
-    )?;
-    match out {
+    ) {
+        return (Err(e), cleaned);
+    }
+    let result = match out {
         Ok(o) if o.success() => Ok(Deployed {
             package,
             before,
@@ -275,9 +339,24 @@ fn deploy_staged(
                 cut(o.stderr_str().trim(), 500)
             ),
         )),
-        Ok(o) => Err(PrimitiveError::failed(ctx.name(), "deploy", &o)),
+        Ok(o) => Err(PrimitiveError::failed(
+            ctx.name(),
+            "deploy",
+            &without_after(&o),
+        )),
         Err(e) => Err(e.into()),
+    };
+    (result, cleaned)
+}
+
+/// The install's own output, without the package query appended after it.
+fn without_after(o: &crate::transport::Output) -> crate::transport::Output {
+    let mut o = o.clone();
+    let text = o.stdout_str();
+    if let Some((before, _)) = text.rsplit_once(&format!("\n{AFTER}\n")) {
+        o.stdout = before.as_bytes().to_vec();
     }
+    o
 }
 
 /// On a resumed run: the same artifact's deploy on this host, from the journal.

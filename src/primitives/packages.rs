@@ -68,74 +68,75 @@ pub fn compare(pm: PackageManager, a: &str, b: &str) -> Ordering {
     }
 }
 
+/// The argv that asks the package database about `pkg`.
+pub fn query_argv(pm: PackageManager, pkg: &str) -> Vec<String> {
+    let words: &[&str] = match pm {
+        PackageManager::Rpm => &[
+            "rpm",
+            "-q",
+            "--qf",
+            "%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
+            "--",
+        ],
+        _ => &[
+            "dpkg-query",
+            "-W",
+            "-f=${db:Status-Abbrev}\\t${Version}\\n",
+            "--",
+        ],
+    };
+    words
+        .iter()
+        .map(|w| w.to_string())
+        .chain([pkg.to_string()])
+        .collect()
+}
+
+/// Reads what [`query_argv`] printed (only when it succeeded): the installed
+/// package, or `None` when it is absent or only its config remains.
+pub fn parse_query(pm: PackageManager, stdout: &str) -> Option<Installed> {
+    let line = stdout.lines().next().unwrap_or_default().trim_end();
+    if line.is_empty() {
+        return None;
+    }
+    match pm {
+        PackageManager::Rpm => {
+            if line.starts_with("package ") {
+                return None;
+            }
+            let version = line.strip_prefix("(none):").unwrap_or(line).to_string();
+            Some(Installed {
+                version,
+                status: "installed".into(),
+            })
+        }
+        _ => {
+            let (status, version) = line.split_once('\t').unwrap_or((line, ""));
+            let status = status.trim().to_string();
+            // `rc`: removed, config files remain; `un`/`pn`: not installed.
+            if version.is_empty() || status.starts_with(['r', 'u', 'p']) {
+                return None;
+            }
+            Some(Installed {
+                version: version.to_string(),
+                status,
+            })
+        }
+    }
+}
+
 /// The installed package, or `None` when it is absent (or only its config remains).
 pub fn installed(ctx: &HostCtx, pkg: &str) -> Result<Option<Installed>, PrimitiveError> {
     let pm = facts(ctx)?.package_manager;
     check_package("installed", pm, pkg)?;
     let timeout = ctx.timeout(std::time::Duration::from_secs(60));
-    match pm {
-        PackageManager::Rpm => {
-            let out = ctx.transport.run(
-                &Command::new([
-                    "rpm",
-                    "-q",
-                    "--qf",
-                    "%{EPOCH}:%{VERSION}-%{RELEASE}\\n",
-                    "--",
-                    pkg,
-                ])
-                .timeout(timeout),
-            )?;
-            if !out.success() {
-                return Ok(None);
-            }
-            let line = out
-                .stdout_str()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let version = line
-                .strip_prefix("(none):")
-                .map(str::to_string)
-                .unwrap_or(line);
-            Ok(Some(Installed {
-                version,
-                status: "installed".into(),
-            }))
-        }
-        _ => {
-            let out = ctx.transport.run(
-                &Command::new([
-                    "dpkg-query",
-                    "-W",
-                    "-f=${db:Status-Abbrev}\\t${Version}\\n",
-                    "--",
-                    pkg,
-                ])
-                .timeout(timeout),
-            )?;
-            if !out.success() {
-                return Ok(None);
-            }
-            let text = out.stdout_str();
-            let line = text.lines().next().unwrap_or_default();
-            let (status, version) = line.split_once('\t').unwrap_or((line, ""));
-            let status = status.trim().to_string();
-            // `rc`: removed, config files remain; `un`/`pn`: not installed.
-            if version.is_empty()
-                || status.starts_with('r')
-                || status.starts_with('u')
-                || status.starts_with('p')
-            {
-                return Ok(None);
-            }
-            Ok(Some(Installed {
-                version: version.to_string(),
-                status,
-            }))
-        }
+    let out = ctx
+        .transport
+        .run(&Command::new(query_argv(pm, pkg)).timeout(timeout))?;
+    if !out.success() {
+        return Ok(None);
     }
+    Ok(parse_query(pm, &out.stdout_str()))
 }
 
 /// Checks the package database independently: `pkg` must be fully installed at
