@@ -169,7 +169,8 @@ impl Plan {
                         }
                     })
                     .collect();
-                if wanted.is_empty() && !names.is_empty() {
+                // With no targets at all there is nothing to pilot: an empty run.
+                if wanted.is_empty() && !names.is_empty() && !order.is_empty() {
                     return Err(PlanError::EmptyPilot {
                         names: names.clone(),
                     });
