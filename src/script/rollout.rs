@@ -431,7 +431,7 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
     FuncRegistration::new("rollout")
         .with_volatility(true)
         .with_params_info(["targets: Array", "policy: Map", "work: FnPtr", "Map"])
-        .with_comments(["/// Runs `work(host)` over the targets: pilot first, then waves, under one failure\n/// budget, inside the window. A host whose work throws is rolled back (its undo\n/// steps, newest first). Returns the summary map (`stop`, `totals`, `hosts`, …)."])
+        .with_comments(["/// Runs `work(host)` over the targets: pilot first, then waves, under one failure\n/// budget, inside the window. A host whose work throws is rolled back (its undo\n/// steps, newest first). Returns `#{ stop, totals, per_group, failed, pending }`."])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, targets: Array, policy: Map, work: FnPtr| -> RhaiResult<Map> {
@@ -595,7 +595,26 @@ fn rollout(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(summary.clone());
-    match from_json(&serde_json::to_value(&summary).unwrap_or_default()).try_cast::<Map>() {
+    // The script gets the counts; the per-host detail stays in the journal, so a
+    // 10,000-host rollout does not meet the sandbox's map and array limits.
+    let mut brief = serde_json::to_value(&summary).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut brief {
+        for k in ["hosts", "completion_order", "rollback_order"] {
+            m.remove(k);
+        }
+        m.insert("pending".into(), summary.pending_hosts().into());
+        m.insert(
+            "failed".into(),
+            summary
+                .hosts
+                .iter()
+                .filter(|h| h.state == crate::rollout::HostState::Failed)
+                .map(|h| h.name.clone())
+                .collect::<Vec<_>>()
+                .into(),
+        );
+    }
+    match from_json(&brief).try_cast::<Map>() {
         Some(m) => Ok(m),
         None => Ok(Map::new()),
     }
