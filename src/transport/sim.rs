@@ -3,7 +3,7 @@
 //!
 //! It owns nothing but an in-memory model of one host: which version of one package
 //! is installed and which files were uploaded. It understands just the commands the
-//! patch primitives send (the facts probe, `dpkg-query`, `dpkg-deb -W`, `mktemp -d`,
+//! patch primitives send (the facts probe, `dpkg-query`, the deploy scripts, `mktemp -d`,
 //! `tar -c`, `dpkg -i` alone or behind the checked-install wrapper) and answers
 //! anything else with exit 0. It is a benchmark transport: it must never be used to
 //! prove that a feature works, and it must not touch the controller's files except to
@@ -117,7 +117,14 @@ impl SimTransport {
         let words: Vec<&str> = argv.iter().map(String::as_str).collect();
         match words.as_slice() {
             ["sh", "-c", script, ..] if script.contains("/etc/os-release") => ok(FACTS),
-            ["sh", "-c", _, "patchbook-install", sha, file, install @ ..] => {
+            ["sh", "-c", _, "patchbook-fields", _file] => {
+                let mut text = format!("{}\n{}\n__PB_BEFORE__\n", self.package, self.patched);
+                if let Some(v) = self.lock().installed.clone() {
+                    text.push_str(&format!("ii \t{v}\n"));
+                }
+                ok(&text)
+            }
+            ["sh", "-c", _, "patchbook-install", sha, file, _name, dir, install @ ..] => {
                 let staged = self
                     .lock()
                     .staged
@@ -131,7 +138,11 @@ impl SimTransport {
                         ..Output::default()
                     };
                 }
-                self.install(install)
+                let mut out = self.install(install);
+                let after = self.lock().installed.clone().unwrap_or_default();
+                out.stdout = format!("\n__PB_AFTER__\nii \t{after}\n").into_bytes();
+                self.lock().staged.retain(|(p, _)| !p.starts_with(dir));
+                out
             }
             ["dpkg", "-i", ..] => self.install(&words),
             ["dpkg-query", rest @ ..] => self.query(rest),
@@ -361,6 +372,8 @@ mod tests {
                 "patchbook-install",
                 &up.sha256,
                 "/tmp/patchbook.sim000001/x.deb",
+                "acme-agent",
+                "/tmp/patchbook.sim000001",
                 "dpkg",
                 "-i",
                 "--",
@@ -368,6 +381,7 @@ mod tests {
             ],
         );
         assert_eq!(install.code, 0);
+        assert!(install.stdout_str().ends_with("__PB_AFTER__\nii \t1.0.1\n"));
         let after = run(&t, &["dpkg-query", "-W", fmt, "--", "acme-agent"]);
         assert_eq!(after.stdout_str(), "ii \t1.0.1\n");
         assert_eq!(run(&t, &["dpkg-query", "-W", "--", "other"]).code, 1);
@@ -385,6 +399,8 @@ mod tests {
                 "patchbook-install",
                 "00",
                 "/tmp/f",
+                "acme-agent",
+                "/tmp",
                 "dpkg",
                 "-i",
                 "--",
