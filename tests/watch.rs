@@ -768,3 +768,149 @@ fn service_pins_generations_for_runs_library_level() {
     let run2 = svc.trigger("nap", patchbook::watch::Cause::Trigger);
     assert_eq!(run2, Err(patchbook::watch::TriggerError::ShuttingDown));
 }
+
+mod support;
+
+/// The same pinning on a 10-host lab over SSH, with a pause between waves so the
+/// edit lands while the run is half done.
+#[test]
+fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
+    let lab = support::Lab::start(10);
+    let p = Project::new();
+    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
+    p.write(
+        "patchbook.toml",
+        &lab_cfg.replace(
+            "inventory = [\"inventory.toml\"]",
+            &format!(
+                "inventory = [\"{}\"]",
+                lab.dir().join("inventory.toml").display()
+            ),
+        ),
+    );
+    let v1 = "rollout(hosts(\"all\"), #{ waves: [\"50%\", \"100%\"], pause: \"3s\" }, |h| { exec(h, [\"true\"]); });\n";
+    p.write("scripts/fleet.rhai", v1);
+    let svc = Service::start(&p, &[]);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
+    let out = trigger(&p, "fleet");
+    assert!(out.status.success(), "{out:?}");
+    let (s, _) = svc.wait(Duration::from_secs(5), "the first wave done", |s| {
+        s["runs"]["in_flight"][0]["progress"]["done"] == 5
+    });
+    let run1 = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v2 = format!("// v2\n{v1}");
+    p.write("scripts/fleet.rhai", &v2);
+    let (s, _) = svc.wait(Duration::from_secs(1), "edit live during the pause", |s| {
+        generation(s) == 2
+    });
+    assert_eq!(
+        s["runs"]["in_flight"][0]["run_id"],
+        run1.as_str(),
+        "still the same run"
+    );
+    assert_eq!(s["runs"]["in_flight"][0]["sha256"], sha(v1).as_str());
+    svc.wait(Duration::from_secs(30), "first run ends", |s| {
+        s["runs"]["in_flight"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(
+        journal_header(&p, &run1)["playbook_sha256"],
+        sha(v1).as_str()
+    );
+    let done = std::fs::read_to_string(p.path(&format!(".patchbook/runs/{run1}.jsonl")))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"host_done\""))
+        .count();
+    assert_eq!(done, 10, "every host finished on the old generation");
+
+    let out = trigger(&p, "fleet");
+    assert!(out.status.success(), "{out:?}");
+    let (s, _) = svc.wait(Duration::from_secs(5), "second run", |s| {
+        s["runs"]["in_flight"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    let run2 = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(run1, run2);
+    assert_eq!(
+        journal_header(&p, &run2)["playbook_sha256"],
+        sha(&v2).as_str()
+    );
+}
+
+/// SIGTERM in the middle of a lab rollout: hosts in flight finish, the rest stay
+/// pending, the service exits 0, and `run --resume` patches up the rest.
+#[test]
+fn sigterm_mid_rollout_then_run_resume_finishes_the_fleet() {
+    let lab = support::Lab::start(10);
+    let p = Project::new();
+    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
+    p.write(
+        "patchbook.toml",
+        &lab_cfg.replace(
+            "inventory = [\"inventory.toml\"]",
+            &format!(
+                "inventory = [\"{}\"]",
+                lab.dir().join("inventory.toml").display()
+            ),
+        ),
+    );
+    p.write(
+        "scripts/fleet.rhai",
+        "rollout(hosts(\"all\"), #{ waves: [\"50%\", \"100%\"], pause: \"3s\" }, |h| { exec(h, [\"true\"]); });\n",
+    );
+    let mut svc = Service::start(&p, &[]);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
+    assert!(trigger(&p, "fleet").status.success());
+    let (s, _) = svc.wait(Duration::from_secs(5), "the first wave done", |s| {
+        s["runs"]["in_flight"][0]["progress"]["done"] == 5
+    });
+    let run = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(svc.terminate().success());
+    let journal = p.path(&format!(".patchbook/runs/{run}.jsonl"));
+    let count = |what: &str| {
+        std::fs::read_to_string(&journal)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    assert_eq!(count("\"kind\":\"host_done\""), 5);
+    assert_eq!(
+        count("\"kind\":\"halted\""),
+        1,
+        "the run records why it stopped"
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(p.path("patchbook.toml"))
+        .arg("--state-dir")
+        .arg(p.path(".patchbook"))
+        .args(["-q", "run", "--resume", &run])
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The five done hosts were not touched again; the five pending ones ran.
+    assert_eq!(count("\"kind\":\"host_started\""), 10);
+    assert_eq!(count("\"kind\":\"host_done\""), 10);
+}

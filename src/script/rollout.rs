@@ -462,6 +462,40 @@ fn rollout(
             }
         }
     }
+    // A resumed run leaves alone the hosts the journal saw to the end, and a pilot
+    // that already passed before the restart is not asked for again.
+    if !c.finished.is_empty() {
+        let before = hosts.len();
+        hosts.retain(|h| !c.finished.contains(&h.name));
+        c.record(
+            None,
+            "rollout.resume",
+            serde_json::json!({ "skipped_finished": before - hosts.len() }),
+        );
+        if let Some(pilot) = policy.remove("pilot") {
+            match pilot.clone().try_cast::<Array>() {
+                Some(list) => {
+                    let left: Array = list
+                        .into_iter()
+                        .filter(|p| {
+                            let name = p
+                                .clone()
+                                .try_cast::<ScriptHost>()
+                                .map(|h| h.name().to_string())
+                                .unwrap_or_else(|| p.to_string());
+                            !c.finished.contains(&name)
+                        })
+                        .collect();
+                    if !left.is_empty() {
+                        policy.insert("pilot".into(), Dynamic::from_array(left));
+                    }
+                }
+                None => {
+                    policy.insert("pilot".into(), pilot);
+                }
+            }
+        }
+    }
     let gate = match policy.remove("gate") {
         None => None,
         Some(g) => match g.try_cast::<FnPtr>() {
