@@ -842,6 +842,19 @@ fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
         .unwrap()
         .to_string();
     assert_ne!(run1, run2);
+    // The run's journal may be created a moment before its first record lands.
+    let journal2 = p.path(&format!(".patchbook/runs/{run2}.jsonl"));
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&journal2)
+        .map(|t| t.lines().next().is_none())
+        .unwrap_or(true)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "run {run2} wrote no journal header"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         journal_header(&p, &run2)["playbook_sha256"],
         sha(&v2).as_str()
