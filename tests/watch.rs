@@ -771,11 +771,8 @@ fn service_pins_generations_for_runs_library_level() {
 
 mod support;
 
-/// The same pinning on a 10-host lab over SSH, with a pause between waves so the
-/// edit lands while the run is half done.
-#[test]
-fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
-    let lab = support::Lab::start(10);
+/// A project whose settings are the lab's: its hosts, key and known_hosts.
+fn lab_project(lab: &support::Lab) -> Project {
     let p = Project::new();
     let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
     p.write(
@@ -788,6 +785,15 @@ fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
             ),
         ),
     );
+    p
+}
+
+/// The same pinning on a 10-host lab over SSH, with a pause between waves so the
+/// edit lands while the run is half done.
+#[test]
+fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
+    let lab = support::Lab::start(10);
+    let p = lab_project(&lab);
     let v1 = "rollout(hosts(\"all\"), #{ waves: [\"50%\", \"100%\"], pause: \"3s\" }, |h| { exec(h, [\"true\"]); });\n";
     p.write("scripts/fleet.rhai", v1);
     let svc = Service::start(&p, &[]);
@@ -866,18 +872,7 @@ fn an_edit_during_a_run_on_a_ten_host_lab_does_not_change_that_run() {
 #[test]
 fn sigterm_mid_rollout_then_run_resume_finishes_the_fleet() {
     let lab = support::Lab::start(10);
-    let p = Project::new();
-    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
-    p.write(
-        "patchbook.toml",
-        &lab_cfg.replace(
-            "inventory = [\"inventory.toml\"]",
-            &format!(
-                "inventory = [\"{}\"]",
-                lab.dir().join("inventory.toml").display()
-            ),
-        ),
-    );
+    let p = lab_project(&lab);
     p.write(
         "scripts/fleet.rhai",
         "rollout(hosts(\"all\"), #{ waves: [\"50%\", \"100%\"], pause: \"3s\" }, |h| { exec(h, [\"true\"]); });\n",
