@@ -120,6 +120,51 @@ fn exit_codes_stdin_and_stderr_are_faithful_and_the_session_is_reused() {
 }
 
 #[test]
+fn steps_share_one_session_shell_but_none_of_its_state() {
+    let f = fleet();
+    let t = connect(f, &first(f));
+    // The shell that runs each command: the same process every time, so a step
+    // costs the host a fork, not a channel and a login shell.
+    let shell_of = |t: &SshTransport| {
+        let out = t
+            .run(&Command::new([
+                "sh",
+                "-c",
+                "echo $PPID; pwd; echo ${PB_LEAK:-unset}",
+            ]))
+            .unwrap();
+        assert!(out.success(), "{}", out.stderr_str());
+        out.stdout_str()
+    };
+    let first_seen = shell_of(&t);
+    // Builtins that would change the shell run in a subshell: no state carries over,
+    // and `exit` ends only its own step.
+    for argv in [
+        vec!["cd", "/tmp"],
+        vec!["export", "PB_LEAK=yes"],
+        vec!["exit", "4"],
+    ] {
+        let out = t.run(&Command::new(argv.clone())).unwrap();
+        let want = if argv[0] == "exit" { 4 } else { 0 };
+        assert_eq!(out.code, want, "{argv:?}: {}", out.stderr_str());
+    }
+    assert_eq!(shell_of(&t), first_seen);
+    assert!(first_seen.ends_with("unset\n"), "{first_seen}");
+    // A step that reads stdin gets nothing, and cannot swallow the next step.
+    let out = t.run(&Command::new(["cat"])).unwrap();
+    assert_eq!((out.code, out.stdout.len()), (0, 0));
+    assert_eq!(
+        t.run(&Command::new(["echo", "next"])).unwrap().stdout_str(),
+        "next\n"
+    );
+    // Output with no final newline and binary bytes come back exactly.
+    let out = t
+        .run(&Command::new(["printf", "\\000\\377no newline"]))
+        .unwrap();
+    assert_eq!(out.stdout, b"\0\xffno newline");
+}
+
+#[test]
 fn a_shell_killed_by_a_signal_is_no_exit_status_not_zero() {
     let f = fleet();
     let t = connect(f, &first(f));

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use patchbook::lab::Fleet;
+use patchbook::lab::{DpkgDb, Fleet, Tie};
 use sha2::{Digest, Sha256};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -27,7 +27,9 @@ const USAGE: &str = "\
 usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none|pyinfra,ansible]
                             [--only patchbook,openssh,ssh2,ssh2-7ch,pyinfra,ansible]
                             [--sim 10000] [--sim-latency-ms 0] [--out benches/fleet/results.md]
-                            [--keep]
+                            [--dpkg-db minimal|machine] [--keep]
+  --dpkg-db      what each host's dpkg database starts as: `minimal` (acme-agent alone,
+                 the default) or `machine` (a copy of this machine's, hundreds of packages)
   --peers none   skips the Python peers (pyinfra, Ansible); the default installs them
                  into target/bench-venv from PyPI
   --sim N        also runs the playbook on N hosts of the `sim` transport (0: skip)";
@@ -84,6 +86,7 @@ struct Args {
     sim_latency_ms: u64,
     out: PathBuf,
     keep: bool,
+    dpkg_db: DpkgDb,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -95,6 +98,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         sim_latency_ms: 0,
         out: Path::new(ROOT).join("benches/fleet/results.md"),
         keep: false,
+        dpkg_db: DpkgDb::Minimal,
     };
     let mut python: Option<Vec<Peer>> = None;
     let mut only: Option<Vec<Peer>> = None;
@@ -136,6 +140,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--out" => a.out = value()?.into(),
             "--keep" => a.keep = true,
+            "--dpkg-db" => a.dpkg_db = value()?.parse()?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -240,7 +245,7 @@ fn bench(args: Args) -> Result<(), String> {
 
     let mut table: Vec<(usize, Peer, Vec<Sample>)> = Vec::new();
     for &n in &args.sizes {
-        let lab = start_lab(&base_path, n)?;
+        let lab = start_lab(&base_path, n, args.dpkg_db)?;
         let mut samples: HashMap<Peer, Vec<Sample>> = HashMap::new();
         for round in 0..args.runs {
             for &peer in &peers {
@@ -316,10 +321,11 @@ fn ensure_venv(venv: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn start_lab(base: &Path, n: usize) -> Result<Lab, String> {
+fn start_lab(base: &Path, n: usize, db: DpkgDb) -> Result<Lab, String> {
     let dir = base.join(format!("lab{n}"));
     let t = Instant::now();
-    let fleet = Fleet::up(n, &dir).map_err(|e| format!("lab up {n}: {e}"))?;
+    let fleet = Fleet::start_with(n, &dir, Tie::ToStartingThread, db)
+        .map_err(|e| format!("lab up {n}: {e}"))?;
     eprintln!(
         "fleet bench: {n} hosts up in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -813,6 +819,51 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
     })
 }
 
+/// The issue's goals as patchbook's wall time over each peer's, same run.
+fn goals(table: &[(usize, Peer, Vec<Sample>)]) -> String {
+    let wall = |n: usize, peer: Peer| {
+        table
+            .iter()
+            .find(|(m, p, _)| *m == n && *p == peer)
+            .map(|(_, _, samples)| {
+                median(samples.iter().filter(|s| s.ok).map(|s| s.wall).collect())
+            })
+            .filter(|w| w.is_finite())
+    };
+    let targets = [
+        (Peer::OpenSsh, 0.5, None),
+        (Peer::Ssh2One, 1.35, None),
+        (Peer::Pyinfra, 0.4, Some(100)),
+        (Peer::Ansible, 0.03, Some(100)),
+    ];
+    let mut sizes: Vec<usize> = table.iter().map(|(n, _, _)| *n).collect();
+    sizes.dedup();
+    let mut md = String::from(
+        "\n### Goals: patchbook's wall time ÷ the peer's, same run\n\n| N | peer | patchbook ÷ peer | goal | |\n|---:|---|---:|---:|---|\n",
+    );
+    for &n in &sizes {
+        let Some(pb) = wall(n, Peer::Patchbook) else {
+            continue;
+        };
+        for (peer, goal, only_at) in targets {
+            let Some(w) = wall(n, peer) else { continue };
+            let ratio = pb / w;
+            let judged = only_at.is_none_or(|m| m == n);
+            let verdict = match (judged, ratio <= goal) {
+                (false, _) => "(goal set at N=100 only)",
+                (true, true) => "met",
+                (true, false) => "MISSED",
+            };
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {ratio:.2}× | ≤ {goal}× | {verdict} |",
+                peer.label()
+            );
+        }
+    }
+    md
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -859,12 +910,16 @@ fn render(
     md.push_str(&machine_facts());
     let _ = writeln!(
         md,
-        "\nEvery peer runs the same 7-step patch job on N real sshd hosts (one dpkg database each) \
-         with parallelism N; wall time, controller CPU (user+sys of the peer's process tree) and \
+        "\nEvery peer runs the same 7-step patch job on N real sshd hosts (one dpkg database each, \
+         starting as {}) with parallelism N; wall time, controller CPU (user+sys of the peer's process tree) and \
          controller peak RSS (summed over the tree) are medians of {} runs; every host is \
          re-seeded to 1.0.0 before each run, and a run that leaves any host below 1.0.1 is FAILED \
          and does not count. Host CPU is what the hosts' sshd and everything they started spent \
          (same cores). Ratio = wall time / patchbook's wall time.\n",
+        match args.dpkg_db {
+            DpkgDb::Minimal => "a fresh database holding acme-agent alone: `--dpkg-db minimal`",
+            DpkgDb::Machine => "a copy of this machine's database: `--dpkg-db machine`",
+        },
         args.runs
     );
     md.push_str("| N | tool | wall | controller CPU | controller peak RSS | host CPU | wall / patchbook |\n");
@@ -908,6 +963,7 @@ fn render(
     for (peer, why) in unavailable {
         let _ = writeln!(md, "\n{} was not run: {why}", peer.label());
     }
+    md.push_str(&goals(table));
     if let Some(s) = sim {
         let _ = writeln!(
             md,

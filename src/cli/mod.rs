@@ -198,7 +198,14 @@ pub enum InventoryVerb {
 #[derive(Debug, Subcommand)]
 pub enum LabVerb {
     /// Start N hosts; writes keys, known_hosts and inventories into DIR.
-    Up { count: usize, dir: PathBuf },
+    Up {
+        count: usize,
+        dir: PathBuf,
+        /// What each host's dpkg database starts as: `machine` (a copy of this
+        /// machine's) or `minimal` (acme-agent alone)
+        #[arg(long, default_value = "machine")]
+        dpkg_db: crate::lab::DpkgDb,
+    },
     /// Stop exactly the processes `lab up` started in DIR.
     Down { dir: PathBuf },
 }
@@ -273,9 +280,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
 
 fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
     match verb {
-        LabVerb::Up { count, dir } => {
+        LabVerb::Up {
+            count,
+            dir,
+            dpkg_db,
+        } => {
             let started = std::time::Instant::now();
-            let fleet = crate::lab::Fleet::start(*count, dir, crate::lab::Tie::Detached)
+            let fleet =
+                crate::lab::Fleet::start_with(*count, dir, crate::lab::Tie::Detached, *dpkg_db)
                 .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
             for h in fleet.hosts() {
                 println!(

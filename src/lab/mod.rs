@@ -114,6 +114,29 @@ pub enum Tie {
     Detached,
 }
 
+/// What each host's dpkg database starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DpkgDb {
+    /// A copy of this machine's database (hundreds of packages): every `dpkg -i`
+    /// and `dpkg-query` pays what it pays on a real server.
+    #[default]
+    Machine,
+    /// A fresh database holding acme-agent alone: the package manager's own cost
+    /// drops to a few milliseconds, so what a tool adds around it shows.
+    Minimal,
+}
+
+impl std::str::FromStr for DpkgDb {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "machine" => Ok(DpkgDb::Machine),
+            "minimal" => Ok(DpkgDb::Minimal),
+            other => Err(format!("unknown dpkg database {other:?}: use machine or minimal")),
+        }
+    }
+}
+
 impl Fleet {
     /// Starts `n` hosts in `dir`, tied to the calling thread (see [`Tie`]).
     pub fn up(n: usize, dir: &Path) -> Result<Fleet, LabError> {
@@ -123,6 +146,11 @@ impl Fleet {
     /// Starts `n` hosts in `dir` (created if missing) and waits until each accepts
     /// connections.
     pub fn start(n: usize, dir: &Path, tie: Tie) -> Result<Fleet, LabError> {
+        Fleet::start_with(n, dir, tie, DpkgDb::Machine)
+    }
+
+    /// [`Fleet::start`] with the hosts' dpkg databases starting as `db`.
+    pub fn start_with(n: usize, dir: &Path, tie: Tie, db: DpkgDb) -> Result<Fleet, LabError> {
         preflight()?;
         std::fs::create_dir_all(dir).map_err(LabError::io(dir))?;
         let dir = std::fs::canonicalize(dir).map_err(LabError::io(dir))?;
@@ -147,7 +175,7 @@ impl Fleet {
             )?);
         }
         deb::build_acme_agent(&dir.join("debs"))?;
-        build_template(&dir)?;
+        build_template(&dir, db)?;
         for (mut child, what) in keygens {
             wait_tool(&mut child, &what)?;
         }
@@ -658,9 +686,9 @@ fn wait_tool(child: &mut Child, what: &str) -> Result<(), LabError> {
     })
 }
 
-/// The per-host trees every host starts from: a copy of the machine's dpkg admin
-/// folder with acme-agent 1.0.0 installed into it, and the `/opt`, `/etc/acme` it left.
-fn build_template(dir: &Path) -> Result<(), LabError> {
+/// The per-host trees every host starts from: a dpkg admin folder (see [`DpkgDb`])
+/// with acme-agent 1.0.0 installed into it, and the `/opt`, `/etc/acme` it left.
+fn build_template(dir: &Path, db: DpkgDb) -> Result<(), LabError> {
     let t = dir.join("template");
     let _ = std::fs::remove_dir_all(&t);
     for sub in ["dpkg", "opt", "etc-acme"] {
@@ -668,7 +696,10 @@ fn build_template(dir: &Path) -> Result<(), LabError> {
     }
     seed_home(&t.join("root"))?;
     write(&t.join("dpkg.log"), "")?;
-    copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?;
+    match db {
+        DpkgDb::Machine => copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?,
+        DpkgDb::Minimal => empty_dpkg_admin(&t.join("dpkg"))?,
+    }
     let deb = dir.join("debs").join(deb::file_name(deb::BASE_VERSION));
     let script = format!(
         "{} && dpkg -i {} >/dev/null",
@@ -716,6 +747,17 @@ fn copy_dpkg_admin(src: &Path, dst: &Path) -> Result<(), LabError> {
         copy_flat(&src.join(sub), &dst.join(sub), false)?;
     }
     copy_flat(&src.join("info"), &dst.join("info"), true)
+}
+
+/// A dpkg admin folder with no package in it.
+fn empty_dpkg_admin(dst: &Path) -> Result<(), LabError> {
+    for sub in ["info", "updates", "triggers", "parts", "alternatives"] {
+        std::fs::create_dir_all(dst.join(sub)).map_err(LabError::io(dst))?;
+    }
+    for f in ["status", "available"] {
+        write(&dst.join(f), "")?;
+    }
+    Ok(())
 }
 
 /// Copies the regular files of one folder; `link` hard-links instead where it can.

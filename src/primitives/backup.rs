@@ -395,22 +395,17 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
     result
 }
 
-/// A fresh folder on the host with mode 0700, made by `mktemp -d` so that no
-/// pre-existing path can be reused.
+/// A fresh folder on the host with mode 0700 that did not exist before, so that
+/// no pre-existing path can be reused (see [`Transport::private_dir`]).
+///
+/// [`Transport::private_dir`]: crate::transport::Transport::private_dir
 pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveError> {
-    let out = ctx.transport.run(
-        &Command::new(["mktemp", "-d", "/tmp/patchbook.XXXXXXXXXX"])
-            .timeout(ctx.timeout(Duration::from_secs(60))),
-    )?;
-    if !out.success() {
-        return Err(PrimitiveError::failed(ctx.name(), step, &out));
-    }
-    let dir = out.stdout_str().trim().to_string();
+    let dir = ctx.transport.private_dir()?;
     if !dir.starts_with("/tmp/patchbook.") || dir.contains(char::is_whitespace) {
         return Err(PrimitiveError::step(
             ctx.name(),
             step,
-            format!("mktemp returned an unexpected path {dir:?}"),
+            format!("the host returned an unexpected staging folder {dir:?}"),
         ));
     }
     Ok(dir)

@@ -55,51 +55,93 @@ pub struct Deployed {
     pub undo: UndoStep,
 }
 
-/// Reads the staged file's package name and version and what the host has of that
-/// package now, in one command: every exec channel is a process on the host. The
-/// script is fixed; the file arrives as a positional parameter.
-fn fields_script(pm: PackageManager) -> &'static str {
+/// Checks the staged file on the host and reads what the host has of its package
+/// now, in one command: every process on the host costs. It prints the file's
+/// SHA-256, then (only when `$2`, the package name, is empty) the package name and
+/// version read from the file, then the installed package (nothing when it is not
+/// installed: `rpm -q` would say so on stdout). The script is fixed;
+/// the file and the name arrive as positional parameters.
+fn stage_script(pm: PackageManager) -> &'static str {
     match pm {
         PackageManager::Rpm => {
-            "f=$1; fields=$(rpm -qp --qf '%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}' -- \"$f\") || exit 98; \
-             printf '%s\\n__PB_BEFORE__\\n' \"$fields\"; name=$(printf '%s\\n' \"$fields\" | head -n 1); \
+            "f=$1; name=$2; nl='\n'; sha256sum <\"$f\" || exit 98; printf '__PB_FIELDS__\\n'; \
+             if [ -z \"$name\" ]; then fields=$(rpm -qp --qf '%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}' -- \"$f\") || exit 98; \
+             printf '%s\\n' \"$fields\"; name=${fields%%\"$nl\"*}; fi; printf '__PB_BEFORE__\\n'; \
              out=$(rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\" 2>/dev/null) && printf '%s\\n' \"$out\"; exit 0"
         }
         _ => {
-            "f=$1; fields=$(dpkg-deb '--showformat=${Package}\\n${Version}' -W -- \"$f\") || exit 98; \
-             printf '%s\\n__PB_BEFORE__\\n' \"$fields\"; name=$(printf '%s\\n' \"$fields\" | head -n 1); \
+            "f=$1; name=$2; nl='\n'; sha256sum <\"$f\" || exit 98; printf '__PB_FIELDS__\\n'; \
+             if [ -z \"$name\" ]; then fields=$(dpkg-deb '--showformat=${Package}\\n${Version}' -W -- \"$f\") || exit 98; \
+             printf '%s\\n' \"$fields\"; name=${fields%%\"$nl\"*}; fi; printf '__PB_BEFORE__\\n'; \
              out=$(dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\" 2>/dev/null) && printf '%s\\n' \"$out\"; exit 0"
         }
     }
 }
 
-/// The staged package's name and version, and the installed package before.
-fn package_fields(
+/// Package name and version of a package file, by its SHA-256 and package manager.
+/// They are a function of the file's bytes, which every host checks against that
+/// hash, so the first host reads them and the others are spared the `dpkg-deb`.
+type FieldsCache = std::sync::Mutex<std::collections::HashMap<(String, &'static str), (String, String)>>;
+static FIELDS: std::sync::LazyLock<FieldsCache> = std::sync::LazyLock::new(Default::default);
+
+/// What the staged file hashes to on the host, its package name and version, and
+/// the installed package before.
+fn check_staged(
     ctx: &HostCtx,
     pm: PackageManager,
     file: &str,
+    artifact: &Artifact,
 ) -> Result<(String, String, Option<Installed>), PrimitiveError> {
-    let argv = ["sh", "-c", fields_script(pm), "patchbook-fields", file];
+    let key = (artifact.sha256.clone(), pm.as_str());
+    let known = FIELDS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let name_arg = known.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
+    let cmd = Command::script(stage_script(pm), "patchbook-fields", &[file, name_arg]);
     let out = ctx
         .transport
-        .run(&Command::new(argv).timeout(ctx.timeout(Duration::from_secs(60))))?;
+        .run(&cmd.timeout(ctx.timeout(Duration::from_secs(60))))?;
     if !out.success() {
         return Err(PrimitiveError::failed(
             ctx.name(),
-            "deploy: read package fields",
+            "deploy: check the staged file",
             &out,
         ));
     }
     let text = out.stdout_str();
-    let (fields, before) = text.split_once("__PB_BEFORE__\n").unwrap_or((&text, ""));
-    let mut lines = fields.lines();
-    let name = lines.next().unwrap_or_default().trim().to_string();
-    let version = lines.next().unwrap_or_default().trim();
-    let version = version
-        .strip_prefix("(none):")
-        .unwrap_or(version)
-        .to_string();
-    check_package("deploy", pm, &name)?;
+    let (hash_line, rest) = text.split_once("__PB_FIELDS__\n").unwrap_or((&text, ""));
+    let (fields, before) = rest.split_once("__PB_BEFORE__\n").unwrap_or((rest, ""));
+    let found = hash_line.split_whitespace().next().unwrap_or_default();
+    if found != artifact.sha256 {
+        return Err(PrimitiveError::step(
+            ctx.name(),
+            "deploy",
+            format!(
+                "uploaded {file} hashes to {found} on the host, expected {}",
+                artifact.sha256
+            ),
+        ));
+    }
+    let (name, version) = match known {
+        Some(k) => k,
+        None => {
+            let mut lines = fields.lines();
+            let name = lines.next().unwrap_or_default().trim().to_string();
+            let version = lines.next().unwrap_or_default().trim();
+            let version = version
+                .strip_prefix("(none):")
+                .unwrap_or(version)
+                .to_string();
+            check_package("deploy", pm, &name)?;
+            FIELDS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, (name.clone(), version.clone()));
+            (name, version)
+        }
+    };
     Ok((name, version, parse_query(pm, before)))
 }
 
@@ -142,30 +184,21 @@ fn checked_install(
     package: &str,
     dir: &str,
     install: &[String],
-) -> Vec<String> {
+) -> Command {
     let query = match pm {
         PackageManager::Rpm => "rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\"",
         _ => "dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\"",
     };
     let script = format!(
         "sha=$1; f=$2; name=$3; dir=$4; shift 4; \
-         printf '%s  %s\\n' \"$sha\" \"$f\" | sha256sum -c --status - || \
+         h=$(sha256sum <\"$f\") && [ \"${{h%% *}}\" = \"$sha\" ] || \
          {{ echo \"patchbook: $f changed on the host after upload (sha256 mismatch); not installed\" >&2; rm -rf -- \"$dir\"; exit {CHANGED_AFTER_UPLOAD}; }}; \
          \"$@\"; rc=$?; printf '\\n{AFTER}\\n'; out=$({query} 2>/dev/null) && printf '%s\\n' \"$out\"; \
          rm -rf -- \"$dir\"; exit $rc"
     );
-    let mut argv: Vec<String> = vec![
-        "sh".into(),
-        "-c".into(),
-        script,
-        "patchbook-install".into(),
-        sha256.into(),
-        file.into(),
-        package.into(),
-        dir.into(),
-    ];
-    argv.extend(install.iter().cloned());
-    argv
+    let mut args = vec![sha256, file, package, dir];
+    args.extend(install.iter().map(String::as_str));
+    Command::script(&script, "patchbook-install", &args)
 }
 
 /// The line after which `checked_install` prints the package as installed now.
@@ -243,20 +276,11 @@ fn deploy_staged(
     remote: &str,
     before_install: &dyn Fn(&str),
 ) -> (Result<Deployed, PrimitiveError>, bool) {
-    let prepared = (|| {
-        let upload = ctx.transport.put(&artifact.path, remote, 0o600)?;
-        if upload.sha256 != artifact.sha256 {
-            return Err(PrimitiveError::step(
-                ctx.name(),
-                "deploy",
-                format!(
-                    "uploaded {} hashes to {} on the host, expected {}",
-                    remote, upload.sha256, artifact.sha256
-                ),
-            ));
-        }
-        package_fields(ctx, pm, remote)
-    })();
+    let prepared = ctx
+        .transport
+        .put_new(&artifact.path, remote, 0o600)
+        .map_err(PrimitiveError::from)
+        .and_then(|_| check_staged(ctx, pm, remote, artifact));
     let (package, version, before) = match prepared {
         Ok(p) => p,
         Err(e) => return (Err(e), false),
@@ -279,15 +303,8 @@ fn deploy_staged(
     };
     before_install(remote);
     let out = ctx.transport.run(
-        &Command::new(checked_install(
-            pm,
-            &artifact.sha256,
-            remote,
-            &package,
-            dir,
-            &install,
-        ))
-        .timeout(ctx.timeout(opts.timeout)),
+        &checked_install(pm, &artifact.sha256, remote, &package, dir, &install)
+            .timeout(ctx.timeout(opts.timeout)),
     );
     let cleaned = out.is_ok();
     // Whatever happened, the host's real state is read back and recorded: from the

@@ -36,8 +36,10 @@ pub struct Facts {
 }
 
 /// A fixed probe, not built from any script data, so it may be a shell string.
-const PROBE: &str = "cat /etc/os-release 2>/dev/null; \
-echo \"__arch=$(uname -m)\"; echo \"__kernel=$(uname -r)\"; \
+/// Shell builtins read the file: the host starts one process (`uname`).
+const PROBE: &str = "[ -r /etc/os-release ] && while IFS= read -r l || [ -n \"$l\" ]; \
+do printf '%s\\n' \"$l\"; done </etc/os-release; \
+set -- $(uname -r -m); echo \"__kernel=$1\"; echo \"__arch=$2\"; \
 command -v dpkg-query >/dev/null 2>&1 && echo __pm=dpkg; \
 command -v rpm >/dev/null 2>&1 && echo __pm=rpm; true";
 
@@ -45,8 +47,8 @@ pub fn facts(ctx: &HostCtx) -> Result<Facts, PrimitiveError> {
     if let Some(f) = ctx.run.cached_facts(ctx.name()) {
         return Ok(f);
     }
-    let cmd =
-        Command::new(["sh", "-c", PROBE]).timeout(ctx.timeout(std::time::Duration::from_secs(60)));
+    let cmd = Command::script(PROBE, "patchbook-facts", &[])
+        .timeout(ctx.timeout(std::time::Duration::from_secs(60)));
     let out = ctx.transport.run(&cmd)?;
     if !out.success() {
         return Err(PrimitiveError::failed(ctx.name(), "facts", &out));
@@ -118,6 +120,23 @@ mod tests {
         assert_eq!(f.os_version, "12");
         assert_eq!(f.package_manager, PackageManager::Dpkg);
         assert_eq!(f.arch, "x86_64");
+    }
+
+    #[test]
+    fn the_probe_reads_this_machine_through_a_real_shell() {
+        let out = std::process::Command::new("sh")
+            .args(["-c", PROBE])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let f = parse(&String::from_utf8_lossy(&out.stdout));
+        let uname = |flag: &str| {
+            let o = std::process::Command::new("uname").arg(flag).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        assert_eq!((f.kernel, f.arch), (uname("-r"), uname("-m")));
+        let os = std::fs::read_to_string("/etc/os-release").unwrap();
+        assert!(os.contains(&format!("ID={}", f.os_id)), "{}", f.os_id);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Command {
     pub timeout: Duration,
     /// Cap on captured stdout and stderr, each.
     pub output_cap: usize,
+    /// Set by [`Command::script`]: a transport with a session shell may run the
+    /// script in a subshell of it rather than start another shell.
+    pub inline: bool,
 }
 
 impl Command {
@@ -42,7 +45,19 @@ impl Command {
             stdin: None,
             timeout: Duration::from_secs(600),
             output_cap: DEFAULT_OUTPUT_CAP,
+            inline: false,
         }
+    }
+
+    /// `sh -c SCRIPT NAME ARGS…` for one of patchbook's own fixed scripts (never
+    /// text from a playbook): the data arrives as positional parameters. Marked
+    /// inline, so a host's session shell runs it without another `sh` process.
+    pub fn script(script: &str, name: &str, args: &[&str]) -> Self {
+        let mut argv = vec!["sh", "-c", script, name];
+        argv.extend_from_slice(args);
+        let mut cmd = Command::new(argv);
+        cmd.inline = true;
+        cmd
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -83,12 +98,13 @@ impl Output {
     }
 }
 
-/// What an upload left on the host, re-hashed there.
+/// What an upload left on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upload {
     pub remote_path: String,
     pub size: u64,
-    /// SHA-256 as computed by `sha256sum` on the host after the move into place.
+    /// SHA-256 as computed by `sha256sum` on the host after the move into place
+    /// ([`Transport::put`]), or as sent ([`Transport::put_new`]).
     pub sha256: String,
 }
 
@@ -156,6 +172,35 @@ pub trait Transport: Send + Sync {
     /// Uploads `local` to `remote` atomically: temp name with mode 0600, fsync,
     /// `mv -f` into place, `chmod mode`, then re-hash on the host.
     fn put(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError>;
+
+    /// Uploads `local` as `remote`, a file that must not exist yet, in a folder only
+    /// this run can write to (a private staging folder): no temp name and no move.
+    /// The file is fsynced but NOT re-hashed on the host: the returned `sha256` is
+    /// what was sent, and the caller checks it on the host in its next command.
+    /// Transports without a cheaper way fall back to [`Transport::put`].
+    fn put_new(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError> {
+        self.put(local, remote, mode)
+    }
+
+    /// Creates a fresh folder with mode 0700 under `/tmp` that did not exist before
+    /// (so no pre-existing path, link or folder is ever reused) and returns its path.
+    fn private_dir(&self) -> Result<String, TransportError> {
+        let out = self.run(
+            &Command::new(["mktemp", "-d", "/tmp/patchbook.XXXXXXXXXX"])
+                .timeout(Duration::from_secs(60)),
+        )?;
+        if !out.success() {
+            return Err(TransportError::Other {
+                host: self.host().to_string(),
+                message: format!(
+                    "mktemp -d failed ({}): {}",
+                    out.code,
+                    out.stderr_str().trim()
+                ),
+            });
+        }
+        Ok(out.stdout_str().trim().to_string())
+    }
 
     /// Downloads `remote` into `local`, streaming.
     fn get(&self, remote: &str, local: &Path) -> Result<u64, TransportError>;

@@ -117,9 +117,20 @@ impl SimTransport {
         let words: Vec<&str> = argv.iter().map(String::as_str).collect();
         match words.as_slice() {
             ["sh", "-c", script, ..] if script.contains("/etc/os-release") => ok(FACTS),
-            ["sh", "-c", _, "patchbook-fields", _file] => {
-                let mut text = format!("{}\n{}\n__PB_BEFORE__\n", self.package, self.patched);
-                if let Some(v) = self.lock().installed.clone() {
+            ["sh", "-c", _, "patchbook-fields", file, name] => {
+                let st = self.lock();
+                let sha = st
+                    .staged
+                    .iter()
+                    .find(|(p, _)| p == file)
+                    .map(|(_, h)| h.clone())
+                    .unwrap_or_default();
+                let mut text = format!("{sha}  {file}\n__PB_FIELDS__\n");
+                if name.is_empty() {
+                    text.push_str(&format!("{}\n{}\n", self.package, self.patched));
+                }
+                text.push_str("__PB_BEFORE__\n");
+                if let Some(v) = &st.installed {
                     text.push_str(&format!("ii \t{v}\n"));
                 }
                 ok(&text)

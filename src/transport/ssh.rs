@@ -41,8 +41,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_WAIT: Duration = Duration::from_secs(60);
 /// Longest a single poll sleeps before the deadline is looked at again.
 const POLL_SLICE: Duration = Duration::from_millis(100);
-/// Bytes of stderr always kept (beyond the cap) to find the exit sentinel.
-const TAIL: usize = 512;
 
 /// Builds SSH transports from config + CLI defaults.
 #[derive(Debug, Clone)]
@@ -166,6 +164,8 @@ struct Conn {
     /// command at its deadline.
     sock: TcpStream,
     sftp: Option<ssh2::Sftp>,
+    /// The session shell: one `sh` per host that runs the commands in turn.
+    shell: Option<ssh2::Channel>,
     /// Set when the session can no longer be trusted; it is dropped after the call.
     broken: bool,
 }
@@ -247,6 +247,7 @@ impl Target {
             sess,
             sock,
             sftp: None,
+            shell: None,
             broken: false,
         })
     }
@@ -392,45 +393,125 @@ fn sentinel_marker() -> String {
     format!("__PATCHBOOK_EXIT_{}:", hex::encode(&h[..8]))
 }
 
-/// The command line sent to the host: the quoted argv, then a sentinel carrying
-/// its exit status on stderr. The SSH exit-status message alone cannot tell "0"
-/// from "no status sent"; the sentinel can.
-fn command_line(argv: &[String], marker: &str) -> String {
+/// The shell code that follows every command: its exit status behind a fresh
+/// marker, on stdout and on stderr. The marker ends each stream's share of the
+/// command; the SSH exit-status message alone cannot tell "0" from "no status
+/// sent", the sentinel can.
+fn sentinel_code(marker: &str) -> String {
     format!(
-        "{}; __pb_s=$?; printf '\\n{marker}%d\\n' \"$__pb_s\" >&2; exit \"$__pb_s\"",
-        quote::argv(argv)
+        "__pb_s=$?; printf '\\n{marker}%d\\n' \"$__pb_s\"; printf '\\n{marker}%d\\n' \"$__pb_s\" >&2"
     )
 }
 
-/// Finds the sentinel in the stderr tail; returns the exit code.
-fn find_sentinel(tail: &[u8], marker: &str) -> Option<i32> {
-    let needle = format!("\n{marker}");
-    let at = rfind(tail, needle.as_bytes())?;
-    let rest = &tail[at + needle.len()..];
-    let end = rest.iter().position(|b| *b == b'\n')?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+/// The line a session shell reads for one command. The subshell keeps the
+/// command from changing the shell's own state (a `cd`, an `exit`), and stdin
+/// comes from /dev/null so the command cannot eat the shell's next lines.
+fn shell_line(argv: &[String], marker: &str) -> String {
+    format!(
+        "( {} ) </dev/null; {}\n",
+        quote::argv(argv),
+        sentinel_code(marker)
+    )
 }
 
-/// Removes the sentinel line from captured stderr, when it was captured.
-fn strip_sentinel(stderr: &mut Vec<u8>, marker: &str) {
-    let needle = format!("\n{marker}");
-    if let Some(at) = rfind(stderr, needle.as_bytes()) {
-        let end = stderr[at + 1..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map(|p| at + 1 + p + 1)
-            .unwrap_or(stderr.len());
-        stderr.drain(at..end);
-    }
-}
-
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.len() > hay.len() {
+/// The line for an inline script (`sh -c SCRIPT NAME ARGS…`, see
+/// [`Command::script`]): the subshell itself runs the script, with the arguments
+/// as its positional parameters, so the host starts no further shell.
+fn inline_line(argv: &[String], marker: &str) -> Option<String> {
+    let [sh, c, script, _name, args @ ..] = argv else {
+        return None;
+    };
+    if sh != "sh" || c != "-c" {
         return None;
     }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
+    Some(format!(
+        "( set -- {}\n{script}\n) </dev/null; {}\n",
+        quote::argv(args),
+        sentinel_code(marker)
+    ))
+}
+
+/// The exec line of a channel of its own, for a command that reads stdin.
+fn channel_line(argv: &[String], marker: &str) -> String {
+    format!(
+        "{}; {}; exit \"$__pb_s\"",
+        quote::argv(argv),
+        sentinel_code(marker)
+    )
+}
+
+/// Splits one output stream of a command at its exit sentinel: passes the
+/// command's bytes on as they come, holding back only what could be the start of
+/// the sentinel, so a 200 MB stream never sits in memory.
+struct Framer {
+    needle: Vec<u8>,
+    pending: Vec<u8>,
+    /// Set once the sentinel line was read: the exit status it carried.
+    code: Option<Option<i32>>,
+}
+
+impl Framer {
+    fn new(marker: &str) -> Self {
+        Framer {
+            needle: format!("\n{marker}").into_bytes(),
+            pending: Vec::new(),
+            code: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.code.is_some()
+    }
+
+    fn push(
+        &mut self,
+        bytes: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if self.done() {
+            // Written after the command's sentinel: a background process of an
+            // earlier command. It belongs to no command; drop it.
+            tracing::debug!(
+                bytes = bytes.len(),
+                "output after the exit sentinel dropped"
+            );
+            return Ok(());
+        }
+        self.pending.extend_from_slice(bytes);
+        if let Some(at) = memchr::memmem::find(&self.pending, &self.needle) {
+            out(&self.pending[..at])?;
+            self.pending.drain(..at);
+            let rest = &self.pending[self.needle.len()..];
+            if let Some(nl) = memchr::memchr(b'\n', rest) {
+                let code = std::str::from_utf8(&rest[..nl])
+                    .ok()
+                    .and_then(|s| s.parse().ok());
+                self.code = Some(code);
+                self.pending.clear();
+            }
+            return Ok(());
+        }
+        let flush = self.pending.len().saturating_sub(self.needle.len());
+        if flush > 0 {
+            out(&self.pending[..flush])?;
+            self.pending.drain(..flush);
+        }
+        Ok(())
+    }
+
+    /// At the end of the stream without a sentinel: what was held back is output.
+    fn finish(&mut self, out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        if !self.done() && !self.pending.is_empty() {
+            out(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// The exit status, when the sentinel arrived and carried one.
+    fn code(&self) -> Option<i32> {
+        self.code.flatten()
+    }
 }
 
 /// Keeps up to `cap` bytes; counts what it drops.
@@ -460,6 +541,141 @@ impl Capture {
 enum Sink<'a> {
     Capture(Capture),
     Stream(&'a mut dyn Write),
+}
+
+impl Sink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Capture(c) => {
+                c.push(bytes);
+                Ok(())
+            }
+            Sink::Stream(w) => w.write_all(bytes),
+        }
+    }
+}
+
+/// How a command's channel is driven to its end.
+enum Mode<'a> {
+    /// A line for the session shell; done when both streams carried the sentinel.
+    Shell { line: &'a [u8] },
+    /// A channel of its own: stdin is fed and closed; done at end of both streams.
+    Channel { stdin: &'a [u8] },
+}
+
+/// Why driving a channel stopped short.
+enum Stop {
+    Deadline,
+    Sink(std::io::Error),
+    Ssh(&'static str, String),
+}
+
+/// Moves bytes between one channel and the command's sinks until `mode` says the
+/// command is over, or the deadline passes.
+fn drive(
+    conn: &Conn,
+    ch: &mut ssh2::Channel,
+    mode: Mode<'_>,
+    deadline: Instant,
+    out: (&mut Framer, &mut Sink<'_>),
+    err: (&mut Framer, &mut Capture),
+) -> Result<(), Stop> {
+    let (out_framer, stdout) = out;
+    let (err_framer, stderr) = err;
+    let (input, shell) = match mode {
+        Mode::Shell { line } => (line, true),
+        Mode::Channel { stdin } => (stdin, false),
+    };
+    let mut written = 0usize;
+    let mut eof_sent = shell;
+    let mut buf = vec![0u8; 32 * 1024];
+    let (mut out_eof, mut err_eof) = (false, false);
+    loop {
+        let mut progress = false;
+        if written < input.len() {
+            match ch.write(&input[written..]) {
+                Ok(n) => {
+                    written += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Stop::Ssh("write stdin", e.to_string())),
+            }
+        }
+        if !eof_sent && written >= input.len() {
+            match ch.send_eof() {
+                Ok(()) => eof_sent = true,
+                Err(e) if is_eagain(&e) => {}
+                Err(e) => return Err(Stop::Ssh("send eof", e.to_string())),
+            }
+        }
+        if !out_eof {
+            match ch.read(&mut buf) {
+                Ok(0) => out_eof = ch.eof(),
+                Ok(n) => {
+                    progress = true;
+                    out_framer
+                        .push(&buf[..n], &mut |b| stdout.write(b))
+                        .map_err(Stop::Sink)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Stop::Ssh("read stdout", e.to_string())),
+            }
+        }
+        if !err_eof {
+            match ch.stderr().read(&mut buf) {
+                Ok(0) => err_eof = ch.eof(),
+                Ok(n) => {
+                    progress = true;
+                    err_framer
+                        .push(&buf[..n], &mut |b| {
+                            stderr.push(b);
+                            Ok(())
+                        })
+                        .map_err(Stop::Sink)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Stop::Ssh("read stderr", e.to_string())),
+            }
+        }
+        let framed = out_framer.done() && err_framer.done();
+        if (shell && framed) || (out_eof && err_eof) {
+            out_framer
+                .finish(&mut |b| stdout.write(b))
+                .map_err(Stop::Sink)?;
+            err_framer
+                .finish(&mut |b| {
+                    stderr.push(b);
+                    Ok(())
+                })
+                .map_err(Stop::Sink)?;
+            return Ok(());
+        }
+        if !progress {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Stop::Deadline);
+            }
+            wait_socket(conn, (deadline - now).min(POLL_SLICE));
+        }
+    }
+}
+
+/// Waits for the host to close a channel whose streams ended.
+fn close_channel(conn: &Conn, ch: &mut ssh2::Channel, deadline: Instant) -> Result<(), Stop> {
+    loop {
+        match ch.wait_close() {
+            Ok(()) => return Ok(()),
+            Err(e) if is_eagain(&e) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Stop::Deadline);
+                }
+                wait_socket(conn, (deadline - now).min(POLL_SLICE));
+            }
+            Err(e) => return Err(Stop::Ssh("close channel", e.to_string())),
+        }
+    }
 }
 
 impl SshTransport {
@@ -495,6 +711,10 @@ impl SshTransport {
         }
     }
 
+    /// Runs one command. A command without stdin goes to the session's shell, one
+    /// `sh` per host that runs every step in turn: each further command then costs
+    /// the host one fork, not a channel, a session process and a login shell. A
+    /// command with stdin gets a channel of its own, whose end of input is real.
     fn exec(&self, cmd: &Command, mut stdout: Sink<'_>) -> Result<Output, TransportError> {
         let host = self.target.name.clone();
         if cmd.argv.is_empty() {
@@ -509,168 +729,152 @@ impl SshTransport {
         let _g = span.enter();
         let deadline = Instant::now() + cmd.timeout;
         let marker = sentinel_marker();
-        let line = command_line(&argv, &marker);
-        let deadline_err = || TransportError::Deadline {
-            host: host.clone(),
-            command: shown.clone(),
-            timeout: cmd.timeout,
-        };
+        let in_shell = cmd.stdin.is_none();
         self.with_conn(|conn| {
-            let ssh_err = |conn: &mut Conn, context: &str, e: &dyn std::fmt::Display| {
+            let fail = |conn: &mut Conn, context: &str, message: String| {
                 conn.broken = true;
                 TransportError::Ssh {
                     host: host.clone(),
                     context: context.to_string(),
-                    message: e.to_string(),
+                    message,
                 }
             };
             conn.sess.set_blocking(true);
             let remaining = deadline.saturating_duration_since(Instant::now());
             conn.sess.set_timeout(millis(remaining.min(IO_WAIT)));
-            let mut ch = match conn.sess.channel_session() {
-                Ok(ch) => ch,
-                Err(e) => return Err(ssh_err(conn, "open channel", &e)),
+            let opened = match conn.shell.take() {
+                Some(ch) if in_shell => Ok(ch),
+                _ => conn.sess.channel_session().and_then(|mut ch| {
+                    let line = if in_shell {
+                        // The login shell hands over to a plain POSIX shell that reads
+                        // the commands, one line each, from the channel's stdin.
+                        "exec /bin/sh".to_string()
+                    } else {
+                        channel_line(&argv, &marker)
+                    };
+                    ch.exec(&line).map(|()| ch)
+                }),
             };
-            if let Err(e) = ch.exec(&line) {
-                return Err(ssh_err(conn, "exec", &e));
-            }
+            let mut ch = match opened {
+                Ok(ch) => ch,
+                Err(e) => return Err(fail(conn, "open channel", e.to_string())),
+            };
+            // Under sudo the script needs its own shell; otherwise it runs inline.
+            let line = (cmd.inline && argv.len() == cmd.argv.len())
+                .then(|| inline_line(&argv, &marker))
+                .flatten()
+                .unwrap_or_else(|| shell_line(&argv, &marker));
+            let mode = match &cmd.stdin {
+                None => Mode::Shell {
+                    line: line.as_bytes(),
+                },
+                Some(bytes) => Mode::Channel { stdin: bytes },
+            };
+            let mut out_framer = Framer::new(&marker);
+            let mut err_framer = Framer::new(&marker);
+            let mut stderr = Capture::new(cmd.output_cap);
             conn.sess.set_blocking(false);
-            let result = (|| {
-                let stdin = cmd.stdin.as_deref().unwrap_or(&[]);
-                let mut written = 0usize;
-                let mut eof_sent = false;
-                let mut stderr = Capture::new(cmd.output_cap);
-                let mut tail: Vec<u8> = Vec::new();
-                let mut buf = vec![0u8; 32 * 1024];
-                let (mut out_done, mut err_done) = (false, false);
-                loop {
-                    let mut progress = false;
-                    if !eof_sent {
-                        if written < stdin.len() {
-                            match ch.write(&stdin[written..]) {
-                                Ok(n) => {
-                                    written += n;
-                                    progress = true;
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                Err(e) => return Err(ssh_err(conn, "write stdin", &e)),
-                            }
-                        }
-                        if written >= stdin.len() {
-                            match ch.send_eof() {
-                                Ok(()) => eof_sent = true,
-                                Err(e) if is_eagain(&e) => {}
-                                Err(e) => return Err(ssh_err(conn, "send eof", &e)),
-                            }
-                        }
-                    }
-                    if !out_done {
-                        match ch.read(&mut buf) {
-                            Ok(0) => out_done = ch.eof(),
-                            Ok(n) => {
-                                progress = true;
-                                match &mut stdout {
-                                    Sink::Capture(c) => c.push(&buf[..n]),
-                                    Sink::Stream(w) => {
-                                        if let Err(e) = w.write_all(&buf[..n]) {
-                                            conn.broken = true;
-                                            return Err(TransportError::Io {
-                                                host: host.clone(),
-                                                context: "write command output".into(),
-                                                source: e,
-                                            });
-                                        }
-                                    }
-                                }
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(e) => return Err(ssh_err(conn, "read stdout", &e)),
-                        }
-                    }
-                    if !err_done {
-                        match ch.stderr().read(&mut buf) {
-                            Ok(0) => err_done = ch.eof(),
-                            Ok(n) => {
-                                progress = true;
-                                stderr.push(&buf[..n]);
-                                tail.extend_from_slice(&buf[..n]);
-                                if tail.len() > TAIL * 2 {
-                                    tail.drain(..tail.len() - TAIL);
-                                }
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(e) => return Err(ssh_err(conn, "read stderr", &e)),
-                        }
-                    }
-                    if out_done && err_done {
-                        break;
-                    }
-                    if !progress {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            conn.broken = true;
-                            return Err(deadline_err());
-                        }
-                        wait_socket(conn, (deadline - now).min(POLL_SLICE));
-                    }
+            let driven = drive(
+                conn,
+                &mut ch,
+                mode,
+                deadline,
+                (&mut out_framer, &mut stdout),
+                (&mut err_framer, &mut stderr),
+            );
+            // The session shell is kept for the next command only when this one
+            // ended cleanly behind both sentinels.
+            let mut keep_shell = false;
+            let result = match driven {
+                Err(Stop::Deadline) => {
+                    conn.broken = true;
+                    Err(TransportError::Deadline {
+                        host: host.clone(),
+                        command: shown.clone(),
+                        timeout: cmd.timeout,
+                    })
                 }
-                loop {
-                    match ch.wait_close() {
-                        Ok(()) => break,
-                        Err(e) if is_eagain(&e) => {
-                            let now = Instant::now();
-                            if now >= deadline {
-                                conn.broken = true;
-                                return Err(deadline_err());
-                            }
-                            wait_socket(conn, (deadline - now).min(POLL_SLICE));
-                        }
-                        Err(e) => return Err(ssh_err(conn, "close channel", &e)),
-                    }
+                Err(Stop::Sink(source)) => {
+                    conn.broken = true;
+                    Err(TransportError::Io {
+                        host: host.clone(),
+                        context: "write command output".into(),
+                        source,
+                    })
                 }
-                let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
-                let code = match (find_sentinel(&tail, &marker), signal) {
-                    (Some(code), None) => code,
-                    (_, Some(sig)) => {
-                        tracing::warn!(host = %host, "remote shell ended by signal {sig}");
-                        return Err(TransportError::NoExitStatus {
-                            host: host.clone(),
-                            command: shown.clone(),
-                        });
-                    }
-                    (None, None) => {
-                        return Err(TransportError::NoExitStatus {
+                Err(Stop::Ssh(context, message)) => Err(fail(conn, context, message)),
+                Ok(()) if in_shell && out_framer.done() && err_framer.done() => {
+                    keep_shell = true;
+                    out_framer
+                        .code()
+                        .ok_or_else(|| TransportError::NoExitStatus {
                             host: host.clone(),
                             command: shown.clone(),
                         })
-                    }
-                };
-                let protocol = ch.exit_status().unwrap_or(-1);
-                if protocol != code {
-                    tracing::debug!(host = %host, sentinel = code, protocol, "exit status differs; sentinel wins");
                 }
-                let mut stderr_bytes = stderr.kept;
-                strip_sentinel(&mut stderr_bytes, &marker);
-                let (stdout_bytes, out_dropped) = match stdout {
-                    Sink::Capture(c) => (c.kept, c.dropped),
-                    Sink::Stream(_) => (Vec::new(), false),
-                };
-                tracing::debug!(host = %host, code, "command finished");
-                Ok(Output {
-                    code,
-                    stdout: stdout_bytes,
-                    stderr: stderr_bytes,
-                    truncated: out_dropped || stderr.dropped,
-                })
-            })();
+                Ok(()) => {
+                    // The channel ended: a command's own channel always does; the
+                    // session shell only when the command killed it. The exit signal
+                    // tells a killed shell from a finished one.
+                    let closed =
+                        close_channel(conn, &mut ch, deadline).map_err(|stop| match stop {
+                            Stop::Deadline => TransportError::Deadline {
+                                host: host.clone(),
+                                command: shown.clone(),
+                                timeout: cmd.timeout,
+                            },
+                            Stop::Sink(source) => TransportError::Io {
+                                host: host.clone(),
+                                context: "close channel".into(),
+                                source,
+                            },
+                            Stop::Ssh(context, message) => TransportError::Ssh {
+                                host: host.clone(),
+                                context: context.to_string(),
+                                message,
+                            },
+                        });
+                    if let Err(e) = closed {
+                        conn.broken = true;
+                        Err(e)
+                    } else {
+                        let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
+                        if let Some(sig) = &signal {
+                            tracing::warn!(host = %host, "remote shell ended by signal {sig}");
+                        }
+                        match (signal, out_framer.code().or(err_framer.code())) {
+                            (None, Some(code)) if !in_shell => Ok(code),
+                            _ => Err(TransportError::NoExitStatus {
+                                host: host.clone(),
+                                command: shown.clone(),
+                            }),
+                        }
+                    }
+                }
+            };
             if conn.broken {
                 // Before the channel is freed: freeing it on a live socket would wait
                 // for the host to confirm the close, past the deadline.
                 let _ = conn.sock.shutdown(Shutdown::Both);
             }
-            drop(ch);
             conn.sess.set_blocking(true);
-            result
+            if keep_shell {
+                conn.shell = Some(ch);
+            } else {
+                drop(ch);
+            }
+            let code = result?;
+            let (stdout_bytes, out_dropped) = match stdout {
+                Sink::Capture(c) => (c.kept, c.dropped),
+                Sink::Stream(_) => (Vec::new(), false),
+            };
+            tracing::debug!(host = %host, code, "command finished");
+            Ok(Output {
+                code,
+                stdout: stdout_bytes,
+                stderr: stderr.kept,
+                truncated: out_dropped || stderr.dropped,
+            })
         })
     }
 
@@ -726,30 +930,24 @@ impl SshTransport {
         })
     }
 
-    /// [`Transport::put`] with a hook run after the file is in place and before it
-    /// is re-hashed: tests use it to change the file on the host in between.
-    pub fn put_with_hook(
+    /// Writes `local` to `path` on the host over SFTP with `flags` and `mode`, hashing
+    /// what is sent and asking the host to fsync the file. Returns the size, the
+    /// SHA-256 sent, and whether the fsync was done (an SFTP server without the
+    /// fsync@openssh.com extension cannot).
+    fn sftp_write(
         &self,
         local: &Path,
-        remote: &str,
+        path: &str,
+        flags: ssh2::OpenFlags,
         mode: u32,
-        before_hash: Option<&mut dyn FnMut(&str)>,
-    ) -> Result<Upload, TransportError> {
+    ) -> Result<(u64, String, bool), TransportError> {
         let host = self.target.name.clone();
-        let span = tracing::info_span!("ssh.put", host = %host, remote = %remote);
-        let _g = span.enter();
-        let tmp = super::staging_name(remote).to_string_lossy().into_owned();
-        let io_err = |context: String| {
-            let host = host.clone();
-            move |source| TransportError::Io {
-                host,
-                context,
-                source,
-            }
-        };
-        let mut src =
-            std::fs::File::open(local).map_err(io_err(format!("open {}", local.display())))?;
-        let (size, sent, synced) = self.with_conn(|conn| {
+        let mut src = std::fs::File::open(local).map_err(|source| TransportError::Io {
+            host: host.clone(),
+            context: format!("open {}", local.display()),
+            source,
+        })?;
+        self.with_conn(|conn| {
             let fail = |conn: &mut Conn, context: String, e: &dyn std::fmt::Display| {
                 conn.broken = true;
                 TransportError::Ssh {
@@ -770,18 +968,19 @@ impl SshTransport {
                 return Err(fail(conn, "start sftp".into(), &"no sftp channel"));
             };
             let opened = sftp.open_mode(
-                Path::new(&tmp),
-                ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::TRUNCATE,
-                0o600,
+                Path::new(path),
+                flags,
+                (mode & 0o7777) as i32,
                 ssh2::OpenType::File,
             );
             let mut file = match opened {
                 Ok(f) => f,
                 Err(e) => {
-                    // A refusal to create the file (permissions, no folder) leaves the session fine.
+                    // A refusal to create the file (permissions, no folder, already
+                    // there) leaves the session fine.
                     return Err(TransportError::Ssh {
                         host: host.clone(),
-                        context: format!("create {tmp}"),
+                        context: format!("create {path}"),
                         message: e.to_string(),
                     });
                 }
@@ -803,15 +1002,34 @@ impl SshTransport {
                 };
                 hasher.update(&buf[..n]);
                 if let Err(e) = file.write_all(&buf[..n]) {
-                    return Err(fail(conn, format!("write {tmp}"), &e));
+                    return Err(fail(conn, format!("write {path}"), &e));
                 }
                 size += n as u64;
             }
-            // fsync@openssh.com; without it a `sync` on the host does the job.
             let synced = file.fsync().is_ok();
             drop(file);
             Ok((size, hex::encode(hasher.finalize()), synced))
-        })?;
+        })
+    }
+
+    /// [`Transport::put`] with a hook run after the file is in place and before it
+    /// is re-hashed: tests use it to change the file on the host in between.
+    pub fn put_with_hook(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: u32,
+        before_hash: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<Upload, TransportError> {
+        let span = tracing::info_span!("ssh.put", host = %self.target.name, remote = %remote);
+        let _g = span.enter();
+        let tmp = super::staging_name(remote).to_string_lossy().into_owned();
+        let (size, sent, synced) = self.sftp_write(
+            local,
+            &tmp,
+            ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::TRUNCATE,
+            0o600,
+        )?;
         if !synced {
             self.helper(sv(&["sync", "--", &tmp]), "sync")?;
         }
@@ -855,6 +1073,74 @@ impl Transport for SshTransport {
 
     fn put(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError> {
         self.put_with_hook(local, remote, mode, None)
+    }
+
+    fn put_new(&self, local: &Path, remote: &str, mode: u32) -> Result<Upload, TransportError> {
+        let span = tracing::info_span!("ssh.put_new", host = %self.target.name, remote = %remote);
+        let _g = span.enter();
+        // EXCLUSIVE: the file must not exist, so nothing already there (a link, a
+        // file of someone else's) is written through.
+        let (size, sent, synced) = self.sftp_write(
+            local,
+            remote,
+            ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::EXCLUSIVE,
+            mode,
+        )?;
+        if !synced {
+            self.helper(sv(&["sync", "--", remote]), "sync")?;
+        }
+        Ok(Upload {
+            remote_path: remote.to_string(),
+            size,
+            sha256: sent,
+        })
+    }
+
+    /// Over SFTP: `mkdir` of a name the controller picks at random fails if
+    /// anything is there already, which is what `mktemp -d` guarantees too, without
+    /// starting a process on the host.
+    fn private_dir(&self) -> Result<String, TransportError> {
+        let host = self.target.name.clone();
+        self.with_conn(|conn| {
+            conn.sess.set_blocking(true);
+            conn.sess.set_timeout(millis(IO_WAIT));
+            if conn.sftp.is_none() {
+                match conn.sess.sftp() {
+                    Ok(s) => conn.sftp = Some(s),
+                    Err(e) => {
+                        conn.broken = true;
+                        return Err(TransportError::Ssh {
+                            host: host.clone(),
+                            context: "start sftp".into(),
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            let Some(sftp) = conn.sftp.as_ref() else {
+                return Err(TransportError::Other {
+                    host: host.clone(),
+                    message: "no sftp channel".into(),
+                });
+            };
+            let mut last = String::new();
+            for _ in 0..5 {
+                let marker = sentinel_marker();
+                let suffix = marker
+                    .trim_start_matches("__PATCHBOOK_EXIT_")
+                    .trim_end_matches(':');
+                let dir = format!("/tmp/patchbook.{suffix}");
+                match sftp.mkdir(Path::new(&dir), 0o700) {
+                    Ok(()) => return Ok(dir),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(TransportError::Ssh {
+                host: host.clone(),
+                context: "create a private folder under /tmp".into(),
+                message: last,
+            })
+        })
     }
 
     fn get(&self, remote: &str, local: &Path) -> Result<u64, TransportError> {
@@ -936,39 +1222,118 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    /// Feeds `bytes` to a framer in chunks of `step`, collecting its output.
+    fn frame(marker: &str, bytes: &[u8], step: usize) -> (Vec<u8>, Option<i32>, bool) {
+        let mut f = Framer::new(marker);
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(step.max(1)) {
+            f.push(chunk, &mut |b| {
+                got.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        }
+        f.finish(&mut |b| {
+            got.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        (got, f.code(), f.done())
+    }
+
     #[test]
-    fn sentinel_round_trips_through_a_real_shell() {
+    fn session_shell_lines_frame_each_command_through_a_real_shell() {
         let marker = sentinel_marker();
-        let line = command_line(
-            &sv(&["sh", "-c", "echo out; printf 'no newline' >&2; exit 7"]),
-            &marker,
+        let second = sentinel_marker();
+        // Two commands on one shell: the first prints without a final newline and
+        // tries to change the shell's state; the second must see none of it.
+        let script = format!(
+            "{}{}",
+            shell_line(
+                &sv(&["sh", "-c", "printf out; printf 'no newline' >&2; exit 7"]),
+                &marker
+            ),
+            shell_line(&sv(&["cd", "/nonexistent-dir"]), &second),
         );
+        let out = std::process::Command::new("sh")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                child.stdin.take().unwrap().write_all(script.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        for step in [1, 7, 4096] {
+            let (o, code, done) = frame(&marker, &out.stdout, step);
+            assert_eq!((o.as_slice(), code, done), (&b"out"[..], Some(7), true));
+            let (e, code, _) = frame(&marker, &out.stderr, step);
+            assert_eq!((e.as_slice(), code), (&b"no newline"[..], Some(7)));
+        }
+        let rest = String::from_utf8_lossy(&out.stdout);
+        assert!(rest.contains(&format!("\n{second}")), "{rest}");
+        assert!(
+            !rest.contains(&format!("{second}0")),
+            "cd to a missing dir failed: {rest}"
+        );
+    }
+
+    #[test]
+    fn an_inline_script_runs_in_the_shell_with_its_arguments() {
+        let marker = sentinel_marker();
+        let cmd = Command::script(
+            "printf '%s|' \"$@\"; exit 5",
+            "patchbook-test",
+            &["a b", "$(id)", "it's"],
+        );
+        let line = inline_line(&cmd.argv, &marker).unwrap();
+        let out = std::process::Command::new("sh")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut child| {
+                child.stdin.take().unwrap().write_all(line.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        let (o, code, _) = frame(&marker, &out.stdout, 3);
+        assert_eq!((o.as_slice(), code), (&b"a b|$(id)|it's|"[..], Some(5)));
+        assert!(inline_line(&sv(&["bash", "-c", "x"]), &marker).is_none());
+    }
+
+    #[test]
+    fn a_channel_line_exits_with_the_command_status() {
+        let marker = sentinel_marker();
+        let line = channel_line(&sv(&["sh", "-c", "cat; exit 3"]), &marker);
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(&line)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(7));
-        assert_eq!(find_sentinel(&out.stderr, &marker), Some(7));
-        let mut err = out.stderr.clone();
-        strip_sentinel(&mut err, &marker);
-        assert_eq!(err, b"no newline");
+        assert_eq!(out.status.code(), Some(3));
+        let (o, code, _) = frame(&marker, &out.stdout, 3);
+        assert_eq!((o.len(), code), (0, Some(3)));
     }
 
     #[test]
     fn a_missing_sentinel_is_not_a_zero() {
         let marker = sentinel_marker();
-        assert_eq!(find_sentinel(b"some stderr\n", &marker), None);
+        let (o, code, done) = frame(&marker, b"some output\n", 4);
         assert_eq!(
-            find_sentinel(format!("\n{marker}").as_bytes(), &marker),
-            None
+            (o.as_slice(), code, done),
+            (&b"some output\n"[..], None, false)
         );
+        // Another command's marker is just output.
         let other = sentinel_marker();
         assert_ne!(marker, other);
-        assert_eq!(
-            find_sentinel(format!("\n{other}0\n").as_bytes(), &marker),
-            None
-        );
+        let text = format!("\n{other}0\n");
+        let (o, code, _) = frame(&marker, text.as_bytes(), 5);
+        assert_eq!((o, code), (text.into_bytes(), None));
+        // A sentinel line without a number carries no status.
+        let (_, code, done) = frame(&marker, format!("x\n{marker}\n").as_bytes(), 2);
+        assert_eq!((code, done), (None, true));
     }
 
     #[test]
