@@ -166,11 +166,14 @@ impl RunControl {
             _ => None,
         };
         if !self.planning() {
-            self.record(
-                host,
-                EVENT_KIND,
-                serde_json::to_value(event).unwrap_or_default(),
-            );
+            // Progress announces no action: it rides on the next group commit.
+            if let Some(j) = &self.session.run.journal {
+                let data = serde_json::to_value(event).unwrap_or_default();
+                if let Err(e) = j.note(host, EVENT_KIND, data) {
+                    tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
         }
         (self.sink)(at, event);
         let run = self.session.run.run_id.clone();
@@ -543,7 +546,10 @@ fn rollout(
         c.clock.clone()
     };
 
-    let mut ex = Executor::new(&plan).clock(clock).halt_on(c.stop.clone());
+    let mut ex = Executor::new(&plan)
+        .clock(clock)
+        .halt_on(c.stop.clone())
+        .worker_stack(super::engine::stack_size(engine));
     if let (Some(w), false) = (c.window(), planning) {
         ex = ex.window(w);
     }
