@@ -86,7 +86,11 @@ fn hash_parts(
     let mut body = Vec::with_capacity(160 + canonical_data.len());
     body.extend_from_slice(b"{\"seq\":");
     body.extend_from_slice(seq.to_string().as_bytes());
-    for (name, value) in [("ts", Some(ts)), ("run", Some(run)), ("operator", Some(operator))] {
+    for (name, value) in [
+        ("ts", Some(ts)),
+        ("run", Some(run)),
+        ("operator", Some(operator)),
+    ] {
         json_field(&mut body, name, value);
     }
     json_field(&mut body, "host", host);

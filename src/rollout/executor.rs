@@ -508,47 +508,47 @@ impl<'a> Executor<'a> {
                         super::pool::set_worker_stack(bytes);
                     }
                     loop {
-                    let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((h, wave)) = job else { break };
-                    let host = plan.host(h);
-                    let started = clock.now();
-                    let ctx = HostContext {
-                        wave,
-                        started,
-                        deadline: timeout.map(|t| after(started, t)),
-                        clock: clock.clone(),
-                    };
-                    let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
-                        .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
-                    let ended = clock.now();
-                    if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
-                        if ended > deadline {
-                            outcome = HostOutcome::failed(format!(
-                                "exceeded its {} deadline (took {})",
-                                format_duration(limit),
-                                format_duration(between(started, ended))
-                            ));
-                        }
-                    }
-                    let failed = matches!(outcome, HostOutcome::Failed { .. });
-                    let _ = msg_tx.send(Msg::Outcome {
-                        host: h,
-                        outcome,
-                        started,
-                        ended,
-                    });
-                    let undo = failed.then(|| {
-                        let rc = RollbackContext {
-                            cause: RollbackCause::HostFailed,
+                        let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((h, wave)) = job else { break };
+                        let host = plan.host(h);
+                        let started = clock.now();
+                        let ctx = HostContext {
+                            wave,
+                            started,
+                            deadline: timeout.map(|t| after(started, t)),
                             clock: clock.clone(),
                         };
-                        catch_unwind(AssertUnwindSafe(|| rollback(host, &rc)))
-                            .unwrap_or_else(|p| Err(panic_text(p.as_ref())))
-                    });
-                    let _ = msg_tx.send(Msg::Released {
-                        host: h,
-                        rollback: undo,
-                    });
+                        let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
+                            .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
+                        let ended = clock.now();
+                        if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
+                            if ended > deadline {
+                                outcome = HostOutcome::failed(format!(
+                                    "exceeded its {} deadline (took {})",
+                                    format_duration(limit),
+                                    format_duration(between(started, ended))
+                                ));
+                            }
+                        }
+                        let failed = matches!(outcome, HostOutcome::Failed { .. });
+                        let _ = msg_tx.send(Msg::Outcome {
+                            host: h,
+                            outcome,
+                            started,
+                            ended,
+                        });
+                        let undo = failed.then(|| {
+                            let rc = RollbackContext {
+                                cause: RollbackCause::HostFailed,
+                                clock: clock.clone(),
+                            };
+                            catch_unwind(AssertUnwindSafe(|| rollback(host, &rc)))
+                                .unwrap_or_else(|p| Err(panic_text(p.as_ref())))
+                        });
+                        let _ = msg_tx.send(Msg::Released {
+                            host: h,
+                            rollback: undo,
+                        });
                     }
                 });
                 if let Err(e) = spawned {
