@@ -1239,6 +1239,35 @@ mod tests {
         assert_eq!(bytes, canonical(&data).to_string().into_bytes());
     }
 
+    fn synced(j: &Journal) -> u64 {
+        j.durable.lock().unwrap().synced
+    }
+
+    #[test]
+    fn notes_are_written_at_once_and_made_durable_by_the_next_intent() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice").unwrap();
+        let a = j
+            .note(Some("h1"), "verify", serde_json::json!({"ok": true}))
+            .unwrap();
+        let b = j.host_finished("h2", true, serde_json::json!({})).unwrap();
+        // Written and chained, readable by anyone, but no fsync was waited for.
+        let on_disk = j.records().unwrap();
+        assert_eq!(on_disk.len(), 2);
+        assert_eq!(on_disk[1].prev, a.hash);
+        assert!(synced(&j) < b.seq, "a note waited for its fsync");
+        // An intent may not act before every earlier record is durable.
+        let id = j.intent("h3", "deploy", serde_json::json!({})).unwrap();
+        assert!(synced(&j) >= id.0);
+        let c = j
+            .note(None, "rollout.event", serde_json::json!({}))
+            .unwrap();
+        assert!(synced(&j) < c.seq);
+        j.flush().unwrap();
+        assert!(synced(&j) >= c.seq);
+        assert_eq!(j.host_records("h2").len(), 1);
+    }
+
     #[test]
     fn run_ids_that_could_escape_the_runs_folder_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -280,3 +280,37 @@ pub fn on_script_stack<R: Send>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rollout_worker_runs_scripts_itself_and_nested_calls_get_a_fresh_stack() {
+        let engine = Engine::new_raw();
+        let need = stack_size(&engine);
+        // Elsewhere, a call gets its own thread.
+        let here = std::thread::current().id();
+        let elsewhere = on_script_stack(&engine, || std::thread::current().id()).unwrap();
+        assert_ne!(elsewhere, here);
+        let worker = std::thread::Builder::new()
+            .stack_size(need)
+            .spawn(move || {
+                crate::rollout::pool::set_worker_stack(need);
+                let me = std::thread::current().id();
+                let (outer, inner) = on_script_stack(&engine, || {
+                    let inner = on_script_stack(&engine, || std::thread::current().id());
+                    (std::thread::current().id(), inner.unwrap())
+                })
+                .unwrap();
+                // Once the call is over the worker's stack is free again.
+                let again = on_script_stack(&engine, || std::thread::current().id()).unwrap();
+                (me, outer, inner, again)
+            })
+            .unwrap();
+        let (me, outer, inner, again) = worker.join().unwrap();
+        assert_eq!(outer, me, "the worker did not run the script itself");
+        assert_ne!(inner, me, "a nested call shared the busy stack");
+        assert_eq!(again, me);
+    }
+}

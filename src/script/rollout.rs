@@ -627,7 +627,18 @@ fn rollout(
         }
         result
     };
-    let summary = match ex.run(work, rollback) {
+    let summary = ex.run(work, rollback);
+    // Progress and host ends ride on group commits; before the playbook goes on
+    // (a report, a notice to people) everything this rollout wrote is on disk.
+    if let (Some(j), false) = (&journal, planning) {
+        if let Err(e) = j.flush() {
+            return fail(
+                ctx,
+                format!("rollout: cannot make the journal durable: {e}"),
+            );
+        }
+    }
+    let summary = match summary {
         Ok(s) => s,
         Err(e) => return fail(ctx, e.to_string()),
     };
