@@ -308,17 +308,18 @@ pub fn plan(
     let _ = script.run(&pb)?;
     let mut planned = session.run.planned();
     // Hosts run in parallel; group each host's actions together, in plan order.
-    let order: Vec<String> = control
+    // A host's place is its first appearance; a lookup table keeps this linear in
+    // the number of hosts (a scan per action made a 10,000-host plan quadratic).
+    let mut order: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for name in control
         .summaries()
         .iter()
         .flat_map(|s| s.hosts.iter().map(|h| h.name.clone()))
-        .collect();
-    planned.sort_by_key(|a| {
-        order
-            .iter()
-            .position(|h| *h == a.host)
-            .unwrap_or(usize::MAX)
-    });
+    {
+        let next = order.len();
+        order.entry(name).or_insert(next);
+    }
+    planned.sort_by_key(|a| order.get(&a.host).copied().unwrap_or(usize::MAX));
     if cli.global.json {
         let v = serde_json::json!({ "plans": control.plans(), "actions": planned });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

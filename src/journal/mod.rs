@@ -51,20 +51,145 @@ pub struct Record {
 impl Record {
     /// SHA-256 over `prev` and the canonical serialization of every other field.
     pub fn compute_hash(&self) -> String {
-        let body = serde_json::json!({
-            "seq": self.seq,
-            "ts": self.ts,
-            "run": self.run,
-            "operator": self.operator,
-            "host": self.host,
-            "kind": self.kind,
-            "data": canonical(&self.data),
-        });
-        let mut h = Sha256::new();
-        h.update(self.prev.as_bytes());
-        h.update(body.to_string().as_bytes());
-        hex::encode(h.finalize())
+        let mut data = Vec::new();
+        write_canonical(&mut data, &self.data);
+        hash_parts(
+            &self.prev,
+            self.seq,
+            &self.ts,
+            &self.run,
+            &self.operator,
+            self.host.as_deref(),
+            &self.kind,
+            &data,
+        )
     }
+}
+
+/// The record hash from its parts, `data` already in canonical form: SHA-256 of
+/// `prev` followed by `{"seq":…,"ts":…,"run":…,"operator":…,"host":…,"kind":…,"data":…}`
+/// (compact JSON, fields in that order). Streamed into the hasher, so a record
+/// costs no intermediate JSON tree.
+#[allow(clippy::too_many_arguments)]
+fn hash_parts(
+    prev: &str,
+    seq: u64,
+    ts: &str,
+    run: &str,
+    operator: &str,
+    host: Option<&str>,
+    kind: &str,
+    canonical_data: &[u8],
+) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    let mut body = Vec::with_capacity(160 + canonical_data.len());
+    body.extend_from_slice(b"{\"seq\":");
+    body.extend_from_slice(seq.to_string().as_bytes());
+    for (name, value) in [
+        ("ts", Some(ts)),
+        ("run", Some(run)),
+        ("operator", Some(operator)),
+    ] {
+        json_field(&mut body, name, value);
+    }
+    json_field(&mut body, "host", host);
+    json_field(&mut body, "kind", Some(kind));
+    body.extend_from_slice(b",\"data\":");
+    h.update(&body);
+    h.update(canonical_data);
+    h.update(b"}");
+    hex::encode(h.finalize())
+}
+
+/// `,"name":"value"` (or `null`), escaped as serde_json escapes.
+fn json_field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    match value {
+        // Writing a str into a Vec cannot fail.
+        Some(v) => {
+            let _ = serde_json::to_writer(&mut *out, v);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Writes `v` as compact JSON with object keys sorted at every level: the same
+/// bytes as `canonical(v).to_string()`, without building the sorted copy.
+pub fn write_canonical(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                write_canonical(out, &map[k]);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, x);
+            }
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
+    }
+}
+
+/// A record's `data` with both of its serialisations, made before the append lock
+/// is taken: canonical (for the hash) and as given (for the line).
+struct Prepared {
+    value: Value,
+    canonical: Vec<u8>,
+    json: Vec<u8>,
+}
+
+impl Prepared {
+    fn new(value: Value) -> Self {
+        let mut canonical = Vec::new();
+        write_canonical(&mut canonical, &value);
+        let json = serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec());
+        Prepared {
+            value,
+            canonical,
+            json,
+        }
+    }
+}
+
+/// The line a record is written as: the bytes `serde_json::to_string(rec)` gives,
+/// with `data` already serialised, and a newline.
+fn line_bytes(rec: &Record, data_json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(300 + data_json.len());
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(rec.seq.to_string().as_bytes());
+    json_field(&mut out, "ts", Some(&rec.ts));
+    json_field(&mut out, "run", Some(&rec.run));
+    json_field(&mut out, "operator", Some(&rec.operator));
+    if let Some(h) = &rec.host {
+        json_field(&mut out, "host", Some(h));
+    }
+    json_field(&mut out, "kind", Some(&rec.kind));
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data_json);
+    json_field(&mut out, "prev", Some(&rec.prev));
+    json_field(&mut out, "hash", Some(&rec.hash));
+    out.extend_from_slice(b"}\n");
+    out
 }
 
 /// JSON with object keys sorted, so the hash does not depend on insertion order.
@@ -416,7 +541,7 @@ impl Journal {
                 records: tail.seq,
             });
         }
-        let data = serde_json::to_value(header).unwrap_or(Value::Null);
+        let data = Prepared::new(serde_json::to_value(header).unwrap_or(Value::Null));
         let rec = self.append_locked(&mut tail, None, kind::RUN_START, data)?;
         drop(tail);
         self.wait_durable(rec.seq)?;
@@ -589,7 +714,7 @@ impl Journal {
         kind: &str,
         data: Value,
     ) -> Result<Record, JournalError> {
-        let data = redact_value(data, &self.secrets_now());
+        let data = Prepared::new(redact_value(data, &self.secrets_now()));
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.append_locked(&mut tail, host, kind, data)?;
         drop(tail);
@@ -597,27 +722,62 @@ impl Journal {
         Ok(rec)
     }
 
+    /// Appends one record that announces no action on a host (an observation, a
+    /// progress event, a host's end) without waiting for its fsync. It is written
+    /// and chained at once, so a crash of this process cannot lose it, and it is on
+    /// disk no later than the next group commit: every [`Journal::intent`] and
+    /// [`Journal::outcome`] (of any host), [`Journal::flush`] and
+    /// [`Journal::close`] fsync every record written before them. So no host acts
+    /// on anything this record says before it is durable, and a 10,000-host run
+    /// pays one fsync per group commit instead of one per record.
+    pub fn note(
+        &self,
+        host: Option<&str>,
+        kind: &str,
+        data: Value,
+    ) -> Result<Record, JournalError> {
+        // Serialised before the lock: appenders wait on each other only for the
+        // hash chain and the write.
+        let data = Prepared::new(redact_value(data, &self.secrets_now()));
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        self.append_locked(&mut tail, host, kind, data)
+    }
+
+    /// Returns once every record written so far is on disk.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.wait_durable(self.written.load(Ordering::Acquire))
+    }
+
     fn append_locked(
         &self,
         tail: &mut Tail,
         host: Option<&str>,
         kind: &str,
-        data: Value,
+        data: Prepared,
     ) -> Result<Record, JournalError> {
+        let secrets = self.secrets_now();
         let mut rec = Record {
             seq: tail.seq + 1,
             ts: now_rfc3339(),
             run: self.run.clone(),
-            operator: redact_str(&self.operator, &self.secrets_now()),
-            host: host.map(|h| redact_str(h, &self.secrets_now())),
-            kind: redact_str(kind, &self.secrets_now()),
-            data,
+            operator: redact_str(&self.operator, &secrets),
+            host: host.map(|h| redact_str(h, &secrets)),
+            kind: redact_str(kind, &secrets),
+            data: data.value,
             prev: tail.prev.clone(),
             hash: String::new(),
         };
-        rec.hash = rec.compute_hash();
-        let mut line = serde_json::to_string(&rec).unwrap_or_default();
-        line.push('\n');
+        rec.hash = hash_parts(
+            &rec.prev,
+            rec.seq,
+            &rec.ts,
+            &rec.run,
+            &rec.operator,
+            rec.host.as_deref(),
+            &rec.kind,
+            &data.canonical,
+        );
+        let line = line_bytes(&rec, &data.json);
         let io = |source| JournalError::Io {
             path: self.path.clone(),
             source,
@@ -628,7 +788,7 @@ impl Journal {
                 message: message.clone(),
             });
         }
-        if let Err(e) = tail.file.write_all(line.as_bytes()) {
+        if let Err(e) = tail.file.write_all(&line) {
             tail.broken = Some(e.to_string());
             return Err(io(e));
         }
@@ -709,7 +869,7 @@ impl Journal {
             input: redact_value(input, &self.secrets_now()),
             undoes,
         };
-        let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
+        let data = Prepared::new(serde_json::to_value(&payload).unwrap_or(Value::Null));
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.append_locked(&mut tail, Some(host), kind::STEP_INTENT, data)?;
         let id = StepId(rec.seq);
@@ -758,7 +918,7 @@ impl Journal {
             output: redact_value(data, &self.secrets_now()),
             undo,
         };
-        let data = serde_json::to_value(&payload).unwrap_or(Value::Null);
+        let data = Prepared::new(serde_json::to_value(&payload).unwrap_or(Value::Null));
         let rec = self.append_locked(&mut tail, Some(&host), kind::STEP_OUTCOME, data)?;
         tail.open_steps.remove(&step_id);
         drop(tail);
@@ -766,7 +926,8 @@ impl Journal {
         Ok(rec)
     }
 
-    /// Records that a host's work ended, well or not.
+    /// Records that a host's work ended, well or not. Durable with the next group
+    /// commit, like [`Journal::note`].
     pub fn host_finished(
         &self,
         host: &str,
@@ -776,7 +937,8 @@ impl Journal {
         self.host_end(host, kind::HOST_FINISH, ok, detail)
     }
 
-    /// Records that a host's rollback ended, well or not.
+    /// Records that a host's rollback ended, well or not. Durable with the next
+    /// group commit, like [`Journal::note`].
     pub fn host_rolled_back(
         &self,
         host: &str,
@@ -798,11 +960,10 @@ impl Journal {
             detail: redact_value(detail, &self.secrets_now()),
         })
         .unwrap_or(Value::Null);
-        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.append_locked(&mut tail, Some(host), kind, data)?;
-        drop(tail);
-        self.wait_durable(rec.seq)?;
-        Ok(rec)
+        // A host's end announces no action: it rides on the next group commit
+        // (see [`Journal::note`]); a crash before that only makes a resume look at
+        // the host again.
+        self.note(Some(host), kind, data)
     }
 
     /// Closes the run: appends `run.close`, records the final hash and record count
@@ -810,7 +971,8 @@ impl Journal {
     /// crash, a stop) stays "open" to `audit verify` and can be resumed.
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.append_locked(&mut tail, None, kind::RUN_CLOSE, serde_json::json!({}))?;
+        let data = Prepared::new(serde_json::json!({}));
+        let rec = self.append_locked(&mut tail, None, kind::RUN_CLOSE, data)?;
         drop(tail);
         self.wait_durable(rec.seq)?;
         index::append(
@@ -1012,6 +1174,98 @@ mod tests {
         for r in &recs {
             assert_eq!(r.compute_hash(), r.hash);
         }
+    }
+
+    /// The hash as first defined: a JSON tree of the fields, data made canonical.
+    fn tree_hash(r: &Record) -> String {
+        let body = serde_json::json!({
+            "seq": r.seq,
+            "ts": r.ts,
+            "run": r.run,
+            "operator": r.operator,
+            "host": r.host,
+            "kind": r.kind,
+            "data": canonical(&r.data),
+        });
+        let mut h = Sha256::new();
+        h.update(r.prev.as_bytes());
+        h.update(body.to_string().as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    #[test]
+    fn streamed_hash_matches_the_json_tree_hash_of_existing_runs() {
+        let data = serde_json::json!({
+            "z": [1, -2.5, null, true, {"b": "q\"uote\\", "a": "\u{1}\t\n"}],
+            "a": {"y": {}, "x": [], "é": "ünïcode ✓"},
+            "m": 18446744073709551615u64,
+        });
+        for host in [None, Some("web-1 \"x\"".to_string())] {
+            let mut r = Record {
+                seq: 42,
+                ts: "2026-01-01T00:00:00.000001Z".into(),
+                run: "r1".into(),
+                operator: "al\\ice".into(),
+                host,
+                kind: "step.intent".into(),
+                data: data.clone(),
+                prev: GENESIS.into(),
+                hash: String::new(),
+            };
+            r.hash = r.compute_hash();
+            assert_eq!(r.hash, tree_hash(&r));
+        }
+        for host in [None, Some("h\u{7f}\"".to_string())] {
+            let mut r = Record {
+                seq: 7,
+                ts: "t".into(),
+                run: "r".into(),
+                operator: "o".into(),
+                host,
+                kind: "k".into(),
+                data: data.clone(),
+                prev: "p".into(),
+                hash: "h".into(),
+            };
+            let p = Prepared::new(r.data.clone());
+            r.data = p.value;
+            let line = line_bytes(&r, &p.json);
+            let mut want = serde_json::to_string(&r).unwrap();
+            want.push('\n');
+            assert_eq!(String::from_utf8(line).unwrap(), want);
+        }
+        let mut bytes = Vec::new();
+        write_canonical(&mut bytes, &data);
+        assert_eq!(bytes, canonical(&data).to_string().into_bytes());
+    }
+
+    fn synced(j: &Journal) -> u64 {
+        j.durable.lock().unwrap().synced
+    }
+
+    #[test]
+    fn notes_are_written_at_once_and_made_durable_by_the_next_intent() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice").unwrap();
+        let a = j
+            .note(Some("h1"), "verify", serde_json::json!({"ok": true}))
+            .unwrap();
+        let b = j.host_finished("h2", true, serde_json::json!({})).unwrap();
+        // Written and chained, readable by anyone, but no fsync was waited for.
+        let on_disk = j.records().unwrap();
+        assert_eq!(on_disk.len(), 2);
+        assert_eq!(on_disk[1].prev, a.hash);
+        assert!(synced(&j) < b.seq, "a note waited for its fsync");
+        // An intent may not act before every earlier record is durable.
+        let id = j.intent("h3", "deploy", serde_json::json!({})).unwrap();
+        assert!(synced(&j) >= id.0);
+        let c = j
+            .note(None, "rollout.event", serde_json::json!({}))
+            .unwrap();
+        assert!(synced(&j) < c.seq);
+        j.flush().unwrap();
+        assert!(synced(&j) >= c.seq);
+        assert_eq!(j.host_records("h2").len(), 1);
     }
 
     #[test]

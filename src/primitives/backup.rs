@@ -90,20 +90,46 @@ fn safe_name(s: &str) -> String {
         .collect()
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = BufReader::new(File::open(path)?);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
+/// Hashes what passes through on its way out of a file.
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
     }
-    Ok((hex::encode(h.finalize()), n))
+}
+
+/// What one read of an archive on the controller found: its SHA-256 and size, and
+/// whether every entry passed [`check_archive`]'s rules for `roots`.
+struct ReadBack {
+    sha256: String,
+    size: u64,
+    entries: Result<(), String>,
+}
+
+/// Reads an archive once, hashing every byte and checking every entry on the way,
+/// so a backup or restore opens and reads it one time rather than twice.
+fn read_back(archive: &Path, roots: &[String]) -> std::io::Result<ReadBack> {
+    let mut reader = HashingReader {
+        inner: BufReader::with_capacity(64 * 1024, File::open(archive)?),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let entries = check_entries(&mut reader, archive, roots);
+    // The tar reader stops at the end-of-archive marker: hash whatever follows too.
+    std::io::copy(&mut reader, &mut std::io::sink())?;
+    Ok(ReadBack {
+        sha256: hex::encode(reader.hash.finalize()),
+        size: reader.len,
+        entries,
+    })
 }
 
 /// Hashes what passes through on its way to the file.
@@ -158,9 +184,24 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         .join(safe_name(ctx.name()));
     let io = |context: String| move |source| PrimitiveError::Io { context, source };
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-    let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-    let id = format!("b{:03}", n / 2 + 1);
-    let archive = dir.join(format!("{id}.tar"));
+    // The first free number names the backup; `create_new` claims it, so two
+    // backups of one host never share an archive.
+    let (id, archive, file) = {
+        let mut k = 1u32;
+        loop {
+            let id = format!("b{k:03}");
+            let archive = dir.join(format!("{id}.tar"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&archive)
+            {
+                Ok(f) => break (id, archive, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 100_000 => k += 1,
+                Err(e) => return Err(io(format!("create {}", archive.display()))(e)),
+            }
+        }
+    };
     let mut argv: Vec<String> = [
         "tar",
         "-cf",
@@ -174,7 +215,6 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
     .map(String::from)
     .to_vec();
     argv.extend(rel.iter().cloned());
-    let file = File::create(&archive).map_err(io(format!("create {}", archive.display())))?;
     let mut sink = HashingWriter {
         inner: std::io::BufWriter::new(file),
         hash: Sha256::new(),
@@ -219,20 +259,22 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
     )
     .map_err(io(format!("write {}", manifest.display())))?;
     // Re-read what landed on disk: a backup that cannot be read back is no backup.
-    let (again, again_size) = sha256_file(&handle.archive)
+    let again = read_back(&handle.archive, &rel)
         .map_err(io(format!("re-read {}", handle.archive.display())))?;
-    if again != handle.sha256 || again_size != handle.size {
+    if again.sha256 != handle.sha256 || again.size != handle.size {
         return Err(PrimitiveError::step(
             ctx.name(),
             "backup",
             format!(
-                "archive {} reads back as {again}, written as {}",
+                "archive {} reads back as {}, written as {}",
                 handle.archive.display(),
+                again.sha256,
                 handle.sha256
             ),
         ));
     }
-    check_archive(&handle.archive, &rel)
+    again
+        .entries
         .map_err(|m| PrimitiveError::step(ctx.name(), "backup", m))?;
     ctx.record(
         "backup",
@@ -247,7 +289,13 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
 /// folders and links.
 pub fn check_archive(archive: &Path, roots: &[String]) -> Result<(), String> {
     let f = File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
-    let mut ar = tar::Archive::new(BufReader::new(f));
+    check_entries(BufReader::new(f), archive, roots)
+}
+
+/// [`check_archive`] over an archive's bytes as they are read; `archive` names it
+/// in messages.
+fn check_entries(reader: impl Read, archive: &Path, roots: &[String]) -> Result<(), String> {
+    let mut ar = tar::Archive::new(reader);
     let mut links: Vec<PathBuf> = Vec::new();
     let entries = ar
         .entries()
@@ -340,10 +388,11 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
         .iter()
         .map(|p| check_path(p))
         .collect::<Result<_, _>>()?;
-    let (sha, _) = sha256_file(&handle.archive).map_err(|source| PrimitiveError::Io {
+    let again = read_back(&handle.archive, &rel).map_err(|source| PrimitiveError::Io {
         context: format!("read backup {}", handle.archive.display()),
         source,
     })?;
+    let sha = again.sha256;
     if sha != handle.sha256 {
         return Err(PrimitiveError::step(
             ctx.name(),
@@ -355,7 +404,8 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
             ),
         ));
     }
-    check_archive(&handle.archive, &rel)
+    again
+        .entries
         .map_err(|m| PrimitiveError::step(ctx.name(), "restore", format!("refused: {m}")))?;
     if ctx.planning() {
         ctx.plan(

@@ -126,8 +126,11 @@ impl HostCtx<'_> {
             });
     }
 
-    /// Appends a record for this host; fsynced before it returns. With no journal
-    /// (unit tests, `eval`), nothing is written.
+    /// Appends a record of what a step saw or kept (a backup, a verify, a health
+    /// check) for this host. It announces no action on the host, so it is durable
+    /// with the next group commit, at the latest before the host's next intent (see
+    /// [`crate::journal::Journal::note`]). With no journal (unit tests, `eval`),
+    /// nothing is written.
     pub fn record(
         &self,
         step: &str,
@@ -137,7 +140,7 @@ impl HostCtx<'_> {
         match &self.run.journal {
             None => Ok(None),
             Some(j) => j
-                .append(Some(&self.host.name), kind, data)
+                .note(Some(&self.host.name), kind, data)
                 .map(Some)
                 .map_err(|source| PrimitiveError::Journal {
                     host: self.host.name.clone(),

@@ -337,6 +337,8 @@ pub enum RolloutError {
     WindowPassed { window: String, now: String },
     #[error("the rollout scheduler stalled in {wave} with {pending} hosts pending and none in flight; this is a bug, please report it with the plan")]
     Stalled { wave: String, pending: usize },
+    #[error("cannot start a worker thread for the rollout ({0}); lower --forks or raise the process's thread limit")]
+    Worker(String),
 }
 
 type GateFn<'a> = dyn Fn(&GateContext) -> Result<bool, String> + 'a;
@@ -350,6 +352,8 @@ pub struct Executor<'a> {
     gate: Option<Box<GateFn<'a>>>,
     observer: Option<Box<dyn RolloutObserver + 'a>>,
     halt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Stack of each worker thread; `None` keeps the platform default.
+    worker_stack: Option<usize>,
 }
 
 enum Msg {
@@ -374,6 +378,7 @@ impl<'a> Executor<'a> {
             gate: None,
             observer: None,
             halt: None,
+            worker_stack: None,
         }
     }
 
@@ -389,6 +394,14 @@ impl<'a> Executor<'a> {
 
     pub fn gate(mut self, gate: impl Fn(&GateContext) -> Result<bool, String> + 'a) -> Self {
         self.gate = Some(Box::new(gate));
+        self
+    }
+
+    /// Gives every worker thread a stack of `bytes`, so host work that needs a deep
+    /// stack runs on the worker itself instead of starting a thread per host; the
+    /// work reads the size back with [`super::pool::worker_stack`].
+    pub fn worker_stack(mut self, bytes: usize) -> Self {
+        self.worker_stack = Some(bytes);
         self
     }
 
@@ -482,52 +495,65 @@ impl<'a> Executor<'a> {
             // Owned here so that every way out of this closure closes the job
             // queue and lets the workers end.
             let job_tx = job_tx;
+            let stack = self.worker_stack;
             for _ in 0..workers {
                 let msg_tx = msg_tx.clone();
                 let job_rx = &job_rx;
-                scope.spawn(move || loop {
-                    let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((h, wave)) = job else { break };
-                    let host = plan.host(h);
-                    let started = clock.now();
-                    let ctx = HostContext {
-                        wave,
-                        started,
-                        deadline: timeout.map(|t| after(started, t)),
-                        clock: clock.clone(),
-                    };
-                    let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
-                        .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
-                    let ended = clock.now();
-                    if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
-                        if ended > deadline {
-                            outcome = HostOutcome::failed(format!(
-                                "exceeded its {} deadline (took {})",
-                                format_duration(limit),
-                                format_duration(between(started, ended))
-                            ));
-                        }
+                let mut builder = std::thread::Builder::new().name("patchbook-host".into());
+                if let Some(bytes) = stack {
+                    builder = builder.stack_size(bytes);
+                }
+                let spawned = builder.spawn_scoped(scope, move || {
+                    if let Some(bytes) = stack {
+                        super::pool::set_worker_stack(bytes);
                     }
-                    let failed = matches!(outcome, HostOutcome::Failed { .. });
-                    let _ = msg_tx.send(Msg::Outcome {
-                        host: h,
-                        outcome,
-                        started,
-                        ended,
-                    });
-                    let undo = failed.then(|| {
-                        let rc = RollbackContext {
-                            cause: RollbackCause::HostFailed,
+                    loop {
+                        let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((h, wave)) = job else { break };
+                        let host = plan.host(h);
+                        let started = clock.now();
+                        let ctx = HostContext {
+                            wave,
+                            started,
+                            deadline: timeout.map(|t| after(started, t)),
                             clock: clock.clone(),
                         };
-                        catch_unwind(AssertUnwindSafe(|| rollback(host, &rc)))
-                            .unwrap_or_else(|p| Err(panic_text(p.as_ref())))
-                    });
-                    let _ = msg_tx.send(Msg::Released {
-                        host: h,
-                        rollback: undo,
-                    });
+                        let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
+                            .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
+                        let ended = clock.now();
+                        if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
+                            if ended > deadline {
+                                outcome = HostOutcome::failed(format!(
+                                    "exceeded its {} deadline (took {})",
+                                    format_duration(limit),
+                                    format_duration(between(started, ended))
+                                ));
+                            }
+                        }
+                        let failed = matches!(outcome, HostOutcome::Failed { .. });
+                        let _ = msg_tx.send(Msg::Outcome {
+                            host: h,
+                            outcome,
+                            started,
+                            ended,
+                        });
+                        let undo = failed.then(|| {
+                            let rc = RollbackContext {
+                                cause: RollbackCause::HostFailed,
+                                clock: clock.clone(),
+                            };
+                            catch_unwind(AssertUnwindSafe(|| rollback(host, &rc)))
+                                .unwrap_or_else(|p| Err(panic_text(p.as_ref())))
+                        });
+                        let _ = msg_tx.send(Msg::Released {
+                            host: h,
+                            rollback: undo,
+                        });
+                    }
                 });
+                if let Err(e) = spawned {
+                    return Err(RolloutError::Worker(e.to_string()));
+                }
             }
             drop(msg_tx);
 

@@ -2,8 +2,24 @@
 //! ssh2 is blocking, so per-host work runs here; a 10,000-host run still uses only
 //! `workers` threads.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+thread_local! {
+    /// The stack size this thread was started with, when a pool chose it.
+    static WORKER_STACK: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Records that the current thread was started with a stack of `bytes`.
+pub(crate) fn set_worker_stack(bytes: usize) {
+    WORKER_STACK.with(|c| c.set(bytes));
+}
+
+/// The stack size a rollout worker was started with; 0 on any other thread.
+pub fn worker_stack() -> usize {
+    WORKER_STACK.with(|c| c.get())
+}
 
 /// Runs `work` on every item with at most `workers` at once; results keep item order.
 pub fn map_bounded<T, R, F>(items: &[T], workers: usize, work: F) -> Vec<R>

@@ -233,13 +233,37 @@ pub fn stack_size(engine: &Engine) -> usize {
     (engine.max_call_levels().max(1) * per_level + (8 << 20)).min(1 << 30)
 }
 
-/// Runs `f` on a fresh thread whose stack fits `engine`'s call-depth limit, so a
-/// runaway recursion ends as a Rhai "Stack overflow" error instead of aborting the
-/// process. Costs one thread spawn, noise next to a command on a host.
+thread_local! {
+    /// Set while a script call runs on this thread: a nested call must not assume
+    /// the whole stack is still free.
+    static IN_SCRIPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`IN_SCRIPT`] again, also when the script call panics.
+struct InScript;
+
+impl Drop for InScript {
+    fn drop(&mut self) {
+        IN_SCRIPT.with(|c| c.set(false));
+    }
+}
+
+/// Runs `f` on a stack that fits `engine`'s call-depth limit, so a runaway
+/// recursion ends as a Rhai "Stack overflow" error instead of aborting the process.
+/// A rollout worker started with such a stack (see
+/// [`crate::rollout::Executor::worker_stack`]) runs `f` itself; anywhere else, or
+/// for a call nested in another script call, `f` gets a fresh thread. A thread per
+/// host was most of a 10,000-host plan's system time.
 pub fn on_script_stack<R: Send>(
     engine: &Engine,
     f: impl FnOnce() -> R + Send,
 ) -> Result<R, std::io::Error> {
+    let free = !IN_SCRIPT.with(|c| c.get());
+    if free && crate::rollout::pool::worker_stack() >= stack_size(engine) {
+        IN_SCRIPT.with(|c| c.set(true));
+        let _clear = InScript;
+        return Ok(f());
+    }
     let span = tracing::Span::current();
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
@@ -255,4 +279,38 @@ pub fn on_script_stack<R: Send>(
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rollout_worker_runs_scripts_itself_and_nested_calls_get_a_fresh_stack() {
+        let engine = Engine::new_raw();
+        let need = stack_size(&engine);
+        // Elsewhere, a call gets its own thread.
+        let here = std::thread::current().id();
+        let elsewhere = on_script_stack(&engine, || std::thread::current().id()).unwrap();
+        assert_ne!(elsewhere, here);
+        let worker = std::thread::Builder::new()
+            .stack_size(need)
+            .spawn(move || {
+                crate::rollout::pool::set_worker_stack(need);
+                let me = std::thread::current().id();
+                let (outer, inner) = on_script_stack(&engine, || {
+                    let inner = on_script_stack(&engine, || std::thread::current().id());
+                    (std::thread::current().id(), inner.unwrap())
+                })
+                .unwrap();
+                // Once the call is over the worker's stack is free again.
+                let again = on_script_stack(&engine, || std::thread::current().id()).unwrap();
+                (me, outer, inner, again)
+            })
+            .unwrap();
+        let (me, outer, inner, again) = worker.join().unwrap();
+        assert_eq!(outer, me, "the worker did not run the script itself");
+        assert_ne!(inner, me, "a nested call shared the busy stack");
+        assert_eq!(again, me);
+    }
 }

@@ -166,11 +166,14 @@ impl RunControl {
             _ => None,
         };
         if !self.planning() {
-            self.record(
-                host,
-                EVENT_KIND,
-                serde_json::to_value(event).unwrap_or_default(),
-            );
+            // Progress announces no action: it rides on the next group commit.
+            if let Some(j) = &self.session.run.journal {
+                let data = serde_json::to_value(event).unwrap_or_default();
+                if let Err(e) = j.note(host, EVENT_KIND, data) {
+                    tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
         }
         (self.sink)(at, event);
         let run = self.session.run.run_id.clone();
@@ -543,7 +546,10 @@ fn rollout(
         c.clock.clone()
     };
 
-    let mut ex = Executor::new(&plan).clock(clock).halt_on(c.stop.clone());
+    let mut ex = Executor::new(&plan)
+        .clock(clock)
+        .halt_on(c.stop.clone())
+        .worker_stack(super::engine::stack_size(engine));
     if let (Some(w), false) = (c.window(), planning) {
         ex = ex.window(w);
     }
@@ -621,7 +627,18 @@ fn rollout(
         }
         result
     };
-    let summary = match ex.run(work, rollback) {
+    let summary = ex.run(work, rollback);
+    // Progress and host ends ride on group commits; before the playbook goes on
+    // (a report, a notice to people) everything this rollout wrote is on disk.
+    if let (Some(j), false) = (&journal, planning) {
+        if let Err(e) = j.flush() {
+            return fail(
+                ctx,
+                format!("rollout: cannot make the journal durable: {e}"),
+            );
+        }
+    }
+    let summary = match summary {
         Ok(s) => s,
         Err(e) => return fail(ctx, e.to_string()),
     };
