@@ -36,10 +36,14 @@ pub struct Facts {
 }
 
 /// A fixed probe, not built from any script data, so it may be a shell string.
-/// Shell builtins read the file: the host starts one process (`uname`).
+/// Shell builtins read the files, so on Linux the host starts no process at all;
+/// `uname` is the fallback where `/proc/sys/kernel` lacks the answer.
 const PROBE: &str = "[ -r /etc/os-release ] && while IFS= read -r l || [ -n \"$l\" ]; \
-do printf '%s\\n' \"$l\"; done </etc/os-release; \
-set -- $(uname -r -m); echo \"__kernel=$1\"; echo \"__arch=$2\"; \
+do printf '%s\\n' \"$l\"; done </etc/os-release; k=; a=; \
+[ -r /proc/sys/kernel/osrelease ] && read -r k </proc/sys/kernel/osrelease; \
+[ -r /proc/sys/kernel/arch ] && read -r a </proc/sys/kernel/arch; \
+[ -n \"$k\" ] || k=$(uname -r); [ -n \"$a\" ] || a=$(uname -m); \
+echo \"__kernel=$k\"; echo \"__arch=$a\"; \
 command -v dpkg-query >/dev/null 2>&1 && echo __pm=dpkg; \
 command -v rpm >/dev/null 2>&1 && echo __pm=rpm; true";
 
