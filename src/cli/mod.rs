@@ -288,7 +288,7 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             let started = std::time::Instant::now();
             let fleet =
                 crate::lab::Fleet::start_with(*count, dir, crate::lab::Tie::Detached, *dpkg_db)
-                .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
+                    .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
             for h in fleet.hosts() {
                 println!(
                     "{:<6} 127.0.0.1:{:<5} sshd pid {:<7} {:<9} {}",

@@ -132,7 +132,9 @@ impl std::str::FromStr for DpkgDb {
         match s {
             "machine" => Ok(DpkgDb::Machine),
             "minimal" => Ok(DpkgDb::Minimal),
-            other => Err(format!("unknown dpkg database {other:?}: use machine or minimal")),
+            other => Err(format!(
+                "unknown dpkg database {other:?}: use machine or minimal"
+            )),
         }
     }
 }

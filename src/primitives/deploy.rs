@@ -81,7 +81,8 @@ fn stage_script(pm: PackageManager) -> &'static str {
 /// Package name and version of a package file, by its SHA-256 and package manager.
 /// They are a function of the file's bytes, which every host checks against that
 /// hash, so the first host reads them and the others are spared the `dpkg-deb`.
-type FieldsCache = std::sync::Mutex<std::collections::HashMap<(String, &'static str), (String, String)>>;
+type FieldsCache =
+    std::sync::Mutex<std::collections::HashMap<(String, &'static str), (String, String)>>;
 static FIELDS: std::sync::LazyLock<FieldsCache> = std::sync::LazyLock::new(Default::default);
 
 /// What the staged file hashes to on the host, its package name and version, and

@@ -135,7 +135,10 @@ mod tests {
         assert!(out.status.success());
         let f = parse(&String::from_utf8_lossy(&out.stdout));
         let uname = |flag: &str| {
-            let o = std::process::Command::new("uname").arg(flag).output().unwrap();
+            let o = std::process::Command::new("uname")
+                .arg(flag)
+                .output()
+                .unwrap();
             String::from_utf8_lossy(&o.stdout).trim().to_string()
         };
         assert_eq!((f.kernel, f.arch), (uname("-r"), uname("-m")));
