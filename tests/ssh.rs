@@ -165,6 +165,46 @@ fn steps_share_one_session_shell_but_none_of_its_state() {
 }
 
 #[test]
+fn a_stale_public_key_beside_the_identity_does_not_stop_the_login() {
+    let f = fleet();
+    let dir = tempfile::tempdir().unwrap();
+    let id = dir.path().join("id_ed25519");
+    std::fs::copy(f.identity(), &id).unwrap();
+    // A `.pub` of another key: the private key alone must still get in.
+    let other = dir.path().join("other");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    std::fs::copy(
+        dir.path().join("other.pub"),
+        dir.path().join("id_ed25519.pub"),
+    )
+    .unwrap();
+    // The connector's identity, not the one the lab's inventory gives each host.
+    let mut host = first(f);
+    host.identity = None;
+    let t = SshConnector::new(f.known_hosts())
+        .identity(&id)
+        .connect_ssh(&host)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        t.run(&Command::new(["echo", "in"])).unwrap().stdout_str(),
+        "in\n"
+    );
+    // And a key the host does not know is refused, with what to check.
+    let err = SshConnector::new(f.known_hosts())
+        .identity(&other)
+        .connect_ssh(&host)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("authorized_keys"), "{err}");
+}
+
+#[test]
 fn a_shell_killed_by_a_signal_is_no_exit_status_not_zero() {
     let f = fleet();
     let t = connect(f, &first(f));

@@ -714,10 +714,7 @@ impl Journal {
         kind: &str,
         data: Value,
     ) -> Result<Record, JournalError> {
-        let data = Prepared::new(redact_value(data, &self.secrets_now()));
-        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.append_locked(&mut tail, host, kind, data)?;
-        drop(tail);
+        let rec = self.note(host, kind, data)?;
         self.wait_durable(rec.seq)?;
         Ok(rec)
     }

@@ -177,6 +177,32 @@ pub struct SshTransport {
     conn: Mutex<Option<Conn>>,
 }
 
+impl Conn {
+    /// The session's SFTP channel, started on first use, in blocking mode with the
+    /// transfer wait as timeout. A failure to start it breaks the session.
+    fn sftp(&mut self, host: &str) -> Result<&ssh2::Sftp, TransportError> {
+        self.sess.set_blocking(true);
+        self.sess.set_timeout(millis(IO_WAIT));
+        if self.sftp.is_none() {
+            match self.sess.sftp() {
+                Ok(s) => self.sftp = Some(s),
+                Err(e) => {
+                    self.broken = true;
+                    return Err(TransportError::Ssh {
+                        host: host.to_string(),
+                        context: "start sftp".into(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.sftp.as_ref().ok_or_else(|| TransportError::Other {
+            host: host.to_string(),
+            message: "no sftp channel".into(),
+        })
+    }
+}
+
 impl Target {
     fn err_ssh(&self, context: &str, e: impl std::fmt::Display) -> TransportError {
         TransportError::Ssh {
@@ -312,7 +338,7 @@ impl Target {
                     id.display()
                 )));
             }
-            return sess.userauth_pubkey_file(user, None, id, None).map_err(|e| {
+            return pubkey_auth(sess, user, id).map_err(|e| {
                 auth_err(format!(
                     "key {} was refused ({e}); is {}.pub in the user's authorized_keys on the host?",
                     id.display(),
@@ -330,7 +356,7 @@ impl Target {
         for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
             let p = home().join(".ssh").join(name);
             if p.is_file() {
-                match sess.userauth_pubkey_file(user, None, &p, None) {
+                match pubkey_auth(sess, user, &p) {
                     Ok(()) => return Ok(()),
                     Err(e) => tried.push(format!("{}: {e}", p.display())),
                 }
@@ -345,6 +371,24 @@ impl Target {
             )
         }))
     }
+}
+
+/// Public-key authentication with `private`. With `KEY.pub` beside it, libssh2 reads
+/// the public half from there instead of deriving it from the private key, which
+/// costs a second private-key decode on every connection; a `.pub` that does not
+/// match is not fatal, the key is then tried alone.
+fn pubkey_auth(sess: &Session, user: &str, private: &Path) -> Result<(), ssh2::Error> {
+    let mut name = private.as_os_str().to_owned();
+    name.push(".pub");
+    let public = PathBuf::from(name);
+    if public.is_file()
+        && sess
+            .userauth_pubkey_file(user, Some(&public), private, None)
+            .is_ok()
+    {
+        return Ok(());
+    }
+    sess.userauth_pubkey_file(user, None, private, None)
 }
 
 fn is_eagain(e: &ssh2::Error) -> bool {
@@ -956,17 +1000,7 @@ impl SshTransport {
                     message: e.to_string(),
                 }
             };
-            conn.sess.set_blocking(true);
-            conn.sess.set_timeout(millis(IO_WAIT));
-            if conn.sftp.is_none() {
-                match conn.sess.sftp() {
-                    Ok(s) => conn.sftp = Some(s),
-                    Err(e) => return Err(fail(conn, "start sftp".into(), &e)),
-                }
-            }
-            let Some(sftp) = conn.sftp.as_ref() else {
-                return Err(fail(conn, "start sftp".into(), &"no sftp channel"));
-            };
+            let sftp = conn.sftp(&host)?;
             let opened = sftp.open_mode(
                 Path::new(path),
                 flags,
@@ -1102,27 +1136,7 @@ impl Transport for SshTransport {
     fn private_dir(&self) -> Result<String, TransportError> {
         let host = self.target.name.clone();
         self.with_conn(|conn| {
-            conn.sess.set_blocking(true);
-            conn.sess.set_timeout(millis(IO_WAIT));
-            if conn.sftp.is_none() {
-                match conn.sess.sftp() {
-                    Ok(s) => conn.sftp = Some(s),
-                    Err(e) => {
-                        conn.broken = true;
-                        return Err(TransportError::Ssh {
-                            host: host.clone(),
-                            context: "start sftp".into(),
-                            message: e.to_string(),
-                        });
-                    }
-                }
-            }
-            let Some(sftp) = conn.sftp.as_ref() else {
-                return Err(TransportError::Other {
-                    host: host.clone(),
-                    message: "no sftp channel".into(),
-                });
-            };
+            let sftp = conn.sftp(&host)?;
             let mut last = String::new();
             for _ in 0..5 {
                 let marker = sentinel_marker();
@@ -1148,27 +1162,7 @@ impl Transport for SshTransport {
         let span = tracing::info_span!("ssh.get", host = %host, remote = %remote);
         let _g = span.enter();
         self.with_conn(|conn| {
-            conn.sess.set_blocking(true);
-            conn.sess.set_timeout(millis(IO_WAIT));
-            if conn.sftp.is_none() {
-                match conn.sess.sftp() {
-                    Ok(s) => conn.sftp = Some(s),
-                    Err(e) => {
-                        conn.broken = true;
-                        return Err(TransportError::Ssh {
-                            host: host.clone(),
-                            context: "start sftp".into(),
-                            message: e.to_string(),
-                        });
-                    }
-                }
-            }
-            let Some(sftp) = conn.sftp.as_ref() else {
-                return Err(TransportError::Other {
-                    host: host.clone(),
-                    message: "no sftp channel".into(),
-                });
-            };
+            let sftp = conn.sftp(&host)?;
             let mut file = sftp
                 .open(Path::new(remote))
                 .map_err(|e| TransportError::Ssh {
