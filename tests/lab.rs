@@ -20,6 +20,15 @@ fn run_ok(lab: &Lab, host: &str, argv: &[&str]) -> String {
 #[test]
 fn dpkg_and_opt_changes_stay_inside_one_host() {
     let lab = Lab::start(3);
+    // By default a host carries a copy of this machine's dpkg database.
+    let own = std::fs::read_to_string("/var/lib/dpkg/status").unwrap();
+    let copy = std::fs::read_to_string(lab.hosts()[0].dir.join("dpkg/status")).unwrap();
+    let count = |s: &str| s.lines().filter(|l| l.starts_with("Package: ")).count();
+    assert_eq!(
+        count(&copy),
+        count(&own) + 1,
+        "the machine's packages plus acme-agent"
+    );
     for h in lab.hosts() {
         assert_eq!(
             lab.installed_version(&h.name, deb::PACKAGE)
@@ -152,12 +161,27 @@ fn cli_lab_down_stops_exactly_its_processes() {
         .prefix("cli-lab-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let up = patchbook(["lab", "up", "3", dir.path().to_str().unwrap()]);
+    let up = patchbook([
+        "lab",
+        "up",
+        "3",
+        dir.path().to_str().unwrap(),
+        "--dpkg-db",
+        "minimal",
+    ]);
     assert!(
         up.status.success(),
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
+    // `--dpkg-db minimal`: each host's database holds acme-agent 1.0.0 and nothing else.
+    let status = std::fs::read_to_string(dir.path().join("hosts/lab02/dpkg/status")).unwrap();
+    let packages: Vec<&str> = status
+        .lines()
+        .filter_map(|l| l.strip_prefix("Package: "))
+        .collect();
+    assert_eq!(packages, [deb::PACKAGE]);
+    assert!(status.contains("Version: 1.0.0\n"), "{status}");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
             .unwrap();

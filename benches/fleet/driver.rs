@@ -854,9 +854,15 @@ fn goals(table: &[(usize, Peer, Vec<Sample>)]) -> String {
                 (true, true) => "met",
                 (true, false) => "MISSED",
             };
+            // Small ratios keep a third digit, so 0.034 does not read as 0.03.
+            let shown = if ratio < 0.1 {
+                format!("{ratio:.3}")
+            } else {
+                format!("{ratio:.2}")
+            };
             let _ = writeln!(
                 md,
-                "| {n} | {} | {ratio:.2}× | ≤ {goal}× | {verdict} |",
+                "| {n} | {} | {shown}× | ≤ {goal}× | {verdict} |",
                 peer.label()
             );
         }

@@ -3,6 +3,8 @@
 //! step that reverses it. The undo step is decided before anything is installed, so
 //! the rollback plan exists before the deployment does.
 
+use std::collections::HashMap;
+use std::sync::{Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -78,12 +80,84 @@ fn stage_script(pm: PackageManager) -> &'static str {
     }
 }
 
-/// Package name and version of a package file, by its SHA-256 and package manager.
-/// They are a function of the file's bytes, which every host checks against that
-/// hash, so the first host reads them and the others are spared the `dpkg-deb`.
-type FieldsCache =
-    std::sync::Mutex<std::collections::HashMap<(String, &'static str), (String, String)>>;
-static FIELDS: std::sync::LazyLock<FieldsCache> = std::sync::LazyLock::new(Default::default);
+/// Package files' name and version, by SHA-256 and package manager. They are a
+/// function of the file's bytes, which every host checks against that hash, so one
+/// host reads them and the others are spared the `dpkg-deb`. Hosts that need them
+/// while that reading runs wait for it (a fleet reaches this step all at once),
+/// for at most [`FIELDS_WAIT`], and read them themselves if it fails.
+struct FieldsCache {
+    /// `None` while one host is reading them.
+    known: Mutex<HashMap<FieldsKey, Option<(String, String)>>>,
+    settled: Condvar,
+}
+
+type FieldsKey = (String, &'static str);
+
+/// Longest a host waits for another host's reading of the package fields.
+const FIELDS_WAIT: Duration = Duration::from_secs(30);
+
+static FIELDS: LazyLock<FieldsCache> = LazyLock::new(|| FieldsCache {
+    known: Mutex::new(HashMap::new()),
+    settled: Condvar::new(),
+});
+
+/// The duty to read a package file's fields and publish them. Dropped without
+/// [`FieldsClaim::publish`] (the reading failed), it lets a waiting host take over.
+struct FieldsClaim {
+    key: FieldsKey,
+    /// False for a host that gave up waiting and reads without the claim.
+    owner: bool,
+}
+
+impl FieldsCache {
+    /// The fields when known, or a claim to read them.
+    fn get_or_claim(&'static self, key: FieldsKey) -> Result<(String, String), FieldsClaim> {
+        let deadline = std::time::Instant::now() + FIELDS_WAIT;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match known.get(&key) {
+                Some(Some(fields)) => return Ok(fields.clone()),
+                Some(None) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(FieldsClaim { key, owner: false });
+                    }
+                    known = self
+                        .settled
+                        .wait_timeout(known, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => {
+                    known.insert(key.clone(), None);
+                    return Err(FieldsClaim { key, owner: true });
+                }
+            }
+        }
+    }
+}
+
+impl FieldsClaim {
+    fn publish(self, fields: (String, String)) {
+        FIELDS
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.key.clone(), Some(fields));
+        FIELDS.settled.notify_all();
+    }
+}
+
+impl Drop for FieldsClaim {
+    fn drop(&mut self) {
+        let mut known = FIELDS.known.lock().unwrap_or_else(|p| p.into_inner());
+        if self.owner && matches!(known.get(&self.key), Some(None)) {
+            known.remove(&self.key);
+            drop(known);
+            FIELDS.settled.notify_all();
+        }
+    }
+}
 
 /// What the staged file hashes to on the host, its package name and version, and
 /// the installed package before.
@@ -93,12 +167,10 @@ fn check_staged(
     file: &str,
     artifact: &Artifact,
 ) -> Result<(String, String, Option<Installed>), PrimitiveError> {
-    let key = (artifact.sha256.clone(), pm.as_str());
-    let known = FIELDS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
+    let (known, claim) = match FIELDS.get_or_claim((artifact.sha256.clone(), pm.as_str())) {
+        Ok(fields) => (Some(fields), None),
+        Err(claim) => (None, Some(claim)),
+    };
     let name_arg = known.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
     let cmd = Command::script(stage_script(pm), "patchbook-fields", &[file, name_arg]);
     let out = ctx
@@ -136,10 +208,9 @@ fn check_staged(
                 .unwrap_or(version)
                 .to_string();
             check_package("deploy", pm, &name)?;
-            FIELDS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, (name.clone(), version.clone()));
+            if let Some(claim) = claim {
+                claim.publish((name.clone(), version.clone()));
+            }
             (name, version)
         }
     };
@@ -474,4 +545,43 @@ fn undo_for(
     Ok(UndoStep::Manual {
         reason: format!("{package} was at {} before; no rollback_to artifact and no backup of this host in this run", before.unwrap_or("?")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> FieldsKey {
+        (format!("test-{name}"), "dpkg")
+    }
+
+    #[test]
+    fn hosts_that_need_the_fields_meanwhile_wait_for_one_reading() {
+        let Err(claim) = FIELDS.get_or_claim(key("wait")) else {
+            panic!("the first host must be asked to read the fields");
+        };
+        let waiters: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| FIELDS.get_or_claim(key("wait")).ok()))
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        claim.publish(("acme-agent".into(), "1.0.1".into()));
+        for w in waiters {
+            assert_eq!(
+                w.join().unwrap(),
+                Some(("acme-agent".to_string(), "1.0.1".to_string()))
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_reading_hands_the_claim_to_a_waiting_host() {
+        let Err(claim) = FIELDS.get_or_claim(key("fail")) else {
+            panic!("the first host must be asked to read the fields");
+        };
+        let waiter = std::thread::spawn(|| FIELDS.get_or_claim(key("fail")).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(claim);
+        let next = waiter.join().unwrap();
+        assert!(matches!(next, Err(FieldsClaim { owner: true, .. })));
+    }
 }
