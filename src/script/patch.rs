@@ -701,7 +701,8 @@ fn register_artifact(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                         let data = serde_json::json!({
                             "url": url, "sha256": spec.sha256, "what": c.what, "ok": c.ok, "detail": c.detail,
                         });
-                        if let Err(e) = j.append(None, "artifact", data) {
+                        // A check on the controller: durable with the first intent.
+                        if let Err(e) = j.note(None, "artifact", data) {
                             return fail(&ctx, format!("artifact {url}: cannot write the journal, so the artifact is not used: {e}"));
                         }
                     }

@@ -123,9 +123,12 @@ impl RunControl {
         self.session.run.mode == Mode::Plan
     }
 
+    /// Records what the rollout saw or decided (a plan, a window, a notice). None of
+    /// it is an action on a host, so it rides on the next group commit: every
+    /// intent fsyncs all records before it.
     fn record(&self, host: Option<&str>, kind: &str, data: serde_json::Value) {
         if let Some(j) = &self.session.run.journal {
-            if let Err(e) = j.append(host, kind, data) {
+            if let Err(e) = j.note(host, kind, data) {
                 tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
                 self.stop.store(true, Ordering::SeqCst);
             }
