@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::model::{fmt_ms, HostReport, Outcome, RunReport};
+use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, Outcome, RunReport};
 use super::timeline;
 
 /// Text safe in HTML element content and in quoted attribute values.
@@ -341,73 +341,42 @@ fn value_text(v: &Value) -> String {
 }
 
 fn host_row(o: &mut String, h: &HostReport) {
-    let versions = |pick: fn(&super::model::PackageChange) -> Option<&str>| {
-        if h.packages.is_empty() {
-            return "—".to_string();
-        }
-        h.packages
-            .iter()
-            .map(|p| {
-                format!(
-                    "{} <code>{}</code>",
-                    esc(&p.package),
-                    pick(p).map(esc).unwrap_or_else(|| "(none)".into())
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("<br>")
+    let version = |package: &str, v: Option<&str>| {
+        format!(
+            "{} <code>{}</code>",
+            esc(package),
+            v.map(esc).unwrap_or_else(|| "(none)".into())
+        )
     };
-    let steps = h
-        .steps
-        .iter()
-        .map(|s| {
-            let (class, result) = match s.ok {
-                Some(true) => ("ok", "ok"),
-                Some(false) => ("bad", "FAILED"),
-                None => ("open", "OPEN"),
-            };
-            format!(
-                "<span class=\"step\">{} <span class=\"{class}\">{result}</span> {}</span>",
-                esc(&s.step),
-                esc(&s.duration_ms.map(fmt_ms).unwrap_or_else(|| "?".into()))
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("<br>");
-    let backups = h
-        .backups
-        .iter()
-        .map(|b| {
-            format!(
-                "{} <code title=\"sha256\">{}</code>",
-                esc(&b.id),
-                esc(&b.sha256)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("<br>");
+    let steps = lines_or_dash(h.steps.iter().map(|s| {
+        let (class, result) = step_result(s.ok);
+        format!(
+            "<span class=\"step\">{} <span class=\"{class}\">{result}</span> {}</span>",
+            esc(&s.step),
+            esc(&s.duration_ms.map(fmt_ms).unwrap_or_else(|| "?".into()))
+        )
+    }));
+    let backups = lines_or_dash(h.backups.iter().map(|b| {
+        format!(
+            "{} <code title=\"sha256\">{}</code>",
+            esc(&b.id),
+            esc(&b.sha256)
+        )
+    }));
     let _ = writeln!(
         o,
         "<tr class=\"host-row outcome-{}\" data-host=\"{}\"><td>{}</td><td>{}</td><td><span class=\"status status-{}\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
         h.class(),
         esc(&h.name),
         esc(&h.name),
-        esc(&h
-            .wave_label
-            .clone()
-            .or_else(|| h.wave.map(|w| w.to_string()))
-            .unwrap_or_else(|| "—".into())),
+        esc(&h.wave_text()),
         h.class(),
         esc(&h.status_text()),
-        versions(|p| p.before.as_deref()),
-        versions(|p| p.after.as_deref()),
-        if steps.is_empty() { "—".into() } else { steps },
+        h.package_lines(|p| p.before.as_deref(), version),
+        h.package_lines(|p| p.after.as_deref(), version),
+        steps,
         esc(&h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
-        if backups.is_empty() {
-            "—".into()
-        } else {
-            backups
-        }
+        backups
     );
 }
 
@@ -580,24 +549,7 @@ fn tests(o: &mut String, r: &RunReport) {
     );
     for c in &t.cases {
         let case = &c.case;
-        let (before, after, change, threshold) = match &case.metrics {
-            Some(m) => {
-                let unit = if m.unit.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {}", m.unit)
-                };
-                (
-                    format!("{}{unit}", m.before),
-                    format!("{}{unit}", m.after),
-                    c.degradation_pct
-                        .map(|p| format!("{p:+.1}%"))
-                        .unwrap_or_else(|| "n/a".into()),
-                    format!("{}%", m.threshold_pct),
-                )
-            }
-            None => Default::default(),
-        };
+        let [before, after, change, threshold] = c.metric_cells().map(|t| esc(&t));
         let _ = writeln!(
             o,
             "<tr class=\"test-case\"><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
@@ -605,10 +557,10 @@ fn tests(o: &mut String, r: &RunReport) {
             case.kind,
             ok_cell(case.ok, "pass", "FAIL"),
             esc(&fmt_ms(case.duration_ms)),
-            esc(&before),
-            esc(&after),
-            esc(&change),
-            esc(&threshold),
+            before,
+            after,
+            change,
+            threshold,
             case.error.as_deref().map(esc).unwrap_or_default()
         );
     }

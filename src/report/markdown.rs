@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::model::{fmt_ms, HostReport, Outcome, RunReport};
+use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, Outcome, RunReport};
 
 /// Text for a Markdown paragraph or table cell.
 pub fn esc(s: &str) -> String {
@@ -292,65 +292,34 @@ pub fn render(r: &RunReport) -> String {
 }
 
 fn host_row(o: &mut String, h: &HostReport) {
-    let versions = |pick: fn(&super::model::PackageChange) -> Option<&str>| {
-        if h.packages.is_empty() {
-            return "—".to_string();
-        }
-        h.packages
-            .iter()
-            .map(|p| {
-                format!(
-                    "{} {}",
-                    esc(&p.package),
-                    pick(p).map(esc).unwrap_or_else(|| "(none)".into())
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("<br>")
+    let version = |package: &str, v: Option<&str>| {
+        format!(
+            "{} {}",
+            esc(package),
+            v.map(esc).unwrap_or_else(|| "(none)".into())
+        )
     };
-    let steps = h
-        .steps
-        .iter()
-        .map(|s| {
-            let result = match s.ok {
-                Some(true) => "ok",
-                Some(false) => "FAILED",
-                None => "OPEN",
-            };
-            let time = s.duration_ms.map(fmt_ms).unwrap_or_else(|| "?".into());
-            format!("{} {result} {time}", esc(&s.step))
-        })
-        .collect::<Vec<_>>()
-        .join("<br>");
-    let backups = h
-        .backups
-        .iter()
-        .map(|b| format!("{} sha256 {}", esc(&b.id), code(&b.sha256)))
-        .collect::<Vec<_>>()
-        .join("<br>");
+    let steps = lines_or_dash(h.steps.iter().map(|s| {
+        let (_, result) = step_result(s.ok);
+        let time = s.duration_ms.map(fmt_ms).unwrap_or_else(|| "?".into());
+        format!("{} {result} {time}", esc(&s.step))
+    }));
+    let backups = lines_or_dash(
+        h.backups
+            .iter()
+            .map(|b| format!("{} sha256 {}", esc(&b.id), code(&b.sha256))),
+    );
     let _ = writeln!(
         o,
         "| {} | {} | {} | {} | {} | {} | {} | {} |",
         esc(&h.name),
-        h.wave_label
-            .as_deref()
-            .map(esc)
-            .or_else(|| h.wave.map(|w| w.to_string()))
-            .unwrap_or_else(|| "—".into()),
+        esc(&h.wave_text()),
         esc(&h.status_text()),
-        versions(|p| p.before.as_deref()),
-        versions(|p| p.after.as_deref()),
-        if steps.is_empty() {
-            "—".into()
-        } else {
-            steps
-        },
+        h.package_lines(|p| p.before.as_deref(), version),
+        h.package_lines(|p| p.after.as_deref(), version),
+        steps,
         h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into()),
-        if backups.is_empty() {
-            "—".into()
-        } else {
-            backups
-        },
+        backups,
     );
 }
 
@@ -526,24 +495,7 @@ fn test_section(o: &mut String, r: &RunReport) {
     let _ = writeln!(o, "|---|---|---|---:|---:|---:|---:|---:|---|");
     for c in &t.cases {
         let case = &c.case;
-        let (before, after, change, threshold) = match &case.metrics {
-            Some(m) => {
-                let unit = if m.unit.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {}", esc(&m.unit))
-                };
-                (
-                    format!("{}{unit}", m.before),
-                    format!("{}{unit}", m.after),
-                    c.degradation_pct
-                        .map(|p| format!("{p:+.1}%"))
-                        .unwrap_or_else(|| "n/a".into()),
-                    format!("{}%", m.threshold_pct),
-                )
-            }
-            None => Default::default(),
-        };
+        let [before, after, change, threshold] = c.metric_cells().map(|t| esc(&t));
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",

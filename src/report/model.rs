@@ -114,6 +114,26 @@ pub struct Alert {
     pub text: String,
 }
 
+/// Table cell lines joined by a line break, or a dash when there are none.
+pub fn lines_or_dash(lines: impl IntoIterator<Item = String>) -> String {
+    let joined = lines.into_iter().collect::<Vec<_>>().join("<br>");
+    if joined.is_empty() {
+        "—".into()
+    } else {
+        joined
+    }
+}
+
+/// A step's result as (style class, word): ok, FAILED, or OPEN for an intent with
+/// no outcome.
+pub fn step_result(ok: Option<bool>) -> (&'static str, &'static str) {
+    match ok {
+        Some(true) => ("ok", "ok"),
+        Some(false) => ("bad", "FAILED"),
+        None => ("open", "OPEN"),
+    }
+}
+
 /// `targeted = done + failed + reverted + in_progress + unknown + pending`;
 /// `rolled_back` and `rollback_failed` overlap with `failed` and `reverted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -200,6 +220,24 @@ impl HostReport {
             Outcome::Unknown => "unknown",
             Outcome::Pending => "pending",
         }
+    }
+
+    /// The wave as a reader names it: its label, else its number, else a dash.
+    pub fn wave_text(&self) -> String {
+        self.wave_label
+            .clone()
+            .or_else(|| self.wave.map(|w| w.to_string()))
+            .unwrap_or_else(|| "—".into())
+    }
+
+    /// One line per package, with the version `pick` chooses (before or after),
+    /// written by `line` in the report's own markup; a dash when no package changed.
+    pub fn package_lines(
+        &self,
+        pick: fn(&PackageChange) -> Option<&str>,
+        line: impl Fn(&str, Option<&str>) -> String,
+    ) -> String {
+        lines_or_dash(self.packages.iter().map(|p| line(&p.package, pick(p))))
     }
 
     /// The outcome as a reader says it: "failed, rolled back".
@@ -295,6 +333,29 @@ pub struct TestCaseReport {
     #[serde(flatten)]
     pub case: TestCase,
     pub degradation_pct: Option<f64>,
+}
+
+impl TestCaseReport {
+    /// The metric columns as plain text: before, after, degradation, threshold
+    /// (all empty for a case without metrics). Each format escapes them itself.
+    pub fn metric_cells(&self) -> [String; 4] {
+        let Some(m) = &self.case.metrics else {
+            return Default::default();
+        };
+        let unit = if m.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", m.unit)
+        };
+        [
+            format!("{}{unit}", m.before),
+            format!("{}{unit}", m.after),
+            self.degradation_pct
+                .map(|p| format!("{p:+.1}%"))
+                .unwrap_or_else(|| "n/a".into()),
+            format!("{}%", m.threshold_pct),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -424,8 +424,15 @@ fn wait_socket(conn: &Conn, max: Duration) {
     }
 }
 
-/// A fresh marker for one command's exit sentinel.
-fn sentinel_marker() -> String {
+/// 16 hex digits nobody can guess: from the kernel's random source, or (should
+/// that fail) a hash of this process, a counter and the time.
+fn fresh_token() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        return hex::encode(bytes);
+    }
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seed = format!(
         "{}-{}-{:?}",
@@ -433,8 +440,12 @@ fn sentinel_marker() -> String {
         SEQ.fetch_add(1, Ordering::Relaxed),
         std::time::SystemTime::now()
     );
-    let h = sha2::Sha256::digest(seed.as_bytes());
-    format!("__PATCHBOOK_EXIT_{}:", hex::encode(&h[..8]))
+    hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8])
+}
+
+/// A fresh marker for one command's exit sentinel.
+fn sentinel_marker() -> String {
+    format!("__PATCHBOOK_EXIT_{}:", fresh_token())
 }
 
 /// The shell code that follows every command: its exit status behind a fresh
@@ -745,8 +756,13 @@ impl SshTransport {
         r
     }
 
+    /// Whether commands run behind `sudo -n` (become, as a user other than root).
+    fn sudo(&self) -> bool {
+        self.target.settings.become_root && self.target.user != "root"
+    }
+
     fn effective_argv(&self, cmd: &Command) -> Vec<String> {
-        if self.target.settings.become_root && self.target.user != "root" {
+        if self.sudo() {
             let mut v: Vec<String> = ["sudo", "-n", "--"].iter().map(|s| s.to_string()).collect();
             v.extend(cmd.argv.iter().cloned());
             v
@@ -804,7 +820,7 @@ impl SshTransport {
                 Err(e) => return Err(fail(conn, "open channel", e.to_string())),
             };
             // Under sudo the script needs its own shell; otherwise it runs inline.
-            let line = (cmd.inline && argv.len() == cmd.argv.len())
+            let line = (cmd.inline && !self.sudo())
                 .then(|| inline_line(&argv, &marker))
                 .flatten()
                 .unwrap_or_else(|| shell_line(&argv, &marker));
@@ -1139,11 +1155,7 @@ impl Transport for SshTransport {
             let sftp = conn.sftp(&host)?;
             let mut last = String::new();
             for _ in 0..5 {
-                let marker = sentinel_marker();
-                let suffix = marker
-                    .trim_start_matches("__PATCHBOOK_EXIT_")
-                    .trim_end_matches(':');
-                let dir = format!("/tmp/patchbook.{suffix}");
+                let dir = format!("/tmp/patchbook.{}", fresh_token());
                 match sftp.mkdir(Path::new(&dir), 0o700) {
                     Ok(()) => return Ok(dir),
                     Err(e) => last = e.to_string(),
