@@ -9,6 +9,7 @@
 //! | [`report`]   | run reports (md, json, html) and patch levels, read from the journal |
 //! | [`runtime`]  | wiring config + inventory + engine + journal + transports, built once |
 //! | [`script`]   | the sandboxed Rhai engine, module resolution, primitive registration |
+//! | [`run`]      | one run's life without Rhai: session, run control, notifications     |
 //! | [`rollout`]  | waves, bounded concurrency, failure budget, windows, rollback order  |
 //! | [`primitives`] | typed Rust functions: facts, artifact, backup, deploy, verify, …   |
 //! | [`transport`]| run an argv, put a file, get a file: `ssh` and `local`               |
@@ -26,6 +27,7 @@ pub mod lab;
 pub mod primitives;
 pub mod report;
 pub mod rollout;
+pub mod run;
 pub mod runtime;
 pub mod script;
 pub mod transport;

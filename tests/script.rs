@@ -13,8 +13,8 @@ use patchbook::config::Config;
 use patchbook::inventory::{Host, Inventory, TransportKind};
 use patchbook::runtime::{Options, Runtime};
 use patchbook::script::{
-    run_per_host, CompiledPlaybook, Compiler, HostClosure, Limits, ScriptError, ScriptHost,
-    ScriptRun, HOST_VAR,
+    run_per_host, run_per_host_in, CompiledPlaybook, Compiler, HostClosure, Limits, ScriptError,
+    ScriptHost, ScriptRun, HOST_VAR,
 };
 use rhai::{Array, Dynamic, FnPtr, NativeCallContext};
 
@@ -185,7 +185,7 @@ fn one_hosts_runaway_snippet_leaves_the_others_alone() {
     let pb = fixture_compiler()
         .compile_source(
             "<exec>",
-            r#"if host.name == "h2" { loop {} } else { exec(host, ["echo", host.name]).stdout }"#,
+            r#"if host.name == "h2" { loop {} } else { probe(host, ["echo", host.name]).stdout }"#,
             &[HOST_VAR],
         )
         .unwrap();
@@ -224,7 +224,7 @@ fn deep_recursion_on_a_worker_thread_is_an_error_not_a_crash() {
 // ---------- primitives ----------
 
 #[test]
-fn hosts_exec_shell_and_getters_work_on_local_hosts() {
+fn hosts_probe_and_getters_work_on_local_hosts() {
     let rt = local_runtime(&["h1", "h2", "h3"]);
     let compiler = fixture_compiler();
     let run = ScriptRun::new(&small_limits(), Some(rt));
@@ -234,8 +234,8 @@ fn hosts_exec_shell_and_getters_work_on_local_hosts() {
         r#"
         let out = [];
         for h in hosts("all") {
-            let r = exec(h, ["uname", "-r"]);
-            let s = shell(h, "echo $((6 * 7)); exit 3");
+            let r = probe(h, ["uname", "-r"]);
+            let s = probe(h, ["sh", "-c", "echo $((6 * 7)); exit 3"]);
             out.push(#{ name: h.name, port: h.port, groups: h.groups, crit: h.criticality,
                         code: r.code, kernel: r.stdout, shell: s.stdout, shell_code: s.code,
                         truncated: r.truncated });
@@ -335,7 +335,7 @@ fn a_closure_runs_per_host_on_workers_with_imports_and_the_host_tag() {
             let suffix = "!";
             each_host(hosts("all"), |h| {
                 if h.name == "h3" { loop {} }
-                `${tagged_host()}:${contacts::owners()[0]}:${exec(h, ["echo", h.name]).stdout.len()}${suffix}`
+                `${tagged_host()}:${contacts::owners()[0]}:${probe(h, ["echo", h.name]).stdout.len()}${suffix}`
             })
             "#,
             &[],
@@ -689,9 +689,14 @@ fn cli_exec_json_lines_and_exit_1_when_one_host_fails() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3, "{stdout}");
+    let run = lines[0]["run"].as_str().unwrap().to_string();
+    for (l, host) in lines.iter().zip(["h1", "h2", "h3"]) {
+        assert_eq!(l["host"], host, "{l}");
+        assert_eq!(l["run"], run.as_str(), "one run id for every host: {l}");
+    }
     assert_eq!(
-        lines[0],
-        serde_json::json!({"host": "h1", "ok": true, "value": "h1-ok"})
+        (&lines[0]["ok"], &lines[0]["value"]),
+        (&true.into(), &"h1-ok".into())
     );
     assert_eq!(lines[1]["ok"], false);
     assert!(lines[1]["error"]
@@ -699,9 +704,47 @@ fn cli_exec_json_lines_and_exit_1_when_one_host_fails() {
         .unwrap()
         .contains("Too many operations"));
     assert_eq!(
-        lines[2],
-        serde_json::json!({"host": "h3", "ok": true, "value": "h3-ok"})
+        (&lines[2]["ok"], &lines[2]["value"]),
+        (&true.into(), &"h3-ok".into())
     );
+    // An ad-hoc run is a run: its journal exists and says how each host ended.
+    let journal = std::fs::read_to_string(
+        dir.path()
+            .join(".patchbook/runs")
+            .join(format!("{run}.jsonl")),
+    )
+    .unwrap();
+    assert_eq!(
+        journal.matches("\"kind\":\"host.finish\"").count(),
+        3,
+        "{journal}"
+    );
+    assert!(journal.contains("\"kind\":\"run.close\""), "{journal}");
+}
+
+#[test]
+fn changes_are_refused_where_no_journal_would_record_them() {
+    let rt = local_runtime(&["h1"]);
+    let run = ScriptRun::new(&small_limits(), Some(rt));
+    for snippet in [
+        r#"exec(hosts("all")[0], ["touch", "/tmp/never"])"#,
+        r#"shell(hosts("all")[0], "true")"#,
+    ] {
+        let e = eval_str(&run, &fixture_compiler(), snippet)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("h1") && e.contains("keeps no journal") && e.contains("probe(host, argv)"),
+            "{e}"
+        );
+    }
+    let v = eval_str(
+        &run,
+        &fixture_compiler(),
+        r#"probe(hosts("all")[0], ["echo", "read"]).stdout"#,
+    )
+    .unwrap();
+    assert_eq!(v.into_string().unwrap(), "read\n");
 }
 
 /// Captures every tracing event of this test binary as JSON lines.
@@ -737,9 +780,35 @@ fn log_carries_the_host_and_shell_is_marked_raw() {
         )
         .unwrap();
     let hosts = rt.targets("all").unwrap();
-    for r in run_per_host(&pb, &hosts, rt.clone(), &small_limits(), 2) {
+    let state = tempfile::tempdir().unwrap();
+    let header = patchbook::journal::RunHeader::new(
+        "<exec>".into(),
+        pb.sha256.clone(),
+        Default::default(),
+        String::new(),
+        serde_json::Value::Null,
+    );
+    let journal = Arc::new(
+        patchbook::journal::Journal::begin(state.path(), "raw", "tester", &header).unwrap(),
+    );
+    let ctx = patchbook::primitives::RunCtx::new(
+        "raw",
+        state.path().to_path_buf(),
+        Some(journal.clone()),
+        patchbook::primitives::Mode::Apply,
+    );
+    let session = Arc::new(patchbook::run::Session::new(rt.clone(), ctx));
+    for r in run_per_host_in(&pb, &hosts, session, &small_limits(), 2) {
         assert_eq!(r.result.unwrap().as_int().unwrap(), 0);
     }
+    // The raw shell line is a journaled change, marked as such.
+    let records = journal.records().unwrap();
+    let shells: Vec<_> = records
+        .iter()
+        .filter(|r| r.kind == "step.intent" && r.data["step"] == "shell")
+        .collect();
+    assert_eq!(shells.len(), 2, "{records:?}");
+    assert!(shells.iter().all(|r| r.data["input"]["raw_shell"] == true));
     let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let events: Vec<serde_json::Value> = out
         .lines()

@@ -102,7 +102,8 @@ pub enum Verb {
         /// Files or folders (default: the playbook folder, stdlib and libraries).
         paths: Vec<PathBuf>,
     },
-    /// Run a Rhai snippet once per selected host, with `host` bound.
+    /// Run a Rhai snippet once per selected host, with `host` bound, as a journaled
+    /// run: backups and changes are recorded, `patchbook rollback RUN` reverses them.
     Exec { selector: String, snippet: String },
     /// Evaluate Rhai with no hosts and print the result as JSON.
     Eval {
@@ -267,7 +268,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Plan { playbook, vars } => run::plan(&cli, playbook, &run::parse_vars(vars)?),
         Verb::Rollback { run, hosts } => run::rollback(&cli, run, hosts.as_deref()),
         Verb::Check { paths } => check(&cli, paths),
-        Verb::Exec { selector, snippet } => exec(&cli, selector, snippet),
+        Verb::Exec { selector, snippet } => run::exec(&cli, selector, snippet),
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
         Verb::Lab(v) => lab(v),
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
@@ -555,71 +556,8 @@ fn eval(cli: &Cli, snippet: Option<&str>, file: Option<&Path>) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-/// `patchbook run`: compile and evaluate a playbook.
-/// `patchbook exec`: the snippet once per selected host, `--forks` at a time.
-fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
-    use crate::script::{run_per_host, to_json, Compiler, HOST_VAR};
-    let rt = Arc::new(Runtime::build(&cli.options())?);
-    let hosts = rt.targets(selector)?;
-    if hosts.is_empty() {
-        return Err(CliError::Usage(format!(
-            "selector `{selector}` matched no hosts; `patchbook inventory list` shows them"
-        )));
-    }
-    let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
-    let limits = rt.config.limits.clone();
-    let outcomes: Vec<(
-        String,
-        Result<serde_json::Value, crate::script::ScriptError>,
-    )> = run_per_host(&pb, &hosts, rt.clone(), &limits, rt.forks)
-        .into_iter()
-        .map(|r| (r.host, r.result.map(|v| to_json(&v))))
-        .collect();
-    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
-    if cli.global.json {
-        for (host, result) in &outcomes {
-            let line = match result {
-                Ok(v) => serde_json::json!({"host": host, "ok": true, "value": v}),
-                Err(e) => serde_json::json!({"host": host, "ok": false, "error": e.to_string()}),
-            };
-            println!("{line}");
-        }
-    } else {
-        let width = outcomes
-            .iter()
-            .map(|(h, _)| h.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
-        for (host, result) in &outcomes {
-            match result {
-                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", show(v)),
-                Err(e) => {
-                    let text = e.to_string();
-                    let mut lines = text.lines();
-                    println!(
-                        "{:<width$}  {:<6}  {}",
-                        host,
-                        "FAILED",
-                        lines.next().unwrap_or("")
-                    );
-                    for l in lines {
-                        println!("{:<width$}  {:<6}  {l}", "", "");
-                    }
-                }
-            }
-        }
-    }
-    if failed > 0 {
-        eprintln!("{failed} of {} hosts failed", outcomes.len());
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// A value for the result table: strings bare and trimmed, everything else JSON.
-fn show(v: &serde_json::Value) -> String {
+pub(crate) fn show(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.trim_end().to_string(),
         other => other.to_string(),

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::rollout::RolloutEvent;
-use crate::script::rollout::EventSink;
+use crate::run::EventSink;
 
 /// stderr with every registered secret shown as `***`: logs go through it, so a
 /// secret in a command line or in host output never reaches the terminal.

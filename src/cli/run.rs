@@ -13,9 +13,9 @@ use super::{Cli, CliError};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
+use crate::run::{EventSink, RunControl, Session};
 use crate::runtime::Runtime;
-use crate::script::rollout::{register_rollout, EventSink, RunControl};
-use crate::script::session::Session;
+use crate::script::rollout::register_rollout;
 use crate::script::{CompiledPlaybook, Compiler, ScriptRun};
 
 /// Set by SIGTERM or SIGINT; the run stops starting hosts and finishes the rest.
@@ -72,13 +72,128 @@ fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
 }
 
 /// A run engine with every primitive, bound to this run's control.
-fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
+fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
     let session = control.session.clone();
     let limits = session.runtime.config.limits.clone();
     let mut run = ScriptRun::with_session(&limits, session);
-    register_rollout(run.engine_mut(), Some(control.clone()));
+    register_rollout(
+        run.engine_mut(),
+        Some(control.clone()),
+        Some(Arc::new(pb.clone())),
+    );
     crate::watch::schedule::register_schedule_noop(run.engine_mut());
     run
+}
+
+/// `patchbook exec SELECTOR SNIPPET`: an ad-hoc run. It gets a run id and a journal
+/// like `run`: every change is journaled with its undo, backups are kept, and
+/// `patchbook rollback RUN` reverses it. Hosts run `--forks` at a time; a failed
+/// host is not rolled back automatically (say so, and how).
+pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
+    use crate::script::{run_per_host_in, to_json, HOST_VAR};
+    let rt = Arc::new(Runtime::build(&cli.options())?);
+    let hosts = rt.targets(selector)?;
+    if hosts.is_empty() {
+        return Err(CliError::Usage(format!(
+            "selector `{selector}` matched no hosts; `patchbook inventory list` shows them"
+        )));
+    }
+    let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
+    rt.ensure_state_dir()?;
+    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
+    let run_id = new_run_id();
+    let mut head = header(&rt, Path::new("<exec>"), &pb);
+    head.policy = serde_json::json!({ "ad_hoc": { "selector": selector, "snippet": snippet } });
+    let journal =
+        Arc::new(Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?);
+    let ctx = RunCtx::new(
+        run_id.clone(),
+        rt.state_dir.clone(),
+        Some(journal.clone()),
+        Mode::Apply,
+    )
+    .with_playbook("<exec>");
+    let session = Arc::new(Session::new(rt.clone(), ctx));
+    for s in session.secrets() {
+        journal.add_secret(&s);
+    }
+    let style = Style::pick(cli.global.json, cli.global.quiet);
+    if style != Style::Json && style != Style::Quiet {
+        eprintln!(
+            "patchbook: run {run_id} (exec on `{selector}`), journal {}",
+            journal.path().display()
+        );
+    }
+    let limits = rt.config.limits.clone();
+    let outcomes: Vec<(
+        String,
+        Result<serde_json::Value, crate::script::ScriptError>,
+    )> = run_per_host_in(&pb, &hosts, session.clone(), &limits, rt.forks)
+        .into_iter()
+        .map(|r| (r.host, r.result.map(|v| to_json(&v))))
+        .collect();
+    for (host, result) in &outcomes {
+        let detail = match result {
+            Ok(_) => serde_json::json!({}),
+            Err(e) => serde_json::json!({ "reason": e.to_string() }),
+        };
+        journal
+            .host_finished(host, result.is_ok(), detail)
+            .map_err(journal_err)?;
+    }
+    drop(session);
+    if let Ok(j) = Arc::try_unwrap(journal) {
+        j.close().map_err(journal_err)?;
+    }
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    if cli.global.json {
+        for (host, result) in &outcomes {
+            let line = match result {
+                Ok(v) => serde_json::json!({"run": run_id, "host": host, "ok": true, "value": v}),
+                Err(e) => {
+                    serde_json::json!({"run": run_id, "host": host, "ok": false, "error": e.to_string()})
+                }
+            };
+            println!("{line}");
+        }
+    } else {
+        let width = outcomes
+            .iter()
+            .map(|(h, _)| h.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
+        for (host, result) in &outcomes {
+            match result {
+                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", super::show(v)),
+                Err(e) => {
+                    let text = e.to_string();
+                    let mut lines = text.lines();
+                    println!(
+                        "{:<width$}  {:<6}  {}",
+                        host,
+                        "FAILED",
+                        lines.next().unwrap_or("")
+                    );
+                    for l in lines {
+                        println!("{:<width$}  {:<6}  {l}", "", "");
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {} hosts failed; `patchbook rollback {run_id} --hosts HOST` reverses what the run changed on a host",
+            outcomes.len()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if style != Style::Json && style != Style::Quiet {
+        eprintln!("patchbook: run {run_id} done; `patchbook rollback {run_id}` reverses it, `patchbook report {run_id}` shows it");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What a run needs besides its playbook and journal.
@@ -121,7 +236,7 @@ pub fn execute(
             .with_vars(ex.vars)
             .with_stop(ex.stop),
     );
-    let script = engine_for(&control);
+    let script = engine_for(&control, &pb);
     let result = script.run(pb);
     let summaries = control.summaries();
     finish_notice(&control, &summaries, &run_id);
@@ -274,18 +389,9 @@ fn finish_notice(control: &RunControl, summaries: &[crate::rollout::Summary], ru
         duration: Some(control.elapsed()),
     }
     .notice();
-    let session = &control.session;
-    let deliveries = notify::automatic(
-        &session.runtime.config.notify,
-        &notice,
-        &[],
-        &session.secrets(),
-    );
-    if let Some(j) = &session.run.journal {
-        for d in deliveries {
-            let _ = j.append(None, "notify", serde_json::to_value(&d).unwrap_or_default());
-        }
-    }
+    control.notify(notice, Vec::new());
+    // Every queued notice is delivered and journaled before the journal closes.
+    control.finish();
 }
 
 /// `patchbook plan PLAYBOOK`: the same script with every mutating primitive
@@ -304,54 +410,116 @@ pub fn plan(
     let control = Arc::new(
         RunControl::new(session.clone(), clock, Arc::new(|_, _| {})).with_vars(vars.clone()),
     );
-    let script = engine_for(&control);
+    let script = engine_for(&control, &pb);
     let _ = script.run(&pb)?;
-    let mut planned = session.run.planned();
-    // Hosts run in parallel; group each host's actions together, in plan order.
-    // A host's place is its first appearance; a lookup table keeps this linear in
-    // the number of hosts (a scan per action made a 10,000-host plan quadratic).
-    let mut order: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for name in control
-        .summaries()
+    let verdicts = plan_verdicts(&control.host_plans(), session.run.planned());
+    let would_change = verdicts
         .iter()
-        .flat_map(|s| s.hosts.iter().map(|h| h.name.clone()))
-    {
-        let next = order.len();
-        order.entry(name).or_insert(next);
-    }
-    planned.sort_by_key(|a| order.get(&a.host).copied().unwrap_or(usize::MAX));
+        .filter(|v| v.verdict == "would change")
+        .count();
+    let unchanged = verdicts
+        .iter()
+        .filter(|v| v.verdict == "would not change")
+        .count();
+    let unplannable = verdicts.iter().filter(|v| v.error.is_some()).count();
     if cli.global.json {
-        let v = serde_json::json!({ "plans": control.plans(), "actions": planned });
+        let v = serde_json::json!({
+            "plans": control.plans(),
+            "hosts": verdicts,
+            "would_change": would_change,
+            "would_not_change": unchanged,
+            "could_not_plan": unplannable,
+        });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return Ok(ExitCode::SUCCESS);
-    }
-    if let Some(w) = control.window() {
-        let now = control.clock.now();
-        println!(
-            "window: {} ({})",
-            w.spec(),
-            if w.contains(now) {
-                "open now"
-            } else {
-                "closed now"
+    } else {
+        if let Some(w) = control.window() {
+            let now = control.clock.now();
+            println!(
+                "window: {} ({})",
+                w.spec(),
+                if w.contains(now) {
+                    "open now"
+                } else {
+                    "closed now"
+                }
+            );
+        }
+        for p in control.plans() {
+            println!("{p}");
+        }
+        for v in &verdicts {
+            println!("{}: {}", v.host, v.verdict);
+            for a in &v.actions {
+                let what = if a.change { "" } else { " (check, not run)" };
+                println!("  {:<10} {:<8} {}{what}", a.step, a.result, a.detail);
             }
+            if let Some(e) = &v.error {
+                for (i, line) in e.lines().enumerate() {
+                    println!("  {} {line}", if i == 0 { "error:" } else { "      " });
+                }
+            }
+        }
+        println!(
+            "{would_change} host(s) would change, {unchanged} would not change, {unplannable} could not be planned"
         );
     }
-    for p in control.plans() {
-        println!("{p}");
-    }
-    let mut current = String::new();
-    for a in &planned {
-        if a.host != current {
-            println!("{}:", a.host);
-            current = a.host.clone();
+    Ok(if unplannable > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One host's line in `plan`: what it would do, or why it could not be planned.
+#[derive(Debug, serde::Serialize)]
+struct PlanVerdict {
+    host: String,
+    verdict: &'static str,
+    actions: Vec<crate::primitives::PlannedAction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Groups the planned actions by host, in the order the rollouts planned the hosts
+/// (hosts that only appear in actions outside a rollout come after). Hosts run in
+/// parallel, so a lookup table keeps this linear in the number of hosts.
+fn plan_verdicts(
+    hosts: &[crate::run::HostPlan],
+    actions: Vec<crate::primitives::PlannedAction>,
+) -> Vec<PlanVerdict> {
+    let mut out: Vec<PlanVerdict> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut slot = |out: &mut Vec<PlanVerdict>, host: &str| -> usize {
+        *at.entry(host.to_string()).or_insert_with(|| {
+            out.push(PlanVerdict {
+                host: host.to_string(),
+                verdict: "would not change",
+                actions: Vec::new(),
+                error: None,
+            });
+            out.len() - 1
+        })
+    };
+    for h in hosts {
+        let i = slot(&mut out, &h.host);
+        if h.error.is_some() {
+            out[i].error = h.error.clone();
         }
-        println!("  {:<10} {:<8} {}", a.step, a.result, a.detail);
     }
-    if planned.is_empty() {
-        println!("no host would be changed");
+    for a in actions {
+        let i = slot(&mut out, &a.host);
+        out[i].actions.push(a);
     }
-    Ok(ExitCode::SUCCESS)
+    for v in &mut out {
+        v.verdict = if v.error.is_some() {
+            "could not be planned"
+        } else if v.actions.iter().any(|a| a.change) {
+            "would change"
+        } else {
+            "would not change"
+        };
+    }
+    out
 }
 
 /// `patchbook rollback RUN [--hosts SELECTOR]`: reverses a run from its journal
@@ -407,10 +575,7 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
             Ok(rep) if rep.manual.is_empty() => {
                 (true, format!("rolled back: {}", rep.undone.join(", ")))
             }
-            Ok(rep) => (
-                false,
-                format!("needs manual undo: {}", rep.manual.join("; ")),
-            ),
+            Ok(rep) => (false, format!("NOT FULLY REVERTED: {}", rep.partial())),
             Err(e) => (false, format!("ROLLBACK FAILED: {e}")),
         };
         let _ = journal.host_rolled_back(
@@ -422,6 +587,9 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
             failed += 1;
         }
         println!("{name}: {line}");
+    }
+    if order.is_empty() {
+        println!("run {run_id}: no host has a change to reverse");
     }
     drop(session);
     if let Ok(j) = Arc::try_unwrap(journal) {

@@ -291,6 +291,9 @@ pub enum UndoStep {
     Restore { backups: Vec<BackupRef> },
     /// Remove a package that was not installed before.
     Remove { package: String },
+    /// Run this argv on the host; it reverses an `exec`/`shell` change the
+    /// playbook declared reversible. Fails unless it exits 0.
+    Command { argv: Vec<String> },
     /// Cannot be reversed automatically; a person must.
     Manual { reason: String },
 }

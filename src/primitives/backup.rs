@@ -161,7 +161,7 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         return Err(PrimitiveError::step(ctx.name(), "backup", "no paths given"));
     }
     if ctx.planning() {
-        ctx.plan(
+        ctx.plan_check(
             "backup",
             format!("tar {} to the controller", paths.join(", ")),
             "ok",

@@ -34,6 +34,9 @@ pub struct PlannedAction {
     pub detail: String,
     /// `unknown` where the result cannot be known without acting.
     pub result: String,
+    /// True for a change to the host; false for a check that `plan` does not run
+    /// because what it would see depends on changes it does not make.
+    pub change: bool,
 }
 
 /// Shared by every host of one run.
@@ -114,6 +117,16 @@ impl HostCtx<'_> {
 
     /// Records what a mutating step would do, instead of doing it.
     pub fn plan(&self, step: &str, detail: impl Into<String>, result: &str) {
+        self.planned(step, detail.into(), result, true);
+    }
+
+    /// Records a check (verify, health) or a controller-side step (backup) that
+    /// `plan` does not run; it changes nothing on the host.
+    pub fn plan_check(&self, step: &str, detail: impl Into<String>, result: &str) {
+        self.planned(step, detail.into(), result, false);
+    }
+
+    fn planned(&self, step: &str, detail: String, result: &str, change: bool) {
         self.run
             .planned
             .lock()
@@ -121,8 +134,9 @@ impl HostCtx<'_> {
             .push(PlannedAction {
                 host: self.host.name.clone(),
                 step: step.to_string(),
-                detail: detail.into(),
+                detail,
                 result: result.to_string(),
+                change,
             });
     }
 

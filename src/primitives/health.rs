@@ -40,7 +40,7 @@ pub fn health(
         return Err(PrimitiveError::step(ctx.name(), "health", "empty argv"));
     }
     if ctx.planning() {
-        ctx.plan("health", argv.join(" "), "unknown");
+        ctx.plan_check("health", argv.join(" "), "unknown");
         return Ok(String::new());
     }
     let mut last = String::new();

@@ -147,7 +147,7 @@ pub fn verify(ctx: &HostCtx, pkg: &str, expected: &str) -> Result<String, Primit
     check_package("verify", pm, pkg)?;
     if ctx.planning() {
         // What verify would see depends on steps a plan does not take.
-        ctx.plan("verify", format!("{pkg} = {expected}"), "unknown");
+        ctx.plan_check("verify", format!("{pkg} = {expected}"), "unknown");
         return Ok(expected.to_string());
     }
     let found = installed(ctx, pkg)?;

@@ -31,6 +31,7 @@ pub fn describe(undo: &UndoStep) -> String {
             )
         }
         UndoStep::Remove { package } => format!("remove {package}"),
+        UndoStep::Command { argv } => format!("run `{}`", crate::transport::quote::argv(argv)),
         UndoStep::Manual { reason } => format!("manual: {reason}"),
     }
 }
@@ -41,6 +42,19 @@ pub struct RollbackReport {
     pub undone: Vec<String>,
     /// Undo steps that need a person.
     pub manual: Vec<String>,
+}
+
+impl RollbackReport {
+    /// What was reversed and what is left to a person, for a host whose rollback
+    /// could not reverse everything.
+    pub fn partial(&self) -> String {
+        let done = if self.undone.is_empty() {
+            "nothing reversed".to_string()
+        } else {
+            format!("reversed: {}", self.undone.join(", "))
+        };
+        format!("{done}; needs a person: {}", self.manual.join("; "))
+    }
 }
 
 /// Runs the host's pending undo steps for this run, newest first, verifying each.
@@ -154,6 +168,15 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
                     "rollback",
                     format!("{package} is still installed after removal"),
                 ));
+            }
+            Ok(())
+        }
+        UndoStep::Command { argv } => {
+            let out = ctx.transport.run(
+                &Command::new(argv.iter().cloned()).timeout(ctx.timeout(Duration::from_secs(900))),
+            )?;
+            if !out.success() {
+                return Err(PrimitiveError::failed(ctx.name(), "rollback", &out));
             }
             Ok(())
         }

@@ -28,7 +28,7 @@ pub enum DocsError {
 /// (`rollout`, `window` and `var` included), with no session behind it.
 pub fn run_engine(limits: &Limits) -> ScriptRun {
     let mut run = ScriptRun::new(limits, None);
-    super::rollout::register_rollout(run.engine_mut(), None);
+    super::rollout::register_rollout(run.engine_mut(), None, None);
     run
 }
 

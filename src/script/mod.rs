@@ -12,7 +12,6 @@ pub mod playbook;
 pub mod register;
 pub mod resolver;
 pub mod rollout;
-pub mod session;
 
 use std::path::PathBuf;
 
@@ -22,11 +21,11 @@ pub use diagnostics::{Diagnostic, Frame, Location, SourceMap};
 pub use engine::{sandbox, CallGuard};
 pub use patch::{ScriptArtifact, ScriptBackup};
 pub use playbook::{
-    run_per_host, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult, ScriptRun, HOST_VAR,
+    run_per_host, run_per_host_in, to_json, CompiledPlaybook, Compiler, HostClosure, HostResult,
+    ScriptRun, HOST_VAR,
 };
 pub use register::ScriptHost;
 pub use resolver::{ImportError, LibraryResolver};
-pub use session::Session;
 
 /// Why a script did not compile or did not finish.
 #[derive(Debug, thiserror::Error)]

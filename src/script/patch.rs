@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map, NativeCallContext};
 
-use super::register::ScriptHost;
-use super::session::Session;
+use super::register::{ScriptHost, EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
 use crate::inventory::{Host, TransportKind};
 use crate::primitives::artifact::{fetch_recorded, Artifact, ArtifactSpec};
 use crate::primitives::backup::BackupHandle;
@@ -27,6 +26,7 @@ use crate::primitives::deploy::{DeployOptions, Method};
 use crate::primitives::health::{HealthCheck, HttpCheck};
 use crate::primitives::notify::Severity;
 use crate::primitives::{cut, version, HostCtx, Mode, PrimitiveError};
+use crate::run::Session;
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -39,6 +39,8 @@ const MAX_PATH: usize = 4096;
 /// shell unquoted, but a path or unit name holding them is refused outright: the
 /// rule is "neither executed nor accepted".
 const SHELL_META: &str = ";&|$`<>(){}*?!\"'\\";
+/// The longest a single command may run when no call deadline is tighter.
+const MAX_COMMAND: Duration = Duration::from_secs(600);
 
 /// An artifact as scripts see it: a verified file in the controller's cache.
 #[derive(Debug, Clone)]
@@ -518,6 +520,161 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     register_checks(engine, &session);
     register_rollback(engine, &session);
     register_notify(engine, &session);
+    register_commands(engine, &session);
+}
+
+/// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
+fn command_options(
+    ctx: &NativeCallContext,
+    host: &str,
+    step: &str,
+    opts: &Map,
+    known: &[&str],
+) -> RhaiResult<(Option<Vec<String>>, Duration)> {
+    let bad =
+        |m: String| fail::<(Option<Vec<String>>, Duration)>(ctx, format!("{host}: {step}: {m}"));
+    if let Err(e) = no_unknown_keys(opts, known) {
+        return bad(e);
+    }
+    let timeout = match opt_duration(opts, "timeout") {
+        Ok(t) => t.unwrap_or(MAX_COMMAND).min(MAX_COMMAND),
+        Err(e) => return bad(e),
+    };
+    let undo = match opts.get("undo") {
+        None => None,
+        Some(v) if v.is_unit() => None,
+        Some(v) if v.is_string() => Some(vec!["sh".to_string(), "-c".to_string(), v.to_string()]),
+        Some(v) => match v.clone().try_cast::<Array>() {
+            Some(a) => Some(argv_arg(ctx, host, &format!("{step} undo"), a)?),
+            None => {
+                return bad(format!(
+                    "`undo` is an argv (array of strings) or a shell line, got {}",
+                    v.type_name()
+                ))
+            }
+        },
+    };
+    Ok((undo, timeout))
+}
+
+fn do_change(
+    ctx: &NativeCallContext,
+    s: &Session,
+    host: &ScriptHost,
+    argv: Vec<String>,
+    raw_shell: bool,
+    opts: &Map,
+) -> RhaiResult<Map> {
+    let step = if raw_shell { "shell" } else { "exec" };
+    let (undo, timeout) = command_options(ctx, host.name(), step, opts, EXEC_OPTION_KEYS)?;
+    let change = crate::primitives::exec::Change {
+        argv,
+        raw_shell,
+        undo,
+        timeout,
+    };
+    if raw_shell {
+        tracing::warn!(target: "patchbook::script", host = %host.name(), raw_shell = true, script = %change.shown(), "raw shell");
+    } else {
+        tracing::info!(target: "patchbook::script", host = %host.name(), argv = %change.shown(), "exec");
+    }
+    let r = on_host(ctx, s, host, step, |hc| {
+        crate::primitives::exec::change(hc, &change)
+    })?;
+    Ok(exec_map(r))
+}
+
+fn exec_map(r: crate::primitives::exec::ExecResult) -> Map {
+    let mut m = Map::new();
+    m.insert("code".into(), (r.code as i64).into());
+    m.insert("stdout".into(), r.stdout.into());
+    m.insert("stderr".into(), r.stderr.into());
+    m.insert("truncated".into(), r.truncated.into());
+    m.insert("planned".into(), r.planned.into());
+    m
+}
+
+fn register_commands(engine: &mut Engine, session_: &Option<Arc<Session>>) {
+    let s = session_.clone();
+    let exec_fn = move |ctx: NativeCallContext,
+                        host: ScriptHost,
+                        argv: Array,
+                        opts: Map|
+          -> RhaiResult<Map> {
+        let s = session(&ctx, &s, "exec")?;
+        let argv = argv_arg(&ctx, host.name(), "exec", argv)?;
+        do_change(&ctx, s, &host, argv, false, &opts)
+    };
+    let e2 = exec_fn.clone();
+    FuncRegistration::new("exec")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "argv: Array", "Map"])
+        .with_comments(["/// A change: runs argv on the host, journaled (intent before, exit code and output\n/// digests after); `plan` shows it and runs nothing. Returns\n/// `#{ code, stdout, stderr, truncated, planned }`; a non-zero code is not an error.\n/// With no undo, a rollback of the host says it is not fully reverted. To read only,\n/// use probe(host, argv)."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, host: ScriptHost, argv: Array| e2(ctx, host, argv, Map::new()));
+    FuncRegistration::new("exec")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "argv: Array", "opts: Map", "Map"])
+        .with_comments(["/// exec with options: `#{ undo: [argv] (or a shell line), timeout: \"30s\" }`; the\n/// undo argv is recorded before the command runs and reverses it on rollback."])
+        .register_into_engine(engine, exec_fn);
+
+    let s = session_.clone();
+    let shell_fn = move |ctx: NativeCallContext,
+                         host: ScriptHost,
+                         script: &str,
+                         opts: Map|
+          -> RhaiResult<Map> {
+        let s = session(&ctx, &s, "shell")?;
+        if script.contains('\0') || script.len() > MAX_WORD {
+            return fail(
+                &ctx,
+                format!(
+                    "{}: shell: refused: a shell line has no NUL and is at most {MAX_WORD} bytes",
+                    host.name()
+                ),
+            );
+        }
+        let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        do_change(&ctx, s, &host, argv, true, &opts)
+    };
+    let s2 = shell_fn.clone();
+    FuncRegistration::new("shell")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "script: &str", "Map"])
+        .with_comments(["/// A change: runs a raw shell line as `sh -c`, journaled and marked raw shell. Prefer\n/// exec(host, argv)."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, host: ScriptHost, script: &str| s2(ctx, host, script, Map::new()));
+    FuncRegistration::new("shell")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "script: &str", "opts: Map", "Map"])
+        .with_comments([
+            "/// shell with options: `#{ undo: [argv] (or a shell line), timeout: \"30s\" }`.",
+        ])
+        .register_into_engine(engine, shell_fn);
+
+    let s = session_.clone();
+    let probe_fn = move |ctx: NativeCallContext,
+                         host: ScriptHost,
+                         argv: Array,
+                         opts: Map|
+          -> RhaiResult<Map> {
+        let s = session(&ctx, &s, "probe")?;
+        let argv = argv_arg(&ctx, host.name(), "probe", argv)?;
+        let (_, timeout) = command_options(&ctx, host.name(), "probe", &opts, PROBE_OPTION_KEYS)?;
+        let r = on_host(&ctx, s, &host, "probe", |hc| {
+            crate::primitives::exec::probe(hc, &argv, timeout)
+        })?;
+        Ok(exec_map(r))
+    };
+    let p2 = probe_fn.clone();
+    FuncRegistration::new("probe")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "argv: Array", "Map"])
+        .with_comments(["/// A probe: runs argv on the host to read something, in `plan` as in `run`, not\n/// journaled; returns `#{ code, stdout, stderr, truncated, planned }`. The command must\n/// change nothing: anything that does is exec()."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, host: ScriptHost, argv: Array| p2(ctx, host, argv, Map::new()));
+    FuncRegistration::new("probe")
+        .with_volatility(true)
+        .with_params_info(["host: Host", "argv: Array", "opts: Map", "Map"])
+        .with_comments(["/// probe with options: `#{ timeout: \"30s\" }`."])
+        .register_into_engine(engine, probe_fn);
 }
 
 fn register_versions(engine: &mut Engine) {

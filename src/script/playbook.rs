@@ -18,9 +18,9 @@ use super::engine::{deadline, on_script_stack, sandbox, CallGuard};
 use super::patch::register_patch;
 use super::register::{register_primitives, ScriptHost};
 use super::resolver::{sha256_hex, LibraryResolver};
-use super::session::Session;
 use super::{Limits, ScriptError};
 use crate::inventory::Host;
+use crate::run::Session;
 use crate::runtime::Runtime;
 
 /// Name of the variable an ad-hoc snippet sees its host under.
@@ -171,10 +171,12 @@ pub struct ScriptRun {
 }
 
 impl ScriptRun {
-    /// A run without a session: `hosts`, `exec`, `shell` and `log` work; the patch
-    /// primitives exist (so the names resolve) but refuse to run.
+    /// A run that keeps no journal (`eval`, tests): probes work on the runtime's
+    /// hosts and every change is refused, since nothing would record it. Without a
+    /// runtime the primitives exist (so the names resolve) but refuse to run.
     pub fn new(limits: &Limits, runtime: Option<Arc<Runtime>>) -> Self {
-        Self::build(limits, runtime, None)
+        let session = runtime.map(|rt| Arc::new(Session::unjournaled(rt)));
+        Self::build(limits, session.as_ref().map(|s| s.runtime.clone()), session)
     }
 
     /// A run with every primitive bound to `session` (its runtime, journal, plan mode
@@ -208,6 +210,13 @@ impl ScriptRun {
     /// A run about one host: primitives such as `log` report it as the current host.
     pub fn for_host(limits: &Limits, runtime: Option<Arc<Runtime>>, host: ScriptHost) -> Self {
         let mut run = ScriptRun::new(limits, runtime);
+        run.engine.set_default_tag(Dynamic::from(host));
+        run
+    }
+
+    /// A run about one host inside a session (an ad-hoc `patchbook exec` run).
+    pub fn for_host_in(limits: &Limits, session: Arc<Session>, host: ScriptHost) -> Self {
+        let mut run = ScriptRun::with_session(limits, session);
         run.engine.set_default_tag(Dynamic::from(host));
         run
     }
@@ -376,8 +385,9 @@ pub struct HostResult {
 }
 
 /// Runs a snippet compiled with [`HOST_VAR`] declared once per host, `forks` at a
-/// time. Each host gets its own engine (its own operation count, deadline and
-/// tag), so one host's runaway script stops only that host.
+/// time, keeping no journal (changes are refused). Each host gets its own engine
+/// (its own operation count, deadline and tag), so one host's runaway script stops
+/// only that host.
 pub fn run_per_host(
     pb: &CompiledPlaybook,
     hosts: &[Host],
@@ -385,9 +395,26 @@ pub fn run_per_host(
     limits: &Limits,
     forks: usize,
 ) -> Vec<HostResult> {
+    run_per_host_in(
+        pb,
+        hosts,
+        Arc::new(Session::unjournaled(runtime)),
+        limits,
+        forks,
+    )
+}
+
+/// [`run_per_host`] inside a session: with a journal, every change is journaled.
+pub fn run_per_host_in(
+    pb: &CompiledPlaybook,
+    hosts: &[Host],
+    session: Arc<Session>,
+    limits: &Limits,
+    forks: usize,
+) -> Vec<HostResult> {
     crate::rollout::pool::map_bounded(hosts, forks, |h| {
         let host = ScriptHost::new(h.clone());
-        let run = ScriptRun::for_host(limits, Some(runtime.clone()), host.clone());
+        let run = ScriptRun::for_host_in(limits, session.clone(), host.clone());
         HostResult {
             host: h.name.clone(),
             result: run.run_with_host(pb, host),

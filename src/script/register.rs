@@ -1,4 +1,5 @@
-//! Registration of primitives and the `Host` type on an engine.
+//! Registration of `hosts`, `log` and the `Host` type on an engine; the commands
+//! (`exec`, `shell`, `probe`) and the patch primitives are in [`super::patch`].
 //!
 //! Each registered function is a thin adapter: check the Rhai arguments, call the
 //! typed primitive, turn its result into Rhai values. Everything that touches the
@@ -6,7 +7,6 @@
 //! pass can run it at compile time. Nothing here talks to a transport directly.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map, NativeCallContext};
 
@@ -26,8 +26,10 @@ impl ScriptHost {
     }
 }
 
-/// The longest a single command may run when no call deadline is tighter.
-const MAX_COMMAND: Duration = Duration::from_secs(600);
+/// Keys of the options map of `exec` and `shell` (`#{ undo, timeout }`).
+pub const EXEC_OPTION_KEYS: &[&str] = &["undo", "timeout"];
+/// Keys of the options map of `probe` (`#{ timeout }`).
+pub const PROBE_OPTION_KEYS: &[&str] = &["timeout"];
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -107,49 +109,12 @@ pub fn register_host_type(engine: &mut Engine) {
         .register_fn("!=", |a: ScriptHost, b: ScriptHost| a.0.name != b.0.name);
 }
 
-fn exec_map(r: crate::primitives::exec::ExecResult) -> Map {
-    let mut m = Map::new();
-    m.insert("code".into(), (r.code as i64).into());
-    m.insert("stdout".into(), r.stdout.into());
-    m.insert("stderr".into(), r.stderr.into());
-    m.insert("truncated".into(), r.truncated.into());
-    m
-}
-
-fn command_timeout() -> Duration {
-    super::engine::remaining()
-        .map(|r| r.min(MAX_COMMAND))
-        .unwrap_or(MAX_COMMAND)
-}
-
-fn run_argv(
-    ctx: &NativeCallContext,
-    rt: &Runtime,
-    host: &ScriptHost,
-    argv: &[String],
-) -> RhaiResult<Map> {
-    let t = match rt.transport(&host.0) {
-        Ok(t) => t,
-        Err(e) => return fail(ctx, e.to_string()),
-    };
-    match crate::primitives::exec::exec(&*t, argv, command_timeout()) {
-        Ok(r) => Ok(exec_map(r)),
-        Err(e) => {
-            if matches!(e, crate::primitives::PrimitiveError::Transport { .. }) {
-                // A dead session must not be reused by the host's next step.
-                rt.forget(host.name());
-            }
-            fail(ctx, e.to_string())
-        }
-    }
-}
-
-/// Registers `hosts`, `exec`, `shell` and `log`. With no runtime (while modules
-/// load at compile time) they exist but refuse to run.
+/// Registers `hosts` and `log`. With no runtime (while modules load at compile
+/// time) they exist but refuse to run.
 pub fn register_primitives(engine: &mut Engine, rt: Option<Arc<Runtime>>) {
     register_host_type(engine);
 
-    let r = rt.clone();
+    let r = rt;
     FuncRegistration::new("hosts")
         .with_volatility(true)
         .with_params_info(["selector: &str", "Array"])
@@ -165,49 +130,6 @@ pub fn register_primitives(engine: &mut Engine, rt: Option<Arc<Runtime>>) {
                         .collect()),
                     Err(e) => fail(&ctx, e.to_string()),
                 }
-            },
-        );
-
-    let r = rt.clone();
-    FuncRegistration::new("exec")
-        .with_volatility(true)
-        .with_params_info(["host: Host", "argv: Array", "Map"])
-        .with_comments(["/// Runs argv (an array of strings) on the host; returns\n/// `#{ code, stdout, stderr, truncated }`. A non-zero code is not an error."])
-        .register_into_engine(
-            engine,
-            move |ctx: NativeCallContext, host: ScriptHost, argv: Array| -> RhaiResult<Map> {
-                let rt = runtime(&ctx, &r, "exec")?;
-                let mut words = Vec::with_capacity(argv.len());
-                for (i, w) in argv.into_iter().enumerate() {
-                    match w.into_immutable_string() {
-                        Ok(s) => words.push(s.to_string()),
-                        Err(ty) => {
-                            return fail(
-                                &ctx,
-                                format!(
-                                    "exec: argv[{i}] is {ty}, not a string; argv is an array of strings, and a raw shell line is shell(host, \"…\")"
-                                ),
-                            )
-                        }
-                    }
-                }
-                tracing::info!(target: "patchbook::script", host = %host.name(), argv = ?words, "exec");
-                run_argv(&ctx, rt, &host, &words)
-            },
-        );
-
-    let r = rt.clone();
-    FuncRegistration::new("shell")
-        .with_volatility(true)
-        .with_params_info(["host: Host", "script: &str", "Map"])
-        .with_comments(["/// Runs a raw shell line as `sh -c`; logged as raw shell. Prefer exec(host, argv)."])
-        .register_into_engine(
-            engine,
-            move |ctx: NativeCallContext, host: ScriptHost, script: &str| -> RhaiResult<Map> {
-                let rt = runtime(&ctx, &r, "shell")?;
-                tracing::warn!(target: "patchbook::script", host = %host.name(), raw_shell = true, script, "raw shell");
-                let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
-                run_argv(&ctx, rt, &host, &argv)
             },
         );
 

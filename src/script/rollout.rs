@@ -1,14 +1,12 @@
-//! `window()` and `rollout()`: the bridge from a playbook to the rollout engine.
+//! `window()`, `param()`, `test()` and `rollout()`: the bridge from a playbook to
+//! the run core ([`RunControl`]) and the rollout engine.
 //!
-//! A [`RunControl`] holds what one run's rollouts share: the session, the clock,
-//! the maintenance window, the event sink (progress display, journal) and the
-//! summaries the CLI turns into an exit code. Every rollout event goes to the
-//! journal as a `rollout.event` record before the sink sees it. This module adapts;
-//! the policy, waves, budget and ordering are the rollout layer's.
+//! This module adapts Rhai values and closures and owns nothing of a run: the
+//! journal, host states, notifications and plan results are the run core's; the
+//! policy, waves, budget and ordering are the rollout layer's.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -16,229 +14,51 @@ use rhai::{
     Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext,
 };
 
-use super::playbook::{to_json, HostClosure};
+use super::playbook::{to_json, CompiledPlaybook, HostClosure};
 use super::register::ScriptHost;
-use super::session::Session;
 use crate::inventory::Host;
-use crate::primitives::notify;
-use crate::primitives::Mode;
 use crate::rollout::{
-    Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent,
-    Summary, Target, Window,
+    Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent, Target,
+    Window,
 };
+use crate::run::{HostPlan, RunControl};
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
-/// Receives every rollout event after the journal has it (progress display).
-pub type EventSink = Arc<dyn Fn(DateTime<Utc>, &RolloutEvent) + Send + Sync>;
-
-/// Journal record kind of a rollout event.
-pub const EVENT_KIND: &str = "rollout.event";
-
-/// What the rollouts of one run share.
-pub struct RunControl {
-    pub session: Arc<Session>,
-    pub clock: Clock,
-    /// Set to stop starting new hosts (SIGTERM); hosts in flight finish.
-    pub stop: Arc<AtomicBool>,
-    sink: EventSink,
-    window: Mutex<Option<Window>>,
-    summaries: Mutex<Vec<Summary>>,
-    plans: Mutex<Vec<String>>,
-    /// Hosts a resumed run must not touch again.
-    finished: BTreeSet<String>,
-    first_failure: AtomicBool,
-    started: Instant,
-    /// `--param NAME=VALUE` from the command line, read with `param("NAME")`.
-    vars: std::collections::BTreeMap<String, String>,
-}
-
-impl RunControl {
-    pub fn new(session: Arc<Session>, clock: Clock, sink: EventSink) -> Self {
-        // On resume, hosts the journal already saw to the end are not touched again.
-        let finished = session
-            .run
-            .journal
-            .as_ref()
-            .and_then(|j| j.state().ok())
-            .map(|st| {
-                st.hosts
-                    .iter()
-                    .filter(|(_, h)| h.finished && (!h.failed || h.rolled_back))
-                    .map(|(n, _)| n.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        RunControl {
-            session,
-            clock,
-            stop: Arc::new(AtomicBool::new(false)),
-            sink,
-            window: Mutex::new(None),
-            summaries: Mutex::new(Vec::new()),
-            plans: Mutex::new(Vec::new()),
-            finished,
-            first_failure: AtomicBool::new(false),
-            started: Instant::now(),
-            vars: Default::default(),
+/// `plan`: every target's work runs once with changes recording instead of acting,
+/// whatever the budget or pilot would decide, so the plan shows every host: what
+/// it would change, or the error that would stop it.
+fn plan_hosts(
+    c: &Arc<RunControl>,
+    plan: &Plan,
+    closure: &HostClosure,
+    engine: &Engine,
+    budget: Duration,
+    sources: Option<&CompiledPlaybook>,
+) -> RhaiResult<Map> {
+    let ordered: Vec<&Host> = plan.run_order().into_iter().map(|i| plan.host(i)).collect();
+    let rt = &c.session.runtime;
+    let results = crate::rollout::pool::map_bounded(&ordered, rt.forks, |h| {
+        let r = closure.call(engine, ScriptHost::new((*h).clone()), budget, None);
+        HostPlan {
+            host: h.name.clone(),
+            error: r.err().map(|e| host_failure(&e, sources)),
         }
+    });
+    let failed: Array = results
+        .iter()
+        .filter(|p| p.error.is_some())
+        .map(|p| Dynamic::from(p.host.clone()))
+        .collect();
+    for p in results {
+        c.push_host_plan(p);
     }
-
-    /// Shares a stop flag with the caller (signals, the watch service).
-    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
-        self.stop = stop;
-        self
-    }
-
-    pub fn with_vars(mut self, vars: std::collections::BTreeMap<String, String>) -> Self {
-        self.vars = vars;
-        self
-    }
-
-    /// Every rollout summary of this run, in order.
-    pub fn summaries(&self) -> Vec<Summary> {
-        self.summaries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The printed plans of this run's rollouts (`patchbook plan`).
-    pub fn plans(&self) -> Vec<String> {
-        self.plans.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn window(&self) -> Option<Window> {
-        self.window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    fn planning(&self) -> bool {
-        self.session.run.mode == Mode::Plan
-    }
-
-    /// Records what the rollout saw or decided (a plan, a window, a notice). None of
-    /// it is an action on a host, so it rides on the next group commit: every
-    /// intent fsyncs all records before it.
-    fn record(&self, host: Option<&str>, kind: &str, data: serde_json::Value) {
-        if let Some(j) = &self.session.run.journal {
-            if let Err(e) = j.note(host, kind, data) {
-                tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
-                self.stop.store(true, Ordering::SeqCst);
-            }
-        }
-    }
-
-    fn notify(&self, notice: &notify::Notice, owners: &[String]) {
-        if self.planning() {
-            return;
-        }
-        let cfg = &self.session.runtime.config.notify;
-        let deliveries = notify::automatic(cfg, notice, owners, &self.session.secrets());
-        for d in deliveries {
-            self.record(None, "notify", serde_json::to_value(&d).unwrap_or_default());
-        }
-    }
-
-    fn owners_of(&self, hosts: &[String]) -> Vec<String> {
-        let inv = &self.session.runtime.inventory;
-        let mut out: Vec<String> = Vec::new();
-        for h in hosts {
-            for o in inv.host(h).map(|h| h.owners.clone()).unwrap_or_default() {
-                if !out.contains(&o) {
-                    out.push(o);
-                }
-            }
-        }
-        out
-    }
-
-    fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent, targets: &[String]) {
-        let host = match event {
-            RolloutEvent::HostStarted { host, .. }
-            | RolloutEvent::HostDone { host, .. }
-            | RolloutEvent::HostFailed { host, .. }
-            | RolloutEvent::RolledBack { host, .. }
-            | RolloutEvent::RollbackFailed { host, .. } => Some(host.as_str()),
-            _ => None,
-        };
-        if !self.planning() {
-            // Progress announces no action: it rides on the next group commit.
-            if let Some(j) = &self.session.run.journal {
-                let data = serde_json::to_value(event).unwrap_or_default();
-                if let Err(e) = j.note(host, EVENT_KIND, data) {
-                    tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
-                    self.stop.store(true, Ordering::SeqCst);
-                }
-            }
-        }
-        (self.sink)(at, event);
-        let run = self.session.run.run_id.clone();
-        match event {
-            RolloutEvent::RunStarted { .. } => self.notify(
-                &notify::RunStarted {
-                    run,
-                    playbook: self.session.run.playbook.clone(),
-                    operator: self.session.runtime.operator.clone(),
-                    targets: targets.to_vec(),
-                    window: self.window().map(|w| w.spec().to_string()),
-                }
-                .notice(),
-                &[],
-            ),
-            RolloutEvent::HostFailed { host, reason, .. }
-                if !self.first_failure.swap(true, Ordering::SeqCst) =>
-            {
-                self.notify(
-                    &notify::FirstFailure {
-                        run,
-                        host: host.clone(),
-                        step: None,
-                        reason: reason.clone(),
-                        action: Some("rolling the host back".into()),
-                    }
-                    .notice(),
-                    &self.owners_of(std::slice::from_ref(host)),
-                )
-            }
-            RolloutEvent::BudgetExhausted { allowed, .. } => {
-                let failed = self.failed_so_far();
-                self.notify(
-                    &notify::BudgetExhausted {
-                        run,
-                        failed_hosts: failed.clone(),
-                        targets: targets.len(),
-                        budget: allowed.to_string(),
-                        action: Some("no new hosts start; failed hosts are rolled back".into()),
-                    }
-                    .notice(),
-                    &self.owners_of(&failed),
-                )
-            }
-            _ => {}
-        }
-    }
-
-    fn failed_so_far(&self) -> Vec<String> {
-        let Some(j) = &self.session.run.journal else {
-            return Vec::new();
-        };
-        j.records()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| {
-                r.kind == EVENT_KIND
-                    && r.data.get("kind").and_then(|k| k.as_str()) == Some("host_failed")
-            })
-            .filter_map(|r| r.host)
-            .collect()
-    }
+    let mut m = Map::new();
+    m.insert("stop".into(), "planned".into());
+    m.insert("targets".into(), (ordered.len() as i64).into());
+    m.insert("failed".into(), Dynamic::from_array(failed));
+    m.insert("pending".into(), Dynamic::from_array(Array::new()));
+    Ok(m)
 }
 
 fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T> {
@@ -298,7 +118,13 @@ pub fn from_json(v: &serde_json::Value) -> Dynamic {
 
 /// Registers `window` and `rollout`. Without a control (compile time) they exist
 /// but refuse to run.
-pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) {
+/// `sources` is the playbook the run executes: a host's failure reason names the
+/// file, line and column where its work stopped.
+pub fn register_rollout(
+    engine: &mut Engine,
+    control_: Option<Arc<RunControl>>,
+    sources: Option<Arc<CompiledPlaybook>>,
+) {
     let c = control_.clone();
     let window_fn = move |ctx: NativeCallContext, spec: &str, opts: Map| -> RhaiResult<()> {
         let c = control(&ctx, &c, "window")?;
@@ -330,7 +156,7 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
                 "end": end.map(|t| w.display_time(t)),
             }),
         );
-        *c.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        c.set_window(w);
         Ok(())
     };
     let w2 = window_fn.clone();
@@ -352,7 +178,7 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
         .with_comments(["/// The value of `--param NAME=VALUE` from the command line; an error names the\n/// missing variable."])
         .register_into_engine(engine, move |ctx: NativeCallContext, name: &str| -> RhaiResult<String> {
             let c = control(&ctx, &c, "param")?;
-            match c.vars.get(name) {
+            match c.var(name) {
                 Some(v) => Ok(v.clone()),
                 None => fail(&ctx, format!("param(\"{name}\") is not set; pass it as `--param {name}=VALUE`")),
             }
@@ -368,10 +194,7 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
             engine,
             move |ctx: NativeCallContext, name: &str, default: &str| -> RhaiResult<String> {
                 let c = control(&ctx, &c, "param")?;
-                Ok(c.vars
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| default.to_string()))
+                Ok(c.var(name).cloned().unwrap_or_else(|| default.to_string()))
             },
         );
 
@@ -434,6 +257,7 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
         .register_into_engine(engine, test_fn);
 
     let c = control_;
+    let src = sources;
     FuncRegistration::new("rollout")
         .with_volatility(true)
         .with_params_info(["targets: Array", "policy: Map", "work: FnPtr", "Map"])
@@ -442,14 +266,25 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
             engine,
             move |ctx: NativeCallContext, targets: Array, policy: Map, work: FnPtr| -> RhaiResult<Map> {
                 let c = control(&ctx, &c, "rollout")?;
-                rollout(&ctx, c, targets, policy, work)
+                rollout(&ctx, c, src.as_deref(), targets, policy, work)
             },
         );
+}
+
+/// A host's failure as one line: the innermost message and, when the playbook is
+/// known, where it happened.
+fn host_failure(e: &EvalAltResult, sources: Option<&CompiledPlaybook>) -> String {
+    let message = root_message(e);
+    match sources.and_then(|pb| pb.diagnose(e).location) {
+        Some(at) => format!("{message} (at {at})"),
+        None => message,
+    }
 }
 
 fn rollout(
     ctx: &NativeCallContext,
     c: &Arc<RunControl>,
+    sources: Option<&CompiledPlaybook>,
     targets: Array,
     mut policy: Map,
     work: FnPtr,
@@ -470,9 +305,9 @@ fn rollout(
     }
     // A resumed run leaves alone the hosts the journal saw to the end, and a pilot
     // that already passed before the restart is not asked for again.
-    if !c.finished.is_empty() {
+    if c.has_finished_hosts() {
         let before = hosts.len();
-        hosts.retain(|h| !c.finished.contains(&h.name));
+        hosts.retain(|h| !c.is_finished(&h.name));
         c.record(
             None,
             "rollout.resume",
@@ -489,7 +324,7 @@ fn rollout(
                                 .try_cast::<ScriptHost>()
                                 .map(|h| h.name().to_string())
                                 .unwrap_or_else(|| p.to_string());
-                            !c.finished.contains(&name)
+                            !c.is_finished(&name)
                         })
                         .collect();
                     if !left.is_empty() {
@@ -528,10 +363,7 @@ fn rollout(
         Ok(p) => p,
         Err(e) => return fail(ctx, format!("rollout: {e}")),
     };
-    c.plans
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(plan.to_string());
+    c.push_plan(plan.to_string());
     c.record(
         None,
         "rollout.plan",
@@ -543,6 +375,9 @@ fn rollout(
     let budget = Duration::from_secs(rt.config.limits.deadline_secs.max(1));
     let cancel = Some(c.stop.clone());
     let planning = c.planning();
+    if planning {
+        return plan_hosts(c, &plan, &closure, engine, budget, sources);
+    }
     let clock = if planning {
         Clock::manual(c.clock.now())
     } else {
@@ -574,7 +409,7 @@ fn rollout(
 
     let journal = session.run.journal.clone();
     let work = |host: &Host, hc: &HostContext| -> HostOutcome {
-        if c.finished.contains(&host.name) {
+        if c.is_finished(&host.name) {
             return HostOutcome::Done;
         }
         if c.stop.load(Ordering::SeqCst) {
@@ -595,7 +430,7 @@ fn rollout(
         session.set_deadline(&host.name, None);
         let outcome = match &r {
             Ok(_) => HostOutcome::Done,
-            Err(e) => HostOutcome::failed(root_message(e)),
+            Err(e) => HostOutcome::failed(host_failure(e, sources)),
         };
         if let (Some(j), false) = (&journal, planning) {
             let detail = match &outcome {
@@ -617,7 +452,7 @@ fn rollout(
             Ok(rep) => (
                 false,
                 serde_json::json!({ "undone": rep.undone, "manual": rep.manual, "cause": rc.cause }),
-                Err(format!("needs manual undo: {}", rep.manual.join("; "))),
+                Err(format!("failed, not fully reverted: {}", rep.partial())),
             ),
             Err(e) => (
                 false,
@@ -645,10 +480,7 @@ fn rollout(
         Ok(s) => s,
         Err(e) => return fail(ctx, e.to_string()),
     };
-    c.summaries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(summary.clone());
+    c.push_summary(summary.clone());
     // The script gets the counts; the per-host detail stays in the journal, so a
     // 10,000-host rollout does not meet the sandbox's map and array limits.
     let mut brief = serde_json::to_value(&summary).unwrap_or_default();

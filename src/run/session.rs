@@ -1,9 +1,9 @@
-//! One run's world as the registered primitives see it: the runtime (inventory,
-//! transports), the run context (journal, state dir, plan mode), artifact settings,
-//! secrets, and each host's deadline while the rollout works on it.
+//! One run's world as the primitives see it: the runtime (inventory, transports),
+//! the run context (journal, state dir, plan mode), artifact settings, secrets, and
+//! each host's deadline while the rollout works on it.
 //!
 //! It owns no policy and performs no I/O itself; it only hands each primitive a
-//! [`HostCtx`] for the host it is called with.
+//! [`HostCtx`] for the host it is called with. It must not know Rhai.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::inventory::Host;
 use crate::primitives::artifact::ArtifactSettings;
-use crate::primitives::{HostCtx, PrimitiveError, RunCtx};
+use crate::primitives::{HostCtx, Mode, PrimitiveError, RunCtx};
 use crate::runtime::Runtime;
 
 pub struct Session {
@@ -23,6 +23,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session that keeps no journal (`eval`, tests): probes work, changes are
+    /// refused by the primitives themselves.
+    pub fn unjournaled(runtime: Arc<Runtime>) -> Self {
+        let ctx = RunCtx::new("eval", runtime.state_dir.clone(), None, Mode::Apply);
+        Session::new(runtime, ctx)
+    }
+
     pub fn new(runtime: Arc<Runtime>, run: RunCtx) -> Self {
         let artifacts = ArtifactSettings::from_config(&runtime.config, &runtime.state_dir);
         let secrets = crate::runtime::configured_secrets(&runtime.config, &runtime.inventory);

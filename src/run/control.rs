@@ -1,0 +1,301 @@
+//! What the rollouts of one run share: the session, the clock, the maintenance
+//! window, the stop flag, the event sink (progress display), the summaries the CLI
+//! turns into an exit code, and — for `plan` — what each host would do or why it
+//! could not be planned. Every rollout event goes to the journal as a
+//! `rollout.event` record before the sink sees it; notifications go to the
+//! [`Courier`] and never block the executor.
+//!
+//! It must not know Rhai: the script layer's `rollout()` adapts a playbook to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Courier, Session};
+use crate::primitives::{notify, Mode};
+use crate::rollout::{Clock, RolloutEvent, Summary, Window};
+
+/// Receives every rollout event after the journal has it (progress display).
+pub type EventSink = Arc<dyn Fn(DateTime<Utc>, &RolloutEvent) + Send + Sync>;
+
+/// Journal record kind of a rollout event.
+pub const EVENT_KIND: &str = "rollout.event";
+
+/// How one host fared in `plan`: planned, or why it could not be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostPlan {
+    pub host: String,
+    /// The error that stopped the host's work in `plan`, with its position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the rollouts of one run share.
+pub struct RunControl {
+    pub session: Arc<Session>,
+    pub clock: Clock,
+    /// Set to stop starting new hosts (SIGTERM); hosts in flight finish.
+    pub stop: Arc<AtomicBool>,
+    sink: EventSink,
+    window: Mutex<Option<Window>>,
+    summaries: Mutex<Vec<Summary>>,
+    plans: Mutex<Vec<String>>,
+    host_plans: Mutex<Vec<HostPlan>>,
+    /// Hosts a resumed run must not touch again.
+    finished: BTreeSet<String>,
+    first_failure: AtomicBool,
+    started: Instant,
+    /// `--param NAME=VALUE` from the command line, read with `param("NAME")`.
+    vars: BTreeMap<String, String>,
+    courier: Courier,
+}
+
+impl RunControl {
+    pub fn new(session: Arc<Session>, clock: Clock, sink: EventSink) -> Self {
+        // On resume, hosts the journal already saw to the end are not touched again.
+        let finished = session
+            .run
+            .journal
+            .as_ref()
+            .and_then(|j| j.state().ok())
+            .map(|st| {
+                st.hosts
+                    .iter()
+                    .filter(|(_, h)| h.finished && (!h.failed || h.rolled_back))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let courier = Courier::start(
+            session.runtime.config.notify.clone(),
+            session.run.journal.clone(),
+        );
+        RunControl {
+            session,
+            clock,
+            stop: Arc::new(AtomicBool::new(false)),
+            sink,
+            window: Mutex::new(None),
+            summaries: Mutex::new(Vec::new()),
+            plans: Mutex::new(Vec::new()),
+            host_plans: Mutex::new(Vec::new()),
+            finished,
+            first_failure: AtomicBool::new(false),
+            started: Instant::now(),
+            vars: Default::default(),
+            courier,
+        }
+    }
+
+    /// Shares a stop flag with the caller (signals, the watch service).
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    pub fn with_vars(mut self, vars: BTreeMap<String, String>) -> Self {
+        self.vars = vars;
+        self
+    }
+
+    /// `--param NAME`.
+    pub fn var(&self, name: &str) -> Option<&String> {
+        self.vars.get(name)
+    }
+
+    /// Every rollout summary of this run, in order.
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.summaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn push_summary(&self, s: Summary) {
+        self.summaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
+    }
+
+    /// The printed plans of this run's rollouts (`patchbook plan`).
+    pub fn plans(&self) -> Vec<String> {
+        self.plans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn push_plan(&self, plan: String) {
+        self.plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(plan);
+    }
+
+    /// In `plan`: every host the rollouts planned, in order, with its error if any.
+    pub fn host_plans(&self) -> Vec<HostPlan> {
+        self.host_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn push_host_plan(&self, p: HostPlan) {
+        self.host_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(p);
+    }
+
+    pub fn window(&self) -> Option<Window> {
+        self.window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_window(&self, w: Window) {
+        *self.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+    }
+
+    /// Whether a resumed run saw this host to the end before the restart.
+    pub fn is_finished(&self, host: &str) -> bool {
+        self.finished.contains(host)
+    }
+
+    pub fn has_finished_hosts(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn planning(&self) -> bool {
+        self.session.run.mode == Mode::Plan
+    }
+
+    /// Records what the rollout saw or decided (a plan, a window, a notice). None of
+    /// it is an action on a host, so it rides on the next group commit: every
+    /// intent fsyncs all records before it.
+    pub fn record(&self, host: Option<&str>, kind: &str, data: serde_json::Value) {
+        if let Some(j) = &self.session.run.journal {
+            if let Err(e) = j.note(host, kind, data) {
+                tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
+                self.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Hands a notice to the courier; never waits for delivery. `plan` sends nothing.
+    pub fn notify(&self, notice: notify::Notice, owners: Vec<String>) {
+        if self.planning() {
+            return;
+        }
+        self.courier.send(notice, owners, self.session.secrets());
+    }
+
+    /// Waits for every queued notification; call before closing the journal.
+    pub fn finish(&self) {
+        self.courier.finish();
+    }
+
+    fn owners_of(&self, hosts: &[String]) -> Vec<String> {
+        let inv = &self.session.runtime.inventory;
+        let mut out: Vec<String> = Vec::new();
+        for h in hosts {
+            for o in inv.host(h).map(|h| h.owners.clone()).unwrap_or_default() {
+                if !out.contains(&o) {
+                    out.push(o);
+                }
+            }
+        }
+        out
+    }
+
+    /// Journals a rollout event, shows it, and sends the notices it calls for.
+    pub fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent, targets: &[String]) {
+        let host = match event {
+            RolloutEvent::HostStarted { host, .. }
+            | RolloutEvent::HostDone { host, .. }
+            | RolloutEvent::HostFailed { host, .. }
+            | RolloutEvent::RolledBack { host, .. }
+            | RolloutEvent::RollbackFailed { host, .. } => Some(host.as_str()),
+            _ => None,
+        };
+        if !self.planning() {
+            // Progress announces no action: it rides on the next group commit.
+            if let Some(j) = &self.session.run.journal {
+                let data = serde_json::to_value(event).unwrap_or_default();
+                if let Err(e) = j.note(host, EVENT_KIND, data) {
+                    tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        (self.sink)(at, event);
+        let run = self.session.run.run_id.clone();
+        match event {
+            RolloutEvent::RunStarted { .. } => self.notify(
+                notify::RunStarted {
+                    run,
+                    playbook: self.session.run.playbook.clone(),
+                    operator: self.session.runtime.operator.clone(),
+                    targets: targets.to_vec(),
+                    window: self.window().map(|w| w.spec().to_string()),
+                }
+                .notice(),
+                Vec::new(),
+            ),
+            RolloutEvent::HostFailed { host, reason, .. }
+                if !self.first_failure.swap(true, Ordering::SeqCst) =>
+            {
+                self.notify(
+                    notify::FirstFailure {
+                        run,
+                        host: host.clone(),
+                        step: None,
+                        reason: reason.clone(),
+                        action: Some("rolling the host back".into()),
+                    }
+                    .notice(),
+                    self.owners_of(std::slice::from_ref(host)),
+                )
+            }
+            RolloutEvent::BudgetExhausted { allowed, .. } => {
+                let failed = self.failed_so_far();
+                self.notify(
+                    notify::BudgetExhausted {
+                        run,
+                        failed_hosts: failed.clone(),
+                        targets: targets.len(),
+                        budget: allowed.to_string(),
+                        action: Some("no new hosts start; failed hosts are rolled back".into()),
+                    }
+                    .notice(),
+                    self.owners_of(&failed),
+                )
+            }
+            _ => {}
+        }
+    }
+
+    /// Hosts that failed so far in this run, from its summaries in memory and the
+    /// rollout under way: the journal's host-finish records say which.
+    fn failed_so_far(&self) -> Vec<String> {
+        let Some(j) = &self.session.run.journal else {
+            return Vec::new();
+        };
+        j.state()
+            .map(|st| {
+                st.hosts
+                    .iter()
+                    .filter(|(_, h)| h.finished && h.failed)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,17 @@
+//! The run core: one run's life, free of Rhai. It owns the [`Session`] every
+//! primitive call goes through (runtime, journal, plan mode, secrets, deadlines),
+//! the [`RunControl`] the rollouts of a run share (clock, window, stop flag,
+//! summaries, plan results, rollout events to the journal), and the [`Courier`]
+//! that delivers notifications on its own thread so a dead webhook never holds up a
+//! host.
+//!
+//! `script` adapts Rhai to this module and owns nothing of a run; this module must
+//! not know Rhai, and reads the journal only through its typed API.
+
+pub mod control;
+pub mod courier;
+pub mod session;
+
+pub use control::{EventSink, HostPlan, RunControl, EVENT_KIND};
+pub use courier::Courier;
+pub use session::Session;
