@@ -21,8 +21,9 @@ use patchbook::lab::{deb, Fleet};
 use patchbook::primitives::artifact::{fetch, Artifact, ArtifactSpec};
 use patchbook::primitives::deploy::{deploy_with_hook, DeployOptions};
 use patchbook::primitives::{Mode, RunCtx};
+use patchbook::run::Session;
 use patchbook::runtime::{Options, Runtime};
-use patchbook::script::{Compiler, Limits, ScriptRun, Session};
+use patchbook::script::{Compiler, Limits, ScriptRun};
 use sha2::Digest;
 
 const HOSTS: usize = 15;

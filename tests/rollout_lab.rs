@@ -452,29 +452,16 @@ rollout(hosts("lab27"), #{ waves: ["100%"] }, |host| { exec(host, ["true"]); });
     );
 }
 
-/// A fingerprint of a host's dpkg database and /opt tree.
-fn fingerprint(f: &Fleet, host: &str) -> String {
-    let out = f
-        .exec_in(
-            host,
-            &[
-                "sh",
-                "-c",
-                "sha256sum /var/lib/dpkg/status; find /opt -type f | sort | xargs sha256sum",
-            ],
-        )
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn plan_leaves_the_fleet_unchanged_and_shows_unknowns() {
     let f = fleet();
     let b = Bench::new();
     let cfg = b.config(None);
     let hosts = ["lab27", "lab28", "lab29", "lab30"];
-    let before: Vec<String> = hosts.iter().map(|h| fingerprint(f, h)).collect();
+    let before: Vec<String> = hosts
+        .iter()
+        .map(|h| support::host_fingerprint(f, h))
+        .collect();
     let playbook = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/patch-acme.rhai"),
     )
@@ -506,7 +493,10 @@ fn plan_leaves_the_fleet_unchanged_and_shows_unknowns() {
         text.contains("deploy") && text.contains("unknown"),
         "{text}"
     );
-    let after: Vec<String> = hosts.iter().map(|h| fingerprint(f, h)).collect();
+    let after: Vec<String> = hosts
+        .iter()
+        .map(|h| support::host_fingerprint(f, h))
+        .collect();
     assert_eq!(before, after, "plan changed a host");
     assert!(
         !b.path("state").join("runs").exists(),

@@ -26,6 +26,9 @@ pub enum Mode {
     Plan,
 }
 
+/// The name `plan` lists actions under that belong to no host (notifications).
+pub const CONTROLLER: &str = "(controller)";
+
 /// One action a mutating primitive would have taken, in `plan` mode.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PlannedAction {

@@ -45,8 +45,9 @@ pub struct Change {
     pub argv: Vec<String>,
     /// The playbook gave a raw shell line (`shell`): `argv` is `["sh", "-c", line]`.
     pub raw_shell: bool,
-    /// The argv that reverses this change, when the playbook gives one.
-    pub undo: Option<Vec<String>>,
+    /// What reverses this change, when the playbook says: an argv to run, or a
+    /// backup to restore.
+    pub undo: Option<UndoStep>,
     pub timeout: Duration,
 }
 
@@ -72,7 +73,7 @@ impl Change {
     /// that makes any rollback of this host say it is not fully reverted.
     pub fn undo_step(&self) -> UndoStep {
         match &self.undo {
-            Some(argv) => UndoStep::Command { argv: argv.clone() },
+            Some(u) => u.clone(),
             None => UndoStep::Manual {
                 reason: format!(
                     "{} `{}` changed the host and has no undo; reverse it by hand (give #{{ undo: [argv] }} to make it reversible)",
@@ -97,8 +98,8 @@ pub fn change(ctx: &HostCtx, c: &Change) -> Result<ExecResult, PrimitiveError> {
     if c.argv.is_empty() {
         return Err(PrimitiveError::step(ctx.name(), step, EMPTY_ARGV));
     }
-    if let Some(undo) = &c.undo {
-        if undo.is_empty() {
+    if let Some(UndoStep::Command { argv }) = &c.undo {
+        if argv.is_empty() {
             return Err(PrimitiveError::step(
                 ctx.name(),
                 step,
@@ -108,7 +109,7 @@ pub fn change(ctx: &HostCtx, c: &Change) -> Result<ExecResult, PrimitiveError> {
     }
     if ctx.planning() {
         let undo = match &c.undo {
-            Some(u) => format!("; undo: {}", crate::transport::quote::argv(u)),
+            Some(u) => format!("; undo: {}", super::undo::describe(u)),
             None => "; no undo".to_string(),
         };
         ctx.plan(

@@ -20,6 +20,7 @@ use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map, NativeC
 
 use super::register::{ScriptHost, EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
 use crate::inventory::{Host, TransportKind};
+use crate::journal::UndoStep;
 use crate::primitives::artifact::{fetch_recorded, Artifact, ArtifactSpec};
 use crate::primitives::backup::BackupHandle;
 use crate::primitives::deploy::{DeployOptions, Method};
@@ -136,9 +137,10 @@ fn planning(s: &Session) -> bool {
 
 /// Records a planned action that belongs to no host (a notification).
 fn plan_on_controller(s: &Session, step: &str, detail: String) {
-    let mut host = Host::new("(controller)");
+    let mut host = Host::new(crate::primitives::context::CONTROLLER);
     host.transport = TransportKind::Local;
-    let transport = crate::transport::local::LocalTransport::new("(controller)");
+    let transport =
+        crate::transport::local::LocalTransport::new(crate::primitives::context::CONTROLLER);
     let hc = HostCtx {
         host: &host,
         transport: &transport,
@@ -530,9 +532,8 @@ fn command_options(
     step: &str,
     opts: &Map,
     known: &[&str],
-) -> RhaiResult<(Option<Vec<String>>, Duration)> {
-    let bad =
-        |m: String| fail::<(Option<Vec<String>>, Duration)>(ctx, format!("{host}: {step}: {m}"));
+) -> RhaiResult<(Option<UndoStep>, Duration)> {
+    let bad = |m: String| fail::<(Option<UndoStep>, Duration)>(ctx, format!("{host}: {step}: {m}"));
     if let Err(e) = no_unknown_keys(opts, known) {
         return bad(e);
     }
@@ -543,16 +544,31 @@ fn command_options(
     let undo = match opts.get("undo") {
         None => None,
         Some(v) if v.is_unit() => None,
-        Some(v) if v.is_string() => Some(vec!["sh".to_string(), "-c".to_string(), v.to_string()]),
-        Some(v) => match v.clone().try_cast::<Array>() {
-            Some(a) => Some(argv_arg(ctx, host, &format!("{step} undo"), a)?),
-            None => {
+        Some(v) if v.is_string() => Some(UndoStep::Command {
+            argv: vec!["sh".to_string(), "-c".to_string(), v.to_string()],
+        }),
+        Some(v) => {
+            if let Some(b) = v.clone().try_cast::<ScriptBackup>() {
+                if b.0.host != host {
+                    return bad(format!(
+                        "the undo backup {} was taken from {}, not from this host",
+                        b.0.id, b.0.host
+                    ));
+                }
+                Some(UndoStep::Restore {
+                    backups: vec![b.0.as_ref_for_undo()],
+                })
+            } else if let Some(a) = v.clone().try_cast::<Array>() {
+                Some(UndoStep::Command {
+                    argv: argv_arg(ctx, host, &format!("{step} undo"), a)?,
+                })
+            } else {
                 return bad(format!(
-                    "`undo` is an argv (array of strings) or a shell line, got {}",
+                    "`undo` is an argv (array of strings), a shell line or a backup, got {}",
                     v.type_name()
-                ))
+                ));
             }
-        },
+        }
     };
     Ok((undo, timeout))
 }
@@ -614,7 +630,7 @@ fn register_commands(engine: &mut Engine, session_: &Option<Arc<Session>>) {
     FuncRegistration::new("exec")
         .with_volatility(true)
         .with_params_info(["host: Host", "argv: Array", "opts: Map", "Map"])
-        .with_comments(["/// exec with options: `#{ undo: [argv] (or a shell line), timeout: \"30s\" }`; the\n/// undo argv is recorded before the command runs and reverses it on rollback."])
+        .with_comments(["/// exec with options: `#{ undo: [argv] | \"shell line\" | backup, timeout: \"30s\" }`;\n/// the undo is recorded before the command runs and reverses it on rollback\n/// (a backup is restored)."])
         .register_into_engine(engine, exec_fn);
 
     let s = session_.clone();
@@ -646,7 +662,7 @@ fn register_commands(engine: &mut Engine, session_: &Option<Arc<Session>>) {
         .with_volatility(true)
         .with_params_info(["host: Host", "script: &str", "opts: Map", "Map"])
         .with_comments([
-            "/// shell with options: `#{ undo: [argv] (or a shell line), timeout: \"30s\" }`.",
+            "/// shell with options: `#{ undo: [argv] | \"shell line\" | backup, timeout: \"30s\" }`.",
         ])
         .register_into_engine(engine, shell_fn);
 
@@ -1229,7 +1245,7 @@ fn recipients(ctx: &NativeCallContext, to: Dynamic) -> RhaiResult<Vec<String>> {
     }
     let ty = to.type_name();
     match to.into_array() {
-        Ok(a) => strings(ctx, "(controller)", "notify", "to", a),
+        Ok(a) => strings(ctx, crate::primitives::context::CONTROLLER, "notify", "to", a),
         Err(_) => fail(ctx, format!("notify: `to` must be a channel or contact name, an e-mail address, or an array of them, got {ty}")),
     }
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::journal::{Journal, RunHeader};
+use crate::primitives::{Mode, RunCtx};
+use crate::run::Session;
 use crate::runtime::Runtime;
 use crate::script::{CompiledPlaybook, Limits, ScriptRun};
 
@@ -174,7 +176,21 @@ impl Launcher for ScriptLauncher {
             ),
             None => None,
         };
-        let mut run = ScriptRun::new(&self.limits, self.runtime.clone());
+        let journal = journal.map(Arc::new);
+        // With a runtime, the playbook's primitives journal into this run's journal.
+        let mut run = match (&self.runtime, &journal) {
+            (Some(rt), Some(j)) => {
+                let ctx = RunCtx::new(
+                    req.run_id.clone(),
+                    rt.state_dir.clone(),
+                    Some(j.clone()),
+                    Mode::Apply,
+                )
+                .with_playbook(req.playbook.path.display().to_string());
+                ScriptRun::with_session(&self.limits, Arc::new(Session::new(rt.clone(), ctx)))
+            }
+            (rt, _) => ScriptRun::new(&self.limits, rt.clone()),
+        };
         super::schedule::register_schedule_noop(run.engine_mut());
         if let Some(hook) = &self.hook {
             hook(run.engine_mut());
@@ -216,7 +232,8 @@ impl Launcher for ScriptLauncher {
             }
             (Err(e), false) => e.to_string(),
         };
-        if let Some(j) = journal {
+        drop(run);
+        if let Some(j) = journal.and_then(|j| Arc::try_unwrap(j).ok()) {
             if ok || !stopped {
                 j.close().map_err(|e| e.to_string())?;
             }

@@ -128,3 +128,52 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Every file a lab host owns, as `path mode uid gid sha256` lines (symlinks by
+/// target, folders by mode and owner): its dpkg database, `/opt`, `/etc/acme`,
+/// `/root` and `/var/log/dpkg.log`, read from the controller side. Two equal
+/// fingerprints mean the host is byte-identical where it can be changed.
+pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    fn walk(path: &Path, root: &Path, out: &mut Vec<String>) {
+        let meta = std::fs::symlink_metadata(path).expect("lab host file");
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .display()
+            .to_string();
+        let ty = meta.file_type();
+        let what = if ty.is_symlink() {
+            format!("-> {}", std::fs::read_link(path).unwrap().display())
+        } else if ty.is_file() {
+            hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+        } else if ty.is_dir() {
+            "dir".to_string()
+        } else {
+            "special".to_string()
+        };
+        out.push(format!(
+            "{rel} {:o} {} {} {what}",
+            meta.mode(),
+            meta.uid(),
+            meta.gid()
+        ));
+        if ty.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, root, out);
+            }
+        }
+    }
+    let dir = &fleet.host(host).expect("lab host").dir;
+    let mut out = Vec::new();
+    for tree in ["dpkg", "opt", "etc-acme", "root", "dpkg.log"] {
+        walk(&dir.join(tree), dir, &mut out);
+    }
+    out.join("\n")
+}

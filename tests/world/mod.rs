@@ -10,8 +10,9 @@ use patchbook::config::Config;
 use patchbook::inventory::{Host, Inventory, TransportKind};
 use patchbook::journal::{Journal, Record, RunHeader};
 use patchbook::primitives::{Mode, RunCtx};
+use patchbook::run::Session;
 use patchbook::runtime::{Options, Runtime};
-use patchbook::script::{Compiler, Limits, ScriptError, ScriptRun, Session};
+use patchbook::script::{Compiler, Limits, ScriptError, ScriptRun};
 use rhai::Dynamic;
 
 pub struct World {

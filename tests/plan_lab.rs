@@ -1,0 +1,261 @@
+//! `plan` runs nothing and tells the truth, and ad-hoc `exec` is a journaled run,
+//! on a 4-host lab fleet: every host is fingerprinted (content, mode and owner of
+//! every file it owns) before and after, so any change `plan` made would show.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use patchbook::lab::Fleet;
+
+const HOSTS: [&str; 4] = ["lab01", "lab02", "lab03", "lab04"];
+
+fn fleet() -> &'static Fleet {
+    support::shared_fleet(HOSTS.len())
+}
+
+fn sha(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn fingerprints(f: &Fleet) -> Vec<String> {
+    HOSTS
+        .iter()
+        .map(|h| support::host_fingerprint(f, h))
+        .collect()
+}
+
+/// A folder with the lab's settings, the repo's stdlib and its own state dir.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("plan-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let f = fleet();
+        let lab = std::fs::read_to_string(f.dir().join("patchbook.toml")).unwrap();
+        let lab = lab.replace(
+            "inventory = [\"inventory.toml\"]",
+            &format!(
+                "inventory = [\"{}\"]",
+                f.dir().join("inventory.toml").display()
+            ),
+        );
+        std::fs::write(
+            dir.path().join("patchbook.toml"),
+            format!("stdlib = \"{}/stdlib\"\n{lab}", env!("CARGO_MANIFEST_DIR")),
+        )
+        .unwrap();
+        Project { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn patchbook(&self, args: &[&str]) -> Output {
+        let f = fleet();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"));
+        cmd.arg("--config")
+            .arg(self.path("patchbook.toml"))
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .args(args);
+        if matches!(args.first(), Some(&"plan") | Some(&"run")) {
+            cmd.args([
+                "--param",
+                &format!("mirror={}", f.dir().join("debs").display()),
+                "--param",
+                &format!("sha={}", sha(&f.deb("1.0.1"))),
+            ]);
+        }
+        cmd.output().expect("patchbook runs")
+    }
+
+    fn playbook(&self, body: &str) -> String {
+        let p = self.path("play.rhai");
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    }
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every change primitive, inside and outside a rollout.
+const EVERY_CHANGE: &str = r#"
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha") });
+for h in hosts("all") { exec(h, ["touch", "/root/PLAN_WAS_HERE"]); }
+rollout(hosts("all"), #{ waves: ["50%", "100%"] }, |host| {
+    let b = backup(host, ["/etc/acme"]);
+    exec(host, ["touch", "/root/PLAN_WAS_HERE"], #{ undo: ["rm", "-f", "/root/PLAN_WAS_HERE"] });
+    shell(host, "echo planned >> /etc/acme/agent.conf", #{ undo: b });
+    shell(host, "apt-get -y upgrade");
+    deploy(host, good);
+    restore(host, b);
+    verify(host, "acme-agent", "1.0.1");
+    health(host, ["/opt/acme/agent.sh", "--check"]);
+    if probe(host, ["cat", "/etc/acme/agent.conf"]).code != 0 { throw "cannot read the config"; }
+    rollback(host);
+});
+notify("ops@example.com", "patched");
+"#;
+
+#[test]
+fn plan_changes_no_host_whatever_the_playbook_does() {
+    let f = fleet();
+    let p = Project::new();
+    let pb = p.playbook(EVERY_CHANGE);
+    let before = fingerprints(f);
+    let out = p.patchbook(&["plan", &pb]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(fingerprints(f), before, "plan changed a host:\n{stdout}");
+    assert!(
+        !p.path("state").join("runs").exists(),
+        "plan wrote a journal"
+    );
+    for h in HOSTS {
+        assert!(stdout.contains(&format!("{h}: would change")), "{stdout}");
+    }
+    assert!(
+        stdout.contains("would run `touch /root/PLAN_WAS_HERE`, not checked; undo: run `rm -f /root/PLAN_WAS_HERE`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would run `apt-get -y upgrade`, not checked; no undo"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("4 host(s) would change"), "{stdout}");
+    assert!(stdout.contains("0 could not be planned"), "{stdout}");
+}
+
+#[test]
+fn plan_names_the_host_and_position_of_every_failure() {
+    let f = fleet();
+    let p = Project::new();
+    let pb = p.playbook(
+        r#"rollout(hosts("all"), #{}, |host| {
+    backup(host, ["/etc/acme"]);
+    if host.name == "lab02" { throw "boom"; }
+    if host.name == "lab03" { deplo(host, 1); }
+});
+"#,
+    );
+    let before = fingerprints(f);
+    let out = p.patchbook(&["plan", &pb]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(fingerprints(f), before);
+    assert!(stdout.contains("lab02: could not be planned"), "{stdout}");
+    assert!(stdout.contains("boom (at "), "{stdout}");
+    assert!(stdout.contains("play.rhai:3:"), "{stdout}");
+    assert!(stdout.contains("lab03: could not be planned"), "{stdout}");
+    assert!(stdout.contains("deplo"), "{stdout}");
+    assert!(stdout.contains("play.rhai:4:"), "{stdout}");
+    assert!(stdout.contains("lab01: would not change"), "{stdout}");
+    assert!(
+        stdout.contains("0 host(s) would change, 2 would not change, 2 could not be planned"),
+        "{stdout}"
+    );
+
+    // A script error outside any host's work is exit 2.
+    let pb = p.playbook("let x = hosts(\"all\");\nthrow \"top-level\";\n");
+    let out = p.patchbook(&["plan", &pb]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+}
+
+#[test]
+fn an_ad_hoc_exec_that_backs_up_and_edits_is_reversed_by_rollback() {
+    let f = fleet();
+    let p = Project::new();
+    let before = support::host_fingerprint(f, "lab04");
+    let out = p.patchbook(&[
+        "--json",
+        "exec",
+        "lab04",
+        r#"let b = backup(host, ["/etc/acme"]);
+           exec(host, ["sh", "-c", "echo 'interval = 5' >> /etc/acme/agent.conf; chmod 600 /etc/acme/agent.conf"], #{ undo: b });
+           exec(host, ["touch", "/root/adhoc-marker"], #{ undo: ["rm", "-f", "/root/adhoc-marker"] });
+           probe(host, ["cat", "/etc/acme/agent.conf"]).stdout"#,
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert!(
+        line["value"].as_str().unwrap().contains("interval = 5"),
+        "{line}"
+    );
+    let run = line["run"].as_str().unwrap().to_string();
+    assert_ne!(
+        support::host_fingerprint(f, "lab04"),
+        before,
+        "the edit happened"
+    );
+
+    // A fresh process reverses it from the journal alone.
+    let out = p.patchbook(&["rollback", &run]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("lab04: rolled back"), "{stdout}");
+    assert_eq!(support::host_fingerprint(f, "lab04"), before);
+    // And says so when there is nothing left.
+    let out = p.patchbook(&["rollback", &run]);
+    assert!(
+        text(&out).0.contains("nothing left to undo"),
+        "{:?}",
+        text(&out)
+    );
+}
+
+#[test]
+fn an_unmanaged_change_without_undo_is_never_called_rolled_back() {
+    let f = fleet();
+    let p = Project::new();
+    let pb = p.playbook(
+        r#"rollout(hosts("lab03"), #{}, |host| {
+    exec(host, ["touch", "/root/unmanaged-marker"]);
+    throw "later step failed";
+});
+"#,
+    );
+    let out = p.patchbook(&["run", &pb]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        f.host("lab03")
+            .unwrap()
+            .dir
+            .join("root/unmanaged-marker")
+            .exists(),
+        "the change happened"
+    );
+    let report = p.patchbook(&["report", "last", "--format", "json"]);
+    let r = String::from_utf8_lossy(&report.stdout);
+    assert!(r.contains("not fully reverted"), "{r}");
+    let runs = std::fs::read_dir(p.path("state/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .unwrap();
+    let run = runs.file_stem().unwrap().to_str().unwrap().to_string();
+    let out = p.patchbook(&["rollback", &run]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("lab03: NOT FULLY REVERTED")
+            && stdout.contains("touch /root/unmanaged-marker"),
+        "{stdout}"
+    );
+    std::fs::remove_file(f.host("lab03").unwrap().dir.join("root/unmanaged-marker")).unwrap();
+}
