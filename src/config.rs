@@ -1,12 +1,22 @@
 //! `patchbook.toml`: the project's settings, read once by the runtime.
 //!
-//! Each section's type lives with the layer that uses it; this file only names the
-//! sections and resolves relative paths against the config file's folder.
+//! It owns the file's shape as plain data (every section's type, with its serde
+//! defaults), the resolution of relative paths against the config file's folder,
+//! and the one duration grammar settings and playbooks share. It is the bottom
+//! layer: it imports no other module of the crate, so every layer can read it.
+//! Behaviour stays with the layer that uses a section, which converts the plain
+//! settings into its own types (`ArtifactSettings::from_config`,
+//! `SshConnector::from_config`, `Compiler::from_config`) or gives them methods
+//! (`NotifyConfig::check` in `primitives::notify`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub mod notify;
+
+pub use notify::NotifyConfig;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,16 +41,88 @@ pub struct Config {
     pub trusted_sources: Vec<String>,
     /// `[artifacts]`: download attempts, cache folder, pinned minisign keys.
     #[serde(default)]
-    pub artifacts: crate::primitives::artifact::ArtifactConfig,
+    pub artifacts: ArtifactConfig,
+    /// `[limits]`: the script sandbox's limits.
     #[serde(default)]
-    pub limits: crate::script::Limits,
+    pub limits: Limits,
+    /// `[ssh]`: defaults for SSH hosts; command-line options override them.
     #[serde(default)]
-    pub ssh: crate::transport::ssh::SshConfig,
+    pub ssh: SshConfig,
+    /// `[notify]`: channels, contacts and automatic notifications.
     #[serde(default)]
-    pub notify: crate::primitives::notify::NotifyConfig,
+    pub notify: NotifyConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// The `[artifacts]` section. `primitives::artifact::ArtifactSettings` fills in
+/// the defaults and resolves the cache folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactConfig {
+    /// Downloads tried before a checksum or size mismatch fails the run (default 3).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Cache folder; default `<state_dir>/cache/artifacts`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Minisign public keys (the base64 `RW…` line). When any is set, every artifact
+    /// needs a signature made by one of them.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// HTTP connect and read timeout in seconds (default 60).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Sandbox limits, `[limits]` in `patchbook.toml`, applied by the script layer
+/// (re-exported as `script::Limits`). Every one is set: Rhai's own defaults are
+/// "unlimited".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_operations: u64,
+    pub max_call_levels: usize,
+    pub max_expr_depth: usize,
+    pub max_function_expr_depth: usize,
+    pub max_string_size: usize,
+    pub max_array_size: usize,
+    pub max_map_size: usize,
+    pub max_variables: usize,
+    pub max_modules: usize,
+    /// Wall-clock deadline for one call into a script, in seconds.
+    pub deadline_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 50_000_000,
+            max_call_levels: 64,
+            max_expr_depth: 64,
+            max_function_expr_depth: 32,
+            max_string_size: 1 << 20,
+            max_array_size: 100_000,
+            max_map_size: 10_000,
+            max_variables: 1_000,
+            max_modules: 100,
+            deadline_secs: 3600,
+        }
+    }
+}
+
+/// `[ssh]` in `patchbook.toml`. `transport::ssh::SshConnector::from_config` turns
+/// it into connection settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    pub user: Option<String>,
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub r#become: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

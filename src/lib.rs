@@ -1,23 +1,33 @@
 //! patchbook: bulk security patching of server fleets.
 //!
-//! The layers below follow `DESIGN.md`; data flows down this list and nothing below
-//! imports anything above it:
+//! The top-level modules form layers, highest first. A module imports only modules
+//! in rows below its own, never one above, so there is no import circle, directly
+//! or through others. `tests/layers.rs` guards both: it scans every `src/**/*.rs`
+//! file for the modules it names, fails on any circle (showing each edge's
+//! file:line), and fails when a module imports one listed above it here or is
+//! missing from this table.
 //!
-//! | module       | owns                                                                 |
-//! |--------------|----------------------------------------------------------------------|
-//! | [`cli`]      | argument parsing, exit codes, terminal output                        |
-//! | [`report`]   | run reports (md, json, html) and patch levels, read from the journal |
-//! | [`runtime`]  | wiring config + inventory + engine + journal + transports, built once |
-//! | [`script`]   | the sandboxed Rhai engine, module resolution, primitive registration |
-//! | [`run`]      | one run's life without Rhai: session, run control, notifications     |
-//! | [`rollout`]  | waves, bounded concurrency, failure budget, windows, rollback order  |
-//! | [`primitives`] | typed Rust functions: facts, artifact, backup, deploy, verify, …   |
-//! | [`transport`]| run an argv, put a file, get a file: `ssh` and `local`               |
-//! | [`journal`]  | the append-only, hash-chained event log                              |
-//! | [`inventory`]| hosts, groups, vars, selectors; TOML and Ansible loaders             |
+//! | module         | owns                                                                 |
+//! |----------------|----------------------------------------------------------------------|
+//! | [`cli`]        | argument parsing, exit codes, terminal output                        |
+//! | [`lab`]        | real sshd hosts for tests, demos and benchmarks; never a real run    |
+//! | [`watch`]      | the long-running service: hot reload, schedules, control socket      |
+//! | [`script`]     | the sandboxed Rhai engine, module resolution, primitive registration |
+//! | [`run`]        | one run's life without Rhai: session, run control, notifications     |
+//! | [`report`]     | run reports (md, json, html) and patch levels, read from the journal |
+//! | [`runtime`]    | wiring config + inventory + journal secrets + transports, built once |
+//! | [`rollout`]    | waves, bounded concurrency, failure budget, windows, rollback order  |
+//! | [`primitives`] | typed Rust functions: facts, artifact, backup, deploy, verify, …     |
+//! | [`transport`]  | run an argv, put a file, get a file: `ssh`, `local`, `sim`           |
+//! | [`journal`]    | the append-only, hash-chained event log                              |
+//! | [`inventory`]  | hosts, groups, vars, selectors; TOML and Ansible loaders             |
+//! | [`config`]     | `patchbook.toml` as plain settings data, and the duration grammar    |
 //!
-//! [`config`] is read by every layer; [`lab`] starts real sshd hosts for tests, demos
-//! and benchmarks and is never used by a real run.
+//! Rows that do not import each other (`report` and `runtime`, `rollout` and
+//! `primitives`) could swap places. `config` is the bottom so every layer can read
+//! its settings; each layer turns them into its own types
+//! (`ArtifactSettings::from_config`, `SshConnector::from_config`, …) rather than
+//! `config` naming a type of the layer above.
 
 pub mod cli;
 pub mod config;

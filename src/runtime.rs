@@ -14,6 +14,10 @@ use crate::transport::sim::SimTransport;
 use crate::transport::ssh::SshConnector;
 use crate::transport::{Connector, Transport, TransportError};
 
+// The controller's login name is the SSH layer's default user as well; it lives
+// there so the transport layer needs nothing from this one.
+pub use crate::transport::login_name;
+
 /// What the command line says about the environment of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -82,7 +86,7 @@ impl Runtime {
             .unwrap_or_else(|| config.resolve(Path::new(".patchbook")));
         let forks = opts.forks.or(config.forks).unwrap_or(DEFAULT_FORKS).max(1);
         let operator = opts.operator.clone().unwrap_or_else(login_name);
-        let ssh = SshConnector::from_config(&config, opts);
+        let ssh = ssh_connector(&config, opts);
         for secret in configured_secrets(&config, &inventory) {
             crate::journal::register_secret(&secret);
         }
@@ -159,6 +163,19 @@ impl Runtime {
     }
 }
 
+/// The SSH connector from `[ssh]`, with the command line's options over it: an
+/// `--identity` or `--known-hosts` given there wins over the config's.
+fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
+    let mut ssh = SshConnector::from_config(config).accept_new_host_keys(opts.accept_new_host_keys);
+    if let Some(identity) = &opts.identity {
+        ssh = ssh.identity(identity.clone());
+    }
+    if let Some(known_hosts) = &opts.known_hosts {
+        ssh = ssh.known_hosts(known_hosts.clone());
+    }
+    ssh
+}
+
 /// Values the config and inventory mark secret: notification credentials and the
 /// values of each host's `secret_vars`.
 pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String> {
@@ -177,23 +194,46 @@ pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String>
     out
 }
 
-/// The login name of the user running the controller.
-pub fn login_name() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            // SAFETY: getuid never fails; getpwuid returns a static buffer we copy at once.
-            unsafe {
-                let pw = libc::getpwuid(libc::getuid());
-                if pw.is_null() {
-                    "unknown".to_string()
-                } else {
-                    std::ffi::CStr::from_ptr((*pw).pw_name)
-                        .to_string_lossy()
-                        .into_owned()
-                }
-            }
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--identity` and `--known-hosts` win over `[ssh]`; what they leave unset
+    /// comes from the config, resolved against its folder.
+    #[test]
+    fn command_line_ssh_options_override_the_config() {
+        let mut config = Config::defaults_in(Path::new("/etc/pb"));
+        config.ssh.identity = Some(PathBuf::from("keys/config_id"));
+        config.ssh.known_hosts = Some(PathBuf::from("config_known_hosts"));
+        let shown = |opts: &Options| format!("{:?}", ssh_connector(&config, opts));
+
+        let from_config = shown(&Options::default());
+        assert!(
+            from_config.contains("/etc/pb/keys/config_id"),
+            "{from_config}"
+        );
+        assert!(
+            from_config.contains("/etc/pb/config_known_hosts"),
+            "{from_config}"
+        );
+        assert!(
+            from_config.contains("accept_new_host_keys: false"),
+            "{from_config}"
+        );
+
+        let opts = Options {
+            identity: Some(PathBuf::from("/cli/id")),
+            known_hosts: Some(PathBuf::from("/cli/known_hosts")),
+            accept_new_host_keys: true,
+            ..Options::default()
+        };
+        let overridden = shown(&opts);
+        assert!(overridden.contains("/cli/id"), "{overridden}");
+        assert!(overridden.contains("/cli/known_hosts"), "{overridden}");
+        assert!(!overridden.contains("config_"), "{overridden}");
+        assert!(
+            overridden.contains("accept_new_host_keys: true"),
+            "{overridden}"
+        );
+    }
 }

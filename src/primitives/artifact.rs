@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -25,25 +25,6 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// A minisign signature is a few hundred bytes; anything far larger is not one.
 const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
 const CHUNK: usize = 64 * 1024;
-
-/// The `[artifacts]` section of `patchbook.toml`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArtifactConfig {
-    /// Downloads tried before a checksum or size mismatch fails the run (default 3).
-    #[serde(default)]
-    pub attempts: Option<u32>,
-    /// Cache folder; default `<state_dir>/cache/artifacts`.
-    #[serde(default)]
-    pub cache_dir: Option<PathBuf>,
-    /// Minisign public keys (the base64 `RW…` line). When any is set, every artifact
-    /// needs a signature made by one of them.
-    #[serde(default)]
-    pub public_keys: Vec<String>,
-    /// HTTP connect and read timeout in seconds (default 60).
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
 
 /// What a playbook asks for: `artifact(url, #{ sha256, size?, signature? })`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -115,6 +115,21 @@ pub fn parse(text: &str) -> Facts {
 mod tests {
     use super::*;
 
+    // Here rather than in `transport::sim`: the transport layer must not import
+    // the primitives that read its output.
+    #[test]
+    fn the_sim_transport_answers_the_probe_as_debian_with_dpkg() {
+        use crate::transport::{sim::SimTransport, Transport as _};
+        let t = SimTransport::for_host(&crate::inventory::Host::new("s1")).unwrap();
+        let out = t
+            .run(&Command::new(["sh", "-c", "cat /etc/os-release; echo"]))
+            .unwrap();
+        assert_eq!(
+            parse(&out.stdout_str()).package_manager,
+            PackageManager::Dpkg
+        );
+    }
+
     #[test]
     fn debian_with_rpm_tool_uses_dpkg() {
         let f = parse(

@@ -4,6 +4,10 @@
 //! mean. Commands are argv arrays; the remote side gets them quoted word by word
 //! (see [`quote`]), never glued into a shell string from script data. A raw shell
 //! string is only ever built by the `shell` primitive, which marks it in the log.
+//!
+//! Below it sit only `inventory` (the host to reach) and `config` (the `[ssh]`
+//! section); it must not import `runtime`, `primitives` or anything else above it,
+//! which are the layers that use it.
 
 pub mod local;
 pub mod quote;
@@ -223,4 +227,26 @@ pub fn staging_name(remote: &str) -> PathBuf {
         Some(parent) => parent.join(tmp),
         None => PathBuf::from(tmp),
     }
+}
+
+/// The login name of the user running the controller: the default SSH user and
+/// the operator a journal names when none is given.
+pub fn login_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            // SAFETY: getuid never fails; getpwuid returns a static buffer we copy at once.
+            unsafe {
+                let pw = libc::getpwuid(libc::getuid());
+                if pw.is_null() {
+                    "unknown".to_string()
+                } else {
+                    std::ffi::CStr::from_ptr((*pw).pw_name)
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            }
+        })
 }

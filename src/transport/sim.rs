@@ -460,15 +460,4 @@ mod tests {
         let err = SimTransport::for_host(&h).err().unwrap().to_string();
         assert!(err.contains("sim_latency_ms"), "{err}");
     }
-
-    #[test]
-    fn facts_probe_says_debian_with_dpkg() {
-        let t = sim(&[]);
-        let out = run(&t, &["sh", "-c", "cat /etc/os-release; echo"]);
-        let f = crate::primitives::facts::parse(&out.stdout_str());
-        assert_eq!(
-            f.package_manager,
-            crate::primitives::facts::PackageManager::Dpkg
-        );
-    }
 }

@@ -16,24 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use sha2::Digest;
 use ssh2::{BlockDirections, MethodType, Session};
 
 use self::known_hosts::{KnownHosts, Verdict};
 use super::{quote, Command, Output, Transport, TransportError, Upload};
-
-/// `[ssh]` in `patchbook.toml`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SshConfig {
-    pub user: Option<String>,
-    pub identity: Option<PathBuf>,
-    pub known_hosts: Option<PathBuf>,
-    pub connect_timeout: Option<String>,
-    #[serde(default)]
-    pub r#become: bool,
-}
 
 /// Connect timeout when the config names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,12 +41,15 @@ pub struct SshConnector {
 }
 
 impl SshConnector {
-    pub fn from_config(config: &crate::config::Config, opts: &crate::runtime::Options) -> Self {
+    /// A connector from `[ssh]` alone; relative paths resolve against the config's
+    /// folder. The caller lays command-line overrides over it with the builder
+    /// methods ([`identity`](Self::identity), [`known_hosts`](Self::known_hosts), …).
+    pub fn from_config(config: &crate::config::Config) -> Self {
         let ssh = &config.ssh;
-        let known_hosts = opts
+        let known_hosts = ssh
             .known_hosts
-            .clone()
-            .or_else(|| ssh.known_hosts.as_ref().map(|p| config.resolve(p)))
+            .as_ref()
+            .map(|p| config.resolve(p))
             .unwrap_or_else(|| home().join(".ssh/known_hosts"));
         let connect_timeout = ssh
             .connect_timeout
@@ -68,14 +58,11 @@ impl SshConnector {
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         SshConnector {
             user: ssh.user.clone(),
-            identity: opts
-                .identity
-                .clone()
-                .or_else(|| ssh.identity.as_ref().map(|p| config.resolve(p))),
+            identity: ssh.identity.as_ref().map(|p| config.resolve(p)),
             known_hosts,
             connect_timeout,
             become_root: ssh.r#become,
-            accept_new_host_keys: opts.accept_new_host_keys,
+            accept_new_host_keys: false,
         }
     }
 
@@ -93,6 +80,10 @@ impl SshConnector {
 
     pub fn identity(mut self, path: impl Into<PathBuf>) -> Self {
         self.identity = Some(path.into());
+        self
+    }
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
+        self.known_hosts = path.into();
         self
     }
     pub fn user(mut self, user: impl Into<String>) -> Self {
@@ -125,7 +116,7 @@ impl SshConnector {
                 .user
                 .clone()
                 .or_else(|| self.user.clone())
-                .unwrap_or_else(crate::runtime::login_name),
+                .unwrap_or_else(super::login_name),
             identity: host.identity.clone().or_else(|| self.identity.clone()),
             settings: self.clone(),
         };
