@@ -236,7 +236,7 @@ pub fn execute(
             .with_vars(ex.vars)
             .with_stop(ex.stop),
     );
-    let script = engine_for(&control, &pb);
+    let script = engine_for(&control, pb);
     let result = script.run(pb);
     let summaries = control.summaries();
     finish_notice(&control, &summaries, &run_id);
