@@ -81,6 +81,16 @@ fn engine_for(control: &Arc<RunControl>) -> ScriptRun {
     run
 }
 
+/// The engine a run builds, with no session behind it: every name a playbook may
+/// call is registered exactly as for a run, and nothing can act. `patchbook check`
+/// resolves calls against it, so it can never disagree with `run` about a name.
+pub fn check_engine(limits: &crate::script::Limits) -> ScriptRun {
+    let mut run = ScriptRun::new(limits, None);
+    register_rollout(run.engine_mut(), None);
+    crate::watch::schedule::register_schedule_noop(run.engine_mut());
+    run
+}
+
 /// What a run needs besides its playbook and journal.
 pub struct Execution {
     pub clock: Clock,

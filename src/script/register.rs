@@ -5,6 +5,9 @@
 //! world goes through the [`Runtime`] and is registered volatile, so no optimiser
 //! pass can run it at compile time. Nothing here talks to a transport directly.
 
+pub const EXEC_OPTION_KEYS: &[&str] = &["undo", "timeout"];
+pub const PROBE_OPTION_KEYS: &[&str] = &["timeout"];
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -16,6 +16,7 @@ use rhai::{
     Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext,
 };
 
+use super::patch::no_unknown_keys;
 use super::playbook::{to_json, HostClosure};
 use super::register::ScriptHost;
 use super::session::Session;
@@ -31,6 +32,11 @@ type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// Receives every rollout event after the journal has it (progress display).
 pub type EventSink = Arc<dyn Fn(DateTime<Utc>, &RolloutEvent) + Send + Sync>;
+
+/// Keys of `window(spec, #{ … })`; `patchbook check` reads the same list.
+pub const WINDOW_OPTION_KEYS: &[&str] = &["buffer"];
+/// Keys of `test(name, kind, #{ … }, check)`.
+pub const TEST_OPTION_KEYS: &[&str] = &["patch_version"];
 
 /// Journal record kind of a rollout event.
 pub const EVENT_KIND: &str = "rollout.event";
@@ -302,6 +308,9 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
     let c = control_.clone();
     let window_fn = move |ctx: NativeCallContext, spec: &str, opts: Map| -> RhaiResult<()> {
         let c = control(&ctx, &c, "window")?;
+        if let Err(e) = no_unknown_keys(&opts, WINDOW_OPTION_KEYS) {
+            return fail(&ctx, format!("window: {e}"));
+        }
         let buffer = opts
             .get("buffer")
             .map(|b| b.to_string())
@@ -383,6 +392,9 @@ pub fn register_rollout(engine: &mut Engine, control_: Option<Arc<RunControl>>) 
                         check: FnPtr|
           -> RhaiResult<bool> {
         let c = control(&ctx, &c, "test")?;
+        if let Err(e) = no_unknown_keys(&opts, TEST_OPTION_KEYS) {
+            return fail(&ctx, format!("test: {e}"));
+        }
         let kind: crate::report::TestKind = match kind.parse() {
             Ok(k) => k,
             Err(e) => return fail(&ctx, format!("test: {e}")),
