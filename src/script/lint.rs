@@ -71,7 +71,7 @@ pub const OPTION_MAPS: &[OptionMap] = &[
     opts("window", 2, 1, WINDOW_OPTION_KEYS),
     opts("test", 4, 2, TEST_OPTION_KEYS),
     OptionMap {
-        what: "rollout policy key",
+        what: "policy key",
         ..opts("rollout", 3, 1, POLICY_KEYS)
     },
     OptionMap {
@@ -413,7 +413,8 @@ impl FileFacts {
             for (path, module) in resolver.iter() {
                 let fns = f.modules.entry(path.to_string()).or_default();
                 for (_, access, name, n, _) in module.iter_script_fn_info() {
-                    if access != FnAccess::Private {
+                    // Closures are functions too, under generated names.
+                    if access != FnAccess::Private && !name.starts_with("anon$") {
                         fns.entry(name.to_string()).or_default().insert(n);
                     }
                 }
