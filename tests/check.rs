@@ -243,3 +243,42 @@ fn a_playbook_using_every_option_key_passes() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("did you mean `max_failed`"), "{stderr}");
 }
+
+#[test]
+fn window_refuses_at_run_time_the_keys_check_refuses() {
+    let dir = project("");
+    let bad = dir.path().join("w.rhai");
+    std::fs::write(
+        &bad,
+        "window(\"Sat 02:00-06:00 UTC\", #{ bufer: \"30m\" });\n",
+    )
+    .unwrap();
+    let plan = |f: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_patchbook"))
+            .current_dir(dir.path())
+            .arg("plan")
+            .arg(f)
+            .output()
+            .unwrap()
+    };
+    let out = plan(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("window: unknown option `bufer`"),
+        "{stderr}"
+    );
+    let good = dir.path().join("ok.rhai");
+    std::fs::write(
+        &good,
+        "window(\"Sat 02:00-06:00 UTC\", #{ buffer: \"30m\" });\n",
+    )
+    .unwrap();
+    let out = plan(&good);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
