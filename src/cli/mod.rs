@@ -564,27 +564,51 @@ pub(crate) fn show(v: &serde_json::Value) -> String {
     }
 }
 
-/// `patchbook check`: compile every playbook and module, report every failure.
+/// `patchbook check`: compile every playbook and module, check each against the
+/// engine a run uses (unknown functions, arities, option keys), report every
+/// problem of every file.
 fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
-    use crate::script::Compiler;
+    use crate::script::lint::Checker;
+    use crate::script::{Compiler, Diagnostic};
     let rt = Runtime::build(&cli.options())?;
     let compiler = Compiler::from_config(&rt.config);
     let explicit = !paths.is_empty();
-    let roots: Vec<PathBuf> = if explicit {
-        paths.to_vec()
+    // Each root with the patchbook.toml key that names it (none for explicit paths).
+    let roots: Vec<(Option<&str>, PathBuf)> = if explicit {
+        paths.iter().map(|p| (None, p.clone())).collect()
     } else {
-        let mut r = vec![rt.config.playbook_dir()];
-        r.extend(compiler.roots().iter().cloned());
+        let mut r = vec![
+            (Some("playbooks"), rt.config.playbook_dir()),
+            (Some("stdlib"), rt.config.stdlib_dir()),
+        ];
+        r.extend(
+            rt.config
+                .library_dirs()
+                .into_iter()
+                .map(|d| (Some("libraries"), d)),
+        );
         r
     };
+    let mut problems: Vec<Diagnostic> = Vec::new();
     let mut files = Vec::new();
-    for root in &roots {
+    for (key, root) in &roots {
         if root.is_dir() {
             collect_rhai(root, &mut files)
                 .map_err(|e| CliError::Other(format!("cannot list {}: {e}", root.display())))?;
         } else if root.is_file() {
             files.push(root.clone());
-        } else if explicit {
+        } else if let Some(key) = key {
+            // A configured folder that is gone would otherwise check as "0 files, clean".
+            problems.push(Diagnostic {
+                message: format!("the `{key}` folder {} does not exist", root.display()),
+                location: None,
+                frames: Vec::new(),
+                help: Some(format!(
+                    "`{key}` in patchbook.toml names it; create the folder or fix the setting"
+                )),
+                limit: false,
+            });
+        } else {
             return Err(CliError::Usage(format!(
                 "{} does not exist",
                 root.display()
@@ -592,18 +616,48 @@ fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
         }
     }
     files.dedup();
-    let mut errors = 0;
+    let engine = run::check_engine(&rt.config.limits);
+    let checker = Checker::new(engine.engine(), &rt.config.limits);
+    let mut seen = std::collections::HashSet::new();
+    let mut failed = std::collections::BTreeSet::new();
     for f in &files {
         match compiler.compile_file(f) {
-            Ok(pb) => tracing::info!(file = %f.display(), sha256 = %pb.sha256, "ok"),
+            Ok(pb) => {
+                let found = checker.check_tree(&compiler, &pb, &mut seen);
+                if found.is_empty() {
+                    tracing::info!(file = %f.display(), sha256 = %pb.sha256, "ok");
+                }
+                for d in found {
+                    let file = d.location.as_ref().map(|l| l.file.clone());
+                    failed.insert(file.unwrap_or_else(|| f.display().to_string()));
+                    problems.push(d);
+                }
+            }
             Err(e) => {
-                errors += 1;
-                eprintln!("error: {e}\n");
+                failed.insert(f.display().to_string());
+                match e {
+                    crate::script::ScriptError::Script(d) => problems.push(*d),
+                    other => problems.push(Diagnostic {
+                        message: other.to_string(),
+                        location: None,
+                        frames: Vec::new(),
+                        help: None,
+                        limit: false,
+                    }),
+                }
             }
         }
     }
-    if errors > 0 {
-        eprintln!("{errors} of {} files failed to compile", files.len());
+    for p in &problems {
+        eprintln!("error: {p}\n");
+    }
+    if !problems.is_empty() {
+        eprintln!(
+            "{} problems; {} of {} files failed to check",
+            problems.len(),
+            failed.len(),
+            files.len()
+        );
         return Ok(ExitCode::from(2));
     }
     if !cli.global.quiet {

@@ -196,6 +196,16 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
     Ok(ExitCode::SUCCESS)
 }
 
+/// The engine a run builds, with no session behind it: every name a playbook may
+/// call is registered exactly as for a run, and nothing can act. `patchbook check`
+/// resolves calls against it, so it can never disagree with `run` about a name.
+pub fn check_engine(limits: &crate::script::Limits) -> ScriptRun {
+    let mut run = ScriptRun::new(limits, None);
+    register_rollout(run.engine_mut(), None, None);
+    crate::watch::schedule::register_schedule_noop(run.engine_mut());
+    run
+}
+
 /// What a run needs besides its playbook and journal.
 pub struct Execution {
     pub clock: Clock,

@@ -187,7 +187,10 @@ pub struct Policy {
 /// Per-host duration assumed for the window check before any host has finished.
 pub const DEFAULT_ESTIMATE: Duration = Duration::from_secs(60);
 
-const KNOWN_KEYS: &[&str] = &[
+/// Every key a rollout policy map may hold. `rollout()` takes `pilot` and `gate`
+/// out before parsing (they hold hosts and a closure); `patchbook check` reads
+/// this same list, so the two can never disagree.
+pub const POLICY_KEYS: &[&str] = &[
     "pilot",
     "waves",
     "parallel",
@@ -280,7 +283,7 @@ impl Policy {
                 _ => {
                     return Err(PolicyError::UnknownKey {
                         key: key.clone(),
-                        known: KNOWN_KEYS.join(", "),
+                        known: POLICY_KEYS.join(", "),
                     })
                 }
             }

@@ -349,7 +349,26 @@ fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-fn no_unknown_keys(m: &Map, known: &[&str]) -> Result<(), String> {
+/// Keys of `artifact(url, #{ … })`; `patchbook check` reads the same list.
+pub const ARTIFACT_OPTION_KEYS: &[&str] = &["sha256", "size", "signature"];
+/// Keys of `deploy(host, artifact, #{ … })`.
+pub const DEPLOY_OPTION_KEYS: &[&str] = &["method", "rollback_to", "timeout"];
+/// Keys of `health(host, argv, #{ … })`.
+pub const HEALTH_OPTION_KEYS: &[&str] = &[
+    "expect_code",
+    "expect_stdout",
+    "retries",
+    "delay",
+    "timeout",
+];
+/// Keys of `http_check(url, #{ … })`.
+pub const HTTP_CHECK_OPTION_KEYS: &[&str] = &["status", "contains", "timeout"];
+/// Keys of `notify(to, message, #{ … })`.
+pub const NOTIFY_OPTION_KEYS: &[&str] = &["severity"];
+
+/// Refuses a key of an option map that is not in `known`: a misspelt option
+/// silently falling back to its default is how a run does the wrong thing.
+pub(crate) fn no_unknown_keys(m: &Map, known: &[&str]) -> Result<(), String> {
     for k in m.keys() {
         if !known.contains(&k.as_str()) {
             return Err(format!(
@@ -838,7 +857,7 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
 }
 
 fn artifact_spec(url: &str, opts: &Map) -> Result<ArtifactSpec, String> {
-    no_unknown_keys(opts, &["sha256", "size", "signature"])?;
+    no_unknown_keys(opts, ARTIFACT_OPTION_KEYS)?;
     let sha256 = opt_str(opts, "sha256")?
         .ok_or_else(|| "`sha256` is required: #{ sha256: \"<64 hex digits>\" }".to_string())?;
     let size = match opt_int(opts, "size")? {
@@ -938,7 +957,7 @@ fn register_backup(engine: &mut Engine, session_: &Option<Arc<Session>>) {
 
 fn deploy_options(ctx: &NativeCallContext, host: &str, opts: &Map) -> RhaiResult<DeployOptions> {
     let bad = |m: String| fail::<DeployOptions>(ctx, format!("{host}: deploy: {m}"));
-    if let Err(e) = no_unknown_keys(opts, &["method", "rollback_to", "timeout"]) {
+    if let Err(e) = no_unknown_keys(opts, DEPLOY_OPTION_KEYS) {
         return bad(e);
     }
     let mut o = DeployOptions::default();
@@ -1072,16 +1091,7 @@ fn register_deploy(engine: &mut Engine, session_: &Option<Arc<Session>>) {
 
 fn health_check(ctx: &NativeCallContext, host: &str, opts: &Map) -> RhaiResult<HealthCheck> {
     let bad = |m: String| fail::<HealthCheck>(ctx, format!("{host}: health: {m}"));
-    if let Err(e) = no_unknown_keys(
-        opts,
-        &[
-            "expect_code",
-            "expect_stdout",
-            "retries",
-            "delay",
-            "timeout",
-        ],
-    ) {
+    if let Err(e) = no_unknown_keys(opts, HEALTH_OPTION_KEYS) {
         return bad(e);
     }
     let mut c = HealthCheck::default();
@@ -1126,7 +1136,7 @@ fn do_health(
 fn http_options(ctx: &NativeCallContext, url: &str, opts: &Map) -> RhaiResult<HttpCheck> {
     let mut c = HttpCheck::default();
     let parsed = (|| -> Result<(), String> {
-        no_unknown_keys(opts, &["status", "contains", "timeout"])?;
+        no_unknown_keys(opts, HTTP_CHECK_OPTION_KEYS)?;
         if let Some(n) = opt_int(opts, "status")? {
             c.status =
                 u16::try_from(n).map_err(|_| "`status` must be an HTTP status code".to_string())?;
@@ -1259,7 +1269,7 @@ fn do_notify(
 ) -> RhaiResult<Array> {
     let s = session(ctx, s, "notify")?;
     let to = recipients(ctx, to)?;
-    if let Err(e) = no_unknown_keys(&opts, &["severity"]) {
+    if let Err(e) = no_unknown_keys(&opts, NOTIFY_OPTION_KEYS) {
         return fail(ctx, format!("notify: {e}"));
     }
     let severity = match opt_str(&opts, "severity") {

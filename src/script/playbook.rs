@@ -56,6 +56,16 @@ impl CompiledPlaybook {
         diagnose(err, &self.source_name, &self.sources)
     }
 
+    /// The name errors show for this playbook (its display path).
+    pub fn display_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// The playbook's own source text, exactly as compiled.
+    pub fn source_text(&self) -> Option<&str> {
+        self.sources.get(&self.source_name).map(|f| &*f.text)
+    }
+
     /// The error as a [`ScriptError`], rendered against this playbook's sources.
     pub fn error(&self, err: &EvalAltResult) -> ScriptError {
         ScriptError::Script(Box::new(self.diagnose(err)))

@@ -14,6 +14,7 @@ use rhai::{
     Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext,
 };
 
+use super::patch::no_unknown_keys;
 use super::playbook::{to_json, CompiledPlaybook, HostClosure};
 use super::register::ScriptHost;
 use crate::inventory::Host;
@@ -24,6 +25,11 @@ use crate::rollout::{
 use crate::run::{HostPlan, RunControl};
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// Keys of `window(spec, #{ … })`; `patchbook check` reads the same list.
+pub const WINDOW_OPTION_KEYS: &[&str] = &["buffer"];
+/// Keys of `test(name, kind, #{ … }, check)`.
+pub const TEST_OPTION_KEYS: &[&str] = &["patch_version"];
 
 /// `plan`: every target's work runs once with changes recording instead of acting,
 /// whatever the budget or pilot would decide, so the plan shows every host: what
@@ -128,6 +134,9 @@ pub fn register_rollout(
     let c = control_.clone();
     let window_fn = move |ctx: NativeCallContext, spec: &str, opts: Map| -> RhaiResult<()> {
         let c = control(&ctx, &c, "window")?;
+        if let Err(e) = no_unknown_keys(&opts, WINDOW_OPTION_KEYS) {
+            return fail(&ctx, format!("window: {e}"));
+        }
         let buffer = opts
             .get("buffer")
             .map(|b| b.to_string())
@@ -206,6 +215,9 @@ pub fn register_rollout(
                         check: FnPtr|
           -> RhaiResult<bool> {
         let c = control(&ctx, &c, "test")?;
+        if let Err(e) = no_unknown_keys(&opts, TEST_OPTION_KEYS) {
+            return fail(&ctx, format!("test: {e}"));
+        }
         let kind: crate::report::TestKind = match kind.parse() {
             Ok(k) => k,
             Err(e) => return fail(&ctx, format!("test: {e}")),
