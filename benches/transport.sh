@@ -57,7 +57,7 @@ openssh_upload() { # N
     ssh $(ssh_opts) -p {} root@127.0.0.1 sha256sum -- /opt/acme/bench.bin >/dev/null" <"$work/ports"
 }
 pb_exec() { # N
-  "$pb" --config "$lab/patchbook.toml" --forks "$1" -q exec all 'exec(host, ["true"]).code' |
+  "$pb" --config "$lab/patchbook.toml" --forks "$1" -q exec all 'probe(host, ["true"]).code' |
     awk 'NR > 1 && $2 != "ok" { bad = 1 } END { exit bad }'
 }
 pb_upload() { # N

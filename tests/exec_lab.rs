@@ -29,7 +29,7 @@ fn exec_json(lab: &support::Lab, snippet: &str) -> (Option<i32>, Vec<Value>, Str
 #[test]
 fn exec_reads_the_version_from_every_host_and_a_dead_host_fails_alone() {
     let lab = support::Lab::start(20);
-    let snippet = r#"exec(host, ["dpkg-query", "-W", "-f=${Version}", "acme-agent"]).stdout"#;
+    let snippet = r#"probe(host, ["dpkg-query", "-W", "-f=${Version}", "acme-agent"]).stdout"#;
     let (code, lines, err) = exec_json(&lab, snippet);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(lines.len(), 20);
