@@ -673,3 +673,385 @@ impl HostEndData {
         serde_json::from_value(self.detail.clone()).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Journal, StepId};
+    use super::*;
+    use serde_json::json;
+
+    fn summary() -> Summary {
+        let totals = Counts {
+            targeted: 2,
+            done: 1,
+            failed: 1,
+            rolled_back: 1,
+            ..Counts::default()
+        };
+        Summary {
+            stop: StopReason::BudgetExhausted {
+                failures: 1,
+                allowed: 0,
+            },
+            allowed_failures: 0,
+            totals: totals.clone(),
+            per_group: BTreeMap::from([("web".to_string(), totals)]),
+            hosts: vec![HostReport {
+                name: "web-1".into(),
+                wave: 0,
+                state: HostState::Failed,
+                reason: Some("deploy failed".into()),
+                started: Some("2026-11-28T02:00:00Z".parse().unwrap()),
+                ended: None,
+                rolled_back: true,
+                rollback_error: None,
+            }],
+            completion_order: vec!["web-2".into()],
+            rollback_order: vec!["web-1".into()],
+        }
+    }
+
+    fn delivery() -> Delivery {
+        Delivery {
+            channel: "ops".into(),
+            to: "ops".into(),
+            ok: false,
+            attempts: 3,
+            error: Some("HTTP 503".into()),
+        }
+    }
+
+    /// One entry of every kind this binary writes, and a few shapes more.
+    fn every_entry() -> Vec<Entry> {
+        let undo = UndoStep::Remove {
+            package: "acme-agent".into(),
+        };
+        vec![
+            Entry::RunStart(RunHeader::new(
+                "scripts/p.rhai".into(),
+                "ab".repeat(32),
+                BTreeMap::from([("stdlib/x.rhai".to_string(), "cd".repeat(32))]),
+                "ef".repeat(32),
+                json!({"waves": ["50%", "100%"]}),
+            )),
+            Entry::RunClose(RunClose {}),
+            Entry::StepIntent(IntentData {
+                step: "deploy".into(),
+                input: json!({"package": "acme-agent", "to": "1.0.1", "undo": undo}),
+                undoes: None,
+            }),
+            Entry::StepOutcome(OutcomeData {
+                step_id: StepId(3),
+                step: "deploy".into(),
+                ok: true,
+                output: json!({"package": "acme-agent", "after": "1.0.1"}),
+                undo: Some(undo.clone()),
+            }),
+            Entry::HostFinish(HostEndData {
+                ok: false,
+                detail: json!({"reason": "boom"}),
+            }),
+            Entry::HostRollback(HostEndData {
+                ok: true,
+                detail: json!({"undone": ["remove acme-agent"], "cause": "host_failed"}),
+            }),
+            Entry::JournalRepair(JournalRepair {
+                torn_after_seq: 7,
+                dropped_bytes: 42,
+            }),
+            Entry::RunResume(RunResume {
+                operator: "alice".into(),
+            }),
+            Entry::RunRollback(RunRollback {
+                hosts: Some("web".into()),
+                operator: "alice".into(),
+            }),
+            Entry::Backup(BackupHandle {
+                id: "bk-1".into(),
+                host: "web-1".into(),
+                paths: vec!["/etc/acme".into()],
+                archive: "backups/r/web-1/bk-1.tar".into(),
+                sha256: "00".repeat(32),
+                size: 10240,
+                missing: vec![],
+            }),
+            Entry::Verify(VerifyRecord {
+                package: "acme-agent".into(),
+                expected: "1.0.1".into(),
+                found: "1.0.1".into(),
+                ok: true,
+            }),
+            Entry::Health(HealthRecord {
+                argv: vec!["/opt/acme/agent.sh".into(), "--check".into()],
+                command: None,
+                ok: false,
+                attempts: 2,
+                error: Some("exit 1".into()),
+            }),
+            Entry::HttpCheck(HttpCheckRecord {
+                url: "https://svc.example.com/health".into(),
+                ok: false,
+                error: Some("HTTP 500".into()),
+            }),
+            Entry::Artifact(ArtifactRecord::One(ArtifactCheck {
+                url: Some("https://mirror.example.com/a.deb".into()),
+                sha256: Some("11".repeat(32)),
+                what: "checksum".into(),
+                ok: true,
+                detail: "matches".into(),
+            })),
+            Entry::Artifact(ArtifactRecord::Checks {
+                url: "https://mirror.example.com/a.deb".into(),
+                sha256: None,
+                checks: vec![ArtifactCheck {
+                    url: None,
+                    sha256: None,
+                    what: "source".into(),
+                    ok: true,
+                    detail: "trusted".into(),
+                }],
+            }),
+            Entry::Test(TestCase {
+                name: "p95".into(),
+                kind: TestKind::Performance,
+                ok: true,
+                duration_ms: 812.4,
+                error: None,
+                patch_version: Some("1.0.1".into()),
+                metrics: Some(Metrics {
+                    before: 120.0,
+                    after: 126.0,
+                    threshold_pct: 10.0,
+                    unit: "ms".into(),
+                    higher_is_better: false,
+                }),
+            }),
+            Entry::Window(WindowRecord {
+                spec: "Sat 02:00-06:00 Asia/Hong_Kong".into(),
+                zone: Some("Asia/Hong_Kong".into()),
+                buffer: Some("30m".into()),
+                open: Some(false),
+                start: Some("2026-11-28 02:00 HKT".into()),
+                end: None,
+            }),
+            Entry::RolloutPlan(RolloutPlan {
+                policy: json!({"pilot": 1}),
+                plan: "pilot: web-1\nwave 1: web-2".into(),
+            }),
+            Entry::RolloutResume(RolloutResume {
+                skipped_finished: 4,
+            }),
+            Entry::Rollout(RolloutEvent::HostFailed {
+                host: "web-1".into(),
+                wave: 0,
+                reason: "deploy failed".into(),
+            }),
+            Entry::Rollout(RolloutEvent::RollbackFailed {
+                host: "web-1".into(),
+                cause: RollbackCause::RunStopped,
+                error: "dpkg exited 2".into(),
+            }),
+            Entry::Rollout(RolloutEvent::WindowClosed {
+                before_wave: 2,
+                time_left_seconds: 60.5,
+                needed_seconds: 120.0,
+            }),
+            Entry::Rollout(RolloutEvent::RunDone { summary: summary() }),
+            Entry::Notify(NotifyRecord::Delivery(delivery())),
+            Entry::Notify(NotifyRecord::Notice {
+                event: Some("run_started".into()),
+                message: Some("Patching 2 hosts".into()),
+                severity: Some("info".into()),
+                deliveries: vec![delivery()],
+            }),
+            Entry::Unknown {
+                kind: "wave.paused.v9".into(),
+                data: json!({"anything": [1, 2]}),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_entry_round_trips_through_a_journal_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice").unwrap();
+        let entries = every_entry();
+        for e in &entries {
+            j.append_entry(Some("web-1"), e).unwrap();
+        }
+        let back: Vec<Entry> = j
+            .records()
+            .unwrap()
+            .iter()
+            .map(|r| r.entry().unwrap())
+            .collect();
+        assert_eq!(back, entries);
+        // Every kind this binary writes is covered above.
+        let mut covered: Vec<&str> = entries.iter().map(Entry::kind).collect();
+        covered.retain(|k| Entry::KINDS.contains(k));
+        covered.dedup();
+        assert_eq!(covered, Entry::KINDS);
+    }
+
+    /// Lines as this version's writers put them on disk before records were typed:
+    /// `json!` maps built by the script layer and by earlier primitives.
+    #[test]
+    fn lines_of_existing_journals_read_as_their_variant() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "old", "alice").unwrap();
+        let lines: Vec<(&str, Value)> = vec![
+            (
+                "window",
+                json!({"spec": "Sat 02:00-06:00 Asia/Hong_Kong", "zone": "Asia/Hong_Kong",
+                       "buffer": "30m", "open": false,
+                       "start": "2026-11-28 02:00 HKT", "end": "2026-11-28 06:00 HKT"}),
+            ),
+            (
+                "rollout.plan",
+                json!({"policy": {"pilot": 1}, "plan": "pilot: a"}),
+            ),
+            ("rollout.resume", json!({"skipped_finished": 3})),
+            (
+                "rollout.event",
+                json!({"kind": "rolled_back", "host": "a", "cause": "host_failed"}),
+            ),
+            (
+                "notify",
+                json!({"channel": "ops", "to": "ops", "ok": true, "attempts": 1}),
+            ),
+            (
+                "artifact",
+                json!({"url": "https://m.example.com/a.deb", "sha256": "ab", "what": "download",
+                       "ok": true, "detail": "sha256 matches"}),
+            ),
+            (
+                "http_check",
+                json!({"url": "https://s.example.com", "ok": true, "error": null}),
+            ),
+            ("run.resume", json!({"operator": "alice"})),
+            ("run.rollback", json!({"hosts": null, "operator": "alice"})),
+            (
+                "journal.repair",
+                json!({"torn_after_seq": 9, "dropped_bytes": 17}),
+            ),
+            (
+                "verify",
+                json!({"package": "p", "expected": "1", "found": "not installed", "ok": false}),
+            ),
+            (
+                "health",
+                json!({"argv": ["true"], "ok": true, "attempts": 1}),
+            ),
+            (
+                "health",
+                json!({"command": "curl -f localhost", "ok": true, "attempts": 1}),
+            ),
+        ];
+        for (kind, data) in &lines {
+            j.append(Some("a"), kind, data.clone()).unwrap();
+        }
+        let recs = j.records().unwrap();
+        let entries: Vec<Entry> = recs.iter().map(|r| r.entry().unwrap()).collect();
+        assert!(
+            matches!(&entries[0], Entry::Window(w) if w.open == Some(false) && w.buffer.as_deref() == Some("30m"))
+        );
+        assert!(matches!(&entries[1], Entry::RolloutPlan(p) if p.plan == "pilot: a"));
+        assert!(matches!(&entries[2], Entry::RolloutResume(r) if r.skipped_finished == 3));
+        assert!(matches!(
+            &entries[3],
+            Entry::Rollout(RolloutEvent::RolledBack {
+                cause: RollbackCause::HostFailed,
+                ..
+            })
+        ));
+        assert!(matches!(&entries[4], Entry::Notify(NotifyRecord::Delivery(d)) if d.ok));
+        assert!(
+            matches!(&entries[5], Entry::Artifact(ArtifactRecord::One(c)) if c.what == "download")
+        );
+        assert!(matches!(&entries[6], Entry::HttpCheck(c) if c.ok && c.error.is_none()));
+        assert!(matches!(&entries[7], Entry::RunResume(r) if r.operator == "alice"));
+        assert!(matches!(&entries[8], Entry::RunRollback(r) if r.hosts.is_none()));
+        assert!(matches!(&entries[9], Entry::JournalRepair(r) if r.dropped_bytes == 17));
+        assert!(matches!(&entries[10], Entry::Verify(v) if v.found == "not installed"));
+        assert!(matches!(&entries[11], Entry::Health(h) if h.command_line() == "true"));
+        assert!(
+            matches!(&entries[12], Entry::Health(h) if h.command_line() == "curl -f localhost")
+        );
+        // Writing the typed entry gives back the very data the untyped writer gave:
+        // the script layer can switch to typed entries without changing its lines.
+        for ((_, data), e) in lines.iter().zip(&entries).take(10) {
+            assert_eq!(&e.to_data(), data, "{e:?}");
+        }
+        for r in &recs {
+            assert_eq!(r.compute_hash(), r.hash);
+        }
+    }
+
+    #[test]
+    fn a_line_written_before_typed_records_keeps_its_hash_and_reads_typed() {
+        // A `rollout.event` line exactly as the journal wrote it (hash included).
+        let mut r: super::super::Record = serde_json::from_value(json!({
+            "seq": 5, "ts": "2026-11-28T02:00:01.000001Z", "run": "r", "operator": "alice",
+            "host": "a", "kind": "rollout.event",
+            "data": {"kind": "host_done", "host": "a", "wave": 0, "seconds": 1.5},
+            "prev": super::super::GENESIS, "hash": ""
+        }))
+        .unwrap();
+        r.hash = r.compute_hash();
+        let line = serde_json::to_string(&r).unwrap();
+        let back: super::super::Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.compute_hash(), r.hash);
+        assert_eq!(
+            back.entry().unwrap(),
+            Entry::Rollout(RolloutEvent::HostDone {
+                host: "a".into(),
+                wave: 0,
+                seconds: 1.5
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_read_and_known_kinds_with_bad_data_say_so() {
+        let e = Entry::from_parts("canary.v2", json!({"x": 1})).unwrap();
+        assert_eq!(e.kind(), "canary.v2");
+        assert_eq!(e.to_data(), json!({"x": 1}));
+        let err = Entry::from_parts("verify", json!({"package": "p"})).unwrap_err();
+        assert_eq!(err.kind, "verify");
+        assert!(err.to_string().contains("`verify` record"), "{err}");
+    }
+
+    #[test]
+    fn typed_views_of_step_and_host_end_payloads() {
+        let undo = UndoStep::Manual {
+            reason: "call ops".into(),
+        };
+        let intent = IntentData {
+            step: "deploy".into(),
+            input: json!({"package": "p", "from": null, "to": "2", "undo": undo}),
+            undoes: None,
+        };
+        assert_eq!(intent.planned_undo(), Some(undo.clone()));
+        let d = intent.deploy_input().unwrap();
+        assert_eq!(
+            (d.package.as_str(), d.from, d.to.as_str()),
+            ("p", None, "2")
+        );
+        let undoing = IntentData {
+            step: "undo".into(),
+            input: serde_json::to_value(&undo).unwrap(),
+            undoes: Some(StepId(3)),
+        };
+        assert_eq!(undoing.applied_undo(), Some(undo));
+        assert_eq!(undoing.deploy_input(), None);
+        let end = HostEndData {
+            ok: false,
+            detail: json!({"error": "e", "cause": "run_stopped"}),
+        };
+        let v = end.detail_view();
+        assert_eq!(
+            (v.error.as_deref(), v.cause),
+            (Some("e"), Some(RollbackCause::RunStopped))
+        );
+    }
+}
