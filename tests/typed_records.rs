@@ -31,8 +31,13 @@ const FORBIDDEN: &[&str] = &[
     "kind.as_str()",
     "r.kind ==",
     "rec.kind ==",
-    "kind::",
 ];
+
+/// A kind constant used to pick records: a match arm or a comparison.
+fn matches_on_kind_constant(line: &str) -> bool {
+    let t = line.trim_start();
+    line.contains("kind::") && (line.contains("=>") || line.contains("==") || t.starts_with('|'))
+}
 
 fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
     if path.is_dir() {
@@ -80,6 +85,9 @@ fn readers_use_typed_entries_not_string_keys() {
                 if line.contains(p) {
                     hits.push(format!("{rel}:{}: `{p}` in {}", n + 1, line.trim()));
                 }
+            }
+            if matches_on_kind_constant(line) {
+                hits.push(format!("{rel}:{}: kind constant in {}", n + 1, line.trim()));
             }
         }
     }

@@ -128,15 +128,6 @@ entries! {
     Notify(NotifyRecord) = "notify",
 }
 
-/// `kind` strings of the records this module types, for code that needs one
-/// without building an entry.
-pub mod kinds {
-    pub const BACKUP: &str = "backup";
-    pub const TEST: &str = "test";
-    pub const ROLLOUT_EVENT: &str = "rollout.event";
-    pub const WINDOW: &str = "window";
-}
-
 /// `data` of `run.close`: nothing, written as `{}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunClose {}
@@ -1009,6 +1000,26 @@ mod tests {
                 seconds: 1.5
             })
         );
+    }
+
+    #[test]
+    fn the_named_kind_constants_are_typed_kinds() {
+        use super::super::kind;
+        for k in [
+            kind::RUN_START,
+            kind::RUN_CLOSE,
+            kind::STEP_INTENT,
+            kind::STEP_OUTCOME,
+            kind::HOST_FINISH,
+            kind::HOST_ROLLBACK,
+            kind::JOURNAL_REPAIR,
+            kind::BACKUP,
+            kind::TEST,
+            kind::ROLLOUT_EVENT,
+            kind::WINDOW,
+        ] {
+            assert!(Entry::KINDS.contains(&k), "{k}");
+        }
     }
 
     #[test]

@@ -2,11 +2,10 @@
 //!
 //! It is the one truth of a run: rollback, resume, audit, reports and patch levels
 //! all read it, and nothing else keeps a second copy. It owns the record format,
-//! durability (an intent is fsynced before the action it announces) and chaining.
-//! It must not know what a step does: `data` is opaque JSON to it, apart from the
-//! few record kinds it defines itself (run start and close, step intent and outcome
-//! with its [`UndoStep`], host finish and rollback) so that every reader derives the
-//! same state from them.
+//! durability (an intent is fsynced before the action it announces) and chaining,
+//! and the type of every record kind ([`Entry`]), so that every reader derives the
+//! same meaning from a record through serde. It must not act on what a record
+//! says (that is the layers above), and it imports nothing of the crate.
 //!
 //! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
 //! [`lock`] (one controller per run), [`index`] (the audit index of run
@@ -240,6 +239,14 @@ pub mod kind {
     pub const HOST_ROLLBACK: &str = "host.rollback";
     /// A torn last line (crash mid-write) was cut off when the run was reopened.
     pub const JOURNAL_REPAIR: &str = "journal.repair";
+    /// A backup archive of the record's host.
+    pub const BACKUP: &str = "backup";
+    /// A staging check.
+    pub const TEST: &str = "test";
+    /// One event of the rollout executor.
+    pub const ROLLOUT_EVENT: &str = "rollout.event";
+    /// The maintenance window the playbook set.
+    pub const WINDOW: &str = "window";
 }
 
 /// What the first record of a run names: enough to say later exactly what ran.

@@ -20,7 +20,7 @@ use crate::transport::Command;
 pub use crate::journal::entry::BackupHandle;
 
 /// Kind of the journal record a backup writes.
-pub const RECORD_KIND: &str = crate::journal::entry::kinds::BACKUP;
+pub const RECORD_KIND: &str = crate::journal::kind::BACKUP;
 
 impl BackupHandle {
     /// How an undo step names this backup.

@@ -49,7 +49,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::testcase::TestCase;
-use crate::journal::entry::{kinds, NotifyRecord, RolloutEvent, Summary as RolloutSummary};
+use crate::journal::entry::{NotifyRecord, RolloutEvent, Summary as RolloutSummary};
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
 use crate::primitives::undo::describe;
@@ -57,9 +57,9 @@ use crate::primitives::undo::describe;
 pub const SCHEMA: &str = "patchbook.report/1";
 
 /// Kind of the records the rollout glue writes, one per [`crate::rollout::RolloutEvent`].
-pub const ROLLOUT_EVENT: &str = kinds::ROLLOUT_EVENT;
+pub const ROLLOUT_EVENT: &str = crate::journal::kind::ROLLOUT_EVENT;
 /// Kind of the record naming the run's maintenance window.
-pub const WINDOW: &str = kinds::WINDOW;
+pub const WINDOW: &str = crate::journal::kind::WINDOW;
 
 /// Host error output longer than this many characters is cut, marking the cut.
 pub const OUTPUT_LIMIT: usize = 2000;

@@ -23,7 +23,7 @@ pub use crate::journal::entry::{Metrics, TestCase, TestKind};
 use crate::journal::{Entry, Journal, JournalError, Record};
 
 /// Kind of the journal record one staging check writes.
-pub const RECORD_KIND: &str = crate::journal::entry::kinds::TEST;
+pub const RECORD_KIND: &str = crate::journal::kind::TEST;
 
 impl TestKind {
     pub const ALL: [TestKind; 4] = [
