@@ -360,4 +360,8 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host|
         .output()
         .unwrap();
     assert!(!text(&report).contains(canary));
+    // Every record a real run writes (notices, plans, rollout events, host ends)
+    // reads back as its typed entry.
+    let v: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{}", v["problems"]);
 }

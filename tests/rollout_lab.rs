@@ -100,7 +100,18 @@ impl Bench {
             .map(|e| e.unwrap().path())
             .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
             .expect("a run file");
-        read_records(&file).unwrap()
+        let records = read_records(&file).unwrap();
+        // Every record a real run writes, the script layer's included, is typed.
+        for r in &records {
+            match r.entry() {
+                Ok(patchbook::journal::Entry::Unknown { kind, .. }) => {
+                    panic!("record {} has a kind no Entry variant types: {kind}", r.seq)
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        records
     }
 }
 
@@ -529,6 +540,7 @@ if !ok || slow { throw "the functional check should pass and the degraded one fa
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{}", v["problems"]);
     let tests = &v["tests"];
     assert_eq!(tests["total"], 2, "{tests}");
     assert_eq!(tests["passed"], 1);

@@ -2,17 +2,18 @@
 //!
 //! It is the one truth of a run: rollback, resume, audit, reports and patch levels
 //! all read it, and nothing else keeps a second copy. It owns the record format,
-//! durability (an intent is fsynced before the action it announces) and chaining.
-//! It must not know what a step does: `data` is opaque JSON to it, apart from the
-//! few record kinds it defines itself (run start and close, step intent and outcome
-//! with its [`UndoStep`], host finish and rollback) so that every reader derives the
-//! same state from them.
+//! durability (an intent is fsynced before the action it announces) and chaining,
+//! and the type of every record kind ([`Entry`]), so that every reader derives the
+//! same meaning from a record through serde. It must not act on what a record
+//! says (that is the layers above), and it imports nothing of the crate.
 //!
-//! Submodules: [`lock`] (one controller per run), [`index`] (the audit index of run
+//! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
+//! [`lock`] (one controller per run), [`index`] (the audit index of run
 //! checkpoints), [`audit`] (chain verification), [`state`] (the read side: per-host
 //! state, open intents, undo order, run listing).
 
 pub mod audit;
+pub mod entry;
 pub mod index;
 pub mod lock;
 pub mod state;
@@ -28,6 +29,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+pub use entry::{Entry, EntryError};
 
 /// The `prev` of a run's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -63,6 +66,16 @@ impl Record {
             &self.kind,
             &data,
         )
+    }
+
+    /// The record's kind and data as a typed [`Entry`]. A kind this binary does not
+    /// know is [`Entry::Unknown`]; a known kind whose data does not fit is an error.
+    pub fn entry(&self) -> Result<Entry, JournalError> {
+        Entry::from_parts(&self.kind, self.data.clone()).map_err(|source| JournalError::BadEntry {
+            run: self.run.clone(),
+            seq: self.seq,
+            source,
+        })
     }
 }
 
@@ -209,8 +222,8 @@ pub fn canonical(v: &Value) -> Value {
     }
 }
 
-/// The record kinds the journal itself defines. Other layers may append their own
-/// kinds (`wave.start`, `notify.sent`, …) with [`Journal::append`].
+/// The kind strings of the records the journal's own API writes. Every kind is
+/// listed in [`Entry::KINDS`]; readers match on [`Entry`], not on these.
 pub mod kind {
     /// First record of every run; `data` is a [`super::RunHeader`].
     pub const RUN_START: &str = "run.start";
@@ -226,6 +239,14 @@ pub mod kind {
     pub const HOST_ROLLBACK: &str = "host.rollback";
     /// A torn last line (crash mid-write) was cut off when the run was reopened.
     pub const JOURNAL_REPAIR: &str = "journal.repair";
+    /// A backup archive of the record's host.
+    pub const BACKUP: &str = "backup";
+    /// A staging check.
+    pub const TEST: &str = "test";
+    /// One event of the rollout executor.
+    pub const ROLLOUT_EVENT: &str = "rollout.event";
+    /// The maintenance window the playbook set.
+    pub const WINDOW: &str = "window";
 }
 
 /// What the first record of a run names: enough to say later exactly what ran.
@@ -382,6 +403,13 @@ pub enum JournalError {
     Broken { path: PathBuf, message: String },
     #[error("run {run} already has {records} records; the run header must be its first record")]
     HeaderNotFirst { run: String, records: u64 },
+    #[error("run {run} record {seq}: {source}")]
+    BadEntry {
+        run: String,
+        seq: u64,
+        #[source]
+        source: EntryError,
+    },
 }
 
 /// UTC now, RFC 3339 with microseconds: the one timestamp format of the journal.
@@ -544,8 +572,9 @@ impl Journal {
                 records: tail.seq,
             });
         }
-        let data = Prepared::new(serde_json::to_value(header).unwrap_or(Value::Null));
-        let rec = self.append_locked(&mut tail, None, kind::RUN_START, data)?;
+        let entry = Entry::RunStart(header.clone());
+        let data = Prepared::new(entry.to_data());
+        let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
         drop(tail);
         self.wait_durable(rec.seq)?;
         Ok(rec)
@@ -650,10 +679,12 @@ impl Journal {
             lock,
         };
         if let Some(dropped) = torn {
-            j.append(
+            j.append_entry(
                 None,
-                kind::JOURNAL_REPAIR,
-                serde_json::json!({ "torn_after_seq": seq, "dropped_bytes": dropped }),
+                &Entry::JournalRepair(entry::JournalRepair {
+                    torn_after_seq: seq,
+                    dropped_bytes: dropped,
+                }),
             )?;
         }
         Ok(j)
@@ -709,8 +740,21 @@ impl Journal {
         self.lock.holder_note()
     }
 
-    /// Appends one record and fsyncs it before returning. Secrets are redacted from
-    /// the host, the keys and the values.
+    /// Appends one typed record and fsyncs it before returning. Secrets are
+    /// redacted from the host, the keys and the values.
+    pub fn append_entry(&self, host: Option<&str>, entry: &Entry) -> Result<Record, JournalError> {
+        self.append(host, entry.kind(), entry.to_data())
+    }
+
+    /// Appends one typed record without waiting for its fsync; see
+    /// [`Journal::note`] for when it is durable.
+    pub fn note_entry(&self, host: Option<&str>, entry: &Entry) -> Result<Record, JournalError> {
+        self.note(host, entry.kind(), entry.to_data())
+    }
+
+    /// [`Journal::append_entry`] with the kind and data given apart, for the script
+    /// layer until it moves to typed entries. Readers see the record through
+    /// [`Record::entry`], so `data` must be what [`Entry`] says `kind` holds.
     pub fn append(
         &self,
         host: Option<&str>,
@@ -730,6 +774,9 @@ impl Journal {
     /// [`Journal::close`] fsync every record written before them. So no host acts
     /// on anything this record says before it is durable, and a 10,000-host run
     /// pays one fsync per group commit instead of one per record.
+    ///
+    /// Takes the kind and data apart, for the script layer until it moves to typed
+    /// entries; everything else writes through [`Journal::note_entry`].
     pub fn note(
         &self,
         host: Option<&str>,
@@ -869,12 +916,14 @@ impl Journal {
             input: redact_value(input, &self.secrets_now()),
             undoes,
         };
-        let data = Prepared::new(serde_json::to_value(&payload).unwrap_or(Value::Null));
+        let step = payload.step.clone();
+        let entry = Entry::StepIntent(payload);
+        let data = Prepared::new(entry.to_data());
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.append_locked(&mut tail, Some(host), kind::STEP_INTENT, data)?;
+        let rec = self.append_locked(&mut tail, Some(host), entry.kind(), data)?;
         let id = StepId(rec.seq);
         tail.open_steps
-            .insert(id, (rec.host.unwrap_or_default(), payload.step));
+            .insert(id, (rec.host.unwrap_or_default(), step));
         drop(tail);
         // Only now may the step act: its intent is on disk.
         self.wait_durable(id.0)?;
@@ -918,8 +967,9 @@ impl Journal {
             output: redact_value(data, &self.secrets_now()),
             undo,
         };
-        let data = Prepared::new(serde_json::to_value(&payload).unwrap_or(Value::Null));
-        let rec = self.append_locked(&mut tail, Some(&host), kind::STEP_OUTCOME, data)?;
+        let entry = Entry::StepOutcome(payload);
+        let data = Prepared::new(entry.to_data());
+        let rec = self.append_locked(&mut tail, Some(&host), entry.kind(), data)?;
         tail.open_steps.remove(&step_id);
         drop(tail);
         self.wait_durable(rec.seq)?;
@@ -934,7 +984,7 @@ impl Journal {
         ok: bool,
         detail: Value,
     ) -> Result<Record, JournalError> {
-        self.host_end(host, kind::HOST_FINISH, ok, detail)
+        self.host_end(host, Entry::HostFinish, ok, detail)
     }
 
     /// Records that a host's rollback ended, well or not. Durable with the next
@@ -945,25 +995,20 @@ impl Journal {
         ok: bool,
         detail: Value,
     ) -> Result<Record, JournalError> {
-        self.host_end(host, kind::HOST_ROLLBACK, ok, detail)
+        self.host_end(host, Entry::HostRollback, ok, detail)
     }
 
     fn host_end(
         &self,
         host: &str,
-        kind: &str,
+        variant: fn(HostEndData) -> Entry,
         ok: bool,
         detail: Value,
     ) -> Result<Record, JournalError> {
-        let data = serde_json::to_value(HostEndData {
-            ok,
-            detail: redact_value(detail, &self.secrets_now()),
-        })
-        .unwrap_or(Value::Null);
         // A host's end announces no action: it rides on the next group commit
         // (see [`Journal::note`]); a crash before that only makes a resume look at
-        // the host again.
-        self.note(Some(host), kind, data)
+        // the host again. `note` redacts the detail.
+        self.note_entry(Some(host), &variant(HostEndData { ok, detail }))
     }
 
     /// Closes the run: appends `run.close`, records the final hash and record count
@@ -971,8 +1016,9 @@ impl Journal {
     /// crash, a stop) stays "open" to `audit verify` and can be resumed.
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let data = Prepared::new(serde_json::json!({}));
-        let rec = self.append_locked(&mut tail, None, kind::RUN_CLOSE, data)?;
+        let entry = Entry::RunClose(entry::RunClose {});
+        let data = Prepared::new(entry.to_data());
+        let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
         drop(tail);
         self.wait_durable(rec.seq)?;
         index::append(
@@ -989,7 +1035,6 @@ impl Journal {
         read_records(&self.path)
     }
 
-    /// This run's state, derived from its records on disk.
     /// The records of one host so far, in order, without reading the file.
     pub fn host_records(&self, host: &str) -> Vec<Record> {
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
@@ -1004,6 +1049,7 @@ impl Journal {
             .unwrap_or_default()
     }
 
+    /// This run's state, derived from its records on disk.
     pub fn state(&self) -> Result<state::RunState, JournalError> {
         Ok(state::RunState::from_records(&self.run, &self.records()?))
     }

@@ -2,14 +2,14 @@
 //! a run, derived from its records every time and never stored anywhere else.
 //!
 //! It owns the meaning of the kinds the journal defines (intent, outcome, host finish,
-//! host rollback); it must not write anything.
+//! host rollback), read as typed [`Entry`] values; it must not write anything.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{
-    kind, scan_lines, HostEndData, IntentData, Journal, JournalError, OutcomeData, Record,
-    RunHeader, StepId, UndoStep,
+    scan_lines, Entry, IntentData, Journal, JournalError, OutcomeData, Record, RunHeader, StepId,
+    UndoStep,
 };
 
 /// One step of a host: its intent and, once it is known, its outcome.
@@ -19,6 +19,10 @@ pub struct StepState {
     pub step: String,
     pub intent: Record,
     pub outcome: Option<Record>,
+    /// The intent's data, typed.
+    pub intent_data: IntentData,
+    /// The outcome's data, typed, once it is recorded.
+    pub outcome_data: Option<OutcomeData>,
     /// The undo planned with the intent (`input.undo`), replaced by the one recorded
     /// with the outcome when there is one.
     pub undo: Option<UndoStep>,
@@ -29,18 +33,11 @@ pub struct StepState {
 impl StepState {
     /// `Some(ok)` once the outcome is recorded, `None` while the intent is open.
     pub fn ok(&self) -> Option<bool> {
-        let outcome = self.outcome.as_ref()?;
-        serde_json::from_value::<OutcomeData>(outcome.data.clone())
-            .ok()
-            .map(|o| o.ok)
+        self.outcome_data.as_ref().map(|o| o.ok)
     }
 
     pub fn input(&self) -> serde_json::Value {
-        self.intent
-            .data
-            .get("input")
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
+        self.intent_data.input.clone()
     }
 }
 
@@ -115,18 +112,17 @@ impl RunState {
         let mut where_is: BTreeMap<StepId, (String, usize)> = BTreeMap::new();
         for rec in records {
             st.last_seq = rec.seq;
-            match rec.kind.as_str() {
-                kind::RUN_START => {
-                    st.header = serde_json::from_value(rec.data.clone()).ok();
+            // A record whose data does not fit its kind says nothing this state
+            // can rely on; `audit verify` and the report name it.
+            match rec.entry() {
+                Ok(Entry::RunStart(header)) => {
+                    st.header = Some(header);
                     st.operator = Some(rec.operator.clone());
                     st.started = Some(rec.ts.clone());
                 }
-                kind::RUN_CLOSE => st.closed = true,
-                kind::STEP_INTENT => {
-                    let (Some(host), Ok(data)) = (
-                        rec.host.clone(),
-                        serde_json::from_value::<IntentData>(rec.data.clone()),
-                    ) else {
+                Ok(Entry::RunClose(_)) => st.closed = true,
+                Ok(Entry::StepIntent(data)) => {
+                    let Some(host) = rec.host.clone() else {
                         continue;
                     };
                     if data.undoes.is_none() && !st.deploy_order.contains(&host) {
@@ -137,45 +133,39 @@ impl RunState {
                     where_is.insert(id, (host, h.steps.len()));
                     h.steps.push(StepState {
                         id,
-                        step: data.step,
+                        step: data.step.clone(),
                         intent: rec.clone(),
                         outcome: None,
                         // The undo planned before acting, so a crash between the
                         // action and its outcome still leaves a way back.
-                        undo: data
-                            .input
-                            .get("undo")
-                            .and_then(|u| serde_json::from_value(u.clone()).ok()),
+                        undo: data.planned_undo(),
                         undoes: data.undoes,
+                        intent_data: data,
+                        outcome_data: None,
                     });
                 }
-                kind::STEP_OUTCOME => {
-                    let Ok(data) = serde_json::from_value::<OutcomeData>(rec.data.clone()) else {
-                        continue;
-                    };
+                Ok(Entry::StepOutcome(data)) => {
                     let Some((host, i)) = where_is.get(&data.step_id) else {
                         continue;
                     };
                     if let Some(step) = st.hosts.get_mut(host).and_then(|h| h.steps.get_mut(*i)) {
                         step.outcome = Some(rec.clone());
                         if data.undo.is_some() {
-                            step.undo = data.undo;
+                            step.undo = data.undo.clone();
                         }
+                        step.outcome_data = Some(data);
                     }
                 }
-                kind::HOST_FINISH | kind::HOST_ROLLBACK => {
-                    let (Some(host), Ok(data)) = (
-                        rec.host.clone(),
-                        serde_json::from_value::<HostEndData>(rec.data.clone()),
-                    ) else {
-                        continue;
-                    };
-                    let h = st.hosts.entry(host).or_default();
-                    if rec.kind == kind::HOST_FINISH {
+                Ok(Entry::HostFinish(data)) => {
+                    if let Some(host) = rec.host.clone() {
+                        let h = st.hosts.entry(host).or_default();
                         h.finished = true;
                         h.failed = !data.ok;
-                    } else {
-                        h.rolled_back = data.ok;
+                    }
+                }
+                Ok(Entry::HostRollback(data)) => {
+                    if let Some(host) = rec.host.clone() {
+                        st.hosts.entry(host).or_default().rolled_back = data.ok;
                     }
                 }
                 _ => {

@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::config::Config;
+use crate::journal::entry::{self, ArtifactRecord};
+use crate::journal::Entry;
 
 /// Downloads tried per artifact when `[artifacts] attempts` is not set.
 pub const DEFAULT_ATTEMPTS: u32 = 3;
@@ -77,6 +79,19 @@ pub struct ArtifactCheck {
     pub what: String,
     pub ok: bool,
     pub detail: String,
+}
+
+impl ArtifactCheck {
+    /// This check as the `artifact` journal record of the artifact at `url`.
+    pub fn entry(&self, url: &str, sha256: &str) -> Entry {
+        Entry::Artifact(ArtifactRecord::One(entry::ArtifactCheck {
+            url: Some(url.to_string()),
+            sha256: Some(sha256.to_string()),
+            what: self.what.clone(),
+            ok: self.ok,
+            detail: self.detail.clone(),
+        }))
+    }
 }
 
 /// A verified file in the cache, ready to deploy.
@@ -806,6 +821,22 @@ pub fn fetch_recorded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_entry_is_the_record_the_script_layer_writes_today() {
+        let c = ArtifactCheck {
+            what: "download".into(),
+            ok: true,
+            detail: "sha256 matches".into(),
+        };
+        let e = c.entry("https://m.example.com/a.deb", "ab");
+        assert_eq!(e.kind(), "artifact");
+        assert_eq!(
+            e.to_data(),
+            serde_json::json!({"url": "https://m.example.com/a.deb", "sha256": "ab",
+                               "what": c.what, "ok": c.ok, "detail": c.detail})
+        );
+    }
 
     fn settings(trusted: &[&str]) -> ArtifactSettings {
         ArtifactSettings {

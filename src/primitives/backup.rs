@@ -9,30 +9,18 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::Entry;
 use crate::transport::Command;
 
 /// What `backup` returns and `restore` takes; also recorded in the journal, which is
-/// where undo steps find it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackupHandle {
-    pub id: String,
-    pub host: String,
-    /// Absolute paths on the host, as given.
-    pub paths: Vec<String>,
-    /// The archive on the controller.
-    pub archive: PathBuf,
-    pub sha256: String,
-    pub size: u64,
-    /// Paths that did not exist on the host when the backup was taken.
-    pub missing: Vec<String>,
-}
+/// where undo steps find it again. The record format is the journal's.
+pub use crate::journal::entry::BackupHandle;
 
 /// Kind of the journal record a backup writes.
-pub const RECORD_KIND: &str = "backup";
+pub const RECORD_KIND: &str = crate::journal::kind::BACKUP;
 
 impl BackupHandle {
     /// How an undo step names this backup.
@@ -276,11 +264,7 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
     again
         .entries
         .map_err(|m| PrimitiveError::step(ctx.name(), "backup", m))?;
-    ctx.record(
-        "backup",
-        "backup",
-        serde_json::to_value(&handle).unwrap_or_default(),
-    )?;
+    ctx.record("backup", Entry::Backup(handle.clone()))?;
     Ok(handle)
 }
 

@@ -16,7 +16,7 @@ use super::facts::Facts;
 use super::PrimitiveError;
 use crate::inventory::Host;
 use crate::journal::state::HostState;
-use crate::journal::{BackupRef, Journal, Record, StepId, UndoStep};
+use crate::journal::{BackupRef, Entry, Journal, Record, StepId, UndoStep};
 use crate::transport::Transport;
 
 /// Whether mutating primitives act or only record what they would do.
@@ -147,17 +147,12 @@ impl HostCtx<'_> {
     /// check) for this host. It announces no action on the host, so it is durable
     /// with the next group commit, at the latest before the host's next intent (see
     /// [`crate::journal::Journal::note`]). With no journal (unit tests, `eval`),
-    /// nothing is written.
-    pub fn record(
-        &self,
-        step: &str,
-        kind: &str,
-        data: Value,
-    ) -> Result<Option<Record>, PrimitiveError> {
+    /// nothing is written. `step` names the step in errors.
+    pub fn record(&self, step: &str, entry: Entry) -> Result<Option<Record>, PrimitiveError> {
         match &self.run.journal {
             None => Ok(None),
             Some(j) => j
-                .note(Some(&self.host.name), kind, data)
+                .note_entry(Some(&self.host.name), &entry)
                 .map(Some)
                 .map_err(|source| PrimitiveError::Journal {
                     host: self.host.name.clone(),
@@ -233,11 +228,13 @@ impl HostCtx<'_> {
         let Some(j) = &self.run.journal else {
             return Ok(Vec::new());
         };
+        // A record that does not read as its kind is not a backup anyone can restore.
         Ok(j.host_records(&self.host.name)
-            .into_iter()
-            .filter(|r| r.kind == super::backup::RECORD_KIND)
-            .filter_map(|r| serde_json::from_value::<super::backup::BackupHandle>(r.data).ok())
-            .map(|h| h.as_ref_for_undo())
+            .iter()
+            .filter_map(|r| match r.entry() {
+                Ok(Entry::Backup(h)) => Some(h.as_ref_for_undo()),
+                _ => None,
+            })
             .collect())
     }
 }

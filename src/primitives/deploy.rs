@@ -14,7 +14,14 @@ use super::backup::private_tmpdir;
 use super::facts::{facts, PackageManager};
 use super::packages::{check_package, installed, parse_query, Installed};
 use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::entry::{DeployInput, DeployOutput};
 use crate::journal::UndoStep;
+
+/// A step payload as the `Value` the journal's step API takes; these types have
+/// no map with non-string keys, so this cannot fail.
+fn to_value<T: serde::Serialize>(payload: &T) -> serde_json::Value {
+    serde_json::to_value(payload).unwrap_or(serde_json::Value::Null)
+}
 use crate::transport::Command;
 
 /// How a package file is installed.
@@ -363,13 +370,16 @@ fn deploy_staged(
         Err(e) => return (Err(e), false),
     };
     let install = install_argv(&opts.method, pm, remote);
-    let intent = match ctx.intent(
-        "deploy",
-        serde_json::json!({
-            "artifact": artifact.url, "sha256": artifact.sha256, "package": package,
-            "from": before, "to": version, "argv": install, "undo": undo,
-        }),
-    ) {
+    let input = DeployInput {
+        artifact: artifact.url.clone(),
+        sha256: artifact.sha256.clone(),
+        package: package.clone(),
+        from: before.clone(),
+        to: version.clone(),
+        argv: install.clone(),
+        undo: Some(undo.clone()),
+    };
+    let intent = match ctx.intent("deploy", to_value(&input)) {
         Ok(i) => i,
         Err(e) => return (Err(e), false),
     };
@@ -408,7 +418,13 @@ fn deploy_staged(
         "deploy",
         intent,
         ok,
-        serde_json::json!({ "package": package, "from": before, "after": after, "error": error }),
+        to_value(&DeployOutput {
+            package: package.clone(),
+            from: before.clone(),
+            after: after.clone(),
+            error,
+            resumed: None,
+        }),
         Some(undo.clone()),
     ) {
         return (Err(e), cleaned);
@@ -458,24 +474,22 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
     let Some(state) = ctx.journal_state()? else {
         return Ok(None);
     };
-    let str_of =
-        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     for step in state.steps.iter().rev() {
-        let input = step.input();
-        if step.step != "deploy"
-            || step.undoes.is_some()
-            || str_of(&input, "sha256").as_deref() != Some(artifact.sha256.as_str())
-        {
+        // `deploy_input` is `None` for other steps and for undo steps.
+        let Some(input) = step.intent_data.deploy_input() else {
+            continue;
+        };
+        if input.sha256 != artifact.sha256 {
             continue;
         }
-        let package = str_of(&input, "package").unwrap_or_default();
-        let before = str_of(&input, "from");
+        let package = input.package.clone();
+        let before = input.from.clone();
         let undo = step.undo.clone().unwrap_or(UndoStep::Manual {
             reason: "no undo recorded".into(),
         });
-        match (step.ok(), &step.outcome) {
+        match (step.ok(), &step.outcome_data) {
             (Some(true), Some(outcome)) => {
-                let after = outcome.data.get("output").and_then(|o| str_of(o, "after"));
+                let after = outcome.deploy_output().and_then(|o| o.after);
                 return Ok(Some(Deployed {
                     package,
                     before,
@@ -484,7 +498,7 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
                 }));
             }
             (None, _) => {
-                let to = str_of(&input, "to").unwrap_or_default();
+                let to = input.to.clone();
                 let now = installed(ctx, &package)?;
                 let applied = now.as_ref().is_some_and(|i| i.healthy() && i.version == to);
                 let after = now.map(|i| i.version);
@@ -497,7 +511,13 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
                     "deploy",
                     Some(step.id),
                     applied,
-                    serde_json::json!({ "package": package, "from": before, "after": after, "resumed": note }),
+                    to_value(&DeployOutput {
+                        package: package.clone(),
+                        from: before.clone(),
+                        after: after.clone(),
+                        error: None,
+                        resumed: Some(note.to_string()),
+                    }),
                     Some(undo.clone()),
                 )?;
                 if applied {

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::entry::HealthRecord;
+use crate::journal::Entry;
 use crate::transport::Command;
 
 /// Options of `health(host, argv, #{ … })`.
@@ -60,8 +62,13 @@ pub fn health(
         if code_ok && text_ok {
             ctx.record(
                 "health",
-                "health",
-                serde_json::json!({ "argv": argv, "ok": true, "attempts": attempt + 1 }),
+                Entry::Health(HealthRecord {
+                    argv: argv.to_vec(),
+                    command: None,
+                    ok: true,
+                    attempts: attempt + 1,
+                    error: None,
+                }),
             )?;
             return Ok(stdout);
         }
@@ -82,8 +89,13 @@ pub fn health(
     }
     ctx.record(
         "health",
-        "health",
-        serde_json::json!({ "argv": argv, "ok": false, "attempts": check.retries + 1, "error": last }),
+        Entry::Health(HealthRecord {
+            argv: argv.to_vec(),
+            command: None,
+            ok: false,
+            attempts: check.retries + 1,
+            error: Some(last.clone()),
+        }),
     )?;
     Err(PrimitiveError::step(
         ctx.name(),

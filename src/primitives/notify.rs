@@ -131,20 +131,9 @@ impl Notice {
     }
 }
 
-/// The outcome of one notification to one addressee; the journal records these.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Delivery {
-    /// The channel used; empty when the addressee matched none.
-    pub channel: String,
-    /// The addressee as given: a channel name, contact name or e-mail address.
-    pub to: String,
-    pub ok: bool,
-    /// Attempts made; 0 when the configuration made sending impossible.
-    pub attempts: u32,
-    /// The last attempt's error, secrets redacted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+/// The outcome of one notification to one addressee; the journal records these
+/// (`notify` records), so the type is the journal's.
+pub use crate::journal::entry::Delivery;
 
 /// Sends `message` to every entry of `to` (channel names, contacts or e-mail
 /// addresses) and reports one [`Delivery`] per distinct entry. Never fails and

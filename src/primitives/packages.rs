@@ -7,6 +7,8 @@ use std::cmp::Ordering;
 use super::facts::{facts, PackageManager};
 use super::version;
 use super::{HostCtx, PrimitiveError};
+use crate::journal::entry::VerifyRecord;
+use crate::journal::Entry;
 use crate::transport::Command;
 
 /// What the package database says about one package.
@@ -160,10 +162,14 @@ pub fn verify(ctx: &HostCtx, pkg: &str, expected: &str) -> Result<String, Primit
         Some(i) if i.healthy() => i.version.clone(),
         Some(i) => format!("{} (state {}, not fully installed)", i.version, i.status),
     };
-    let _ = ctx.record(
+    ctx.record(
         "verify",
-        "verify",
-        serde_json::json!({ "package": pkg, "expected": expected, "found": found_text, "ok": ok }),
+        Entry::Verify(VerifyRecord {
+            package: pkg.to_string(),
+            expected: expected.to_string(),
+            found: found_text.clone(),
+            ok,
+        }),
     )?;
     if ok {
         Ok(found.map(|i| i.version).unwrap_or_default())

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::journal::state::list_runs;
-use crate::journal::{scan_lines, Record};
+use crate::journal::{scan_lines, Entry, Record};
 
 use super::model::parse_ts;
 use super::ReportError;
@@ -36,18 +36,16 @@ pub fn patch_levels(state_dir: &Path) -> Result<PatchLevels, ReportError> {
     for info in list_runs(state_dir)? {
         let scan = scan_lines::<Record>(&info.path)?;
         for (_, rec) in scan.items {
-            if rec.kind != "verify" || rec.data.get("ok").and_then(|v| v.as_bool()) != Some(true) {
-                continue;
-            }
-            let (Some(host), Some(package), Some(version)) = (
-                rec.host.as_deref(),
-                rec.data.get("package").and_then(|v| v.as_str()),
-                rec.data.get("found").and_then(|v| v.as_str()),
-            ) else {
+            // A record that does not read as its kind is no evidence of a version.
+            let Ok(Entry::Verify(v)) = rec.entry() else {
                 continue;
             };
+            let (true, Some(host)) = (v.ok, rec.host.as_deref()) else {
+                continue;
+            };
+            let package = v.package.as_str();
             let level = PatchLevel {
-                version: version.to_string(),
+                version: v.found.clone(),
                 run: info.run.clone(),
                 ts: rec.ts.clone(),
             };

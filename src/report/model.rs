@@ -48,17 +48,18 @@ use chrono::{DateTime, FixedOffset};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::testcase::{self, TestCase};
+use super::testcase::TestCase;
+use crate::journal::entry::{NotifyRecord, RolloutEvent, Summary as RolloutSummary};
 use crate::journal::state::RunState;
-use crate::journal::{kind, HostEndData, IntentData, OutcomeData, Record, UndoStep};
+use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
 use crate::primitives::undo::describe;
 
 pub const SCHEMA: &str = "patchbook.report/1";
 
 /// Kind of the records the rollout glue writes, one per [`crate::rollout::RolloutEvent`].
-pub const ROLLOUT_EVENT: &str = "rollout.event";
+pub const ROLLOUT_EVENT: &str = crate::journal::kind::ROLLOUT_EVENT;
 /// Kind of the record naming the run's maintenance window.
-pub const WINDOW: &str = "window";
+pub const WINDOW: &str = crate::journal::kind::WINDOW;
 
 /// Host error output longer than this many characters is cut, marking the cut.
 pub const OUTPUT_LIMIT: usize = 2000;
@@ -413,10 +414,6 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn field(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(text)
-}
-
 /// What the rollout events say about one host.
 #[derive(Default)]
 struct HostEvents {
@@ -454,197 +451,185 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut waves: Vec<WaveReport> = Vec::new();
     let mut alerts = Vec::new();
     let mut targets: Option<usize> = None;
-    let mut summary: Option<Value> = None;
+    let mut summary: Option<RolloutSummary> = None;
     let mut window = None;
     let mut ended = None;
     let mut tests = TestSection::default();
     let mut artifacts = Vec::new();
     let mut notifications = Vec::new();
-    let mut by_host: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    let mut by_host: BTreeMap<String, Vec<(&Record, Entry)>> = BTreeMap::new();
 
     for rec in records {
-        let bad = |problems: &mut Vec<String>, why: &str| {
-            problems.push(format!("record {} ({}): {why}", rec.seq, rec.kind));
+        let entry = match Entry::from_parts(&rec.kind, rec.data.clone()) {
+            Ok(entry) => entry,
+            Err(e) => {
+                problems.push(format!("record {} ({}): {}", rec.seq, rec.kind, e.source));
+                continue;
+            }
         };
-        match rec.kind.as_str() {
-            kind::RUN_CLOSE => ended = Some(rec.ts.clone()),
-            ROLLOUT_EVENT => {
-                let e = &rec.data;
-                let host = field(e, "host");
-                if let Some(h) = &host {
-                    order.add(h);
-                }
-                let ev = host.as_ref().map(|h| events.entry(h.clone()).or_default());
-                let wave = e.get("wave").and_then(Value::as_u64).map(|w| w as usize);
-                match (e.get("kind").and_then(Value::as_str), ev) {
-                    (Some("run_started"), _) => {
-                        targets = e.get("targets").and_then(Value::as_u64).map(|t| t as usize)
-                    }
-                    (Some("wave_started"), _) => {
-                        let hosts: Vec<String> = e
-                            .get("hosts")
-                            .and_then(Value::as_array)
-                            .map(|a| a.iter().filter_map(text).collect())
-                            .unwrap_or_default();
-                        for h in &hosts {
+        match &entry {
+            Entry::RunClose(_) => ended = Some(rec.ts.clone()),
+            Entry::Rollout(e) => {
+                let ts = &rec.ts;
+                match e {
+                    RolloutEvent::RunStarted { targets: t, .. } => targets = Some(*t),
+                    RolloutEvent::WaveStarted {
+                        index,
+                        label,
+                        hosts,
+                    } => {
+                        for h in hosts {
                             order.add(h);
-                        }
-                        let index = e
-                            .get("index")
-                            .and_then(Value::as_u64)
-                            .map(|i| i as usize)
-                            .unwrap_or(waves.len());
-                        for h in &hosts {
-                            events.entry(h.clone()).or_default().wave.get_or_insert(index);
+                            events.entry(h.clone()).or_default().wave.get_or_insert(*index);
                         }
                         waves.push(WaveReport {
-                            index,
-                            label: field(e, "label").unwrap_or_else(|| format!("wave {index}")),
-                            started: Some(rec.ts.clone()),
-                            hosts,
+                            index: *index,
+                            label: label.clone(),
+                            started: Some(ts.clone()),
+                            hosts: hosts.clone(),
                         });
                     }
-                    (Some("host_started"), Some(ev)) => {
+                    RolloutEvent::HostStarted { host, wave } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
                         // A resumed host starts again: the latest attempt is the one shown.
-                        ev.started = Some(rec.ts.clone());
+                        ev.started = Some(ts.clone());
                         ev.ended = None;
                         ev.outcome = None;
-                        ev.wave = wave.or(ev.wave);
+                        ev.wave = Some(*wave);
                     }
-                    (Some("host_done"), Some(ev)) => {
-                        ev.ended = Some(rec.ts.clone());
+                    RolloutEvent::HostDone {
+                        host,
+                        wave,
+                        seconds,
+                    } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
+                        ev.ended = Some(ts.clone());
                         ev.outcome = Some(Outcome::Done);
-                        ev.duration_ms = e.get("seconds").and_then(Value::as_f64).map(|s| s * 1000.0);
-                        ev.wave = wave.or(ev.wave);
+                        ev.duration_ms = Some(seconds * 1000.0);
+                        ev.wave = Some(*wave);
                     }
-                    (Some("host_failed"), Some(ev)) => {
-                        ev.ended = Some(rec.ts.clone());
+                    RolloutEvent::HostFailed { host, wave, reason } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
+                        ev.ended = Some(ts.clone());
                         ev.outcome = Some(Outcome::Failed);
-                        ev.reason = field(e, "reason");
-                        ev.wave = wave.or(ev.wave);
+                        ev.reason = Some(reason.clone());
+                        ev.wave = Some(*wave);
                     }
-                    (Some("rolled_back"), Some(ev)) => {
-                        ev.rolled_back =
-                            Some((rec.ts.clone(), field(e, "cause").unwrap_or_default()));
+                    RolloutEvent::RolledBack { host, cause } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
+                        ev.rolled_back = Some((ts.clone(), cause.as_str().to_string()));
                         ev.rollback_error = None;
                     }
-                    (Some("rollback_failed"), Some(ev)) => {
-                        ev.rollback_error = Some((
-                            rec.ts.clone(),
-                            field(e, "cause").unwrap_or_default(),
-                            field(e, "error").unwrap_or_else(|| "rollback failed".into()),
-                        ));
+                    RolloutEvent::RollbackFailed { host, cause, error } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
+                        ev.rollback_error =
+                            Some((ts.clone(), cause.as_str().to_string(), error.clone()));
                     }
-                    (Some("budget_exhausted"), _) => alerts.push(Alert {
-                        ts: rec.ts.clone(),
+                    RolloutEvent::BudgetExhausted { failures, allowed } => alerts.push(Alert {
+                        ts: ts.clone(),
                         kind: "budget_exhausted".into(),
                         text: format!(
-                            "failure budget exhausted: {} failures, {} allowed; no new host started",
-                            field(e, "failures").unwrap_or_default(),
-                            field(e, "allowed").unwrap_or_default()
+                            "failure budget exhausted: {failures} failures, {allowed} allowed; no new host started"
                         ),
                     }),
-                    (Some("gate_stopped"), _) => alerts.push(Alert {
-                        ts: rec.ts.clone(),
+                    RolloutEvent::GateStopped { after_wave, reason } => alerts.push(Alert {
+                        ts: ts.clone(),
                         kind: "gate_stopped".into(),
-                        text: format!(
-                            "gate stopped the run after wave {}: {}",
-                            field(e, "after_wave").unwrap_or_default(),
-                            field(e, "reason").unwrap_or_default()
-                        ),
+                        text: format!("gate stopped the run after wave {after_wave}: {reason}"),
                     }),
-                    (Some("window_closed"), _) => alerts.push(Alert {
-                        ts: rec.ts.clone(),
+                    RolloutEvent::WindowClosed {
+                        before_wave,
+                        time_left_seconds,
+                        needed_seconds,
+                    } => alerts.push(Alert {
+                        ts: ts.clone(),
                         kind: "window_closed".into(),
                         text: format!(
-                            "window closing before wave {}: {} s left, {} s needed; the rest stays pending",
-                            field(e, "before_wave").unwrap_or_default(),
-                            e.get("time_left_seconds").and_then(Value::as_f64).map(|s| format!("{s:.0}")).unwrap_or_default(),
-                            e.get("needed_seconds").and_then(Value::as_f64).map(|s| format!("{s:.0}")).unwrap_or_default()
+                            "window closing before wave {before_wave}: {time_left_seconds:.0} s left, {needed_seconds:.0} s needed; the rest stays pending"
                         ),
                     }),
-                    (Some("run_done"), _) => summary = e.get("summary").cloned(),
-                    (Some(_), _) => {}
-                    (None, _) => bad(&mut problems, "no event kind"),
+                    RolloutEvent::RunDone { summary: s } => summary = Some(s.clone()),
+                    RolloutEvent::Paused { .. } => {}
                 }
             }
-            WINDOW => {
-                let d = &rec.data;
+            Entry::Window(w) => {
                 window = Some(WindowReport {
-                    spec: field(d, "spec"),
-                    zone: field(d, "zone"),
-                    start: field(d, "start"),
-                    end: field(d, "end"),
-                    buffer: field(d, "buffer"),
+                    spec: Some(w.spec.clone()),
+                    zone: w.zone.clone(),
+                    start: w.start.clone(),
+                    end: w.end.clone(),
+                    buffer: w.buffer.clone(),
                 });
             }
-            testcase::RECORD_KIND => match serde_json::from_value::<TestCase>(rec.data.clone()) {
-                Ok(case) => tests.cases.push(TestCaseReport {
-                    ts: rec.ts.clone(),
-                    host: rec.host.clone(),
-                    degradation_pct: case.metrics.as_ref().and_then(|m| m.degradation_pct()),
-                    case,
-                }),
-                Err(e) => bad(&mut problems, &e.to_string()),
-            },
-            "artifact" => {
-                let url = field(&rec.data, "url");
-                for check in items(&rec.data, "checks") {
+            Entry::Test(case) => tests.cases.push(TestCaseReport {
+                ts: rec.ts.clone(),
+                host: rec.host.clone(),
+                degradation_pct: case.metrics.as_ref().and_then(|m| m.degradation_pct()),
+                case: case.clone(),
+            }),
+            Entry::Artifact(a) => {
+                for check in a.checks() {
                     artifacts.push(ArtifactCheck {
                         ts: rec.ts.clone(),
-                        url: field(check, "url").or_else(|| url.clone()),
-                        what: field(check, "what").unwrap_or_default(),
-                        ok: check.get("ok").and_then(Value::as_bool).unwrap_or(false),
-                        detail: field(check, "detail").unwrap_or_default(),
+                        url: check.url,
+                        what: check.what,
+                        ok: check.ok,
+                        detail: check.detail,
                     });
                 }
             }
-            "notify" => {
-                let d = &rec.data;
-                for delivery in items(d, "deliveries") {
+            Entry::Notify(n) => {
+                let (event, message, severity, deliveries) = match n {
+                    NotifyRecord::Notice {
+                        event,
+                        message,
+                        severity,
+                        deliveries,
+                    } => (event, message, severity, deliveries.as_slice()),
+                    NotifyRecord::Delivery(d) => (&None, &None, &None, std::slice::from_ref(d)),
+                };
+                for d in deliveries {
                     notifications.push(Notification {
                         ts: rec.ts.clone(),
-                        event: field(d, "event"),
-                        message: field(d, "message"),
-                        severity: field(d, "severity"),
-                        channel: field(delivery, "channel").unwrap_or_default(),
-                        to: field(delivery, "to").unwrap_or_default(),
-                        ok: delivery.get("ok").and_then(Value::as_bool).unwrap_or(false),
-                        attempts: delivery.get("attempts").and_then(Value::as_u64),
-                        error: field(delivery, "error"),
+                        event: event.clone(),
+                        message: message.clone(),
+                        severity: severity.clone(),
+                        channel: d.channel.clone(),
+                        to: d.to.clone(),
+                        ok: d.ok,
+                        attempts: Some(u64::from(d.attempts)),
+                        error: d.error.clone(),
                     });
                 }
             }
             _ => {}
         }
         let per_host = matches!(
-            rec.kind.as_str(),
-            kind::STEP_INTENT
-                | kind::STEP_OUTCOME
-                | kind::HOST_FINISH
-                | kind::HOST_ROLLBACK
-                | "backup"
-                | "verify"
-                | "health"
+            entry,
+            Entry::StepIntent(_)
+                | Entry::StepOutcome(_)
+                | Entry::HostFinish(_)
+                | Entry::HostRollback(_)
+                | Entry::Backup(_)
+                | Entry::Verify(_)
+                | Entry::Health(_)
         );
         if let (true, Some(h)) = (per_host, &rec.host) {
-            by_host.entry(h.clone()).or_default().push(rec);
+            by_host.entry(h.clone()).or_default().push((rec, entry));
         }
     }
 
     if let Some(s) = &summary {
-        for h in s
-            .get("hosts")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(name) = field(h, "name") {
-                order.add(&name);
-                let ev = events.entry(name).or_default();
-                if ev.wave.is_none() {
-                    ev.wave = h.get("wave").and_then(Value::as_u64).map(|w| w as usize);
-                }
+        for h in &s.hosts {
+            order.add(&h.name);
+            let ev = events.entry(h.name.clone()).or_default();
+            if ev.wave.is_none() {
+                ev.wave = Some(h.wave);
             }
         }
     }
@@ -723,16 +708,19 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
             patchbook_version: header.as_ref().map(|h| h.patchbook_version.clone()),
             policy: header.map(|h| h.policy).unwrap_or(Value::Null),
             window,
-            stop: summary.as_ref().and_then(|s| s.get("stop").cloned()),
+            stop: summary.as_ref().map(|s| to_value(&s.stop)),
             alerts,
             open_intents: state.open_intents().len(),
         },
         counts,
         groups: summary
             .as_ref()
-            .and_then(|s| s.get("per_group"))
-            .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|s| {
+                s.per_group
+                    .iter()
+                    .map(|(k, v)| (k.clone(), to_value(v)))
+                    .collect()
+            })
             .unwrap_or_default(),
         waves,
         hosts,
@@ -743,22 +731,15 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     }
 }
 
-/// The entries of a record that carries one item, a list of them, or `{key: [...]}`.
-fn items<'a>(data: &'a Value, key: &str) -> Vec<&'a Value> {
-    match data {
-        Value::Array(a) => a.iter().collect(),
-        Value::Object(m) => match m.get(key) {
-            Some(Value::Array(a)) => a.iter().collect(),
-            _ => vec![data],
-        },
-        _ => Vec::new(),
-    }
+/// A record type as the report's JSON shows it; record types serialise infallibly.
+fn to_value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 fn host_report(
     name: &str,
     ev: HostEvents,
-    records: &[&Record],
+    records: &[(&Record, Entry)],
     run_closed: bool,
     labels: &BTreeMap<usize, String>,
 ) -> HostReport {
@@ -773,23 +754,17 @@ fn host_report(
     let mut rollback_rec: Option<(String, HostEndData)> = None;
     let mut undone = Vec::new();
 
-    for rec in records {
-        let d = &rec.data;
-        match rec.kind.as_str() {
-            kind::STEP_INTENT => {
-                let Ok(intent) = serde_json::from_value::<IntentData>(d.clone()) else {
-                    continue;
-                };
-                if intent.step == "deploy" && intent.undoes.is_none() {
-                    if let Some(pkg) = field(&intent.input, "package") {
-                        let p = packages.entry(pkg.clone()).or_insert(PackageChange {
-                            package: pkg,
-                            before: field(&intent.input, "from"),
-                            target: None,
-                            after: None,
-                        });
-                        p.target = field(&intent.input, "to");
-                    }
+    for (rec, entry) in records {
+        match entry {
+            Entry::StepIntent(intent) => {
+                if let Some(d) = intent.deploy_input() {
+                    let p = packages.entry(d.package.clone()).or_insert(PackageChange {
+                        package: d.package.clone(),
+                        before: d.from.clone(),
+                        target: None,
+                        after: None,
+                    });
+                    p.target = Some(d.to);
                 }
                 steps.push(StepReport {
                     id: rec.seq,
@@ -799,19 +774,16 @@ fn host_report(
                     duration_ms: None,
                     ok: None,
                     undoes: intent.undoes.map(|s| s.0),
-                    detail: step_detail(&intent),
+                    detail: step_detail(intent),
                     error: None,
                 });
-                intents.insert(rec.seq, (intent, steps.len() - 1));
+                intents.insert(rec.seq, (intent.clone(), steps.len() - 1));
             }
-            kind::STEP_OUTCOME => {
-                let Ok(out) = serde_json::from_value::<OutcomeData>(d.clone()) else {
-                    continue;
-                };
+            Entry::StepOutcome(out) => {
                 let Some((intent, i)) = intents.get(&out.step_id.0) else {
                     continue;
                 };
-                let error = output_error(&out.output);
+                let error = output_error(out);
                 if let Some(step) = steps.get_mut(*i) {
                     step.ended = Some(rec.ts.clone());
                     step.duration_ms = ms_between(&step.started, &rec.ts);
@@ -824,7 +796,7 @@ fn host_report(
                     }
                 }
                 if intent.undoes.is_some() {
-                    let undo = serde_json::from_value::<UndoStep>(intent.input.clone()).ok();
+                    let undo = intent.applied_undo();
                     if out.ok {
                         if let Some(u) = &undo {
                             undone.push(describe(u));
@@ -849,43 +821,40 @@ fn host_report(
                         _ => {}
                     }
                 } else if intent.step == "deploy" {
-                    let pkg =
-                        field(&out.output, "package").or_else(|| field(&intent.input, "package"));
+                    let output = out.deploy_output();
+                    let pkg = output
+                        .as_ref()
+                        .map(|o| o.package.clone())
+                        .or_else(|| intent.deploy_input().map(|d| d.package));
                     if let Some(p) = pkg.and_then(|k| packages.get_mut(&k)) {
-                        p.after = field(&out.output, "after");
+                        p.after = output.and_then(|o| o.after);
                     }
                 }
             }
-            kind::HOST_FINISH | kind::HOST_ROLLBACK => {
-                let Ok(end) = serde_json::from_value::<HostEndData>(d.clone()) else {
-                    continue;
-                };
-                if rec.kind == kind::HOST_FINISH {
-                    if !end.ok {
-                        if let Some(t) = detail_text(&end.detail) {
-                            errors.add("", &t);
-                        }
+            Entry::HostFinish(end) => {
+                if !end.ok {
+                    if let Some(t) = detail_text(end) {
+                        errors.add("", &t);
                     }
-                    finish = Some((rec.ts.clone(), end));
-                } else {
-                    rollback_rec = Some((rec.ts.clone(), end));
                 }
+                finish = Some((rec.ts.clone(), end.clone()));
             }
-            "backup" => backups.push(BackupReport {
-                id: field(d, "id").unwrap_or_default(),
-                archive: field(d, "archive").unwrap_or_default(),
-                sha256: field(d, "sha256").unwrap_or_default(),
-                size: d.get("size").and_then(Value::as_u64),
-                paths: strings(d.get("paths")),
-                missing: strings(d.get("missing")),
+            Entry::HostRollback(end) => rollback_rec = Some((rec.ts.clone(), end.clone())),
+            Entry::Backup(b) => backups.push(BackupReport {
+                id: b.id.clone(),
+                archive: b.archive.display().to_string(),
+                sha256: b.sha256.clone(),
+                size: Some(b.size),
+                paths: b.paths.clone(),
+                missing: b.missing.clone(),
                 ts: rec.ts.clone(),
             }),
-            "verify" => {
+            Entry::Verify(r) => {
                 let v = Verification {
-                    package: field(d, "package").unwrap_or_default(),
-                    expected: field(d, "expected"),
-                    found: field(d, "found"),
-                    ok: d.get("ok").and_then(Value::as_bool).unwrap_or(false),
+                    package: r.package.clone(),
+                    expected: Some(r.expected.clone()),
+                    found: Some(r.found.clone()),
+                    ok: r.ok,
                     ts: rec.ts.clone(),
                 };
                 if let Some(p) = packages.get_mut(&v.package) {
@@ -904,27 +873,17 @@ fn host_report(
                 if !v.ok {
                     errors.add(
                         "verify",
-                        &format!(
-                            "{}: expected {}, found {}",
-                            v.package,
-                            v.expected.as_deref().unwrap_or("?"),
-                            v.found.as_deref().unwrap_or("?")
-                        ),
+                        &format!("{}: expected {}, found {}", r.package, r.expected, r.found),
                     );
                 }
                 verifications.push(v);
             }
-            "health" => {
+            Entry::Health(r) => {
                 let h = HealthCheck {
-                    command: d
-                        .get("argv")
-                        .and_then(Value::as_array)
-                        .map(|a| a.iter().filter_map(text).collect::<Vec<_>>().join(" "))
-                        .or_else(|| field(d, "command"))
-                        .unwrap_or_default(),
-                    ok: d.get("ok").and_then(Value::as_bool).unwrap_or(false),
-                    attempts: d.get("attempts").and_then(Value::as_u64),
-                    error: field(d, "error"),
+                    command: r.command_line(),
+                    ok: r.ok,
+                    attempts: Some(u64::from(r.attempts)),
+                    error: r.error.clone(),
                     ts: rec.ts.clone(),
                 };
                 if let (false, Some(e)) = (h.ok, &h.error) {
@@ -955,9 +914,7 @@ fn host_report(
             rollback_rec
                 .as_ref()
                 .filter(|(_, end)| !end.ok)
-                .map(|(_, end)| {
-                    detail_text(&end.detail).unwrap_or_else(|| "rollback failed".into())
-                })
+                .map(|(_, end)| detail_text(end).unwrap_or_else(|| "rollback failed".into()))
         });
     if outcome == Outcome::Done && rolled_back {
         outcome = Outcome::Reverted;
@@ -1083,53 +1040,51 @@ impl ErrorOutput {
     }
 }
 
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(text).collect())
-        .unwrap_or_default()
-}
-
 /// A failed step's error: `error`, else the host's own output.
-fn output_error(output: &Value) -> Option<String> {
-    if let Some(e) = field(output, "error") {
+fn output_error(out: &OutcomeData) -> Option<String> {
+    let o = out.output_view();
+    if let Some(e) = o.error {
         return Some(e);
     }
-    let stderr = field(output, "stderr").unwrap_or_default();
-    let stdout = field(output, "stdout").unwrap_or_default();
-    let both = format!("{stderr}{stdout}");
+    let both = format!(
+        "{}{}",
+        o.stderr.unwrap_or_default(),
+        o.stdout.unwrap_or_default()
+    );
     (!both.trim().is_empty()).then(|| both.trim().to_string())
 }
 
-fn detail_text(detail: &Value) -> Option<String> {
-    match detail {
+/// What a host end says went wrong: its `error` or `reason`, else the whole detail.
+fn detail_text(end: &HostEndData) -> Option<String> {
+    match &end.detail {
         Value::Null => None,
         Value::String(s) if s.is_empty() => None,
         Value::Object(m) if m.is_empty() => None,
-        Value::Object(_) => field(detail, "error")
-            .or_else(|| field(detail, "reason"))
-            .or_else(|| Some(detail.to_string())),
+        Value::Object(_) => {
+            let d = end.detail_view();
+            d.error
+                .or(d.reason)
+                .or_else(|| Some(end.detail.to_string()))
+        }
         other => text(other),
     }
 }
 
 /// One line saying what a step set out to do.
 fn step_detail(intent: &IntentData) -> String {
-    let input = &intent.input;
-    if intent.undoes.is_some() {
-        if let Ok(u) = serde_json::from_value::<UndoStep>(input.clone()) {
-            return describe(&u);
-        }
+    if let Some(u) = intent.applied_undo() {
+        return describe(&u);
     }
-    if intent.step == "deploy" {
-        if let Some(pkg) = field(input, "package") {
-            return format!(
-                "{pkg} {} → {}",
-                field(input, "from").unwrap_or_else(|| "(not installed)".into()),
-                field(input, "to").unwrap_or_else(|| "?".into())
-            );
-        }
+    if let Some(d) = intent.deploy_input() {
+        return format!(
+            "{} {} → {}",
+            d.package,
+            d.from.as_deref().unwrap_or("(not installed)"),
+            d.to
+        );
     }
-    match input {
+    // Any other step: its input's plain fields, as given (the planned undo aside).
+    match &intent.input {
         Value::Object(m) => {
             let parts: Vec<String> = m
                 .iter()
@@ -1178,7 +1133,7 @@ mod tests {
         j.close().unwrap();
         let mut closed = records.clone();
         closed.push(Record {
-            kind: kind::RUN_CLOSE.into(),
+            kind: crate::journal::kind::RUN_CLOSE.into(),
             seq: records.len() as u64 + 1,
             ..records[0].clone()
         });

@@ -10,27 +10,20 @@
 //! ```
 //!
 //! `error`, `patch_version` and `metrics` are left out when absent. The report's
-//! test section reads these records back; nothing else keeps them.
+//! test section reads these records back; nothing else keeps them. The types are
+//! defined with the other record types in [`crate::journal::entry`]; this module
+//! owns running, timing and judging a check, and must not write other records.
 
 use std::str::FromStr;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use crate::journal::{Journal, JournalError, Record};
+// The record types are the journal's (`test` records); re-exported here, where
+// checks are run and timed.
+pub use crate::journal::entry::{Metrics, TestCase, TestKind};
+use crate::journal::{Entry, Journal, JournalError, Record};
 
 /// Kind of the journal record one staging check writes.
-pub const RECORD_KIND: &str = "test";
-
-/// The four kinds of staging check the patching process asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TestKind {
-    Functional,
-    Integration,
-    Performance,
-    Regression,
-}
+pub const RECORD_KIND: &str = crate::journal::kind::TEST;
 
 impl TestKind {
     pub const ALL: [TestKind; 4] = [
@@ -78,23 +71,6 @@ impl FromStr for TestKind {
     }
 }
 
-/// Before-and-after numbers of a performance check and the degradation it allows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    /// Measured before the patch.
-    pub before: f64,
-    /// Measured with the patch.
-    pub after: f64,
-    /// How much worse, in percent of `before`, `after` may be.
-    pub threshold_pct: f64,
-    #[serde(default)]
-    pub unit: String,
-    /// Throughput-like numbers get worse when they fall; latency-like numbers
-    /// (the default) when they rise.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub higher_is_better: bool,
-}
-
 impl Metrics {
     /// How much worse `after` is than `before`, in percent of `before` (negative:
     /// better). `None` when `before` is zero and `after` differs, where no
@@ -120,22 +96,6 @@ impl Metrics {
             None => false,
         }
     }
-}
-
-/// One staging check, as recorded in the journal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TestCase {
-    pub name: String,
-    pub kind: TestKind,
-    pub ok: bool,
-    pub duration_ms: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The patch version under test.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patch_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<Metrics>,
 }
 
 impl TestCase {
@@ -183,8 +143,7 @@ pub fn record_test(
     host: Option<&str>,
     case: &TestCase,
 ) -> Result<Record, JournalError> {
-    let data = serde_json::to_value(case).unwrap_or(serde_json::Value::Null);
-    journal.append(host, RECORD_KIND, data)
+    journal.append_entry(host, &Entry::Test(case.clone()))
 }
 
 fn degraded_message(m: &Metrics) -> String {

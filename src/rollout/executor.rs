@@ -70,9 +70,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
 use crate::inventory::Host;
+// The events and the summary are journal records (`rollout.event`): their types
+// live with the record format and are re-exported here under their old paths.
+pub use crate::journal::entry::{
+    Counts, HostReport, HostState, RollbackCause, RolloutEvent, StopReason, Summary,
+};
 
 use super::clock::{between, Clock};
 use super::plan::{Plan, Wave, WaveKind};
@@ -126,15 +130,6 @@ impl HostContext {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RollbackCause {
-    /// The host's own work failed.
-    HostFailed,
-    /// The run stopped early and the policy says `rollback: "all"`.
-    RunStopped,
-}
-
 #[derive(Debug, Clone)]
 pub struct RollbackContext {
     pub cause: RollbackCause,
@@ -151,64 +146,6 @@ pub struct GateContext {
     pub now: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum RolloutEvent {
-    RunStarted {
-        targets: usize,
-        waves: usize,
-        parallel: usize,
-        allowed_failures: usize,
-    },
-    WaveStarted {
-        index: usize,
-        label: String,
-        hosts: Vec<String>,
-    },
-    HostStarted {
-        host: String,
-        wave: usize,
-    },
-    HostDone {
-        host: String,
-        wave: usize,
-        seconds: f64,
-    },
-    HostFailed {
-        host: String,
-        wave: usize,
-        reason: String,
-    },
-    RolledBack {
-        host: String,
-        cause: RollbackCause,
-    },
-    RollbackFailed {
-        host: String,
-        cause: RollbackCause,
-        error: String,
-    },
-    BudgetExhausted {
-        failures: usize,
-        allowed: usize,
-    },
-    Paused {
-        seconds: f64,
-    },
-    GateStopped {
-        after_wave: usize,
-        reason: String,
-    },
-    WindowClosed {
-        before_wave: usize,
-        time_left_seconds: f64,
-        needed_seconds: f64,
-    },
-    RunDone {
-        summary: Summary,
-    },
-}
-
 /// Receives the events of a run, with the run clock's time.
 pub trait RolloutObserver {
     fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent);
@@ -218,68 +155,6 @@ impl<F: Fn(DateTime<Utc>, &RolloutEvent)> RolloutObserver for F {
     fn on_event(&self, at: DateTime<Utc>, event: &RolloutEvent) {
         self(at, event)
     }
-}
-
-/// Why the run ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StopReason {
-    Completed,
-    BudgetExhausted {
-        failures: usize,
-        allowed: usize,
-    },
-    PilotFailed {
-        host: String,
-    },
-    GateStopped {
-        after_wave: usize,
-        reason: String,
-    },
-    WindowClosing {
-        before_wave: usize,
-    },
-    /// The controller was asked to stop (SIGTERM, the watch service shutting
-    /// down): hosts in flight finished, the rest are pending for `run --resume`.
-    Halted,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostState {
-    /// Never started.
-    Pending,
-    Done,
-    /// Its work failed or ran past its deadline.
-    Failed,
-    /// Succeeded, then rolled back by `rollback: "all"`.
-    Reverted,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HostReport {
-    pub name: String,
-    pub wave: usize,
-    pub state: HostState,
-    pub reason: Option<String>,
-    pub started: Option<DateTime<Utc>>,
-    pub ended: Option<DateTime<Utc>>,
-    /// Its rollback ran and succeeded.
-    pub rolled_back: bool,
-    pub rollback_error: Option<String>,
-}
-
-/// Counts where `targeted = done + failed + reverted + pending`; `rolled_back`
-/// counts successful rollbacks of failed and reverted hosts alike.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub targeted: usize,
-    pub done: usize,
-    pub failed: usize,
-    pub reverted: usize,
-    pub rolled_back: usize,
-    pub rollback_failed: usize,
-    pub pending: usize,
 }
 
 impl Counts {
@@ -298,21 +173,6 @@ impl Counts {
             self.rollback_failed += 1;
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Summary {
-    pub stop: StopReason,
-    pub allowed_failures: usize,
-    pub totals: Counts,
-    /// Per inventory group of the targets (`all` excluded).
-    pub per_group: BTreeMap<String, Counts>,
-    /// In run order.
-    pub hosts: Vec<HostReport>,
-    /// Successful hosts in order of completion.
-    pub completion_order: Vec<String>,
-    /// Every rollback in the order it finished.
-    pub rollback_order: Vec<String>,
 }
 
 impl Summary {

@@ -1,0 +1,1068 @@
+//! Typed journal records: [`Entry`], one variant per record kind this binary
+//! writes, and the payload type of each.
+//!
+//! A record line keeps `kind` and `data` as two separate fields (the hash chain is
+//! computed over both, so that format never changes); [`Entry::kind`],
+//! [`Entry::to_data`] and [`Entry::from_parts`] convert between that pair and the
+//! enum, through serde only. Every reader matches on [`Entry`] instead of comparing
+//! kind strings or looking fields up by name, so a renamed field is a compile error
+//! or a reported problem, never a silent empty string. A kind this binary does not
+//! know (a newer version wrote it) reads as [`Entry::Unknown`], so old binaries can
+//! still read new journals.
+//!
+//! The payload types that upper layers use as values (the rollout's events and
+//! summary, a backup handle, a notification delivery, a staging test case) are
+//! defined here and re-exported there, because the record format is the journal's.
+//! This module, like the rest of the journal, imports nothing of the crate above it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{HostEndData, IntentData, OutcomeData, RunHeader, UndoStep};
+
+/// A record's `data` that does not match what its `kind` says it holds.
+#[derive(Debug, thiserror::Error)]
+#[error("a `{kind}` record does not hold what that kind holds ({source}); the journal was written by another version or edited: see `patchbook audit verify`")]
+pub struct EntryError {
+    pub kind: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+macro_rules! entries {
+    ($( $(#[$doc:meta])* $variant:ident($ty:ty) = $kind:literal, )*) => {
+        /// One journal record's kind and data, typed. See the module docs.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Entry {
+            $( $(#[$doc])* $variant($ty), )*
+            /// A kind this binary does not know: written by a newer version.
+            Unknown { kind: String, data: Value },
+        }
+
+        impl Entry {
+            /// Every kind string this binary writes, in declaration order.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            /// The `kind` field of the record line.
+            pub fn kind(&self) -> &str {
+                match self {
+                    $( Entry::$variant(_) => $kind, )*
+                    Entry::Unknown { kind, .. } => kind,
+                }
+            }
+
+            /// The `data` field of the record line.
+            pub fn to_data(&self) -> Value {
+                // None of the payload types has a map with non-string keys or a
+                // failing `Serialize`, so serialising into a `Value` cannot fail.
+                match self {
+                    $( Entry::$variant(x) => serde_json::to_value(x).unwrap_or(Value::Null), )*
+                    Entry::Unknown { data, .. } => data.clone(),
+                }
+            }
+
+            /// The entry a record line's `kind` and `data` describe. An unknown kind
+            /// is [`Entry::Unknown`]; a known kind whose data does not fit is an error.
+            pub fn from_parts(kind: &str, data: Value) -> Result<Entry, EntryError> {
+                match kind {
+                    $( $kind => parse(kind, data).map(Entry::$variant), )*
+                    _ => Ok(Entry::Unknown { kind: kind.to_string(), data }),
+                }
+            }
+        }
+    };
+}
+
+fn parse<T: DeserializeOwned>(kind: &str, data: Value) -> Result<T, EntryError> {
+    serde_json::from_value(data).map_err(|source| EntryError {
+        kind: kind.to_string(),
+        source,
+    })
+}
+
+entries! {
+    /// First record of every run.
+    RunStart(RunHeader) = "run.start",
+    /// Last record of a closed run.
+    RunClose(RunClose) = "run.close",
+    /// A mutating step is about to act.
+    StepIntent(IntentData) = "step.intent",
+    /// What a step did, and how to undo it.
+    StepOutcome(OutcomeData) = "step.outcome",
+    /// A host's work ended.
+    HostFinish(HostEndData) = "host.finish",
+    /// A host's rollback ended.
+    HostRollback(HostEndData) = "host.rollback",
+    /// A torn last line was cut off when the run was reopened.
+    JournalRepair(JournalRepair) = "journal.repair",
+    /// `run --resume` continued the run.
+    RunResume(RunResume) = "run.resume",
+    /// `patchbook rollback` began reversing the run.
+    RunRollback(RunRollback) = "run.rollback",
+    /// A backup archive taken of the record's host.
+    Backup(BackupHandle) = "backup",
+    /// An independent package check on the record's host.
+    Verify(VerifyRecord) = "verify",
+    /// A health check on the record's host.
+    Health(HealthRecord) = "health",
+    /// An HTTP health check seen from the controller.
+    HttpCheck(HttpCheckRecord) = "http_check",
+    /// A check made on a fetched artifact (source, download, checksum, signature).
+    Artifact(ArtifactRecord) = "artifact",
+    /// A staging check.
+    Test(TestCase) = "test",
+    /// The maintenance window the playbook set.
+    Window(WindowRecord) = "window",
+    /// A rollout's plan, before it runs.
+    RolloutPlan(RolloutPlan) = "rollout.plan",
+    /// A resumed rollout left the hosts it had finished alone.
+    RolloutResume(RolloutResume) = "rollout.resume",
+    /// One event of the rollout executor.
+    Rollout(RolloutEvent) = "rollout.event",
+    /// A notification sent to people.
+    Notify(NotifyRecord) = "notify",
+}
+
+/// `data` of `run.close`: nothing, written as `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunClose {}
+
+/// `data` of `journal.repair`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRepair {
+    /// The last whole record before the cut.
+    pub torn_after_seq: u64,
+    pub dropped_bytes: u64,
+}
+
+/// `data` of `run.resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResume {
+    pub operator: String,
+}
+
+/// `data` of `run.rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRollback {
+    /// The `--hosts` selector, when the rollback was limited to some hosts.
+    #[serde(default)]
+    pub hosts: Option<String>,
+    pub operator: String,
+}
+
+/// What `backup` returns and `restore` takes; also the `data` of a `backup`
+/// record, which is where undo steps find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupHandle {
+    pub id: String,
+    pub host: String,
+    /// Absolute paths on the host, as given.
+    pub paths: Vec<String>,
+    /// The archive on the controller.
+    pub archive: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    /// Paths that did not exist on the host when the backup was taken.
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+/// `data` of a `verify` record: the package database read independently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRecord {
+    pub package: String,
+    pub expected: String,
+    /// The version found, or a sentence saying why there is none.
+    pub found: String,
+    pub ok: bool,
+}
+
+/// `data` of a `health` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// The command as one string, as early journals recorded it instead of `argv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub ok: bool,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl HealthRecord {
+    /// The command checked, as one line.
+    pub fn command_line(&self) -> String {
+        match &self.command {
+            Some(c) if self.argv.is_empty() => c.clone(),
+            _ => self.argv.join(" "),
+        }
+    }
+}
+
+/// `data` of an `http_check` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpCheckRecord {
+    pub url: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One check of a fetched artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactCheck {
+    /// Set on a single-check record; a record of several checks names it once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `source`, `download`, `checksum`, `signature`, …
+    pub what: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// `data` of an `artifact` record: one check (what a run writes), or one artifact
+/// with all of its checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ArtifactRecord {
+    Checks {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        checks: Vec<ArtifactCheck>,
+    },
+    One(ArtifactCheck),
+}
+
+impl ArtifactRecord {
+    /// Every check of the record, each with its artifact's URL.
+    pub fn checks(&self) -> Vec<ArtifactCheck> {
+        match self {
+            ArtifactRecord::One(c) => vec![c.clone()],
+            ArtifactRecord::Checks { url, checks, .. } => checks
+                .iter()
+                .map(|c| ArtifactCheck {
+                    url: c.url.clone().or_else(|| Some(url.clone())),
+                    ..c.clone()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The outcome of one notification to one addressee.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The channel used; empty when the addressee matched none.
+    pub channel: String,
+    /// The addressee as given: a channel name, contact name or e-mail address.
+    pub to: String,
+    pub ok: bool,
+    /// Attempts made; 0 when the configuration made sending impossible.
+    pub attempts: u32,
+    /// The last attempt's error, secrets redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of a `notify` record: one delivery (what a run writes), or one notice
+/// with every delivery of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NotifyRecord {
+    Notice {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        severity: Option<String>,
+        deliveries: Vec<Delivery>,
+    },
+    Delivery(Delivery),
+}
+
+impl From<Delivery> for NotifyRecord {
+    fn from(d: Delivery) -> Self {
+        NotifyRecord::Delivery(d)
+    }
+}
+
+/// The four kinds of staging check the patching process asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestKind {
+    Functional,
+    Integration,
+    Performance,
+    Regression,
+}
+
+/// Before-and-after numbers of a performance check and the degradation it allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Measured before the patch.
+    pub before: f64,
+    /// Measured with the patch.
+    pub after: f64,
+    /// How much worse, in percent of `before`, `after` may be.
+    pub threshold_pct: f64,
+    #[serde(default)]
+    pub unit: String,
+    /// Throughput-like numbers get worse when they fall; latency-like numbers
+    /// (the default) when they rise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub higher_is_better: bool,
+}
+
+/// One staging check: the `data` of a `test` record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestCase {
+    pub name: String,
+    pub kind: TestKind,
+    pub ok: bool,
+    pub duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The patch version under test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+}
+
+/// `data` of a `window` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    /// As the playbook wrote it, e.g. `Sat 02:00-06:00 Asia/Hong_Kong`.
+    pub spec: String,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub buffer: Option<String>,
+    /// Whether the window was open when it was set; absent in early journals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open: Option<bool>,
+    /// The current or next opening, in the window's zone.
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub end: Option<String>,
+}
+
+/// `data` of a `rollout.plan` record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    /// The policy as the playbook gave it.
+    #[serde(default)]
+    pub policy: Value,
+    /// The plan as printed.
+    pub plan: String,
+}
+
+/// `data` of a `rollout.resume` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutResume {
+    /// Targets left alone because the journal saw them to the end.
+    pub skipped_finished: usize,
+}
+
+/// Why a host is rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackCause {
+    /// The host's own work failed.
+    HostFailed,
+    /// The run stopped early and the policy says `rollback: "all"`.
+    RunStopped,
+}
+
+impl RollbackCause {
+    /// As it is serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackCause::HostFailed => "host_failed",
+            RollbackCause::RunStopped => "run_stopped",
+        }
+    }
+}
+
+/// One state change of a rollout: the `data` of a `rollout.event` record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    RunStarted {
+        targets: usize,
+        waves: usize,
+        parallel: usize,
+        allowed_failures: usize,
+    },
+    WaveStarted {
+        index: usize,
+        label: String,
+        hosts: Vec<String>,
+    },
+    HostStarted {
+        host: String,
+        wave: usize,
+    },
+    HostDone {
+        host: String,
+        wave: usize,
+        seconds: f64,
+    },
+    HostFailed {
+        host: String,
+        wave: usize,
+        reason: String,
+    },
+    RolledBack {
+        host: String,
+        cause: RollbackCause,
+    },
+    RollbackFailed {
+        host: String,
+        cause: RollbackCause,
+        error: String,
+    },
+    BudgetExhausted {
+        failures: usize,
+        allowed: usize,
+    },
+    Paused {
+        seconds: f64,
+    },
+    GateStopped {
+        after_wave: usize,
+        reason: String,
+    },
+    WindowClosed {
+        before_wave: usize,
+        time_left_seconds: f64,
+        needed_seconds: f64,
+    },
+    RunDone {
+        summary: Summary,
+    },
+}
+
+/// Why a rollout ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReason {
+    Completed,
+    BudgetExhausted {
+        failures: usize,
+        allowed: usize,
+    },
+    PilotFailed {
+        host: String,
+    },
+    GateStopped {
+        after_wave: usize,
+        reason: String,
+    },
+    WindowClosing {
+        before_wave: usize,
+    },
+    /// The controller was asked to stop (SIGTERM, the watch service shutting
+    /// down): hosts in flight finished, the rest are pending for `run --resume`.
+    Halted,
+}
+
+/// Where a host of a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Never started.
+    Pending,
+    Done,
+    /// Its work failed or ran past its deadline.
+    Failed,
+    /// Succeeded, then rolled back by `rollback: "all"`.
+    Reverted,
+}
+
+/// One host of a rollout summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub name: String,
+    pub wave: usize,
+    pub state: HostState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub started: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub ended: Option<DateTime<Utc>>,
+    /// Its rollback ran and succeeded.
+    #[serde(default)]
+    pub rolled_back: bool,
+    #[serde(default)]
+    pub rollback_error: Option<String>,
+}
+
+/// Counts where `targeted = done + failed + reverted + pending`; `rolled_back`
+/// counts successful rollbacks of failed and reverted hosts alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub targeted: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub reverted: usize,
+    pub rolled_back: usize,
+    pub rollback_failed: usize,
+    pub pending: usize,
+}
+
+/// How a rollout ended, host by host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub stop: StopReason,
+    pub allowed_failures: usize,
+    pub totals: Counts,
+    /// Per inventory group of the targets (`all` excluded).
+    #[serde(default)]
+    pub per_group: BTreeMap<String, Counts>,
+    /// In run order.
+    #[serde(default)]
+    pub hosts: Vec<HostReport>,
+    /// Successful hosts in order of completion.
+    #[serde(default)]
+    pub completion_order: Vec<String>,
+    /// Every rollback in the order it finished.
+    #[serde(default)]
+    pub rollback_order: Vec<String>,
+}
+
+/// The `input` of a `deploy` step's intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployInput {
+    /// The artifact's URL.
+    #[serde(default)]
+    pub artifact: String,
+    #[serde(default)]
+    pub sha256: String,
+    pub package: String,
+    /// The version installed before, `None` when the package was not installed.
+    #[serde(default)]
+    pub from: Option<String>,
+    pub to: String,
+    /// The install command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// Planned before acting, so a crash between the action and its outcome still
+    /// leaves a way back.
+    #[serde(default)]
+    pub undo: Option<UndoStep>,
+}
+
+/// The `output` of a `deploy` step's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOutput {
+    pub package: String,
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The version read back from the host after the install.
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Set when a resumed run found the install's result on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<String>,
+}
+
+/// What any step's intent input may carry besides its own fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct PlannedUndo {
+    #[serde(default)]
+    undo: Option<UndoStep>,
+}
+
+/// What any step's outcome output may carry to explain a failure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepOutput {
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub stderr: Option<String>,
+    #[serde(default)]
+    pub stdout: Option<String>,
+}
+
+/// What any host end's `detail` may carry. Every field is optional: callers write
+/// different details for a finish, a rollback in a rollout and `patchbook rollback`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEndDetail {
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// `patchbook rollback`'s one-line account.
+    #[serde(default)]
+    pub detail: Option<String>,
+    #[serde(default)]
+    pub cause: Option<RollbackCause>,
+    #[serde(default)]
+    pub undone: Vec<String>,
+    #[serde(default)]
+    pub manual: Vec<String>,
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+impl IntentData {
+    /// The undo step planned with the intent (`input.undo`), if the step named one.
+    pub fn planned_undo(&self) -> Option<UndoStep> {
+        serde_json::from_value::<PlannedUndo>(self.input.clone())
+            .ok()
+            .and_then(|p| p.undo)
+    }
+
+    /// The intent's input as a deploy's, when this is a deploy intent.
+    pub fn deploy_input(&self) -> Option<DeployInput> {
+        (self.step == "deploy" && self.undoes.is_none())
+            .then(|| serde_json::from_value(self.input.clone()).ok())
+            .flatten()
+    }
+
+    /// The undo step an undo intent applies.
+    pub fn applied_undo(&self) -> Option<UndoStep> {
+        self.undoes?;
+        serde_json::from_value(self.input.clone()).ok()
+    }
+}
+
+impl OutcomeData {
+    /// The error fields of the output; all `None` when it has none.
+    pub fn output_view(&self) -> StepOutput {
+        serde_json::from_value(self.output.clone()).unwrap_or_default()
+    }
+
+    /// The output as a deploy's, when it is one.
+    pub fn deploy_output(&self) -> Option<DeployOutput> {
+        (self.step == "deploy")
+            .then(|| serde_json::from_value(self.output.clone()).ok())
+            .flatten()
+    }
+}
+
+impl HostEndData {
+    /// The detail's known fields; a detail that is not an object has none.
+    pub fn detail_view(&self) -> HostEndDetail {
+        serde_json::from_value(self.detail.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Journal, StepId};
+    use super::*;
+    use serde_json::json;
+
+    fn summary() -> Summary {
+        let totals = Counts {
+            targeted: 2,
+            done: 1,
+            failed: 1,
+            rolled_back: 1,
+            ..Counts::default()
+        };
+        Summary {
+            stop: StopReason::BudgetExhausted {
+                failures: 1,
+                allowed: 0,
+            },
+            allowed_failures: 0,
+            totals: totals.clone(),
+            per_group: BTreeMap::from([("web".to_string(), totals)]),
+            hosts: vec![HostReport {
+                name: "web-1".into(),
+                wave: 0,
+                state: HostState::Failed,
+                reason: Some("deploy failed".into()),
+                started: Some("2026-11-28T02:00:00Z".parse().unwrap()),
+                ended: None,
+                rolled_back: true,
+                rollback_error: None,
+            }],
+            completion_order: vec!["web-2".into()],
+            rollback_order: vec!["web-1".into()],
+        }
+    }
+
+    fn delivery() -> Delivery {
+        Delivery {
+            channel: "ops".into(),
+            to: "ops".into(),
+            ok: false,
+            attempts: 3,
+            error: Some("HTTP 503".into()),
+        }
+    }
+
+    /// One entry of every kind this binary writes, and a few shapes more.
+    fn every_entry() -> Vec<Entry> {
+        let undo = UndoStep::Remove {
+            package: "acme-agent".into(),
+        };
+        vec![
+            Entry::RunStart(RunHeader::new(
+                "scripts/p.rhai".into(),
+                "ab".repeat(32),
+                BTreeMap::from([("stdlib/x.rhai".to_string(), "cd".repeat(32))]),
+                "ef".repeat(32),
+                json!({"waves": ["50%", "100%"]}),
+            )),
+            Entry::RunClose(RunClose {}),
+            Entry::StepIntent(IntentData {
+                step: "deploy".into(),
+                input: json!({"package": "acme-agent", "to": "1.0.1", "undo": undo}),
+                undoes: None,
+            }),
+            Entry::StepOutcome(OutcomeData {
+                step_id: StepId(3),
+                step: "deploy".into(),
+                ok: true,
+                output: json!({"package": "acme-agent", "after": "1.0.1"}),
+                undo: Some(undo.clone()),
+            }),
+            Entry::HostFinish(HostEndData {
+                ok: false,
+                detail: json!({"reason": "boom"}),
+            }),
+            Entry::HostRollback(HostEndData {
+                ok: true,
+                detail: json!({"undone": ["remove acme-agent"], "cause": "host_failed"}),
+            }),
+            Entry::JournalRepair(JournalRepair {
+                torn_after_seq: 7,
+                dropped_bytes: 42,
+            }),
+            Entry::RunResume(RunResume {
+                operator: "alice".into(),
+            }),
+            Entry::RunRollback(RunRollback {
+                hosts: Some("web".into()),
+                operator: "alice".into(),
+            }),
+            Entry::Backup(BackupHandle {
+                id: "bk-1".into(),
+                host: "web-1".into(),
+                paths: vec!["/etc/acme".into()],
+                archive: "backups/r/web-1/bk-1.tar".into(),
+                sha256: "00".repeat(32),
+                size: 10240,
+                missing: vec![],
+            }),
+            Entry::Verify(VerifyRecord {
+                package: "acme-agent".into(),
+                expected: "1.0.1".into(),
+                found: "1.0.1".into(),
+                ok: true,
+            }),
+            Entry::Health(HealthRecord {
+                argv: vec!["/opt/acme/agent.sh".into(), "--check".into()],
+                command: None,
+                ok: false,
+                attempts: 2,
+                error: Some("exit 1".into()),
+            }),
+            Entry::HttpCheck(HttpCheckRecord {
+                url: "https://svc.example.com/health".into(),
+                ok: false,
+                error: Some("HTTP 500".into()),
+            }),
+            Entry::Artifact(ArtifactRecord::One(ArtifactCheck {
+                url: Some("https://mirror.example.com/a.deb".into()),
+                sha256: Some("11".repeat(32)),
+                what: "checksum".into(),
+                ok: true,
+                detail: "matches".into(),
+            })),
+            Entry::Artifact(ArtifactRecord::Checks {
+                url: "https://mirror.example.com/a.deb".into(),
+                sha256: None,
+                checks: vec![ArtifactCheck {
+                    url: None,
+                    sha256: None,
+                    what: "source".into(),
+                    ok: true,
+                    detail: "trusted".into(),
+                }],
+            }),
+            Entry::Test(TestCase {
+                name: "p95".into(),
+                kind: TestKind::Performance,
+                ok: true,
+                duration_ms: 812.4,
+                error: None,
+                patch_version: Some("1.0.1".into()),
+                metrics: Some(Metrics {
+                    before: 120.0,
+                    after: 126.0,
+                    threshold_pct: 10.0,
+                    unit: "ms".into(),
+                    higher_is_better: false,
+                }),
+            }),
+            Entry::Window(WindowRecord {
+                spec: "Sat 02:00-06:00 Asia/Hong_Kong".into(),
+                zone: Some("Asia/Hong_Kong".into()),
+                buffer: Some("30m".into()),
+                open: Some(false),
+                start: Some("2026-11-28 02:00 HKT".into()),
+                end: None,
+            }),
+            Entry::RolloutPlan(RolloutPlan {
+                policy: json!({"pilot": 1}),
+                plan: "pilot: web-1\nwave 1: web-2".into(),
+            }),
+            Entry::RolloutResume(RolloutResume {
+                skipped_finished: 4,
+            }),
+            Entry::Rollout(RolloutEvent::HostFailed {
+                host: "web-1".into(),
+                wave: 0,
+                reason: "deploy failed".into(),
+            }),
+            Entry::Rollout(RolloutEvent::RollbackFailed {
+                host: "web-1".into(),
+                cause: RollbackCause::RunStopped,
+                error: "dpkg exited 2".into(),
+            }),
+            Entry::Rollout(RolloutEvent::WindowClosed {
+                before_wave: 2,
+                time_left_seconds: 60.5,
+                needed_seconds: 120.0,
+            }),
+            Entry::Rollout(RolloutEvent::RunDone { summary: summary() }),
+            Entry::Notify(NotifyRecord::Delivery(delivery())),
+            Entry::Notify(NotifyRecord::Notice {
+                event: Some("run_started".into()),
+                message: Some("Patching 2 hosts".into()),
+                severity: Some("info".into()),
+                deliveries: vec![delivery()],
+            }),
+            Entry::Unknown {
+                kind: "wave.paused.v9".into(),
+                data: json!({"anything": [1, 2]}),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_entry_round_trips_through_a_journal_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice").unwrap();
+        let entries = every_entry();
+        for e in &entries {
+            j.append_entry(Some("web-1"), e).unwrap();
+        }
+        let back: Vec<Entry> = j
+            .records()
+            .unwrap()
+            .iter()
+            .map(|r| r.entry().unwrap())
+            .collect();
+        assert_eq!(back, entries);
+        // Every kind this binary writes is covered above.
+        let mut covered: Vec<&str> = entries.iter().map(Entry::kind).collect();
+        covered.retain(|k| Entry::KINDS.contains(k));
+        covered.dedup();
+        assert_eq!(covered, Entry::KINDS);
+    }
+
+    /// Lines as this version's writers put them on disk before records were typed:
+    /// `json!` maps built by the script layer and by earlier primitives.
+    #[test]
+    fn lines_of_existing_journals_read_as_their_variant() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "old", "alice").unwrap();
+        let lines: Vec<(&str, Value)> = vec![
+            (
+                "window",
+                json!({"spec": "Sat 02:00-06:00 Asia/Hong_Kong", "zone": "Asia/Hong_Kong",
+                       "buffer": "30m", "open": false,
+                       "start": "2026-11-28 02:00 HKT", "end": "2026-11-28 06:00 HKT"}),
+            ),
+            (
+                "rollout.plan",
+                json!({"policy": {"pilot": 1}, "plan": "pilot: a"}),
+            ),
+            ("rollout.resume", json!({"skipped_finished": 3})),
+            (
+                "rollout.event",
+                json!({"kind": "rolled_back", "host": "a", "cause": "host_failed"}),
+            ),
+            (
+                "notify",
+                json!({"channel": "ops", "to": "ops", "ok": true, "attempts": 1}),
+            ),
+            (
+                "artifact",
+                json!({"url": "https://m.example.com/a.deb", "sha256": "ab", "what": "download",
+                       "ok": true, "detail": "sha256 matches"}),
+            ),
+            (
+                "http_check",
+                json!({"url": "https://s.example.com", "ok": true, "error": null}),
+            ),
+            ("run.resume", json!({"operator": "alice"})),
+            ("run.rollback", json!({"hosts": null, "operator": "alice"})),
+            (
+                "journal.repair",
+                json!({"torn_after_seq": 9, "dropped_bytes": 17}),
+            ),
+            (
+                "verify",
+                json!({"package": "p", "expected": "1", "found": "not installed", "ok": false}),
+            ),
+            (
+                "health",
+                json!({"argv": ["true"], "ok": true, "attempts": 1}),
+            ),
+            (
+                "health",
+                json!({"command": "curl -f localhost", "ok": true, "attempts": 1}),
+            ),
+        ];
+        for (kind, data) in &lines {
+            j.append(Some("a"), kind, data.clone()).unwrap();
+        }
+        let recs = j.records().unwrap();
+        let entries: Vec<Entry> = recs.iter().map(|r| r.entry().unwrap()).collect();
+        assert!(
+            matches!(&entries[0], Entry::Window(w) if w.open == Some(false) && w.buffer.as_deref() == Some("30m"))
+        );
+        assert!(matches!(&entries[1], Entry::RolloutPlan(p) if p.plan == "pilot: a"));
+        assert!(matches!(&entries[2], Entry::RolloutResume(r) if r.skipped_finished == 3));
+        assert!(matches!(
+            &entries[3],
+            Entry::Rollout(RolloutEvent::RolledBack {
+                cause: RollbackCause::HostFailed,
+                ..
+            })
+        ));
+        assert!(matches!(&entries[4], Entry::Notify(NotifyRecord::Delivery(d)) if d.ok));
+        assert!(
+            matches!(&entries[5], Entry::Artifact(ArtifactRecord::One(c)) if c.what == "download")
+        );
+        assert!(matches!(&entries[6], Entry::HttpCheck(c) if c.ok && c.error.is_none()));
+        assert!(matches!(&entries[7], Entry::RunResume(r) if r.operator == "alice"));
+        assert!(matches!(&entries[8], Entry::RunRollback(r) if r.hosts.is_none()));
+        assert!(matches!(&entries[9], Entry::JournalRepair(r) if r.dropped_bytes == 17));
+        assert!(matches!(&entries[10], Entry::Verify(v) if v.found == "not installed"));
+        assert!(matches!(&entries[11], Entry::Health(h) if h.command_line() == "true"));
+        assert!(
+            matches!(&entries[12], Entry::Health(h) if h.command_line() == "curl -f localhost")
+        );
+        // Writing the typed entry gives back the very data the untyped writer gave:
+        // the script layer can switch to typed entries without changing its lines.
+        for ((_, data), e) in lines.iter().zip(&entries).take(10) {
+            assert_eq!(&e.to_data(), data, "{e:?}");
+        }
+        for r in &recs {
+            assert_eq!(r.compute_hash(), r.hash);
+        }
+    }
+
+    #[test]
+    fn a_line_written_before_typed_records_keeps_its_hash_and_reads_typed() {
+        // A `rollout.event` line exactly as the journal wrote it (hash included).
+        let mut r: super::super::Record = serde_json::from_value(json!({
+            "seq": 5, "ts": "2026-11-28T02:00:01.000001Z", "run": "r", "operator": "alice",
+            "host": "a", "kind": "rollout.event",
+            "data": {"kind": "host_done", "host": "a", "wave": 0, "seconds": 1.5},
+            "prev": super::super::GENESIS, "hash": ""
+        }))
+        .unwrap();
+        r.hash = r.compute_hash();
+        let line = serde_json::to_string(&r).unwrap();
+        let back: super::super::Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.compute_hash(), r.hash);
+        assert_eq!(
+            back.entry().unwrap(),
+            Entry::Rollout(RolloutEvent::HostDone {
+                host: "a".into(),
+                wave: 0,
+                seconds: 1.5
+            })
+        );
+    }
+
+    #[test]
+    fn the_named_kind_constants_are_typed_kinds() {
+        use super::super::kind;
+        for k in [
+            kind::RUN_START,
+            kind::RUN_CLOSE,
+            kind::STEP_INTENT,
+            kind::STEP_OUTCOME,
+            kind::HOST_FINISH,
+            kind::HOST_ROLLBACK,
+            kind::JOURNAL_REPAIR,
+            kind::BACKUP,
+            kind::TEST,
+            kind::ROLLOUT_EVENT,
+            kind::WINDOW,
+        ] {
+            assert!(Entry::KINDS.contains(&k), "{k}");
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_read_and_known_kinds_with_bad_data_say_so() {
+        let e = Entry::from_parts("canary.v2", json!({"x": 1})).unwrap();
+        assert_eq!(e.kind(), "canary.v2");
+        assert_eq!(e.to_data(), json!({"x": 1}));
+        let err = Entry::from_parts("verify", json!({"package": "p"})).unwrap_err();
+        assert_eq!(err.kind, "verify");
+        assert!(err.to_string().contains("`verify` record"), "{err}");
+    }
+
+    #[test]
+    fn typed_views_of_step_and_host_end_payloads() {
+        let undo = UndoStep::Manual {
+            reason: "call ops".into(),
+        };
+        let intent = IntentData {
+            step: "deploy".into(),
+            input: json!({"package": "p", "from": null, "to": "2", "undo": undo}),
+            undoes: None,
+        };
+        assert_eq!(intent.planned_undo(), Some(undo.clone()));
+        let d = intent.deploy_input().unwrap();
+        assert_eq!(
+            (d.package.as_str(), d.from, d.to.as_str()),
+            ("p", None, "2")
+        );
+        let undoing = IntentData {
+            step: "undo".into(),
+            input: serde_json::to_value(&undo).unwrap(),
+            undoes: Some(StepId(3)),
+        };
+        assert_eq!(undoing.applied_undo(), Some(undo));
+        assert_eq!(undoing.deploy_input(), None);
+        let end = HostEndData {
+            ok: false,
+            detail: json!({"error": "e", "cause": "run_stopped"}),
+        };
+        let v = end.detail_view();
+        assert_eq!(
+            (v.error.as_deref(), v.cause),
+            (Some("e"), Some(RollbackCause::RunStopped))
+        );
+    }
+}
