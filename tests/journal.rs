@@ -50,7 +50,7 @@ fn closed_run(state: &Path, run: &str) -> Vec<Record> {
             .unwrap();
         j.outcome(host, d, true, json!({}), Some(reinstall("1.0.0")))
             .unwrap();
-        j.host_finished(host, true, json!({})).unwrap();
+        j.host_finished(host, true, Default::default()).unwrap();
     }
     j.close().unwrap();
     read_records(&Journal::run_path(state, run)).unwrap()
@@ -502,7 +502,8 @@ fn reopened_closed_run_keeps_its_old_checkpoint_checked() {
     let (of, undo) = st.host("web2").unwrap().undo_steps()[0];
     let u = j.undo_intent("web2", of, undo).unwrap();
     j.outcome("web2", u, true, json!({}), None).unwrap();
-    j.host_rolled_back("web2", true, json!({})).unwrap();
+    j.host_rolled_back("web2", true, Default::default())
+        .unwrap();
     drop(j);
     let idx = index::read(dir.path()).unwrap();
     assert_eq!(idx.entries.last().unwrap().event, IndexEvent::Reopen);
@@ -710,7 +711,7 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
     let d = j.intent("web2", "deploy", json!({})).unwrap();
     j.outcome("web2", d, true, json!({}), Some(reinstall("1.0.0")))
         .unwrap();
-    j.host_finished("web2", true, json!({})).unwrap();
+    j.host_finished("web2", true, Default::default()).unwrap();
     let d1 = j.intent("web1", "deploy", json!({})).unwrap();
     j.outcome(
         "web1",
@@ -770,7 +771,8 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
         ["web2", "web1", "db1"],
         "undo steps do not reorder"
     );
-    j.host_rolled_back("web2", true, json!({})).unwrap();
+    j.host_rolled_back("web2", true, Default::default())
+        .unwrap();
     assert!(j.state().unwrap().host("web2").unwrap().rolled_back);
     assert_eq!(j.records().unwrap()[0].operator, "alice");
     assert_eq!(j.records().unwrap().last().unwrap().operator, "bob");

@@ -162,8 +162,12 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
     .unwrap();
     if fails {
         let reason = format!("{host}: deploy failed: {DPKG_ERROR}");
-        j.host_finished(host, false, json!({"error": reason}))
-            .unwrap();
+        j.host_finished(
+            host,
+            false,
+            serde_json::from_value(json!({"error": reason})).unwrap(),
+        )
+        .unwrap();
         event(
             j,
             &RolloutEvent::HostFailed {
@@ -185,8 +189,12 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
                 None,
             )
             .unwrap();
-            j.host_rolled_back(host, false, json!({"error": error}))
-                .unwrap();
+            j.host_rolled_back(
+                host,
+                false,
+                serde_json::from_value(json!({"error": error})).unwrap(),
+            )
+            .unwrap();
             event(
                 j,
                 &RolloutEvent::RollbackFailed {
@@ -210,7 +218,7 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
                 json!({"package": PKG, "expected": "1.0.0", "found": "1.0.0", "ok": true}),
             )
             .unwrap();
-            j.host_rolled_back(host, true, json!({})).unwrap();
+            j.host_rolled_back(host, true, Default::default()).unwrap();
             event(
                 j,
                 &RolloutEvent::RolledBack {
@@ -233,7 +241,7 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
         json!({"argv": ["/opt/acme/agent.sh", "--check"], "ok": true, "attempts": 1}),
     )
     .unwrap();
-    j.host_finished(host, true, json!({})).unwrap();
+    j.host_finished(host, true, Default::default()).unwrap();
     event(
         j,
         &RolloutEvent::HostDone {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::progress::{self, Style};
 use super::{Cli, CliError};
+use crate::journal::entry::{Entry, HostEndDetail, RunResume, RunRollback};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
@@ -103,7 +104,10 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let run_id = new_run_id();
     let mut head = header(&rt, Path::new("<exec>"), &pb);
-    head.policy = serde_json::json!({ "ad_hoc": { "selector": selector, "snippet": snippet } });
+    head.ad_hoc = Some(crate::journal::AdHoc {
+        selector: selector.to_string(),
+        snippet: snippet.to_string(),
+    });
     let journal =
         Arc::new(Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?);
     let ctx = RunCtx::new(
@@ -133,9 +137,9 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         .map(|r| (r.host, r.result.map(|v| to_json(&v))))
         .collect();
     for (host, result) in &outcomes {
-        let detail = match result {
-            Ok(_) => serde_json::json!({}),
-            Err(e) => serde_json::json!({ "reason": e.to_string() }),
+        let detail = HostEndDetail {
+            reason: result.as_ref().err().map(|e| e.to_string()),
+            ..Default::default()
         };
         journal
             .host_finished(host, result.is_ok(), detail)
@@ -312,10 +316,11 @@ pub fn run(
                 )));
             }
             journal
-                .append(
+                .append_entry(
                     None,
-                    "run.resume",
-                    serde_json::json!({ "operator": rt.operator }),
+                    &Entry::RunResume(RunResume {
+                        operator: rt.operator.clone(),
+                    }),
                 )
                 .map_err(journal_err)?;
             (run_id.to_string(), journal, path, pb)
@@ -540,10 +545,12 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
     let journal =
         Arc::new(Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?);
     journal
-        .append(
+        .append_entry(
             None,
-            "run.rollback",
-            serde_json::json!({ "hosts": hosts, "operator": rt.operator }),
+            &Entry::RunRollback(RunRollback {
+                hosts: hosts.map(str::to_string),
+                operator: rt.operator.clone(),
+            }),
         )
         .map_err(journal_err)?;
     let state = journal.state().map_err(journal_err)?;
@@ -591,7 +598,11 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         let _ = journal.host_rolled_back(
             name,
             ok,
-            serde_json::json!({ "detail": line, "command": "rollback" }),
+            HostEndDetail {
+                detail: Some(line.clone()),
+                command: Some("rollback".into()),
+                ..Default::default()
+            },
         );
         if !ok {
             failed += 1;

@@ -590,6 +590,56 @@ struct PlannedUndo {
     undo: Option<UndoStep>,
 }
 
+/// The input of an `exec` or `shell` step's intent: an unmanaged change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInput {
+    pub argv: Vec<String>,
+    /// A raw shell line (`shell`): `argv` is `["sh", "-c", line]`.
+    pub raw_shell: bool,
+    /// Always true: patchbook does not know what the command changes.
+    pub unmanaged: bool,
+    /// Recorded before the command runs, so a crash still leaves it reversible.
+    pub undo: UndoStep,
+}
+
+/// The output of an `exec` or `shell` step: what the command left, by digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_sha256: Option<String>,
+    #[serde(default)]
+    pub stdout_bytes: usize,
+    #[serde(default)]
+    pub stderr_bytes: usize,
+    #[serde(default)]
+    pub truncated: bool,
+    /// The transport's error, when the command's end was not seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The input of a `restore` step's intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreInput {
+    pub backup: super::BackupRef,
+}
+
+/// The output of a step that says only whether it failed, and what it undid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// For an undo step: the undo, as a reader says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The names of the steps whose changes patchbook does not understand.
+pub const UNMANAGED_STEPS: &[&str] = &["exec", "shell"];
+
 /// What any step's outcome output may carry to explain a failure.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepOutput {
@@ -605,20 +655,20 @@ pub struct StepOutput {
 /// different details for a finish, a rollback in a rollout and `patchbook rollback`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostEndDetail {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// `patchbook rollback`'s one-line account.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<RollbackCause>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub undone: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manual: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
 }
 
@@ -633,6 +683,13 @@ impl IntentData {
     /// The intent's input as a deploy's, when this is a deploy intent.
     pub fn deploy_input(&self) -> Option<DeployInput> {
         (self.step == "deploy" && self.undoes.is_none())
+            .then(|| serde_json::from_value(self.input.clone()).ok())
+            .flatten()
+    }
+
+    /// The intent's input as an `exec`/`shell` change's, when it is one.
+    pub fn exec_input(&self) -> Option<ExecInput> {
+        (UNMANAGED_STEPS.contains(&self.step.as_str()) && self.undoes.is_none())
             .then(|| serde_json::from_value(self.input.clone()).ok())
             .flatten()
     }
@@ -655,13 +712,6 @@ impl OutcomeData {
         (self.step == "deploy")
             .then(|| serde_json::from_value(self.output.clone()).ok())
             .flatten()
-    }
-}
-
-impl HostEndData {
-    /// The detail's known fields; a detail that is not an object has none.
-    pub fn detail_view(&self) -> HostEndDetail {
-        serde_json::from_value(self.detail.clone()).unwrap_or_default()
     }
 }
 
@@ -740,11 +790,18 @@ mod tests {
             }),
             Entry::HostFinish(HostEndData {
                 ok: false,
-                detail: json!({"reason": "boom"}),
+                detail: HostEndDetail {
+                    reason: Some("boom".into()),
+                    ..Default::default()
+                },
             }),
             Entry::HostRollback(HostEndData {
                 ok: true,
-                detail: json!({"undone": ["remove acme-agent"], "cause": "host_failed"}),
+                detail: HostEndDetail {
+                    undone: vec!["remove acme-agent".into()],
+                    cause: Some(RollbackCause::HostFailed),
+                    ..Default::default()
+                },
             }),
             Entry::JournalRepair(JournalRepair {
                 torn_after_seq: 7,
@@ -1055,11 +1112,11 @@ mod tests {
         };
         assert_eq!(undoing.applied_undo(), Some(undo));
         assert_eq!(undoing.deploy_input(), None);
-        let end = HostEndData {
-            ok: false,
-            detail: json!({"error": "e", "cause": "run_stopped"}),
-        };
-        let v = end.detail_view();
+        let end: HostEndData = serde_json::from_value(
+            json!({"ok": false, "detail": {"error": "e", "cause": "run_stopped"}}),
+        )
+        .unwrap();
+        let v = end.detail;
         assert_eq!(
             (v.error.as_deref(), v.cause),
             (Some("e"), Some(RollbackCause::RunStopped))

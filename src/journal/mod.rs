@@ -263,6 +263,16 @@ pub struct RunHeader {
     /// The rollout policy (waves, budget, window, …) as the playbook gave it.
     #[serde(default)]
     pub policy: Value,
+    /// Set for an ad-hoc `patchbook exec` run: what ran, on which hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ad_hoc: Option<AdHoc>,
+}
+
+/// What an ad-hoc run (`patchbook exec SELECTOR SNIPPET`) ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdHoc {
+    pub selector: String,
+    pub snippet: String,
 }
 
 impl RunHeader {
@@ -281,6 +291,7 @@ impl RunHeader {
             inventory_sha256,
             patchbook_version: env!("CARGO_PKG_VERSION").to_string(),
             policy,
+            ad_hoc: None,
         }
     }
 }
@@ -357,7 +368,7 @@ pub struct OutcomeData {
 pub struct HostEndData {
     pub ok: bool,
     #[serde(default)]
-    pub detail: Value,
+    pub detail: entry::HostEndDetail,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -752,8 +763,9 @@ impl Journal {
         self.note(host, entry.kind(), entry.to_data())
     }
 
-    /// [`Journal::append_entry`] with the kind and data given apart, for the script
-    /// layer until it moves to typed entries. Readers see the record through
+    /// [`Journal::append_entry`] with the kind and data given apart: for tests that
+    /// write records of other shapes on purpose. The crate writes typed entries
+    /// only (`tests/typed_records.rs` guards it); readers see every record through
     /// [`Record::entry`], so `data` must be what [`Entry`] says `kind` holds.
     pub fn append(
         &self,
@@ -982,7 +994,7 @@ impl Journal {
         &self,
         host: &str,
         ok: bool,
-        detail: Value,
+        detail: entry::HostEndDetail,
     ) -> Result<Record, JournalError> {
         self.host_end(host, Entry::HostFinish, ok, detail)
     }
@@ -993,7 +1005,7 @@ impl Journal {
         &self,
         host: &str,
         ok: bool,
-        detail: Value,
+        detail: entry::HostEndDetail,
     ) -> Result<Record, JournalError> {
         self.host_end(host, Entry::HostRollback, ok, detail)
     }
@@ -1003,7 +1015,7 @@ impl Journal {
         host: &str,
         variant: fn(HostEndData) -> Entry,
         ok: bool,
-        detail: Value,
+        detail: entry::HostEndDetail,
     ) -> Result<Record, JournalError> {
         // A host's end announces no action: it rides on the next group commit
         // (see [`Journal::note`]); a crash before that only makes a resume look at
@@ -1296,7 +1308,7 @@ mod tests {
         let a = j
             .note(Some("h1"), "verify", serde_json::json!({"ok": true}))
             .unwrap();
-        let b = j.host_finished("h2", true, serde_json::json!({})).unwrap();
+        let b = j.host_finished("h2", true, Default::default()).unwrap();
         // Written and chained, readable by anyone, but no fsync was waited for.
         let on_disk = j.records().unwrap();
         assert_eq!(on_disk.len(), 2);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::entry::{RestoreInput, StepResult};
 use crate::journal::Entry;
 use crate::transport::Command;
 
@@ -399,7 +400,12 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
         );
         return Ok(());
     }
-    let intent = ctx.intent("restore", serde_json::json!({ "backup": handle }))?;
+    let intent = ctx.intent(
+        "restore",
+        &RestoreInput {
+            backup: handle.clone(),
+        },
+    )?;
     let result = (|| {
         let tmp = private_tmpdir(ctx, "restore")?;
         let remote = format!("{tmp}/backup.tar");
@@ -423,7 +429,10 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
         "restore",
         intent,
         result.is_ok(),
-        serde_json::json!({ "error": result.as_ref().err().map(|e| e.to_string()) }),
+        &StepResult {
+            undo: None,
+            error: result.as_ref().err().map(|e| e.to_string()),
+        },
         None,
     )?;
     result

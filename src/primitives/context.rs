@@ -100,6 +100,12 @@ impl RunCtx {
     }
 }
 
+/// A step's typed input or output as the journal stores it. The payload types
+/// (`journal::entry`) serialise to JSON objects; that cannot fail.
+fn typed(v: &impl Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
 /// One host's view of the run, handed to every primitive.
 pub struct HostCtx<'a> {
     pub host: &'a Host,
@@ -186,11 +192,15 @@ impl HostCtx<'_> {
 
     /// Writes a step's intent, on disk before this returns; only then may the step
     /// act. `None` without a journal.
-    pub fn intent(&self, step: &str, data: Value) -> Result<Option<StepId>, PrimitiveError> {
+    pub fn intent(
+        &self,
+        step: &str,
+        input: &impl Serialize,
+    ) -> Result<Option<StepId>, PrimitiveError> {
         match &self.run.journal {
             None => Ok(None),
             Some(j) => j
-                .intent(&self.host.name, step, data)
+                .intent(&self.host.name, step, typed(input))
                 .map(Some)
                 .map_err(self.journal_error(step)),
         }
@@ -202,12 +212,12 @@ impl HostCtx<'_> {
         step: &str,
         intent: Option<StepId>,
         ok: bool,
-        data: Value,
+        output: &impl Serialize,
         undo: Option<UndoStep>,
     ) -> Result<(), PrimitiveError> {
         match (&self.run.journal, intent) {
             (Some(j), Some(id)) => j
-                .outcome(&self.host.name, id, ok, data, undo)
+                .outcome(&self.host.name, id, ok, typed(output), undo)
                 .map(|_| ())
                 .map_err(self.journal_error(step)),
             _ => Ok(()),

@@ -19,9 +19,6 @@ use crate::journal::UndoStep;
 
 /// A step payload as the `Value` the journal's step API takes; these types have
 /// no map with non-string keys, so this cannot fail.
-fn to_value<T: serde::Serialize>(payload: &T) -> serde_json::Value {
-    serde_json::to_value(payload).unwrap_or(serde_json::Value::Null)
-}
 use crate::transport::Command;
 
 /// How a package file is installed.
@@ -379,7 +376,7 @@ fn deploy_staged(
         argv: install.clone(),
         undo: Some(undo.clone()),
     };
-    let intent = match ctx.intent("deploy", to_value(&input)) {
+    let intent = match ctx.intent("deploy", &input) {
         Ok(i) => i,
         Err(e) => return (Err(e), false),
     };
@@ -418,13 +415,13 @@ fn deploy_staged(
         "deploy",
         intent,
         ok,
-        to_value(&DeployOutput {
+        &DeployOutput {
             package: package.clone(),
             from: before.clone(),
             after: after.clone(),
             error,
             resumed: None,
-        }),
+        },
         Some(undo.clone()),
     ) {
         return (Err(e), cleaned);
@@ -511,13 +508,13 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
                     "deploy",
                     Some(step.id),
                     applied,
-                    to_value(&DeployOutput {
+                    &DeployOutput {
                         package: package.clone(),
                         from: before.clone(),
                         after: after.clone(),
                         error: None,
                         resumed: Some(note.to_string()),
-                    }),
+                    },
                     Some(undo.clone()),
                 )?;
                 if applied {

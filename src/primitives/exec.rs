@@ -12,6 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{HostCtx, PrimitiveError};
+use crate::journal::entry::{ExecInput, ExecOutput};
 use crate::journal::UndoStep;
 use crate::transport::{Command, Transport};
 
@@ -128,27 +129,34 @@ pub fn change(ctx: &HostCtx, c: &Change) -> Result<ExecResult, PrimitiveError> {
         });
     }
     let undo = c.undo_step();
-    let intent = ctx.intent(
-        step,
-        serde_json::json!({ "argv": c.argv, "raw_shell": c.raw_shell, "unmanaged": true, "undo": undo }),
-    )?;
+    let input = ExecInput {
+        argv: c.argv.clone(),
+        raw_shell: c.raw_shell,
+        unmanaged: true,
+        undo: undo.clone(),
+    };
+    let intent = ctx.intent(step, &input)?;
     match exec(ctx.transport, &c.argv, ctx.timeout(c.timeout)) {
         Ok(r) => {
-            let data = serde_json::json!({
-                "code": r.code,
-                "stdout_sha256": digest(&r.stdout),
-                "stderr_sha256": digest(&r.stderr),
-                "stdout_bytes": r.stdout.len(),
-                "stderr_bytes": r.stderr.len(),
-                "truncated": r.truncated,
-            });
-            ctx.outcome(step, intent, r.code == 0, data, Some(undo))?;
+            let output = ExecOutput {
+                code: Some(r.code),
+                stdout_sha256: Some(digest(&r.stdout)),
+                stderr_sha256: Some(digest(&r.stderr)),
+                stdout_bytes: r.stdout.len(),
+                stderr_bytes: r.stderr.len(),
+                truncated: r.truncated,
+                error: None,
+            };
+            ctx.outcome(step, intent, r.code == 0, &output, Some(undo))?;
             Ok(r)
         }
         Err(e) => {
             // It may have run before the connection died: the undo stays recorded.
-            let data = serde_json::json!({ "error": e.to_string() });
-            ctx.outcome(step, intent, false, data, Some(undo))?;
+            let output = ExecOutput {
+                error: Some(e.to_string()),
+                ..Default::default()
+            };
+            ctx.outcome(step, intent, false, &output, Some(undo))?;
             Err(e)
         }
     }

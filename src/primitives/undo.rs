@@ -11,6 +11,7 @@ use super::backup::restore;
 use super::facts::{facts, PackageManager};
 use super::packages::{check_package, installed};
 use super::{HostCtx, PrimitiveError};
+use crate::journal::entry::StepResult;
 use crate::journal::UndoStep;
 use crate::transport::Command;
 
@@ -88,7 +89,10 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
             "rollback",
             Some(step),
             result.is_ok(),
-            serde_json::json!({ "undo": describe(undo), "error": result.as_ref().err().map(|e| e.to_string()) }),
+            &StepResult {
+                undo: Some(describe(undo)),
+                error: result.as_ref().err().map(|e| e.to_string()),
+            },
             None,
         )?;
         result?;

@@ -247,7 +247,10 @@ impl HostReport {
         if self.rolled_back && self.outcome != Outcome::Reverted {
             s.push_str(", rolled back");
         }
-        if self.rollback_error.is_some() {
+        let unreverted = self.rollback.as_ref().is_some_and(|r| !r.manual.is_empty());
+        if unreverted {
+            s.push_str(", not fully reverted");
+        } else if self.rollback_error.is_some() {
             s.push_str(", rollback failed");
         }
         s
@@ -276,6 +279,8 @@ pub struct StepReport {
     /// `null` while the intent is open.
     pub ok: Option<bool>,
     pub undoes: Option<u64>,
+    /// An `exec`/`shell` change: patchbook ran it but does not know what it changed.
+    pub unmanaged: bool,
     pub detail: String,
     pub error: Option<String>,
 }
@@ -287,6 +292,8 @@ pub struct RollbackReport {
     pub cause: Option<String>,
     pub error: Option<String>,
     pub undone: Vec<String>,
+    /// Undo steps that need a person (an unmanaged change without an undo).
+    pub manual: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -774,6 +781,7 @@ fn host_report(
                     duration_ms: None,
                     ok: None,
                     undoes: intent.undoes.map(|s| s.0),
+                    unmanaged: intent.exec_input().is_some(),
                     detail: step_detail(intent),
                     error: None,
                 });
@@ -947,6 +955,10 @@ fn host_report(
                 .filter(|c| !c.is_empty()),
             error: rollback_error.clone(),
             undone,
+            manual: rollback_rec
+                .as_ref()
+                .map(|(_, end)| end.detail.manual.clone())
+                .unwrap_or_default(),
         })
     } else {
         None
@@ -1056,24 +1068,29 @@ fn output_error(out: &OutcomeData) -> Option<String> {
 
 /// What a host end says went wrong: its `error` or `reason`, else the whole detail.
 fn detail_text(end: &HostEndData) -> Option<String> {
-    match &end.detail {
-        Value::Null => None,
-        Value::String(s) if s.is_empty() => None,
-        Value::Object(m) if m.is_empty() => None,
-        Value::Object(_) => {
-            let d = end.detail_view();
-            d.error
-                .or(d.reason)
-                .or_else(|| Some(end.detail.to_string()))
-        }
-        other => text(other),
-    }
+    let d = &end.detail;
+    d.error
+        .clone()
+        .or_else(|| d.reason.clone())
+        .or_else(|| d.detail.clone())
+        .filter(|s| !s.is_empty())
 }
 
 /// One line saying what a step set out to do.
 fn step_detail(intent: &IntentData) -> String {
     if let Some(u) = intent.applied_undo() {
         return describe(&u);
+    }
+    if let Some(e) = intent.exec_input() {
+        let what = if e.raw_shell {
+            format!(
+                "raw shell `{}`",
+                e.argv.last().map(String::as_str).unwrap_or("")
+            )
+        } else {
+            format!("`{}`", e.argv.join(" "))
+        };
+        return format!("unmanaged change: {what}; undo: {}", describe(&e.undo));
     }
     if let Some(d) = intent.deploy_input() {
         return format!(
@@ -1125,7 +1142,7 @@ mod tests {
             let id = j.intent(host, "exec", json!({"argv": ["true"]})).unwrap();
             j.outcome(host, id, ok, json!({"stderr": "boom"}), None)
                 .unwrap();
-            j.host_finished(host, ok, json!({})).unwrap();
+            j.host_finished(host, ok, Default::default()).unwrap();
         }
         let id = j.intent("c", "exec", json!({})).unwrap();
         j.outcome("c", id, true, json!({}), None).unwrap();

@@ -16,14 +16,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Courier, Session};
+use crate::journal::entry::Entry;
 use crate::primitives::{notify, Mode};
 use crate::rollout::{Clock, RolloutEvent, Summary, Window};
 
 /// Receives every rollout event after the journal has it (progress display).
 pub type EventSink = Arc<dyn Fn(DateTime<Utc>, &RolloutEvent) + Send + Sync>;
-
-/// Journal record kind of a rollout event.
-pub const EVENT_KIND: &str = "rollout.event";
 
 /// How one host fared in `plan`: planned, or why it could not be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -180,9 +178,9 @@ impl RunControl {
     /// Records what the rollout saw or decided (a plan, a window, a notice). None of
     /// it is an action on a host, so it rides on the next group commit: every
     /// intent fsyncs all records before it.
-    pub fn record(&self, host: Option<&str>, kind: &str, data: serde_json::Value) {
+    pub fn record(&self, host: Option<&str>, entry: Entry) {
         if let Some(j) = &self.session.run.journal {
-            if let Err(e) = j.note(host, kind, data) {
+            if let Err(e) = j.note_entry(host, &entry) {
                 tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
                 self.stop.store(true, Ordering::SeqCst);
             }
@@ -228,8 +226,7 @@ impl RunControl {
         if !self.planning() {
             // Progress announces no action: it rides on the next group commit.
             if let Some(j) = &self.session.run.journal {
-                let data = serde_json::to_value(event).unwrap_or_default();
-                if let Err(e) = j.note(host, EVENT_KIND, data) {
+                if let Err(e) = j.note_entry(host, &Entry::Rollout(event.clone())) {
                     tracing::error!(error = %e, "cannot write the journal; stopping new hosts");
                     self.stop.store(true, Ordering::SeqCst);
                 }

@@ -10,6 +10,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::journal::entry::Entry;
 use crate::journal::Journal;
 use crate::primitives::notify::{self, NotifyConfig};
 
@@ -37,8 +38,7 @@ impl Courier {
                         notify::automatic(&cfg, &job.notice, &job.owners, &job.secrets);
                     if let Some(j) = &journal {
                         for d in deliveries {
-                            let data = serde_json::to_value(&d).unwrap_or_default();
-                            if let Err(e) = j.note(None, "notify", data) {
+                            if let Err(e) = j.note_entry(None, &Entry::Notify(d.into())) {
                                 tracing::error!(error = %e, "cannot journal a notification delivery");
                             }
                         }

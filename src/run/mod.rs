@@ -12,6 +12,6 @@ pub mod control;
 pub mod courier;
 pub mod session;
 
-pub use control::{EventSink, HostPlan, RunControl, EVENT_KIND};
+pub use control::{EventSink, HostPlan, RunControl};
 pub use courier::Courier;
 pub use session::Session;

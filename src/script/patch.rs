@@ -20,6 +20,7 @@ use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map, NativeC
 
 use super::register::{ScriptHost, EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
 use crate::inventory::{Host, TransportKind};
+use crate::journal::entry::{Entry, HttpCheckRecord};
 use crate::journal::UndoStep;
 use crate::primitives::artifact::{fetch_recorded, Artifact, ArtifactSpec};
 use crate::primitives::backup::BackupHandle;
@@ -890,11 +891,8 @@ fn register_artifact(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                 let result = fetch_recorded(&spec, &s.artifacts, &mut checks);
                 if let Some(j) = &s.run.journal {
                     for c in &checks {
-                        let data = serde_json::json!({
-                            "url": url, "sha256": spec.sha256, "what": c.what, "ok": c.ok, "detail": c.detail,
-                        });
                         // A check on the controller: durable with the first intent.
-                        if let Err(e) = j.note(None, "artifact", data) {
+                        if let Err(e) = j.note_entry(None, &c.entry(url, &spec.sha256)) {
                             return fail(&ctx, format!("artifact {url}: cannot write the journal, so the artifact is not used: {e}"));
                         }
                     }
@@ -1163,10 +1161,12 @@ fn do_http_check(
     let check = http_options(ctx, url, &opts)?;
     let r = crate::primitives::health::http_check(url, &check);
     if let Some(j) = &s.run.journal {
-        let data = serde_json::json!({
-            "url": url, "ok": r.is_ok(), "error": r.as_ref().err().map(|e| e.to_string()),
+        let entry = Entry::HttpCheck(HttpCheckRecord {
+            url: url.to_string(),
+            ok: r.is_ok(),
+            error: r.as_ref().err().map(|e| e.to_string()),
         });
-        if let Err(e) = j.append(None, "http_check", data) {
+        if let Err(e) = j.append_entry(None, &entry) {
             return fail(
                 ctx,
                 format!("http_check {url}: cannot write the journal: {e}"),
@@ -1303,7 +1303,7 @@ fn do_notify(
     let mut out = Array::with_capacity(deliveries.len());
     for d in deliveries {
         if let Some(j) = &s.run.journal {
-            if let Err(e) = j.append(None, "notify", serde_json::to_value(&d).unwrap_or_default()) {
+            if let Err(e) = j.append_entry(None, &Entry::Notify(d.clone().into())) {
                 return fail(ctx, format!("notify: cannot write the journal: {e}"));
             }
         }

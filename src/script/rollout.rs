@@ -18,6 +18,7 @@ use super::patch::no_unknown_keys;
 use super::playbook::{to_json, CompiledPlaybook, HostClosure};
 use super::register::ScriptHost;
 use crate::inventory::Host;
+use crate::journal::entry::{Entry, HostEndDetail, RolloutPlan, RolloutResume, WindowRecord};
 use crate::rollout::{
     Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent, Target,
     Window,
@@ -155,14 +156,13 @@ pub fn register_rollout(
         };
         c.record(
             None,
-            "window",
-            serde_json::json!({
-                "spec": spec,
-                "zone": spec.split_whitespace().last(),
-                "buffer": buffer,
-                "open": open,
-                "start": start.map(|t| w.display_time(t)),
-                "end": end.map(|t| w.display_time(t)),
+            Entry::Window(WindowRecord {
+                spec: spec.to_string(),
+                zone: spec.split_whitespace().last().map(str::to_string),
+                buffer: Some(buffer),
+                open: Some(open),
+                start: start.map(|t| w.display_time(t)),
+                end: end.map(|t| w.display_time(t)),
             }),
         );
         c.set_window(w);
@@ -322,8 +322,9 @@ fn rollout(
         hosts.retain(|h| !c.is_finished(&h.name));
         c.record(
             None,
-            "rollout.resume",
-            serde_json::json!({ "skipped_finished": before - hosts.len() }),
+            Entry::RolloutResume(RolloutResume {
+                skipped_finished: before - hosts.len(),
+            }),
         );
         if let Some(pilot) = policy.remove("pilot") {
             match pilot.clone().try_cast::<Array>() {
@@ -378,8 +379,10 @@ fn rollout(
     c.push_plan(plan.to_string());
     c.record(
         None,
-        "rollout.plan",
-        serde_json::json!({ "policy": policy_json, "plan": plan.to_string() }),
+        Entry::RolloutPlan(RolloutPlan {
+            policy: policy_json.clone(),
+            plan: plan.to_string(),
+        }),
     );
 
     let closure = HostClosure::from_context(ctx, work);
@@ -445,9 +448,12 @@ fn rollout(
             Err(e) => HostOutcome::failed(host_failure(e, sources)),
         };
         if let (Some(j), false) = (&journal, planning) {
-            let detail = match &outcome {
-                HostOutcome::Done => serde_json::json!({}),
-                HostOutcome::Failed { reason } => serde_json::json!({ "reason": reason }),
+            let detail = HostEndDetail {
+                reason: match &outcome {
+                    HostOutcome::Done => None,
+                    HostOutcome::Failed { reason } => Some(reason.clone()),
+                },
+                ..Default::default()
             };
             let _ = j.host_finished(&host.name, outcome == HostOutcome::Done, detail);
         }
@@ -455,20 +461,34 @@ fn rollout(
     };
     let rollback = |host: &Host, rc: &RollbackContext| -> Result<(), String> {
         let r = session.with_host(host, crate::primitives::undo::rollback);
+        let cause = Some(rc.cause);
         let (ok, detail, result) = match r {
             Ok(rep) if rep.manual.is_empty() => (
                 true,
-                serde_json::json!({ "undone": rep.undone, "cause": rc.cause }),
+                HostEndDetail {
+                    undone: rep.undone,
+                    cause,
+                    ..Default::default()
+                },
                 Ok(()),
             ),
-            Ok(rep) => (
-                false,
-                serde_json::json!({ "undone": rep.undone, "manual": rep.manual, "cause": rc.cause }),
-                Err(format!("failed, not fully reverted: {}", rep.partial())),
-            ),
+            Ok(rep) => {
+                let why = format!("failed, not fully reverted: {}", rep.partial());
+                let detail = HostEndDetail {
+                    undone: rep.undone,
+                    manual: rep.manual,
+                    cause,
+                    ..Default::default()
+                };
+                (false, detail, Err(why))
+            }
             Err(e) => (
                 false,
-                serde_json::json!({ "error": e.to_string(), "cause": rc.cause }),
+                HostEndDetail {
+                    error: Some(e.to_string()),
+                    cause,
+                    ..Default::default()
+                },
                 Err(e.to_string()),
             ),
         };
