@@ -428,15 +428,15 @@ pub fn plan(
     let script = engine_for(&control, &pb);
     let _ = script.run(&pb)?;
     let verdicts = plan_verdicts(&control.host_plans(), session.run.planned());
-    let would_change = verdicts
-        .iter()
-        .filter(|v| v.verdict == "would change")
-        .count();
-    let unchanged = verdicts
-        .iter()
-        .filter(|v| v.verdict == "would not change")
-        .count();
-    let unplannable = verdicts.iter().filter(|v| v.error.is_some()).count();
+    // Notices are planned on the controller, which is no host of the fleet.
+    let hosts = || {
+        verdicts
+            .iter()
+            .filter(|v| v.host != crate::primitives::context::CONTROLLER)
+    };
+    let would_change = hosts().filter(|v| v.verdict == "would change").count();
+    let unchanged = hosts().filter(|v| v.verdict == "would not change").count();
+    let unplannable = hosts().filter(|v| v.error.is_some()).count();
     if cli.global.json {
         let v = serde_json::json!({
             "plans": control.plans(),
