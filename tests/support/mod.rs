@@ -160,6 +160,10 @@ pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
         let ty = meta.file_type();
         let what = if ty.is_symlink() {
             format!("-> {}", std::fs::read_link(path).unwrap().display())
+        } else if ty.is_file() && path.to_string_lossy().ends_with(".sqlite-shm") {
+            // SQLite's wal-index (rpm's database): shared memory the first reader
+            // after a writer rebuilds; it holds no data, the database and -wal do.
+            "wal-index".to_string()
         } else if ty.is_file() {
             hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
         } else if ty.is_dir() {
