@@ -4,8 +4,8 @@
 //! Every result is read back from the controller side with
 //! `rpm -q --dbpath <host's database>`, never from patchbook's own report.
 //!
-//! One shared fleet: lab01–lab06 are dpkg hosts, lab07–lab23 RPM hosts; each test
-//! works on hosts of its own.
+//! One shared fleet: lab01–lab06 and lab24 are dpkg hosts, the others RPM hosts;
+//! each test works on hosts of its own.
 
 mod support;
 
@@ -16,12 +16,12 @@ use patchbook::journal::read_records;
 use patchbook::lab::{Fleet, PkgDb};
 
 const DPKG_HOSTS: usize = 6;
-const HOSTS: usize = 23;
+const HOSTS: usize = 26;
 
 fn fleet() -> &'static Fleet {
-    let kinds: Vec<PkgDb> = (0..HOSTS)
+    let kinds: Vec<PkgDb> = (1..=HOSTS)
         .map(|i| {
-            if i < DPKG_HOSTS {
+            if i <= DPKG_HOSTS || i == 24 {
                 PkgDb::Dpkg
             } else {
                 PkgDb::Rpm
@@ -381,7 +381,7 @@ rollout(targets, #{ pilot: hosts("pilot"), waves: ["50%", "100%"], order: "criti
 fn facts_see_rhel_with_rpm_on_rpm_hosts_and_debian_with_dpkg_on_the_others() {
     let p = Project::new();
     let out = p
-        .command(&["--json", "exec", "lab06,lab22", "facts(host)"])
+        .command(&["--json", "exec", "lab24,lab25", "facts(host)"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -392,11 +392,11 @@ fn facts_see_rhel_with_rpm_on_rpm_hosts_and_debian_with_dpkg_on_the_others() {
             seen.insert(host.to_string(), v["value"].clone());
         }
     }
-    assert_eq!(seen["lab06"]["package_manager"], "dpkg", "{seen:?}");
-    assert_eq!(seen["lab06"]["os_id"], "debian", "{seen:?}");
-    assert_eq!(seen["lab22"]["package_manager"], "rpm", "{seen:?}");
-    assert_eq!(seen["lab22"]["os_id"], "rhel", "{seen:?}");
-    assert_eq!(seen["lab22"]["os_like"], serde_json::json!(["fedora"]));
+    assert_eq!(seen["lab24"]["package_manager"], "dpkg", "{seen:?}");
+    assert_eq!(seen["lab24"]["os_id"], "debian", "{seen:?}");
+    assert_eq!(seen["lab25"]["package_manager"], "rpm", "{seen:?}");
+    assert_eq!(seen["lab25"]["os_id"], "rhel", "{seen:?}");
+    assert_eq!(seen["lab25"]["os_like"], serde_json::json!(["fedora"]));
     // The machine's own os-release is not the host's.
     let own = std::fs::read_to_string("/etc/os-release").unwrap();
     assert!(!own.contains("ID=\"rhel\""), "{own}");
@@ -428,4 +428,38 @@ fn plan_leaves_rpm_hosts_byte_identical() {
     }
     assert!(all.contains("rpm -U --oldpackage --replacepkgs"), "{all}");
     assert!(all.contains("2 host(s) would change"), "{all}");
+}
+
+#[test]
+fn deploying_the_installed_version_reinstalls_it_as_dpkg_does() {
+    let f = fleet();
+    let p = Project::new();
+    // Damage the installed payload; only a real reinstall puts it back.
+    let agent = f.host("lab26").unwrap().dir.join("opt/acme/agent.sh");
+    let good = std::fs::read(&agent).unwrap();
+    std::fs::write(&agent, "#!/bin/sh\nexit 3\n").unwrap();
+    let out = p
+        .command(&[
+            "--json",
+            "exec",
+            "lab26",
+            &format!(
+                r#"let a = artifact("{}", #{{ sha256: "{}" }}); deploy(host, a)"#,
+                f.rpm("1.0.0").display(),
+                sha(&f.rpm("1.0.0"))
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(line["value"]["before"], "1.0.0-1", "{line}");
+    assert_eq!(line["value"]["after"], "1.0.0-1", "{line}");
+    assert_eq!(
+        std::fs::read(&agent).unwrap(),
+        good,
+        "the payload was reinstalled"
+    );
+    assert_eq!(rpm_version("lab26").as_deref(), Some("1.0.0-1"));
 }
