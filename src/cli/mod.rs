@@ -206,6 +206,10 @@ pub enum LabVerb {
         /// machine's) or `minimal` (acme-agent alone)
         #[arg(long, default_value = "machine")]
         dpkg_db: crate::lab::DpkgDb,
+        /// Package database of the hosts: `dpkg`, `rpm` (RHEL-like hosts with
+        /// their own /var/lib/rpm) or `mixed` (first half dpkg, the rest rpm)
+        #[arg(long, default_value = "dpkg")]
+        pkg: crate::lab::Packaging,
     },
     /// Stop exactly the processes `lab up` started in DIR.
     Down { dir: PathBuf },
@@ -285,11 +289,16 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             count,
             dir,
             dpkg_db,
+            pkg,
         } => {
             let started = std::time::Instant::now();
-            let fleet =
-                crate::lab::Fleet::start_with(*count, dir, crate::lab::Tie::Detached, *dpkg_db)
-                    .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
+            let fleet = crate::lab::Fleet::start_mixed(
+                &pkg.kinds(*count),
+                dir,
+                crate::lab::Tie::Detached,
+                *dpkg_db,
+            )
+            .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
             for h in fleet.hosts() {
                 println!(
                     "{:<6} 127.0.0.1:{:<5} sshd pid {:<7} {:<9} {}",

@@ -1,5 +1,6 @@
 //! The lab fleet: real OpenSSH sshd hosts on loopback, each in its own mount
-//! namespace with its own dpkg database, for tests, demos and benchmarks.
+//! namespace with its own dpkg database (or rpm database, see [`rpm`]), for tests,
+//! demos and benchmarks.
 //! It is never used by a real run.
 //!
 //! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
@@ -9,6 +10,9 @@
 //! runs in its own PID namespace so that killing its sshd ends every process it spawned.
 
 pub mod deb;
+pub mod rpm;
+
+pub use rpm::{Packaging, PkgDb};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -87,6 +91,10 @@ pub struct LabHost {
     pub sshd_start: u64,
     pub groups: Vec<String>,
     pub criticality: Criticality,
+    /// Its package database; an RPM host also gets `/var/lib/rpm` and
+    /// `/etc/os-release` of its own (see [`rpm`]).
+    #[serde(default)]
+    pub pkg: PkgDb,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,7 +161,24 @@ impl Fleet {
 
     /// [`Fleet::start`] with the hosts' dpkg databases starting as `db`.
     pub fn start_with(n: usize, dir: &Path, tie: Tie, db: DpkgDb) -> Result<Fleet, LabError> {
+        Fleet::start_mixed(&vec![PkgDb::Dpkg; n], dir, tie, db)
+    }
+
+    /// Starts one host per entry of `kinds`, each with that package database, in
+    /// one fleet: host `i` is `lab{i+1:02}` and is in the inventory group `dpkg` or
+    /// `rpm`. dpkg hosts' databases start as `db`.
+    pub fn start_mixed(
+        kinds: &[PkgDb],
+        dir: &Path,
+        tie: Tie,
+        db: DpkgDb,
+    ) -> Result<Fleet, LabError> {
+        let n = kinds.len();
+        let has_rpm = kinds.contains(&PkgDb::Rpm);
         preflight()?;
+        if has_rpm {
+            rpm::preflight()?;
+        }
         std::fs::create_dir_all(dir).map_err(LabError::io(dir))?;
         let dir = std::fs::canonicalize(dir).map_err(LabError::io(dir))?;
         let hosts_dir = dir.join("hosts");
@@ -177,7 +202,12 @@ impl Fleet {
             )?);
         }
         deb::build_acme_agent(&dir.join("debs"))?;
-        build_template(&dir, db)?;
+        if kinds.contains(&PkgDb::Dpkg) {
+            build_template(&dir, db)?;
+        }
+        if has_rpm {
+            rpm::build_template(&dir)?;
+        }
         for (mut child, what) in keygens {
             wait_tool(&mut child, &what)?;
         }
@@ -186,8 +216,10 @@ impl Fleet {
 
         let items: Vec<(usize, String)> = names.iter().cloned().enumerate().collect();
         let template = dir.join("template");
-        crate::rollout::pool::map_bounded(&items, 4, |(_, name)| {
-            seed_host(&template, &hosts_dir.join(name))
+        let rpm_template = dir.join(rpm::TEMPLATE);
+        crate::rollout::pool::map_bounded(&items, 4, |(i, name)| match kinds[*i] {
+            PkgDb::Dpkg => seed_host(&template, &hosts_dir.join(name)),
+            PkgDb::Rpm => rpm::seed_host(&rpm_template, &hosts_dir.join(name)),
         })
         .into_iter()
         .collect::<Result<Vec<()>, LabError>>()?;
@@ -208,8 +240,9 @@ impl Fleet {
         }
         validate_configs(&pending)?;
         for (i, name, hdir, port) in &pending {
-            let child = spawn_host(hdir, tie)?;
-            let (groups, criticality) = placement(*i, n);
+            let child = spawn_host(hdir, tie, kinds[*i])?;
+            let (mut groups, criticality) = placement(*i, n);
+            groups.push(kinds[*i].as_str().to_string());
             fleet.hosts.push(LabHost {
                 name: name.clone(),
                 port: *port,
@@ -220,6 +253,7 @@ impl Fleet {
                 sshd_start: 0,
                 groups,
                 criticality,
+                pkg: kinds[*i],
             });
             fleet.children.push(child);
         }
@@ -314,7 +348,7 @@ impl Fleet {
                 h.criticality.as_str()
             );
         }
-        for group in ["pilot", "web", "db"] {
+        for group in ["pilot", "web", "db", "dpkg", "rpm"] {
             let _ = writeln!(ini, "\n[{group}]");
             for h in self
                 .hosts
@@ -332,9 +366,14 @@ impl Fleet {
                 "# patchbook settings for the lab fleet in this folder\n\
                  inventory = [\"inventory.toml\"]\n\
                  # the lab's packages are an offline mirror patches may come from\n\
-                 trusted_sources = [\"{}\"]\n\n[ssh]\nuser = \"root\"\n\
+                 trusted_sources = [\"{}\"{}]\n\n[ssh]\nuser = \"root\"\n\
                  identity = \"{id}\"\nknown_hosts = \"{}\"\n",
                 d.join("debs").display(),
+                if self.hosts.iter().any(|h| h.pkg == PkgDb::Rpm) {
+                    format!(", \"{}\"", d.join(rpm::RPMS_DIR).display())
+                } else {
+                    String::new()
+                },
                 d.join("known_hosts").display()
             ),
         )?;
@@ -433,7 +472,10 @@ impl Fleet {
     /// Puts the host back to its start state: acme-agent 1.0.0, fresh dpkg log.
     pub fn reseed(&self, name: &str) -> Result<(), LabError> {
         let h = self.host(name)?;
-        seed_host(&self.dir.join("template"), &h.dir)
+        match h.pkg {
+            PkgDb::Dpkg => seed_host(&self.dir.join("template"), &h.dir),
+            PkgDb::Rpm => rpm::seed_host(&self.dir.join(rpm::TEMPLATE), &h.dir),
+        }
     }
 
     /// Stops every process this fleet started, exactly by PID.
@@ -913,10 +955,13 @@ fn validate_configs(pending: &[(usize, String, PathBuf, u16)]) -> Result<(), Lab
     Ok(())
 }
 
-fn spawn_host(hdir: &Path, tie: Tie) -> Result<Child, LabError> {
+fn spawn_host(hdir: &Path, tie: Tie, pkg: PkgDb) -> Result<Child, LabError> {
+    let mounts = match pkg {
+        PkgDb::Dpkg => bind_mounts(hdir),
+        PkgDb::Rpm => format!("{} && {}", bind_mounts(hdir), rpm::bind_mounts(hdir)),
+    };
     let script = format!(
-        "{} && exec {SSHD} -D -e -f {}",
-        bind_mounts(hdir),
+        "{mounts} && exec {SSHD} -D -e -f {}",
         quote::word(&hdir.join("sshd_config").to_string_lossy())
     );
     let log = hdir.join("sshd.log");

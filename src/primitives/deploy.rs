@@ -241,8 +241,10 @@ fn install_argv(method: &Method, pm: PackageManager, file: &str) -> Vec<String> 
             vec!["dpkg", "-i", "--", file]
         }
         (Method::Apt, _) => vec!["apt-get", "install", "-y", "--allow-downgrades", file],
+        // `--replacepkgs`: like `dpkg -i`, installing the version already there
+        // reinstalls it; plain `rpm -U` refuses with "already installed".
         (Method::Rpm, _) | (Method::Auto, PackageManager::Rpm) => {
-            vec!["rpm", "-U", "--oldpackage", "--", file]
+            vec!["rpm", "-U", "--oldpackage", "--replacepkgs", "--", file]
         }
         (Method::Dnf, _) => vec!["dnf", "install", "-y", file],
     };

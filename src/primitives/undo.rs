@@ -128,8 +128,12 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
                         ),
                     ));
                 }
+                // `--replacepkgs`: a deploy that failed before rpm changed anything
+                // leaves the old version in place, and reinstalling it must succeed.
                 let argv: Vec<&str> = match pm {
-                    PackageManager::Rpm => vec!["rpm", "-U", "--oldpackage", "--", &remote],
+                    PackageManager::Rpm => {
+                        vec!["rpm", "-U", "--oldpackage", "--replacepkgs", "--", &remote]
+                    }
                     _ => vec!["dpkg", "-i", "--", &remote],
                 };
                 let out = ctx

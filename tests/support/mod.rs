@@ -69,6 +69,14 @@ extern "C" fn stop_shared() {
 
 /// One fleet of `n` hosts for every test of this binary (the first caller's `n` wins).
 pub fn shared_fleet(n: usize) -> &'static Fleet {
+    shared_fleet_of(&vec![patchbook::lab::PkgDb::Dpkg; n])
+}
+
+/// [`shared_fleet`] with one host per entry of `kinds`, each with that package
+/// database (see `Fleet::start_mixed`).
+pub fn shared_fleet_of(kinds: &[patchbook::lab::PkgDb]) -> &'static Fleet {
+    let n = kinds.len();
+    let kinds = kinds.to_vec();
     let (fleet, _) = SHARED.get_or_init(|| {
         require_lab();
         let dir = tempfile::Builder::new()
@@ -81,7 +89,12 @@ pub fn shared_fleet(n: usize) -> &'static Fleet {
         let (tx, rx) = std::sync::mpsc::channel();
         let d = dir.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(Fleet::up(n, &d));
+            let _ = tx.send(Fleet::start_mixed(
+                &kinds,
+                &d,
+                patchbook::lab::Tie::ToStartingThread,
+                patchbook::lab::DpkgDb::Machine,
+            ));
             loop {
                 std::thread::park();
             }
@@ -131,7 +144,8 @@ pub fn alive(pid: i32) -> bool {
 
 /// Every file a lab host owns, as `path mode uid gid sha256` lines (symlinks by
 /// target, folders by mode and owner): its dpkg database, `/opt`, `/etc/acme`,
-/// `/root` and `/var/log/dpkg.log`, read from the controller side. Two equal
+/// `/root` and `/var/log/dpkg.log`, and an RPM host's rpm database and
+/// os-release too, read from the controller side. Two equal
 /// fingerprints mean the host is byte-identical where it can be changed.
 pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
     use sha2::{Digest, Sha256};
@@ -146,6 +160,10 @@ pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
         let ty = meta.file_type();
         let what = if ty.is_symlink() {
             format!("-> {}", std::fs::read_link(path).unwrap().display())
+        } else if ty.is_file() && path.to_string_lossy().ends_with(".sqlite-shm") {
+            // SQLite's wal-index (rpm's database): shared memory the first reader
+            // after a writer rebuilds; it holds no data, the database and -wal do.
+            "wal-index".to_string()
         } else if ty.is_file() {
             hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
         } else if ty.is_dir() {
@@ -174,6 +192,11 @@ pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
     let mut out = Vec::new();
     for tree in ["dpkg", "opt", "etc-acme", "root", "dpkg.log"] {
         walk(&dir.join(tree), dir, &mut out);
+    }
+    for tree in ["rpm", "os-release"] {
+        if dir.join(tree).exists() {
+            walk(&dir.join(tree), dir, &mut out);
+        }
     }
     out.join("\n")
 }
