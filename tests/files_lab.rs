@@ -405,11 +405,18 @@ fn remove_file_keeps_what_it_removed_and_rollback_puts_it_back() {
     let conf = on_host(host, "/etc/acme/agent.conf");
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
     chown(&conf, 4321, 4321);
+    // Larger than one command's default output cap, binary.
+    let big = on_host(host, "/opt/big.bin");
+    let bytes: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&big, &bytes).unwrap();
     let pb = p.script_file(
         "remove.rhai",
         r#"let h = hosts("lab04")[0];
 print(remove_file(h, "/etc/acme/agent.conf").detail);
 print(remove_file(h, "/root/never-there").detail);
+print(remove_file(h, "/opt/big.bin").detail);
 "#,
     );
     let before = fingerprint(host);
@@ -425,8 +432,8 @@ print(remove_file(h, "/root/never-there").detail);
     }
 
     let (run, _) = p.run_ok(&pb);
-    assert!(!conf.exists());
-    assert_eq!(p.intents(&run).len(), 1);
+    assert!(!conf.exists() && !big.exists());
+    assert_eq!(p.intents(&run).len(), 2);
     let (again, stderr) = p.run_ok(&pb);
     assert!(p.intents(&again).is_empty());
     assert!(
@@ -438,6 +445,8 @@ print(remove_file(h, "/root/never-there").detail);
     assert_eq!(fingerprint(host), before);
     assert_eq!(mode_of(&conf), 0o600);
     assert_eq!(owner_of(&conf), (4321, 4321));
+    assert!(std::fs::read(&big).unwrap() == bytes);
+    std::fs::remove_file(big).unwrap();
 }
 
 #[test]
@@ -448,6 +457,11 @@ fn links_special_files_and_hostile_inputs_are_refused_before_any_change() {
     p.script_file("agent.conf", "interval = 5\n");
     p.script_file("agent.j2", "interval = {{ interval }}\n");
     let outside = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let huge = on_host(host, "/root/huge.conf");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
     let pb = p.script_file(
         "refused.rhai",
         &format!(
@@ -469,6 +483,7 @@ let attempts = [
     || line_in_file(h, "/etc/acme/agent.conf", #{{ regexp: "(", line: "x" }}),
     || line_in_file(h, "/etc/acme/agent.conf", #{{ line: "a\nb" }}),
     || line_in_file(h, "/root/missing.conf", #{{ line: "x = 1" }}),
+    || line_in_file(h, "/root/huge.conf", #{{ line: "x = 1" }}),
 ];
 for a in attempts {{
     try {{ a.call(); print("NOT REFUSED"); }} catch (e) {{ refused += 1; print(`REFUSED: ${{e}}`); }}
@@ -480,7 +495,7 @@ print(`refused ${{refused}} of ${{attempts.len()}}`);
     );
     let before = fingerprint(host);
     let (run, stderr) = p.run_ok(&pb);
-    assert!(stderr.contains("refused 15 of 15"), "{stderr}");
+    assert!(stderr.contains("refused 16 of 16"), "{stderr}");
     assert!(!stderr.contains("NOT REFUSED"), "{stderr}");
     for want in [
         "it is a symbolic link to \"/etc/acme/agent.conf\"; give #{ follow: true }",
@@ -492,6 +507,7 @@ print(`refused ${{refused}} of ${{attempts.len()}}`);
         "not a usable regular expression",
         "a line has no newline",
         "does not exist; create it with put_file or template first",
+        "/root/huge.conf is 17825792 bytes; file steps handle at most 16777216 bytes",
     ] {
         assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
     }
@@ -519,6 +535,7 @@ put_file(h, "agent.conf", "/root/conf-link", #{ follow: true });
     p.rollback_ok(&run, host);
     assert_eq!(fingerprint(host), before);
     std::fs::remove_file(link).unwrap();
+    std::fs::remove_file(huge).unwrap();
 
     // `check` knows the option keys.
     let typo = p.script_file(
@@ -570,4 +587,32 @@ if !refused { throw "a key with a space was not refused"; }
 
     p.rollback_ok(&run, host);
     assert_eq!(fingerprint(host), before);
+}
+
+#[test]
+fn docs_describe_every_file_primitive_overload() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = support::patchbook(["docs".as_ref(), "--out".as_ref(), dir.path().as_os_str()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let defs =
+        std::fs::read_to_string(dir.path().join(patchbook::script::docs::PRIMITIVES_FILE)).unwrap();
+    let lines: Vec<&str> = defs.lines().collect();
+    for (name, overloads) in [
+        ("put_file", 2),
+        ("template", 2),
+        ("line_in_file", 1),
+        ("remove_file", 2),
+    ] {
+        let at: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with(&format!("fn {name}(host: Host")))
+            .collect();
+        assert_eq!(at.len(), overloads, "{name}:\n{defs}");
+        for i in at {
+            assert!(
+                i > 0 && lines[i - 1].starts_with("///"),
+                "{} has no doc comment",
+                lines[i]
+            );
+        }
+    }
 }
