@@ -466,7 +466,9 @@ pub fn plan(
             println!("{}: {}", v.host, v.verdict);
             for a in &v.actions {
                 let what = if a.change { "" } else { " (check, not run)" };
-                println!("  {:<10} {:<8} {}{what}", a.step, a.result, a.detail);
+                // A diff's lines are indented under their step.
+                let detail = a.detail.replace('\n', "\n      ");
+                println!("  {:<10} {:<8} {detail}{what}", a.step, a.result);
             }
             if let Some(e) = &v.error {
                 for (i, line) in e.lines().enumerate() {

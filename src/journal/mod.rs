@@ -328,6 +328,24 @@ pub enum UndoStep {
     Command { argv: Vec<String> },
     /// Cannot be reversed automatically; a person must.
     Manual { reason: String },
+    /// Put a file back exactly as it was before a file step changed it (its bytes
+    /// from the controller's store, mode, owner and group), or remove it when it
+    /// did not exist.
+    File {
+        path: String,
+        previous: Option<PreviousFile>,
+    },
+}
+
+/// A host file as it was before a file step, as an undo step names it. The bytes
+/// are on the controller, at `<state>/files/<sha256>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousFile {
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A backup archive on the controller, as an undo step names it.

@@ -1,6 +1,6 @@
 //! The primitives: typed Rust functions that do the work of a playbook —
 //! facts, version comparison, artifacts, backup, deploy, verify, health, rollback,
-//! notify, exec.
+//! notify, exec, files.
 //!
 //! Each one is a plain function testable without Rhai; the `script` layer adapts
 //! them. A primitive that changes a host writes its intent to the journal before
@@ -12,6 +12,7 @@ pub mod context;
 pub mod deploy;
 pub mod exec;
 pub mod facts;
+pub mod files;
 pub mod health;
 pub mod notify;
 pub mod packages;

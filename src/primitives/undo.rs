@@ -34,6 +34,7 @@ pub fn describe(undo: &UndoStep) -> String {
         UndoStep::Remove { package } => format!("remove {package}"),
         UndoStep::Command { argv } => format!("run `{}`", crate::transport::quote::argv(argv)),
         UndoStep::Manual { reason } => format!("manual: {reason}"),
+        UndoStep::File { path, previous } => super::files::describe_undo(path, previous.as_ref()),
     }
 }
 
@@ -189,5 +190,8 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
             Ok(())
         }
         UndoStep::Manual { .. } => Ok(()),
+        UndoStep::File { path, previous } => {
+            super::files::restore_file(ctx, path, previous.as_ref())
+        }
     }
 }

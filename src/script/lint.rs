@@ -19,6 +19,7 @@ use rhai::{ASTNode, Engine, Expr, FnAccess, FnCallExpr, OptimizationLevel, Posit
 
 use super::diagnostics::{Diagnostic, Location};
 use super::engine::sandbox;
+use super::files::{FILE_OPTION_KEYS, LINE_IN_FILE_OPTION_KEYS, REMOVE_FILE_OPTION_KEYS};
 use super::patch::{
     ARTIFACT_OPTION_KEYS, DEPLOY_OPTION_KEYS, HEALTH_OPTION_KEYS, HTTP_CHECK_OPTION_KEYS,
     NOTIFY_OPTION_KEYS,
@@ -68,6 +69,10 @@ pub const OPTION_MAPS: &[OptionMap] = &[
     opts("health", 3, 2, HEALTH_OPTION_KEYS),
     opts("http_check", 2, 1, HTTP_CHECK_OPTION_KEYS),
     opts("notify", 3, 2, NOTIFY_OPTION_KEYS),
+    opts("put_file", 4, 3, FILE_OPTION_KEYS),
+    opts("template", 5, 4, FILE_OPTION_KEYS),
+    opts("line_in_file", 3, 2, LINE_IN_FILE_OPTION_KEYS),
+    opts("remove_file", 3, 2, REMOVE_FILE_OPTION_KEYS),
     opts("window", 2, 1, WINDOW_OPTION_KEYS),
     opts("test", 4, 2, TEST_OPTION_KEYS),
     OptionMap {

@@ -7,6 +7,7 @@
 pub mod diagnostics;
 pub mod docs;
 pub mod engine;
+pub mod files;
 pub mod lint;
 pub mod patch;
 pub mod playbook;

@@ -52,14 +52,14 @@ pub struct ScriptArtifact(pub Arc<Artifact>);
 #[derive(Debug, Clone)]
 pub struct ScriptBackup(pub Arc<BackupHandle>);
 
-fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T> {
+pub(super) fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T> {
     Err(Box::new(EvalAltResult::ErrorRuntime(
         message.into().into(),
         ctx.call_position(),
     )))
 }
 
-fn session<'a>(
+pub(super) fn session<'a>(
     ctx: &NativeCallContext,
     s: &'a Option<Arc<Session>>,
     what: &str,
@@ -119,7 +119,7 @@ fn with_host<R>(
     })
 }
 
-fn on_host<R>(
+pub(super) fn on_host<R>(
     ctx: &NativeCallContext,
     s: &Session,
     host: &ScriptHost,
@@ -304,7 +304,7 @@ pub fn unit_problem(name: &str) -> Option<&'static str> {
     None
 }
 
-fn opt_str(m: &Map, key: &str) -> Result<Option<String>, String> {
+pub(super) fn opt_str(m: &Map, key: &str) -> Result<Option<String>, String> {
     match m.get(key) {
         None => Ok(None),
         Some(v) if v.is_unit() => Ok(None),
@@ -543,6 +543,7 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     register_rollback(engine, &session);
     register_notify(engine, &session);
     register_commands(engine, &session);
+    super::files::register_files(engine, &session);
 }
 
 /// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
