@@ -126,6 +126,8 @@ entries! {
     Rollout(RolloutEvent) = "rollout.event",
     /// A notification sent to people.
     Notify(NotifyRecord) = "notify",
+    /// A file step found the file already as asked: nothing was written.
+    FileUnchanged(FileUnchanged) = "file.unchanged",
 }
 
 /// `data` of `run.close`: nothing, written as `{}`.
@@ -619,6 +621,42 @@ pub struct ExecOutput {
     pub truncated: bool,
     /// The transport's error, when the command's end was not seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of a `file.unchanged` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileUnchanged {
+    pub step: String,
+    pub path: String,
+}
+
+/// The input of a file step's intent (`put_file`, `template`, `line_in_file`,
+/// `remove_file`): what it will write or remove, and the undo kept before it acts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInput {
+    pub path: String,
+    /// `write` or `remove`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chown: Option<String>,
+    pub undo: UndoStep,
+}
+
+/// The output of a file step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOutput {
+    pub path: String,
+    /// What the host said after the change (its new hash and mode).
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
     pub error: Option<String>,
 }
 

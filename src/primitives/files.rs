@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::artifact::Artifact;
 use super::{cut, HostCtx, PrimitiveError};
+use crate::journal::entry::{Entry, FileInput, FileOutput, FileUnchanged};
 use crate::journal::{redact_str, PreviousFile, UndoStep};
 use crate::transport::Command;
 
@@ -832,8 +833,10 @@ fn change_file(
                 tracing::info!(target: "patchbook::files", host = %ctx.name(), step, path = %path, "{reason}");
                 ctx.record(
                     step,
-                    "file.unchanged",
-                    serde_json::json!({ "step": step, "path": path }),
+                    Entry::FileUnchanged(FileUnchanged {
+                        step: step.to_string(),
+                        path: path.clone(),
+                    }),
                 )?;
             }
             return Ok(FileResult {
@@ -902,10 +905,15 @@ fn change_file(
         } => {
             let sha = sha256_hex(bytes);
             let mode_s = format!("{mode:04o}");
-            let input = serde_json::json!({
-                "path": path, "action": "write", "sha256": sha, "size": bytes.len(),
-                "mode": mode_s, "chown": chown, "undo": undo,
-            });
+            let input = FileInput {
+                path: path.clone(),
+                action: "write".into(),
+                sha256: Some(sha.clone()),
+                size: Some(bytes.len()),
+                mode: Some(mode_s.clone()),
+                chown: chown.clone(),
+                undo: undo.clone(),
+            };
             let own = chown.clone().unwrap_or_default();
             let cmd = Command::script(
                 WRITE_SCRIPT,
@@ -916,14 +924,22 @@ fn change_file(
             (input, cmd)
         }
         _ => {
-            let input = serde_json::json!({ "path": path, "action": "remove", "undo": undo });
+            let input = FileInput {
+                path: path.clone(),
+                action: "remove".into(),
+                sha256: None,
+                size: None,
+                mode: None,
+                chown: None,
+                undo: undo.clone(),
+            };
             (
                 input,
                 Command::script(REMOVE_SCRIPT, "patchbook-remove", &[&path, &was]),
             )
         }
     };
-    let intent = ctx.intent(step, input)?;
+    let intent = ctx.intent(step, &input)?;
     let result = ctx
         .transport
         .run(&cmd.timeout(ctx.timeout(STEP_TIMEOUT)))
@@ -943,11 +959,11 @@ fn change_file(
         step,
         intent,
         result.is_ok(),
-        serde_json::json!({
-            "path": path,
-            "after": result.as_ref().ok(),
-            "error": result.as_ref().err().map(|e| e.to_string()),
-        }),
+        &FileOutput {
+            path: path.clone(),
+            after: result.as_ref().ok().cloned(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        },
         Some(undo),
     )?;
     result?;
