@@ -9,6 +9,7 @@
 //! runs in its own PID namespace so that killing its sshd ends every process it spawned.
 
 pub mod deb;
+pub mod init;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -79,7 +80,8 @@ pub struct LabHost {
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
-    /// The host's sshd (PID 1 of its PID namespace), as seen from outside.
+    /// The host's init (PID 1 of its PID namespace, the parent of its sshd; see
+    /// [`init`]), as seen from outside.
     pub sshd_pid: i32,
     /// Start times (clock ticks since boot) of the two processes, so a recycled PID
     /// is never killed by mistake.
@@ -697,6 +699,7 @@ fn build_template(dir: &Path, db: DpkgDb) -> Result<(), LabError> {
         std::fs::create_dir_all(t.join(sub)).map_err(LabError::io(&t))?;
     }
     seed_home(&t.join("root"))?;
+    init::seed_init(&t)?;
     write(&t.join("dpkg.log"), "")?;
     match db {
         DpkgDb::Machine => copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?,
@@ -724,12 +727,16 @@ fn bind_mounts(hdir: &Path) -> String {
     format!(
         "mount --bind {} /var/lib/dpkg && mount --bind {} /opt && \
          mount --bind {} /etc/acme && mount --bind {} /var/log/dpkg.log && \
-         mount --bind {} /root",
+         mount --bind {} /root && mount --bind {} /etc/init.d && \
+         mount --bind {} /usr/local/sbin && mount --bind {} /run",
         q("dpkg"),
         q("opt"),
         q("etc-acme"),
         q("dpkg.log"),
-        q("root")
+        q("root"),
+        q("init.d"),
+        q("sbin"),
+        q("run")
     )
 }
 
@@ -795,6 +802,7 @@ fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
     copy_tree(&template.join("opt"), &hdir.join("opt"))?;
     copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
     seed_home(&hdir.join("root"))?;
+    init::seed_init(hdir)?;
     // Truncate in place: the file is a mount source too.
     write(&hdir.join("dpkg.log"), "")
 }
@@ -914,11 +922,7 @@ fn validate_configs(pending: &[(usize, String, PathBuf, u16)]) -> Result<(), Lab
 }
 
 fn spawn_host(hdir: &Path, tie: Tie) -> Result<Child, LabError> {
-    let script = format!(
-        "{} && exec {SSHD} -D -e -f {}",
-        bind_mounts(hdir),
-        quote::word(&hdir.join("sshd_config").to_string_lossy())
-    );
+    let script = init::init_script(hdir, &bind_mounts(hdir), SSHD);
     let log = hdir.join("sshd.log");
     let log_file = std::fs::File::create(&log).map_err(LabError::io(&log))?;
     let mut cmd = std::process::Command::new("unshare");

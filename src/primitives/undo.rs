@@ -33,6 +33,7 @@ pub fn describe(undo: &UndoStep) -> String {
         UndoStep::Remove { package } => format!("remove {package}"),
         UndoStep::Command { argv } => format!("run `{}`", crate::transport::quote::argv(argv)),
         UndoStep::Manual { reason } => format!("manual: {reason}"),
+        UndoStep::Service { .. } => super::services::describe_undo(undo),
     }
 }
 
@@ -181,5 +182,11 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
             Ok(())
         }
         UndoStep::Manual { .. } => Ok(()),
+        UndoStep::Service {
+            unit,
+            was_active,
+            was_enabled,
+            ..
+        } => super::services::restore_state(ctx, unit, *was_active, *was_enabled),
     }
 }
