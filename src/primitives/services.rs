@@ -547,8 +547,11 @@ fi
 read -r k < /proc/sys/kernel/osrelease && echo "K $k"
 found=
 for f in /boot/vmlinuz-*; do [ -e "$f" ] && { echo "V ${f#/boot/vmlinuz-}"; found=1; }; done
-if [ -z "$found" ] && command -v rpm >/dev/null 2>&1; then
-  rpm -q --qf 'V %{VERSION}-%{RELEASE}.%{ARCH}\n' kernel-core kernel 2>/dev/null | grep '^V '
+# Only a host with a system rpm database: elsewhere (Debian's rpm) a query would
+# create ~/.rpmdb, and a probe writes nothing.
+if [ -z "$found" ] && command -v rpm >/dev/null 2>&1 && \
+   { [ -e /var/lib/rpm/rpmdb.sqlite ] || [ -e /var/lib/rpm/Packages ] || [ -e /var/lib/rpm/Packages.db ]; }; then
+  rpm --dbpath /var/lib/rpm -q --qf 'V %{VERSION}-%{RELEASE}.%{ARCH}\n' kernel-core kernel 2>/dev/null | grep '^V '
 fi
 if command -v needs-restarting >/dev/null 2>&1; then
   out=$(needs-restarting -r 2>&1); rc=$?
