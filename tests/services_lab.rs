@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use patchbook::lab::init::{AGENT_DAEMON, FAIL_NEXT_START};
 use patchbook::lab::Fleet;
 
-const HOSTS: usize = 11;
+const HOSTS: usize = 12;
 
 fn fleet() -> &'static Fleet {
     support::shared_fleet(HOSTS)
@@ -450,4 +450,29 @@ fn a_rebooted_lab_host_is_torn_down_without_a_process_left() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn restart_if_changed_restarts_only_after_a_change() {
+    let p = Project::new();
+    let h = "lab12";
+    let first = start_agent(h);
+    let (v, _) = p.exec(
+        h,
+        r#"import "services" as svc; svc::restart_if_changed(host, "acme-agent", #{ before: "1.0.1", after: "1.0.1", planned: false })"#,
+    );
+    assert_eq!(v["changed"], false, "{v}");
+    assert_eq!(
+        agent_pids(h),
+        vec![first],
+        "nothing changed, nothing restarted"
+    );
+    let (v, _) = p.exec(
+        h,
+        r#"import "services" as svc; svc::restart_if_changed(host, "acme-agent", true)"#,
+    );
+    assert_eq!(v["changed"], true, "{v}");
+    let now = agent_pids(h);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, vec![first], "a change restarts the agent");
 }
