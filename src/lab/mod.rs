@@ -4,9 +4,10 @@
 //!
 //! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
 //! and exactly the processes it starts, which it records by PID in `lab.json`. It
-//! must not touch the machine's own dpkg database, `/opt` or `/etc/acme`: every host
-//! sees per-host copies bind-mounted over them in its private mount namespace, and
-//! runs in its own PID namespace so that killing its sshd ends every process it spawned.
+//! must not touch the machine's own dpkg database, `/opt`, `/etc/acme`,
+//! `/etc/init.d` or `/run`: every host sees per-host copies bind-mounted over them
+//! in its private mount namespace, and runs in its own PID namespace so that
+//! killing its init ([`init`]) ends every process it spawned.
 
 pub mod deb;
 pub mod init;
@@ -76,7 +77,8 @@ pub struct LabHost {
     pub name: String,
     pub port: u16,
     /// The host's own folder: sshd config, host key, and the trees bind-mounted
-    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log` and `/root`.
+    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log`, `/root`,
+    /// `/etc/init.d`, `/usr/local/sbin`, `/run` and the boot id (see [`init`]).
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
