@@ -328,6 +328,17 @@ pub enum UndoStep {
     Command { argv: Vec<String> },
     /// Cannot be reversed automatically; a person must.
     Manual { reason: String },
+    /// Bring a service back to the state a `service` step found it in: active or
+    /// not, and enabled or not where that was known. A restart or reload cannot be
+    /// undone (`restarted`); its undo only makes the unit active again.
+    Service {
+        unit: String,
+        was_active: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        was_enabled: Option<bool>,
+        #[serde(default)]
+        restarted: bool,
+    },
     /// Put a file back exactly as it was before a file step changed it (its bytes
     /// from the controller's store, mode, owner and group), or remove it when it
     /// did not exist.

@@ -5,11 +5,13 @@
 //!
 //! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
 //! and exactly the processes it starts, which it records by PID in `lab.json`. It
-//! must not touch the machine's own dpkg database, `/opt` or `/etc/acme`: every host
-//! sees per-host copies bind-mounted over them in its private mount namespace, and
-//! runs in its own PID namespace so that killing its sshd ends every process it spawned.
+//! must not touch the machine's own dpkg database, `/opt`, `/etc/acme`,
+//! `/etc/init.d` or `/run`: every host sees per-host copies bind-mounted over them
+//! in its private mount namespace, and runs in its own PID namespace so that
+//! killing its init ([`init`]) ends every process it spawned.
 
 pub mod deb;
+pub mod init;
 pub mod rpm;
 
 pub use rpm::{Packaging, PkgDb};
@@ -79,11 +81,13 @@ pub struct LabHost {
     pub name: String,
     pub port: u16,
     /// The host's own folder: sshd config, host key, and the trees bind-mounted
-    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log` and `/root`.
+    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log`, `/root`,
+    /// `/etc/init.d`, `/usr/local/sbin`, `/run` and the boot id (see [`init`]).
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
-    /// The host's sshd (PID 1 of its PID namespace), as seen from outside.
+    /// The host's init (PID 1 of its PID namespace, the parent of its sshd; see
+    /// [`init`]), as seen from outside.
     pub sshd_pid: i32,
     /// Start times (clock ticks since boot) of the two processes, so a recycled PID
     /// is never killed by mistake.
@@ -739,6 +743,7 @@ fn build_template(dir: &Path, db: DpkgDb) -> Result<(), LabError> {
         std::fs::create_dir_all(t.join(sub)).map_err(LabError::io(&t))?;
     }
     seed_home(&t.join("root"))?;
+    init::seed_init(&t)?;
     write(&t.join("dpkg.log"), "")?;
     match db {
         DpkgDb::Machine => copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?,
@@ -766,12 +771,16 @@ fn bind_mounts(hdir: &Path) -> String {
     format!(
         "mount --bind {} /var/lib/dpkg && mount --bind {} /opt && \
          mount --bind {} /etc/acme && mount --bind {} /var/log/dpkg.log && \
-         mount --bind {} /root",
+         mount --bind {} /root && mount --bind {} /etc/init.d && \
+         mount --bind {} /usr/local/sbin && mount --bind {} /run",
         q("dpkg"),
         q("opt"),
         q("etc-acme"),
         q("dpkg.log"),
-        q("root")
+        q("root"),
+        q("init.d"),
+        q("sbin"),
+        q("run")
     )
 }
 
@@ -837,6 +846,7 @@ fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
     copy_tree(&template.join("opt"), &hdir.join("opt"))?;
     copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
     seed_home(&hdir.join("root"))?;
+    init::seed_init(hdir)?;
     // Truncate in place: the file is a mount source too.
     write(&hdir.join("dpkg.log"), "")
 }
@@ -960,10 +970,7 @@ fn spawn_host(hdir: &Path, tie: Tie, pkg: PkgDb) -> Result<Child, LabError> {
         PkgDb::Dpkg => bind_mounts(hdir),
         PkgDb::Rpm => format!("{} && {}", bind_mounts(hdir), rpm::bind_mounts(hdir)),
     };
-    let script = format!(
-        "{mounts} && exec {SSHD} -D -e -f {}",
-        quote::word(&hdir.join("sshd_config").to_string_lossy())
-    );
+    let script = init::init_script(hdir, &mounts, SSHD);
     let log = hdir.join("sshd.log");
     let log_file = std::fs::File::create(&log).map_err(LabError::io(&log))?;
     let mut cmd = std::process::Command::new("unshare");

@@ -35,6 +35,7 @@ pub fn describe(undo: &UndoStep) -> String {
         UndoStep::Command { argv } => format!("run `{}`", crate::transport::quote::argv(argv)),
         UndoStep::Manual { reason } => format!("manual: {reason}"),
         UndoStep::File { path, previous } => super::files::describe_undo(path, previous.as_ref()),
+        UndoStep::Service { .. } => super::services::describe_undo(undo),
     }
 }
 
@@ -193,5 +194,11 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
         UndoStep::File { path, previous } => {
             super::files::restore_file(ctx, path, previous.as_ref())
         }
+        UndoStep::Service {
+            unit,
+            was_active,
+            was_enabled,
+            ..
+        } => super::services::restore_state(ctx, unit, *was_active, *was_enabled),
     }
 }

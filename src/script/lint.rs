@@ -27,6 +27,7 @@ use super::patch::{
 use super::playbook::{CompiledPlaybook, Compiler};
 use super::register::{EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
 use super::rollout::{TEST_OPTION_KEYS, WINDOW_OPTION_KEYS};
+use super::services::{REBOOT_OPTION_KEYS, SERVICE_OPTION_KEYS};
 use super::Limits;
 use crate::rollout::policy::POLICY_KEYS;
 
@@ -75,6 +76,8 @@ pub const OPTION_MAPS: &[OptionMap] = &[
     opts("remove_file", 3, 2, REMOVE_FILE_OPTION_KEYS),
     opts("window", 2, 1, WINDOW_OPTION_KEYS),
     opts("test", 4, 2, TEST_OPTION_KEYS),
+    opts("service", 3, 2, SERVICE_OPTION_KEYS),
+    opts("reboot", 2, 1, REBOOT_OPTION_KEYS),
     OptionMap {
         what: "policy key",
         ..opts("rollout", 3, 1, POLICY_KEYS)

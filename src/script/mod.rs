@@ -14,6 +14,7 @@ pub mod playbook;
 pub mod register;
 pub mod resolver;
 pub mod rollout;
+pub mod services;
 
 use std::path::PathBuf;
 

@@ -30,7 +30,7 @@ use crate::primitives::notify::Severity;
 use crate::primitives::{cut, version, HostCtx, Mode, PrimitiveError};
 use crate::run::Session;
 
-type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+pub(super) type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// Longest argv word accepted from a playbook. Real arguments are far shorter; the
 /// cap keeps megabyte strings away from command lines and error messages.
@@ -152,7 +152,7 @@ fn plan_on_controller(s: &Session, step: &str, detail: String) {
 }
 
 /// "`where_`: refused `what` "value": reason", where `where_` names host and step.
-fn refused(where_: &str, what: &str, value: &str, reason: &str) -> String {
+pub(super) fn refused(where_: &str, what: &str, value: &str, reason: &str) -> String {
     format!("{where_}: refused {what} {:?}: {reason}", cut(value, 80))
 }
 
@@ -252,7 +252,7 @@ pub fn argv_problem(argv: &[String]) -> Option<String> {
     None
 }
 
-fn argv_arg(
+pub(super) fn argv_arg(
     ctx: &NativeCallContext,
     host: &str,
     step: &str,
@@ -328,7 +328,7 @@ fn opt_int(m: &Map, key: &str) -> Result<Option<i64>, String> {
 }
 
 /// A duration option: `"2s"`, `"1m30s"`, `"500ms"`, or a number of seconds.
-fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
+pub(super) fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
     match m.get(key) {
         None => Ok(None),
         Some(v) if v.is_unit() => Ok(None),
@@ -544,6 +544,7 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     register_notify(engine, &session);
     register_commands(engine, &session);
     super::files::register_files(engine, &session);
+    super::services::register_services(engine, &session);
 }
 
 /// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
