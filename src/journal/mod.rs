@@ -296,6 +296,28 @@ pub enum UndoStep {
     Command { argv: Vec<String> },
     /// Cannot be reversed automatically; a person must.
     Manual { reason: String },
+    /// Put packages back at the versions they had before a repository upgrade,
+    /// from the repository or the host's package cache; purge those that were absent.
+    Packages { versions: Vec<PackageBefore> },
+}
+
+/// One package as a repository upgrade found it, for its undo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageBefore {
+    pub package: String,
+    /// `None`: the upgrade installed it new, so the undo purges it.
+    pub version: Option<String>,
+    /// Where the undo reinstalls `version` from when the repository no longer
+    /// offers it: a `.deb` on the host, checked against its SHA-256 first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<CachedPackage>,
+}
+
+/// A package file kept on the host (`/var/cache/apt/archives`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedPackage {
+    pub path: String,
+    pub sha256: String,
 }
 
 /// A backup archive on the controller, as an undo step names it.

@@ -1,6 +1,6 @@
 //! The primitives: typed Rust functions that do the work of a playbook —
 //! facts, version comparison, artifacts, backup, deploy, verify, health, rollback,
-//! notify, exec.
+//! notify, exec, repository upgrades.
 //!
 //! Each one is a plain function testable without Rhai; the `script` layer adapts
 //! them. A primitive that changes a host writes its intent to the journal before
@@ -16,6 +16,7 @@ pub mod health;
 pub mod notify;
 pub mod packages;
 pub mod undo;
+pub mod upgrade;
 pub mod version;
 
 pub use context::{HostCtx, Mode, PlannedAction, RunCtx};

@@ -33,6 +33,7 @@ pub fn describe(undo: &UndoStep) -> String {
         UndoStep::Remove { package } => format!("remove {package}"),
         UndoStep::Command { argv } => format!("run `{}`", crate::transport::quote::argv(argv)),
         UndoStep::Manual { reason } => format!("manual: {reason}"),
+        UndoStep::Packages { versions } => super::upgrade::describe_versions(versions),
     }
 }
 
@@ -181,5 +182,6 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
             Ok(())
         }
         UndoStep::Manual { .. } => Ok(()),
+        UndoStep::Packages { versions } => super::upgrade::restore_versions(ctx, versions),
     }
 }

@@ -13,6 +13,7 @@ pub mod playbook;
 pub mod register;
 pub mod resolver;
 pub mod rollout;
+pub mod upgrade;
 
 use std::path::PathBuf;
 

@@ -51,14 +51,14 @@ pub struct ScriptArtifact(pub Arc<Artifact>);
 #[derive(Debug, Clone)]
 pub struct ScriptBackup(pub Arc<BackupHandle>);
 
-fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T> {
+pub(super) fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T> {
     Err(Box::new(EvalAltResult::ErrorRuntime(
         message.into().into(),
         ctx.call_position(),
     )))
 }
 
-fn session<'a>(
+pub(super) fn session<'a>(
     ctx: &NativeCallContext,
     s: &'a Option<Arc<Session>>,
     what: &str,
@@ -118,7 +118,7 @@ fn with_host<R>(
     })
 }
 
-fn on_host<R>(
+pub(super) fn on_host<R>(
     ctx: &NativeCallContext,
     s: &Session,
     host: &ScriptHost,
@@ -157,7 +157,11 @@ fn refused(where_: &str, what: &str, value: &str, reason: &str) -> String {
 
 /// A package name either package manager would accept; the primitive checks it
 /// again against the host's own grammar once the facts are known.
-fn check_package_arg(ctx: &NativeCallContext, where_: &str, pkg: &str) -> RhaiResult<()> {
+pub(super) fn check_package_arg(
+    ctx: &NativeCallContext,
+    where_: &str,
+    pkg: &str,
+) -> RhaiResult<()> {
     if version::valid_deb_package(pkg) || version::valid_rpm_name(pkg) {
         return Ok(());
     }
@@ -176,7 +180,7 @@ fn check_package_arg(ctx: &NativeCallContext, where_: &str, pkg: &str) -> RhaiRe
     )
 }
 
-fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResult<()> {
+pub(super) fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResult<()> {
     if version::valid_deb_version(v) || version::valid_rpm_version(v) {
         return Ok(());
     }
@@ -196,7 +200,7 @@ fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResu
 }
 
 /// The strings of an array, refusing anything that is not one.
-fn strings(
+pub(super) fn strings(
     ctx: &NativeCallContext,
     host: &str,
     step: &str,
@@ -303,7 +307,7 @@ pub fn unit_problem(name: &str) -> Option<&'static str> {
     None
 }
 
-fn opt_str(m: &Map, key: &str) -> Result<Option<String>, String> {
+pub(super) fn opt_str(m: &Map, key: &str) -> Result<Option<String>, String> {
     match m.get(key) {
         None => Ok(None),
         Some(v) if v.is_unit() => Ok(None),
@@ -327,7 +331,7 @@ fn opt_int(m: &Map, key: &str) -> Result<Option<i64>, String> {
 }
 
 /// A duration option: `"2s"`, `"1m30s"`, `"500ms"`, or a number of seconds.
-fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
+pub(super) fn opt_duration(m: &Map, key: &str) -> Result<Option<Duration>, String> {
     match m.get(key) {
         None => Ok(None),
         Some(v) if v.is_unit() => Ok(None),
@@ -380,7 +384,7 @@ pub(crate) fn no_unknown_keys(m: &Map, known: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn opt_string(v: Option<String>) -> Dynamic {
+pub(super) fn opt_string(v: Option<String>) -> Dynamic {
     v.map(Dynamic::from).unwrap_or(Dynamic::UNIT)
 }
 
@@ -542,6 +546,7 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     register_rollback(engine, &session);
     register_notify(engine, &session);
     register_commands(engine, &session);
+    super::upgrade::register_upgrade(engine, &session);
 }
 
 /// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
@@ -781,7 +786,7 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
     FuncRegistration::new("needing")
         .with_volatility(true)
         .with_params_info(["hosts: Array", "pkg: &str", "fixed: &str", "Array"])
-        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. Hosts are asked in\n/// parallel (`--forks`); one that cannot be asked is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
+        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. `fixed` = \"candidate\"\n/// keeps hosts whose repositories offer a newer version than installed. Hosts are asked in\n/// parallel (`--forks`); one that cannot be asked is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, hosts: Array, pkg: &str, fixed: &str| -> RhaiResult<Array> {
@@ -795,10 +800,19 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                     }
                 }
                 check_package_arg(&ctx, "needing", pkg)?;
-                check_version_arg(&ctx, "needing", fixed)?;
+                let candidate = fixed == "candidate";
+                if !candidate {
+                    check_version_arg(&ctx, "needing", fixed)?;
+                }
                 let call = call_deadline();
                 let answers = crate::rollout::pool::map_bounded(&targets, s.runtime.forks, |h| {
-                    with_host(s, &h.0, call, |hc| crate::primitives::packages::needs(hc, pkg, fixed))
+                    with_host(s, &h.0, call, |hc| {
+                        if candidate {
+                            crate::primitives::upgrade::candidate_newer(hc, pkg)
+                        } else {
+                            crate::primitives::packages::needs(hc, pkg, fixed)
+                        }
+                    })
                 });
                 let mut keep = Array::new();
                 let mut errors = Vec::new();
