@@ -4,10 +4,11 @@
 //!
 //! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
 //! and exactly the processes it starts, which it records by PID in `lab.json`. It
-//! must not touch the machine's own dpkg database, `/opt` or `/etc/acme`: every host
+//! must not touch the machine's own dpkg database, apt state, `/opt` or `/etc/acme`: every host
 //! sees per-host copies bind-mounted over them in its private mount namespace, and
 //! runs in its own PID namespace so that killing its sshd ends every process it spawned.
 
+pub mod apt;
 pub mod deb;
 
 use std::collections::HashMap;
@@ -75,7 +76,8 @@ pub struct LabHost {
     pub name: String,
     pub port: u16,
     /// The host's own folder: sshd config, host key, and the trees bind-mounted
-    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log` and `/root`.
+    /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log` and `/root`,
+    /// and apt's own trees (see [`apt::TREES`]).
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
@@ -618,6 +620,7 @@ fn preflight() -> Result<(), LabError> {
     let _ = std::fs::create_dir_all("/run/sshd");
     // Mount points for the per-host trees must exist on the real filesystem.
     let _ = std::fs::create_dir_all("/etc/acme");
+    apt::mount_points();
     if !Path::new("/var/log/dpkg.log").exists() {
         let _ = std::fs::write("/var/log/dpkg.log", "");
     }
@@ -697,6 +700,7 @@ fn build_template(dir: &Path, db: DpkgDb) -> Result<(), LabError> {
         std::fs::create_dir_all(t.join(sub)).map_err(LabError::io(&t))?;
     }
     seed_home(&t.join("root"))?;
+    apt::seed(&t)?;
     write(&t.join("dpkg.log"), "")?;
     match db {
         DpkgDb::Machine => copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?,
@@ -730,7 +734,7 @@ fn bind_mounts(hdir: &Path) -> String {
         q("etc-acme"),
         q("dpkg.log"),
         q("root")
-    )
+    ) + apt::bind_mounts(hdir).as_str()
 }
 
 /// Copies a dpkg admin folder. The big, never-rewritten-in-place file lists under
@@ -795,6 +799,7 @@ fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
     copy_tree(&template.join("opt"), &hdir.join("opt"))?;
     copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
     seed_home(&hdir.join("root"))?;
+    apt::seed(hdir)?;
     // Truncate in place: the file is a mount source too.
     write(&hdir.join("dpkg.log"), "")
 }
