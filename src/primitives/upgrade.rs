@@ -293,6 +293,14 @@ fn apt(program: &str) -> Vec<String> {
     words(&["env", "LC_ALL=C", program])
 }
 
+/// `apt-get -s …`: a simulation that writes nothing, not even apt's planner log
+/// (`/var/log/apt/eipp.log.xz`, which apt 2 writes on every solver run).
+fn apt_simulation() -> Vec<String> {
+    let mut argv = apt("apt-get");
+    argv.extend(words(&["-s", "-q", "-o", "Dir::Log::Planner=/dev/null"]));
+    argv
+}
+
 fn run_read(ctx: &HostCtx, step: &str, cmd: Command) -> Result<String, PrimitiveError> {
     let out = ctx.transport.run(&cmd.timeout(ctx.timeout(READ_TIMEOUT)))?;
     if !out.success() {
@@ -340,8 +348,8 @@ pub fn pending_updates(
     let mut list = match pm {
         PackageManager::Rpm => pending_dnf(ctx)?,
         _ => {
-            let mut argv = apt("apt-get");
-            argv.extend(words(&["-s", "-q", "dist-upgrade"]));
+            let mut argv = apt_simulation();
+            argv.push("dist-upgrade".into());
             let text = run_read(ctx, "pending_updates", Command::new(argv))?;
             parse_simulation(&text)
                 .into_iter()
@@ -423,8 +431,8 @@ pub fn candidate_newer(ctx: &HostCtx, pkg: &str) -> Result<bool, PrimitiveError>
 
 /// `apt-get -s install` of `args`; its output, or apt's own error.
 fn simulate(ctx: &HostCtx, args: &[String]) -> Result<String, PrimitiveError> {
-    let mut argv = apt("apt-get");
-    argv.extend(words(&["-s", "-q", "--allow-downgrades", "install", "--"]));
+    let mut argv = apt_simulation();
+    argv.extend(words(&["--allow-downgrades", "install", "--"]));
     argv.extend(args.iter().cloned());
     run_read(ctx, "upgrade: resolve versions", Command::new(argv))
 }
