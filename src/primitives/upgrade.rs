@@ -443,7 +443,7 @@ fn simulate(ctx: &HostCtx, args: &[String]) -> Result<String, PrimitiveError> {
 fn obtainable(
     ctx: &HostCtx,
     names: &[&str],
-) -> Result<(Vec<(String, String)>, Vec<CachedFile>), PrimitiveError> {
+) -> Result<Obtainable, PrimitiveError> {
     // Package names are checked before they get here, so `"$p"_*.deb` globs only
     // inside the cache.
     let script = format!(
@@ -474,6 +474,9 @@ fn obtainable(
         .collect();
     Ok((parse_madison(madison), cached))
 }
+
+/// (package, version) pairs the repositories offer, and the cache's package files.
+type Obtainable = (Vec<(String, String)>, Vec<CachedFile>);
 
 #[derive(Debug, Clone)]
 struct CachedFile {
