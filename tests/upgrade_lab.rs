@@ -269,7 +269,17 @@ fn pending_updates_lists_the_fix_as_a_security_update_and_needing_candidate_find
     );
     assert_eq!(needing["lab01"], serde_json::json!(["lab01", "lab02"]));
 
-    // A probe: nothing on any host changed, nothing was journaled as a step.
+    // security_only leaves a fix that no security release offers.
+    let skipped = exec_values(
+        &p,
+        "lab02",
+        "let u = upgrade(host, [\"acme-agent\"], #{ security_only: true }); #{ changed: u.changed.len(), why: u.skipped[0].reason }",
+    );
+    assert_eq!(skipped["lab02"]["changed"], 0);
+    let why = skipped["lab02"]["why"].as_str().unwrap();
+    assert!(why.contains("not a security origin"), "{why}");
+
+    // Nothing on any host changed, nothing was journaled as a step.
     for h in ["lab01", "lab02", "lab03"] {
         assert_eq!(fleet().dpkg_log(h).unwrap(), "", "{h}");
     }

@@ -440,10 +440,7 @@ fn simulate(ctx: &HostCtx, args: &[String]) -> Result<String, PrimitiveError> {
 /// What the host can reinstall each previous version from: the versions its
 /// repositories offer, and the package files in its cache (checked by reading the
 /// file's own fields), in one command.
-fn obtainable(
-    ctx: &HostCtx,
-    names: &[&str],
-) -> Result<Obtainable, PrimitiveError> {
+fn obtainable(ctx: &HostCtx, names: &[&str]) -> Result<Obtainable, PrimitiveError> {
     // Package names are checked before they get here, so `"$p"_*.deb` globs only
     // inside the cache.
     let script = format!(
