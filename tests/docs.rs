@@ -33,6 +33,8 @@ const PRIMITIVES: &[&str] = &[
     "rollout",
     "window",
     "param",
+    "pending_updates",
+    "upgrade",
 ];
 
 /// `(name as written in a definition file, is a property getter)` of every function

@@ -128,6 +128,8 @@ entries! {
     Notify(NotifyRecord) = "notify",
     /// A file step found the file already as asked: nothing was written.
     FileUnchanged(FileUnchanged) = "file.unchanged",
+    /// A repository upgrade found nothing to do on the record's host.
+    UpgradeNoChange(UpgradeNoChange) = "upgrade.no_change",
 }
 
 /// `data` of `run.close`: nothing, written as `{}`.
@@ -622,6 +624,19 @@ pub struct ExecOutput {
     /// The transport's error, when the command's end was not seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A package a repository upgrade left alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub package: String,
+    pub reason: String,
+}
+
+/// `data` of an `upgrade.no_change` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeNoChange {
+    pub skipped: Vec<Skipped>,
 }
 
 /// `data` of a `file.unchanged` record.

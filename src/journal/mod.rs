@@ -346,6 +346,9 @@ pub enum UndoStep {
         path: String,
         previous: Option<PreviousFile>,
     },
+    /// Put packages back at the versions they had before a repository upgrade,
+    /// from the repository or the host's package cache; purge those that were absent.
+    Packages { versions: Vec<PackageBefore> },
 }
 
 /// A host file as it was before a file step, as an undo step names it. The bytes
@@ -357,6 +360,25 @@ pub struct PreviousFile {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+}
+
+/// One package as a repository upgrade found it, for its undo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageBefore {
+    pub package: String,
+    /// `None`: the upgrade installed it new, so the undo purges it.
+    pub version: Option<String>,
+    /// Where the undo reinstalls `version` from when the repository no longer
+    /// offers it: a `.deb` on the host, checked against its SHA-256 first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<CachedPackage>,
+}
+
+/// A package file kept on the host (`/var/cache/apt/archives`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedPackage {
+    pub path: String,
+    pub sha256: String,
 }
 
 /// A backup archive on the controller, as an undo step names it.

@@ -5,11 +5,12 @@
 //!
 //! It owns the lab directory (keys, known_hosts, inventories, debs, per-host state)
 //! and exactly the processes it starts, which it records by PID in `lab.json`. It
-//! must not touch the machine's own dpkg database, `/opt`, `/etc/acme`,
+//! must not touch the machine's own dpkg database, apt state, `/opt`, `/etc/acme`,
 //! `/etc/init.d` or `/run`: every host sees per-host copies bind-mounted over them
 //! in its private mount namespace, and runs in its own PID namespace so that
 //! killing its init ([`init`]) ends every process it spawned.
 
+pub mod apt;
 pub mod deb;
 pub mod init;
 pub mod rpm;
@@ -82,7 +83,8 @@ pub struct LabHost {
     pub port: u16,
     /// The host's own folder: sshd config, host key, and the trees bind-mounted
     /// over `/var/lib/dpkg`, `/opt`, `/etc/acme`, `/var/log/dpkg.log`, `/root`,
-    /// `/etc/init.d`, `/usr/local/sbin`, `/run` and the boot id (see [`init`]).
+    /// `/etc/init.d`, `/usr/local/sbin`, `/run`, the boot id (see [`init`]) and
+    /// apt's own trees (see [`apt::TREES`]).
     pub dir: PathBuf,
     /// The `unshare` process that created the namespaces.
     pub unshare_pid: i32,
@@ -664,6 +666,7 @@ fn preflight() -> Result<(), LabError> {
     let _ = std::fs::create_dir_all("/run/sshd");
     // Mount points for the per-host trees must exist on the real filesystem.
     let _ = std::fs::create_dir_all("/etc/acme");
+    apt::mount_points();
     if !Path::new("/var/log/dpkg.log").exists() {
         let _ = std::fs::write("/var/log/dpkg.log", "");
     }
@@ -744,6 +747,7 @@ fn build_template(dir: &Path, db: DpkgDb) -> Result<(), LabError> {
     }
     seed_home(&t.join("root"))?;
     init::seed_init(&t)?;
+    apt::seed(&t)?;
     write(&t.join("dpkg.log"), "")?;
     match db {
         DpkgDb::Machine => copy_dpkg_admin(Path::new("/var/lib/dpkg"), &t.join("dpkg"))?,
@@ -781,7 +785,7 @@ fn bind_mounts(hdir: &Path) -> String {
         q("init.d"),
         q("sbin"),
         q("run")
-    )
+    ) + apt::bind_mounts(hdir).as_str()
 }
 
 /// Copies a dpkg admin folder. The big, never-rewritten-in-place file lists under
@@ -847,6 +851,7 @@ fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
     copy_tree(&template.join("etc-acme"), &hdir.join("etc-acme"))?;
     seed_home(&hdir.join("root"))?;
     init::seed_init(hdir)?;
+    apt::seed(hdir)?;
     // Truncate in place: the file is a mount source too.
     write(&hdir.join("dpkg.log"), "")
 }

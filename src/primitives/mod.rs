@@ -1,6 +1,6 @@
 //! The primitives: typed Rust functions that do the work of a playbook —
 //! facts, version comparison, artifacts, backup, deploy, verify, health, rollback,
-//! notify, exec, files, services and reboots.
+//! notify, exec, files, services and reboots, repository upgrades.
 //!
 //! Each one is a plain function testable without Rhai; the `script` layer adapts
 //! them. A primitive that changes a host writes its intent to the journal before
@@ -18,6 +18,7 @@ pub mod notify;
 pub mod packages;
 pub mod services;
 pub mod undo;
+pub mod upgrade;
 pub mod version;
 
 pub use context::{HostCtx, Mode, PlannedAction, RunCtx};

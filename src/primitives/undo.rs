@@ -36,6 +36,7 @@ pub fn describe(undo: &UndoStep) -> String {
         UndoStep::Manual { reason } => format!("manual: {reason}"),
         UndoStep::File { path, previous } => super::files::describe_undo(path, previous.as_ref()),
         UndoStep::Service { .. } => super::services::describe_undo(undo),
+        UndoStep::Packages { versions } => super::upgrade::describe_versions(versions),
     }
 }
 
@@ -200,5 +201,6 @@ fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {
             was_enabled,
             ..
         } => super::services::restore_state(ctx, unit, *was_active, *was_enabled),
+        UndoStep::Packages { versions } => super::upgrade::restore_versions(ctx, versions),
     }
 }

@@ -28,6 +28,7 @@ use super::playbook::{CompiledPlaybook, Compiler};
 use super::register::{EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
 use super::rollout::{TEST_OPTION_KEYS, WINDOW_OPTION_KEYS};
 use super::services::{REBOOT_OPTION_KEYS, SERVICE_OPTION_KEYS};
+use super::upgrade::{PENDING_UPDATES_OPTION_KEYS, UPGRADE_OPTION_KEYS};
 use super::Limits;
 use crate::rollout::policy::POLICY_KEYS;
 
@@ -78,6 +79,8 @@ pub const OPTION_MAPS: &[OptionMap] = &[
     opts("test", 4, 2, TEST_OPTION_KEYS),
     opts("service", 3, 2, SERVICE_OPTION_KEYS),
     opts("reboot", 2, 1, REBOOT_OPTION_KEYS),
+    opts("pending_updates", 2, 1, PENDING_UPDATES_OPTION_KEYS),
+    opts("upgrade", 3, 2, UPGRADE_OPTION_KEYS),
     OptionMap {
         what: "policy key",
         ..opts("rollout", 3, 1, POLICY_KEYS)

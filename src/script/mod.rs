@@ -15,6 +15,7 @@ pub mod register;
 pub mod resolver;
 pub mod rollout;
 pub mod services;
+pub mod upgrade;
 
 use std::path::PathBuf;
 

@@ -158,7 +158,11 @@ pub(super) fn refused(where_: &str, what: &str, value: &str, reason: &str) -> St
 
 /// A package name either package manager would accept; the primitive checks it
 /// again against the host's own grammar once the facts are known.
-fn check_package_arg(ctx: &NativeCallContext, where_: &str, pkg: &str) -> RhaiResult<()> {
+pub(super) fn check_package_arg(
+    ctx: &NativeCallContext,
+    where_: &str,
+    pkg: &str,
+) -> RhaiResult<()> {
     if version::valid_deb_package(pkg) || version::valid_rpm_name(pkg) {
         return Ok(());
     }
@@ -177,7 +181,7 @@ fn check_package_arg(ctx: &NativeCallContext, where_: &str, pkg: &str) -> RhaiRe
     )
 }
 
-fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResult<()> {
+pub(super) fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResult<()> {
     if version::valid_deb_version(v) || version::valid_rpm_version(v) {
         return Ok(());
     }
@@ -197,7 +201,7 @@ fn check_version_arg(ctx: &NativeCallContext, where_: &str, v: &str) -> RhaiResu
 }
 
 /// The strings of an array, refusing anything that is not one.
-fn strings(
+pub(super) fn strings(
     ctx: &NativeCallContext,
     host: &str,
     step: &str,
@@ -381,7 +385,7 @@ pub(crate) fn no_unknown_keys(m: &Map, known: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn opt_string(v: Option<String>) -> Dynamic {
+pub(super) fn opt_string(v: Option<String>) -> Dynamic {
     v.map(Dynamic::from).unwrap_or(Dynamic::UNIT)
 }
 
@@ -545,6 +549,7 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     register_commands(engine, &session);
     super::files::register_files(engine, &session);
     super::services::register_services(engine, &session);
+    super::upgrade::register_upgrade(engine, &session);
 }
 
 /// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
@@ -784,7 +789,7 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
     FuncRegistration::new("needing")
         .with_volatility(true)
         .with_params_info(["hosts: Array", "pkg: &str", "fixed: &str", "Array"])
-        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. Hosts are asked in\n/// parallel (`--forks`); one that cannot be asked is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
+        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. `fixed` = \"candidate\"\n/// keeps hosts whose repositories offer a newer version than installed. Hosts are asked in\n/// parallel (`--forks`); one that cannot be asked is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, hosts: Array, pkg: &str, fixed: &str| -> RhaiResult<Array> {
@@ -798,10 +803,19 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                     }
                 }
                 check_package_arg(&ctx, "needing", pkg)?;
-                check_version_arg(&ctx, "needing", fixed)?;
+                let candidate = fixed == "candidate";
+                if !candidate {
+                    check_version_arg(&ctx, "needing", fixed)?;
+                }
                 let call = call_deadline();
                 let answers = crate::rollout::pool::map_bounded(&targets, s.runtime.forks, |h| {
-                    with_host(s, &h.0, call, |hc| crate::primitives::packages::needs(hc, pkg, fixed))
+                    with_host(s, &h.0, call, |hc| {
+                        if candidate {
+                            crate::primitives::upgrade::candidate_newer(hc, pkg)
+                        } else {
+                            crate::primitives::packages::needs(hc, pkg, fixed)
+                        }
+                    })
                 });
                 let mut keep = Array::new();
                 let mut errors = Vec::new();
