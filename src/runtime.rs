@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, ConfigError};
 use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
+use crate::journal::Secrets;
 use crate::transport::local::LocalTransport;
 use crate::transport::sim::SimTransport;
 use crate::transport::ssh::SshConnector;
@@ -30,6 +31,9 @@ pub struct Options {
     pub known_hosts: Option<PathBuf>,
     pub accept_new_host_keys: bool,
     pub operator: Option<String>,
+    /// The secrets store to use; `None` is the process's ([`Secrets::process`]),
+    /// which the binary's log writer reads.
+    pub secrets: Option<Secrets>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,8 @@ pub struct Runtime {
     pub state_dir: PathBuf,
     pub forks: usize,
     pub operator: String,
+    /// Every value shown as `***`: from the config, the inventory and `secret()`.
+    pub secrets: Secrets,
     limit: Option<String>,
     ssh: SshConnector,
     sessions: Mutex<HashMap<String, Arc<dyn Transport>>>,
@@ -87,8 +93,9 @@ impl Runtime {
         let forks = opts.forks.or(config.forks).unwrap_or(DEFAULT_FORKS).max(1);
         let operator = opts.operator.clone().unwrap_or_else(login_name);
         let ssh = ssh_connector(&config, opts);
+        let secrets = opts.secrets.clone().unwrap_or_else(Secrets::process);
         for secret in configured_secrets(&config, &inventory) {
-            crate::journal::register_secret(&secret);
+            secrets.add(&secret);
         }
         Runtime {
             config,
@@ -96,6 +103,7 @@ impl Runtime {
             state_dir,
             forks,
             operator,
+            secrets,
             limit: opts.limit.clone(),
             ssh,
             sessions: Mutex::new(HashMap::new()),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use patchbook::journal::{Journal, RunHeader, UndoStep};
 use patchbook::report::{self, Format, Metrics, TestCase, TestKind};
 use patchbook::rollout::{
-    Counts, HostReport, HostState, RollbackCause, RolloutEvent, StopReason, Summary,
+    Counts, HostReport, HostStatus, RollbackCause, RolloutEvent, StopReason, Summary,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -349,9 +349,9 @@ fn fleet_run(state: &Path, run: &str) {
                 2
             },
             state: if failed {
-                HostState::Failed
+                HostStatus::Failed
             } else {
-                HostState::Done
+                HostStatus::Done
             },
             reason: failed.then(|| "deploy failed".into()),
             started: None,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use patchbook::inventory::{Criticality, Group, Host, Inventory};
 use patchbook::rollout::{
-    Clock, Executor, HostOutcome, HostState, Plan, Policy, RollbackCause, RolloutError,
+    Clock, Executor, HostOutcome, HostStatus, Plan, Policy, RollbackCause, RolloutError,
     RolloutEvent, StopReason, Summary, Target, Window,
 };
 use proptest::prelude::*;
@@ -331,7 +331,7 @@ fn failing_pilot_stops_before_wave_one() {
         .hosts
         .iter()
         .filter(|h| h.wave > 0)
-        .all(|h| h.state == HostState::Pending));
+        .all(|h| h.state == HostStatus::Pending));
 }
 
 #[test]
@@ -487,7 +487,7 @@ fn a_host_past_its_deadline_fails_and_is_rolled_back() {
         .unwrap();
     assert_eq!(summary.stop, StopReason::Completed);
     let h1 = summary.hosts.iter().find(|h| h.name == "h1").unwrap();
-    assert_eq!(h1.state, HostState::Failed);
+    assert_eq!(h1.state, HostStatus::Failed);
     assert!(
         h1.reason
             .as_deref()

@@ -251,6 +251,8 @@ impl Cli {
             known_hosts: g.known_hosts.clone(),
             accept_new_host_keys: g.accept_new_host_keys,
             operator: g.operator.clone(),
+            // The store the binary's log writer and error messages read.
+            secrets: Some(crate::journal::Secrets::process()),
         }
     }
 }

@@ -108,8 +108,11 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         selector: selector.to_string(),
         snippet: snippet.to_string(),
     });
-    let journal =
-        Arc::new(Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?);
+    let journal = Arc::new(
+        Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head)
+            .map_err(journal_err)?
+            .with_secrets(rt.secrets.clone()),
+    );
     let ctx = RunCtx::new(
         run_id.clone(),
         rt.state_dir.clone(),
@@ -118,9 +121,6 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
     )
     .with_playbook("<exec>");
     let session = Arc::new(Session::new(rt.clone(), ctx));
-    for s in session.secrets() {
-        journal.add_secret(&s);
-    }
     let style = Style::pick(cli.global.json, cli.global.quiet);
     if style != Style::Json && style != Style::Quiet {
         eprintln!(
@@ -233,7 +233,7 @@ pub fn execute(
     Vec<Summary>,
 ) {
     let run_id = journal.run().to_string();
-    let journal = Arc::new(journal);
+    let journal = Arc::new(journal.with_secrets(rt.secrets.clone()));
     let ctx = RunCtx::new(
         run_id.clone(),
         rt.state_dir.clone(),
@@ -242,9 +242,6 @@ pub fn execute(
     )
     .with_playbook(playbook.to_string());
     let session = Arc::new(Session::new(rt.clone(), ctx));
-    for s in session.secrets() {
-        journal.add_secret(&s);
-    }
     let control = Arc::new(
         RunControl::new(session.clone(), ex.clock, ex.sink)
             .with_vars(ex.vars)

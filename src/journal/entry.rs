@@ -484,17 +484,36 @@ pub enum StopReason {
     Halted,
 }
 
-/// Where a host of a rollout ended.
+/// Where a host of a run stands: the one status model the rollout's summary, the
+/// report and the progress display share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum HostState {
+pub enum HostStatus {
     /// Never started.
     Pending,
+    /// Started, no end recorded, run still open (running, stopped or crashed).
+    InProgress,
     Done,
     /// Its work failed or ran past its deadline.
     Failed,
-    /// Succeeded, then rolled back by `rollback: "all"`.
+    /// Succeeded, then rolled back (`rollback: "all"`, or the run stopped).
     Reverted,
+    /// Started, no end recorded, yet the run was closed: only the host can say.
+    Unknown,
+}
+
+impl HostStatus {
+    /// As a reader says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Pending => "pending",
+            HostStatus::InProgress => "in progress",
+            HostStatus::Done => "done",
+            HostStatus::Failed => "failed",
+            HostStatus::Reverted => "reverted",
+            HostStatus::Unknown => "unknown",
+        }
+    }
 }
 
 /// One host of a rollout summary.
@@ -502,7 +521,7 @@ pub enum HostState {
 pub struct HostReport {
     pub name: String,
     pub wave: usize,
-    pub state: HostState,
+    pub state: HostStatus,
     #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]
@@ -793,7 +812,7 @@ mod tests {
             hosts: vec![HostReport {
                 name: "web-1".into(),
                 wave: 0,
-                state: HostState::Failed,
+                state: HostStatus::Failed,
                 reason: Some("deploy failed".into()),
                 started: Some("2026-11-28T02:00:00Z".parse().unwrap()),
                 ended: None,
@@ -964,6 +983,16 @@ mod tests {
                 message: Some("Patching 2 hosts".into()),
                 severity: Some("info".into()),
                 deliveries: vec![delivery()],
+            }),
+            Entry::FileUnchanged(FileUnchanged {
+                step: "line_in_file".into(),
+                path: "/etc/acme/agent.conf".into(),
+            }),
+            Entry::UpgradeNoChange(UpgradeNoChange {
+                skipped: vec![Skipped {
+                    package: "acme-agent".into(),
+                    reason: "acme-agent is at 1.0.1".into(),
+                }],
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod entry;
 pub mod index;
 pub mod lock;
+pub mod secrets;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -533,7 +534,7 @@ pub struct Journal {
     /// A second descriptor of the run file, so an fsync never holds the append lock.
     sync_file: File,
     /// Values shown as `***`; grows when a script declares a `secret()`.
-    redact: std::sync::RwLock<Vec<String>>,
+    redact: Secrets,
     lock: lock::RunLock,
 }
 
@@ -608,7 +609,8 @@ impl Journal {
                 failed: None,
             }),
             durable_changed: Condvar::new(),
-            redact: std::sync::RwLock::new(Vec::new()),
+            // The process's store until the runtime's is shared (`with_secrets`).
+            redact: Secrets::process(),
             lock,
         })
     }
@@ -737,7 +739,8 @@ impl Journal {
                 failed: None,
             }),
             durable_changed: Condvar::new(),
-            redact: std::sync::RwLock::new(Vec::new()),
+            // The process's store until the runtime's is shared (`with_secrets`).
+            redact: Secrets::process(),
             lock,
         };
         if let Some(dropped) = torn {
@@ -752,32 +755,20 @@ impl Journal {
         Ok(j)
     }
 
-    /// Values that must never reach the disk; each is replaced by `***`.
-    /// Adds a value to hide from every record written from now on.
+    /// Adds a value to hide from every record written from now on (to the store
+    /// this journal shares, see [`Journal::with_secrets`]).
     pub fn add_secret(&self, value: &str) {
-        if value.is_empty() {
-            return;
-        }
-        register_secret(value);
-        let mut r = self.redact.write().unwrap_or_else(|p| p.into_inner());
-        if !r.iter().any(|x| x == value) {
-            r.push(value.to_string());
-        }
+        self.redact.add(value);
     }
 
     fn secrets_now(&self) -> Vec<String> {
-        self.redact
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.redact.list()
     }
 
-    pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
-        for v in &secrets {
-            register_secret(v);
-        }
-        self.redact =
-            std::sync::RwLock::new(secrets.into_iter().filter(|s| !s.is_empty()).collect());
+    /// Shares `secrets` (the runtime's store): values added to it anywhere are
+    /// hidden from this journal's records from then on.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.redact = secrets;
         self
     }
 
@@ -1105,7 +1096,7 @@ impl Journal {
     }
 
     /// What the records say about one host, without reading the file.
-    pub fn host_state(&self, host: &str) -> state::HostState {
+    pub fn host_state(&self, host: &str) -> state::HostHistory {
         state::RunState::from_records(&self.run, &self.host_records(host))
             .hosts
             .remove(host)
@@ -1215,29 +1206,7 @@ pub fn redact_str(s: &str, secrets: &[String]) -> String {
     out
 }
 
-/// Every secret this process has seen, for output that does not pass through a
-/// journal: logs, progress lines, error messages.
-static PROCESS_SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
-
-/// Hides `value` from everything [`scrub`] filters, from now on.
-pub fn register_secret(value: &str) {
-    if value.is_empty() {
-        return;
-    }
-    let mut all = PROCESS_SECRETS.write().unwrap_or_else(|p| p.into_inner());
-    if !all.iter().any(|x| x == value) {
-        all.push(value.to_string());
-    }
-}
-
-/// `text` with every registered secret shown as `***`.
-pub fn scrub(text: &str) -> String {
-    let all = PROCESS_SECRETS.read().unwrap_or_else(|p| p.into_inner());
-    if all.is_empty() {
-        return text.to_string();
-    }
-    redact_str(text, &all)
-}
+pub use secrets::{scrub, Secrets};
 
 #[cfg(test)]
 mod tests {
@@ -1248,7 +1217,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::create(dir.path(), "r1", "alice")
             .unwrap()
-            .with_secrets(vec!["s3cr3t".into(), String::new()]);
+            .with_secrets({
+                let s = Secrets::new();
+                s.add("s3cr3t");
+                s.add("");
+                s
+            });
         let id = j
             .intent(
                 "web-s3cr3t-1",

@@ -41,9 +41,10 @@ impl StepState {
     }
 }
 
-/// Everything the journal says about one host of a run.
+/// Everything the journal says about one host of a run: its steps and how its work
+/// and rollback ended. Its status in a run is a [`super::entry::HostStatus`].
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct HostState {
+pub struct HostHistory {
     pub steps: Vec<StepState>,
     /// A `host.finish` was recorded.
     pub finished: bool,
@@ -54,7 +55,7 @@ pub struct HostState {
     pub rolled_back: bool,
 }
 
-impl HostState {
+impl HostHistory {
     /// Steps whose intent is on disk but whose outcome is not: the action may or may
     /// not have happened, so resume must check the host before going on.
     pub fn open_intents(&self) -> Vec<&StepState> {
@@ -94,7 +95,7 @@ pub struct RunState {
     pub header: Option<RunHeader>,
     pub operator: Option<String>,
     pub started: Option<String>,
-    pub hosts: BTreeMap<String, HostState>,
+    pub hosts: BTreeMap<String, HostHistory>,
     /// Hosts in the order their first (non-undo) step began: the deployment order.
     pub deploy_order: Vec<String>,
     /// A `run.close` record is present.
@@ -195,7 +196,7 @@ impl RunState {
         Ok(Self::from_records(run, &super::read_records(&path)?))
     }
 
-    pub fn host(&self, name: &str) -> Option<&HostState> {
+    pub fn host(&self, name: &str) -> Option<&HostHistory> {
         self.hosts.get(name)
     }
 

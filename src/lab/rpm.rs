@@ -280,6 +280,9 @@ pub(super) fn build_template(dir: &Path) -> Result<(), LabError> {
     }
     super::empty_dpkg_admin(&t.join("dpkg"))?;
     seed_home(&t.join("root"))?;
+    // The trees every host mounts (its init, /run, boot id, apt state).
+    super::init::seed_init(&t)?;
+    super::apt::seed(&t)?;
     write(&t.join("dpkg.log"), "")?;
     write(&t.join("os-release"), OS_RELEASE)?;
     run_tool(
@@ -326,6 +329,8 @@ pub(super) fn seed_host(template: &Path, hdir: &Path) -> Result<(), LabError> {
         super::clear_dir(&d)?;
         super::copy_tree(&template.join(sub), &d)?;
     }
+    super::init::seed_init(hdir)?;
+    super::apt::seed(hdir)?;
     write(&hdir.join("os-release"), OS_RELEASE)?;
     write(&hdir.join("dpkg.log"), "")
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::facts::Facts;
 use super::PrimitiveError;
 use crate::inventory::Host;
-use crate::journal::state::HostState;
+use crate::journal::state::HostHistory;
 use crate::journal::{BackupRef, Entry, Journal, Record, StepId, UndoStep};
 use crate::transport::Transport;
 
@@ -225,7 +225,7 @@ impl HostCtx<'_> {
     }
 
     /// What the journal says about this host in this run so far.
-    pub fn journal_state(&self) -> Result<Option<HostState>, PrimitiveError> {
+    pub fn journal_state(&self) -> Result<Option<HostHistory>, PrimitiveError> {
         Ok(self
             .run
             .journal

@@ -6,8 +6,9 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, Outcome, RunReport};
+use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, RunReport};
 use super::timeline;
+use crate::journal::entry::HostStatus;
 
 /// Text safe in HTML element content and in quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -392,7 +393,7 @@ fn host_details(o: &mut String, h: &HostReport) {
             .map(|r| format!(" {}", esc(&crate::primitives::cut(r, 160))))
             .unwrap_or_default()
     );
-    if h.outcome == Outcome::Pending {
+    if h.outcome == HostStatus::Pending {
         let _ = writeln!(o, "<p>Never started.</p></details>");
         return;
     }

@@ -6,7 +6,8 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, Outcome, RunReport};
+use super::model::{fmt_ms, lines_or_dash, step_result, HostReport, RunReport};
+use crate::journal::entry::HostStatus;
 
 /// Text for a Markdown paragraph or table cell.
 pub fn esc(s: &str) -> String {
@@ -334,7 +335,7 @@ fn host_details(o: &mut String, h: &HostReport) {
             .map(|r| format!(": {}", esc(r)))
             .unwrap_or_default()
     );
-    if h.outcome == Outcome::Pending {
+    if h.outcome == HostStatus::Pending {
         let _ = writeln!(o, "- never started\n");
         return;
     }

@@ -21,8 +21,9 @@ pub mod timeline;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use crate::journal::entry::HostStatus;
 pub use levels::{patch_levels, PatchLevel, PatchLevels};
-pub use model::{build, Outcome, RunReport, SCHEMA};
+pub use model::{build, RunReport, SCHEMA};
 pub use testcase::{record_test, Metrics, TestCase, TestKind, UnknownTestKind};
 
 use crate::journal::state::{list_runs, RunState};

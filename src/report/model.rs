@@ -49,7 +49,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::testcase::TestCase;
-use crate::journal::entry::{NotifyRecord, RolloutEvent, Summary as RolloutSummary};
+use crate::journal::entry::{HostStatus, NotifyRecord, RolloutEvent, Summary as RolloutSummary};
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
 use crate::primitives::undo::describe;
@@ -158,40 +158,12 @@ pub struct WaveReport {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Done,
-    Failed,
-    /// Succeeded, then rolled back because the run stopped.
-    Reverted,
-    /// Started, no end recorded, run still open (running, stopped or crashed).
-    InProgress,
-    /// Started, no end recorded, yet the run was closed.
-    Unknown,
-    /// Never started.
-    Pending,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Done => "done",
-            Outcome::Failed => "failed",
-            Outcome::Reverted => "reverted",
-            Outcome::InProgress => "in progress",
-            Outcome::Unknown => "unknown",
-            Outcome::Pending => "pending",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct HostReport {
     pub name: String,
     pub wave: Option<usize>,
     pub wave_label: Option<String>,
-    pub outcome: Outcome,
+    pub outcome: HostStatus,
     pub rolled_back: bool,
     pub rollback_error: Option<String>,
     /// Why it failed, as the rollout recorded it.
@@ -213,13 +185,13 @@ impl HostReport {
     /// The colour class a timeline bar and a table row get.
     pub fn class(&self) -> &'static str {
         match self.outcome {
-            Outcome::Done => "done",
-            Outcome::Failed if self.rolled_back => "rolled-back",
-            Outcome::Failed => "failed",
-            Outcome::Reverted => "rolled-back",
-            Outcome::InProgress => "in-progress",
-            Outcome::Unknown => "unknown",
-            Outcome::Pending => "pending",
+            HostStatus::Done => "done",
+            HostStatus::Failed if self.rolled_back => "rolled-back",
+            HostStatus::Failed => "failed",
+            HostStatus::Reverted => "rolled-back",
+            HostStatus::InProgress => "in-progress",
+            HostStatus::Unknown => "unknown",
+            HostStatus::Pending => "pending",
         }
     }
 
@@ -244,7 +216,7 @@ impl HostReport {
     /// The outcome as a reader says it: "failed, rolled back".
     pub fn status_text(&self) -> String {
         let mut s = self.outcome.as_str().to_string();
-        if self.rolled_back && self.outcome != Outcome::Reverted {
+        if self.rolled_back && self.outcome != HostStatus::Reverted {
             s.push_str(", rolled back");
         }
         let unreverted = self.rollback.as_ref().is_some_and(|r| !r.manual.is_empty());
@@ -427,7 +399,7 @@ struct HostEvents {
     wave: Option<usize>,
     started: Option<String>,
     ended: Option<String>,
-    outcome: Option<Outcome>,
+    outcome: Option<HostStatus>,
     reason: Option<String>,
     duration_ms: Option<f64>,
     rolled_back: Option<(String, String)>,
@@ -513,7 +485,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                         order.add(host);
                         let ev = events.entry(host.clone()).or_default();
                         ev.ended = Some(ts.clone());
-                        ev.outcome = Some(Outcome::Done);
+                        ev.outcome = Some(HostStatus::Done);
                         ev.duration_ms = Some(seconds * 1000.0);
                         ev.wave = Some(*wave);
                     }
@@ -521,7 +493,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                         order.add(host);
                         let ev = events.entry(host.clone()).or_default();
                         ev.ended = Some(ts.clone());
-                        ev.outcome = Some(Outcome::Failed);
+                        ev.outcome = Some(HostStatus::Failed);
                         ev.reason = Some(reason.clone());
                         ev.wave = Some(*wave);
                     }
@@ -667,12 +639,12 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut counts = Counts::default();
     for h in &hosts {
         match h.outcome {
-            Outcome::Done => counts.done += 1,
-            Outcome::Failed => counts.failed += 1,
-            Outcome::Reverted => counts.reverted += 1,
-            Outcome::InProgress => counts.in_progress += 1,
-            Outcome::Unknown => counts.unknown += 1,
-            Outcome::Pending => counts.pending += 1,
+            HostStatus::Done => counts.done += 1,
+            HostStatus::Failed => counts.failed += 1,
+            HostStatus::Reverted => counts.reverted += 1,
+            HostStatus::InProgress => counts.in_progress += 1,
+            HostStatus::Unknown => counts.unknown += 1,
+            HostStatus::Pending => counts.pending += 1,
         }
         counts.rolled_back += usize::from(h.rolled_back);
         counts.rollback_failed += usize::from(h.rollback_error.is_some());
@@ -906,11 +878,11 @@ fn host_report(
     let has_activity = ev.started.is_some() || !steps.is_empty() || finish.is_some();
     let mut outcome = match (ev.outcome, &finish) {
         (Some(o), _) => o,
-        (None, Some((_, end))) if end.ok => Outcome::Done,
-        (None, Some(_)) => Outcome::Failed,
-        (None, None) if !has_activity => Outcome::Pending,
-        (None, None) if run_closed => Outcome::Unknown,
-        (None, None) => Outcome::InProgress,
+        (None, Some((_, end))) if end.ok => HostStatus::Done,
+        (None, Some(_)) => HostStatus::Failed,
+        (None, None) if !has_activity => HostStatus::Pending,
+        (None, None) if run_closed => HostStatus::Unknown,
+        (None, None) => HostStatus::InProgress,
     };
     let rolled_back = ev.rolled_back.is_some()
         || rollback_rec.as_ref().is_some_and(|(_, end)| end.ok) && ev.rollback_error.is_none();
@@ -924,8 +896,8 @@ fn host_report(
                 .filter(|(_, end)| !end.ok)
                 .map(|(_, end)| detail_text(end).unwrap_or_else(|| "rollback failed".into()))
         });
-    if outcome == Outcome::Done && rolled_back {
-        outcome = Outcome::Reverted;
+    if outcome == HostStatus::Done && rolled_back {
+        outcome = HostStatus::Reverted;
     }
     if let Some(reason) = &ev.reason {
         errors.add("", reason);
@@ -969,7 +941,7 @@ fn host_report(
         .clone()
         .or_else(|| steps.first().map(|s| s.started.clone()));
     let ended = ev.ended.clone().or_else(|| match outcome {
-        Outcome::Done | Outcome::Failed | Outcome::Reverted => finish
+        HostStatus::Done | HostStatus::Failed | HostStatus::Reverted => finish
             .as_ref()
             .map(|(ts, _)| ts.clone())
             .or_else(|| steps.iter().rev().find_map(|s| s.ended.clone())),
@@ -1156,17 +1128,17 @@ mod tests {
         });
 
         let open = build("bare", &records);
-        let outcomes: Vec<Outcome> = open.hosts.iter().map(|h| h.outcome).collect();
+        let outcomes: Vec<HostStatus> = open.hosts.iter().map(|h| h.outcome).collect();
         assert_eq!(
             outcomes,
-            [Outcome::Done, Outcome::Failed, Outcome::InProgress]
+            [HostStatus::Done, HostStatus::Failed, HostStatus::InProgress]
         );
         assert_eq!(open.hosts[1].error_output.as_deref(), Some("exec: boom"));
         assert_eq!(open.hosts[0].steps[0].detail, "argv=true");
         assert!(open.run.playbook.is_none() && open.run.window.is_none());
         // Once the run is closed, a host with no end is unknown, still not done.
         let closed = build("bare", &closed);
-        assert_eq!(closed.hosts[2].outcome, Outcome::Unknown);
+        assert_eq!(closed.hosts[2].outcome, HostStatus::Unknown);
         assert_eq!(closed.counts.unknown, 1);
         assert_eq!(closed.counts.targeted, 3);
     }
@@ -1204,15 +1176,15 @@ mod tests {
         );
         let r = build("stop", &j.records().unwrap());
         let by_name = |n: &str| r.hosts.iter().find(|h| h.name == n).unwrap();
-        assert_eq!(by_name("a").outcome, Outcome::Reverted);
+        assert_eq!(by_name("a").outcome, HostStatus::Reverted);
         assert_eq!(by_name("a").class(), "rolled-back");
-        assert_eq!(by_name("b").outcome, Outcome::Failed);
+        assert_eq!(by_name("b").outcome, HostStatus::Failed);
         assert_eq!(by_name("b").status_text(), "failed, rolled back");
         assert_eq!(
             by_name("b").error_output.as_deref(),
             Some("health check failed")
         );
-        assert_eq!(by_name("c").outcome, Outcome::Pending);
+        assert_eq!(by_name("c").outcome, HostStatus::Pending);
         assert_eq!(
             (
                 r.counts.reverted,

@@ -75,7 +75,7 @@ use crate::inventory::Host;
 // The events and the summary are journal records (`rollout.event`): their types
 // live with the record format and are re-exported here under their old paths.
 pub use crate::journal::entry::{
-    Counts, HostReport, HostState, RollbackCause, RolloutEvent, StopReason, Summary,
+    Counts, HostReport, HostStatus, RollbackCause, RolloutEvent, StopReason, Summary,
 };
 
 use super::clock::{between, Clock};
@@ -161,10 +161,12 @@ impl Counts {
     fn add(&mut self, h: &HostReport) {
         self.targeted += 1;
         match h.state {
-            HostState::Pending => self.pending += 1,
-            HostState::Done => self.done += 1,
-            HostState::Failed => self.failed += 1,
-            HostState::Reverted => self.reverted += 1,
+            // The executor ends every host it started, so a summary holds no host in
+            // progress or unknown; were one there, it would still be pending.
+            HostStatus::Pending | HostStatus::InProgress | HostStatus::Unknown => self.pending += 1,
+            HostStatus::Done => self.done += 1,
+            HostStatus::Failed => self.failed += 1,
+            HostStatus::Reverted => self.reverted += 1,
         }
         if h.rolled_back {
             self.rolled_back += 1;
@@ -179,7 +181,7 @@ impl Summary {
     pub fn pending_hosts(&self) -> Vec<&str> {
         self.hosts
             .iter()
-            .filter(|h| h.state == HostState::Pending)
+            .filter(|h| h.state == HostStatus::Pending)
             .map(|h| h.name.as_str())
             .collect()
     }
@@ -317,7 +319,7 @@ impl<'a> Executor<'a> {
             .map(|i| HostReport {
                 name: plan.host(i).name.clone(),
                 wave: 0,
-                state: HostState::Pending,
+                state: HostStatus::Pending,
                 reason: None,
                 started: None,
                 ended: None,
@@ -536,7 +538,7 @@ impl<'a> Executor<'a> {
                             longest = Some(longest.map_or(took, |l| l.max(took)));
                             match outcome {
                                 HostOutcome::Done => {
-                                    r.state = HostState::Done;
+                                    r.state = HostStatus::Done;
                                     completion.push(host);
                                     self.emit(RolloutEvent::HostDone {
                                         host: r.name.clone(),
@@ -545,7 +547,7 @@ impl<'a> Executor<'a> {
                                     });
                                 }
                                 HostOutcome::Failed { reason } => {
-                                    r.state = HostState::Failed;
+                                    r.state = HostStatus::Failed;
                                     r.reason = Some(reason.clone());
                                     self.emit(RolloutEvent::HostFailed {
                                         host: r.name.clone(),
@@ -612,7 +614,7 @@ impl<'a> Executor<'a> {
                     .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
                 let r = &mut reports[h];
                 if result.is_ok() {
-                    r.state = HostState::Reverted;
+                    r.state = HostStatus::Reverted;
                 }
                 self.record_rollback(r, RollbackCause::RunStopped, result);
                 rollback_order.push(h);

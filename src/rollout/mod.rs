@@ -22,7 +22,7 @@ pub mod window;
 
 pub use clock::Clock;
 pub use executor::{
-    Counts, Executor, GateContext, HostContext, HostOutcome, HostReport, HostState, RollbackCause,
+    Counts, Executor, GateContext, HostContext, HostOutcome, HostReport, HostStatus, RollbackCause,
     RollbackContext, RolloutError, RolloutEvent, RolloutObserver, StopReason, Summary,
 };
 pub use plan::{Plan, PlanError, Target, Wave, WaveKind};

@@ -18,7 +18,6 @@ pub struct Session {
     pub runtime: Arc<Runtime>,
     pub run: RunCtx,
     pub artifacts: ArtifactSettings,
-    secrets: Mutex<Vec<String>>,
     deadlines: Mutex<HashMap<String, Instant>>,
 }
 
@@ -32,12 +31,10 @@ impl Session {
 
     pub fn new(runtime: Arc<Runtime>, run: RunCtx) -> Self {
         let artifacts = ArtifactSettings::from_config(&runtime.config, &runtime.state_dir);
-        let secrets = crate::runtime::configured_secrets(&runtime.config, &runtime.inventory);
         Session {
             runtime,
             run,
             artifacts,
-            secrets: Mutex::new(secrets),
             deadlines: Mutex::new(HashMap::new()),
         }
     }
@@ -84,23 +81,15 @@ impl Session {
     /// A value that must never be shown: journal, logs, reports and notifications
     /// print `***` instead.
     pub fn add_secret(&self, value: &str) {
-        if value.is_empty() {
-            return;
-        }
-        let mut s = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-        if !s.iter().any(|x| x == value) {
-            s.push(value.to_string());
-        }
-        crate::journal::register_secret(value);
+        // The runtime's store is the one its journals share and the log reads.
+        self.runtime.secrets.add(value);
         if let Some(j) = &self.run.journal {
             j.add_secret(value);
         }
     }
 
+    /// Every secret value of the run so far.
     pub fn secrets(&self) -> Vec<String> {
-        self.secrets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.runtime.secrets.list()
     }
 }

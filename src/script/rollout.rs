@@ -526,7 +526,7 @@ fn rollout(
             summary
                 .hosts
                 .iter()
-                .filter(|h| h.state == crate::rollout::HostState::Failed)
+                .filter(|h| h.state == crate::rollout::HostStatus::Failed)
                 .map(|h| h.name.clone())
                 .collect::<Vec<_>>()
                 .into(),
