@@ -35,6 +35,15 @@ const PRIMITIVES: &[&str] = &[
     "param",
     "pending_updates",
     "upgrade",
+    "probe",
+    "put_file",
+    "template",
+    "line_in_file",
+    "remove_file",
+    "service",
+    "reboot",
+    "needs_reboot",
+    "services_needing_restart",
 ];
 
 /// `(name as written in a definition file, is a property getter)` of every function

@@ -203,6 +203,29 @@ fn an_ad_hoc_exec_that_backs_up_and_edits_is_reversed_by_rollback() {
         "the edit happened"
     );
 
+    // The report renders the ad-hoc run from its journal, its edits marked unmanaged.
+    let out = p.patchbook(&["report", &run, "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let host = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "lab04")
+        .expect("lab04 in the report")
+        .clone();
+    let steps = host["steps"].as_array().unwrap();
+    let unmanaged: Vec<&serde_json::Value> =
+        steps.iter().filter(|s| s["unmanaged"] == true).collect();
+    assert_eq!(unmanaged.len(), 2, "{steps:?}");
+    assert!(
+        unmanaged[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("unmanaged change: `sh -c"),
+        "{steps:?}"
+    );
+
     // A fresh process reverses it from the journal alone.
     let out = p.patchbook(&["rollback", &run]);
     let (stdout, stderr) = text(&out);

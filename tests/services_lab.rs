@@ -289,11 +289,19 @@ fn needs_reboot_reads_the_hosts_own_flag_and_a_reboot_clears_it() {
     let (v, _) = p.exec("lab05", "needs_reboot(host)");
     assert_eq!(v["needed"], false, "{v}");
 
-    let (v, _) = p.exec(
-        h,
-        r#"let r = reboot(host, #{ timeout: "30s" }); needs_reboot(host)"#,
-    );
+    // The stdlib reboots only a host that asks for it, and the reboot empties /run.
+    let boot = f.boot_id(h).unwrap();
+    let reboot_if_needed =
+        r#"import "patch/debian" as deb; deb::reboot_if_needed(host, #{ timeout: "30s" })"#;
+    let (v, _) = p.exec(h, reboot_if_needed);
+    assert_eq!((&v["needed"], &v["rebooted"]), (&true.into(), &true.into()), "{v}");
+    assert_ne!(f.boot_id(h).unwrap(), boot, "a new boot");
+    let (v, _) = p.exec(h, "needs_reboot(host)");
     assert_eq!(v["needed"], false, "a reboot empties /run: {v}");
+    let boot = f.boot_id(h).unwrap();
+    let (v, _) = p.exec(h, reboot_if_needed);
+    assert_eq!(v["rebooted"], false, "{v}");
+    assert_eq!(f.boot_id(h).unwrap(), boot, "no reboot when none is needed");
 }
 
 #[test]
