@@ -1195,14 +1195,53 @@ pub fn redact_value(v: Value, secrets: &[String]) -> Value {
 
 pub fn redact_str(s: &str, secrets: &[String]) -> String {
     let mut out = s.to_string();
+    let mut forms: Vec<String> = secrets.iter().flat_map(|x| encodings(x)).collect();
     // Longest first, so a secret that contains another is hidden whole.
-    let mut ordered: Vec<&String> = secrets.iter().collect();
-    ordered.sort_by_key(|x| std::cmp::Reverse(x.len()));
-    for secret in ordered {
-        if !secret.is_empty() && out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "***");
+    forms.sort_by_key(|x| std::cmp::Reverse(x.len()));
+    for form in forms {
+        if out.contains(form.as_str()) {
+            out = out.replace(form.as_str(), "***");
         }
     }
+    out
+}
+
+/// Every form a secret can take on its way out: as it is, JSON-escaped (a `--json`
+/// event, a journal line), Debug-formatted (`{:?}` in a log field), shell-quoted
+/// (a command line in a message), base64 (an HTTP basic-auth header), and each
+/// line of a multi-line secret (a PEM key whose output was cut or split).
+fn encodings(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    /// Lines this short are words, not secrets: hiding them would hide prose.
+    const MIN_LINE: usize = 8;
+    if secret.is_empty() {
+        return Vec::new();
+    }
+    let quoted = |q: String| {
+        q.strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(&q)
+            .to_string()
+    };
+    let mut out = vec![
+        secret.to_string(),
+        quoted(serde_json::to_string(secret).unwrap_or_default()),
+        quoted(format!("{secret:?}")),
+        secret.replace('\'', "'\\''"),
+        base64::engine::general_purpose::STANDARD.encode(secret),
+    ];
+    if secret.contains('\n') {
+        out.extend(
+            secret
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.len() >= MIN_LINE)
+                .map(str::to_string),
+        );
+    }
+    out.retain(|f| !f.is_empty());
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -1211,6 +1250,34 @@ pub use secrets::{scrub, Secrets};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_hidden_in_every_encoding_it_can_leave_in() {
+        let pem = "-----BEGIN KEY-----\nAbCdEf0123456789\nqu\"ote'back\\slash\n-----END KEY-----";
+        let secrets = vec![pem.to_string()];
+        let json = serde_json::to_string(pem).unwrap();
+        let debug = format!("{pem:?}");
+        let shell = format!("'{}'", pem.replace('\'', "'\\''"));
+        let b64 = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(pem)
+        };
+        for text in [
+            format!("raw {pem} end"),
+            format!("{{\"reason\":{json}}}"),
+            format!("argv = {debug}"),
+            format!("sh -c {shell}"),
+            format!("Authorization: Basic {b64}"),
+            "only one line leaked: AbCdEf0123456789".to_string(),
+        ] {
+            let out = redact_str(&text, &secrets);
+            assert!(out.contains("***"), "{out}");
+            for piece in ["AbCdEf0123456789", "ote'back", "slash\\n", &b64] {
+                assert!(!out.contains(piece), "{piece:?} leaked in {out:?}");
+            }
+        }
+        assert_eq!(redact_str("plain text", &secrets), "plain text");
+    }
 
     #[test]
     fn secrets_are_redacted_from_host_keys_values_and_step_names() {
