@@ -4,6 +4,12 @@ use patchbook::cli::{self, Cli};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `patchbook … | head -1`: a closed pipe ends the program quietly, as it does
+    // every Unix filter, instead of a panic in the middle of a print.
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing(&cli.global);
     match cli::run(cli) {

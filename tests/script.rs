@@ -830,3 +830,31 @@ fn log_carries_the_host_and_shell_is_marked_raw() {
         );
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    // `patchbook … | head -1`: the reader goes away after one line.
+    let dir = tempfile::tempdir().unwrap();
+    // Far more output than a pipe holds, so the writer meets the closed end.
+    let names: Vec<String> = (0..5000).map(|i| format!("host{i:05}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let inv = toml_inventory(dir.path(), &names);
+    let script = format!(
+        "{} -i {} inventory list | head -1; echo \"status ${{PIPESTATUS[0]}}\"",
+        env!("CARGO_BIN_EXE_patchbook"),
+        inv.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let status = stdout.lines().last().unwrap();
+    // Ended by SIGPIPE (128 + 13) like any Unix filter: never a panic (101).
+    assert_eq!(status, "status 141", "{stderr}");
+}

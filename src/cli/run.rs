@@ -371,7 +371,7 @@ pub fn run(
         for s in &summaries {
             let t = &s.totals;
             eprintln!(
-                "patchbook: run {run_id}: {} targeted, {} done, {} failed, {} rolled back, {} pending ({:?}); report: patchbook report {run_id}",
+                "patchbook: run {run_id}: {} targeted, {} done, {} failed, {} rolled back, {} pending ({}); report: patchbook report {run_id}",
                 t.targeted, t.done, t.failed, t.rolled_back, t.pending, s.stop
             );
         }

@@ -484,6 +484,33 @@ pub enum StopReason {
     Halted,
 }
 
+impl std::fmt::Display for StopReason {
+    /// How the operator reads it: what stopped the rollout, and what is next.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Completed => write!(f, "completed"),
+            StopReason::BudgetExhausted { failures, allowed } => write!(
+                f,
+                "failure budget spent: {failures} failed, {allowed} allowed; no new hosts started"
+            ),
+            StopReason::PilotFailed { host } => {
+                write!(f, "pilot {host} failed; no wave started")
+            }
+            StopReason::GateStopped { after_wave, reason } => {
+                write!(f, "gate stopped the rollout after wave {after_wave}: {reason}")
+            }
+            StopReason::WindowClosing { before_wave } => write!(
+                f,
+                "the maintenance window closes before wave {before_wave} could finish; resume in the next window"
+            ),
+            StopReason::Halted => write!(
+                f,
+                "stopped by the operator; pending hosts wait for `patchbook run --resume`"
+            ),
+        }
+    }
+}
+
 /// Where a host of a run stands: the one status model the rollout's summary, the
 /// report and the progress display share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

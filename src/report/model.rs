@@ -49,7 +49,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::testcase::TestCase;
-use crate::journal::entry::{HostStatus, NotifyRecord, RolloutEvent, Summary as RolloutSummary};
+use crate::journal::entry::{
+    HostStatus, NotifyRecord, RolloutEvent, StopReason, Summary as RolloutSummary,
+};
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
 use crate::primitives::undo::describe;
@@ -93,7 +95,7 @@ pub struct RunSummary {
     pub patchbook_version: Option<String>,
     pub policy: Value,
     pub window: Option<WindowReport>,
-    pub stop: Option<Value>,
+    pub stop: Option<StopReason>,
     pub alerts: Vec<Alert>,
     pub open_intents: usize,
 }
@@ -687,7 +689,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
             patchbook_version: header.as_ref().map(|h| h.patchbook_version.clone()),
             policy: header.map(|h| h.policy).unwrap_or(Value::Null),
             window,
-            stop: summary.as_ref().map(|s| to_value(&s.stop)),
+            stop: summary.as_ref().map(|s| s.stop.clone()),
             alerts,
             open_intents: state.open_intents().len(),
         },
