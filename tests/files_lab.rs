@@ -52,29 +52,8 @@ struct Project {
 
 impl Project {
     fn new() -> Project {
-        let dir = tempfile::Builder::new()
-            .prefix("files-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap();
-        let f = fleet();
-        let lab = std::fs::read_to_string(f.dir().join("patchbook.toml")).unwrap();
-        let lab = lab.replace(
-            "inventory = [\"inventory.toml\"]",
-            &format!(
-                "inventory = [\"{}\"]",
-                f.dir().join("inventory.toml").display()
-            ),
-        );
+        let dir = support::lab_project(fleet(), "files-", "playbooks = \"{dir}/scripts\"\n");
         std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
-        std::fs::write(
-            dir.path().join("patchbook.toml"),
-            format!(
-                "stdlib = \"{}/stdlib\"\nplaybooks = \"{}/scripts\"\n{lab}",
-                env!("CARGO_MANIFEST_DIR"),
-                dir.path().display()
-            ),
-        )
-        .unwrap();
         Project { dir }
     }
 
@@ -91,13 +70,8 @@ impl Project {
 
     fn patchbook(&self, args: &[&str]) -> Output {
         let f = fleet();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"));
-        cmd.arg("-v")
-            .arg("--config")
-            .arg(self.path("patchbook.toml"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .args(args);
+        let mut cmd = support::patchbook_in(self.dir.path());
+        cmd.arg("-v").args(args);
         if matches!(args.first(), Some(&"plan") | Some(&"run")) {
             cmd.args([
                 "--param",

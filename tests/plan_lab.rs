@@ -34,25 +34,9 @@ struct Project {
 
 impl Project {
     fn new() -> Project {
-        let dir = tempfile::Builder::new()
-            .prefix("plan-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap();
-        let f = fleet();
-        let lab = std::fs::read_to_string(f.dir().join("patchbook.toml")).unwrap();
-        let lab = lab.replace(
-            "inventory = [\"inventory.toml\"]",
-            &format!(
-                "inventory = [\"{}\"]",
-                f.dir().join("inventory.toml").display()
-            ),
-        );
-        std::fs::write(
-            dir.path().join("patchbook.toml"),
-            format!("stdlib = \"{}/stdlib\"\n{lab}", env!("CARGO_MANIFEST_DIR")),
-        )
-        .unwrap();
-        Project { dir }
+        Project {
+            dir: support::lab_project(fleet(), "plan-", ""),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -61,12 +45,8 @@ impl Project {
 
     fn patchbook(&self, args: &[&str]) -> Output {
         let f = fleet();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"));
-        cmd.arg("--config")
-            .arg(self.path("patchbook.toml"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .args(args);
+        let mut cmd = support::patchbook_in(self.dir.path());
+        cmd.args(args);
         if matches!(args.first(), Some(&"plan") | Some(&"run")) {
             cmd.args([
                 "--param",

@@ -64,29 +64,15 @@ struct Project {
 
 impl Project {
     fn new() -> Project {
-        let dir = tempfile::Builder::new()
-            .prefix("rpm-lab-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap();
         let f = fleet();
         let lab = std::fs::read_to_string(f.dir().join("patchbook.toml")).unwrap();
         assert!(
             lab.contains(&f.dir().join("rpms").display().to_string()),
             "the lab trusts its RPM folder:\n{lab}"
         );
-        let lab = lab.replace(
-            "inventory = [\"inventory.toml\"]",
-            &format!(
-                "inventory = [\"{}\"]",
-                f.dir().join("inventory.toml").display()
-            ),
-        );
-        std::fs::write(
-            dir.path().join("patchbook.toml"),
-            format!("stdlib = \"{}/stdlib\"\n{lab}", env!("CARGO_MANIFEST_DIR")),
-        )
-        .unwrap();
-        Project { dir }
+        Project {
+            dir: support::lab_project(f, "rpm-lab-", ""),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -94,12 +80,8 @@ impl Project {
     }
 
     fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"));
-        cmd.arg("--config")
-            .arg(self.path("patchbook.toml"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .args(args);
+        let mut cmd = support::patchbook_in(self.dir.path());
+        cmd.args(args);
         cmd
     }
 

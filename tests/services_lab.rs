@@ -25,25 +25,9 @@ struct Project {
 
 impl Project {
     fn new() -> Project {
-        let dir = tempfile::Builder::new()
-            .prefix("services-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap();
-        let f = fleet();
-        let lab = std::fs::read_to_string(f.dir().join("patchbook.toml")).unwrap();
-        let lab = lab.replace(
-            "inventory = [\"inventory.toml\"]",
-            &format!(
-                "inventory = [\"{}\"]",
-                f.dir().join("inventory.toml").display()
-            ),
-        );
-        std::fs::write(
-            dir.path().join("patchbook.toml"),
-            format!("stdlib = \"{}/stdlib\"\n{lab}", env!("CARGO_MANIFEST_DIR")),
-        )
-        .unwrap();
-        Project { dir }
+        Project {
+            dir: support::lab_project(fleet(), "services-", ""),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -51,11 +35,7 @@ impl Project {
     }
 
     fn patchbook(&self, args: &[&str]) -> Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"))
-            .arg("--config")
-            .arg(self.path("patchbook.toml"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
+        support::patchbook_in(self.dir.path())
             .args(args)
             .output()
             .expect("patchbook runs")

@@ -200,3 +200,43 @@ pub fn host_fingerprint(fleet: &Fleet, host: &str) -> String {
     }
     out.join("\n")
 }
+
+/// A project folder for a lab test: `patchbook.toml` with the lab's settings (its
+/// inventory by absolute path), the repository's stdlib and any `extra` lines
+/// (`{dir}` in them stands for the project folder); the state dir is `state/`
+/// inside it. Removed on drop.
+pub fn lab_project(fleet: &Fleet, prefix: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir");
+    let lab = std::fs::read_to_string(fleet.dir().join("patchbook.toml")).expect("lab settings");
+    let lab = lab.replace(
+        "inventory = [\"inventory.toml\"]",
+        &format!(
+            "inventory = [\"{}\"]",
+            fleet.dir().join("inventory.toml").display()
+        ),
+    );
+    std::fs::write(
+        dir.path().join("patchbook.toml"),
+        format!(
+            "stdlib = \"{}/stdlib\"\n{}{lab}",
+            env!("CARGO_MANIFEST_DIR"),
+            extra.replace("{dir}", &dir.path().display().to_string())
+        ),
+    )
+    .expect("write patchbook.toml");
+    dir
+}
+
+/// `patchbook --config DIR/patchbook.toml --state-dir DIR/state`, for a folder made
+/// by [`lab_project`]; add the verb and its arguments.
+pub fn patchbook_in(dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_patchbook"));
+    cmd.arg("--config")
+        .arg(dir.join("patchbook.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"));
+    cmd
+}
