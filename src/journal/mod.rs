@@ -242,6 +242,8 @@ pub mod kind {
     pub const JOURNAL_REPAIR: &str = "journal.repair";
     /// A backup archive of the record's host.
     pub const BACKUP: &str = "backup";
+    /// A backup the controller stopped on its own side.
+    pub const BACKUP_STOPPED: &str = "backup.stopped";
     /// A staging check.
     pub const TEST: &str = "test";
     /// One event of the rollout executor.

@@ -6,15 +6,19 @@
 //! stored one. This module must not touch the host outside the backed-up paths,
 //! nor keep anything of a backup that failed.
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use super::{cut, HostCtx, PrimitiveError};
-use crate::journal::entry::{RestoreInput, StepResult};
+use crate::journal::entry::{BackupStopCause, BackupStopped, RestoreInput, StepResult};
 use crate::journal::Entry;
 use crate::transport::Command;
 
@@ -123,26 +127,178 @@ fn read_back(archive: &Path, roots: &[String]) -> std::io::Result<ReadBack> {
     })
 }
 
-/// Hashes what passes through on its way to the file.
-struct HashingWriter<W> {
+/// Default `[backup] max_per_host`: 1 GiB.
+pub const DEFAULT_MAX_PER_HOST: u64 = 1 << 30;
+/// Default `[backup] max_per_run`: 10 GiB.
+pub const DEFAULT_MAX_PER_RUN: u64 = 10 << 30;
+/// Default `[backup] min_free`: 256 MiB left free for the journal and the system.
+pub const DEFAULT_MIN_FREE: u64 = 256 << 20;
+/// How many bytes a backup writes between two free-space checks.
+const FREE_CHECK_EVERY: u64 = 1 << 20;
+
+/// How much backups may write to the controller's disk, from `[backup]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupLimits {
+    pub max_per_host: u64,
+    pub max_per_run: u64,
+    pub min_free: u64,
+}
+
+impl Default for BackupLimits {
+    fn default() -> Self {
+        BackupLimits {
+            max_per_host: DEFAULT_MAX_PER_HOST,
+            max_per_run: DEFAULT_MAX_PER_RUN,
+            min_free: DEFAULT_MIN_FREE,
+        }
+    }
+}
+
+impl BackupLimits {
+    pub fn from_config(c: &crate::config::BackupConfig) -> Self {
+        let d = BackupLimits::default();
+        BackupLimits {
+            max_per_host: c.max_per_host.map_or(d.max_per_host, |b| b.0),
+            max_per_run: c.max_per_run.map_or(d.max_per_run, |b| b.0),
+            min_free: c.min_free.map_or(d.min_free, |b| b.0),
+        }
+    }
+}
+
+/// What one run's backups hold on the controller, per host and in all. Bytes of
+/// a backup that failed are given back when its partial archive is removed.
+#[derive(Debug, Default)]
+pub struct BackupUsage {
+    per_host: Mutex<HashMap<String, u64>>,
+    run: AtomicU64,
+}
+
+impl BackupUsage {
+    fn host(&self, host: &str) -> u64 {
+        self.per_host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn add_host(&self, host: &str, bytes: u64) {
+        *self
+            .per_host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_string())
+            .or_default() += bytes;
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`
+/// (root's reserved blocks are not counted: the margin is for everyone).
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// ENOSPC or EDQUOT: the controller's disk, not the host, is the problem.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// The archive file on its way to disk: hashes and counts every byte, and stops
+/// the stream (an error the transport passes on) at a cap, below the free-space
+/// margin, or on a full disk, saying which in `stop`.
+struct GuardedWriter<'a, W> {
     inner: W,
     hash: Sha256,
     len: u64,
+    dir: &'a Path,
+    limits: BackupLimits,
+    /// What this host's earlier backups of the run hold.
+    host_before: u64,
+    run_total: &'a AtomicU64,
+    since_check: u64,
+    stop: &'a Cell<Option<BackupStopCause>>,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write> GuardedWriter<'_, W> {
+    fn refuse(&self, cause: BackupStopCause) -> std::io::Error {
+        let e = std::io::Error::other(cause.to_string());
+        self.stop.set(Some(cause));
+        e
+    }
+}
+
+impl<W: Write> Write for GuardedWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+        let n = buf.len() as u64;
+        if self.host_before + self.len + n > self.limits.max_per_host {
+            return Err(self.refuse(BackupStopCause::HostCap {
+                limit: self.limits.max_per_host,
+            }));
+        }
+        // Claimed before writing, so parallel hosts never pass the run cap together.
+        if self.run_total.fetch_add(n, Ordering::SeqCst) + n > self.limits.max_per_run {
+            self.run_total.fetch_sub(n, Ordering::SeqCst);
+            return Err(self.refuse(BackupStopCause::RunCap {
+                limit: self.limits.max_per_run,
+            }));
+        }
+        self.since_check += n;
+        if self.since_check >= FREE_CHECK_EVERY {
+            self.since_check = 0;
+            let free = free_bytes(self.dir);
+            if let Ok(free) = free {
+                if free < self.limits.min_free {
+                    self.run_total.fetch_sub(n, Ordering::SeqCst);
+                    return Err(self.refuse(BackupStopCause::LowSpace {
+                        free,
+                        min_free: self.limits.min_free,
+                    }));
+                }
+            }
+        }
+        match self.inner.write(buf) {
+            Ok(w) => {
+                self.run_total.fetch_sub(n - w as u64, Ordering::SeqCst);
+                self.hash.update(&buf[..w]);
+                self.len += w as u64;
+                Ok(w)
+            }
+            Err(e) => {
+                self.run_total.fetch_sub(n, Ordering::SeqCst);
+                if is_disk_full(&e) {
+                    self.stop.set(Some(BackupStopCause::DiskFull));
+                }
+                Err(e)
+            }
+        }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        self.inner.flush().inspect_err(|e| {
+            if is_disk_full(e) {
+                self.stop.set(Some(BackupStopCause::DiskFull));
+            }
+        })
     }
 }
 
 /// Streams a tar of `paths` from the host into the backup store and checks it.
+///
+/// The controller's disk is guarded: no start below `[backup] min_free`, a stop
+/// when the host's or the run's backups reach their cap, when free space falls
+/// below the margin, or on ENOSPC. Any failure removes the partial archive; a
+/// controller-side stop is journaled (`backup.stopped`), noted for the rollout
+/// (which stops without charging the host) and returned as
+/// [`PrimitiveError::Controller`].
 pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, PrimitiveError> {
     let rel: Vec<String> = paths
         .iter()
@@ -173,8 +329,105 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         .join("backups")
         .join(safe_name(&ctx.run.run_id))
         .join(safe_name(ctx.name()));
-    let io = |context: String| move |source| PrimitiveError::Io { context, source };
-    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let stop: Cell<Option<BackupStopCause>> = Cell::new(None);
+    let received: Cell<u64> = Cell::new(0);
+    let partial: Cell<Option<PathBuf>> = Cell::new(None);
+    let result = take_backup(ctx, paths, &rel, &dir, &stop, &received, &partial);
+    let Err(err) = result else {
+        if let Ok(h) = &result {
+            ctx.run.backup_usage.add_host(ctx.name(), h.size);
+        }
+        return result;
+    };
+    // Nothing of a failed backup stays: the partial archive would fill the disk
+    // again on the next run, and a restore must never find it.
+    let mut left = Vec::new();
+    if let Some(archive) = partial.take() {
+        for f in [archive.with_extension("manifest.json"), archive] {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => left.push(format!("{} ({e})", f.display())),
+            }
+        }
+    }
+    ctx.run
+        .backup_usage
+        .run
+        .fetch_sub(received.get(), Ordering::SeqCst);
+    let Some(cause) = stop.take() else {
+        return Err(err);
+    };
+    let removed = if left.is_empty() {
+        "the partial archive was removed".to_string()
+    } else {
+        format!("could not remove {}: remove it by hand", left.join(", "))
+    };
+    let next = match cause {
+        BackupStopCause::HostCap { .. } | BackupStopCause::RunCap { .. } => {
+            "back up fewer paths, or raise `[backup] max_per_host` / `max_per_run` in patchbook.toml"
+        }
+        _ => "free space on the controller (or move the state directory), or lower `[backup] min_free` in patchbook.toml",
+    };
+    let message = format!(
+        "{cause} while backing up {} into {} ({} bytes received; {removed}); {next}, then continue with `patchbook run --resume {}`",
+        paths.join(", "),
+        dir.display(),
+        received.get(),
+        ctx.run.run_id
+    );
+    // Written after the partial archive is gone, so a full disk has room again
+    // for the record that says it was full.
+    let journaled = ctx.record(
+        "backup",
+        Entry::BackupStopped(BackupStopped {
+            paths: paths.to_vec(),
+            cause,
+            received: received.get(),
+            message: message.clone(),
+        }),
+    );
+    let message = match journaled {
+        Ok(_) => message,
+        Err(e) => format!("{message} (and the journal could not record it: {e})"),
+    };
+    ctx.run.note_controller_fault(ctx.name(), message.clone());
+    Err(PrimitiveError::Controller {
+        host: ctx.name().to_string(),
+        step: "backup".into(),
+        message,
+    })
+}
+
+/// The body of [`backup`]; on failure the caller cleans up `partial` and reads
+/// `stop` and `received`.
+fn take_backup(
+    ctx: &HostCtx,
+    paths: &[String],
+    rel: &[String],
+    dir: &Path,
+    stop: &Cell<Option<BackupStopCause>>,
+    received: &Cell<u64>,
+    partial: &Cell<Option<PathBuf>>,
+) -> Result<BackupHandle, PrimitiveError> {
+    let io = |context: String| {
+        move |source: std::io::Error| {
+            if is_disk_full(&source) {
+                stop.set(Some(BackupStopCause::DiskFull));
+            }
+            PrimitiveError::Io { context, source }
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    let limits = ctx.run.backup_limits;
+    let free = free_bytes(dir).map_err(io(format!("check free space in {}", dir.display())))?;
+    if free < limits.min_free {
+        stop.set(Some(BackupStopCause::LowSpace {
+            free,
+            min_free: limits.min_free,
+        }));
+        return Err(PrimitiveError::step(ctx.name(), "backup", "not started"));
+    }
     // The first free number names the backup; `create_new` claims it, so two
     // backups of one host never share an archive.
     let (id, archive, file) = {
@@ -193,6 +446,7 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
             }
         }
     };
+    partial.set(Some(archive.clone()));
     let mut argv: Vec<String> = [
         "tar",
         "-cf",
@@ -206,23 +460,33 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
     .map(String::from)
     .to_vec();
     argv.extend(rel.iter().cloned());
-    let mut sink = HashingWriter {
+    let mut sink = GuardedWriter {
         inner: std::io::BufWriter::new(file),
         hash: Sha256::new(),
         len: 0,
+        dir,
+        limits,
+        host_before: ctx.run.backup_usage.host(ctx.name()),
+        run_total: &ctx.run.backup_usage.run,
+        since_check: 0,
+        stop,
     };
     let out = ctx.transport.run_to_writer(
         &Command::new(argv).timeout(ctx.timeout(Duration::from_secs(3600))),
         &mut sink,
-    )?;
+    );
+    received.set(sink.len);
+    let out = out?;
     sink.flush()
         .map_err(io(format!("write {}", archive.display())))?;
     let sha256 = hex::encode(sink.hash.clone().finalize());
     let size = sink.len;
-    if let Ok(f) = sink.inner.into_inner() {
-        f.sync_all()
-            .map_err(io(format!("fsync {}", archive.display())))?;
-    }
+    let file = sink
+        .inner
+        .into_inner()
+        .map_err(|e| io(format!("write {}", archive.display()))(e.into_error()))?;
+    file.sync_all()
+        .map_err(io(format!("fsync {}", archive.display())))?;
     if !out.success() {
         return Err(PrimitiveError::failed(ctx.name(), "backup", &out));
     }
@@ -230,7 +494,7 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
     let stderr = out.stderr_str();
     let missing: Vec<String> = paths
         .iter()
-        .zip(&rel)
+        .zip(rel)
         .filter(|(_, r)| stderr.contains(&format!("{r}: Warning: Cannot stat")))
         .map(|(p, _)| p.clone())
         .collect();
@@ -244,13 +508,13 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         missing,
     };
     let manifest = handle.archive.with_extension("manifest.json");
-    std::fs::write(
-        &manifest,
-        serde_json::to_vec_pretty(&handle).unwrap_or_default(),
-    )
-    .map_err(io(format!("write {}", manifest.display())))?;
+    let manifest_json = serde_json::to_vec_pretty(&handle).map_err(|e| {
+        PrimitiveError::step(ctx.name(), "backup", format!("cannot write its manifest: {e}"))
+    })?;
+    std::fs::write(&manifest, manifest_json)
+        .map_err(io(format!("write {}", manifest.display())))?;
     // Re-read what landed on disk: a backup that cannot be read back is no backup.
-    let again = read_back(&handle.archive, &rel)
+    let again = read_back(&handle.archive, rel)
         .map_err(io(format!("re-read {}", handle.archive.display())))?;
     if again.sha256 != handle.sha256 || again.size != handle.size {
         return Err(PrimitiveError::step(
