@@ -148,7 +148,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Bytes(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => parse_size(&t).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -156,7 +158,8 @@ impl<'de> Deserialize<'de> for ByteSize {
 /// Sizes in settings: `1GiB`, `512MiB`, `64KiB`, `10G`, `500M`, `4096`, `2B`. Units
 /// are binary (`G` = `GiB` = 2^30); a bare number is bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("`{s}` is not a size; write e.g. \"1GiB\", \"512MiB\" or a number of bytes");
+    let bad =
+        || format!("`{s}` is not a size; write e.g. \"1GiB\", \"512MiB\" or a number of bytes");
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits == 0 {

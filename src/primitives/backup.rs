@@ -10,9 +10,9 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -133,8 +133,17 @@ pub const DEFAULT_MAX_PER_HOST: u64 = 1 << 30;
 pub const DEFAULT_MAX_PER_RUN: u64 = 10 << 30;
 /// Default `[backup] min_free`: 256 MiB left free for the journal and the system.
 pub const DEFAULT_MIN_FREE: u64 = 256 << 20;
-/// How many bytes a backup writes between two free-space checks.
+/// Most bytes a backup writes between two free-space checks.
 const FREE_CHECK_EVERY: u64 = 1 << 20;
+/// Fewest bytes between two checks, however close to the margin.
+const FREE_CHECK_MIN: u64 = 32 << 10;
+
+/// Bytes to write before the next free-space check: half the headroom above the
+/// margin, so the checks come closer together as the disk fills and the stream
+/// stops before the margin is gone rather than one interval too late.
+fn next_free_check(free: u64, min_free: u64) -> u64 {
+    (free.saturating_sub(min_free) / 2).clamp(FREE_CHECK_MIN, FREE_CHECK_EVERY)
+}
 
 /// How much backups may write to the controller's disk, from `[backup]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +234,8 @@ struct GuardedWriter<'a, W> {
     /// What this host's earlier backups of the run hold.
     host_before: u64,
     run_total: &'a AtomicU64,
-    since_check: u64,
+    /// Bytes still to write before the next free-space check.
+    until_check: u64,
     stop: &'a Cell<Option<BackupStopCause>>,
 }
 
@@ -252,11 +262,13 @@ impl<W: Write> Write for GuardedWriter<'_, W> {
                 limit: self.limits.max_per_run,
             }));
         }
-        self.since_check += n;
-        if self.since_check >= FREE_CHECK_EVERY {
-            self.since_check = 0;
+        self.until_check = self.until_check.saturating_sub(n);
+        if self.until_check == 0 {
+            // A failed statvfs checks again soon; the write's own ENOSPC still stops it.
             let free = free_bytes(self.dir);
+            self.until_check = FREE_CHECK_MIN;
             if let Ok(free) = free {
+                self.until_check = next_free_check(free, self.limits.min_free);
                 if free < self.limits.min_free {
                     self.run_total.fetch_sub(n, Ordering::SeqCst);
                     return Err(self.refuse(BackupStopCause::LowSpace {
@@ -468,7 +480,7 @@ fn take_backup(
         limits,
         host_before: ctx.run.backup_usage.host(ctx.name()),
         run_total: &ctx.run.backup_usage.run,
-        since_check: 0,
+        until_check: next_free_check(free, limits.min_free),
         stop,
     };
     let out = ctx.transport.run_to_writer(
@@ -509,7 +521,11 @@ fn take_backup(
     };
     let manifest = handle.archive.with_extension("manifest.json");
     let manifest_json = serde_json::to_vec_pretty(&handle).map_err(|e| {
-        PrimitiveError::step(ctx.name(), "backup", format!("cannot write its manifest: {e}"))
+        PrimitiveError::step(
+            ctx.name(),
+            "backup",
+            format!("cannot write its manifest: {e}"),
+        )
     })?;
     std::fs::write(&manifest, manifest_json)
         .map_err(io(format!("write {}", manifest.display())))?;
