@@ -337,3 +337,34 @@ pub fn format_duration(d: Duration) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size(" 512MiB "), Ok(512 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        for bad in ["", "GiB", "1.5G", "-1", "1 parsec", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn the_backup_section_reads_sizes_as_numbers_or_strings() {
+        let c: Config =
+            toml::from_str("[backup]\nmax_per_host = \"2MiB\"\nmin_free = 1024\n").unwrap();
+        assert_eq!(c.backup.max_per_host, Some(ByteSize(2 << 20)));
+        assert_eq!(c.backup.max_per_run, None);
+        assert_eq!(c.backup.min_free, Some(ByteSize(1024)));
+        let err = toml::from_str::<Config>("[backup]\nmax_per_run = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a size"), "{err}");
+        assert!(toml::from_str::<Config>("[backup]\nmax = 1\n").is_err());
+    }
+}
