@@ -950,6 +950,21 @@ mod tests {
                 size: 10240,
                 missing: vec![],
             }),
+            Entry::BackupStopped(BackupStopped {
+                paths: vec!["/root/huge".into()],
+                cause: BackupStopCause::HostCap { limit: 1 << 30 },
+                received: 1 << 30,
+                message: "backup cap reached: 1073741824 bytes per host".into(),
+            }),
+            Entry::BackupStopped(BackupStopped {
+                paths: vec!["/var/lib".into()],
+                cause: BackupStopCause::LowSpace {
+                    free: 10,
+                    min_free: 20,
+                },
+                received: 0,
+                message: "disk full".into(),
+            }),
             Entry::Verify(VerifyRecord {
                 package: "acme-agent".into(),
                 expected: "1.0.1".into(),
@@ -1032,6 +1047,15 @@ mod tests {
                 needed_seconds: 120.0,
             }),
             Entry::Rollout(RolloutEvent::RunDone { summary: summary() }),
+            Entry::Rollout(RolloutEvent::RunDone {
+                summary: Summary {
+                    stop: StopReason::ControllerFault {
+                        host: "web-2".into(),
+                        reason: "disk full".into(),
+                    },
+                    ..summary()
+                },
+            }),
             Entry::Notify(NotifyRecord::Delivery(delivery())),
             Entry::Notify(NotifyRecord::Notice {
                 event: Some("run_started".into()),
