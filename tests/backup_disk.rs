@@ -333,3 +333,36 @@ fn a_controller_fault_stops_the_rollout_without_charging_the_host() {
     assert!(rolled_back.lock().unwrap().is_empty());
     assert_eq!(summary.pending_hosts(), ["b", "c", "d"]);
 }
+
+#[test]
+fn a_controller_fault_past_the_deadline_is_still_not_the_hosts() {
+    let policy = Policy::from_value(&serde_json::json!({
+        "pilot": 0, "max_failed": 0, "parallel": 1, "timeout": "1m"
+    }))
+    .unwrap();
+    let targets: Vec<Target> = ["a", "b"]
+        .map(|n| Target::new(Host::new(n), vec![]))
+        .to_vec();
+    let plan = Plan::build(targets, &policy, 1).unwrap();
+    let clock = patchbook::rollout::Clock::manual(chrono::Utc::now());
+    let summary = Executor::new(&plan)
+        .clock(clock.clone())
+        .run(
+            |_, ctx| {
+                // The stream ran long before the disk filled.
+                ctx.clock.advance(std::time::Duration::from_secs(120));
+                HostOutcome::ControllerFault {
+                    reason: "disk full".into(),
+                }
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+    assert!(
+        matches!(summary.stop, StopReason::ControllerFault { .. }),
+        "{:?}",
+        summary.stop
+    );
+    assert_eq!(summary.totals.failed, 0, "{summary:?}");
+    assert_eq!(summary.totals.pending, 2);
+}

@@ -1,8 +1,9 @@
 //! What a primitive needs to know about the run and the host it works on: the
 //! transport, the journal, the state directory, and whether this is a `plan`.
 //!
-//! It owns the per-run caches (facts) and the plan's list of would-be actions. It
-//! must not decide policy: that is the rollout layer's.
+//! It owns the per-run caches (facts), the plan's list of would-be actions, what
+//! the run's backups hold, and the hosts whose work stopped on a controller-side
+//! fault. It must not decide policy: that is the rollout layer's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -396,7 +396,11 @@ impl<'a> Executor<'a> {
                         let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
                             .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
                         let ended = clock.now();
-                        if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
+                        // A controller fault stays one even past the deadline:
+                        // the host is not to blame for the controller's disk.
+                        let fault = matches!(outcome, HostOutcome::ControllerFault { .. });
+                        if let (Some(limit), Some(deadline), false) = (timeout, ctx.deadline, fault)
+                        {
                             if ended > deadline {
                                 outcome = HostOutcome::failed(format!(
                                     "exceeded its {} deadline (took {})",
