@@ -366,3 +366,54 @@ fn a_controller_fault_past_the_deadline_is_still_not_the_hosts() {
     assert_eq!(summary.totals.failed, 0, "{summary:?}");
     assert_eq!(summary.totals.pending, 2);
 }
+
+#[test]
+fn a_journal_append_on_a_full_disk_leaves_no_torn_line() {
+    let fs = Tmpfs::mount("1m");
+    let state = fs.dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let journal = Journal::create(&state, "r1", "tester").unwrap();
+    let path = state.join("runs").join("r1.jsonl");
+    let stopped = |n: usize| {
+        Entry::BackupStopped(patchbook::journal::entry::BackupStopped {
+            paths: vec!["/root/huge".into()],
+            cause: BackupStopCause::DiskFull,
+            received: 0,
+            message: "x".repeat(n),
+        })
+    };
+    journal.append_entry(Some("h1"), &stopped(10)).unwrap();
+    journal.flush().unwrap();
+    // Fill the disk, leaving only the slack of the journal's last page.
+    let filler = fs.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let before = std::fs::metadata(&path).unwrap().len();
+    assert_ne!(
+        before % 4096,
+        0,
+        "the journal must end mid-page for this test"
+    );
+    let err = journal.append_entry(Some("h1"), &stopped(64 * 1024));
+    assert!(err.is_err(), "the append should meet ENOSPC");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        before,
+        "half a line stayed in the journal"
+    );
+    // Space back: the same journal goes on, and the record saying so lands.
+    std::fs::remove_file(&filler).unwrap();
+    journal.append_entry(Some("h1"), &stopped(10)).unwrap();
+    journal.flush().unwrap();
+    drop(journal);
+    let report = patchbook::journal::audit::verify(&state, None).unwrap();
+    assert!(report.intact(), "{report:?}");
+    let records = patchbook::journal::read_records(&path).unwrap();
+    // The two whole records, numbered without a gap; the failed one left nothing.
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
