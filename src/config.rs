@@ -51,6 +51,9 @@ pub struct Config {
     /// `[notify]`: channels, contacts and automatic notifications.
     #[serde(default)]
     pub notify: NotifyConfig,
+    /// `[backup]`: how much a backup may write to the controller's disk.
+    #[serde(default)]
+    pub backup: BackupConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -110,6 +113,69 @@ impl Default for Limits {
             deadline_secs: 3600,
         }
     }
+}
+
+/// `[backup]` in `patchbook.toml`: sizes as `"1GiB"`, `"512MiB"`, `"10G"` or a
+/// number of bytes. `primitives::backup::BackupLimits::from_config` fills in the
+/// defaults (1 GiB per host, 10 GiB per run, 256 MiB kept free).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Most bytes the backups of one host may take in one run.
+    #[serde(default)]
+    pub max_per_host: Option<ByteSize>,
+    /// Most bytes all backups of one run may take.
+    #[serde(default)]
+    pub max_per_run: Option<ByteSize>,
+    /// Free space the state directory's filesystem keeps: a backup does not start
+    /// below it, and stops when streaming would go below it.
+    #[serde(default)]
+    pub min_free: Option<ByteSize>,
+}
+
+/// A size in bytes, written in `patchbook.toml` as a number or a string with a
+/// unit (see [`parse_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Sizes in settings: `1GiB`, `512MiB`, `64KiB`, `10G`, `500M`, `4096`, `2B`. Units
+/// are binary (`G` = `GiB` = 2^30); a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad =
+        || format!("`{s}` is not a size; write e.g. \"1GiB\", \"512MiB\" or a number of bytes");
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(bad());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| bad())?;
+    let shift = match t[digits..].trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "KB" | "k" => 10,
+        "M" | "MiB" | "MB" => 20,
+        "G" | "GiB" | "GB" => 30,
+        "T" | "TiB" | "TB" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is larger than this controller can count"))
 }
 
 /// `[ssh]` in `patchbook.toml`. `transport::ssh::SshConnector::from_config` turns
@@ -270,4 +336,35 @@ pub fn format_duration(d: Duration) -> String {
         out.push_str(&format!("{s}s"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size(" 512MiB "), Ok(512 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        for bad in ["", "GiB", "1.5G", "-1", "1 parsec", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn the_backup_section_reads_sizes_as_numbers_or_strings() {
+        let c: Config =
+            toml::from_str("[backup]\nmax_per_host = \"2MiB\"\nmin_free = 1024\n").unwrap();
+        assert_eq!(c.backup.max_per_host, Some(ByteSize(2 << 20)));
+        assert_eq!(c.backup.max_per_run, None);
+        assert_eq!(c.backup.min_free, Some(ByteSize(1024)));
+        let err = toml::from_str::<Config>("[backup]\nmax_per_run = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a size"), "{err}");
+        assert!(toml::from_str::<Config>("[backup]\nmax = 1\n").is_err());
+    }
 }

@@ -106,6 +106,9 @@ entries! {
     RunRollback(RunRollback) = "run.rollback",
     /// A backup archive taken of the record's host.
     Backup(BackupHandle) = "backup",
+    /// A backup the controller stopped on its own side (disk full, low space, a
+    /// size cap); its partial archive was removed.
+    BackupStopped(BackupStopped) = "backup.stopped",
     /// An independent package check on the record's host.
     Verify(VerifyRecord) = "verify",
     /// A health check on the record's host.
@@ -157,6 +160,51 @@ pub struct RunRollback {
     #[serde(default)]
     pub hosts: Option<String>,
     pub operator: String,
+}
+
+/// `data` of `backup.stopped`: a backup of the record's host that the controller
+/// stopped because of its own disk or a configured cap, not because of the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStopped {
+    /// Absolute paths on the host, as given.
+    pub paths: Vec<String>,
+    pub cause: BackupStopCause,
+    /// Bytes received before the stop; the partial archive holding them is gone.
+    pub received: u64,
+    /// What happened and what to do next, as the operator was told.
+    pub message: String,
+}
+
+/// Why the controller stopped a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum BackupStopCause {
+    /// A write to the backup store failed with ENOSPC (or EDQUOT).
+    DiskFull,
+    /// The store's filesystem had less than `min_free` bytes free.
+    LowSpace { free: u64, min_free: u64 },
+    /// The host's backups reached `[backup] max_per_host`.
+    HostCap { limit: u64 },
+    /// The run's backups reached `[backup] max_per_run`.
+    RunCap { limit: u64 },
+}
+
+impl std::fmt::Display for BackupStopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackupStopCause::DiskFull => write!(f, "disk full"),
+            BackupStopCause::LowSpace { free, min_free } => write!(
+                f,
+                "disk full: {free} bytes free, below the {min_free} bytes kept free"
+            ),
+            BackupStopCause::HostCap { limit } => {
+                write!(f, "backup cap reached: {limit} bytes per host")
+            }
+            BackupStopCause::RunCap { limit } => {
+                write!(f, "backup cap reached: {limit} bytes per run")
+            }
+        }
+    }
 }
 
 /// What `backup` returns and `restore` takes; also the `data` of a `backup`
@@ -482,6 +530,13 @@ pub enum StopReason {
     /// The controller was asked to stop (SIGTERM, the watch service shutting
     /// down): hosts in flight finished, the rest are pending for `run --resume`.
     Halted,
+    /// The controller itself could not go on (its disk is full, a backup cap was
+    /// reached) while working on `host`: no host is charged with it, hosts in
+    /// flight finished, `host` and the rest are pending for `run --resume`.
+    ControllerFault {
+        host: String,
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for StopReason {
@@ -922,6 +977,21 @@ mod tests {
                 size: 10240,
                 missing: vec![],
             }),
+            Entry::BackupStopped(BackupStopped {
+                paths: vec!["/root/huge".into()],
+                cause: BackupStopCause::HostCap { limit: 1 << 30 },
+                received: 1 << 30,
+                message: "backup cap reached: 1073741824 bytes per host".into(),
+            }),
+            Entry::BackupStopped(BackupStopped {
+                paths: vec!["/var/lib".into()],
+                cause: BackupStopCause::LowSpace {
+                    free: 10,
+                    min_free: 20,
+                },
+                received: 0,
+                message: "disk full".into(),
+            }),
             Entry::Verify(VerifyRecord {
                 package: "acme-agent".into(),
                 expected: "1.0.1".into(),
@@ -1004,6 +1074,15 @@ mod tests {
                 needed_seconds: 120.0,
             }),
             Entry::Rollout(RolloutEvent::RunDone { summary: summary() }),
+            Entry::Rollout(RolloutEvent::RunDone {
+                summary: Summary {
+                    stop: StopReason::ControllerFault {
+                        host: "web-2".into(),
+                        reason: "disk full".into(),
+                    },
+                    ..summary()
+                },
+            }),
             Entry::Notify(NotifyRecord::Delivery(delivery())),
             Entry::Notify(NotifyRecord::Notice {
                 event: Some("run_started".into()),

@@ -242,6 +242,8 @@ pub mod kind {
     pub const JOURNAL_REPAIR: &str = "journal.repair";
     /// A backup archive of the record's host.
     pub const BACKUP: &str = "backup";
+    /// A backup the controller stopped on its own side.
+    pub const BACKUP_STOPPED: &str = "backup.stopped";
     /// A staging check.
     pub const TEST: &str = "test";
     /// One event of the rollout executor.
@@ -517,6 +519,51 @@ struct Tail {
     /// Each host's records as written, so a step can consult its host's history
     /// without re-reading the whole run file (a view of the file, not a second truth).
     by_host: HashMap<String, Vec<Record>>,
+}
+
+/// A failed [`write_whole_line`]: the write's error, and whether cutting the part
+/// already written worked.
+struct LineWriteError {
+    error: std::io::Error,
+    cut: std::io::Result<()>,
+}
+
+/// Writes `line` whole or not at all: on a failed write (ENOSPC, EDQUOT, EIO)
+/// after part of it reached the file, the file is cut back to where it ended.
+fn write_whole_line(file: &mut File, line: &[u8]) -> Result<(), LineWriteError> {
+    let mut written = 0usize;
+    while written < line.len() {
+        match file.write(&line[written..]) {
+            Ok(0) => {
+                let error = std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the journal file took no more bytes",
+                );
+                return Err(LineWriteError {
+                    error,
+                    cut: cut_back(file, written),
+                });
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                return Err(LineWriteError {
+                    error,
+                    cut: cut_back(file, written),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the last `written` bytes of `file`.
+fn cut_back(file: &File, written: usize) -> std::io::Result<()> {
+    if written == 0 {
+        return Ok(());
+    }
+    let len = file.metadata()?.len();
+    file.set_len(len.saturating_sub(written as u64))
 }
 
 /// An open run journal. Appends are serialised and fsynced before they return, and
@@ -889,9 +936,18 @@ impl Journal {
                 message: message.clone(),
             });
         }
-        if let Err(e) = tail.file.write_all(&line) {
-            tail.broken = Some(e.to_string());
-            return Err(io(e));
+        if let Err(e) = write_whole_line(&mut tail.file, &line) {
+            // A full disk (or any failed write) must not leave half a line: cut
+            // what was written so the file still ends on a whole record, which
+            // `audit verify` reads as intact rather than torn. Only when that
+            // cut fails is the handle unusable.
+            if let Err(cut) = e.cut {
+                tail.broken = Some(format!(
+                    "{} (and cutting the half-written line failed: {cut})",
+                    e.error
+                ));
+            }
+            return Err(io(e.error));
         }
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();

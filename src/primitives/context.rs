@@ -1,8 +1,9 @@
 //! What a primitive needs to know about the run and the host it works on: the
 //! transport, the journal, the state directory, and whether this is a `plan`.
 //!
-//! It owns the per-run caches (facts) and the plan's list of would-be actions. It
-//! must not decide policy: that is the rollout layer's.
+//! It owns the per-run caches (facts), the plan's list of would-be actions, what
+//! the run's backups hold, and the hosts whose work stopped on a controller-side
+//! fault. It must not decide policy: that is the rollout layer's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::backup::{BackupLimits, BackupUsage};
 use super::facts::Facts;
 use super::PrimitiveError;
 use crate::inventory::Host;
@@ -50,6 +52,13 @@ pub struct RunCtx {
     pub mode: Mode,
     /// The playbook this run executes, for messages.
     pub playbook: String,
+    /// How much backups may write to the controller's disk (`[backup]`).
+    pub backup_limits: BackupLimits,
+    /// What this run's backups hold so far, per host and in all.
+    pub(super) backup_usage: BackupUsage,
+    /// Hosts whose work stopped on a controller-side fault (disk full, a backup
+    /// cap), with the message: the rollout stops and charges no host with it.
+    controller_faults: Mutex<HashMap<String, String>>,
     facts: Mutex<HashMap<String, Facts>>,
     planned: Mutex<Vec<PlannedAction>>,
 }
@@ -67,6 +76,9 @@ impl RunCtx {
             journal,
             mode,
             playbook: String::new(),
+            backup_limits: BackupLimits::default(),
+            backup_usage: BackupUsage::default(),
+            controller_faults: Mutex::new(HashMap::new()),
             facts: Mutex::new(HashMap::new()),
             planned: Mutex::new(Vec::new()),
         }
@@ -75,6 +87,27 @@ impl RunCtx {
     pub fn with_playbook(mut self, playbook: impl Into<String>) -> Self {
         self.playbook = playbook.into();
         self
+    }
+
+    pub fn with_backup_limits(mut self, limits: BackupLimits) -> Self {
+        self.backup_limits = limits;
+        self
+    }
+
+    /// Notes that `host`'s work stopped on the controller's side, not the host's.
+    pub fn note_controller_fault(&self, host: &str, message: impl Into<String>) {
+        self.controller_faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), message.into());
+    }
+
+    /// The controller-side fault noted for `host`, once: the next call says `None`.
+    pub fn take_controller_fault(&self, host: &str) -> Option<String> {
+        self.controller_faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host)
     }
 
     pub fn cached_facts(&self, host: &str) -> Option<Facts> {

@@ -69,6 +69,14 @@ pub enum PrimitiveError {
         #[source]
         source: Box<crate::journal::JournalError>,
     },
+    /// The controller, not the host, could not go on: its disk is full or a
+    /// backup cap was reached. The rollout stops without charging the host.
+    #[error("{host}: {step} stopped on the controller, not the host: {message}")]
+    Controller {
+        host: String,
+        step: String,
+        message: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -23,6 +23,10 @@
 //!    number `allowed + 1` no new host starts, in-flight hosts finish (their failures
 //!    still count and are still rolled back).
 //! 5. Any failure in the pilot stops the run before wave 1.
+//!    A [`HostOutcome::ControllerFault`] (the controller's disk, a backup cap) is
+//!    no failure of the host: nothing is charged to the budget or rolled back, no
+//!    new host starts, in-flight hosts finish, and the host stays pending with the
+//!    rest ([`StopReason::ControllerFault`]) for `run --resume`.
 //! 6. After a stop for budget, pilot failure or gate, with `rollback: "all"`, every
 //!    host that succeeded in this run is rolled back too, one at a time, in reverse
 //!    order of completion (the host that finished last is undone first).
@@ -88,7 +92,16 @@ use super::window::{after, Window};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostOutcome {
     Done,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
+    /// The controller, not the host, could not go on (its disk is full, a backup
+    /// cap was reached). Not a failure of the host: it is not charged to the
+    /// budget nor rolled back; the run stops and the host stays pending, with the
+    /// rest, for `run --resume`.
+    ControllerFault {
+        reason: String,
+    },
 }
 
 impl HostOutcome {
@@ -383,7 +396,11 @@ impl<'a> Executor<'a> {
                         let mut outcome = catch_unwind(AssertUnwindSafe(|| work(host, &ctx)))
                             .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
                         let ended = clock.now();
-                        if let (Some(limit), Some(deadline)) = (timeout, ctx.deadline) {
+                        // A controller fault stays one even past the deadline:
+                        // the host is not to blame for the controller's disk.
+                        let fault = matches!(outcome, HostOutcome::ControllerFault { .. });
+                        if let (Some(limit), Some(deadline), false) = (timeout, ctx.deadline, fault)
+                        {
                             if ended > deadline {
                                 outcome = HostOutcome::failed(format!(
                                     "exceeded its {} deadline (took {})",
@@ -571,6 +588,17 @@ impl<'a> Executor<'a> {
                                     if stop.is_some() {
                                         sched.stop();
                                     }
+                                }
+                                HostOutcome::ControllerFault { reason } => {
+                                    // Pending, not failed: the host did nothing
+                                    // wrong and a resume runs it again.
+                                    r.state = HostStatus::Pending;
+                                    r.reason = Some(reason.clone());
+                                    stop.get_or_insert(StopReason::ControllerFault {
+                                        host: r.name.clone(),
+                                        reason,
+                                    });
+                                    sched.stop();
                                 }
                             }
                         }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crate::inventory::Host;
 use crate::primitives::artifact::ArtifactSettings;
+use crate::primitives::backup::BackupLimits;
 use crate::primitives::{HostCtx, Mode, PrimitiveError, RunCtx};
 use crate::runtime::Runtime;
 
@@ -29,8 +30,11 @@ impl Session {
         Session::new(runtime, ctx)
     }
 
+    /// A session for `run`, whose backups take their limits from the runtime's
+    /// `[backup]` settings.
     pub fn new(runtime: Arc<Runtime>, run: RunCtx) -> Self {
         let artifacts = ArtifactSettings::from_config(&runtime.config, &runtime.state_dir);
+        let run = run.with_backup_limits(BackupLimits::from_config(&runtime.config.backup));
         Session {
             runtime,
             run,

@@ -443,16 +443,23 @@ fn rollout(
             cancel.clone(),
         );
         session.set_deadline(&host.name, None);
-        let outcome = match &r {
-            Ok(_) => HostOutcome::Done,
-            Err(e) => HostOutcome::failed(host_failure(e, sources)),
+        // A controller-side stop (disk full, a backup cap) noted by a primitive
+        // is the controller's, even when the script caught and rethrew it.
+        let fault = session.run.take_controller_fault(&host.name);
+        let outcome = match (&r, fault) {
+            (Ok(_), _) => HostOutcome::Done,
+            (Err(_), Some(reason)) => HostOutcome::ControllerFault { reason },
+            (Err(e), None) => HostOutcome::failed(host_failure(e, sources)),
+        };
+        let reason = match &outcome {
+            HostOutcome::Done => None,
+            HostOutcome::Failed { reason } => Some(reason.clone()),
+            // No end is recorded: the host stays unfinished for `run --resume`.
+            HostOutcome::ControllerFault { .. } => return outcome,
         };
         if let (Some(j), false) = (&journal, planning) {
             let detail = HostEndDetail {
-                reason: match &outcome {
-                    HostOutcome::Done => None,
-                    HostOutcome::Failed { reason } => Some(reason.clone()),
-                },
+                reason,
                 ..Default::default()
             };
             let _ = j.host_finished(&host.name, outcome == HostOutcome::Done, detail);
