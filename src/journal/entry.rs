@@ -562,6 +562,10 @@ impl std::fmt::Display for StopReason {
                 f,
                 "stopped by the operator; pending hosts wait for `patchbook run --resume`"
             ),
+            StopReason::ControllerFault { host, reason } => write!(
+                f,
+                "the controller failed while working on {host} ({reason}); fix it, then `patchbook run --resume`"
+            ),
         }
     }
 }
