@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{HostEndData, IntentData, OutcomeData, RunHeader, UndoStep};
+use super::{HostEndData, IntentData, OutcomeData, RunHeader, StepId, UndoStep};
 
 /// A record's `data` that does not match what its `kind` says it holds.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +130,27 @@ entries! {
     FileUnchanged(FileUnchanged) = "file.unchanged",
     /// A repository upgrade found nothing to do on the record's host.
     UpgradeNoChange(UpgradeNoChange) = "upgrade.no_change",
+    /// A rollback left a step's undo to a person: the host is no longer in the
+    /// state the step left it in.
+    UndoSkipped(UndoSkipped) = "undo.skipped",
+}
+
+/// `data` of `undo.skipped`: an undo a rollback did not apply because the host had
+/// changed since the step (another run, a person), so applying it would revert a
+/// state this run did not create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoSkipped {
+    /// The step whose undo was not applied.
+    pub step_id: StepId,
+    pub step: String,
+    /// The undo, as a reader says it.
+    pub undo: String,
+    /// What the host has now (`acme-agent 1.0.2`, `/etc/x sha256 …`).
+    pub found: String,
+    /// What the step left (`acme-agent 1.0.1`).
+    pub expected: String,
+    /// The line a person reads: found, expected, and that nothing was reverted.
+    pub reason: String,
 }
 
 /// `data` of `run.close`: nothing, written as `{}`.
@@ -606,6 +627,13 @@ pub struct DeployOutput {
     pub resumed: Option<String>,
 }
 
+/// The part of an `upgrade` step's output a rollback checks the host against.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct UpgradeAfter {
+    #[serde(default)]
+    after: BTreeMap<String, Option<String>>,
+}
+
 /// What any step's intent input may carry besides its own fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 struct PlannedUndo {
@@ -759,6 +787,17 @@ impl IntentData {
             .flatten()
     }
 
+    /// The intent's input as a file step's (`put_file`, `template`, `line_in_file`,
+    /// `remove_file`), when it is one.
+    pub fn file_input(&self) -> Option<FileInput> {
+        if self.undoes.is_some() {
+            return None;
+        }
+        serde_json::from_value::<FileInput>(self.input.clone())
+            .ok()
+            .filter(|f| matches!(f.undo, UndoStep::File { .. }))
+    }
+
     /// The intent's input as an `exec`/`shell` change's, when it is one.
     pub fn exec_input(&self) -> Option<ExecInput> {
         (UNMANAGED_STEPS.contains(&self.step.as_str()) && self.undoes.is_none())
@@ -777,6 +816,14 @@ impl OutcomeData {
     /// The error fields of the output; all `None` when it has none.
     pub fn output_view(&self) -> StepOutput {
         serde_json::from_value(self.output.clone()).unwrap_or_default()
+    }
+
+    /// The versions an `upgrade` step read back after it ran, when this is one.
+    pub fn upgrade_after(&self) -> Option<BTreeMap<String, Option<String>>> {
+        (self.step == "upgrade")
+            .then(|| serde_json::from_value::<UpgradeAfter>(self.output.clone()).ok())
+            .flatten()
+            .map(|o| o.after)
     }
 
     /// The output as a deploy's, when it is one.
