@@ -186,7 +186,11 @@ fn rollback_of_a_run_whose_package_another_run_changed_leaves_the_host_alone() {
         text(&out)
     );
     assert_eq!(version(&lab).as_deref(), Some("1.0.0"));
-    assert_eq!(installs(&lab), installs_before, "rollback FIRST touched dpkg");
+    assert_eq!(
+        installs(&lab),
+        installs_before,
+        "rollback FIRST touched dpkg"
+    );
     let skipped = s.skipped(&first);
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert_eq!(skipped[0].step, "deploy");
@@ -220,9 +224,8 @@ fn rollback_of_a_run_whose_file_another_run_rewrote_or_removed_leaves_it_alone()
     let conf = lab.host("lab01").unwrap().dir.join("opt/acme/site.conf");
     std::fs::write(s.dir.path().join("a.conf"), "mode = a\n").unwrap();
     std::fs::write(s.dir.path().join("b.conf"), "mode = b\n").unwrap();
-    let put = |src: &str| {
-        format!("put_file(hosts(\"lab01\")[0], \"{src}\", \"/opt/acme/site.conf\");\n")
-    };
+    let put =
+        |src: &str| format!("put_file(hosts(\"lab01\")[0], \"{src}\", \"/opt/acme/site.conf\");\n");
     let first = s.run_ok("first.rhai", &put("a.conf"));
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "mode = a\n");
     let second = s.run_ok("second.rhai", &put("b.conf"));
@@ -239,7 +242,9 @@ fn rollback_of_a_run_whose_file_another_run_rewrote_or_removed_leaves_it_alone()
     let skipped = s.skipped(&first);
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert!(
-        skipped[0].found.starts_with("/opt/acme/site.conf is sha256 "),
+        skipped[0]
+            .found
+            .starts_with("/opt/acme/site.conf is sha256 "),
         "{skipped:?}"
     );
 
@@ -259,5 +264,8 @@ fn rollback_of_a_run_whose_file_another_run_rewrote_or_removed_leaves_it_alone()
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "mode = a\n");
     let out = s.rollback(&first);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(!conf.exists(), "the first run created the file; its undo removes it");
+    assert!(
+        !conf.exists(),
+        "the first run created the file; its undo removes it"
+    );
 }

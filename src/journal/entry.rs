@@ -400,6 +400,16 @@ pub struct RolloutPlan {
 pub struct RolloutResume {
     /// Targets left alone because the journal saw them to the end.
     pub skipped_finished: usize,
+    /// Hosts the run had begun but not finished that the playbook's targets no
+    /// longer held (a filter such as `needing()` dropped them, for instance
+    /// because the lost step had in fact patched them): taken back so their work
+    /// runs again, re-probes them and closes their open intents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rechecked: Vec<String>,
+    /// Set when the pilot was dropped because the journal shows it passed
+    /// before the restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pilot_passed: bool,
 }
 
 /// Why a host is rolled back.
@@ -1007,6 +1017,8 @@ mod tests {
             }),
             Entry::RolloutResume(RolloutResume {
                 skipped_finished: 4,
+                rechecked: vec!["web-9".into()],
+                pilot_passed: true,
             }),
             Entry::Rollout(RolloutEvent::HostFailed {
                 host: "web-1".into(),

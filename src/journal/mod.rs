@@ -267,6 +267,36 @@ pub struct RunHeader {
     /// Set for an ad-hoc `patchbook exec` run: what ran, on which hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ad_hoc: Option<AdHoc>,
+    /// Every `--param` the run started with, by name, as [`param_digest`] of its
+    /// value: a value may be a secret, so the journal never holds it. `None` in
+    /// journals written before params were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<BTreeMap<String, String>>,
+    /// SHA-256 of the config file the run started with (trusted sources, pinned
+    /// keys, limits, notify settings); `None` when it ran on built-in defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+}
+
+/// The digest a run header keeps of a `--param` value: SHA-256 over the run id,
+/// the name and the value, so equal values in two runs do not give equal digests
+/// and a table of digests of common values does not apply.
+pub fn param_digest(run: &str, name: &str, value: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [run, name, value] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// A resume refused because the run would not be the one the journal started.
+#[derive(Debug, thiserror::Error)]
+#[error("run {run} cannot be resumed: {}; a resume runs exactly what the run started with. Restore them (the same playbook, libraries, config and --param values), or start a new run with `patchbook run PLAYBOOK`", differences.join("; "))]
+pub struct ResumeRefused {
+    pub run: String,
+    /// One sentence per difference, naming what differs but never a value.
+    pub differences: Vec<String>,
 }
 
 /// What an ad-hoc run (`patchbook exec SELECTOR SNIPPET`) ran.
@@ -293,6 +323,69 @@ impl RunHeader {
             patchbook_version: env!("CARGO_PKG_VERSION").to_string(),
             policy,
             ad_hoc: None,
+            params: None,
+            config_sha256: None,
+        }
+    }
+
+    /// The same header, naming the config it ran under by its SHA-256.
+    pub fn with_config(mut self, config_sha256: Option<String>) -> Self {
+        self.config_sha256 = config_sha256;
+        self
+    }
+
+    /// Checks that `now` (the header a resume would write) runs the same thing as
+    /// this one: playbook, imported modules, config and `--param` values. What the
+    /// journal did not record (older runs) is not compared.
+    pub fn check_resume(&self, run: &str, now: &RunHeader) -> Result<(), ResumeRefused> {
+        let mut differences = Vec::new();
+        if self.playbook_sha256 != now.playbook_sha256 {
+            differences.push(format!(
+                "the playbook {} has sha256 {}, the run started with {}",
+                now.playbook.display(),
+                now.playbook_sha256,
+                self.playbook_sha256
+            ));
+        }
+        // Module keys are import names (`run`) or paths (`watch`): compare contents.
+        let mut was: Vec<&String> = self.modules.values().collect();
+        let mut is: Vec<&String> = now.modules.values().collect();
+        was.sort();
+        is.sort();
+        if was != is {
+            differences.push("an imported library module changed since the run started".into());
+        }
+        if self.config_sha256.is_some() && self.config_sha256 != now.config_sha256 {
+            differences.push(format!(
+                "the config (trusted sources, keys, limits, notify) has sha256 {}, the run started with {}",
+                now.config_sha256.as_deref().unwrap_or("none (built-in defaults)"),
+                self.config_sha256.as_deref().unwrap_or("none (built-in defaults)")
+            ));
+        }
+        if let (Some(was), Some(is)) = (&self.params, &now.params) {
+            let names: std::collections::BTreeSet<&String> = was.keys().chain(is.keys()).collect();
+            for name in names {
+                match (was.get(name), is.get(name)) {
+                    (Some(a), Some(b)) if a != b => {
+                        differences.push(format!("--param {name} has another value"))
+                    }
+                    (Some(_), None) => differences.push(format!(
+                        "--param {name} is missing (the run started with it)"
+                    )),
+                    (None, Some(_)) => differences.push(format!(
+                        "--param {name} is new (the run started without it)"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(ResumeRefused {
+                run: run.to_string(),
+                differences,
+            })
         }
     }
 }

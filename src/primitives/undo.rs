@@ -161,7 +161,9 @@ fn drifted(ctx: &HostCtx, step: &StepState) -> Result<Option<Drift>, PrimitiveEr
     // host as it found it or as it meant to leave it: both are this run's doing.
     let settled = outcome.is_some_and(|o| o.ok);
     if let Some(input) = step.intent_data.deploy_input() {
-        let after = outcome.and_then(|o| o.deploy_output()).and_then(|o| o.after);
+        let after = outcome
+            .and_then(|o| o.deploy_output())
+            .and_then(|o| o.after);
         let mut left: Vec<Option<String>> = match (&after, settled) {
             // The version read back after the step is what it left, success or not.
             (Some(a), _) => vec![Some(a.clone())],
@@ -244,7 +246,8 @@ if [ -L "$p" ]; then printf 'link\n'; exit 0; fi
 h=$(sha256sum < "$p") || exit 92
 printf 'file %s\n' "${h%% *}""#;
     let out = ctx.transport.run(
-        &Command::script(SCRIPT, "patchbook-hash", &[path]).timeout(ctx.timeout(Duration::from_secs(120))),
+        &Command::script(SCRIPT, "patchbook-hash", &[path])
+            .timeout(ctx.timeout(Duration::from_secs(120))),
     )?;
     if !out.success() {
         return Err(PrimitiveError::failed(
