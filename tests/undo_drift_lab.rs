@@ -269,3 +269,49 @@ fn rollback_of_a_run_whose_file_another_run_rewrote_or_removed_leaves_it_alone()
         "the first run created the file; its undo removes it"
     );
 }
+
+#[test]
+fn rollback_of_an_upgrade_whose_package_another_run_changed_leaves_the_host_alone() {
+    let lab = Lab::start(1);
+    let repo = patchbook::lab::apt::build_repo(
+        &lab.dir().join("repos").join("drift"),
+        &[lab.deb("1.0.0"), lab.deb("1.0.1")],
+        "bookworm-security",
+        "Debian-Security",
+    )
+    .unwrap();
+    lab.use_apt_repo("lab01", &repo).unwrap();
+    let s = setup(&lab);
+    let first = s.run_ok(
+        "first.rhai",
+        r#"upgrade(hosts("lab01")[0], ["acme-agent"], #{ to: "candidate" });"#,
+    );
+    assert_eq!(version(&lab).as_deref(), Some("1.0.1"));
+    let second = s.run_ok("second.rhai", SECOND);
+    assert_eq!(version(&lab).as_deref(), Some("1.0.0"));
+
+    let installs_before = installs(&lab);
+    let out = s.rollback(&first);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("acme-agent is 1.0.0, this run upgraded to acme-agent 1.0.1"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(version(&lab).as_deref(), Some("1.0.0"));
+    assert_eq!(
+        installs(&lab),
+        installs_before,
+        "rollback FIRST touched dpkg"
+    );
+    let skipped = s.skipped(&first);
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].step, "upgrade");
+
+    let out = s.rollback(&second);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(version(&lab).as_deref(), Some("1.0.1"));
+    let out = s.rollback(&first);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(version(&lab).as_deref(), Some("1.0.0"));
+}
