@@ -1053,6 +1053,14 @@ mod tests {
                     reason: "acme-agent is at 1.0.1".into(),
                 }],
             }),
+            Entry::UndoSkipped(UndoSkipped {
+                step_id: StepId(7),
+                step: "deploy".into(),
+                undo: "reinstall acme-agent 1.0.0".into(),
+                found: "acme-agent is 1.0.2".into(),
+                expected: "installed 1.0.1".into(),
+                reason: "acme-agent is 1.0.2, this run installed 1.0.1: not reverting a state this run did not create".into(),
+            }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),
                 data: json!({"anything": [1, 2]}),

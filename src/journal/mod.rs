@@ -1305,6 +1305,64 @@ pub use secrets::{scrub, Secrets};
 mod tests {
     use super::*;
 
+    fn resume_header(run: &str, params: &[(&str, &str)]) -> RunHeader {
+        let mut h = RunHeader::new(
+            "play.rhai".into(),
+            "aa".into(),
+            BTreeMap::from([("deb".to_string(), "m1".to_string())]),
+            "inv".into(),
+            Value::Null,
+        )
+        .with_config(Some("c1".into()));
+        h.params = Some(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_string(), param_digest(run, k, v)))
+                .collect(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_resume_is_checked_against_playbook_modules_config_and_params() {
+        let was = resume_header("r1", &[("sha", "abc"), ("token", "hunter2")]);
+        assert!(was.check_resume("r1", &was.clone()).is_ok());
+        // The journal never holds a param's value, and the digest depends on the run.
+        let line = serde_json::to_string(&was).unwrap();
+        assert!(
+            !line.contains("hunter2") && !line.contains("\"abc\""),
+            "{line}"
+        );
+        assert_ne!(
+            param_digest("r1", "sha", "abc"),
+            param_digest("r2", "sha", "abc")
+        );
+
+        let mut now = resume_header("r1", &[("sha", "abd"), ("token", "hunter2")]);
+        now.playbook_sha256 = "bb".into();
+        now.modules.insert("deb".into(), "m2".into());
+        now.config_sha256 = Some("c2".into());
+        let e = was.check_resume("r1", &now).unwrap_err();
+        assert_eq!(e.differences.len(), 4, "{e}");
+        let text = e.to_string();
+        for want in [
+            "the playbook play.rhai has sha256 bb",
+            "an imported library module changed",
+            "the config",
+            "--param sha has another value",
+            "start a new run",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(!text.contains("abd") && !text.contains("hunter2"), "{text}");
+
+        // A journal from before params and config were recorded checks the rest.
+        let mut old = was.clone();
+        old.params = None;
+        old.config_sha256 = None;
+        assert!(old.check_resume("r1", &resume_header("r1", &[])).is_ok());
+    }
+
     #[test]
     fn secrets_are_redacted_from_host_keys_values_and_step_names() {
         let dir = tempfile::tempdir().unwrap();
