@@ -57,6 +57,10 @@ pub struct Config {
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// SHA-256 of the file's bytes; `None` for built-in defaults. A run records it
+    /// so a resume under another config (other trusted sources or keys) is refused.
+    #[serde(skip)]
+    pub sha256: Option<String>,
 }
 
 /// The `[artifacts]` section. `primitives::artifact::ArtifactSettings` fills in
@@ -224,6 +228,9 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
+        cfg.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            text.as_bytes(),
+        )));
         cfg.base_dir = path
             .parent()
             .map(Path::to_path_buf)

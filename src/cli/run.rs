@@ -70,6 +70,7 @@ fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
         rt.inventory.content_hash(),
         serde_json::Value::Null,
     )
+    .with_config(rt.config.sha256.clone())
 }
 
 /// A run engine with every primitive, bound to this run's control.
@@ -267,7 +268,13 @@ pub fn execute(
     (result, summaries)
 }
 
-/// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
+/// What a run header keeps of the `--param` values: their digests, never the values.
+fn param_digests(run: &str, vars: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    vars.iter()
+        .map(|(k, v)| (k.clone(), crate::journal::param_digest(run, k, v)))
+        .collect()
+}
+
 /// `NAME=VALUE` words from `--param`.
 pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError> {
     words
@@ -281,6 +288,7 @@ pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError
         .collect()
 }
 
+/// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
 pub fn run(
     cli: &Cli,
     playbook: Option<&Path>,
@@ -312,6 +320,10 @@ pub fn run(
                     pb.sha256
                 )));
             }
+            let mut now = header(&rt, &path, &pb);
+            now.params = Some(param_digests(run_id, vars));
+            h.check_resume(run_id, &now)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
             journal
                 .append_entry(
                     None,
@@ -328,13 +340,10 @@ pub fn run(
             };
             let pb = Compiler::from_config(&rt.config).compile_file(path)?;
             let run_id = new_run_id();
-            let journal = Journal::begin(
-                &rt.state_dir,
-                &run_id,
-                &rt.operator,
-                &header(&rt, path, &pb),
-            )
-            .map_err(journal_err)?;
+            let mut head = header(&rt, path, &pb);
+            head.params = Some(param_digests(&run_id, vars));
+            let journal =
+                Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?;
             (run_id, journal, path.to_path_buf(), pb)
         }
     };

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{HostEndData, IntentData, OutcomeData, RunHeader, UndoStep};
+use super::{HostEndData, IntentData, OutcomeData, RunHeader, StepId, UndoStep};
 
 /// A record's `data` that does not match what its `kind` says it holds.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,27 @@ entries! {
     FileUnchanged(FileUnchanged) = "file.unchanged",
     /// A repository upgrade found nothing to do on the record's host.
     UpgradeNoChange(UpgradeNoChange) = "upgrade.no_change",
+    /// A rollback left a step's undo to a person: the host is no longer in the
+    /// state the step left it in.
+    UndoSkipped(UndoSkipped) = "undo.skipped",
+}
+
+/// `data` of `undo.skipped`: an undo a rollback did not apply because the host had
+/// changed since the step (another run, a person), so applying it would revert a
+/// state this run did not create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoSkipped {
+    /// The step whose undo was not applied.
+    pub step_id: StepId,
+    pub step: String,
+    /// The undo, as a reader says it.
+    pub undo: String,
+    /// What the host has now (`acme-agent 1.0.2`, `/etc/x sha256 …`).
+    pub found: String,
+    /// What the step left (`acme-agent 1.0.1`).
+    pub expected: String,
+    /// The line a person reads: found, expected, and that nothing was reverted.
+    pub reason: String,
 }
 
 /// `data` of `run.close`: nothing, written as `{}`.
@@ -427,6 +448,16 @@ pub struct RolloutPlan {
 pub struct RolloutResume {
     /// Targets left alone because the journal saw them to the end.
     pub skipped_finished: usize,
+    /// Hosts the run had begun but not finished that the playbook's targets no
+    /// longer held (a filter such as `needing()` dropped them, for instance
+    /// because the lost step had in fact patched them): taken back so their work
+    /// runs again, re-probes them and closes their open intents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rechecked: Vec<String>,
+    /// Set when the pilot was dropped because the journal shows it passed
+    /// before the restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pilot_passed: bool,
 }
 
 /// Why a host is rolled back.
@@ -692,6 +723,13 @@ pub struct DeployOutput {
     pub resumed: Option<String>,
 }
 
+/// The part of an `upgrade` step's output a rollback checks the host against.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct UpgradeAfter {
+    #[serde(default)]
+    after: BTreeMap<String, Option<String>>,
+}
+
 /// What any step's intent input may carry besides its own fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 struct PlannedUndo {
@@ -845,6 +883,17 @@ impl IntentData {
             .flatten()
     }
 
+    /// The intent's input as a file step's (`put_file`, `template`, `line_in_file`,
+    /// `remove_file`), when it is one.
+    pub fn file_input(&self) -> Option<FileInput> {
+        if self.undoes.is_some() {
+            return None;
+        }
+        serde_json::from_value::<FileInput>(self.input.clone())
+            .ok()
+            .filter(|f| matches!(f.undo, UndoStep::File { .. }))
+    }
+
     /// The intent's input as an `exec`/`shell` change's, when it is one.
     pub fn exec_input(&self) -> Option<ExecInput> {
         (UNMANAGED_STEPS.contains(&self.step.as_str()) && self.undoes.is_none())
@@ -863,6 +912,14 @@ impl OutcomeData {
     /// The error fields of the output; all `None` when it has none.
     pub fn output_view(&self) -> StepOutput {
         serde_json::from_value(self.output.clone()).unwrap_or_default()
+    }
+
+    /// The versions an `upgrade` step read back after it ran, when this is one.
+    pub fn upgrade_after(&self) -> Option<BTreeMap<String, Option<String>>> {
+        (self.step == "upgrade")
+            .then(|| serde_json::from_value::<UpgradeAfter>(self.output.clone()).ok())
+            .flatten()
+            .map(|o| o.after)
     }
 
     /// The output as a deploy's, when it is one.
@@ -1061,6 +1118,8 @@ mod tests {
             }),
             Entry::RolloutResume(RolloutResume {
                 skipped_finished: 4,
+                rechecked: vec!["web-9".into()],
+                pilot_passed: true,
             }),
             Entry::Rollout(RolloutEvent::HostFailed {
                 host: "web-1".into(),
@@ -1103,6 +1162,14 @@ mod tests {
                     package: "acme-agent".into(),
                     reason: "acme-agent is at 1.0.1".into(),
                 }],
+            }),
+            Entry::UndoSkipped(UndoSkipped {
+                step_id: StepId(7),
+                step: "deploy".into(),
+                undo: "reinstall acme-agent 1.0.0".into(),
+                found: "acme-agent is 1.0.2".into(),
+                expected: "installed 1.0.1".into(),
+                reason: "acme-agent is 1.0.2, this run installed 1.0.1: not reverting a state this run did not create".into(),
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

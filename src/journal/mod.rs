@@ -269,6 +269,36 @@ pub struct RunHeader {
     /// Set for an ad-hoc `patchbook exec` run: what ran, on which hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ad_hoc: Option<AdHoc>,
+    /// Every `--param` the run started with, by name, as [`param_digest`] of its
+    /// value: a value may be a secret, so the journal never holds it. `None` in
+    /// journals written before params were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<BTreeMap<String, String>>,
+    /// SHA-256 of the config file the run started with (trusted sources, pinned
+    /// keys, limits, notify settings); `None` when it ran on built-in defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+}
+
+/// The digest a run header keeps of a `--param` value: SHA-256 over the run id,
+/// the name and the value, so equal values in two runs do not give equal digests
+/// and a table of digests of common values does not apply.
+pub fn param_digest(run: &str, name: &str, value: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [run, name, value] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// A resume refused because the run would not be the one the journal started.
+#[derive(Debug, thiserror::Error)]
+#[error("run {run} cannot be resumed: {}; a resume runs exactly what the run started with. Restore them (the same playbook, libraries, config and --param values), or start a new run with `patchbook run PLAYBOOK`", differences.join("; "))]
+pub struct ResumeRefused {
+    pub run: String,
+    /// One sentence per difference, naming what differs but never a value.
+    pub differences: Vec<String>,
 }
 
 /// What an ad-hoc run (`patchbook exec SELECTOR SNIPPET`) ran.
@@ -295,6 +325,69 @@ impl RunHeader {
             patchbook_version: env!("CARGO_PKG_VERSION").to_string(),
             policy,
             ad_hoc: None,
+            params: None,
+            config_sha256: None,
+        }
+    }
+
+    /// The same header, naming the config it ran under by its SHA-256.
+    pub fn with_config(mut self, config_sha256: Option<String>) -> Self {
+        self.config_sha256 = config_sha256;
+        self
+    }
+
+    /// Checks that `now` (the header a resume would write) runs the same thing as
+    /// this one: playbook, imported modules, config and `--param` values. What the
+    /// journal did not record (older runs) is not compared.
+    pub fn check_resume(&self, run: &str, now: &RunHeader) -> Result<(), ResumeRefused> {
+        let mut differences = Vec::new();
+        if self.playbook_sha256 != now.playbook_sha256 {
+            differences.push(format!(
+                "the playbook {} has sha256 {}, the run started with {}",
+                now.playbook.display(),
+                now.playbook_sha256,
+                self.playbook_sha256
+            ));
+        }
+        // Module keys are import names (`run`) or paths (`watch`): compare contents.
+        let mut was: Vec<&String> = self.modules.values().collect();
+        let mut is: Vec<&String> = now.modules.values().collect();
+        was.sort();
+        is.sort();
+        if was != is {
+            differences.push("an imported library module changed since the run started".into());
+        }
+        if self.config_sha256.is_some() && self.config_sha256 != now.config_sha256 {
+            differences.push(format!(
+                "the config (trusted sources, keys, limits, notify) has sha256 {}, the run started with {}",
+                now.config_sha256.as_deref().unwrap_or("none (built-in defaults)"),
+                self.config_sha256.as_deref().unwrap_or("none (built-in defaults)")
+            ));
+        }
+        if let (Some(was), Some(is)) = (&self.params, &now.params) {
+            let names: std::collections::BTreeSet<&String> = was.keys().chain(is.keys()).collect();
+            for name in names {
+                match (was.get(name), is.get(name)) {
+                    (Some(a), Some(b)) if a != b => {
+                        differences.push(format!("--param {name} has another value"))
+                    }
+                    (Some(_), None) => differences.push(format!(
+                        "--param {name} is missing (the run started with it)"
+                    )),
+                    (None, Some(_)) => differences.push(format!(
+                        "--param {name} is new (the run started without it)"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(ResumeRefused {
+                run: run.to_string(),
+                differences,
+            })
         }
     }
 }
@@ -1306,6 +1399,64 @@ pub use secrets::{scrub, Secrets};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resume_header(run: &str, params: &[(&str, &str)]) -> RunHeader {
+        let mut h = RunHeader::new(
+            "play.rhai".into(),
+            "aa".into(),
+            BTreeMap::from([("deb".to_string(), "m1".to_string())]),
+            "inv".into(),
+            Value::Null,
+        )
+        .with_config(Some("c1".into()));
+        h.params = Some(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_string(), param_digest(run, k, v)))
+                .collect(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_resume_is_checked_against_playbook_modules_config_and_params() {
+        let was = resume_header("r1", &[("sha", "abc"), ("token", "hunter2")]);
+        assert!(was.check_resume("r1", &was.clone()).is_ok());
+        // The journal never holds a param's value, and the digest depends on the run.
+        let line = serde_json::to_string(&was).unwrap();
+        assert!(
+            !line.contains("hunter2") && !line.contains("\"abc\""),
+            "{line}"
+        );
+        assert_ne!(
+            param_digest("r1", "sha", "abc"),
+            param_digest("r2", "sha", "abc")
+        );
+
+        let mut now = resume_header("r1", &[("sha", "abd"), ("token", "hunter2")]);
+        now.playbook_sha256 = "bb".into();
+        now.modules.insert("deb".into(), "m2".into());
+        now.config_sha256 = Some("c2".into());
+        let e = was.check_resume("r1", &now).unwrap_err();
+        assert_eq!(e.differences.len(), 4, "{e}");
+        let text = e.to_string();
+        for want in [
+            "the playbook play.rhai has sha256 bb",
+            "an imported library module changed",
+            "the config",
+            "--param sha has another value",
+            "start a new run",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(!text.contains("abd") && !text.contains("hunter2"), "{text}");
+
+        // A journal from before params and config were recorded checks the rest.
+        let mut old = was.clone();
+        old.params = None;
+        old.config_sha256 = None;
+        assert!(old.check_resume("r1", &resume_header("r1", &[])).is_ok());
+    }
 
     #[test]
     fn a_secret_is_hidden_in_every_encoding_it_can_leave_in() {

@@ -2,6 +2,12 @@
 //! result. The undo steps themselves are recorded by the steps they reverse (see
 //! [`UndoStep`]); this module reads them back from the journal, the only place
 //! they are kept, so a second rollback finds nothing left to do.
+//!
+//! Before it applies an undo it checks that the host is still in the state the step
+//! left (the package version it installed, the file hash it wrote); when another run
+//! or a person changed it since, the undo is left to a person and recorded as
+//! `undo.skipped`, because reverting would destroy work this run did not do. It must
+//! not decide which hosts to roll back or in what order: the rollout and the CLI do.
 
 use std::time::Duration;
 
@@ -11,7 +17,8 @@ use super::backup::restore;
 use super::facts::{facts, PackageManager};
 use super::packages::{check_package, installed};
 use super::{HostCtx, PrimitiveError};
-use crate::journal::entry::StepResult;
+use crate::journal::entry::{Entry, StepResult, UndoSkipped};
+use crate::journal::state::StepState;
 use crate::journal::UndoStep;
 use crate::transport::Command;
 
@@ -80,6 +87,34 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
         let Some(journal) = &ctx.run.journal else {
             break;
         };
+        let done = state.steps.iter().find(|s| s.id == id);
+        if let Some(drift) = done.map(|s| drifted(ctx, s)).transpose()?.flatten() {
+            let reason = format!(
+                "{}, this run {}: not reverting a state this run did not create ({} left to a person)",
+                drift.found,
+                drift.expected,
+                describe(undo)
+            );
+            journal
+                .append_entry(
+                    Some(ctx.name()),
+                    &Entry::UndoSkipped(UndoSkipped {
+                        step_id: id,
+                        step: done.map(|s| s.step.clone()).unwrap_or_default(),
+                        undo: describe(undo),
+                        found: drift.found,
+                        expected: drift.expected,
+                        reason: reason.clone(),
+                    }),
+                )
+                .map_err(|source| PrimitiveError::Journal {
+                    host: ctx.name().to_string(),
+                    step: "rollback".into(),
+                    source: Box::new(source),
+                })?;
+            report.manual.push(reason);
+            continue;
+        }
         let step = journal
             .undo_intent(ctx.name(), id, undo)
             .map_err(|source| PrimitiveError::Journal {
@@ -102,6 +137,135 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
         report.undone.push(describe(undo));
     }
     Ok(report)
+}
+
+/// How the host differs from what a step left, in words for a person.
+struct Drift {
+    /// `acme-agent is 1.0.2`.
+    found: String,
+    /// `installed 1.0.1`.
+    expected: String,
+}
+
+/// Whether the host has moved on from the state `step` left it in. `None`: it is
+/// as the step left it (or as it was before, when the step may not have acted),
+/// so its undo reverses only this run's work.
+///
+/// Services are not checked: a unit's active/enabled state changes by itself
+/// (crashes, timers, other units), so a difference says nothing about who changed
+/// it, and restoring it is harmless to another run's package or file. `exec` and
+/// `shell` changes are not checked either: patchbook does not know what they left.
+fn drifted(ctx: &HostCtx, step: &StepState) -> Result<Option<Drift>, PrimitiveError> {
+    let outcome = step.outcome_data.as_ref();
+    // A step whose outcome was not recorded, or that failed, may have left the
+    // host as it found it or as it meant to leave it: both are this run's doing.
+    let settled = outcome.is_some_and(|o| o.ok);
+    if let Some(input) = step.intent_data.deploy_input() {
+        let after = outcome
+            .and_then(|o| o.deploy_output())
+            .and_then(|o| o.after);
+        let mut left: Vec<Option<String>> = match (&after, settled) {
+            // The version read back after the step is what it left, success or not.
+            (Some(a), _) => vec![Some(a.clone())],
+            (None, true) => vec![Some(input.to.clone())],
+            (None, false) => vec![Some(input.to.clone()), input.from.clone()],
+        };
+        left.dedup();
+        let now = installed(ctx, &input.package)?.map(|i| i.version);
+        if left.contains(&now) {
+            return Ok(None);
+        }
+        return Ok(Some(Drift {
+            found: match &now {
+                Some(v) => format!("{} is {v}", input.package),
+                None => format!("{} is not installed", input.package),
+            },
+            expected: match (&after, settled) {
+                (Some(a), true) => format!("installed {a}"),
+                (Some(a), false) => format!("left {a}"),
+                (None, _) => format!("installed {}", input.to),
+            },
+        }));
+    }
+    if let Some(input) = step.intent_data.file_input() {
+        let wrote = match input.action.as_str() {
+            "write" => input.sha256.clone(),
+            _ => None,
+        };
+        let mut left = vec![wrote.clone()];
+        if !settled {
+            if let UndoStep::File { previous, .. } = &input.undo {
+                left.push(previous.as_ref().map(|p| p.sha256.clone()));
+            }
+        }
+        let now = file_sha256(ctx, &input.path)?;
+        if left.contains(&now) {
+            return Ok(None);
+        }
+        let say = |h: &Option<String>| match h {
+            Some(h) => format!("sha256 {h}"),
+            None => "absent".to_string(),
+        };
+        return Ok(Some(Drift {
+            found: format!("{} is {}", input.path, say(&now)),
+            expected: match &wrote {
+                Some(h) => format!("wrote sha256 {h}"),
+                None => "removed it".into(),
+            },
+        }));
+    }
+    if let Some(after) = outcome.and_then(|o| o.upgrade_after()) {
+        let mut found = Vec::new();
+        let mut expected = Vec::new();
+        for (package, want) in &after {
+            let now = installed(ctx, package)?.map(|i| i.version);
+            if &now != want {
+                let say = |v: &Option<String>| v.clone().unwrap_or_else(|| "absent".into());
+                found.push(format!("{package} is {}", say(&now)));
+                expected.push(format!("{package} {}", say(want)));
+            }
+        }
+        if found.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some(Drift {
+            found: found.join(", "),
+            expected: format!("upgraded to {}", expected.join(", ")),
+        }));
+    }
+    Ok(None)
+}
+
+/// The SHA-256 of the regular file at `path` on the host, `None` when it is absent.
+/// A symlink or special file is reported as such, so it never matches a hash.
+fn file_sha256(ctx: &HostCtx, path: &str) -> Result<Option<String>, PrimitiveError> {
+    const SCRIPT: &str = r#"p=$1
+if [ -L "$p" ]; then printf 'link\n'; exit 0; fi
+[ -e "$p" ] || { printf 'absent\n'; exit 0; }
+[ -f "$p" ] || { printf 'special\n'; exit 0; }
+h=$(sha256sum < "$p") || exit 92
+printf 'file %s\n' "${h%% *}""#;
+    let out = ctx.transport.run(
+        &Command::script(SCRIPT, "patchbook-hash", &[path])
+            .timeout(ctx.timeout(Duration::from_secs(120))),
+    )?;
+    if !out.success() {
+        return Err(PrimitiveError::failed(
+            ctx.name(),
+            &format!("rollback: hash {path}"),
+            &out,
+        ));
+    }
+    let text = out.stdout_str();
+    let line = text.trim();
+    Ok(match line.split_once(' ') {
+        Some(("file", h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(h.to_string())
+        }
+        _ if line == "absent" => None,
+        // Not a hash any step could have written: it differs from every expectation.
+        _ => Some(format!("({})", crate::primitives::cut(line, 40))),
+    })
 }
 
 fn apply(ctx: &HostCtx, undo: &UndoStep) -> Result<(), PrimitiveError> {

@@ -45,6 +45,12 @@ pub struct RunControl {
     host_plans: Mutex<Vec<HostPlan>>,
     /// Hosts a resumed run must not touch again.
     finished: BTreeSet<String>,
+    /// Hosts a resumed run had begun but not seen to the end (an open intent, a
+    /// lost outcome, a failure not rolled back). The first rollout takes them back
+    /// as targets even when the playbook's filter (`needing()`) drops them: only
+    /// running their work again re-probes them and closes their open intents with
+    /// what the host says, and a host left out would stay unknown forever.
+    unfinished: Mutex<BTreeSet<String>>,
     first_failure: AtomicBool,
     started: Instant,
     /// `--param NAME=VALUE` from the command line, read with `param("NAME")`.
@@ -54,20 +60,18 @@ pub struct RunControl {
 
 impl RunControl {
     pub fn new(session: Arc<Session>, clock: Clock, sink: EventSink) -> Self {
-        // On resume, hosts the journal already saw to the end are not touched again.
-        let finished = session
-            .run
-            .journal
-            .as_ref()
-            .and_then(|j| j.state().ok())
-            .map(|st| {
-                st.hosts
-                    .iter()
-                    .filter(|(_, h)| h.finished && (!h.failed || h.rolled_back))
-                    .map(|(n, _)| n.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        // On resume, hosts the journal already saw to the end are not touched again;
+        // the others it knows are taken back (see `unfinished`).
+        let state = session.run.journal.as_ref().and_then(|j| j.state().ok());
+        let mut finished = BTreeSet::new();
+        let mut unfinished = BTreeSet::new();
+        for (name, h) in state.iter().flat_map(|st| st.hosts.iter()) {
+            if h.finished && (!h.failed || h.rolled_back) {
+                finished.insert(name.clone());
+            } else if h.finished || !h.steps.is_empty() {
+                unfinished.insert(name.clone());
+            }
+        }
         let courier = Courier::start(
             session.runtime.config.notify.clone(),
             session.run.journal.clone(),
@@ -82,6 +86,7 @@ impl RunControl {
             plans: Mutex::new(Vec::new()),
             host_plans: Mutex::new(Vec::new()),
             finished,
+            unfinished: Mutex::new(unfinished),
             first_failure: AtomicBool::new(false),
             started: Instant::now(),
             vars: Default::default(),
@@ -165,6 +170,14 @@ impl RunControl {
 
     pub fn has_finished_hosts(&self) -> bool {
         !self.finished.is_empty()
+    }
+
+    /// On resume: the hosts the journal knows but did not see to the end, handed
+    /// out once (to the first rollout), in name order. Empty on a fresh run.
+    pub fn take_unfinished(&self) -> Vec<String> {
+        std::mem::take(&mut *self.unfinished.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     pub fn elapsed(&self) -> Duration {

@@ -315,33 +315,54 @@ fn rollout(
             }
         }
     }
-    // A resumed run leaves alone the hosts the journal saw to the end, and a pilot
-    // that already passed before the restart is not asked for again.
-    if c.has_finished_hosts() {
+    // A resumed run leaves alone the hosts the journal saw to the end, takes back
+    // the ones it had begun (see `RunControl::take_unfinished`), and checks the
+    // pilot against the journal: one that passed before the restart is not asked
+    // for again, and pilot hosts are looked for among the targets as they are now.
+    let unfinished = c.take_unfinished();
+    if c.has_finished_hosts() || !unfinished.is_empty() {
         let before = hosts.len();
         hosts.retain(|h| !c.is_finished(&h.name));
-        c.record(
-            None,
-            Entry::RolloutResume(RolloutResume {
-                skipped_finished: before - hosts.len(),
-            }),
-        );
+        let skipped_finished = before - hosts.len();
+        let mut rechecked = Vec::new();
+        for name in unfinished {
+            if hosts.iter().any(|h| h.name == name) {
+                continue;
+            }
+            // A host gone from the inventory cannot be reached; `report` shows its
+            // open steps and `rollback` names it.
+            if let Some(h) = rt.inventory.host(&name) {
+                hosts.push(h.clone());
+                rechecked.push(name);
+            }
+        }
+        let mut pilot_passed = false;
         if let Some(pilot) = policy.remove("pilot") {
             match pilot.clone().try_cast::<Array>() {
                 Some(list) => {
+                    let name_of = |p: &Dynamic| {
+                        p.clone()
+                            .try_cast::<ScriptHost>()
+                            .map(|h| h.name().to_string())
+                            .unwrap_or_else(|| p.to_string())
+                    };
+                    let passed = list.iter().any(|p| c.is_finished(&name_of(p)));
                     let left: Array = list
-                        .into_iter()
+                        .iter()
                         .filter(|p| {
-                            let name = p
-                                .clone()
-                                .try_cast::<ScriptHost>()
-                                .map(|h| h.name().to_string())
-                                .unwrap_or_else(|| p.to_string());
-                            !c.is_finished(&name)
+                            let name = name_of(p);
+                            !c.is_finished(&name) && hosts.iter().any(|h| h.name == name)
                         })
+                        .cloned()
                         .collect();
                     if !left.is_empty() {
                         policy.insert("pilot".into(), Dynamic::from_array(left));
+                    } else if passed {
+                        pilot_passed = true;
+                    } else {
+                        // Nothing of the pilot ran before the restart: the pilot
+                        // stands as the playbook gave it, checked as on a fresh run.
+                        policy.insert("pilot".into(), pilot);
                     }
                 }
                 None => {
@@ -349,6 +370,14 @@ fn rollout(
                 }
             }
         }
+        c.record(
+            None,
+            Entry::RolloutResume(RolloutResume {
+                skipped_finished,
+                rechecked,
+                pilot_passed,
+            }),
+        );
     }
     let gate = match policy.remove("gate") {
         None => None,

@@ -1,0 +1,342 @@
+//! Resume after a SIGKILL that lands between a host's `dpkg -i` and the journal's
+//! outcome, when the playbook targets `needing()` hosts: the patched host drops out
+//! of the targets on resume, yet it must be re-probed and its open intent closed
+//! (never left unknown), a pilot made of such hosts must not make the resume fail,
+//! and a resume under other `--param` values, another config or another playbook
+//! is refused before anything runs.
+//!
+//! The kill point is made exact by the install command itself: after `dpkg -i` it
+//! waits while a hold file exists, so the test kills the controller once the host's
+//! own dpkg database says 1.0.1, then removes the hold.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use patchbook::journal::entry::Entry;
+use patchbook::journal::read_records;
+use patchbook::journal::state::RunState;
+use support::Lab;
+
+fn sha(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// `POLICY` is replaced by each test's rollout policy.
+const PLAYBOOK: &str = r#"
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+let hold = param("hold");
+let targets = hosts("all").needing("acme-agent", "1.0.1");
+rollout(targets, POLICY, |host| {
+    deploy(host, good, #{
+        rollback_to: previous,
+        method: ["sh", "-c", "dpkg -i -- \"$1\" || exit; while [ -e \"$2\" ]; do sleep 0.05; done", "install", "{file}", hold],
+    });
+    verify(host, "acme-agent", "1.0.1");
+});
+"#;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    playbook: PathBuf,
+    params: Vec<String>,
+}
+
+fn setup(lab: &Lab, policy: &str) -> Setup {
+    let dir = tempfile::Builder::new()
+        .prefix("resume-gaps-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
+    let lab_cfg = lab_cfg.replace(
+        "inventory = [\"inventory.toml\"]",
+        &format!(
+            "inventory = [\"{}\"]",
+            lab.dir().join("inventory.toml").display()
+        ),
+    );
+    let config = dir.path().join("patchbook.toml");
+    std::fs::write(&config, &lab_cfg).unwrap();
+    let playbook = dir.path().join("play.rhai");
+    std::fs::write(&playbook, PLAYBOOK.replace("POLICY", policy)).unwrap();
+    let params = vec![
+        "--param".into(),
+        format!("mirror={}", lab.dir().join("debs").display()),
+        "--param".into(),
+        format!("sha_new={}", sha(&lab.deb("1.0.1"))),
+        "--param".into(),
+        format!("sha_old={}", sha(&lab.deb("1.0.0"))),
+        "--param".into(),
+        format!("hold={}", dir.path().join("hold").display()),
+    ];
+    Setup {
+        dir,
+        config,
+        playbook,
+        params,
+    }
+}
+
+impl Setup {
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn hold(&self) -> PathBuf {
+        self.dir.path().join("hold")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_patchbook"));
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args);
+        c
+    }
+
+    fn runs(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.state().join("runs"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Starts a run, kills it with SIGKILL once `host` has 1.0.1 in its own dpkg
+    /// database (its install done, its outcome not journaled), releases the hold and
+    /// returns the run id.
+    fn run_killed_after_install(&self, lab: &Lab, host: &str) -> String {
+        std::fs::write(self.hold(), "").unwrap();
+        let mut child = self
+            .command(&["-q", "run"])
+            .arg(&self.playbook)
+            .args(&self.params)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while lab
+            .installed_version(host, "acme-agent")
+            .unwrap()
+            .as_deref()
+            != Some("1.0.1")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{host} was never patched"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_file(self.hold()).unwrap();
+        let runs = self.runs();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        runs[0].clone()
+    }
+
+    fn resume(&self, run: &str, params: &[String]) -> Output {
+        self.command(&["-q", "run", "--resume", run])
+            .args(params)
+            .output()
+            .unwrap()
+    }
+
+    fn state_of(&self, run: &str) -> (RunState, Vec<patchbook::journal::Record>) {
+        let records =
+            read_records(&self.state().join("runs").join(format!("{run}.jsonl"))).unwrap();
+        (RunState::from_records(run, &records), records)
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
+fn installs(lab: &Lab, host: &str) -> usize {
+    lab.dpkg_log(host)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" status installed acme-agent:all 1.0.1"))
+        .count()
+}
+
+/// Every host patched exactly once, none with an open intent, every one finished
+/// with a passing verify in the journal.
+fn assert_all_patched_once_and_closed(lab: &Lab, s: &Setup, run: &str) {
+    let (state, records) = s.state_of(run);
+    for h in lab.hosts() {
+        let name = h.name.as_str();
+        assert_eq!(
+            lab.installed_version(name, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.1"),
+            "{name}"
+        );
+        assert_eq!(
+            installs(lab, name),
+            1,
+            "{name} installed 1.0.1 more than once"
+        );
+        let hist = &state.hosts[name];
+        assert!(
+            hist.open_intents().is_empty(),
+            "{name} still has open intents: {:?}",
+            hist.open_intents()
+        );
+        assert!(hist.finished && !hist.failed, "{name}: {hist:?}");
+        assert!(
+            records.iter().any(|r| r.host.as_deref() == Some(name)
+                && matches!(r.entry(), Ok(Entry::Verify(v)) if v.ok)),
+            "{name} has no passing verify"
+        );
+    }
+}
+
+#[test]
+fn a_pilot_killed_between_install_and_outcome_is_rechecked_from_the_journal_on_resume() {
+    let lab = Lab::start(3);
+    let s = setup(&lab, r#"#{ pilot: hosts("lab01"), waves: ["100%"] }"#);
+    let run = s.run_killed_after_install(&lab, "lab01");
+    let out = s.resume(&run, &s.params);
+    assert!(out.status.success(), "resume failed: {}", text(&out));
+    assert!(
+        !text(&out).contains("none of the pilot hosts"),
+        "{}",
+        text(&out)
+    );
+    assert_all_patched_once_and_closed(&lab, &s, &run);
+    let (state, records) = s.state_of(&run);
+    // The pilot's install was found on the host, not done again.
+    let pilot = &state.hosts["lab01"];
+    let deploy = pilot
+        .steps
+        .iter()
+        .find(|st| st.step == "deploy" && st.undoes.is_none())
+        .unwrap();
+    let out = deploy
+        .outcome_data
+        .as_ref()
+        .and_then(|o| o.deploy_output())
+        .unwrap();
+    assert!(
+        out.resumed
+            .as_deref()
+            .is_some_and(|r| r.contains("the install had completed")),
+        "{out:?}"
+    );
+    assert!(
+        records.iter().any(|r| matches!(
+            r.entry(),
+            Ok(Entry::RolloutResume(rr)) if rr.rechecked == ["lab01"]
+        )),
+        "no rollout.resume record naming lab01 as rechecked"
+    );
+}
+
+#[test]
+fn a_host_whose_outcome_was_lost_is_reprobed_even_when_needing_drops_it() {
+    let lab = Lab::start(3);
+    let s = setup(&lab, r#"#{ waves: ["100%"], parallel: 1 }"#);
+    let run = s.run_killed_after_install(&lab, "lab01");
+    let (state, _) = s.state_of(&run);
+    assert_eq!(state.hosts["lab01"].open_intents().len(), 1);
+    let out = s.resume(&run, &s.params);
+    assert!(out.status.success(), "resume failed: {}", text(&out));
+    assert_all_patched_once_and_closed(&lab, &s, &run);
+}
+
+#[test]
+fn a_resume_with_other_params_config_or_playbook_is_refused_and_touches_nothing() {
+    let lab = Lab::start(2);
+    let s = setup(&lab, r#"#{ waves: ["100%"], parallel: 1 }"#);
+    let run = s.run_killed_after_install(&lab, "lab01");
+    let records_before = s.state_of(&run).1.len();
+    let log_before = lab.dpkg_log("lab02").unwrap();
+
+    let with = |name: &str, value: &str| -> Vec<String> {
+        let mut p = s.params.clone();
+        let at = p
+            .iter()
+            .position(|w| w.starts_with(&format!("{name}=")))
+            .unwrap();
+        p[at] = format!("{name}={value}");
+        p
+    };
+    let refused = |out: &Output, says: &str| {
+        assert_eq!(out.status.code(), Some(2), "{}", text(out));
+        let t = text(out);
+        assert!(t.contains("cannot be resumed"), "{t}");
+        assert!(t.contains(says), "{t}");
+        assert!(t.contains("start a new run"), "{t}");
+        // Never the value itself, which may be a secret.
+        assert!(!t.contains("0000000000000000"), "{t}");
+    };
+    // Another artifact checksum: the resume would deploy something else.
+    refused(
+        &s.resume(&run, &with("sha_new", &"0".repeat(64))),
+        "--param sha_new has another value",
+    );
+    // A param dropped, and one added.
+    let mut fewer = s.params.clone();
+    fewer.truncate(fewer.len() - 2);
+    refused(&s.resume(&run, &fewer), "--param hold is missing");
+    let mut more = s.params.clone();
+    more.extend(["--param".into(), "extra=1".into()]);
+    refused(&s.resume(&run, &more), "--param extra is new");
+    // Another config: a trusted source added.
+    let cfg = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        cfg.replacen(
+            "trusted_sources = [",
+            "trusted_sources = [\"https://elsewhere.example.com/\", ",
+            1,
+        ),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read_to_string(&s.config).unwrap(), cfg);
+    refused(&s.resume(&run, &s.params), "the config");
+    std::fs::write(&s.config, &cfg).unwrap();
+    // Another playbook.
+    let pb = std::fs::read_to_string(&s.playbook).unwrap();
+    std::fs::write(&s.playbook, format!("{pb}\n// edited\n")).unwrap();
+    let out = s.resume(&run, &s.params);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("changed since run"), "{}", text(&out));
+    std::fs::write(&s.playbook, &pb).unwrap();
+
+    // Nothing ran and nothing was journaled by the refused attempts.
+    assert_eq!(s.state_of(&run).1.len(), records_before);
+    assert_eq!(lab.dpkg_log("lab02").unwrap(), log_before);
+    assert_eq!(
+        lab.installed_version("lab02", "acme-agent")
+            .unwrap()
+            .as_deref(),
+        Some("1.0.0")
+    );
+
+    // The same everything resumes.
+    let out = s.resume(&run, &s.params);
+    assert!(out.status.success(), "resume failed: {}", text(&out));
+    assert_all_patched_once_and_closed(&lab, &s, &run);
+}
