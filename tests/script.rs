@@ -858,3 +858,42 @@ fn a_closed_pipe_ends_the_output_quietly() {
     // Ended by SIGPIPE (128 + 13) like any Unix filter: never a panic (101).
     assert_eq!(status, "status 141", "{stderr}");
 }
+
+#[test]
+fn sleep_ends_at_the_deadline_and_on_cancel() {
+    let limits = Limits {
+        deadline_secs: 1,
+        ..small_limits()
+    };
+    let run = ScriptRun::new(&limits, None);
+    let t0 = Instant::now();
+    let e = eval_str(&run, &fixture_compiler(), "sleep(20); 1")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("deadline"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // A cancel (SIGTERM in `run` and `watch`) wakes a sleeping script too.
+    let run = ScriptRun::new(&small_limits(), None);
+    let cancel = run.cancel_flag();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.store(true, Ordering::SeqCst);
+    });
+    let e = eval_str(&run, &fixture_compiler(), "sleep(20.5); 1")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cancelled"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // A short sleep still sleeps.
+    let t0 = Instant::now();
+    let v = eval_str(
+        &ScriptRun::new(&small_limits(), None),
+        &fixture_compiler(),
+        "sleep(0.2); 7",
+    )
+    .unwrap();
+    assert_eq!(v.as_int().unwrap(), 7);
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+}

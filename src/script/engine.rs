@@ -129,12 +129,14 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
         .set_optimization_level(OptimizationLevel::Simple)
         .disable_symbol("eval")
         .set_module_resolver(RefusingResolver);
+    let run_cancel = cancel.clone();
     engine.on_progress(move |ops| {
         if ops % CHECK_EVERY != 0 {
             return None;
         }
         over_bounds(&cancel)
     });
+    bounded_sleep(&mut engine, run_cancel);
     guard_container_growth(&mut engine, limits);
     engine.on_print(|text| tracing::info!(target: "patchbook::script", "{text}"));
     engine.on_debug(|text, source, pos| {
@@ -146,6 +148,36 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
         )
     });
     engine
+}
+
+/// Rhai's own `sleep` blocks inside one operation, so neither the deadline nor a
+/// cancel (SIGTERM, the watch service stopping) can end it. This one sleeps in
+/// short slices and ends the script the moment either is due.
+fn bounded_sleep(engine: &mut Engine, cancel: Arc<AtomicBool>) {
+    /// The longest a sleeping script waits before it notices a stop.
+    const SLICE: Duration = Duration::from_millis(50);
+    let sleep = move |seconds: f64| -> Result<(), Box<EvalAltResult>> {
+        if !seconds.is_finite() || seconds <= 0.0 {
+            return Ok(());
+        }
+        let until = Instant::now() + Duration::from_secs_f64(seconds.min(86_400.0 * 365.0));
+        loop {
+            if let Some(why) = over_bounds(&cancel) {
+                return Err(Box::new(EvalAltResult::ErrorTerminated(
+                    why,
+                    Position::NONE,
+                )));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
+    };
+    let s2 = sleep.clone();
+    engine.register_fn("sleep", move |seconds: i64| s2(seconds as f64));
+    engine.register_fn("sleep", sleep);
 }
 
 /// Rhai checks sizes when a value passes through a function call, but not when
