@@ -262,3 +262,27 @@ fn an_unmanaged_change_without_undo_is_never_called_rolled_back() {
     );
     std::fs::remove_file(f.host("lab03").unwrap().dir.join("root/unmanaged-marker")).unwrap();
 }
+
+#[test]
+fn a_hosts_timeout_ends_its_command_instead_of_reporting_the_overrun_afterwards() {
+    let p = Project::new();
+    let pb = p.playbook(
+        r#"rollout(hosts("lab01"), #{ timeout: "2s" }, |host| {
+    exec(host, ["sleep", "40"], #{ undo: ["true"] });
+});
+"#,
+    );
+    let t0 = std::time::Instant::now();
+    let out = p.patchbook(&["run", &pb]);
+    let took = t0.elapsed();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the host's 2s timeout let a 40s command run for {took:?}"
+    );
+    // The host is usable again: the next run reaches it.
+    let pb = p.playbook("rollout(hosts(\"lab01\"), #{}, |host| { probe(host, [\"true\"]); });\n");
+    let out = p.patchbook(&["run", &pb]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
