@@ -111,6 +111,18 @@ const BOMBS: &[(&str, &str, &str)] = &[
         "let a = []; for i in 0..200000 { a.push(i); }",
         "Size of array",
     ),
+    // Dropping a value nested a million deep used to overflow the stack and abort.
+    (
+        "closures capturing closures",
+        "let f = || 0; for i in 0..1000000 { let g = f; f = || g; } 1",
+        "nests deeper than 10000 levels",
+    ),
+    // Under these limits the nested items count against the array size first.
+    (
+        "arrays in arrays",
+        "let a = []; for i in 0..1000000 { a = [a]; } 1",
+        "Size of array",
+    ),
 ];
 
 #[test]

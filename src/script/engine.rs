@@ -193,7 +193,7 @@ fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
         let Some(v) = ctx.scope().get(name) else {
             return Ok(None);
         };
-        if !(v.is_map() || v.is_array() || v.is_string()) {
+        if !(v.is_map() || v.is_array() || v.is_string() || v.is_fnptr()) {
             return Ok(None);
         }
         let deep = READS.with(|r| {
@@ -204,6 +204,15 @@ fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
         let mut sizes = Sizes::default();
         sizes.add(v, deep);
         let over = |max: usize, n: usize| max > 0 && n > max;
+        if sizes.depth > MAX_NESTING {
+            return Err(Box::new(EvalAltResult::ErrorRuntime(
+                format!(
+                    "a value nests deeper than {MAX_NESTING} levels (arrays in arrays, closures capturing closures); build flatter values"
+                )
+                .into(),
+                Position::NONE,
+            )));
+        }
         let what = if over(limits.max_map_size, sizes.map) {
             "Size of object map"
         } else if over(limits.max_array_size, sizes.array) {
@@ -227,27 +236,51 @@ thread_local! {
     static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// How deep values may nest (arrays in arrays, closures capturing closures). Rhai
+/// drops nested values recursively: a value nested a million deep overflows any
+/// stack while it is dropped and aborts the process, so nesting is bounded well
+/// before that.
+pub const MAX_NESTING: usize = 10_000;
+
 #[derive(Default)]
 struct Sizes {
     map: usize,
     array: usize,
     string: usize,
+    /// Deepest nesting seen, counted only on a deep walk.
+    depth: usize,
 }
 
 impl Sizes {
+    /// Counts `v`'s own size and, on a deep walk, everything it holds: map values,
+    /// array items and the values a closure captured. The walk stops past
+    /// [`MAX_NESTING`], so it recurses no deeper than that (scripts run on a stack
+    /// sized for it, see [`stack_size`]).
     fn add(&mut self, v: &Dynamic, deep: bool) {
+        self.walk(v, deep, 1);
+    }
+
+    fn walk(&mut self, v: &Dynamic, deep: bool, depth: usize) {
+        self.depth = self.depth.max(depth);
+        if self.depth > MAX_NESTING {
+            return;
+        }
         if let Some(m) = v.read_lock::<rhai::Map>() {
             self.map += m.len();
             if deep {
-                m.values().for_each(|x| self.add(x, true));
+                m.values().for_each(|x| self.walk(x, true, depth + 1));
             }
         } else if let Some(a) = v.read_lock::<rhai::Array>() {
             self.array += a.len();
             if deep {
-                a.iter().for_each(|x| self.add(x, true));
+                a.iter().for_each(|x| self.walk(x, true, depth + 1));
             }
         } else if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
             self.string = self.string.max(s.len());
+        } else if let Some(f) = v.read_lock::<rhai::FnPtr>() {
+            if deep {
+                f.curry().iter().for_each(|x| self.walk(x, true, depth + 1));
+            }
         }
     }
 }
