@@ -33,6 +33,11 @@ pub struct Config {
     /// Inventory files used when no `-i` is given.
     #[serde(default)]
     pub inventory: Vec<PathBuf>,
+    /// Lets Ansible-format inventories (INI, YAML) declare `ansible_connection=local`
+    /// hosts, whose steps run on this controller. Off by default: such a line in an
+    /// imported inventory would otherwise patch the controller itself.
+    #[serde(default)]
+    pub allow_local_hosts: bool,
     /// Default parallelism (`--forks` overrides).
     #[serde(default)]
     pub forks: Option<usize>,

@@ -80,7 +80,12 @@ impl Runtime {
         } else {
             opts.inventories.clone()
         };
-        let inventory = Inventory::load(&inventory_paths)?;
+        let inventory = Inventory::load_with(
+            &inventory_paths,
+            &crate::inventory::LoadOptions {
+                allow_local_hosts: config.allow_local_hosts,
+            },
+        )?;
         Ok(Runtime::from_parts(config, inventory, opts))
     }
 
