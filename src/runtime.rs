@@ -169,9 +169,11 @@ impl Runtime {
     }
 
     pub fn ensure_state_dir(&self) -> Result<(), RuntimeError> {
-        std::fs::create_dir_all(&self.state_dir).map_err(|source| RuntimeError::StateDir {
-            path: self.state_dir.clone(),
-            source,
+        crate::journal::private::create_dir_all(&self.state_dir).map_err(|source| {
+            RuntimeError::StateDir {
+                path: self.state_dir.clone(),
+                source,
+            }
         })
     }
 }

@@ -172,7 +172,9 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         .join(safe_name(&ctx.run.run_id))
         .join(safe_name(ctx.name()));
     let io = |context: String| move |source| PrimitiveError::Io { context, source };
-    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    // Backups hold the hosts' secrets: 0700 folders, 0600 archives, whatever the umask.
+    crate::journal::private::create_dir_all(&dir)
+        .map_err(io(format!("create {}", dir.display())))?;
     // The first free number names the backup; `create_new` claims it, so two
     // backups of one host never share an archive.
     let (id, archive, file) = {
@@ -180,12 +182,16 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         loop {
             let id = format!("b{k:03}");
             let archive = dir.join(format!("{id}.tar"));
-            match std::fs::OpenOptions::new()
+            match crate::journal::private::options()
                 .write(true)
                 .create_new(true)
                 .open(&archive)
             {
-                Ok(f) => break (id, archive, f),
+                Ok(f) => {
+                    crate::journal::private::seal(&f)
+                        .map_err(io(format!("chmod {}", archive.display())))?;
+                    break (id, archive, f);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 100_000 => k += 1,
                 Err(e) => return Err(io(format!("create {}", archive.display()))(e)),
             }
@@ -242,7 +248,7 @@ pub fn backup(ctx: &HostCtx, paths: &[String]) -> Result<BackupHandle, Primitive
         missing,
     };
     let manifest = handle.archive.with_extension("manifest.json");
-    std::fs::write(
+    crate::journal::private::write(
         &manifest,
         serde_json::to_vec_pretty(&handle).unwrap_or_default(),
     )

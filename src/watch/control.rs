@@ -117,7 +117,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         source,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(bind_err)?;
+        // Usually the state dir: it must come out 0700 like everything in it.
+        crate::journal::private::create_dir_all(parent).map_err(bind_err)?;
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
