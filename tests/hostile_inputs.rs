@@ -32,7 +32,9 @@ fn a_huge_ini_range_is_an_error_naming_file_and_line() {
             &format!("[web]\n{pattern}\n"),
         );
         let t0 = std::time::Instant::now();
-        let e = Inventory::load(&[p.clone()]).unwrap_err().to_string();
+        let e = Inventory::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
         assert!(t0.elapsed().as_secs() < 5, "took {:?}", t0.elapsed());
         assert!(
             e.contains(&format!("{}:2:", p.display())),
@@ -54,7 +56,9 @@ fn a_huge_yaml_range_is_an_error_naming_the_file() {
         "inv.yml",
         "all:\n  children:\n    web:\n      hosts:\n        web[1:99999999]:\n",
     );
-    let e = Inventory::load(&[p.clone()]).unwrap_err().to_string();
+    let e = Inventory::load(std::slice::from_ref(&p))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&p.display().to_string()), "{e}");
     assert!(e.contains("at most 100000"), "{e}");
 }
@@ -78,11 +82,13 @@ fn ansible_connection_local_needs_the_config_opt_in() {
         "all:\n  hosts:\n    sneaky:\n      ansible_connection: local\n",
     );
     for p in [&ini, &group_var, &yaml] {
-        let e = Inventory::load(&[p.clone()]).unwrap_err().to_string();
+        let e = Inventory::load(std::slice::from_ref(p))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allow_local_hosts"), "{e}");
         assert!(e.contains(&p.display().to_string()), "{e}");
         let inv = Inventory::load_with(
-            &[p.clone()],
+            std::slice::from_ref(p),
             &LoadOptions {
                 allow_local_hosts: true,
             },
