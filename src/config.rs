@@ -44,6 +44,10 @@ pub struct Config {
     /// URL prefixes (https) and local directories artifacts may come from.
     #[serde(default)]
     pub trusted_sources: Vec<String>,
+    /// Hosts (names) and `http(s)://` URL prefixes `http_check` may query besides
+    /// the inventory's own hosts.
+    #[serde(default)]
+    pub http_check_allow: Vec<String>,
     /// `[artifacts]`: download attempts, cache folder, pinned minisign keys.
     #[serde(default)]
     pub artifacts: ArtifactConfig,

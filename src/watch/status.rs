@@ -160,11 +160,19 @@ async fn check_host(
     if !host_allowed(host, page.listen) {
         return (
             StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONNECTION, "close")],
             "this status page answers only to its own address (an IP literal, localhost or this machine's name)\n",
         )
             .into_response();
     }
-    next.run(req).await
+    let mut resp = next.run(req).await;
+    // One request per connection, as before: a kept-alive idle connection would
+    // hold one of the few slots until the idle timeout.
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 fn plain(code: StatusCode, ctype: &'static str, body: String) -> Response {
