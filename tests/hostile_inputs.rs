@@ -145,3 +145,36 @@ fn the_cli_refuses_a_local_ansible_host_until_the_config_allows_it() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("sneaky"));
 }
+
+/// Host output and inventory names with terminal escapes reach the `exec` table
+/// and the plan output only as `\x1b`-style text.
+#[test]
+fn terminal_escapes_from_hosts_and_names_are_shown_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A TOML key can carry any character; a quoted name with ESC and CR.
+    write(
+        dir.path(),
+        "inv.toml",
+        "[hosts.\"evil\\u001b[2Jhost\\r\"]\ntransport = \"local\"\n[hosts.plain]\ntransport = \"local\"\n",
+    );
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["-i", "inv.toml", "exec", "all"])
+        .arg(r#"exec(host, ["printf", "a\u001b]0;pwned\u0007b\rc\u009bd\tend"]).stdout"#)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains('\u{1b}'), "raw ESC in {text:?}");
+        assert!(!text.contains('\r'), "raw CR in {text:?}");
+        assert!(!text.contains('\u{7}'), "raw BEL in {text:?}");
+        assert!(!text.contains('\u{9b}'), "raw CSI in {text:?}");
+    }
+    assert!(stdout.contains("evil\\x1b[2Jhost\\x0d"), "{stdout}");
+    assert!(
+        stdout.contains("a\\x1b]0;pwned\\x07b\\x0dc\\x9bd\tend"),
+        "{stdout}"
+    );
+}

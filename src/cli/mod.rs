@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod progress;
 pub mod run;
+pub mod terminal;
 
 use crate::runtime::{Options, Runtime, RuntimeError};
 
