@@ -294,11 +294,7 @@ fn needs_reboot_reads_the_hosts_own_flag_and_a_reboot_clears_it() {
     let reboot_if_needed =
         r#"import "patch/debian" as deb; deb::reboot_if_needed(host, #{ timeout: "30s" })"#;
     let (v, _) = p.exec(h, reboot_if_needed);
-    assert_eq!(
-        (&v["needed"], &v["rebooted"]),
-        (&true.into(), &true.into()),
-        "{v}"
-    );
+    assert_eq!((&v["needed"], &v["rebooted"]), (&true.into(), &true.into()), "{v}");
     assert_ne!(f.boot_id(h).unwrap(), boot, "a new boot");
     let (v, _) = p.exec(h, "needs_reboot(host)");
     assert_eq!(v["needed"], false, "a reboot empties /run: {v}");

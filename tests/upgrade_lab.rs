@@ -650,18 +650,10 @@ fn hostile_package_names_and_versions_are_refused_before_any_command() {
 #[test]
 fn stdlib_security_upgrade_installs_only_what_a_security_release_offers() {
     let turn = take_turn();
-    prepare(
-        "lab04",
-        &security_repo("stdlib-security", &["1.0.0", "1.0.1"]),
-    );
+    prepare("lab04", &security_repo("stdlib-security", &["1.0.0", "1.0.1"]));
     prepare(
         "lab05",
-        &repo(
-            "stdlib-updates",
-            &["1.0.0", "1.0.1"],
-            "bookworm-updates",
-            "Debian",
-        ),
+        &repo("stdlib-updates", &["1.0.0", "1.0.1"], "bookworm-updates", "Debian"),
     );
     let p = Project::new();
     let snippet = r#"import "patch/debian" as deb; deb::security_upgrade(host).changed.len()"#;
@@ -669,18 +661,8 @@ fn stdlib_security_upgrade_installs_only_what_a_security_release_offers() {
     assert_eq!(changed["lab04"], 1, "{changed:?}");
     assert_eq!(changed["lab05"], 0, "{changed:?}");
     let f = fleet();
-    assert_eq!(
-        f.installed_version("lab04", "acme-agent")
-            .unwrap()
-            .as_deref(),
-        Some("1.0.1")
-    );
-    assert_eq!(
-        f.installed_version("lab05", "acme-agent")
-            .unwrap()
-            .as_deref(),
-        Some("1.0.0")
-    );
+    assert_eq!(f.installed_version("lab04", "acme-agent").unwrap().as_deref(), Some("1.0.1"));
+    assert_eq!(f.installed_version("lab05", "acme-agent").unwrap().as_deref(), Some("1.0.0"));
     // Run again: nothing left to do.
     let again = exec_values(&p, "lab04", snippet);
     assert_eq!(again["lab04"], 0);
