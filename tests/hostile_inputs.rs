@@ -178,3 +178,31 @@ fn terminal_escapes_from_hosts_and_names_are_shown_escaped() {
         "{stdout}"
     );
 }
+
+#[test]
+fn plan_output_shows_inventory_names_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "inv.toml",
+        "[hosts.\"evil\\u001b[2Jhost\"]\ntransport = \"local\"\n",
+    );
+    write(
+        dir.path(),
+        "p.rhai",
+        "rollout(hosts(\"all\"), #{}, |host| { exec(host, [\"true\"]); });\n",
+    );
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["-i", "inv.toml", "plan", "p.rhai"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'),
+        "{stdout:?}{stderr:?}"
+    );
+    assert!(stdout.contains("evil\\x1b[2Jhost"), "{stdout}");
+}
