@@ -33,12 +33,21 @@ pub struct Config {
     /// Inventory files used when no `-i` is given.
     #[serde(default)]
     pub inventory: Vec<PathBuf>,
+    /// Lets Ansible-format inventories (INI, YAML) declare `ansible_connection=local`
+    /// hosts, whose steps run on this controller. Off by default: such a line in an
+    /// imported inventory would otherwise patch the controller itself.
+    #[serde(default)]
+    pub allow_local_hosts: bool,
     /// Default parallelism (`--forks` overrides).
     #[serde(default)]
     pub forks: Option<usize>,
     /// URL prefixes (https) and local directories artifacts may come from.
     #[serde(default)]
     pub trusted_sources: Vec<String>,
+    /// Hosts (names) and `http(s)://` URL prefixes `http_check` may query besides
+    /// the inventory's own hosts.
+    #[serde(default)]
+    pub http_check_allow: Vec<String>,
     /// `[artifacts]`: download attempts, cache folder, pinned minisign keys.
     #[serde(default)]
     pub artifacts: ArtifactConfig,

@@ -80,7 +80,12 @@ impl Runtime {
         } else {
             opts.inventories.clone()
         };
-        let inventory = Inventory::load(&inventory_paths)?;
+        let inventory = Inventory::load_with(
+            &inventory_paths,
+            &crate::inventory::LoadOptions {
+                allow_local_hosts: config.allow_local_hosts,
+            },
+        )?;
         Ok(Runtime::from_parts(config, inventory, opts))
     }
 
@@ -164,9 +169,11 @@ impl Runtime {
     }
 
     pub fn ensure_state_dir(&self) -> Result<(), RuntimeError> {
-        std::fs::create_dir_all(&self.state_dir).map_err(|source| RuntimeError::StateDir {
-            path: self.state_dir.clone(),
-            source,
+        crate::journal::private::create_dir_all(&self.state_dir).map_err(|source| {
+            RuntimeError::StateDir {
+                path: self.state_dir.clone(),
+                source,
+            }
         })
     }
 }

@@ -304,8 +304,12 @@ fn http_check_runs_from_the_controller() {
             let _ = req.respond(tiny_http::Response::from_string(body).with_status_code(code));
         }
     });
-    let w = apply(&["h1"]);
+    // The test server is no inventory host: the config allows its URL prefix.
     let base = format!("http://127.0.0.1:{port}");
+    let allow = format!("{base}/");
+    let w = World::new(&["h1"], Mode::Apply, |c, _| {
+        c.http_check_allow = vec![allow]
+    });
     let v = w.json(&format!(
         r#"[http_check("{base}/health"), http_check("{base}/missing", #{{ status: 404 }}),
             http_check("{base}/health", #{{ contains: "ok", timeout: 5 }})]"#
@@ -320,6 +324,33 @@ fn http_check_runs_from_the_controller() {
     assert_eq!(w.records("http_check").len(), 5);
     server.unblock();
     worker.join().unwrap();
+}
+
+#[test]
+fn http_check_refuses_urls_outside_the_inventory_and_allowlist() {
+    // Nothing listens on these: a refusal must come before any request.
+    let w = World::new(&["h1"], Mode::Apply, |c, _| {
+        c.http_check_allow = vec!["http://127.0.0.4:9/ok/".into(), "127.0.0.3".into()]
+    });
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:9/admin",
+        "http://127.0.0.3@169.254.169.254/",
+        "http://127.0.0.4:9/okay",
+        "http://127.0.0.4:9/other/",
+        "file:///etc/passwd",
+    ] {
+        let err = w.err(&format!("http_check(\"{url}\", #{{ contains: \"x\" }})"));
+        assert!(
+            err.contains("http_check_allow") || err.contains("only http:// and https://"),
+            "{url}: {err}"
+        );
+    }
+    // Allowlisted names and prefixes pass the check and fail only on the network.
+    for url in ["http://127.0.0.3:9/", "http://127.0.0.4:9/ok/x"] {
+        let err = w.err(&format!("http_check(\"{url}\", #{{ timeout: 2 }})"));
+        assert!(!err.contains("http_check_allow"), "{url}: {err}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod progress;
 pub mod run;
+pub mod terminal;
 
 use crate::runtime::{Options, Runtime, RuntimeError};
 
@@ -178,6 +179,10 @@ pub enum AuditVerb {
     /// progress, or stopped or crashed; its chain is intact) or TAMPERED with the
     /// first problem and the last good seq; then one line for the audit index.
     #[command(after_help = "\
+Any path in the state directory that group or others may read, write or enter
+is named on stderr as `warning: PATH is mode 0644, readable by other users; run
+`chmod 600 PATH``; such warnings do not change the exit code.
+
 Exit codes:
   0  every run is intact or open, and the audit index is sound
   1  tampering or damage detected: a run or the index is TAMPERED
@@ -458,6 +463,12 @@ fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {
         );
     } else {
         println!("{}", report.index);
+    }
+    // Loose modes leak backups and journals to other users but say nothing about
+    // integrity: a warning per path on stderr, and the exit code stays the
+    // integrity verdict that scripts already rely on.
+    for loose in crate::journal::private::loose_paths(&rt.state_dir) {
+        eprintln!("warning: {loose}");
     }
     Ok(if report.intact() {
         ExitCode::SUCCESS

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::terminal::escape_controls;
 use crate::rollout::RolloutEvent;
 use crate::run::EventSink;
 
@@ -116,7 +117,7 @@ pub fn sink(style: Style, run: &str) -> EventSink {
             let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
             t.apply(e);
             let line = format!("{} {}  [{}]", at.format("%H:%M:%S"), describe(e), t.line());
-            eprintln!("{}", crate::journal::scrub(&line));
+            eprintln!("{}", escape_controls(&crate::journal::scrub(&line)));
         }),
         Style::Bars => {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -131,14 +132,15 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                 t.apply(e);
                 bar.set_length(t.targeted as u64);
                 bar.set_position((t.done + t.failed) as u64);
-                bar.set_message(t.line());
+                bar.set_message(escape_controls(&t.line()).into_owned());
                 match e {
                     RolloutEvent::HostFailed { .. }
                     | RolloutEvent::RollbackFailed { .. }
                     | RolloutEvent::BudgetExhausted { .. }
                     | RolloutEvent::GateStopped { .. }
                     | RolloutEvent::WindowClosed { .. } => {
-                        let _ = multi.println(crate::journal::scrub(&describe(e)));
+                        let _ =
+                            multi.println(escape_controls(&crate::journal::scrub(&describe(e))));
                     }
                     RolloutEvent::RunDone { .. } => bar.finish(),
                     _ => {}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::progress::{self, Style};
+use super::terminal::escape_controls as esc;
 use super::{Cli, CliError};
 use crate::journal::entry::{Entry, HostEndDetail, RunResume, RunRollback};
 use crate::journal::{Journal, RunHeader};
@@ -162,18 +163,30 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
             println!("{line}");
         }
     } else {
+        // Host names and output come from the inventory and the hosts: escaped.
+        let outcomes: Vec<(String, Result<String, String>)> = outcomes
+            .iter()
+            .map(|(h, r)| {
+                (
+                    esc(h).into_owned(),
+                    match r {
+                        Ok(v) => Ok(esc(&super::show(v)).into_owned()),
+                        Err(e) => Err(esc(&e.to_string()).into_owned()),
+                    },
+                )
+            })
+            .collect();
         let width = outcomes
             .iter()
-            .map(|(h, _)| h.len())
+            .map(|(h, _)| h.chars().count())
             .max()
             .unwrap_or(4)
             .max(4);
         println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
         for (host, result) in &outcomes {
             match result {
-                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", super::show(v)),
-                Err(e) => {
-                    let text = e.to_string();
+                Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", v),
+                Err(text) => {
                     let mut lines = text.lines();
                     println!(
                         "{:<width$}  {:<6}  {}",
@@ -466,18 +479,22 @@ pub fn plan(
             );
         }
         for p in control.plans() {
-            println!("{p}");
+            println!("{}", esc(&p.to_string()));
         }
         for v in &verdicts {
-            println!("{}: {}", v.host, v.verdict);
+            println!("{}: {}", esc(&v.host), esc(v.verdict));
             for a in &v.actions {
                 let what = if a.change { "" } else { " (check, not run)" };
                 // A diff's lines are indented under their step.
-                let detail = a.detail.replace('\n', "\n      ");
-                println!("  {:<10} {:<8} {detail}{what}", a.step, a.result);
+                let detail = esc(&a.detail).replace('\n', "\n      ");
+                println!(
+                    "  {:<10} {:<8} {detail}{what}",
+                    esc(&a.step.to_string()),
+                    esc(&a.result.to_string())
+                );
             }
             if let Some(e) = &v.error {
-                for (i, line) in e.lines().enumerate() {
+                for (i, line) in esc(e).lines().enumerate() {
                     println!("  {} {line}", if i == 0 { "error:" } else { "      " });
                 }
             }
@@ -615,7 +632,7 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         if !ok {
             failed += 1;
         }
-        println!("{name}: {line}");
+        println!("{}: {}", esc(name), esc(&line));
     }
     if order.is_empty() {
         println!("run {run_id}: no host has a change to reverse");

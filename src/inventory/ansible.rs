@@ -291,7 +291,13 @@ pub(crate) fn expand_host_pattern(pattern: &str) -> Result<(Vec<String>, Option<
     Ok((names, port))
 }
 
-/// `expand_hostname_range`: `[01:10]`, `[a:f]`, `[1:10:2]`, nested left to right.
+/// The most host names one pattern may expand to. Ansible has no bound, so
+/// `web[1:99999999]` in a two-line file used to exhaust memory; 100,000 is the
+/// fleet size patchbook is built for, and a larger fleet is several patterns.
+pub const MAX_RANGE_HOSTS: usize = 100_000;
+
+/// `expand_hostname_range`: `[01:10]`, `[a:f]`, `[1:10:2]`, nested left to right,
+/// at most [`MAX_RANGE_HOSTS`] names in all.
 pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
     const LETTERS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
     let bad = |why: &str| format!("bad host range in `{line}`: {why}");
@@ -349,6 +355,11 @@ pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
                 // Ansible silently yields no host here; that is always a typo.
                 return Err(bad("begin must not be greater than end"));
             }
+            // Count before building anything: the bound must hold before memory is spent.
+            let count = (i128::from(e) - i128::from(b)) / i128::from(step) + 1;
+            if count > MAX_RANGE_HOSTS as i128 {
+                return Err(too_many(line, count));
+            }
             (b..=e)
                 .step_by(step as usize)
                 .map(|n| match width {
@@ -367,8 +378,24 @@ pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
         } else {
             out.push(name);
         }
+        // Nested ranges multiply: stop as soon as the product passes the bound.
+        if out.len() > MAX_RANGE_HOSTS {
+            return Err(too_many(line, out.len() as i128));
+        }
     }
     Ok(out)
+}
+
+fn too_many(line: &str, count: i128) -> String {
+    let shown = if count > MAX_RANGE_HOSTS as i128 {
+        format!("more than {MAX_RANGE_HOSTS}")
+    } else {
+        count.to_string()
+    };
+    format!(
+        "host range in `{line}` expands to {shown} hosts; one pattern may expand to at most \
+         {MAX_RANGE_HOSTS}: check the bounds for a typo, or split the fleet into several patterns"
+    )
 }
 
 pub(crate) fn load_yaml_into(
@@ -671,6 +698,22 @@ mod tests {
         assert!(expand_range("web[01:5]").is_err());
         assert!(expand_range("web[1:]").is_err());
         assert!(expand_range("web[1:3").is_err());
+    }
+
+    #[test]
+    fn huge_and_nested_ranges_are_bounded() {
+        for bad in [
+            "web[1:99999999]",
+            "web[0:9223372036854775807]",
+            "web[-9223372036854775808:9223372036854775807]",
+            "r[1:1000]-[1:1000]",
+            "r[a:z]-[0:99999]",
+        ] {
+            let e = expand_range(bad).expect_err(bad);
+            assert!(e.contains("at most 100000"), "{e}");
+        }
+        assert_eq!(expand_range("w[1:100000]").map(|v| v.len()), Ok(100_000));
+        assert_eq!(expand_range("w[0:199998:2]").map(|v| v.len()), Ok(100_000));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub(crate) struct RawInventory {
     host_index: HashMap<String, usize>,
     sources: Vec<PathBuf>,
     current: PathBuf,
+    /// Whether Ansible-format files may declare `ansible_connection=local`.
+    pub allow_local_from_ansible: bool,
 }
 
 impl Default for RawInventory {
@@ -57,6 +59,7 @@ impl Default for RawInventory {
             host_index: HashMap::new(),
             sources: Vec::new(),
             current: PathBuf::new(),
+            allow_local_from_ansible: false,
         };
         raw.add_group("all");
         raw.add_group("ungrouped");
@@ -262,7 +265,22 @@ impl RawInventory {
             vars.extend(raw.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
             let mut names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
             names.sort();
-            hosts.push(host_from_vars(&raw.name, names, vars, &raw.source)?);
+            let host = host_from_vars(&raw.name, names, vars, &raw.source)?;
+            // An Ansible inventory is often copied in from elsewhere, and its
+            // `ansible_connection=local` makes every host primitive act on this
+            // controller, as the user running patchbook. Only the operator's own
+            // config may allow that; a native `transport = "local"` is already
+            // an explicit patchbook declaration.
+            if host.transport == TransportKind::Local
+                && !self.allow_local_from_ansible
+                && !is_native(&raw.source)
+            {
+                return Err(InventoryError::LocalNotAllowed {
+                    path: raw.source.clone(),
+                    host: raw.name.clone(),
+                });
+            }
+            hosts.push(host);
         }
 
         let groups: BTreeMap<String, Group> = self
@@ -336,6 +354,11 @@ fn string_list(v: &Value) -> Option<Vec<String>> {
         Value::Array(items) => items.iter().map(value_as_string).collect(),
         _ => None,
     }
+}
+
+/// Whether `path` is a native (TOML) inventory, by the same rule `Inventory::load` uses.
+fn is_native(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("toml")
 }
 
 /// Turns merged vars into the typed [`Host`]; the vars stay as they are.

@@ -142,12 +142,22 @@ pub enum InventoryError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: host `{host}` has ansible_connection=local, which runs its steps on this controller; remove it, or set `allow_local_hosts = true` in patchbook.toml if that is intended")]
+    LocalNotAllowed { path: PathBuf, host: String },
     #[error("dependency cycle in depends_on: {}", cycle.join(" -> "))]
     Cycle { cycle: Vec<String> },
     #[error("bad selector `{selector}`: {message}")]
     Selector { selector: String, message: String },
     #[error("host `{host}` depends on `{target}`, which is neither a host nor a group; add it to the inventory or correct depends_on")]
     UnknownDependency { host: String, target: String },
+}
+
+/// What the operator's config allows an inventory file to declare.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// `allow_local_hosts` in patchbook.toml: Ansible-format hosts may use
+    /// `ansible_connection=local`.
+    pub allow_local_hosts: bool,
 }
 
 /// Every host and group from all inventory sources, in source order.
@@ -197,8 +207,17 @@ impl Inventory {
     /// Loads and merges inventory files; the format is chosen by extension
     /// (`.toml` native, `.yml`/`.yaml`/`.json` Ansible YAML, anything else Ansible INI).
     /// Several files merge into one inventory as `ansible-inventory -i A -i B` merges them.
+    ///
+    /// An Ansible-format host with `ansible_connection=local` is refused; see
+    /// [`Inventory::load_with`].
     pub fn load(paths: &[PathBuf]) -> Result<Self, InventoryError> {
+        Inventory::load_with(paths, &LoadOptions::default())
+    }
+
+    /// [`Inventory::load`] with the config's choices applied.
+    pub fn load_with(paths: &[PathBuf], opts: &LoadOptions) -> Result<Self, InventoryError> {
         let mut raw = data::RawInventory::default();
+        raw.allow_local_from_ansible = opts.allow_local_hosts;
         for path in paths {
             load_into(&mut raw, path)?;
         }

@@ -6,7 +6,6 @@
 //! the index format and its appends; it must not read run files (the audit does).
 //! Appends from several controllers are serialised with `flock` on the index itself.
 
-use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -78,15 +77,18 @@ pub fn append(
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
+    super::private::create_dir_all(state_dir).map_err(io)?;
     let existed = path.exists();
-    let mut file = OpenOptions::new()
+    let mut file = super::private::options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
         .map_err(io)?;
+    if !existed {
+        super::private::seal(&file).map_err(io)?;
+    }
     // Blocking is right here: another controller holds it only for one append.
     file.lock().map_err(io)?;
     if !existed {

@@ -67,15 +67,19 @@ impl RunLock {
             source,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            super::private::create_dir_all(dir).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let existed = path.exists();
+        let mut file = super::private::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
             .map_err(io)?;
+        if !existed {
+            super::private::seal(&file).map_err(io)?;
+        }
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod entry;
 pub mod index;
 pub mod lock;
+pub mod private;
 pub mod secrets;
 pub mod state;
 
@@ -706,7 +707,7 @@ impl Journal {
         };
         let fresh_state = !state_dir.exists();
         let fresh_runs = !runs_dir.exists();
-        std::fs::create_dir_all(&runs_dir).map_err(io)?;
+        private::create_dir_all(&runs_dir).map_err(io)?;
         if fresh_state {
             if let Some(parent) = state_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
@@ -716,8 +717,11 @@ impl Journal {
             fsync_dir(state_dir)?;
         }
         let lock = lock::RunLock::acquire(state_dir, run)?;
-        let file = match OpenOptions::new().create_new(true).append(true).open(&path) {
-            Ok(f) => f,
+        let file = match private::options().create_new(true).append(true).open(&path) {
+            Ok(f) => {
+                private::seal(&f).map_err(io)?;
+                f
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(JournalError::Exists {
                     run: run.to_string(),

@@ -666,7 +666,8 @@ pub fn fetch_recorded(
         let path = path.to_path_buf();
         move |source| ArtifactError::Cache { path, source }
     };
-    std::fs::create_dir_all(cache_dir).map_err(cache_err(cache_dir))?;
+    // NamedTempFile creates 0600 files, so cached artifacts are private already.
+    crate::journal::private::create_dir_all(cache_dir).map_err(cache_err(cache_dir))?;
     let cached = cache_dir.join(&sha);
     let agent = agent(settings.timeout);
 

@@ -430,7 +430,9 @@ fn take_backup(
             PrimitiveError::Io { context, source }
         }
     };
-    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    // Backups hold the hosts' secrets: 0700 folders, 0600 archives, whatever the umask.
+    crate::journal::private::create_dir_all(dir)
+        .map_err(io(format!("create {}", dir.display())))?;
     let limits = ctx.run.backup_limits;
     let free = free_bytes(dir).map_err(io(format!("check free space in {}", dir.display())))?;
     if free < limits.min_free {
@@ -447,12 +449,16 @@ fn take_backup(
         loop {
             let id = format!("b{k:03}");
             let archive = dir.join(format!("{id}.tar"));
-            match std::fs::OpenOptions::new()
+            match crate::journal::private::options()
                 .write(true)
                 .create_new(true)
                 .open(&archive)
             {
-                Ok(f) => break (id, archive, f),
+                Ok(f) => {
+                    crate::journal::private::seal(&f)
+                        .map_err(io(format!("chmod {}", archive.display())))?;
+                    break (id, archive, f);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 100_000 => k += 1,
                 Err(e) => return Err(io(format!("create {}", archive.display()))(e)),
             }
@@ -527,7 +533,7 @@ fn take_backup(
             format!("cannot write its manifest: {e}"),
         )
     })?;
-    std::fs::write(&manifest, manifest_json)
+    crate::journal::private::write(&manifest, manifest_json)
         .map_err(io(format!("write {}", manifest.display())))?;
     // Re-read what landed on disk: a backup that cannot be read back is no backup.
     let again = read_back(&handle.archive, rel)
@@ -577,7 +583,7 @@ fn check_entries(reader: impl Read, archive: &Path, roots: &[String]) -> Result<
 /// host cannot read a name the controller did not check.
 pub fn rebuild_archive(archive: &Path, roots: &[String], out: &Path) -> Result<(), String> {
     let f = File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
-    let dst = std::fs::OpenOptions::new()
+    let dst = crate::journal::private::options()
         .write(true)
         .create_new(true)
         .open(out)

@@ -398,13 +398,11 @@ pub fn store_dir(state_dir: &Path) -> PathBuf {
 /// temp name, fsynced and renamed) and returns the hash. Content already kept is
 /// not written again.
 pub fn keep_previous(state_dir: &Path, bytes: &[u8]) -> Result<String, PrimitiveError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |context: String| move |source| PrimitiveError::Io { context, source };
     let dir = store_dir(state_dir);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
+    // Also makes a state dir created here 0700 under any umask.
+    crate::journal::private::create_dir_all(&dir)
         .map_err(io(format!("create {}", dir.display())))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io(format!("chmod {}", dir.display())))?;

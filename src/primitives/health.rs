@@ -163,17 +163,92 @@ impl Default for HttpCheck {
 pub enum HttpCheckError {
     #[error("http_check {url}: {message}")]
     Failed { url: String, message: String },
+    #[error("http_check {url}: `{host}` is neither a host of the inventory nor in `http_check_allow` in patchbook.toml; add it there if the controller may query it")]
+    NotAllowed { url: String, host: String },
+}
+
+/// Where `http_check` may go. A script could otherwise use it, with `contains`,
+/// as a yes/no oracle over any URL the controller reaches (cloud metadata,
+/// internal admin pages); like artifacts' `trusted_sources`, the operator names
+/// what is fair game: the inventory's hosts (by name or address) and the config's
+/// `http_check_allow` entries (host names, or `http(s)://` URL prefixes).
+#[derive(Debug, Clone, Default)]
+pub struct HttpTargets {
+    /// Inventory host names and addresses, compared case-insensitively.
+    pub hosts: Vec<String>,
+    /// `http_check_allow` from the config.
+    pub allow: Vec<String>,
+}
+
+impl HttpTargets {
+    /// Checks `url` against the targets; the error says how to allow it.
+    pub fn check(&self, url: &str) -> Result<(), HttpCheckError> {
+        let parsed = url::Url::parse(url).map_err(|e| HttpCheckError::Failed {
+            url: url.to_string(),
+            message: format!("not a URL ({e})"),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(HttpCheckError::Failed {
+                url: url.to_string(),
+                message: "only http:// and https:// URLs can be checked".into(),
+            });
+        }
+        // `host_str` is the parsed, normalised host (IDNA, IPv6 brackets kept):
+        // userinfo tricks like `http://inventory-host@169.254.169.254/` do not
+        // reach the comparison.
+        let host = parsed.host_str().unwrap_or("").to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let named = |h: &String| {
+            let h = h.trim().to_ascii_lowercase();
+            !h.is_empty() && (h == host || h == bare)
+        };
+        if self.hosts.iter().any(named) {
+            return Ok(());
+        }
+        let normalised = parsed.as_str();
+        let allowed = self.allow.iter().any(|a| {
+            if a.starts_with("http://") || a.starts_with("https://") {
+                // A prefix must end at a path boundary, or `https://ok.example`
+                // would also admit `https://ok.example.evil.test`.
+                url::Url::parse(a).is_ok_and(|p| {
+                    let p = p.as_str();
+                    normalised.starts_with(p) && (p.ends_with('/') || normalised.len() == p.len())
+                })
+            } else {
+                named(a)
+            }
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(HttpCheckError::NotAllowed {
+                url: url.to_string(),
+                host,
+            })
+        }
+    }
 }
 
 /// Fetches `url` from the controller and checks status and body. At most 1 MiB of
 /// the body is read.
-pub fn http_check(url: &str, check: &HttpCheck) -> Result<u16, HttpCheckError> {
+///
+/// Only URLs that `targets` allows are fetched, and redirects are not followed: a
+/// redirect would lead anywhere the allowed server says.
+pub fn http_check(
+    url: &str,
+    check: &HttpCheck,
+    targets: &HttpTargets,
+) -> Result<u16, HttpCheckError> {
     use std::io::Read;
+    targets.check(url)?;
     let fail = |message: String| HttpCheckError::Failed {
         url: url.to_string(),
         message,
     };
-    let agent = ureq::AgentBuilder::new().timeout(check.timeout).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(check.timeout)
+        .redirects(0)
+        .build();
     let resp = match agent.get(url).call() {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
@@ -191,4 +266,46 @@ pub fn http_check(url: &str, check: &HttpCheck) -> Result<u16, HttpCheckError> {
         }
     }
     Ok(status)
+}
+
+#[cfg(test)]
+mod http_target_tests {
+    use super::*;
+
+    #[test]
+    fn inventory_hosts_and_the_allowlist_are_the_only_targets() {
+        let t = HttpTargets {
+            hosts: vec!["web1".into(), "10.0.0.5".into(), "::1".into()],
+            allow: vec![
+                "https://status.example.com/api/".into(),
+                "Mon.Example".into(),
+            ],
+        };
+        for ok in [
+            "http://web1/health",
+            "http://WEB1:8080/",
+            "http://10.0.0.5:9100/metrics",
+            "http://[::1]:80/",
+            "https://status.example.com/api/v1",
+            "http://mon.example/",
+        ] {
+            assert!(t.check(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://web1@169.254.169.254/",
+            "http://web1.evil.test/",
+            "https://status.example.com/apix",
+            "https://status.example.com/",
+            "ftp://web1/",
+            "not a url",
+        ] {
+            assert!(t.check(bad).is_err(), "{bad}");
+        }
+        let e = t.check("http://169.254.169.254/").unwrap_err().to_string();
+        assert!(
+            e.contains("http_check_allow") && e.contains("169.254.169.254"),
+            "{e}"
+        );
+    }
 }

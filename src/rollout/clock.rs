@@ -22,6 +22,11 @@ use chrono::{DateTime, FixedOffset, Utc};
 pub const NOW_VAR: &str = "PATCHBOOK_NOW";
 /// Environment variable accelerating a shifted clock (a positive number).
 pub const SPEED_VAR: &str = "PATCHBOOK_CLOCK_SPEED";
+/// The accepted speed range. Outside it the arithmetic stops meaning anything:
+/// a speed of 1e308 turns one real nanosecond into more seconds than a
+/// `Duration` holds, and 1e-9 turns a one-second sleep into thirty years.
+pub const MIN_SPEED: f64 = 0.001;
+pub const MAX_SPEED: f64 = 1_000_000.0;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ClockError {
@@ -29,6 +34,13 @@ pub enum ClockError {
     BadNow { var: &'static str, value: String },
     #[error("{var}=`{value}` is not a positive number; write e.g. 60 to run one clock minute per real second")]
     BadSpeed { var: &'static str, value: String },
+    #[error("{var}=`{value}` is out of range; use a speed between {min} and {max} (e.g. 60 runs one clock minute per real second)")]
+    SpeedOutOfRange {
+        var: &'static str,
+        value: String,
+        min: f64,
+        max: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -59,8 +71,9 @@ impl Clock {
 
     /// Starts at `start` and advances `speed` clock seconds per real second.
     pub fn shifted(start: DateTime<Utc>, speed: f64) -> Self {
+        // Library callers bypass `from_vars`; clamp rather than panic later.
         let speed = if speed.is_finite() && speed > 0.0 {
-            speed
+            speed.clamp(MIN_SPEED, MAX_SPEED)
         } else {
             1.0
         };
@@ -96,7 +109,17 @@ impl Clock {
         let speed = match speed.map(str::trim).filter(|s| !s.is_empty()) {
             None => 1.0,
             Some(s) => match s.parse::<f64>() {
-                Ok(v) if v.is_finite() && v > 0.0 => v,
+                Ok(v) if v.is_finite() && v > 0.0 => {
+                    if !(MIN_SPEED..=MAX_SPEED).contains(&v) {
+                        return Err(ClockError::SpeedOutOfRange {
+                            var: SPEED_VAR,
+                            value: s.to_string(),
+                            min: MIN_SPEED,
+                            max: MAX_SPEED,
+                        });
+                    }
+                    v
+                }
                 _ => {
                     return Err(ClockError::BadSpeed {
                         var: SPEED_VAR,
@@ -117,7 +140,12 @@ impl Clock {
                 speed,
             } => {
                 let real = real_start.elapsed().as_secs_f64() * speed;
-                *start + to_chrono(Duration::from_secs_f64(real))
+                // A clock left running for centuries at top speed saturates
+                // instead of panicking on overflow.
+                let gained = Duration::try_from_secs_f64(real).unwrap_or(Duration::MAX);
+                start
+                    .checked_add_signed(to_chrono(gained))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
             }
             Kind::Manual(t) => *t.lock().unwrap_or_else(|p| p.into_inner()),
         }
@@ -208,5 +236,27 @@ mod tests {
         assert!(e.to_string().contains("PATCHBOOK_NOW"));
         let e = Clock::from_vars(Some("2026-11-28T05:50Z"), Some("-3")).unwrap_err();
         assert!(e.to_string().contains("PATCHBOOK_CLOCK_SPEED"));
+    }
+
+    #[test]
+    fn absurd_speeds_are_errors_not_panics() {
+        for bad in [
+            "1e308", "1e7", "NaN", "inf", "-inf", "-1", "0", "1e-9", "fast",
+        ] {
+            let e = Clock::from_vars(Some("2026-11-28T05:50Z"), Some(bad))
+                .err()
+                .unwrap_or_else(|| panic!("speed {bad} was accepted"));
+            let msg = e.to_string();
+            assert!(msg.contains("PATCHBOOK_CLOCK_SPEED"), "{msg}");
+            assert!(msg.contains(bad), "{msg}");
+        }
+        let c = Clock::from_vars(Some("2026-11-28T05:50Z"), Some("1000000")).unwrap();
+        let t0 = c.now();
+        c.sleep(Duration::from_secs(1));
+        assert!(c.now() >= t0);
+        // A direct caller passing an absurd speed gets a clamped, working clock.
+        let c = Clock::shifted(Utc::now(), 1e308);
+        let _ = c.now();
+        c.sleep(Duration::from_millis(1));
     }
 }

@@ -1175,7 +1175,17 @@ fn do_http_check(
 ) -> RhaiResult<i64> {
     let s = session(ctx, s, "http_check")?;
     let check = http_options(ctx, url, &opts)?;
-    let r = crate::primitives::health::http_check(url, &check);
+    let rt = &s.runtime;
+    let targets = crate::primitives::health::HttpTargets {
+        hosts: rt
+            .inventory
+            .hosts()
+            .iter()
+            .flat_map(|h| [h.name.clone(), h.address.clone()])
+            .collect(),
+        allow: rt.config.http_check_allow.clone(),
+    };
+    let r = crate::primitives::health::http_check(url, &check, &targets);
     if let Some(j) = &s.run.journal {
         let entry = Entry::HttpCheck(HttpCheckRecord {
             url: url.to_string(),

@@ -1173,7 +1173,17 @@ impl Transport for SshTransport {
                     context: format!("open {remote}"),
                     message: e.to_string(),
                 })?;
-            let mut out = std::fs::File::create(local).map_err(|e| TransportError::Io {
+            // A download is a copy of a host's file on the controller: owner-only.
+            let mut out = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(local)
+            }
+            .map_err(|e| TransportError::Io {
                 host: host.clone(),
                 context: format!("create {}", local.display()),
                 source: e,

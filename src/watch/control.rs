@@ -28,11 +28,18 @@ use super::service::Service;
 
 /// The longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once. The control socket has its own budget, apart from
+/// the status page's, so a flood of browsers never blocks `patchbook trigger`.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request line before it is dropped.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("another `patchbook watch` is already listening on {path}; stop it first or pass a different --socket")]
     InUse { path: PathBuf },
+    #[error("--socket {path} exists and is not a socket ({kind}); refusing to replace it. Pass a --socket path that does not exist, or move that file away")]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot create the control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -63,22 +70,55 @@ pub fn own_uid() -> u32 {
 }
 
 /// Binds the socket at `path` with mode 0600. A stale socket file (nobody
-/// listening) is replaced; a live one is an error.
+/// listening) is replaced; a live one is an error. Anything that is not a
+/// socket (a regular file, a directory, a symlink, even one to a socket) is
+/// never removed: `--socket ./important.txt` must not cost the operator a file.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse {
+    use std::os::unix::fs::FileTypeExt;
+    // symlink_metadata: judge the path itself, not what a symlink points to.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            let ft = meta.file_type();
+            if !ft.is_socket() {
+                let kind = if ft.is_symlink() {
+                    "a symlink"
+                } else if ft.is_dir() {
+                    "a directory"
+                } else if ft.is_file() {
+                    "a regular file"
+                } else {
+                    "a special file"
+                };
+                return Err(ControlError::NotASocket {
+                    path: path.to_path_buf(),
+                    kind,
+                });
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| ControlError::Bind {
                 path: path.to_path_buf(),
-            });
+                source,
+            })?;
         }
-        let _ = std::fs::remove_file(path);
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     let bind_err = |source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(bind_err)?;
+        // Usually the state dir: it must come out 0700 like everything in it.
+        crate::journal::private::create_dir_all(parent).map_err(bind_err)?;
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
@@ -88,13 +128,26 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// Accepts connections until the service stops.
 pub async fn serve(listener: UnixListener, service: Arc<Service>) {
     let owner = own_uid();
+    let budget = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // Take a slot before accepting: over budget, connections wait in the
+        // kernel's backlog instead of costing this process a descriptor each.
+        let Ok(permit) = budget.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on accept.
+                tracing::warn!(error = %e, "control socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let service = service.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, service, owner).await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, service, owner)).await;
         });
     }
 }

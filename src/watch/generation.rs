@@ -147,8 +147,9 @@ pub fn snapshot(inputs: &Inputs) -> Result<Snapshot, FileError> {
         }
         seen.push(dir.clone());
         let mut paths = Vec::new();
-        collect(dir, &mut paths)
+        let root = std::fs::canonicalize(dir)
             .map_err(|e| FileError::plain(dir, format!("cannot list {}: {e}", dir.display())))?;
+        collect(&root, dir, &mut paths)?;
         for path in paths {
             let text: Arc<str> = match std::fs::read_to_string(&path) {
                 Ok(t) => t.into(),
@@ -185,8 +186,17 @@ pub fn snapshot(inputs: &Inputs) -> Result<Snapshot, FileError> {
 }
 
 /// Every `.rhai` file under `dir`, sorted, skipping hidden entries and editor files.
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+///
+/// A symlink is followed only when it resolves inside `root` (the canonical
+/// playbook or library folder). One that leads outside is an error naming the
+/// link, never its target's content: the compiler's messages quote source lines,
+/// and the status page shows them, so `x.rhai -> /etc/shadow` would otherwise
+/// publish a line of that file.
+fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
+    let list_err =
+        |e: std::io::Error| FileError::plain(dir, format!("cannot list {}: {e}", dir.display()));
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(list_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
@@ -195,8 +205,23 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         if name.starts_with('.') || ignored_name(name) {
             continue;
         }
+        let is_link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link {
+            let inside = std::fs::canonicalize(&p).is_ok_and(|t| t.starts_with(root));
+            if !inside {
+                return Err(FileError::plain(
+                    &p,
+                    format!(
+                        "{} is a symlink that leads outside {} (or nowhere); patchbook only reads \
+                         files inside its folders: copy the file in, or remove the link",
+                        p.display(),
+                        root.display()
+                    ),
+                ));
+            }
+        }
         if p.is_dir() {
-            collect(&p, out)?;
+            collect(root, &p, out)?;
         } else if p.extension().is_some_and(|e| e == "rhai") {
             out.push(p);
         }

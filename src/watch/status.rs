@@ -1,21 +1,51 @@
 //! The read-only status page: `GET /` (a small self-contained HTML page),
 //! `GET /status.json`, and `GET /events` (server-sent events, one `status` event
-//! per change plus a comment every 15 s to keep proxies from closing the stream).
+//! per change plus a comment every 5 s to keep proxies from closing the stream).
 //!
 //! It binds to loopback unless the operator passes `--public-status`: the page names
 //! files, hashes and errors, which is not for the whole network. Every other method
 //! or path is refused; nothing here changes the service.
 //!
-//! This module owns HTTP framing only; the content comes from [`Service::status`].
+//! HTTP is axum's (on hyper), never framed by hand: the adversarial review held
+//! the old hand-framed listener with idle event streams. This module owns the
+//! limits around it: at most [`MAX_CONNECTIONS`] connections (taken before
+//! `accept`, so a flood waits in the kernel backlog instead of costing
+//! descriptors), [`MAX_EVENT_STREAMS`] of them event streams, an idle timeout on
+//! every connection, and a Host check against DNS rebinding. The control socket
+//! has its own budget in [`super::control`]. The content comes from
+//! [`Service::status`]; this module must not change the service.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::service::Service;
+
+/// Connections served at once; past it, new ones wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Event streams open at once; past it, `/events` answers 503 (browsers retry).
+pub const MAX_EVENT_STREAMS: usize = 64;
+/// A connection that moves no byte either way for this long is closed. Event
+/// streams write a keepalive every [`KEEPALIVE`], so a live one never reaches it;
+/// short, because a held slot is a slot a real browser waits for.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an event stream writes a comment when nothing changed.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// An event stream is closed after this long; `EventSource` reconnects by itself,
+/// so a forgotten tab cannot hold a slot forever.
+pub const MAX_STREAM_LIFE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -38,103 +68,322 @@ pub async fn bind(addr: SocketAddr, public: bool) -> Result<TcpListener, StatusE
         .map_err(|source| StatusError::Bind { addr, source })
 }
 
+#[derive(Clone)]
+struct Page {
+    service: Arc<Service>,
+    listen: Option<SocketAddr>,
+    streams: Arc<Semaphore>,
+}
+
 pub async fn serve(listener: TcpListener, service: Arc<Service>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let service = service.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, service).await;
-        });
+    let listen = listener.local_addr().ok();
+    let page = Page {
+        service,
+        listen,
+        streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
+    };
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/index.html", get(index))
+        .route("/status.json", get(status_json))
+        .route("/events", get(events))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            page.clone(),
+            check_host,
+        ))
+        .with_state(page);
+    let capped = Capped {
+        inner: listener,
+        budget: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
+    if let Err(e) = axum::serve(capped, app).await {
+        tracing::error!(error = %e, "status page stopped");
     }
 }
 
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    code: &str,
-    ctype: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-async fn answer(mut stream: TcpStream, service: Arc<Service>) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            "the status page is read-only\n",
-        )
-        .await;
-    }
-    match path {
-        "/" | "/index.html" => {
-            respond(&mut stream, "200 OK", "text/html; charset=utf-8", PAGE).await
-        }
-        "/status.json" => {
-            let body = serde_json::to_string_pretty(&service.status()).unwrap_or_default();
-            respond(&mut stream, "200 OK", "application/json", &body).await
-        }
-        "/events" => events(stream, service).await,
-        _ => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                "not found; try /, /status.json or /events\n",
-            )
-            .await
-        }
-    }
-}
-
-async fn events(mut stream: TcpStream, service: Arc<Service>) -> std::io::Result<()> {
-    stream
-        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut rx = service.subscribe();
-    loop {
-        rx.borrow_and_update();
-        let data = serde_json::to_string(&service.status()).unwrap_or_default();
-        stream
-            .write_all(format!("event: status\ndata: {data}\n\n").as_bytes())
-            .await?;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(15), rx.changed()).await {
-                Ok(Ok(())) => break,
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => stream.write_all(b": keepalive\n\n").await?,
+/// Whether a request's `Host` may reach the page. DNS rebinding makes a browser
+/// send an attacker's own name here; only names that cannot be rebound pass: an
+/// IP literal, `localhost`, and this machine's host name, each with the port the
+/// page listens on (or none).
+pub fn host_allowed(host: &str, listen: Option<SocketAddr>) -> bool {
+    let host = host.trim();
+    let (name, port) = match host.rsplit_once(':') {
+        // `[::1]:8080`, `127.0.0.1:8080`, `name:8080`; a bare IPv6 literal has
+        // several colons and only counts when bracketed.
+        Some((n, p)) if !n.is_empty() && (n.ends_with(']') || !n.contains(':')) => {
+            match p.parse::<u16>() {
+                Ok(p) => (n, Some(p)),
+                Err(_) => return false,
             }
         }
-        // Coalesce bursts (progress of many hosts) into one event.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        _ => (host, None),
+    };
+    if let (Some(p), Some(l)) = (port, listen) {
+        if p != l.port() {
+            return false;
+        }
+    }
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let lower = bare.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('.');
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || own_hostname().is_some_and(|h| h.eq_ignore_ascii_case(lower))
+}
+
+fn own_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or reports an error.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end]).ok().map(str::to_string)
+}
+
+async fn check_host(
+    State(page): State<Page>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_allowed(host, page.listen) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONNECTION, "close")],
+            "this status page answers only to its own address (an IP literal, localhost or this machine's name)\n",
+        )
+            .into_response();
+    }
+    let mut resp = next.run(req).await;
+    // One request per connection, as before: a kept-alive idle connection would
+    // hold one of the few slots until the idle timeout.
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+fn plain(code: StatusCode, ctype: &'static str, body: String) -> Response {
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    plain(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string())
+}
+
+async fn status_json(State(page): State<Page>) -> Response {
+    let body = serde_json::to_string_pretty(&page.service.status()).unwrap_or_default();
+    plain(StatusCode::OK, "application/json", body)
+}
+
+async fn not_found(method: axum::http::Method) -> Response {
+    if method != axum::http::Method::GET {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the status page is read-only\n".into(),
+        );
+    }
+    plain(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        "not found; try /, /status.json or /events\n".into(),
+    )
+}
+
+async fn events(State(page): State<Page>) -> Response {
+    let Ok(permit) = page.streams.clone().try_acquire_owned() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("too many event streams open (at most {MAX_EVENT_STREAMS}); poll /status.json or retry later\n"),
+        );
+    };
+    let rx = page.service.subscribe();
+    let deadline = tokio::time::Instant::now() + MAX_STREAM_LIFE;
+    struct St {
+        service: Arc<Service>,
+        rx: tokio::sync::watch::Receiver<u64>,
+        first: bool,
+        deadline: tokio::time::Instant,
+        _permit: OwnedSemaphorePermit,
+    }
+    let st = St {
+        service: page.service.clone(),
+        rx,
+        first: true,
+        deadline,
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if !st.first {
+            let changed = tokio::time::timeout_at(st.deadline, st.rx.changed()).await;
+            match changed {
+                Ok(Ok(())) => {}
+                // Service gone, or the stream's life is over: end it (the permit drops).
+                _ => return None,
+            }
+            // Coalesce bursts (progress of many hosts) into one event.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        st.first = false;
+        st.rx.borrow_and_update();
+        let data = serde_json::to_string(&st.service.status()).unwrap_or_default();
+        let ev = Event::default().event("status").data(data);
+        Some((Ok::<_, std::convert::Infallible>(ev), st))
+    });
+    let mut resp = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
+        .into_response();
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+/// The listener axum serves: one permit per connection, taken before `accept`.
+struct Capped {
+    inner: TcpListener,
+    budget: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = Guarded;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok(permit) = self.budget.clone().acquire_owned().await else {
+                // The semaphore is never closed; wait forever rather than spin.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        Guarded {
+                            stream,
+                            _permit: permit,
+                            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on accept.
+                    tracing::warn!(error = %e, "status page: accept failed");
+                    drop(permit);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection holding its slot, closed when no byte moves for [`IDLE_TIMEOUT`].
+struct Guarded {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Guarded {
+    fn progressed(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+    }
+
+    /// Called when an operation would wait: errors once the idle time is up.
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle connection closed",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.check_idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.check_idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -172,3 +421,32 @@ fetch('status.json').then(r=>r.json()).then(render);
 const es=new EventSource('events');es.addEventListener('status',ev=>render(JSON.parse(ev.data)));
 </script></body></html>
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unrebindable_host_names_pass() {
+        let l: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "127.0.0.1",
+        ] {
+            assert!(host_allowed(ok, Some(l)), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "",
+            "127.0.0.1:9999",
+            "localhost:x",
+            "localhost.evil.example:8080",
+        ] {
+            assert!(!host_allowed(bad, Some(l)), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Escaping of control characters in the plain-text outputs (the `exec` table,
+//! progress lines, plan and rollback output). Host output and inventory names are
+//! other people's bytes: an ESC sequence in them could recolour, move the cursor,
+//! retitle or (on some terminals) answer back through the operator's terminal, and
+//! a carriage return could overwrite a FAILED with an ok. They are shown as `ls`
+//! shows them, `\x1b`, so nothing is lost and nothing is interpreted.
+//!
+//! This module owns only that rendering; JSON output needs none (serde escapes
+//! every control character) and it must not touch what the journal records.
+
+use std::borrow::Cow;
+
+/// `s` with every C0 control except tab and newline, DEL and the C1 controls
+/// written as `\xNN`.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    let bad =
+        |c: char| (c.is_control() && c != '\t' && c != '\n') || ('\u{80}'..='\u{9f}').contains(&c);
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_are_shown_not_interpreted() {
+        assert_eq!(escape_controls("plain\ttab\nline"), "plain\ttab\nline");
+        assert_eq!(
+            escape_controls("a\x1b[31mred\x1b]0;title\x07\r\x7f\u{9b}2J"),
+            "a\\x1b[31mred\\x1b]0;title\\x07\\x0d\\x7f\\x9b2J"
+        );
+        assert!(matches!(escape_controls("ok"), Cow::Borrowed(_)));
+    }
+}
