@@ -161,14 +161,15 @@ fn drifted(ctx: &HostCtx, step: &StepState) -> Result<Option<Drift>, PrimitiveEr
     // host as it found it or as it meant to leave it: both are this run's doing.
     let settled = outcome.is_some_and(|o| o.ok);
     if let Some(input) = step.intent_data.deploy_input() {
-        let after = outcome
-            .and_then(|o| o.deploy_output())
-            .and_then(|o| o.after);
-        let mut left: Vec<Option<String>> = match (&after, settled) {
-            // The version read back after the step is what it left, success or not.
-            (Some(a), _) => vec![Some(a.clone())],
-            (None, true) => vec![Some(input.to.clone())],
-            (None, false) => vec![Some(input.to.clone()), input.from.clone()],
+        let read_back = outcome.and_then(|o| o.deploy_output());
+        let after = read_back.as_ref().and_then(|o| o.after.clone());
+        let mut left: Vec<Option<String>> = match (&read_back, settled) {
+            // The version read back after the step is what it left, success or not;
+            // `None` there means the package was not installed afterwards (a custom
+            // method that installs no package), which is what the run left.
+            (Some(o), true) => vec![o.after.clone()],
+            (Some(o), false) => vec![o.after.clone(), input.from.clone()],
+            (None, _) => vec![Some(input.to.clone()), input.from.clone()],
         };
         left.dedup();
         let now = installed(ctx, &input.package)?.map(|i| i.version);
@@ -183,6 +184,9 @@ fn drifted(ctx: &HostCtx, step: &StepState) -> Result<Option<Drift>, PrimitiveEr
             expected: match (&after, settled) {
                 (Some(a), true) => format!("installed {a}"),
                 (Some(a), false) => format!("left {a}"),
+                (None, _) if read_back.is_some() => {
+                    format!("left {} not installed", input.package)
+                }
                 (None, _) => format!("installed {}", input.to),
             },
         }));
