@@ -232,7 +232,10 @@ fn checks_measure_real_hosts_and_endpoints() {
             let _ = req.respond(tiny_http::Response::from_string("x").with_status_code(code));
         }
     });
-    let w = apply();
+    // The test server is no inventory host: the config allows it.
+    let w = World::new(&["h1", "h2"], Mode::Apply, |c, _| {
+        c.http_check_allow = vec![format!("http://127.0.0.1:{port}/")]
+    });
     let agent = w.dir.path().join("agent.sh");
     std::fs::write(&agent, "#!/bin/sh\necho \"acme-agent 1.0.1 ok\"\n").unwrap();
     std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
