@@ -12,11 +12,6 @@ use std::time::Instant;
 use patchbook::journal::read_records;
 use support::Lab;
 
-fn sha(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
-}
-
 const PATCH: &str = r#"
 let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
 let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
@@ -52,14 +47,7 @@ fn setup(lab: &Lab, playbook: &str, extra_config: &str) -> Setup {
     std::fs::write(&config, format!("{lab_cfg}\n{extra_config}")).unwrap();
     let pb = dir.path().join("play.rhai");
     std::fs::write(&pb, playbook).unwrap();
-    let params = vec![
-        "--param".into(),
-        format!("mirror={}", lab.dir().join("debs").display()),
-        "--param".into(),
-        format!("sha_new={}", sha(&lab.deb("1.0.1"))),
-        "--param".into(),
-        format!("sha_old={}", sha(&lab.deb("1.0.0"))),
-    ];
+    let params = support::patch_params(lab);
     Setup {
         state: dir.path().join("state"),
         config,

@@ -11,7 +11,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,11 +19,6 @@ use patchbook::journal::entry::Entry;
 use patchbook::journal::read_records;
 use patchbook::journal::state::RunState;
 use support::Lab;
-
-fn sha(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
-}
 
 /// `POLICY` is replaced by each test's rollout policy.
 const PLAYBOOK: &str = r#"
@@ -48,32 +43,15 @@ struct Setup {
 }
 
 fn setup(lab: &Lab, policy: &str) -> Setup {
-    let dir = tempfile::Builder::new()
-        .prefix("resume-gaps-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
-    let lab_cfg = lab_cfg.replace(
-        "inventory = [\"inventory.toml\"]",
-        &format!(
-            "inventory = [\"{}\"]",
-            lab.dir().join("inventory.toml").display()
-        ),
-    );
+    let dir = support::lab_project(lab, "resume-gaps-", "");
     let config = dir.path().join("patchbook.toml");
-    std::fs::write(&config, &lab_cfg).unwrap();
     let playbook = dir.path().join("play.rhai");
     std::fs::write(&playbook, PLAYBOOK.replace("POLICY", policy)).unwrap();
-    let params = vec![
-        "--param".into(),
-        format!("mirror={}", lab.dir().join("debs").display()),
-        "--param".into(),
-        format!("sha_new={}", sha(&lab.deb("1.0.1"))),
-        "--param".into(),
-        format!("sha_old={}", sha(&lab.deb("1.0.0"))),
+    let mut params = support::patch_params(lab);
+    params.extend([
         "--param".into(),
         format!("hold={}", dir.path().join("hold").display()),
-    ];
+    ]);
     Setup {
         dir,
         config,

@@ -6,17 +6,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use patchbook::journal::entry::Entry;
 use patchbook::journal::read_records;
 use support::Lab;
-
-fn sha(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
-}
 
 /// The first run: the good patch over the base version.
 const FIRST: &str = r#"
@@ -44,32 +39,9 @@ struct Setup {
 }
 
 fn setup(lab: &Lab) -> Setup {
-    let dir = tempfile::Builder::new()
-        .prefix("undo-drift-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let lab_cfg = std::fs::read_to_string(lab.dir().join("patchbook.toml")).unwrap();
-    let lab_cfg = lab_cfg.replace(
-        "inventory = [\"inventory.toml\"]",
-        &format!(
-            "inventory = [\"{}\"]",
-            lab.dir().join("inventory.toml").display()
-        ),
-    );
+    let dir = support::lab_project(lab, "undo-drift-", "playbooks = \"{dir}\"\n");
     let config = dir.path().join("patchbook.toml");
-    std::fs::write(
-        &config,
-        format!("playbooks = \"{}\"\n{lab_cfg}", dir.path().display()),
-    )
-    .unwrap();
-    let params = vec![
-        "--param".into(),
-        format!("mirror={}", lab.dir().join("debs").display()),
-        "--param".into(),
-        format!("sha_new={}", sha(&lab.deb("1.0.1"))),
-        "--param".into(),
-        format!("sha_old={}", sha(&lab.deb("1.0.0"))),
-    ];
+    let params = support::patch_params(lab);
     Setup {
         config,
         params,

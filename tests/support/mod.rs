@@ -240,3 +240,22 @@ pub fn patchbook_in(dir: &Path) -> std::process::Command {
         .arg(dir.join("state"));
     cmd
 }
+
+/// `--param mirror=… --param sha_new=… --param sha_old=…`: the lab's package folder
+/// and the SHA-256 of acme-agent 1.0.1 (new) and 1.0.0 (old).
+pub fn patch_params(fleet: &Fleet) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let sha = |v: &str| {
+        hex::encode(Sha256::digest(
+            std::fs::read(fleet.deb(v)).expect("lab package"),
+        ))
+    };
+    vec![
+        "--param".into(),
+        format!("mirror={}", fleet.dir().join("debs").display()),
+        "--param".into(),
+        format!("sha_new={}", sha("1.0.1")),
+        "--param".into(),
+        format!("sha_old={}", sha("1.0.0")),
+    ]
+}
