@@ -24,16 +24,23 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(g: &cli::Global) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    // A playbook's own `log()` lines and `watch`'s run starts and ends are what
+    // the operator asked to see: shown by default, hidden by `-q`.
     let level = match (g.quiet, g.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn",
+        (false, 0) => "warn,patchbook::script=info,patchbook::watch=info",
         (false, 1) => "info",
         (false, _) => "debug",
     };
     let filter = EnvFilter::try_from_env("PATCHBOOK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Colour codes only for a person at a terminal: a pipe, a file or a log
+    // collector gets plain text, and NO_COLOR (no-color.org) turns them off anywhere.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(cli::progress::ScrubbedStderr);
     if g.json {
         builder.json().init();

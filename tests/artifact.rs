@@ -219,7 +219,11 @@ fn corrupt_first_then_good_is_accepted_on_retry() {
         .map(|c| c.ok)
         .collect();
     assert_eq!(downloads, vec![false, true]);
-    assert_eq!(cache_entries(&s), vec![sha(GOOD)], "no temp files left");
+    assert_eq!(
+        cache_entries(&s),
+        vec![sha(GOOD), format!("{}.sources.json", sha(GOOD))],
+        "the entry and the list of its sources, no temp files left"
+    );
 }
 
 #[test]
@@ -525,15 +529,13 @@ fn a_local_directory_mirror_works() {
         ArtifactError::Untrusted { .. }
     ));
 
-    // A changed mirror file fails the checksum (with an empty cache: the cache is
-    // content-addressed, so a cached copy would be served whatever the URL).
+    // A changed mirror file fails the checksum, even with the good bytes cached
+    // from another file: a cache entry serves only the sources it came from.
     std::fs::write(mirror.join("b.deb"), b"changed").unwrap();
     let mut changed = spec(mirror.join("b.deb").display().to_string(), GOOD);
     changed.signature = Some("a.deb.minisig".to_string());
-    let mut fresh = s.clone();
-    fresh.cache_dir = state.path().join("cache2");
     assert!(matches!(
-        fetch(&changed, &fresh).unwrap_err(),
+        fetch(&changed, &s).unwrap_err(),
         ArtifactError::Exhausted {
             last: AttemptFailure::Checksum { .. },
             ..
@@ -561,6 +563,57 @@ fn a_cached_artifact_is_rehashed_and_refetched_when_corrupt() {
     assert!(!third.from_cache);
     assert!(third.checks.iter().any(|c| c.what == "cache" && !c.ok));
     assert_eq!(std::fs::read(&third.path).unwrap(), GOOD);
+}
+
+#[test]
+fn a_cache_entry_serves_only_the_sources_it_came_from() {
+    let srv = TestServer::start(|_, _| Reply::Body(GOOD.to_vec()));
+    let state = tempfile::tempdir().unwrap();
+    let s = settings(state.path(), &[srv.url("/pool/"), srv.url("/other/")]);
+    fetch(&spec(srv.url("/pool/a.deb"), GOOD), &s).unwrap();
+    assert_eq!(srv.hits(), 1);
+
+    // The same SHA-256 named at another URL: that source is asked, and the check
+    // says why the cached copy was not used.
+    let other = fetch(&spec(srv.url("/other/a.deb"), GOOD), &s).unwrap();
+    assert_eq!(
+        srv.hits(),
+        2,
+        "another source is fetched, not served from cache"
+    );
+    assert!(!other.from_cache);
+    let note = other
+        .checks
+        .iter()
+        .find(|c| c.what == "cache")
+        .expect("a cache check");
+    assert!(
+        note.detail.contains("not reused") && note.detail.contains("/pool/a.deb"),
+        "{}",
+        note.detail
+    );
+
+    // Both sources are now bound to the entry: each is a cache hit that says
+    // where its bytes came from.
+    for path in ["/pool/a.deb", "/other/a.deb"] {
+        let again = fetch(&spec(srv.url(path), GOOD), &s).unwrap();
+        assert!(again.from_cache, "{path}");
+        assert!(
+            again
+                .checks
+                .iter()
+                .any(|c| c.what == "cache" && c.ok && c.detail.contains(path)),
+            "{:?}",
+            again.checks
+        );
+    }
+    assert_eq!(srv.hits(), 2);
+
+    // A dead mirror is found out even when another one filled the cache.
+    let dead = TestServer::start(|_, _| Reply::Status(404));
+    let mut with_dead = s.clone();
+    with_dead.trusted_sources.push(dead.url("/pool/"));
+    assert!(fetch(&spec(dead.url("/pool/a.deb"), GOOD), &with_dead).is_err());
 }
 
 #[test]

@@ -456,8 +456,14 @@ fn markdown_report_of_a_30_host_run() {
         md.contains("| 30 | 27 | 3 | 0 | 2 | 1 | 0 | 0 | 0 |"),
         "{md}"
     );
-    assert!(md.contains("| web | 15 | 13 | 2 | 0 | 2 | 0 | 0 |"), "{md}");
-    assert!(md.contains("| db | 15 | 14 | 1 | 0 | 0 | 1 | 0 |"), "{md}");
+    assert!(
+        md.contains("| web | 15 | 13 | 2 | 0 | 2 | 0 | 0 | 0 | 0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| db | 15 | 14 | 1 | 0 | 0 | 1 | 0 | 0 | 0 |"),
+        "{md}"
+    );
 
     for i in 1..=HOSTS {
         let h = host_name(i);
@@ -1163,4 +1169,128 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
             .remove(h);
     }
     assert_eq!(stripped, before_stripped);
+}
+
+#[test]
+fn a_host_that_only_verified_is_not_reported_as_a_fresh_install() {
+    let state = tempfile::tempdir().unwrap();
+    let j = Journal::begin(state.path(), "audit-only", "alice", &header()).unwrap();
+    verify(&j, "fleet-01", PKG, "1.0.1", true);
+    j.host_finished("fleet-01", true, Default::default())
+        .unwrap();
+    j.close().unwrap();
+
+    let json: Value =
+        serde_json::from_str(&report::render(state.path(), "audit-only", Format::Json).unwrap())
+            .unwrap();
+    let host = json["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "fleet-01")
+        .expect("fleet-01 in the report");
+    assert_eq!(host["packages"][0]["package"], PKG, "{host}");
+    assert_eq!(host["packages"][0]["before"], "1.0.1", "{host}");
+    assert_eq!(host["packages"][0]["after"], "1.0.1", "{host}");
+
+    let md = report::render(state.path(), "audit-only", Format::Markdown).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| fleet-01 |"))
+        .expect("a host row");
+    assert!(!row.contains("none"), "before must not read `none`: {row}");
+}
+
+#[test]
+fn per_group_counts_add_up_to_the_totals_after_a_resume() {
+    let state = tempfile::tempdir().unwrap();
+    let plan = |hosts: &[(&str, &str)]| {
+        json!({"policy": {}, "plan": "wave 1",
+               "groups": hosts.iter().map(|(h, g)| (h.to_string(), json!([g]))).collect::<serde_json::Map<_, _>>()})
+    };
+    let started = |j: &Journal, host: &str| {
+        event(
+            j,
+            &RolloutEvent::HostStarted {
+                host: host.into(),
+                wave: 0,
+            },
+        )
+    };
+    // First attempt: four targets in two groups; two finish, then the
+    // controller dies (no summary).
+    let j = Journal::begin(state.path(), "resumed", "alice", &header()).unwrap();
+    j.append(
+        None,
+        "rollout.plan",
+        plan(&[
+            ("fleet-01", "web"),
+            ("fleet-02", "web"),
+            ("fleet-03", "db"),
+            ("fleet-04", "db"),
+        ]),
+    )
+    .unwrap();
+    for h in ["fleet-01", "fleet-03"] {
+        started(&j, h);
+        j.host_finished(h, true, Default::default()).unwrap();
+    }
+    drop(j);
+    // The resumed attempt plans and summarises only the two left.
+    let j = Journal::open(state.path(), "resumed", "alice").unwrap();
+    j.append(
+        None,
+        "rollout.plan",
+        plan(&[("fleet-02", "web"), ("fleet-04", "db")]),
+    )
+    .unwrap();
+    let mut hosts = Vec::new();
+    for h in ["fleet-02", "fleet-04"] {
+        started(&j, h);
+        j.host_finished(h, true, Default::default()).unwrap();
+        hosts.push(HostReport {
+            name: h.into(),
+            wave: 0,
+            state: HostStatus::Done,
+            reason: None,
+            started: None,
+            ended: None,
+            rolled_back: false,
+            rollback_error: None,
+        });
+    }
+    let one = Counts {
+        targeted: 1,
+        done: 1,
+        ..Default::default()
+    };
+    event(
+        &j,
+        &RolloutEvent::RunDone {
+            summary: Summary {
+                stop: StopReason::Completed,
+                allowed_failures: 0,
+                totals: Counts {
+                    targeted: 2,
+                    done: 2,
+                    ..Default::default()
+                },
+                per_group: BTreeMap::from([("web".into(), one.clone()), ("db".into(), one)]),
+                hosts,
+                completion_order: vec![],
+                rollback_order: vec![],
+            },
+        },
+    );
+    j.close().unwrap();
+
+    let r: Value =
+        serde_json::from_str(&report::render(state.path(), "resumed", Format::Json).unwrap())
+            .unwrap();
+    assert_eq!(r["counts"]["targeted"], 4, "{}", r["counts"]);
+    assert_eq!(r["counts"]["done"], 4, "{}", r["counts"]);
+    for g in ["web", "db"] {
+        assert_eq!(r["groups"][g]["targeted"], 2, "{g}: {}", r["groups"]);
+        assert_eq!(r["groups"][g]["done"], 2, "{g}: {}", r["groups"]);
+    }
 }

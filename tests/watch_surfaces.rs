@@ -61,8 +61,11 @@ struct Service {
 
 impl Service {
     fn start(p: &Project) -> Self {
-        let mut child = p
-            .watch(&[], &[])
+        Self::start_cmd(p.watch(&[], &[]))
+    }
+
+    fn start_cmd(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -313,4 +316,50 @@ fn eleven_hundred_idle_connections_neither_exhaust_descriptors_nor_block_trigger
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(held);
+}
+
+#[test]
+fn trigger_passes_params_and_watch_says_when_a_run_starts_and_ends() {
+    let p = Project::new();
+    std::fs::write(
+        p.path("scripts/greet.rhai"),
+        "log(`greeting ${param(\"who\")}`);\n",
+    )
+    .unwrap();
+    // The default log level, as an operator starts it.
+    let mut cmd = p.watch(&[], &[]);
+    cmd.env_remove("PATCHBOOK_LOG");
+    let svc = Service::start_cmd(cmd);
+    wait_generation(&svc);
+    let out = Command::new(BIN)
+        .args(["trigger", "greet", "--param", "who=alice", "--socket"])
+        .arg(p.socket())
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let run = stdout
+        .split_whitespace()
+        .nth(2)
+        .expect("started run RUN on generation N")
+        .to_string();
+    let t0 = Instant::now();
+    loop {
+        let lines = svc.out.lock().unwrap().clone();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        if has(&format!("run {run} started")) && has(&format!("run {run} ended, ok")) {
+            assert!(has("greeting alice"), "{lines:#?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no start/end lines for {run}: {lines:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The run's journal holds the message and the param's digest, not its value.
+    let journal = std::fs::read_to_string(p.path(&format!(".patchbook/runs/{run}.jsonl"))).unwrap();
+    assert!(journal.contains("\"kind\":\"log\""), "{journal}");
+    assert!(journal.contains("\"who\""), "{journal}");
 }

@@ -3,6 +3,7 @@
 //! It turns arguments into calls on the runtime and the layers below, and renders
 //! what comes back. It must not know how anything is done.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -131,6 +132,9 @@ pub enum Verb {
         /// Control socket (default: <state-dir>/control.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// A value the playbook reads with `param("NAME")`; repeatable.
+        #[arg(short = 'e', long = "param", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
     },
     /// Write Rhai definition files (.d.rhai) of every primitive for editor completion.
     Docs {
@@ -286,7 +290,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
         Verb::Watch(args) => watch(&cli, args),
-        Verb::Trigger { playbook, socket } => trigger(&cli, playbook, socket.as_deref()),
+        Verb::Trigger {
+            playbook,
+            socket,
+            vars,
+        } => trigger(&cli, playbook, socket.as_deref(), &run::parse_vars(vars)?),
     }
 }
 
@@ -402,7 +410,12 @@ fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
 }
 
 /// `patchbook trigger`: one request on the control socket; prints the answer.
-fn trigger(cli: &Cli, playbook: &str, socket: Option<&Path>) -> Result<ExitCode, CliError> {
+fn trigger(
+    cli: &Cli,
+    playbook: &str,
+    socket: Option<&Path>,
+    vars: &BTreeMap<String, String>,
+) -> Result<ExitCode, CliError> {
     let socket = match socket {
         Some(s) => s.to_path_buf(),
         None => Runtime::build(&cli.options())?
@@ -414,7 +427,7 @@ fn trigger(cli: &Cli, playbook: &str, socket: Option<&Path>) -> Result<ExitCode,
         Ok(p) if p.is_file() => p.display().to_string(),
         _ => playbook.to_string(),
     };
-    let req = serde_json::json!({"op": "trigger", "playbook": name});
+    let req = serde_json::json!({"op": "trigger", "playbook": name, "params": vars});
     let answer = crate::watch::control::request(&socket, &req)
         .map_err(|e| CliError::Other(e.to_string()))?;
     let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);

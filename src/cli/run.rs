@@ -389,6 +389,13 @@ pub fn run(
         .map(|s| s.totals.failed + s.totals.rollback_failed)
         .sum();
     let stopped = summaries.iter().any(|s| s.stop != StopReason::Completed);
+    if style == Style::Quiet {
+        // Quiet drops the chatter, never the bad news: each host that failed or
+        // whose rollback failed still gets its line.
+        for line in problem_lines(&summaries) {
+            eprintln!("patchbook: run {run_id}: {}", esc(&line));
+        }
+    }
     if style != Style::Json && style != Style::Quiet {
         for s in &summaries {
             let t = &s.totals;
@@ -403,6 +410,27 @@ pub fn run(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// One line per host that failed or whose rollback failed, and per rollout that
+/// stopped early, for `-q`.
+fn problem_lines(summaries: &[Summary]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for s in summaries {
+        for h in &s.hosts {
+            if h.state == crate::journal::entry::HostStatus::Failed {
+                let reason = h.reason.as_deref().unwrap_or("no reason recorded");
+                lines.push(format!("{} failed: {reason}", h.name));
+            }
+            if let Some(e) = &h.rollback_error {
+                lines.push(format!("{} rollback failed: {e}", h.name));
+            }
+        }
+        if s.stop != StopReason::Completed {
+            lines.push(format!("stopped: {}", s.stop));
+        }
+    }
+    lines
 }
 
 fn finish_notice(control: &RunControl, summaries: &[crate::rollout::Summary], run_id: &str) {
@@ -670,13 +698,10 @@ impl crate::watch::Launcher for RolloutLauncher {
         use crate::watch::ProgressCounts;
         let rt = &self.rt;
         let pb = &req.playbook;
-        let journal = Journal::begin(
-            &rt.state_dir,
-            &req.run_id,
-            &rt.operator,
-            &header(rt, &pb.path, pb),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut head = header(rt, &pb.path, pb);
+        head.params = Some(param_digests(&req.run_id, &req.params));
+        let journal = Journal::begin(&rt.state_dir, &req.run_id, &rt.operator, &head)
+            .map_err(|e| e.to_string())?;
         progress(ProgressCounts::default());
         let (tx, rx) = std::sync::mpsc::channel::<ProgressCounts>();
         let counts = std::sync::Mutex::new(ProgressCounts::default());
@@ -709,7 +734,7 @@ impl crate::watch::Launcher for RolloutLauncher {
             clock,
             sink,
             stop,
-            vars: BTreeMap::new(),
+            vars: req.params.clone(),
         };
         let playbook = pb.path.display().to_string();
         let (result, summaries) = std::thread::scope(|s| {

@@ -136,6 +136,19 @@ entries! {
     /// A rollback left a step's undo to a person: the host is no longer in the
     /// state the step left it in.
     UndoSkipped(UndoSkipped) = "undo.skipped",
+    /// A message the playbook logged with `log()`, on the record's host if any.
+    Log(LogRecord) = "log",
+}
+
+/// `data` of a `log` record: what a playbook said, and where it said it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub message: String,
+    /// The script file (playbook or module) that logged it, as Rhai names it.
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub line: usize,
 }
 
 /// `data` of `undo.skipped`: an undo a rollback did not apply because the host had
@@ -441,6 +454,10 @@ pub struct RolloutPlan {
     pub policy: Value,
     /// The plan as printed.
     pub plan: String,
+    /// Each target's inventory groups (`all` excluded): the report counts per
+    /// group from these, across restarts of the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 /// `data` of a `rollout.resume` record.
@@ -1115,6 +1132,10 @@ mod tests {
             Entry::RolloutPlan(RolloutPlan {
                 policy: json!({"pilot": 1}),
                 plan: "pilot: web-1\nwave 1: web-2".into(),
+                groups: BTreeMap::from([
+                    ("web-1".into(), vec!["web".into()]),
+                    ("web-2".into(), vec!["web".into(), "prod".into()]),
+                ]),
             }),
             Entry::RolloutResume(RolloutResume {
                 skipped_finished: 4,
@@ -1170,6 +1191,11 @@ mod tests {
                 found: "acme-agent is 1.0.2".into(),
                 expected: "installed 1.0.1".into(),
                 reason: "acme-agent is 1.0.2, this run installed 1.0.1: not reverting a state this run did not create".into(),
+            }),
+            Entry::Log(LogRecord {
+                message: "3 hosts need acme-agent 1.0.1".into(),
+                source: "lib/patch/debian.rhai".into(),
+                line: 12,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

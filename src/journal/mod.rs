@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use entry::{Entry, EntryError};
+pub use entry::{Entry, EntryError, LogRecord};
 
 /// The `prev` of a run's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

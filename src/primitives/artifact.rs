@@ -673,7 +673,29 @@ pub fn fetch_recorded(
 
     let mut from_cache = false;
     let mut bytes = 0u64;
-    if cached.exists() {
+    let source = loc.to_string();
+    let sources_file = sources_path(&cached);
+    let known_sources = read_sources(&sources_file);
+    if cached.exists() && !known_sources.contains(&source) {
+        // The same bytes came from elsewhere. A checksum proves content, not that
+        // this source serves it: fetch from here, so a wrong or dead mirror shows
+        // now and not on the night the cache is cold.
+        let from = if known_sources.is_empty() {
+            "an unrecorded source".to_string()
+        } else {
+            known_sources.join(", ")
+        };
+        record(
+            checks,
+            url,
+            "cache",
+            true,
+            format!(
+                "{} holds this SHA-256 from {from}, not from {source}: not reused; fetching from {source}",
+                cached.display()
+            ),
+        );
+    } else if cached.exists() {
         let (actual, len) = hash_file(&cached).map_err(cache_err(&cached))?;
         let size_ok = spec.size.is_none_or(|s| s == len);
         if actual == sha && size_ok {
@@ -683,7 +705,7 @@ pub fn fetch_recorded(
                 "cache",
                 true,
                 format!(
-                    "{} re-hashed: SHA-256 {actual}, {len} bytes",
+                    "{} re-hashed: SHA-256 {actual}, {len} bytes; fetched earlier from {source}",
                     cached.display()
                 ),
             );
@@ -701,6 +723,7 @@ pub fn fetch_recorded(
                 ),
             );
             std::fs::remove_file(&cached).map_err(cache_err(&cached))?;
+            let _ = std::fs::remove_file(&sources_file);
         }
     }
 
@@ -797,6 +820,11 @@ pub fn fetch_recorded(
     if let Some(tmp) = staged {
         tmp.persist(&cached)
             .map_err(|e| cache_err(&cached)(e.error))?;
+        let mut sources = read_sources(&sources_file);
+        if !sources.contains(&source) {
+            sources.push(source.clone());
+        }
+        write_sources(&sources_file, &sources).map_err(cache_err(&sources_file))?;
         record(
             checks,
             url,
@@ -817,6 +845,31 @@ pub fn fetch_recorded(
         downloads,
         checks: checks.clone(),
     })
+}
+
+/// The file beside a cache entry that lists the sources its bytes came from.
+fn sources_path(cached: &Path) -> PathBuf {
+    let mut name = cached.as_os_str().to_owned();
+    name.push(".sources.json");
+    PathBuf::from(name)
+}
+
+/// The sources recorded for a cache entry; none when the list is missing or
+/// unreadable (then the entry is reused by no source until fetched again).
+fn read_sources(path: &Path) -> Vec<String> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_sources(path: &Path, sources: &[String]) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(sources).map_err(std::io::Error::other)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&text)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

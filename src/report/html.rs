@@ -307,6 +307,8 @@ fn counts(o: &mut String, r: &RunReport) {
             "reverted",
             "rolled_back",
             "rollback_failed",
+            "in_progress",
+            "unknown",
             "pending",
         ];
         let _ = writeln!(

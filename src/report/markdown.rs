@@ -176,6 +176,8 @@ pub fn render(r: &RunReport) -> String {
             "reverted",
             "rolled_back",
             "rollback_failed",
+            "in_progress",
+            "unknown",
             "pending",
         ];
         let _ = writeln!(o, "| group | {} |", keys.join(" | ").replace('_', " "));

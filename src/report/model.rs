@@ -152,6 +152,23 @@ pub struct Counts {
     pub pending: usize,
 }
 
+impl Counts {
+    /// Counts one more host with its outcome.
+    fn add(&mut self, h: &HostReport) {
+        self.targeted += 1;
+        match h.outcome {
+            HostStatus::Done => self.done += 1,
+            HostStatus::Failed => self.failed += 1,
+            HostStatus::Reverted => self.reverted += 1,
+            HostStatus::InProgress => self.in_progress += 1,
+            HostStatus::Unknown => self.unknown += 1,
+            HostStatus::Pending => self.pending += 1,
+        }
+        self.rolled_back += usize::from(h.rolled_back);
+        self.rollback_failed += usize::from(h.rollback_error.is_some());
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct WaveReport {
     pub index: usize,
@@ -433,6 +450,9 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut alerts = Vec::new();
     let mut targets: Option<usize> = None;
     let mut summary: Option<RolloutSummary> = None;
+    // Every rollout's targets and their groups, across restarts: what per-group
+    // counts are taken over, so they add up to the same totals.
+    let mut host_groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut window = None;
     let mut ended = None;
     let mut tests = TestSection::default();
@@ -450,6 +470,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         };
         match &entry {
             Entry::RunClose(_) => ended = Some(rec.ts.clone()),
+            Entry::RolloutPlan(p) => host_groups.extend(p.groups.clone()),
             Entry::Rollout(e) => {
                 let ts = &rec.ts;
                 match e {
@@ -640,18 +661,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
 
     let mut counts = Counts::default();
     for h in &hosts {
-        match h.outcome {
-            HostStatus::Done => counts.done += 1,
-            HostStatus::Failed => counts.failed += 1,
-            HostStatus::Reverted => counts.reverted += 1,
-            HostStatus::InProgress => counts.in_progress += 1,
-            HostStatus::Unknown => counts.unknown += 1,
-            HostStatus::Pending => counts.pending += 1,
-        }
-        counts.rolled_back += usize::from(h.rolled_back);
-        counts.rollback_failed += usize::from(h.rollback_error.is_some());
+        counts.add(h);
     }
-    counts.targeted = hosts.len();
     // Targets the run announced but whose names no record carries never started.
     if let Some(t) = targets.filter(|t| *t > hosts.len()) {
         counts.pending += t - hosts.len();
@@ -694,15 +705,33 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
             open_intents: state.open_intents().len(),
         },
         counts,
-        groups: summary
-            .as_ref()
-            .map(|s| {
-                s.per_group
-                    .iter()
-                    .map(|(k, v)| (k.clone(), to_value(v)))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        groups: if host_groups.is_empty() {
+            // A journal from before rollout plans named their targets' groups.
+            summary
+                .as_ref()
+                .map(|s| {
+                    s.per_group
+                        .iter()
+                        .map(|(k, v)| {
+                            let c = Counts {
+                                targeted: v.targeted,
+                                done: v.done,
+                                failed: v.failed,
+                                reverted: v.reverted,
+                                rolled_back: v.rolled_back,
+                                rollback_failed: v.rollback_failed,
+                                in_progress: 0,
+                                unknown: 0,
+                                pending: v.pending,
+                            };
+                            (k.clone(), to_value(&c))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            group_counts(&host_groups, &hosts)
+        },
         waves,
         hosts,
         tests,
@@ -710,6 +739,29 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         notifications,
         problems,
     }
+}
+
+/// Counts per inventory group over the same per-host outcomes as the totals; a
+/// planned target no record names never started (pending).
+fn group_counts(
+    host_groups: &BTreeMap<String, Vec<String>>,
+    hosts: &[HostReport],
+) -> BTreeMap<String, Value> {
+    let mut per: BTreeMap<String, Counts> = BTreeMap::new();
+    for (name, groups) in host_groups {
+        let host = hosts.iter().find(|h| &h.name == name);
+        for g in groups {
+            let c = per.entry(g.clone()).or_default();
+            match host {
+                Some(h) => c.add(h),
+                None => {
+                    c.targeted += 1;
+                    c.pending += 1;
+                }
+            }
+        }
+    }
+    per.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()
 }
 
 /// A record type as the report's JSON shows it; record types serialise infallibly.
@@ -844,9 +896,11 @@ fn host_report(
                 } else {
                     packages.insert(
                         v.package.clone(),
+                        // Verified with no deploy before it: what it found is
+                        // what the host had, not a fresh install.
                         PackageChange {
                             package: v.package.clone(),
-                            before: None,
+                            before: v.found.clone(),
                             target: v.expected.clone(),
                             after: v.found.clone(),
                         },

@@ -131,7 +131,7 @@ impl Compiler {
         // changed module is always read again.
         let resolver = LibraryResolver::new(self.roots.clone());
         let mut engine = sandbox(&self.limits, Arc::new(AtomicBool::new(false)));
-        register_primitives(&mut engine, None);
+        register_primitives(&mut engine, None, None);
         register_patch(&mut engine, None);
         engine.set_module_resolver(resolver.clone());
         let mut scope = Scope::new();
@@ -202,7 +202,7 @@ impl ScriptRun {
     ) -> Self {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut engine = sandbox(limits, cancel.clone());
-        register_primitives(&mut engine, runtime);
+        register_primitives(&mut engine, runtime, session.clone());
         register_patch(&mut engine, session.clone());
         ScriptRun {
             engine,

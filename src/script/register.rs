@@ -11,6 +11,8 @@ use std::sync::Arc;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map, NativeCallContext};
 
 use crate::inventory::Host;
+use crate::journal::{Entry, LogRecord};
+use crate::run::Session;
 use crate::runtime::Runtime;
 
 /// A host as scripts see it: read-only, cheap to clone.
@@ -110,8 +112,13 @@ pub fn register_host_type(engine: &mut Engine) {
 }
 
 /// Registers `hosts` and `log`. With no runtime (while modules load at compile
-/// time) they exist but refuse to run.
-pub fn register_primitives(engine: &mut Engine, rt: Option<Arc<Runtime>>) {
+/// time) `hosts` exists but refuses to run; `log` journals when a session has a
+/// journal (`run`, not `plan`).
+pub fn register_primitives(
+    engine: &mut Engine,
+    rt: Option<Arc<Runtime>>,
+    session: Option<Arc<Session>>,
+) {
     register_host_type(engine);
 
     let r = rt;
@@ -136,16 +143,32 @@ pub fn register_primitives(engine: &mut Engine, rt: Option<Arc<Runtime>>) {
     FuncRegistration::new("log")
         .with_volatility(true)
         .with_params_info(["message", "()"])
-        .with_comments(["/// Emits a structured log event carrying the current host."])
-        .register_into_engine(engine, |ctx: NativeCallContext, message: Dynamic| {
-            let host = current_host(&ctx).unwrap_or_default();
+        .with_comments(["/// Shows `message` on the terminal (hidden by `-q`) and records it in the run's\n/// journal, with the current host and the playbook line that logged it."])
+        .register_into_engine(engine, move |ctx: NativeCallContext, message: Dynamic| {
+            let host = current_host(&ctx);
             let pos = ctx.call_position();
+            let source = ctx.call_source().unwrap_or("").to_string();
+            let line = pos.line().unwrap_or(0);
+            let text = message.to_string();
+            // The script target is shown at the default level (see main.rs): a
+            // playbook's own messages are part of what the operator asked to see.
             tracing::info!(
                 target: "patchbook::script",
-                host = %host,
-                source = ctx.call_source().unwrap_or(""),
-                line = pos.line().unwrap_or(0),
-                "{message}"
+                host = host.as_deref(),
+                source = %source,
+                line = line,
+                "{text}"
             );
+            if let Some(journal) = session.as_ref().and_then(|s| s.run.journal.as_ref()) {
+                let entry = Entry::Log(LogRecord {
+                    message: text,
+                    source,
+                    line,
+                });
+                if let Err(e) = journal.note_entry(host.as_deref(), &entry) {
+                    return fail(&ctx, format!("log: cannot record the message: {e}"));
+                }
+            }
+            Ok(())
         });
 }

@@ -411,6 +411,10 @@ fn rollout(
         Entry::RolloutPlan(RolloutPlan {
             policy: policy_json.clone(),
             plan: plan.to_string(),
+            groups: hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.groups.clone()))
+                .collect(),
         }),
     );
 

@@ -8,7 +8,7 @@
 //! the instant between `bind` and `chmod` and callers that ignore file modes (root).
 //!
 //! Protocol: one JSON request line, one JSON answer line.
-//! `{"op":"trigger","playbook":"nightly"}` → `{"ok":true,"run":"…","generation":3}`;
+//! `{"op":"trigger","playbook":"nightly","params":{"k":"v"}}` → `{"ok":true,"run":"…","generation":3}` (`params` optional);
 //! `{"op":"status"}` → `{"ok":true,"status":{…}}`; refusals are `{"ok":false,"error":"…"}`.
 //!
 //! This module owns the socket and its protocol; it must not decide anything a
@@ -179,7 +179,11 @@ fn handle(service: &Arc<Service>, req: &Value) -> Value {
             let Some(name) = req.get("playbook").and_then(Value::as_str) else {
                 return json!({"ok": false, "error": "trigger needs a playbook name"});
             };
-            match service.trigger(name, Cause::Trigger) {
+            let params = match trigger_params(req) {
+                Ok(p) => p,
+                Err(e) => return json!({"ok": false, "error": e}),
+            };
+            match service.trigger_with(name, Cause::Trigger, params) {
                 Ok(run) => json!({
                     "ok": true,
                     "run": run,
@@ -193,6 +197,24 @@ fn handle(service: &Arc<Service>, req: &Value) -> Value {
             json!({"ok": false, "error": "unknown op; use {\"op\":\"trigger\",\"playbook\":NAME} or {\"op\":\"status\"}"})
         }
     }
+}
+
+/// The request's `params` object: names to string values, as `--param` gives them.
+fn trigger_params(req: &Value) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    match req.get("params") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let Some(v) = v.as_str() else {
+                    return Err(format!("trigger: param `{k}` must be a string"));
+                };
+                out.insert(k.clone(), v.to_string());
+            }
+        }
+        Some(_) => return Err("trigger: `params` must be an object of strings".into()),
+    }
+    Ok(out)
 }
 
 use tokio::io::AsyncReadExt as _;

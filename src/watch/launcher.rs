@@ -51,6 +51,9 @@ pub struct LaunchRequest {
     /// A fresh run id the launcher should use for its journal.
     pub run_id: String,
     pub cause: Cause,
+    /// `param()` values the trigger gave (`patchbook trigger NAME --param k=v`);
+    /// scheduled runs have none.
+    pub params: BTreeMap<String, String>,
 }
 
 /// How a run ended.

@@ -269,6 +269,16 @@ impl Service {
 
     /// Starts `name` on the live generation, on its own thread. Returns the run id.
     pub fn trigger(self: &Arc<Self>, name: &str, cause: Cause) -> Result<String, TriggerError> {
+        self.trigger_with(name, cause, BTreeMap::new())
+    }
+
+    /// [`Service::trigger`] with the values the playbook's `param()` reads.
+    pub fn trigger_with(
+        self: &Arc<Self>,
+        name: &str,
+        cause: Cause,
+        params: BTreeMap<String, String>,
+    ) -> Result<String, TriggerError> {
         if self.stopping() {
             return Err(TriggerError::ShuttingDown);
         }
@@ -337,6 +347,7 @@ impl Service {
             generation: generation.number,
             run_id: run_id.clone(),
             cause,
+            params,
         };
         let me = self.clone();
         let spawned = std::thread::Builder::new()
@@ -353,7 +364,7 @@ impl Service {
                 return Err(TriggerError::Thread(e.to_string()));
             }
         }
-        tracing::info!(playbook = %key, run = %run_id, generation = generation.number, "run started");
+        tracing::info!(playbook = %key, run = %run_id, generation = generation.number, "run {run_id} started ({key})");
         self.changed();
         Ok(run_id)
     }
@@ -380,7 +391,15 @@ impl Service {
                     r.summary = Some(e);
                 }
             }
-            tracing::info!(playbook = %r.playbook, run = %r.run_id, ok = ?r.ok, "run ended");
+            let verdict = if r.ok == Some(true) { "ok" } else { "FAILED" };
+            tracing::info!(
+                playbook = %r.playbook,
+                run = %r.run_id,
+                ok = ?r.ok,
+                "run {} ended, {verdict}: {}",
+                r.run_id,
+                r.summary.as_deref().unwrap_or("")
+            );
             st.recent.push_front(r);
             st.recent.truncate(RECENT_RUNS);
         }
