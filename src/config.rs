@@ -109,6 +109,9 @@ pub struct Limits {
     pub max_modules: usize,
     /// Wall-clock deadline for one call into a script, in seconds.
     pub deadline_secs: u64,
+    /// Most memory one call into a script may hold (everything its values keep
+    /// alive: captured closures, curried arguments, blobs), in MiB.
+    pub max_memory_mb: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +127,7 @@ impl Default for Limits {
             max_variables: 1_000,
             max_modules: 100,
             deadline_secs: 3600,
+            max_memory_mb: 512,
         }
     }
 }

@@ -36,6 +36,7 @@ fn small_limits() -> Limits {
     Limits {
         max_operations: 500_000,
         max_array_size: 10_000,
+        max_memory_mb: 64,
         ..Limits::default()
     }
 }
@@ -116,6 +117,22 @@ const BOMBS: &[(&str, &str, &str)] = &[
         "closures capturing closures",
         "let f = || 0; for i in 0..1000000 { let g = f; f = || g; } 1",
         "nests deeper than 10000 levels",
+    ),
+    // Each value is within its size limit; together they would exhaust memory.
+    (
+        "closures capturing big strings",
+        "let big = \"x\"; for i in 0..19 { big += big; } let fs = []; for i in 0..5000 { let s = big + i; fs.push(|| s); } fs.len()",
+        "limits.max_memory_mb",
+    ),
+    (
+        "curried big strings",
+        "let big = \"x\"; for i in 0..19 { big += big; } let f = |a, b| a; let fs = []; for i in 0..5000 { fs.push(f.curry(big + i)); } fs.len()",
+        "limits.max_memory_mb",
+    ),
+    (
+        "a map of big strings",
+        "let big = \"x\"; for i in 0..19 { big += big; } let m = #{}; for i in 0..5000 { m[`k${i}`] = big + i; } m.len()",
+        "limits.max_memory_mb",
     ),
     // Under these limits the nested items count against the array size first.
     (

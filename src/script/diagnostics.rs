@@ -190,6 +190,9 @@ fn help_for(err: &EvalAltResult) -> (Option<String>, bool) {
             "more variables than limits.max_variables allows"
         }
         EvalAltResult::ErrorTooManyModules(_) => "more modules than limits.max_modules allows",
+        EvalAltResult::ErrorTerminated(why, _) if why.to_string().contains("limits.") => {
+            "a sandbox limit ([limits] in patchbook.toml) ended the script; nothing after this point ran"
+        }
         EvalAltResult::ErrorTerminated(..) => {
             "the script was stopped from outside; nothing after this point ran"
         }

@@ -7,7 +7,7 @@
 //! nothing else about the call. This file must not register anything that touches
 //! the world: that is `register`'s job.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,6 +40,10 @@ struct CallBounds {
 
 thread_local! {
     static BOUNDS: RefCell<Vec<CallBounds>> = const { RefCell::new(Vec::new()) };
+    /// What this thread held when its outermost script call began (see
+    /// [`super::memory`]); apart from `BOUNDS` so that the check on every
+    /// operation is two plain reads.
+    static HELD_AT_START: Cell<i64> = const { Cell::new(0) };
 }
 
 /// Bounds every script call made on this thread while it lives; nested guards
@@ -59,7 +63,11 @@ impl CallGuard {
                 deadline,
                 budget,
                 cancel,
-            })
+            });
+            // The outermost call's baseline: nested calls share its budget.
+            if b.borrow().len() == 1 {
+                HELD_AT_START.with(|h| h.set(super::memory::held_by_this_thread()));
+            }
         });
         CallGuard {
             _not_send: std::marker::PhantomData,
@@ -108,6 +116,19 @@ fn over_bounds(run_cancel: &AtomicBool) -> Option<Dynamic> {
     })
 }
 
+/// The error that ends a call holding more than `max_bytes` above what its thread
+/// held when it began. Cheap enough for every operation: one thread-local read.
+fn over_memory(max_bytes: i64) -> Option<Dynamic> {
+    let used = super::memory::held_by_this_thread() - HELD_AT_START.with(Cell::get);
+    (used > max_bytes).then(|| {
+        format!(
+            "the script holds more than {} MiB (limits.max_memory_mb in patchbook.toml): values kept alive by closures, curried functions or collections",
+            max_bytes >> 20
+        )
+        .into()
+    })
+}
+
 /// A sandboxed engine with every limit from `limits`, `eval` disabled, strict
 /// variables, `Simple` optimisation, no module resolution beyond what a compiled
 /// playbook carries, and `print`/`debug` sent to tracing. `cancel` stops every call
@@ -130,7 +151,13 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
         .disable_symbol("eval")
         .set_module_resolver(RefusingResolver);
     let run_cancel = cancel.clone();
+    let max_bytes = i64::try_from(limits.max_memory_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
     engine.on_progress(move |ops| {
+        // Memory on every operation: one closure can capture a megabyte, and a
+        // thousand operations between looks would let a gigabyte through.
+        if let Some(why) = over_memory(max_bytes) {
+            return Some(why);
+        }
         if ops % CHECK_EVERY != 0 {
             return None;
         }

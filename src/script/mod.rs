@@ -9,6 +9,7 @@ pub mod docs;
 pub mod engine;
 pub mod files;
 pub mod lint;
+pub mod memory;
 pub mod patch;
 pub mod playbook;
 pub mod register;

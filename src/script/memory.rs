@@ -1,0 +1,89 @@
+//! The script sandbox's memory budget: a counting global allocator that keeps,
+//! per thread, the bytes that thread holds (allocated minus freed).
+//!
+//! Rhai bounds the size of each string, array and map, but not how many of them a
+//! script keeps alive: closures capturing megabyte strings, curried arguments and
+//! blobs add up until the allocator fails and the process aborts. Each script call
+//! runs on a thread of its own ([`super::engine`]'s `CallGuard` takes a baseline),
+//! and the engine's progress hook ends the script cleanly once the thread holds
+//! more than `limits.max_memory_mb` above that baseline. This module only counts;
+//! it must never fail an allocation itself (that would be an abort).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+thread_local! {
+    // `const`, no destructor: readable from the allocator at any point of a
+    // thread's life, teardown included, without allocating.
+    static HELD: Cell<i64> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting per thread.
+pub struct Counting;
+
+fn add(delta: i64) {
+    let _ = HELD.try_with(|h| h.set(h.get().wrapping_add(delta)));
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; the counting touches only
+// a const thread-local `Cell`, which neither allocates nor unwinds.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's own guarantees.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            add(layout.size() as i64);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            add(layout.size() as i64);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) };
+        add(-(layout.size() as i64));
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            add(new_size as i64 - layout.size() as i64);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Bytes the calling thread holds now: what it allocated minus what it freed.
+/// Memory freed by another thread is not subtracted here, so this drifts; the
+/// sandbox compares it against a baseline taken when each script call starts.
+pub fn held_by_this_thread() -> i64 {
+    HELD.try_with(Cell::get).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_sees_what_it_holds_and_what_it_frees() {
+        std::thread::spawn(|| {
+            let before = held_by_this_thread();
+            let v = vec![0u8; 8 << 20];
+            let during = held_by_this_thread();
+            assert!(during - before >= 8 << 20, "{before} {during}");
+            drop(v);
+            assert!(held_by_this_thread() - before < 1 << 20);
+        })
+        .join()
+        .unwrap();
+    }
+}
