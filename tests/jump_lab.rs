@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use patchbook::lab::{Fleet, Tie};
+use patchbook::lab::{DpkgDb, Fleet, PkgDb, Tie};
 use patchbook::transport::ssh::SshConnector;
 use patchbook::transport::{Command, Transport};
 
@@ -20,7 +20,14 @@ use patchbook::transport::{Command, Transport};
 const TARGETS: usize = 5;
 
 fn fleet() -> &'static Fleet {
-    support::shared_fleet_by(|d| Fleet::start_behind_bastions(TARGETS, d, Tie::ToStartingThread))
+    support::shared_fleet_by(|d| {
+        Fleet::start_behind_bastions(
+            &[PkgDb::Dpkg; TARGETS],
+            d,
+            Tie::ToStartingThread,
+            DpkgDb::Machine,
+        )
+    })
 }
 
 const PATCH: &str = r#"

@@ -204,13 +204,18 @@ impl Fleet {
         Fleet::start_layout(kinds, dir, tie, db, false)
     }
 
-    /// Starts `n` dpkg hosts (`lab01`…) that only `bastion2` can reach, and the two
-    /// bastions: `bastion1` on loopback, `bastion2` reachable from this machine
-    /// only at its veth address (see [`bastion`]). The inventories give every
-    /// target `jump = ["bastion1", "bastion2"]`; the bastions are in group
-    /// `bastion` and allow TCP forwarding, the targets do not.
-    pub fn start_behind_bastions(n: usize, dir: &Path, tie: Tie) -> Result<Fleet, LabError> {
-        Fleet::start_layout(&vec![PkgDb::Dpkg; n], dir, tie, DpkgDb::Machine, true)
+    /// [`Fleet::start_mixed`] with the hosts (`lab01`…) where only `bastion2` can
+    /// reach them, and the two bastions (dpkg hosts, group `bastion`, the only
+    /// ones that allow TCP forwarding): `bastion1` on loopback, `bastion2`
+    /// reachable from this machine only at its veth address (see [`bastion`]).
+    /// The inventories give every target `jump = ["bastion1", "bastion2"]`.
+    pub fn start_behind_bastions(
+        kinds: &[PkgDb],
+        dir: &Path,
+        tie: Tie,
+        db: DpkgDb,
+    ) -> Result<Fleet, LabError> {
+        Fleet::start_layout(kinds, dir, tie, db, true)
     }
 
     fn start_layout(
@@ -301,70 +306,52 @@ impl Fleet {
             pending.push((i, name.clone(), hdir, ports[i]));
         }
         validate_configs(&pending)?;
+        // The PID whose network namespace holds bastion2 and the targets.
         let mut inner_ns = None;
         for (i, name, hdir, port) in &pending {
-            let net = match (bastions, *i, inner_ns) {
-                (false, _, _) | (true, 0, _) => Net::Shared,
-                (true, 1, _) => Net::Own,
-                (true, _, Some(pid)) => Net::Join(pid),
-                (true, _, None) => Net::Shared,
+            let net = match *i {
+                _ if !bastions => Net::Shared,
+                0 => Net::Shared,
+                1 => Net::Own,
+                _ => inner_ns.map_or(Net::Shared, Net::Join),
             };
-            let child = spawn_host(hdir, tie, kinds[*i], net)?;
-            let pid = child.id() as i32;
-            let (address, jump) = match net {
-                Net::Shared => (loopback(), Vec::new()),
-                Net::Own => {
-                    // Pushed first, so a failure below still stops this host.
-                    fleet.children.push(child);
-                    fleet.hosts.push(LabHost {
-                        name: name.clone(),
-                        port: *port,
-                        dir: hdir.clone(),
-                        unshare_pid: pid,
-                        sshd_pid: 0,
-                        unshare_start: start_time(pid).unwrap_or(0),
-                        sshd_start: 0,
-                        groups: vec![bastion::GROUP.to_string()],
-                        criticality: Criticality::Low,
-                        pkg: kinds[*i],
-                        address: loopback(),
-                        jump: vec![bastion::OUTER.to_string()],
-                    });
-                    let outside = bastion::link(pid)?;
-                    inner_ns = Some(pid);
-                    if let Some(h) = fleet.hosts.last_mut() {
-                        h.address = outside;
-                    }
-                    continue;
-                }
-                Net::Join(_) => (
-                    loopback(),
-                    vec![bastion::OUTER.to_string(), bastion::INNER.to_string()],
-                ),
+            let jump = match net {
+                Net::Shared => Vec::new(),
+                Net::Own => vec![bastion::OUTER.to_string()],
+                Net::Join(_) => vec![bastion::OUTER.to_string(), bastion::INNER.to_string()],
             };
-            let (mut groups, criticality) = if *i < lead {
+            let (groups, criticality) = if *i < lead {
                 (vec![bastion::GROUP.to_string()], Criticality::Low)
             } else {
                 let (mut g, c) = placement(*i - lead, n - lead);
                 g.push(kinds[*i].as_str().to_string());
                 (g, c)
             };
-            groups.dedup();
+            let child = spawn_host(hdir, tie, kinds[*i], net)?;
+            let pid = child.id() as i32;
+            fleet.children.push(child);
             fleet.hosts.push(LabHost {
                 name: name.clone(),
                 port: *port,
                 dir: hdir.clone(),
-                unshare_pid: child.id() as i32,
+                unshare_pid: pid,
                 sshd_pid: 0,
-                unshare_start: start_time(child.id() as i32).unwrap_or(0),
+                unshare_start: start_time(pid).unwrap_or(0),
                 sshd_start: 0,
                 groups,
                 criticality,
                 pkg: kinds[*i],
-                address,
+                address: loopback(),
                 jump,
             });
-            fleet.children.push(child);
+            if net == Net::Own {
+                // Linked once the host is recorded, so a failure still stops it.
+                let outside = bastion::link(pid)?;
+                inner_ns = Some(pid);
+                if let Some(h) = fleet.hosts.last_mut() {
+                    h.address = outside;
+                }
+            }
         }
         fleet.wait_ready()?;
         fleet.write_files()?;
