@@ -1,5 +1,6 @@
 //! The lab fleet: real OpenSSH sshd hosts on loopback, each in its own mount
-//! namespace with its own dpkg database (or rpm database, see [`rpm`]), for tests,
+//! namespace with its own dpkg database (or rpm database, see [`rpm`]), or behind
+//! two bastions in a network namespace of their own (see [`bastion`]), for tests,
 //! demos and benchmarks.
 //! It is never used by a real run.
 //!
