@@ -204,6 +204,9 @@ pub struct SshConfig {
     pub identity: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
     pub connect_timeout: Option<String>,
+    /// An OpenSSH client config to read (`Host` blocks: HostName, Port, User,
+    /// IdentityFile, ProxyJump, …); default `~/.ssh/config` when it exists.
+    pub config: Option<PathBuf>,
     #[serde(default)]
     pub r#become: bool,
 }

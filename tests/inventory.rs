@@ -407,3 +407,45 @@ fn graph_matches_ansible_inventory_graph() {
     let tree = ours.split("dependencies:").next().unwrap();
     assert_eq!(tree.trim_end(), expected.trim_end());
 }
+
+#[test]
+fn connection_settings_patchbook_does_not_act_on_are_warnings_naming_host_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hosts.ini");
+    std::fs::write(
+        &file,
+        "bastion ansible_host=10.0.0.5\n\
+         web1 ansible_ssh_common_args='-o ProxyJump=bastion -o ServerAliveInterval=30' \
+         ansible_ssh_pass=hunter2\n\
+         web2\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .current_dir(dir.path())
+        .arg("-i")
+        .arg(&file)
+        .args(["inventory", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("web1") && l.contains("ServerAliveInterval=30")),
+        "{stderr}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("web1") && l.contains("ansible_ssh_pass")),
+        "{stderr}"
+    );
+    // A warning names the key, never the value of a var that may be a secret.
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let inv = Inventory::load(&[file]).unwrap();
+    assert_eq!(inv.host("web1").unwrap().jump[0].address, "10.0.0.5");
+    assert!(inv.host("web2").unwrap().jump.is_empty());
+}

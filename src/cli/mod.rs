@@ -219,6 +219,11 @@ pub enum LabVerb {
         /// their own /var/lib/rpm) or `mixed` (first half dpkg, the rest rpm)
         #[arg(long, default_value = "dpkg")]
         pkg: crate::lab::Packaging,
+        /// Put the hosts where only a second bastion can reach them, behind a
+        /// first one: adds hosts `bastion1` and `bastion2`, and the inventories
+        /// give every host `jump = ["bastion1", "bastion2"]`
+        #[arg(long)]
+        bastions: bool,
     },
     /// Stop exactly the processes `lab up` started in DIR.
     Down { dir: PathBuf },
@@ -305,19 +310,26 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             dir,
             dpkg_db,
             pkg,
+            bastions,
         } => {
             let started = std::time::Instant::now();
-            let fleet = crate::lab::Fleet::start_mixed(
-                &pkg.kinds(*count),
-                dir,
-                crate::lab::Tie::Detached,
-                *dpkg_db,
-            )
-            .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
+            let start = if *bastions {
+                crate::lab::Fleet::start_behind_bastions
+            } else {
+                crate::lab::Fleet::start_mixed
+            };
+            let fleet = start(&pkg.kinds(*count), dir, crate::lab::Tie::Detached, *dpkg_db)
+                .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
             for h in fleet.hosts() {
+                let via = if h.jump.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via {}", h.jump.join(","))
+                };
                 println!(
-                    "{:<6} 127.0.0.1:{:<5} sshd pid {:<7} {:<9} {}",
+                    "{:<8} {:>15}:{:<5} sshd pid {:<7} {:<9} {}{via}",
                     h.name,
+                    h.address,
                     h.port,
                     h.sshd_pid,
                     h.criticality.as_str(),

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{Criticality, Group, Host, Inventory, InventoryError, TransportKind};
+use super::jump::{self, JumpHost};
+use super::{Criticality, Group, Host, Inventory, InventoryError, InventoryWarning, TransportKind};
 
 pub(crate) type Vars = BTreeMap<String, Value>;
 
@@ -246,6 +247,8 @@ impl RawInventory {
             .map(|g| g.vars.clone())
             .unwrap_or_default();
         let mut hosts = Vec::with_capacity(self.hosts.len());
+        let mut jumps: Vec<Vec<String>> = Vec::with_capacity(self.hosts.len());
+        let mut warnings = Vec::new();
         for raw in &self.hosts {
             let mut groups: Vec<&RawGroup> = self
                 .host_groups(&raw.name)
@@ -266,6 +269,8 @@ impl RawInventory {
             let mut names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
             names.sort();
             let host = host_from_vars(&raw.name, names, vars, &raw.source)?;
+            jumps.push(jump_specs(&host, &raw.source, &mut warnings)?);
+            warn_unknown_vars(&host, &mut warnings);
             // An Ansible inventory is often copied in from elsewhere, and its
             // `ansible_connection=local` makes every host primitive act on this
             // controller, as the user running patchbook. Only the operator's own
@@ -283,6 +288,19 @@ impl RawInventory {
             hosts.push(host);
         }
 
+        for (i, specs) in jumps.iter().enumerate() {
+            let chain = resolve_jumps(&hosts, &jumps, specs, &mut vec![i]).map_err(|message| {
+                InventoryError::Invalid {
+                    path: self.hosts[i].source.clone(),
+                    message: format!("host `{}`: {message}", hosts[i].name),
+                }
+            })?;
+            hosts[i].jump = chain;
+        }
+        for w in &warnings {
+            tracing::warn!(host = %w.host, key = %w.key, "inventory: {}", w.message);
+        }
+
         let groups: BTreeMap<String, Group> = self
             .groups
             .iter()
@@ -298,7 +316,9 @@ impl RawInventory {
                 )
             })
             .collect();
-        Ok(Inventory::from_parts(hosts, groups, self.sources))
+        let mut inventory = Inventory::from_parts(hosts, groups, self.sources);
+        inventory.warnings = warnings;
+        Ok(inventory)
     }
 
     /// Names of every group the host is in, directly or through ancestors, `all` included.
@@ -359,6 +379,115 @@ fn string_list(v: &Value) -> Option<Vec<String>> {
 /// Whether `path` is a native (TOML) inventory, by the same rule `Inventory::load` uses.
 fn is_native(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("toml")
+}
+
+/// The `ansible_*` vars patchbook acts on. `ansible_group_priority` never reaches
+/// a host's vars; the `ansible_become*` ones are read by the become support.
+const KNOWN_ANSIBLE_VARS: &[&str] = &[
+    "ansible_host",
+    "ansible_port",
+    "ansible_user",
+    "ansible_ssh_private_key_file",
+    "ansible_connection",
+    "ansible_ssh_common_args",
+    "ansible_ssh_extra_args",
+    "ansible_become",
+    "ansible_become_user",
+    "ansible_become_method",
+    "ansible_become_password",
+    "ansible_become_pass",
+];
+
+/// An `ansible_*` var patchbook does not know is a connection setting it would
+/// otherwise drop without a word (a password, an interpreter, a proxy).
+fn warn_unknown_vars(host: &Host, warnings: &mut Vec<InventoryWarning>) {
+    for key in host.vars.keys() {
+        if key.starts_with("ansible_") && !KNOWN_ANSIBLE_VARS.contains(&key.as_str()) {
+            warnings.push(InventoryWarning {
+                host: host.name.clone(),
+                key: key.clone(),
+                message: "patchbook does not use this connection var; it is ignored".into(),
+            });
+        }
+    }
+}
+
+/// The host's jump specs as written: the `jump` var (native `jump` key) wins over
+/// a `ProxyJump` in `ansible_ssh_common_args` / `ansible_ssh_extra_args`. Every
+/// other ssh option there is a warning.
+fn jump_specs(
+    host: &Host,
+    source: &Path,
+    warnings: &mut Vec<InventoryWarning>,
+) -> Result<Vec<String>, InventoryError> {
+    let bad = |message: String| InventoryError::Invalid {
+        path: source.to_path_buf(),
+        message: format!("host `{}`: {message}", host.name),
+    };
+    let mut from_args = None;
+    for key in ["ansible_ssh_common_args", "ansible_ssh_extra_args"] {
+        let Some(v) = host.vars.get(key) else {
+            continue;
+        };
+        let text =
+            value_as_string(v).ok_or_else(|| bad(format!("{key} must be a string, got {v}")))?;
+        let args = jump::parse_ssh_args(&text).map_err(|e| bad(format!("{key}: {e}")))?;
+        for (option, written) in args.ignored {
+            warnings.push(InventoryWarning {
+                host: host.name.clone(),
+                key: format!("{key} {option}"),
+                message: format!("patchbook does not apply `{written}`; it is ignored"),
+            });
+        }
+        if args.jump.is_some() {
+            from_args = args.jump;
+        }
+    }
+    match host.vars.get("jump") {
+        Some(v) => string_list(v).ok_or_else(|| {
+            bad(format!(
+                "jump must be a host name or a list of them, got {v}"
+            ))
+        }),
+        None => Ok(from_args.unwrap_or_default()),
+    }
+}
+
+/// Turns jump specs into hops. A spec whose host part names an inventory host
+/// takes that host's address, port, user and identity (the spec's own user and
+/// port win), and that host's own jumps come first, as OpenSSH chains them.
+fn resolve_jumps(
+    hosts: &[Host],
+    specs: &[Vec<String>],
+    chain_specs: &[String],
+    seen: &mut Vec<usize>,
+) -> Result<Vec<JumpHost>, String> {
+    let mut chain = Vec::new();
+    for spec in chain_specs {
+        let mut hop = JumpHost::parse(spec)?;
+        if let Some(j) = hosts.iter().position(|h| h.name == hop.name) {
+            if seen.contains(&j) {
+                let names: Vec<&str> = seen.iter().map(|&k| hosts[k].name.as_str()).collect();
+                return Err(format!(
+                    "jump hosts loop: {} -> {}; remove one of the `jump` entries",
+                    names.join(" -> "),
+                    hosts[j].name
+                ));
+            }
+            seen.push(j);
+            chain.extend(resolve_jumps(hosts, specs, &specs[j], seen)?);
+            seen.pop();
+            let h = &hosts[j];
+            hop.address = h.address.clone();
+            hop.port = hop
+                .port
+                .or(h.vars.contains_key("ansible_port").then_some(h.port));
+            hop.user = hop.user.or_else(|| h.user.clone());
+            hop.identity = h.identity.clone();
+        }
+        chain.push(hop);
+    }
+    Ok(chain)
 }
 
 /// Turns merged vars into the typed [`Host`]; the vars stay as they are.
@@ -484,5 +613,84 @@ mod tests {
         raw.add_child("a", "b").unwrap();
         let err = raw.add_child("b", "a").unwrap_err();
         assert!(err.contains("loop"), "{err}");
+    }
+
+    #[test]
+    fn proxyjump_in_common_args_resolves_inventory_bastions_and_warns_on_the_rest() {
+        let ini = "bastion ansible_host=10.0.0.5 ansible_port=2222 ansible_user=ops \
+                   ansible_ssh_private_key_file=/keys/ops\n\
+                   web1 ansible_ssh_common_args='-o ProxyJump=bastion,admin@gw2:2200 \
+                   -o StrictHostKeyChecking=no' ansible_python_interpreter=/usr/bin/python3\n\
+                   web2 ansible_ssh_common_args='-J root@bastion'\n";
+        let inv = super::super::ansible::parse_ini(Path::new("hosts.ini"), ini).unwrap();
+        let web1 = inv.host("web1").unwrap();
+        assert_eq!(
+            web1.jump,
+            vec![
+                JumpHost {
+                    name: "bastion".into(),
+                    address: "10.0.0.5".into(),
+                    port: Some(2222),
+                    user: Some("ops".into()),
+                    identity: Some(PathBuf::from("/keys/ops")),
+                },
+                JumpHost {
+                    name: "gw2".into(),
+                    address: "gw2".into(),
+                    port: Some(2200),
+                    user: Some("admin".into()),
+                    identity: None,
+                },
+            ]
+        );
+        // The spec's own user wins over the inventory host's.
+        let web2 = inv.host("web2").unwrap();
+        assert_eq!(web2.jump[0].user.as_deref(), Some("root"));
+        assert_eq!(web2.jump[0].address, "10.0.0.5");
+        let warned: Vec<(&str, &str)> = inv
+            .warnings()
+            .iter()
+            .map(|w| (w.host.as_str(), w.key.as_str()))
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                ("web1", "ansible_ssh_common_args -o StrictHostKeyChecking"),
+                ("web1", "ansible_python_interpreter"),
+            ]
+        );
+        assert!(inv.warnings()[0]
+            .to_string()
+            .contains("StrictHostKeyChecking=no"));
+        assert!(inv.host("bastion").unwrap().jump.is_empty());
+    }
+
+    #[test]
+    fn native_jump_chains_through_the_bastions_own_jumps_and_refuses_loops() {
+        let toml = r#"
+[hosts.b1]
+address = "127.0.0.1"
+port = 2201
+[hosts.b2]
+address = "10.9.0.2"
+jump = "b1"
+[hosts.app]
+jump = ["b2"]
+"#;
+        let inv = super::super::native::parse(Path::new("i.toml"), toml).unwrap();
+        let names: Vec<(&str, Option<u16>)> = inv
+            .host("app")
+            .unwrap()
+            .jump
+            .iter()
+            .map(|h| (h.address.as_str(), h.port))
+            .collect();
+        assert_eq!(names, [("127.0.0.1", Some(2201)), ("10.9.0.2", None)]);
+        assert!(inv.warnings().is_empty());
+        let looped = "[hosts.a]\njump = \"b\"\n[hosts.b]\njump = \"a\"\n";
+        let err = super::super::native::parse(Path::new("i.toml"), looped)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jump hosts loop"), "{err}");
     }
 }

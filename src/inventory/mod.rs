@@ -7,6 +7,7 @@
 pub mod ansible;
 mod data;
 pub mod graph;
+pub mod jump;
 mod literal;
 pub mod native;
 pub mod select;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use jump::JumpHost;
 
 /// How much it hurts when a host goes down; `order: "criticality"` patches low first.
 #[derive(
@@ -87,6 +90,10 @@ pub struct Host {
     pub identity: Option<PathBuf>,
     /// Names of vars whose values are secret and must be shown as `***`.
     pub secret_vars: Vec<String>,
+    /// Bastions to dial through, first hop first: the `jump` var (native `jump`
+    /// key) or `ProxyJump` / `-J` in `ansible_ssh_common_args`.
+    #[serde(default)]
+    pub jump: Vec<JumpHost>,
 }
 
 impl Host {
@@ -106,6 +113,7 @@ impl Host {
             transport: TransportKind::Ssh,
             identity: None,
             secret_vars: Vec::new(),
+            jump: Vec::new(),
         }
     }
 
@@ -152,6 +160,22 @@ pub enum InventoryError {
     UnknownDependency { host: String, target: String },
 }
 
+/// Something in an inventory patchbook read but does not act on (an unknown
+/// `ansible_*` var, an ssh option it does not apply). Loading logs each as a
+/// warning; [`Inventory::warnings`] keeps them for callers and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryWarning {
+    pub host: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for InventoryWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "host `{}`: {}: {}", self.host, self.key, self.message)
+    }
+}
+
 /// What the operator's config allows an inventory file to declare.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
@@ -166,6 +190,7 @@ pub struct Inventory {
     hosts: Vec<Host>,
     groups: BTreeMap<String, Group>,
     sources: Vec<PathBuf>,
+    warnings: Vec<InventoryWarning>,
 }
 
 impl Inventory {
@@ -201,6 +226,7 @@ impl Inventory {
             hosts,
             groups,
             sources,
+            warnings: Vec::new(),
         }
     }
 
@@ -236,6 +262,11 @@ impl Inventory {
 
     pub fn sources(&self) -> &[PathBuf] {
         &self.sources
+    }
+
+    /// What loading warned about, in host order.
+    pub fn warnings(&self) -> &[InventoryWarning] {
+        &self.warnings
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {

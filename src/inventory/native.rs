@@ -8,6 +8,7 @@
 //! criticality = "low"
 //! owner = ["ops@example.com"]
 //! depends_on = ["db"]
+//! jump = ["bastion", "ops@gw.example:2222"]   # ProxyJump, first hop first
 //! transport = "ssh"            # or "local", "sim"
 //! identity = "keys/id_ed25519"
 //! vars = { role = "frontend", db_password = "hunter2" }
@@ -21,7 +22,7 @@
 //! The typed keys become the vars Ansible would use (`address` is `ansible_host`,
 //! `port` `ansible_port`, `user` `ansible_user`, `identity`
 //! `ansible_ssh_private_key_file`, `transport` `ansible_connection`), and
-//! `criticality`, `owner`, `depends_on` and `secret_vars` stay vars of those names,
+//! `criticality`, `owner`, `depends_on`, `jump` and `secret_vars` stay vars of those names,
 //! so group vars can set them too and the precedence rules are the same for every
 //! format. Hosts keep file order. This module only reads TOML into a [`RawInventory`].
 use std::fmt;
@@ -115,6 +116,7 @@ struct NativeHost {
     identity: Option<PathBuf>,
     #[serde(default)]
     secret_vars: Vec<String>,
+    jump: Option<OneOrMany>,
 }
 
 #[derive(Deserialize)]
@@ -182,7 +184,7 @@ pub(crate) fn load_into(
         for (k, v) in h.vars.0 {
             raw.set_host_var(&name, &k, toml_to_json(v));
         }
-        let typed: [(&str, Option<Value>); 9] = [
+        let typed: [(&str, Option<Value>); 10] = [
             ("ansible_host", h.address.map(Value::from)),
             ("ansible_port", h.port.map(Value::from)),
             ("ansible_user", h.user.map(Value::from)),
@@ -207,6 +209,7 @@ pub(crate) fn load_into(
             ),
             ("owner", h.owner.map(OneOrMany::into_value)),
             ("depends_on", h.depends_on.map(OneOrMany::into_value)),
+            ("jump", h.jump.map(OneOrMany::into_value)),
             (
                 "secret_vars",
                 (!h.secret_vars.is_empty()).then(|| Value::from(h.secret_vars)),

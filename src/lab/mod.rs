@@ -1,5 +1,6 @@
 //! The lab fleet: real OpenSSH sshd hosts on loopback, each in its own mount
-//! namespace with its own dpkg database (or rpm database, see [`rpm`]), for tests,
+//! namespace with its own dpkg database (or rpm database, see [`rpm`]), or behind
+//! two bastions in a network namespace of their own (see [`bastion`]), for tests,
 //! demos and benchmarks.
 //! It is never used by a real run.
 //!
@@ -11,6 +12,7 @@
 //! killing its init ([`init`]) ends every process it spawned.
 
 pub mod apt;
+pub mod bastion;
 pub mod deb;
 pub mod init;
 pub mod rpm;
@@ -101,6 +103,27 @@ pub struct LabHost {
     /// `/etc/os-release` of its own (see [`rpm`]).
     #[serde(default)]
     pub pkg: PkgDb,
+    /// Where it listens, as its last jump host (or this machine) dials it.
+    #[serde(default = "loopback")]
+    pub address: String,
+    /// The lab hosts to go through to reach it, first hop first (see [`bastion`]).
+    #[serde(default)]
+    pub jump: Vec<String>,
+}
+
+fn loopback() -> String {
+    "127.0.0.1".into()
+}
+
+/// Which network namespace a host's processes live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// This machine's: the host listens on its loopback.
+    Shared,
+    /// A new one, for the inner bastion ([`bastion`]).
+    Own,
+    /// The one the process with this PID created.
+    Join(i32),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +202,34 @@ impl Fleet {
         tie: Tie,
         db: DpkgDb,
     ) -> Result<Fleet, LabError> {
+        Fleet::start_layout(kinds, dir, tie, db, false)
+    }
+
+    /// [`Fleet::start_mixed`] with the hosts (`lab01`…) where only `bastion2` can
+    /// reach them, and the two bastions (dpkg hosts, group `bastion`, the only
+    /// ones that allow TCP forwarding): `bastion1` on loopback, `bastion2`
+    /// reachable from this machine only at its veth address (see [`bastion`]).
+    /// The inventories give every target `jump = ["bastion1", "bastion2"]`.
+    pub fn start_behind_bastions(
+        kinds: &[PkgDb],
+        dir: &Path,
+        tie: Tie,
+        db: DpkgDb,
+    ) -> Result<Fleet, LabError> {
+        Fleet::start_layout(kinds, dir, tie, db, true)
+    }
+
+    fn start_layout(
+        targets: &[PkgDb],
+        dir: &Path,
+        tie: Tie,
+        db: DpkgDb,
+        bastions: bool,
+    ) -> Result<Fleet, LabError> {
+        let lead = if bastions { 2 } else { 0 };
+        let mut kinds = vec![PkgDb::Dpkg; lead];
+        kinds.extend_from_slice(targets);
+        let kinds = &kinds[..];
         let n = kinds.len();
         let has_rpm = kinds.contains(&PkgDb::Rpm);
         preflight()?;
@@ -189,7 +240,11 @@ impl Fleet {
         let dir = std::fs::canonicalize(dir).map_err(LabError::io(dir))?;
         let hosts_dir = dir.join("hosts");
         std::fs::create_dir_all(&hosts_dir).map_err(LabError::io(&hosts_dir))?;
-        let names: Vec<String> = (1..=n).map(host_name).collect();
+        let mut names: Vec<String> = Vec::new();
+        if bastions {
+            names.extend([bastion::OUTER.to_string(), bastion::INNER.to_string()]);
+        }
+        names.extend((1..=targets.len()).map(host_name));
         for name in &names {
             let h = hosts_dir.join(name);
             let _ = std::fs::remove_dir_all(&h);
@@ -241,27 +296,63 @@ impl Fleet {
         let mut pending = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let hdir = hosts_dir.join(name);
-            write_sshd_config(&dir, &hdir, ports[i], penalties)?;
+            // The inner bastion listens on every address of its namespace: the
+            // veth one is added after sshd starts.
+            let listen = if bastions && i == 1 {
+                "0.0.0.0"
+            } else {
+                "127.0.0.1"
+            };
+            write_sshd_config(&dir, &hdir, listen, ports[i], penalties, i < lead)?;
             pending.push((i, name.clone(), hdir, ports[i]));
         }
         validate_configs(&pending)?;
+        // The PID whose network namespace holds bastion2 and the targets.
+        let mut inner_ns = None;
         for (i, name, hdir, port) in &pending {
-            let child = spawn_host(hdir, tie, kinds[*i])?;
-            let (mut groups, criticality) = placement(*i, n);
-            groups.push(kinds[*i].as_str().to_string());
+            let net = match *i {
+                _ if !bastions => Net::Shared,
+                0 => Net::Shared,
+                1 => Net::Own,
+                _ => inner_ns.map_or(Net::Shared, Net::Join),
+            };
+            let jump = match net {
+                Net::Shared => Vec::new(),
+                Net::Own => vec![bastion::OUTER.to_string()],
+                Net::Join(_) => vec![bastion::OUTER.to_string(), bastion::INNER.to_string()],
+            };
+            let (groups, criticality) = if *i < lead {
+                (vec![bastion::GROUP.to_string()], Criticality::Low)
+            } else {
+                let (mut g, c) = placement(*i - lead, n - lead);
+                g.push(kinds[*i].as_str().to_string());
+                (g, c)
+            };
+            let child = spawn_host(hdir, tie, kinds[*i], net)?;
+            let pid = child.id() as i32;
+            fleet.children.push(child);
             fleet.hosts.push(LabHost {
                 name: name.clone(),
                 port: *port,
                 dir: hdir.clone(),
-                unshare_pid: child.id() as i32,
+                unshare_pid: pid,
                 sshd_pid: 0,
-                unshare_start: start_time(child.id() as i32).unwrap_or(0),
+                unshare_start: start_time(pid).unwrap_or(0),
                 sshd_start: 0,
                 groups,
                 criticality,
                 pkg: kinds[*i],
+                address: loopback(),
+                jump,
             });
-            fleet.children.push(child);
+            if net == Net::Own {
+                // Linked once the host is recorded, so a failure still stops it.
+                let outside = bastion::link(pid)?;
+                inner_ns = Some(pid);
+                if let Some(h) = fleet.hosts.last_mut() {
+                    h.address = outside;
+                }
+            }
         }
         fleet.wait_ready()?;
         fleet.write_files()?;
@@ -280,8 +371,15 @@ impl Fleet {
                 if ready[i] {
                     continue;
                 }
-                let addr = SocketAddr::from(([127, 0, 0, 1], h.port));
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // A host behind a bastion is not dialled from here: its sshd writes
+                // its PID file once it listens.
+                let up = if h.jump.is_empty() {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], h.port));
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                } else {
+                    std::fs::metadata(h.dir.join("sshd.pid")).is_ok_and(|m| m.len() > 0)
+                };
+                if up {
                     ready[i] = true;
                     continue;
                 }
@@ -321,7 +419,7 @@ impl Fleet {
             let key = std::fs::read_to_string(&p).map_err(LabError::io(&p))?;
             let mut parts = key.split_whitespace();
             let (kind, blob) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let _ = writeln!(known, "[127.0.0.1]:{} {kind} {blob}", h.port);
+            let _ = writeln!(known, "[{}]:{} {kind} {blob}", h.address, h.port);
         }
         write(&d.join("known_hosts"), &known)?;
         let identity = d.join("id_ed25519");
@@ -332,29 +430,40 @@ impl Fleet {
             let groups: Vec<String> = h.groups.iter().map(|g| format!("{g:?}")).collect();
             let _ = write!(
                 toml,
-                "\n[hosts.{}]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"root\"\n\
+                "\n[hosts.{}]\naddress = \"{}\"\nport = {}\nuser = \"root\"\n\
                  identity = \"{id}\"\ngroups = [{}]\ncriticality = \"{}\"\n\
                  owner = [\"ops@example.com\"]\n",
                 h.name,
+                h.address,
                 h.port,
                 groups.join(", "),
                 h.criticality.as_str()
             );
+            if !h.jump.is_empty() {
+                let jump: Vec<String> = h.jump.iter().map(|j| format!("{j:?}")).collect();
+                let _ = writeln!(toml, "jump = [{}]", jump.join(", "));
+            }
         }
         write(&d.join("inventory.toml"), &toml)?;
 
         let mut ini = String::from("# patchbook lab inventory, Ansible INI\n");
         for h in &self.hosts {
+            let jump = if h.jump.is_empty() {
+                String::new()
+            } else {
+                format!(" ansible_ssh_common_args='-J {}'", h.jump.join(","))
+            };
             let _ = writeln!(
                 ini,
-                "{} ansible_host=127.0.0.1 ansible_port={} ansible_user=root \
-                 ansible_ssh_private_key_file={id} criticality={}",
+                "{} ansible_host={} ansible_port={} ansible_user=root \
+                 ansible_ssh_private_key_file={id} criticality={}{jump}",
                 h.name,
+                h.address,
                 h.port,
                 h.criticality.as_str()
             );
         }
-        for group in ["pilot", "web", "db", "dpkg", "rpm"] {
+        for group in ["pilot", "web", "db", "dpkg", "rpm", bastion::GROUP] {
             let _ = writeln!(ini, "\n[{group}]");
             for h in self
                 .hosts
@@ -425,8 +534,20 @@ impl Fleet {
             .iter()
             .map(|h| {
                 let mut host = Host::new(h.name.clone());
-                host.address = "127.0.0.1".into();
+                host.address = h.address.clone();
                 host.port = h.port;
+                host.jump = h
+                    .jump
+                    .iter()
+                    .filter_map(|j| self.host(j).ok())
+                    .map(|b| crate::inventory::JumpHost {
+                        name: b.name.clone(),
+                        address: b.address.clone(),
+                        port: Some(b.port),
+                        user: Some("root".into()),
+                        identity: Some(self.identity()),
+                    })
+                    .collect();
                 host.user = Some("root".into());
                 host.identity = Some(self.identity());
                 host.groups = h.groups.clone();
@@ -915,10 +1036,18 @@ fn supports_option(option: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn write_sshd_config(dir: &Path, hdir: &Path, port: u16, penalties: bool) -> Result<(), LabError> {
+/// `forwarding`: the host is a bastion and opens direct-tcpip channels.
+fn write_sshd_config(
+    dir: &Path,
+    hdir: &Path,
+    listen: &str,
+    port: u16,
+    penalties: bool,
+    forwarding: bool,
+) -> Result<(), LabError> {
     let mut cfg = format!(
         "# lab host sshd config (written by `patchbook lab up`)\n\
-         ListenAddress 127.0.0.1:{port}\n\
+         ListenAddress {listen}:{port}\n\
          HostKey {hk}\n\
          PidFile {pid}\n\
          AuthorizedKeysFile {ak}\n\
@@ -930,7 +1059,7 @@ fn write_sshd_config(dir: &Path, hdir: &Path, port: u16, penalties: bool) -> Res
          StrictModes no\n\
          UseDNS no\n\
          AllowAgentForwarding no\n\
-         AllowTcpForwarding no\n\
+         AllowTcpForwarding {forward}\n\
          X11Forwarding no\n\
          PrintMotd no\n\
          PrintLastLog no\n\
@@ -943,6 +1072,7 @@ fn write_sshd_config(dir: &Path, hdir: &Path, port: u16, penalties: bool) -> Res
         hk = hdir.join("ssh_host_ed25519_key").display(),
         pid = hdir.join("sshd.pid").display(),
         ak = dir.join("authorized_keys").display(),
+        forward = if forwarding { "local" } else { "no" },
     );
     if penalties {
         cfg.push_str("PerSourcePenalties no\n");
@@ -970,7 +1100,7 @@ fn validate_configs(pending: &[(usize, String, PathBuf, u16)]) -> Result<(), Lab
     Ok(())
 }
 
-fn spawn_host(hdir: &Path, tie: Tie, pkg: PkgDb) -> Result<Child, LabError> {
+fn spawn_host(hdir: &Path, tie: Tie, pkg: PkgDb, net: Net) -> Result<Child, LabError> {
     let mounts = match pkg {
         PkgDb::Dpkg => bind_mounts(hdir),
         PkgDb::Rpm => format!("{} && {}", bind_mounts(hdir), rpm::bind_mounts(hdir)),
@@ -978,7 +1108,18 @@ fn spawn_host(hdir: &Path, tie: Tie, pkg: PkgDb) -> Result<Child, LabError> {
     let script = init::init_script(hdir, &mounts, SSHD);
     let log = hdir.join("sshd.log");
     let log_file = std::fs::File::create(&log).map_err(LabError::io(&log))?;
-    let mut cmd = std::process::Command::new("unshare");
+    let mut cmd = match net {
+        Net::Join(pid) => {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net={}", bastion::netns_path(pid)))
+                .arg("unshare");
+            c
+        }
+        Net::Shared | Net::Own => std::process::Command::new("unshare"),
+    };
+    if net == Net::Own {
+        cmd.arg("--net");
+    }
     cmd.args([
         "--mount",
         "--pid",

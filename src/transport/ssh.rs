@@ -2,25 +2,34 @@
 //! step, with strict host-key checking, real per-command deadlines, capped
 //! capture, a reliable exit status, and uploads re-hashed on the host.
 //!
+//! A host behind bastions (`jump` in the inventory, or ProxyJump in the ssh
+//! client config) is reached hop by hop over direct-tcpip channels from this
+//! process ([`tunnel`]), with its own host-key check and login at every hop.
+//!
 //! It owns connections and byte movement only. It must not interpret what the
 //! commands do, must never add host keys without the explicit opt-in, and never
 //! forwards the agent.
 
 pub mod known_hosts;
+pub mod ssh_config;
+mod tunnel;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
 use ssh2::{BlockDirections, MethodType, Session};
 
 use self::known_hosts::{KnownHosts, Verdict};
+use self::ssh_config::{ClientConfig, HostSettings};
+use self::tunnel::{Tunnel, Wire};
 use super::{quote, Command, Output, Transport, TransportError, Upload};
+use crate::inventory::{Host, JumpHost};
 
 /// Connect timeout when the config names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +47,9 @@ pub struct SshConnector {
     connect_timeout: Duration,
     become_root: bool,
     accept_new_host_keys: bool,
+    /// The ssh client config, or why it could not be read (every connection then
+    /// fails with that message rather than silently ignoring the file).
+    client_config: Option<Arc<Result<ClientConfig, String>>>,
 }
 
 impl SshConnector {
@@ -56,13 +68,25 @@ impl SshConnector {
             .as_deref()
             .and_then(parse_duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        SshConnector {
+        let connector = SshConnector {
             user: ssh.user.clone(),
             identity: ssh.identity.as_ref().map(|p| config.resolve(p)),
             known_hosts,
             connect_timeout,
             become_root: ssh.r#become,
             accept_new_host_keys: false,
+            client_config: None,
+        };
+        match &ssh.config {
+            Some(p) => connector.ssh_config(config.resolve(p)),
+            None => {
+                let default = home().join(".ssh/config");
+                if default.is_file() {
+                    connector.ssh_config(default)
+                } else {
+                    connector
+                }
+            }
         }
     }
 
@@ -75,7 +99,15 @@ impl SshConnector {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             become_root: false,
             accept_new_host_keys: false,
+            client_config: None,
         }
+    }
+
+    /// Reads an OpenSSH client config (`Host` blocks) whose settings apply to
+    /// every host and jump host where the inventory gives none.
+    pub fn ssh_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.client_config = Some(Arc::new(ClientConfig::load(&path.into(), &home())));
+        self
     }
 
     pub fn identity(mut self, path: impl Into<PathBuf>) -> Self {
@@ -104,22 +136,8 @@ impl SshConnector {
     }
 
     /// Connects and authenticates now; the concrete type offers test hooks.
-    pub fn connect_ssh(
-        &self,
-        host: &crate::inventory::Host,
-    ) -> Result<SshTransport, TransportError> {
-        let target = Target {
-            name: host.name.clone(),
-            address: host.address.clone(),
-            port: host.port,
-            user: host
-                .user
-                .clone()
-                .or_else(|| self.user.clone())
-                .unwrap_or_else(super::login_name),
-            identity: host.identity.clone().or_else(|| self.identity.clone()),
-            settings: self.clone(),
-        };
+    pub fn connect_ssh(&self, host: &Host) -> Result<SshTransport, TransportError> {
+        let target = self.target_for(host)?;
         let conn = target.open()?;
         Ok(SshTransport {
             target,
@@ -137,6 +155,97 @@ impl super::Connector for SshConnector {
     }
 }
 
+impl SshConnector {
+    /// What the client config says for `name`.
+    fn lookup(&self, host: &str, name: &str) -> Result<HostSettings, TransportError> {
+        match self.client_config.as_deref() {
+            None => Ok(HostSettings::default()),
+            Some(Ok(c)) => Ok(c.lookup(name)),
+            Some(Err(message)) => Err(TransportError::Other {
+                host: host.to_string(),
+                message: message.clone(),
+            }),
+        }
+    }
+
+    /// The host and its jump hosts as targets. The inventory's values win; the
+    /// client config fills what it leaves open; `[ssh]` and the command line
+    /// come last. An address or port counts as given when the inventory set
+    /// `ansible_host` / `ansible_port` or it differs from the default.
+    fn target_for(&self, host: &Host) -> Result<Target, TransportError> {
+        let s = self.lookup(&host.name, &host.name)?;
+        let address = if host.vars.contains_key("ansible_host") || host.address != host.name {
+            host.address.clone()
+        } else {
+            s.host_name.clone().unwrap_or_else(|| host.address.clone())
+        };
+        let port = if host.vars.contains_key("ansible_port") || host.port != 22 {
+            host.port
+        } else {
+            s.port.unwrap_or(host.port)
+        };
+        let chain: Vec<JumpHost> = match (&host.jump, &s.proxy_jump) {
+            (given, _) if !given.is_empty() => given.clone(),
+            (_, Some(specs)) => specs
+                .iter()
+                .map(|spec| JumpHost::parse(spec))
+                .collect::<Result<_, _>>()
+                .map_err(|message| TransportError::Other {
+                    host: host.name.clone(),
+                    message: format!("ProxyJump in the ssh config: {message}"),
+                })?,
+            _ => Vec::new(),
+        };
+        let mut target = self.target(
+            &host.name,
+            address,
+            port,
+            host.user.clone(),
+            host.identity.clone(),
+            s,
+        );
+        for hop in chain {
+            let s = self.lookup(&host.name, &hop.name)?;
+            let address = if hop.address == hop.name {
+                s.host_name.clone().unwrap_or(hop.address)
+            } else {
+                hop.address
+            };
+            let port = hop.port.or(s.port).unwrap_or(22);
+            target
+                .jump
+                .push(self.target(&hop.name, address, port, hop.user, hop.identity, s));
+        }
+        Ok(target)
+    }
+
+    fn target(
+        &self,
+        name: &str,
+        address: String,
+        port: u16,
+        user: Option<String>,
+        identity: Option<PathBuf>,
+        s: HostSettings,
+    ) -> Target {
+        Target {
+            name: name.to_string(),
+            address,
+            port,
+            user: user
+                .or(s.user)
+                .or_else(|| self.user.clone())
+                .unwrap_or_else(super::login_name),
+            identity: identity.or(s.identity).or_else(|| self.identity.clone()),
+            identities_only: s.identities_only.unwrap_or(false),
+            known_hosts: s.known_hosts.unwrap_or_else(|| self.known_hosts.clone()),
+            connect_timeout: s.connect_timeout.unwrap_or(self.connect_timeout),
+            jump: Vec::new(),
+            settings: self.clone(),
+        }
+    }
+}
+
 /// Everything needed to (re)open one host's session.
 #[derive(Debug, Clone)]
 struct Target {
@@ -145,6 +254,12 @@ struct Target {
     port: u16,
     user: String,
     identity: Option<PathBuf>,
+    /// IdentitiesOnly: with no identity given, the agent is not asked.
+    identities_only: bool,
+    known_hosts: PathBuf,
+    connect_timeout: Duration,
+    /// The bastions to go through, first hop first (empty for a direct host).
+    jump: Vec<Target>,
     settings: SshConnector,
 }
 
@@ -153,12 +268,14 @@ struct Conn {
     sess: Session,
     /// A clone of the session's socket: polled while waiting, shut down to stop a
     /// command at its deadline.
-    sock: TcpStream,
+    sock: Wire,
     sftp: Option<ssh2::Sftp>,
     /// The session shell: one `sh` per host that runs the commands in turn.
     shell: Option<ssh2::Channel>,
     /// Set when the session can no longer be trusted; it is dropped after the call.
     broken: bool,
+    /// The jump hosts under the session; last, so it is dropped after it.
+    _tunnel: Tunnel,
 }
 
 /// One host's SSH transport. The session sits behind a mutex: libssh2 sessions
@@ -204,48 +321,118 @@ impl Target {
     }
 
     fn open(&self) -> Result<Conn, TransportError> {
-        let span = tracing::info_span!("ssh.connect", host = %self.name, address = %self.address, port = self.port);
+        let span = tracing::info_span!("ssh.connect", host = %self.name, address = %self.address, port = self.port, jumps = self.jump.len());
         let _g = span.enter();
         let started = Instant::now();
-        let s = &self.settings;
-        let display = format!("{}:{}", self.address, self.port);
-        let connect_err = |reason: String| TransportError::Connect {
+        let mut tunnel = Tunnel::default();
+        for hop in &self.jump {
+            let wire = self
+                .reach(&mut tunnel, hop)
+                .map_err(|e| self.through(hop, e))?;
+            let (sess, sock) = hop.establish(wire).map_err(|e| self.through(hop, e))?;
+            tunnel.push(&hop.name, sess, sock);
+        }
+        let wire = self.reach(&mut tunnel, self)?;
+        let (sess, sock) = self.establish(wire)?;
+        tracing::debug!(host = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "connected");
+        Ok(Conn {
+            sess,
+            sock,
+            sftp: None,
+            shell: None,
+            broken: false,
+            _tunnel: tunnel,
+        })
+    }
+
+    fn connect_err(&self, reason: String) -> TransportError {
+        TransportError::Connect {
             host: self.name.clone(),
-            address: display.clone(),
+            address: format!("{}:{}", self.address, self.port),
             reason,
-        };
+        }
+    }
+
+    /// A socket to `hop`: a TCP connection from here, or through the tunnel's
+    /// last bastion when there is one.
+    fn reach(&self, tunnel: &mut Tunnel, hop: &Target) -> Result<Wire, TransportError> {
+        if tunnel.last_name().is_some() {
+            return tunnel
+                .open_next(&hop.address, hop.port, hop.connect_timeout)
+                .map_err(|reason| hop.connect_err(reason));
+        }
+        hop.dial().map(Wire::Tcp)
+    }
+
+    /// A jump host's failure as this host's: the host named is the target (the
+    /// run counts it there), the message names the bastion.
+    fn through(&self, hop: &Target, e: TransportError) -> TransportError {
+        let at = format!(
+            "jump host `{}` ({}:{}) on the way",
+            hop.name, hop.address, hop.port
+        );
+        match e {
+            TransportError::HostKey { reason, .. } => TransportError::HostKey {
+                host: self.name.clone(),
+                reason: format!("{at}: {reason}"),
+            },
+            TransportError::Auth { user, reason, .. } => TransportError::Auth {
+                host: self.name.clone(),
+                user,
+                reason: format!("{at}: {reason}"),
+            },
+            TransportError::Connect {
+                address, reason, ..
+            } => TransportError::Connect {
+                host: self.name.clone(),
+                address,
+                reason: format!("{at}: {reason}"),
+            },
+            other => TransportError::Connect {
+                host: self.name.clone(),
+                address: format!("{}:{}", hop.address, hop.port),
+                reason: format!("{at}: {other}"),
+            },
+        }
+    }
+
+    fn dial(&self) -> Result<TcpStream, TransportError> {
         let addrs: Vec<_> = (self.address.as_str(), self.port)
             .to_socket_addrs()
-            .map_err(|e| connect_err(format!("cannot resolve: {e}")))?
+            .map_err(|e| self.connect_err(format!("cannot resolve: {e}")))?
             .collect();
         let mut last = String::from("no address");
-        let mut tcp = None;
         for a in addrs {
-            match TcpStream::connect_timeout(&a, s.connect_timeout) {
+            match TcpStream::connect_timeout(&a, self.connect_timeout) {
                 Ok(t) => {
-                    tcp = Some(t);
-                    break;
+                    let _ = t.set_nodelay(true);
+                    return Ok(t);
                 }
                 Err(e) => last = e.to_string(),
             }
         }
-        let tcp =
-            tcp.ok_or_else(|| connect_err(format!("{last} (timeout {:?})", s.connect_timeout)))?;
-        let _ = tcp.set_nodelay(true);
-        let sock = tcp
-            .try_clone()
-            .map_err(|e| connect_err(format!("cannot clone socket: {e}")))?;
+        Err(self.connect_err(format!("{last} (timeout {:?})", self.connect_timeout)))
+    }
 
-        let known = KnownHosts::load(&s.known_hosts).map_err(|e| TransportError::HostKey {
+    /// Handshake, host-key check and login over `wire`; returns the session and
+    /// a clone of its socket.
+    fn establish(&self, wire: Wire) -> Result<(Session, Wire), TransportError> {
+        let sock = wire
+            .try_clone()
+            .map_err(|e| self.connect_err(format!("cannot clone socket: {e}")))?;
+        let known = KnownHosts::load(&self.known_hosts).map_err(|e| TransportError::HostKey {
             host: self.name.clone(),
-            reason: format!("cannot read known_hosts {}: {e}", s.known_hosts.display()),
+            reason: format!(
+                "cannot read known_hosts {}: {e}",
+                self.known_hosts.display()
+            ),
         })?;
         for skipped in &known.skipped {
             tracing::warn!(host = %self.name, "known_hosts line skipped: {skipped}");
         }
         let mut sess = Session::new().map_err(|e| self.err_ssh("new session", e))?;
-        sess.set_tcp_stream(tcp);
-        sess.set_timeout(millis(s.connect_timeout));
+        wire.attach(&mut sess);
+        sess.set_timeout(millis(self.connect_timeout));
         let recorded = known.recorded_types(&self.address, self.port);
         if !recorded.is_empty() {
             // Offer only what is recorded, so a host that also has another key type
@@ -256,17 +443,10 @@ impl Target {
             }
         }
         sess.handshake()
-            .map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
+            .map_err(|e| self.connect_err(format!("SSH handshake failed: {e}")))?;
         self.check_host_key(&sess, &known)?;
         self.authenticate(&sess)?;
-        tracing::debug!(host = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "connected");
-        Ok(Conn {
-            sess,
-            sock,
-            sftp: None,
-            shell: None,
-            broken: false,
-        })
+        Ok((sess, sock))
     }
 
     fn check_host_key(&self, sess: &Session, known: &KnownHosts) -> Result<(), TransportError> {
@@ -297,7 +477,7 @@ impl Target {
                  the new one (--accept-new-host-keys never replaces a changed key)"
             ))),
             Verdict::Unknown if self.settings.accept_new_host_keys => {
-                KnownHosts::append(&self.settings.known_hosts, &self.address, self.port, &key_type, &blob)
+                KnownHosts::append(&self.known_hosts, &self.address, self.port, &key_type, &blob)
                     .map_err(|e| refuse(format!("cannot record the new key in {file}: {e}")))?;
                 tracing::warn!(host = %self.name, key_type = %key_type, fingerprint = %fp,
                     "accepted new host key for {pattern} and appended it to {file}");
@@ -338,7 +518,7 @@ impl Target {
             });
         }
         let mut tried = Vec::new();
-        if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        if !self.identities_only && std::env::var_os("SSH_AUTH_SOCK").is_some() {
             match sess.userauth_agent(user) {
                 Ok(()) => return Ok(()),
                 Err(e) => tried.push(format!("agent: {e}")),

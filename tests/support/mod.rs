@@ -75,8 +75,23 @@ pub fn shared_fleet(n: usize) -> &'static Fleet {
 /// [`shared_fleet`] with one host per entry of `kinds`, each with that package
 /// database (see `Fleet::start_mixed`).
 pub fn shared_fleet_of(kinds: &[patchbook::lab::PkgDb]) -> &'static Fleet {
-    let n = kinds.len();
     let kinds = kinds.to_vec();
+    shared_fleet_by(move |d| {
+        Fleet::start_mixed(
+            &kinds,
+            d,
+            patchbook::lab::Tie::ToStartingThread,
+            patchbook::lab::DpkgDb::Machine,
+        )
+    })
+}
+
+/// [`shared_fleet`] started by `start` in the shared folder (the first caller's
+/// `start` wins), e.g. `Fleet::start_behind_bastions`.
+pub fn shared_fleet_by<F>(start: F) -> &'static Fleet
+where
+    F: FnOnce(&Path) -> Result<Fleet, patchbook::lab::LabError> + Send + 'static,
+{
     let (fleet, _) = SHARED.get_or_init(|| {
         require_lab();
         let dir = tempfile::Builder::new()
@@ -89,12 +104,7 @@ pub fn shared_fleet_of(kinds: &[patchbook::lab::PkgDb]) -> &'static Fleet {
         let (tx, rx) = std::sync::mpsc::channel();
         let d = dir.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(Fleet::start_mixed(
-                &kinds,
-                &d,
-                patchbook::lab::Tie::ToStartingThread,
-                patchbook::lab::DpkgDb::Machine,
-            ));
+            let _ = tx.send(start(&d));
             loop {
                 std::thread::park();
             }
@@ -102,7 +112,7 @@ pub fn shared_fleet_of(kinds: &[patchbook::lab::PkgDb]) -> &'static Fleet {
         let fleet = rx
             .recv()
             .expect("lab thread")
-            .unwrap_or_else(|e| panic!("lab up {n}: {e}"));
+            .unwrap_or_else(|e| panic!("lab up: {e}"));
         // SAFETY: registering a plain extern "C" fn with atexit.
         unsafe {
             libc::atexit(stop_shared);
