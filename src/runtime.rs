@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ConfigSource};
 use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
 use crate::journal::Secrets;
 use crate::transport::local::LocalTransport;
@@ -68,13 +68,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn build(opts: &Options) -> Result<Self, RuntimeError> {
-        let config = match &opts.config {
-            Some(p) => Config::load(p)?,
-            None if Path::new("patchbook.toml").exists() => {
-                Config::load(Path::new("patchbook.toml"))?
-            }
-            None => Config::defaults_in(Path::new(".")),
-        };
+        let (config, _) = load_config(opts)?;
         let inventory_paths: Vec<PathBuf> = if opts.inventories.is_empty() {
             config.inventory.iter().map(|p| config.resolve(p)).collect()
         } else {
@@ -178,9 +172,16 @@ impl Runtime {
     }
 }
 
+/// The config the command line points at (see [`Config::locate`]): `--config`,
+/// else the nearest `patchbook.toml` from the current folder upwards.
+pub fn load_config(opts: &Options) -> Result<(Config, ConfigSource), ConfigError> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    Config::locate(opts.config.as_deref(), &cwd)
+}
+
 /// The SSH connector from `[ssh]`, with the command line's options over it: an
 /// `--identity` or `--known-hosts` given there wins over the config's.
-fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
+pub fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
     let mut ssh = SshConnector::from_config(config).accept_new_host_keys(opts.accept_new_host_keys);
     if let Some(identity) = &opts.identity {
         ssh = ssh.identity(identity.clone());

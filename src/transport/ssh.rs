@@ -103,6 +103,15 @@ impl SshConnector {
         self
     }
 
+    /// The known_hosts file checked (after defaults and overrides).
+    pub fn known_hosts_path(&self) -> &Path {
+        &self.known_hosts
+    }
+    /// How long a connection may take to open (after defaults and overrides).
+    pub fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Connects and authenticates now; the concrete type offers test hooks.
     pub fn connect_ssh(
         &self,
