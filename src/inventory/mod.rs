@@ -61,6 +61,19 @@ pub enum TransportKind {
     Sim,
 }
 
+/// How a host's commands run as another user: `ansible_become`,
+/// `ansible_become_user` and `ansible_become_password` (native: `become`,
+/// `become_user`, `become_password`). The method is always sudo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Become {
+    /// The user commands run as; default `root`.
+    pub user: String,
+    /// A secret reference as written (`${env:NAME}` or `${file:PATH}`), never a
+    /// password: the transport reads it when it connects. `None`: sudo needs no
+    /// password (NOPASSWD) or the login user is already `user`.
+    pub password: Option<String>,
+}
+
 /// One host as the rest of patchbook sees it: every var already merged with
 /// Ansible's precedence (host over child group over parent group over `all`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +100,10 @@ pub struct Host {
     pub identity: Option<PathBuf>,
     /// Names of vars whose values are secret and must be shown as `***`.
     pub secret_vars: Vec<String>,
+    /// Run commands as another user through sudo; `None`: as the login user
+    /// (or root through `[ssh] become`).
+    #[serde(default, rename = "become")]
+    pub r#become: Option<Become>,
 }
 
 impl Host {
@@ -106,6 +123,7 @@ impl Host {
             transport: TransportKind::Ssh,
             identity: None,
             secret_vars: Vec::new(),
+            r#become: None,
         }
     }
 
