@@ -192,11 +192,16 @@ pub fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
     ssh
 }
 
-/// Values the config and inventory mark secret: notification credentials and the
-/// values of each host's `secret_vars`.
+/// Values the config and inventory mark secret: notification credentials, become
+/// passwords and the values of each host's `secret_vars`.
 pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String> {
     let mut out = config.notify.secrets();
     for h in inventory.hosts() {
+        // Become passwords are references in the inventory; their values (when
+        // they can be read now) are hidden from the start, before any connection.
+        if let Some(reference) = h.r#become.as_ref().and_then(|b| b.password.as_ref()) {
+            let _ = crate::journal::expand(reference, &mut out);
+        }
         for name in &h.secret_vars {
             if let Some(v) = h.vars.get(name) {
                 out.push(match v {

@@ -14,6 +14,7 @@ pub mod apt;
 pub mod deb;
 pub mod init;
 pub mod rpm;
+pub mod sudo;
 
 pub use rpm::{Packaging, PkgDb};
 
@@ -921,7 +922,7 @@ fn write_sshd_config(dir: &Path, hdir: &Path, port: u16, penalties: bool) -> Res
          ListenAddress 127.0.0.1:{port}\n\
          HostKey {hk}\n\
          PidFile {pid}\n\
-         AuthorizedKeysFile {ak}\n\
+         AuthorizedKeysFile {ak} .ssh/authorized_keys\n\
          PubkeyAuthentication yes\n\
          PasswordAuthentication no\n\
          KbdInteractiveAuthentication no\n\
