@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use base64::Engine as _;
-use patchbook::lab::Fleet;
+use patchbook::lab::{Fleet, SudoRule};
 
 const RIGHT: &str = "Sudo-c4n4ry-pw 'x$y";
 const WRONG: &str = "Wr0ng-c4n4ry-pw";
@@ -39,11 +39,15 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 5 }, |host| {
 
 fn fleet() -> &'static Fleet {
     static USERS: std::sync::Once = std::sync::Once::new();
-    let fleet = support::shared_fleet(2);
+    let fleet = support::shared_fleet(3);
     USERS.call_once(|| {
-        for h in ["lab01", "lab02"] {
+        for (h, rule) in [
+            ("lab01", SudoRule::Password),
+            ("lab02", SudoRule::Password),
+            ("lab03", SudoRule::NoPassword),
+        ] {
             fleet
-                .add_sudo_user(h, USER, RIGHT)
+                .add_sudo_user(h, USER, RIGHT, rule)
                 .unwrap_or_else(|e| panic!("{h}: {e}"));
         }
     });
@@ -225,5 +229,52 @@ fn a_become_password_written_in_the_inventory_is_refused_without_showing_it() {
     assert!(
         outputs.contains("host `lab01`: ansible_become_method=su is not supported"),
         "{outputs}"
+    );
+}
+
+#[test]
+fn without_a_password_prompt_the_password_line_never_reaches_a_command() {
+    // lab03's sudoers rule is NOPASSWD: sudo reads no password, so the password
+    // line fed on stdin is left for the gate, which must drop it.
+    let fleet = fleet();
+    fleet.reseed("lab03").unwrap();
+    let dir = project(fleet, &["lab03"]);
+    let out = run(fleet, dir.path(), RIGHT, &[]);
+    let outputs = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{outputs}");
+    let note = fleet
+        .host("lab03")
+        .unwrap()
+        .dir
+        .join("etc-acme/become-note");
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "written as root\n");
+    assert_eq!(
+        fleet.installed_version("lab03", "acme-agent").unwrap(),
+        Some("1.0.1".into())
+    );
+    assert_nowhere(RIGHT, &outputs, dir.path());
+
+    // The global `[ssh] become`: every host as root through `sudo -n`, no password.
+    fleet.reseed("lab03").unwrap();
+    assert!(!note.exists(), "reseed leaves the note");
+    let inv = dir.path().join("hosts.ini");
+    let plain: String = std::fs::read_to_string(&inv)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("ansible_become"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&inv, plain).unwrap();
+    let config = dir.path().join("patchbook.toml");
+    let settings = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[ssh]\n", "[ssh]\nbecome = true\n");
+    std::fs::write(&config, settings).unwrap();
+    let out = run(fleet, dir.path(), RIGHT, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&note).unwrap().uid(), 0);
+    assert_eq!(
+        fleet.installed_version("lab03", "acme-agent").unwrap(),
+        Some("1.0.1".into())
     );
 }

@@ -17,6 +17,7 @@ pub mod rpm;
 pub mod sudo;
 
 pub use rpm::{Packaging, PkgDb};
+pub use sudo::SudoRule;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

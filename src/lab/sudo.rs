@@ -19,11 +19,27 @@ use super::{quote, write, Fleet, LabError};
 /// First user and group id tried for a lab login user.
 const FIRST_ID: u32 = 2000;
 
+/// What sudo asks of the lab user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SudoRule {
+    /// The user's password, as most fleets require.
+    Password,
+    /// Nothing (`NOPASSWD: ALL`), as `[ssh] become` requires.
+    NoPassword,
+}
+
 impl Fleet {
-    /// Gives host `name` a login user `user` (the lab's key, a home in `/home`)
-    /// who may run anything as root through sudo after typing `password`. The
-    /// host keeps running; only its own view of the accounts changes.
-    pub fn add_sudo_user(&self, name: &str, user: &str, password: &str) -> Result<(), LabError> {
+    /// Gives host `name` a login user `user` (the lab's key, a home in `/home`,
+    /// `password` as its password) who may run anything as root through sudo, as
+    /// `rule` says. The host keeps running; only its own view of the accounts
+    /// changes.
+    pub fn add_sudo_user(
+        &self,
+        name: &str,
+        user: &str,
+        password: &str,
+        rule: SudoRule,
+    ) -> Result<(), LabError> {
         if user.is_empty()
             || !user
                 .bytes()
@@ -63,12 +79,16 @@ impl Fleet {
         )?;
         set_mode(&shadow_path, 0o640)?;
         // Lab hosts have no mailer: no mail about a wrong password either.
-        let rule = sudoers.join(user);
+        let tag = match rule {
+            SudoRule::Password => "",
+            SudoRule::NoPassword => "NOPASSWD: ",
+        };
+        let rule_file = sudoers.join(user);
         write(
-            &rule,
-            &format!("{user} ALL=(ALL:ALL) ALL\nDefaults:{user} !mail_badpass\n"),
+            &rule_file,
+            &format!("{user} ALL=(ALL:ALL) {tag}ALL\nDefaults:{user} !mail_badpass\n"),
         )?;
-        set_mode(&rule, 0o440)?;
+        set_mode(&rule_file, 0o440)?;
         let keys = ssh.join("authorized_keys");
         let controller = self.dir().join("authorized_keys");
         std::fs::copy(&controller, &keys).map_err(LabError::io(&controller))?;
