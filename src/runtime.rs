@@ -111,6 +111,27 @@ impl Runtime {
 
     /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.
     pub fn targets(&self, selector: &str) -> Result<Vec<Host>, InventoryError> {
+        if self.inventory.sources().is_empty() {
+            // Said on every selection, not once: a run from the wrong folder must
+            // not look like a fleet with nothing to do.
+            let why = match &self.config.sha256 {
+                None => format!(
+                    "no {} in {} or any parent",
+                    crate::config::origin::FILE_NAME,
+                    self.config.base_dir.display()
+                ),
+                Some(_) => format!(
+                    "{} sets no `inventory`",
+                    self.config
+                        .base_dir
+                        .join(crate::config::origin::FILE_NAME)
+                        .display()
+                ),
+            };
+            tracing::warn!(
+                "no inventory: no -i given and {why}; selecting `{selector}` finds no host"
+            );
+        }
         let mut hosts: Vec<Host> = self
             .inventory
             .select(selector)?

@@ -257,7 +257,19 @@ fn without_a_password_prompt_the_password_line_never_reaches_a_command() {
     // The global `[ssh] become`: every host as root through `sudo -n`, no password.
     fleet.reseed("lab03").unwrap();
     assert!(!note.exists(), "reseed leaves the note");
-    let inv = dir.path().join("hosts.ini");
+    global_become_only(dir.path());
+    let out = run(fleet, dir.path(), RIGHT, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&note).unwrap().uid(), 0);
+    assert_eq!(
+        fleet.installed_version("lab03", "acme-agent").unwrap(),
+        Some("1.0.1".into())
+    );
+}
+
+/// Drops the inventory's become vars and sets `[ssh] become = true` instead.
+fn global_become_only(dir: &Path) {
+    let inv = dir.join("hosts.ini");
     let plain: String = std::fs::read_to_string(&inv)
         .unwrap()
         .lines()
@@ -265,16 +277,28 @@ fn without_a_password_prompt_the_password_line_never_reaches_a_command() {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&inv, plain).unwrap();
-    let config = dir.path().join("patchbook.toml");
+    let config = dir.join("patchbook.toml");
     let settings = std::fs::read_to_string(&config)
         .unwrap()
         .replace("[ssh]\n", "[ssh]\nbecome = true\n");
     std::fs::write(&config, settings).unwrap();
+}
+
+#[test]
+fn the_global_become_where_sudo_wants_a_password_fails_the_host_saying_so() {
+    let fleet = fleet();
+    let dir = project(fleet, &["lab02"]);
+    global_become_only(dir.path());
     let out = run(fleet, dir.path(), RIGHT, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(std::fs::metadata(&note).unwrap().uid(), 0);
+    let outputs = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{outputs}");
+    assert!(
+        outputs.contains("lab02: cannot become root with sudo: sudo -n refused")
+            && outputs.contains("sudo wants a password of deploy here"),
+        "{outputs}"
+    );
     assert_eq!(
-        fleet.installed_version("lab03", "acme-agent").unwrap(),
-        Some("1.0.1".into())
+        fleet.installed_version("lab02", "acme-agent").unwrap(),
+        Some("1.0.0".into())
     );
 }

@@ -167,3 +167,18 @@ fn without_any_config_every_value_is_a_default_and_says_so() {
     assert!(s.values().all(|(_, origin)| !origin.contains(".toml:")));
     assert_eq!(s["forks"], (Value::from(50), "default".to_string()));
 }
+
+#[test]
+fn selecting_hosts_without_any_inventory_says_why() {
+    let dir = tempfile::Builder::new()
+        .prefix("no-inventory-")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    let out = patchbook_at(dir.path(), &["exec", "all", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no inventory: no -i given and no patchbook.toml in")
+            && stderr.contains("selecting `all` finds no host"),
+        "{stderr}"
+    );
+}

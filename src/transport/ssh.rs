@@ -251,7 +251,7 @@ struct Conn {
 pub struct SshTransport {
     target: Target,
     conn: Mutex<Option<Conn>>,
-    /// Set once sudo accepted the password (see [`SshTransport::check_sudo`]).
+    /// Set once sudo agreed to run commands (see [`SshTransport::check_sudo`]).
     sudo_checked: AtomicBool,
 }
 
@@ -905,28 +905,34 @@ impl SshTransport {
         }
     }
 
-    /// Asks sudo once whether it takes the password, before the first command that
-    /// needs it. `-k` makes sudo ask even if a ticket is still valid, so a wrong
-    /// password fails here, with sudo's own words, before any command's input
-    /// could be read as a password attempt. A NOPASSWD rule passes without asking.
+    /// Asks sudo once per transport, before the first command, whether it will run
+    /// commands as the become user, so that a refusal fails the host with sudo's
+    /// own words instead of as some command's odd exit. With a password, `-k`
+    /// makes sudo ask for it even if a ticket is still valid, so a wrong password
+    /// fails here, before any command's input could be read as a password attempt;
+    /// a NOPASSWD rule passes without asking. Without one, `sudo -n` fails at once
+    /// where sudo would want a password.
     fn check_sudo(&self) -> Result<(), TransportError> {
         let Some(sudo) = self.sudo() else {
-            return Ok(());
-        };
-        let Some((password, reference)) = &sudo.password else {
             return Ok(());
         };
         if self.sudo_checked.load(Ordering::Acquire) {
             return Ok(());
         }
         let marker = sentinel_marker();
-        let argv = sudo_argv(&["-S", "-k", "-p", ""], &sudo.user, &sv(&["true"]));
-        let shell = format!(
-            "( printf '%s\\n' {} | {} ) </dev/null; {}\n",
-            quote::word(&password.0),
-            quote::argv(&argv),
-            sentinel_code(&marker)
-        );
+        let shell = match &sudo.password {
+            Some((password, _)) => format!(
+                "( printf '%s\\n' {} | {} ) </dev/null; {}\n",
+                quote::word(&password.0),
+                quote::argv(&sudo_argv(
+                    &["-S", "-k", "-p", ""],
+                    &sudo.user,
+                    &sv(&["true"])
+                )),
+                sentinel_code(&marker)
+            ),
+            None => shell_line(&sudo_argv(&["-n"], &sudo.user, &sv(&["true"])), &marker),
+        };
         let wire = Wire {
             shell,
             exec: String::new(),
@@ -934,7 +940,7 @@ impl SshTransport {
         };
         let cap = 64 * 1024;
         let out = self.exec_wire(
-            &format!("sudo -k -u {} true", sudo.user),
+            &format!("sudo -u {} true", sudo.user),
             IO_WAIT,
             cap,
             &marker,
@@ -945,29 +951,30 @@ impl SshTransport {
             self.sudo_checked.store(true, Ordering::Release);
             return Ok(());
         }
-        let said: Vec<String> = out
+        let said = out
             .stderr_str()
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(crate::journal::scrub)
-            .collect();
-        let reason = if out.code == 127 {
-            format!(
-                "sudo is not installed on the host ({}); install it, or log in as {} instead",
-                said.join("; "),
+            .collect::<Vec<_>>()
+            .join("; ");
+        let login = &self.target.user;
+        let reason = match &sudo.password {
+            _ if out.code == 127 => format!(
+                "sudo is not installed on the host ({said}); install it, or log in as {} instead",
                 sudo.user
-            )
-        } else {
-            format!(
-                "sudo refused (exit {}): {}; check that {reference} holds the sudo password of \
-                 {} on this host and that sudoers lets {} run commands as {}",
-                out.code,
-                said.join("; "),
-                self.target.user,
-                self.target.user,
-                sudo.user
-            )
+            ),
+            Some((_, reference)) => format!(
+                "sudo refused (exit {}): {said}; check that {reference} holds the sudo password \
+                 of {login} on this host and that sudoers lets {login} run commands as {}",
+                out.code, sudo.user
+            ),
+            None => format!(
+                "sudo -n refused (exit {}): {said}; sudo wants a password of {login} here: give \
+                 the host ansible_become_password=${{env:NAME}}, or a NOPASSWD sudoers rule",
+                out.code
+            ),
         };
         Err(TransportError::Become {
             host: self.target.name.clone(),
