@@ -860,9 +860,9 @@ impl SshTransport {
     /// Per-command passwords (rather than one `sudo -v` and `sudo -n` after) do not
     /// depend on sudo's ticket: its lifetime (`timestamp_timeout`) and scope
     /// (per tty, or per parent process without one) differ from host to host.
-    fn wire<'a>(&self, cmd: &'a Command, marker: &str) -> Wire<'a> {
+    fn wire<'a>(sudo: Option<&Sudo>, cmd: &'a Command, marker: &str) -> Wire<'a> {
         let own_input = || cmd.stdin.as_deref().map(Cow::Borrowed);
-        let Some(sudo) = self.sudo() else {
+        let Some(sudo) = sudo else {
             let shell = cmd
                 .inline
                 .then(|| inline_line(&cmd.argv, marker))
@@ -996,7 +996,7 @@ impl SshTransport {
         }
         self.check_sudo()?;
         let marker = sentinel_marker();
-        let wire = self.wire(cmd, &marker);
+        let wire = Self::wire(self.sudo(), cmd, &marker);
         self.exec_wire(
             &quote::argv(&cmd.argv),
             cmd.timeout,
@@ -1584,6 +1584,98 @@ mod tests {
         assert_eq!(out.status.code(), Some(3));
         let (o, code, _) = frame(&marker, &out.stdout, 3);
         assert_eq!((o.len(), code), (0, Some(3)));
+    }
+
+    /// Runs `sh -c line` (or `sh` reading `line`) with a stand-in `sudo` first on
+    /// PATH: it reads one password line when `asks` (as sudo does when it
+    /// prompts) and fails unless it is `want`, then runs what follows `--`.
+    fn with_fake_sudo(asks: bool, want: &str, wire: &Wire<'_>) -> std::process::Output {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("sudo");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nif [ -n \"$FAKE_ASKS\" ]; then IFS= read -r pw; \
+             [ \"$pw\" = \"$FAKE_WANTS\" ] || exit 1; fi\n\
+             while [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut sh = std::process::Command::new("sh");
+        let input = match &wire.stdin {
+            Some(bytes) => {
+                sh.arg("-c").arg(&wire.exec);
+                bytes.to_vec()
+            }
+            None => wire.shell.clone().into_bytes(),
+        };
+        if asks {
+            sh.env("FAKE_ASKS", "1");
+        }
+        let mut child = sh
+            .env("PATH", path)
+            .env("FAKE_WANTS", want)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn a_sudo_password_goes_to_sudo_on_stdin_and_never_to_the_command() {
+        let pw = "p w'x $(id) \\";
+        let sudo = Sudo {
+            user: "root".into(),
+            password: Some((Password(pw.into()), "${env:PW}".into())),
+        };
+        assert_eq!(format!("{sudo:?}").matches(pw).count(), 0, "{sudo:?}");
+        for asks in [true, false] {
+            // A command with input: its own channel, the password first on it.
+            let marker = sentinel_marker();
+            let cmd = Command::new(["sh", "-c", "cat; echo end"]).stdin(b"data\nmore".to_vec());
+            let wire = SshTransport::wire(Some(&sudo), &cmd, &marker);
+            assert!(!wire.exec.contains(pw), "password in the exec line");
+            let out = with_fake_sudo(asks, pw, &wire);
+            let (o, code, _) = frame(&marker, &out.stdout, 4096);
+            assert_eq!(
+                (String::from_utf8_lossy(&o).as_ref(), code),
+                ("data\nmoreend\n", Some(0)),
+                "asks={asks}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // A command of the session shell: no input of its own at all.
+            let marker = sentinel_marker();
+            let cmd = Command::new(["sh", "-c", "cat; echo end"]);
+            let wire = SshTransport::wire(Some(&sudo), &cmd, &marker);
+            let out = with_fake_sudo(asks, pw, &wire);
+            let (o, code, _) = frame(&marker, &out.stdout, 4096);
+            assert_eq!(
+                (o.as_slice(), code),
+                (&b"end\n"[..], Some(0)),
+                "asks={asks}"
+            );
+        }
+        // Without a password: `sudo -n`, and the command's input untouched.
+        let sudo = Sudo {
+            user: "app".into(),
+            password: None,
+        };
+        let cmd = Command::new(["true"]).stdin(b"x".to_vec());
+        let wire = SshTransport::wire(Some(&sudo), &cmd, &sentinel_marker());
+        assert!(
+            wire.exec.starts_with("sudo -n -u app -- true"),
+            "{}",
+            wire.exec
+        );
+        assert_eq!(wire.stdin.as_deref(), Some(&b"x"[..]));
     }
 
     #[test]
