@@ -15,8 +15,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod notify;
+pub mod origin;
 
 pub use notify::NotifyConfig;
+pub use origin::ConfigSource;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,6 +255,18 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
         Ok(cfg)
+    }
+
+    /// The config a command uses: `--config` when given, else the first
+    /// `patchbook.toml` from `cwd` upwards, else every default with paths relative
+    /// to `cwd`. Also says which of the three it was.
+    pub fn locate(flag: Option<&Path>, cwd: &Path) -> Result<(Self, ConfigSource), ConfigError> {
+        let source = origin::locate(flag, cwd);
+        let config = match source.path() {
+            Some(p) => Config::load(p)?,
+            None => Config::defaults_in(cwd),
+        };
+        Ok((config, source))
     }
 
     /// Config for a folder with no `patchbook.toml`: every default.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ConfigSource};
 use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
 use crate::journal::Secrets;
 use crate::transport::local::LocalTransport;
@@ -68,13 +68,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn build(opts: &Options) -> Result<Self, RuntimeError> {
-        let config = match &opts.config {
-            Some(p) => Config::load(p)?,
-            None if Path::new("patchbook.toml").exists() => {
-                Config::load(Path::new("patchbook.toml"))?
-            }
-            None => Config::defaults_in(Path::new(".")),
-        };
+        let (config, _) = load_config(opts)?;
         let inventory_paths: Vec<PathBuf> = if opts.inventories.is_empty() {
             config.inventory.iter().map(|p| config.resolve(p)).collect()
         } else {
@@ -117,6 +111,27 @@ impl Runtime {
 
     /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.
     pub fn targets(&self, selector: &str) -> Result<Vec<Host>, InventoryError> {
+        if self.inventory.sources().is_empty() {
+            // Said on every selection, not once: a run from the wrong folder must
+            // not look like a fleet with nothing to do.
+            let why = match &self.config.sha256 {
+                None => format!(
+                    "no {} in {} or any parent",
+                    crate::config::origin::FILE_NAME,
+                    self.config.base_dir.display()
+                ),
+                Some(_) => format!(
+                    "{} sets no `inventory`",
+                    self.config
+                        .base_dir
+                        .join(crate::config::origin::FILE_NAME)
+                        .display()
+                ),
+            };
+            tracing::warn!(
+                "no inventory: no -i given and {why}; selecting `{selector}` finds no host"
+            );
+        }
         let mut hosts: Vec<Host> = self
             .inventory
             .select(selector)?
@@ -178,9 +193,16 @@ impl Runtime {
     }
 }
 
+/// The config the command line points at (see [`Config::locate`]): `--config`,
+/// else the nearest `patchbook.toml` from the current folder upwards.
+pub fn load_config(opts: &Options) -> Result<(Config, ConfigSource), ConfigError> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    Config::locate(opts.config.as_deref(), &cwd)
+}
+
 /// The SSH connector from `[ssh]`, with the command line's options over it: an
 /// `--identity` or `--known-hosts` given there wins over the config's.
-fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
+pub fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
     let mut ssh = SshConnector::from_config(config).accept_new_host_keys(opts.accept_new_host_keys);
     if let Some(identity) = &opts.identity {
         ssh = ssh.identity(identity.clone());
@@ -191,11 +213,16 @@ fn ssh_connector(config: &Config, opts: &Options) -> SshConnector {
     ssh
 }
 
-/// Values the config and inventory mark secret: notification credentials and the
-/// values of each host's `secret_vars`.
+/// Values the config and inventory mark secret: notification credentials, become
+/// passwords and the values of each host's `secret_vars`.
 pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String> {
     let mut out = config.notify.secrets();
     for h in inventory.hosts() {
+        // Become passwords are references in the inventory; their values (when
+        // they can be read now) are hidden from the start, before any connection.
+        if let Some(reference) = h.r#become.as_ref().and_then(|b| b.password.as_ref()) {
+            let _ = crate::journal::expand(reference, &mut out);
+        }
         for name in &h.secret_vars {
             if let Some(v) = h.vars.get(name) {
                 out.push(match v {

@@ -213,6 +213,82 @@ fn criticality_may_come_from_group_vars() {
     assert_eq!(inv.host("db2").unwrap().criticality, Criticality::Low);
 }
 
+#[test]
+fn become_comes_from_host_and_group_vars_in_every_format() {
+    use patchbook::inventory::Become;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("b.yml");
+    std::fs::write(
+        &yaml,
+        "all:\n  children:\n    web:\n      vars:\n        ansible_become: true\n        \
+         ansible_become_pass: \"${file:/etc/pb/web-sudo}\"\n      hosts:\n        w1: {}\n        \
+         w2: { ansible_become_user: app }\n        w3: { ansible_become: false }\n    db:\n      \
+         hosts:\n        d1: {}\n",
+    )
+    .unwrap();
+    let toml = dir.path().join("n.toml");
+    std::fs::write(
+        &toml,
+        "[hosts.n1]\nbecome = true\nbecome_password = \"${env:N1_SUDO}\"\n\
+         [hosts.n2]\ngroups = [\"ops\"]\n[groups.ops]\nvars = { ansible_become = \"yes\" }\n",
+    )
+    .unwrap();
+    let inv = Inventory::load(&[yaml, toml]).unwrap();
+    let become_of = |h: &str| inv.host(h).unwrap().r#become.clone();
+    let web = |user: &str| {
+        Some(Become {
+            user: user.into(),
+            password: Some("${file:/etc/pb/web-sudo}".into()),
+        })
+    };
+    assert_eq!(become_of("w1"), web("root"));
+    assert_eq!(become_of("w2"), web("app"));
+    assert_eq!(become_of("w3"), None);
+    assert_eq!(become_of("d1"), None);
+    assert_eq!(
+        become_of("n1"),
+        Some(Become {
+            user: "root".into(),
+            password: Some("${env:N1_SUDO}".into()),
+        })
+    );
+    assert_eq!(
+        become_of("n2"),
+        Some(Become {
+            user: "root".into(),
+            password: None,
+        })
+    );
+}
+
+#[test]
+fn become_problems_name_the_host_and_key_and_never_the_password() {
+    let m = load_err(
+        "m.ini",
+        "h1 ansible_become=true ansible_become_method=doas\n",
+    );
+    assert!(
+        m.contains("host `h1`: ansible_become_method=doas is not supported"),
+        "{m}"
+    );
+    let m = load_err(
+        "p.ini",
+        "h2 ansible_become=true ansible_become_password=hunter2-plain\n",
+    );
+    assert!(
+        m.contains("host `h2`: ansible_become_password must be a secret reference"),
+        "{m}"
+    );
+    assert!(!m.contains("hunter2-plain"), "{m}");
+    let m = load_err(
+        "t.toml",
+        "[hosts.h3]\nbecome = true\nbecome_password = \"{{ vault_pw }}\"\n",
+    );
+    assert!(m.contains("host `h3`") && !m.contains("vault_pw"), "{m}");
+    let m = load_err("f.ini", "h4 ansible_become=maybe\n");
+    assert!(m.contains("ansible_become must be true or false"), "{m}");
+}
+
 fn load_err(name: &str, text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join(name);

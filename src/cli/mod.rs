@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod config;
 pub mod progress;
 pub mod run;
 pub mod terminal;
@@ -36,7 +37,7 @@ pub struct Global {
     /// Inventory file (native TOML, Ansible INI or YAML); repeatable.
     #[arg(short = 'i', long = "inventory", global = true)]
     pub inventory: Vec<PathBuf>,
-    /// Config file (default: patchbook.toml when present).
+    /// Config file (default: the first patchbook.toml in the current folder or a parent).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// State directory for journals, backups and the artifact cache.
@@ -113,6 +114,9 @@ pub enum Verb {
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
     },
+    /// Print the settings in force and where each comes from (file and line,
+    /// command-line flag, or default).
+    Config,
     /// Inspect the inventory.
     #[command(subcommand)]
     Inventory(InventoryVerb),
@@ -275,6 +279,7 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
+        Verb::Config => config::show(&cli),
         Verb::Run {
             playbook,
             resume,
@@ -378,14 +383,8 @@ fn report(
 
 /// `patchbook docs`: definition files for editors; needs no inventory.
 fn docs(cli: &Cli, out: &Path) -> Result<ExitCode, CliError> {
-    let limits = match &cli.global.config {
-        Some(p) => {
-            crate::config::Config::load(p)
-                .map_err(RuntimeError::from)?
-                .limits
-        }
-        None => crate::script::Limits::default(),
-    };
+    let (config, _) = crate::runtime::load_config(&cli.options()).map_err(RuntimeError::from)?;
+    let limits = config.limits;
     let files =
         crate::script::docs::write(out, &limits).map_err(|e| CliError::Other(e.to_string()))?;
     if !cli.global.quiet {

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::jump::{self, JumpHost};
-use super::{Criticality, Group, Host, Inventory, InventoryError, InventoryWarning, TransportKind};
+use super::{
+    Become, Criticality, Group, Host, Inventory, InventoryError, InventoryWarning, TransportKind,
+};
 
 pub(crate) type Vars = BTreeMap<String, Value>;
 
@@ -562,8 +564,90 @@ fn host_from_vars(
         host.secret_vars = string_list(v)
             .ok_or_else(|| bad(format!("secret_vars must be a list of var names, got {v}")))?;
     }
+    host.r#become = become_from_vars(&vars).map_err(bad)?;
     host.vars = vars;
     Ok(host)
+}
+
+/// Become password vars, Ansible's current names first.
+const BECOME_PASSWORD_VARS: [&str; 3] = [
+    "ansible_become_password",
+    "ansible_become_pass",
+    "ansible_sudo_pass",
+];
+
+/// `ansible_become*` as a [`Become`]. Only sudo is supported: another method is an
+/// error naming the key, never a silent run as the login user. A password must be
+/// a secret reference; the error never repeats the value, which may be a real
+/// password pasted into the inventory.
+fn become_from_vars(vars: &Vars) -> Result<Option<Become>, String> {
+    if let Some(v) = vars.get("ansible_become_method") {
+        match value_as_string(v).as_deref() {
+            Some("sudo") => {}
+            _ => {
+                return Err(format!(
+                    "ansible_become_method={} is not supported: patchbook becomes another user \
+                     with sudo only; set ansible_become_method=sudo or remove the key",
+                    value_as_string(v).unwrap_or_else(|| v.to_string())
+                ))
+            }
+        }
+    }
+    let on = match vars.get("ansible_become") {
+        None => false,
+        Some(v) => {
+            parse_bool(v).ok_or_else(|| format!("ansible_become must be true or false, got {v}"))?
+        }
+    };
+    if !on {
+        return Ok(None);
+    }
+    let user = match vars.get("ansible_become_user") {
+        None => "root".to_string(),
+        Some(v) => value_as_string(v)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| format!("ansible_become_user must be a user name, got {v}"))?,
+    };
+    let mut password = None;
+    for key in BECOME_PASSWORD_VARS {
+        let Some(v) = vars.get(key) else { continue };
+        let text = value_as_string(v).unwrap_or_default();
+        if !is_secret_reference(&text) {
+            return Err(format!(
+                "{key} must be a secret reference, ${{env:NAME}} or ${{file:PATH}} (its value \
+                 is not shown); a password written into the inventory is readable by everyone \
+                 who can read the inventory"
+            ));
+        }
+        password = Some(text);
+        break;
+    }
+    Ok(Some(Become { user, password }))
+}
+
+/// `${env:NAME}` or `${file:PATH}`, the whole value.
+fn is_secret_reference(s: &str) -> bool {
+    let Some(inner) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
+        return false;
+    };
+    match inner.split_once(':') {
+        Some(("env" | "file", rest)) => !rest.is_empty() && !rest.contains('}'),
+        _ => false,
+    }
+}
+
+/// Ansible's booleans: `true`, `yes`, `1`, `on` and their opposites, any case.
+fn parse_bool(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => n.as_i64().map(|n| n != 0),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" | "on" | "y" => Some(true),
+            "false" | "no" | "0" | "off" | "n" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,19 @@ pub enum TransportKind {
     Sim,
 }
 
+/// How a host's commands run as another user: `ansible_become`,
+/// `ansible_become_user` and `ansible_become_password` (native: `become`,
+/// `become_user`, `become_password`). The method is always sudo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Become {
+    /// The user commands run as; default `root`.
+    pub user: String,
+    /// A secret reference as written (`${env:NAME}` or `${file:PATH}`), never a
+    /// password: the transport reads it when it connects. `None`: sudo needs no
+    /// password (NOPASSWD) or the login user is already `user`.
+    pub password: Option<String>,
+}
+
 /// One host as the rest of patchbook sees it: every var already merged with
 /// Ansible's precedence (host over child group over parent group over `all`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +107,10 @@ pub struct Host {
     /// key) or `ProxyJump` / `-J` in `ansible_ssh_common_args`.
     #[serde(default)]
     pub jump: Vec<JumpHost>,
+    /// Run commands as another user through sudo; `None`: as the login user
+    /// (or root through `[ssh] become`).
+    #[serde(default, rename = "become")]
+    pub r#become: Option<Become>,
 }
 
 impl Host {
@@ -114,6 +131,7 @@ impl Host {
             identity: None,
             secret_vars: Vec::new(),
             jump: Vec::new(),
+            r#become: None,
         }
     }
 

@@ -13,6 +13,9 @@
 //! identity = "keys/id_ed25519"
 //! vars = { role = "frontend", db_password = "hunter2" }
 //! secret_vars = ["db_password"]
+//! become = true                # run commands through sudo
+//! become_user = "root"         # the default
+//! become_password = "${env:WEB_SUDO_PASSWORD}"   # a secret reference, or ${file:PATH}
 //!
 //! [groups.web]
 //! vars = { http_port = 80, criticality = "medium" }
@@ -21,7 +24,8 @@
 //!
 //! The typed keys become the vars Ansible would use (`address` is `ansible_host`,
 //! `port` `ansible_port`, `user` `ansible_user`, `identity`
-//! `ansible_ssh_private_key_file`, `transport` `ansible_connection`), and
+//! `ansible_ssh_private_key_file`, `transport` `ansible_connection`, `become*`
+//! `ansible_become*`), and
 //! `criticality`, `owner`, `depends_on`, `jump` and `secret_vars` stay vars of those names,
 //! so group vars can set them too and the precedence rules are the same for every
 //! format. Hosts keep file order. This module only reads TOML into a [`RawInventory`].
@@ -117,6 +121,11 @@ struct NativeHost {
     #[serde(default)]
     secret_vars: Vec<String>,
     jump: Option<OneOrMany>,
+    #[serde(rename = "become")]
+    become_: Option<bool>,
+    become_user: Option<String>,
+    become_method: Option<String>,
+    become_password: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,7 +224,16 @@ pub(crate) fn load_into(
                 (!h.secret_vars.is_empty()).then(|| Value::from(h.secret_vars)),
             ),
         ];
-        for (k, v) in typed {
+        let become_keys = [
+            ("ansible_become", h.become_.map(Value::from)),
+            ("ansible_become_user", h.become_user.map(Value::from)),
+            ("ansible_become_method", h.become_method.map(Value::from)),
+            (
+                "ansible_become_password",
+                h.become_password.map(Value::from),
+            ),
+        ];
+        for (k, v) in typed.into_iter().chain(become_keys) {
             if let Some(v) = v {
                 raw.set_host_var(&name, k, v);
             }

@@ -1398,7 +1398,7 @@ fn encodings(secret: &str) -> Vec<String> {
     out
 }
 
-pub use secrets::{scrub, Secrets};
+pub use secrets::{expand, scrub, Secrets};
 
 #[cfg(test)]
 mod tests {

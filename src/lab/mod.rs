@@ -16,8 +16,10 @@ pub mod bastion;
 pub mod deb;
 pub mod init;
 pub mod rpm;
+pub mod sudo;
 
 pub use rpm::{Packaging, PkgDb};
+pub use sudo::SudoRule;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -1050,7 +1052,7 @@ fn write_sshd_config(
          ListenAddress {listen}:{port}\n\
          HostKey {hk}\n\
          PidFile {pid}\n\
-         AuthorizedKeysFile {ak}\n\
+         AuthorizedKeysFile {ak} .ssh/authorized_keys\n\
          PubkeyAuthentication yes\n\
          PasswordAuthentication no\n\
          KbdInteractiveAuthentication no\n\

@@ -581,43 +581,10 @@ fn remember(secrets: &mut Vec<String>, value: &str) {
     }
 }
 
-/// Replaces `${env:NAME}` and `${file:PATH}` references with their values and
-/// adds each value to `secrets`. A `$` not followed by `{` is kept as written.
-pub fn expand(template: &str, secrets: &mut Vec<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            return Err(format!(
-                "unterminated `${{` in `{template}`; write ${{env:NAME}} or ${{file:PATH}}"
-            ));
-        };
-        let reference = &after[..end];
-        let value = match reference.split_once(':') {
-            Some(("env", name)) => std::env::var(name).map_err(|_| {
-                format!("${{env:{name}}} is not set; export {name} before the run")
-            })?,
-            Some(("file", path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("${{file:{path}}} cannot be read: {e}"))?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-            _ => {
-                return Err(format!(
-                    "`${{{reference}}}` is not a secret reference; write ${{env:NAME}} or ${{file:PATH}}"
-                ))
-            }
-        };
-        remember(secrets, &value);
-        out.push_str(&value);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
+// `${env:NAME}` / `${file:PATH}` references are read by the journal layer's
+// `expand`, which every setting holding a secret (here, inventories' become
+// passwords) shares.
+pub use crate::journal::expand;
 
 /// The JSON a webhook (or a `json` command) receives.
 pub fn webhook_body(channel: &str, notice: &Notice) -> Value {

@@ -128,6 +128,12 @@ pub enum TransportError {
         user: String,
         reason: String,
     },
+    #[error("{host}: cannot become {user} with sudo: {reason}")]
+    Become {
+        host: String,
+        user: String,
+        reason: String,
+    },
     #[error("{host}: `{command}` passed its {timeout:?} deadline and was stopped")]
     Deadline {
         host: String,

@@ -14,11 +14,12 @@ pub mod known_hosts;
 pub mod ssh_config;
 mod tunnel;
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,14 +136,75 @@ impl SshConnector {
         self
     }
 
+    /// The known_hosts file checked (after defaults and overrides).
+    pub fn known_hosts_path(&self) -> &Path {
+        &self.known_hosts
+    }
+    /// How long a connection may take to open (after defaults and overrides).
+    pub fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Connects and authenticates now; the concrete type offers test hooks.
     pub fn connect_ssh(&self, host: &Host) -> Result<SshTransport, TransportError> {
-        let target = self.target_for(host)?;
+        let mut target = self.target_for(host)?;
+        target.sudo = self.sudo_for(host, &target.user)?;
         let conn = target.open()?;
         Ok(SshTransport {
             target,
             conn: Mutex::new(Some(conn)),
+            sudo_checked: AtomicBool::new(false),
         })
+    }
+
+    /// How `host`'s commands become another user: the inventory's become, else
+    /// `[ssh] become` (root, no password); none when `login` already is that user.
+    /// A password reference is read here, once per connection, and its value is
+    /// added to the process's secrets so nothing written shows it.
+    fn sudo_for(
+        &self,
+        host: &crate::inventory::Host,
+        login: &str,
+    ) -> Result<Option<Sudo>, TransportError> {
+        let wanted = match &host.r#become {
+            Some(b) => b.clone(),
+            None if self.become_root => crate::inventory::Become {
+                user: "root".into(),
+                password: None,
+            },
+            None => return Ok(None),
+        };
+        if wanted.user == login {
+            return Ok(None);
+        }
+        let refuse = |reason: String| TransportError::Become {
+            host: host.name.clone(),
+            user: wanted.user.clone(),
+            reason,
+        };
+        let password = match &wanted.password {
+            None => None,
+            Some(reference) => {
+                let mut found = Vec::new();
+                let value = crate::journal::expand(reference, &mut found)
+                    .map_err(|e| refuse(format!("the become password: {e}")))?;
+                let secrets = crate::journal::Secrets::process();
+                for v in &found {
+                    secrets.add(v);
+                }
+                if value.is_empty() || value.contains(['\n', '\r']) {
+                    return Err(refuse(format!(
+                        "the become password {reference} is empty or spans lines; sudo reads \
+                         one line"
+                    )));
+                }
+                Some((Password(value), reference.clone()))
+            }
+        };
+        Ok(Some(Sudo {
+            user: wanted.user,
+            password,
+        }))
     }
 }
 
@@ -242,6 +304,7 @@ impl SshConnector {
             connect_timeout: s.connect_timeout.unwrap_or(self.connect_timeout),
             jump: Vec::new(),
             settings: self.clone(),
+            sudo: None,
         }
     }
 }
@@ -261,6 +324,27 @@ struct Target {
     /// The bastions to go through, first hop first (empty for a direct host).
     jump: Vec<Target>,
     settings: SshConnector,
+    /// Commands run through sudo as this user; `None`: as the login user.
+    sudo: Option<Sudo>,
+}
+
+/// How commands become another user on one host. sudo runs them as `user`; with a
+/// password, sudo reads it from its stdin (`sudo -S`), never from argv.
+#[derive(Debug, Clone)]
+struct Sudo {
+    user: String,
+    /// The value and the reference it was read from (for messages).
+    password: Option<(Password, String)>,
+}
+
+/// A sudo password. Its `Debug` shows `***`, so no log of a connector shows it.
+#[derive(Clone)]
+struct Password(String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// One open session and the socket under it.
@@ -283,6 +367,8 @@ struct Conn {
 pub struct SshTransport {
     target: Target,
     conn: Mutex<Option<Conn>>,
+    /// Set once sudo agreed to run commands (see [`SshTransport::check_sudo`]).
+    sudo_checked: AtomicBool,
 }
 
 impl Conn {
@@ -927,40 +1013,196 @@ impl SshTransport {
         r
     }
 
-    /// Whether commands run behind `sudo -n` (become, as a user other than root).
-    fn sudo(&self) -> bool {
-        self.target.settings.become_root && self.target.user != "root"
+    fn sudo(&self) -> Option<&Sudo> {
+        self.target.sudo.as_ref()
     }
 
-    fn effective_argv(&self, cmd: &Command) -> Vec<String> {
-        if self.sudo() {
-            let mut v: Vec<String> = ["sudo", "-n", "--"].iter().map(|s| s.to_string()).collect();
-            v.extend(cmd.argv.iter().cloned());
-            v
-        } else {
-            cmd.argv.clone()
+    /// What goes over the wire for `cmd`.
+    ///
+    /// Without become, the argv as it is. With become and no password, behind
+    /// `sudo -n -u USER --`: sudo fails at once instead of waiting for a password.
+    ///
+    /// With a password, sudo reads it from its stdin (`sudo -S -p ''`), so it never
+    /// appears in any argv on the host (where `ps` shows it to every user) nor in
+    /// anything patchbook writes. sudo reads its password one byte at a time, and
+    /// reads it only when it asks for one: with a still-valid ticket or a NOPASSWD
+    /// rule it reads nothing, and the password would become the command's input.
+    /// So the input is `PASSWORD\n GATE\n DATA`, and sudo runs a small root shell
+    /// ([`SUDO_GATE`]) that drops every line up to the fresh `GATE` token before it
+    /// execs the command on what follows: the command sees exactly its own input,
+    /// whichever way sudo went. A command of the session shell has no input of its
+    /// own; the two lines come from the shell's `printf` builtin (no process, no
+    /// argv). A command with stdin has its channel: the lines go first on it.
+    ///
+    /// A wrong password would make sudo read the gate and then the command's data
+    /// as further attempts; [`SshTransport::check_sudo`] rules that out first.
+    /// Per-command passwords (rather than one `sudo -v` and `sudo -n` after) do not
+    /// depend on sudo's ticket: its lifetime (`timestamp_timeout`) and scope
+    /// (per tty, or per parent process without one) differ from host to host.
+    fn wire<'a>(sudo: Option<&Sudo>, cmd: &'a Command, marker: &str) -> CommandWire<'a> {
+        let own_input = || cmd.stdin.as_deref().map(Cow::Borrowed);
+        let Some(sudo) = sudo else {
+            let shell = cmd
+                .inline
+                .then(|| inline_line(&cmd.argv, marker))
+                .flatten()
+                .unwrap_or_else(|| shell_line(&cmd.argv, marker));
+            return CommandWire {
+                shell,
+                exec: channel_line(&cmd.argv, marker),
+                stdin: own_input(),
+            };
+        };
+        // Under sudo a script needs its own shell: it cannot run inline.
+        let Some((password, _)) = &sudo.password else {
+            let argv = sudo_argv(&["-n"], &sudo.user, &cmd.argv);
+            return CommandWire {
+                shell: shell_line(&argv, marker),
+                exec: channel_line(&argv, marker),
+                stdin: own_input(),
+            };
+        };
+        let gate = format!("__PATCHBOOK_BECOME_{}", fresh_token());
+        let mut gated = sv(&["sh", "-c", SUDO_GATE, &gate]);
+        gated.extend(cmd.argv.iter().cloned());
+        let argv = sudo_argv(&["-S", "-p", ""], &sudo.user, &gated);
+        let shell = format!(
+            "( printf '%s\\n' {} {gate} | {} ) </dev/null; {}\n",
+            quote::word(&password.0),
+            quote::argv(&argv),
+            sentinel_code(marker)
+        );
+        let stdin = cmd.stdin.as_deref().map(|data| {
+            let mut bytes = format!("{}\n{gate}\n", password.0).into_bytes();
+            bytes.extend_from_slice(data);
+            Cow::Owned(bytes)
+        });
+        CommandWire {
+            shell,
+            exec: channel_line(&argv, marker),
+            stdin,
         }
+    }
+
+    /// Asks sudo once per transport, before the first command, whether it will run
+    /// commands as the become user, so that a refusal fails the host with sudo's
+    /// own words instead of as some command's odd exit. With a password, `-k`
+    /// makes sudo ask for it even if a ticket is still valid, so a wrong password
+    /// fails here, before any command's input could be read as a password attempt;
+    /// a NOPASSWD rule passes without asking. Without one, `sudo -n` fails at once
+    /// where sudo would want a password.
+    fn check_sudo(&self) -> Result<(), TransportError> {
+        let Some(sudo) = self.sudo() else {
+            return Ok(());
+        };
+        if self.sudo_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let marker = sentinel_marker();
+        let shell = match &sudo.password {
+            Some((password, _)) => format!(
+                "( printf '%s\\n' {} | {} ) </dev/null; {}\n",
+                quote::word(&password.0),
+                quote::argv(&sudo_argv(
+                    &["-S", "-k", "-p", ""],
+                    &sudo.user,
+                    &sv(&["true"])
+                )),
+                sentinel_code(&marker)
+            ),
+            None => shell_line(&sudo_argv(&["-n"], &sudo.user, &sv(&["true"])), &marker),
+        };
+        let wire = CommandWire {
+            shell,
+            exec: String::new(),
+            stdin: None,
+        };
+        let cap = 64 * 1024;
+        let out = self.exec_wire(
+            &format!("sudo -u {} true", sudo.user),
+            IO_WAIT,
+            cap,
+            &marker,
+            wire,
+            Sink::Capture(Capture::new(cap)),
+        )?;
+        if out.success() {
+            self.sudo_checked.store(true, Ordering::Release);
+            return Ok(());
+        }
+        let said = out
+            .stderr_str()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(crate::journal::scrub)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let login = &self.target.user;
+        let reason = match &sudo.password {
+            _ if out.code == 127 => format!(
+                "sudo is not installed on the host ({said}); install it, or log in as {} instead",
+                sudo.user
+            ),
+            Some((_, reference)) => format!(
+                "sudo refused (exit {}): {said}; check that {reference} holds the sudo password \
+                 of {login} on this host and that sudoers lets {login} run commands as {}",
+                out.code, sudo.user
+            ),
+            None => format!(
+                "sudo -n refused (exit {}): {said}; sudo wants a password of {login} here: give \
+                 the host ansible_become_password=${{env:NAME}}, or a NOPASSWD sudoers rule",
+                out.code
+            ),
+        };
+        Err(TransportError::Become {
+            host: self.target.name.clone(),
+            user: sudo.user.clone(),
+            reason,
+        })
     }
 
     /// Runs one command. A command without stdin goes to the session's shell, one
     /// `sh` per host that runs every step in turn: each further command then costs
     /// the host one fork, not a channel, a session process and a login shell. A
     /// command with stdin gets a channel of its own, whose end of input is real.
-    fn exec(&self, cmd: &Command, mut stdout: Sink<'_>) -> Result<Output, TransportError> {
-        let host = self.target.name.clone();
+    fn exec(&self, cmd: &Command, stdout: Sink<'_>) -> Result<Output, TransportError> {
         if cmd.argv.is_empty() {
             return Err(TransportError::Other {
-                host,
+                host: self.target.name.clone(),
                 message: "empty argv".into(),
             });
         }
-        let argv = self.effective_argv(cmd);
-        let shown = quote::argv(&cmd.argv);
+        self.check_sudo()?;
+        let marker = sentinel_marker();
+        let wire = Self::wire(self.sudo(), cmd, &marker);
+        self.exec_wire(
+            &quote::argv(&cmd.argv),
+            cmd.timeout,
+            cmd.output_cap,
+            &marker,
+            wire,
+            stdout,
+        )
+    }
+
+    /// Sends `wire` and drives it to its end. `shown` names the command in logs
+    /// and errors: it never holds what `wire` adds (sudo, a password).
+    fn exec_wire(
+        &self,
+        shown: &str,
+        timeout: Duration,
+        output_cap: usize,
+        marker: &str,
+        wire: CommandWire<'_>,
+        mut stdout: Sink<'_>,
+    ) -> Result<Output, TransportError> {
+        let host = self.target.name.clone();
+        let shown = shown.to_string();
         let span = tracing::info_span!("ssh.command", host = %host, command = %shown);
         let _g = span.enter();
-        let deadline = Instant::now() + cmd.timeout;
-        let marker = sentinel_marker();
-        let in_shell = cmd.stdin.is_none();
+        let deadline = Instant::now() + timeout;
+        let in_shell = wire.stdin.is_none();
         self.with_conn(|conn| {
             let fail = |conn: &mut Conn, context: &str, message: String| {
                 conn.broken = true;
@@ -981,7 +1223,7 @@ impl SshTransport {
                         // the commands, one line each, from the channel's stdin.
                         "exec /bin/sh".to_string()
                     } else {
-                        channel_line(&argv, &marker)
+                        wire.exec.clone()
                     };
                     ch.exec(&line).map(|()| ch)
                 }),
@@ -990,20 +1232,15 @@ impl SshTransport {
                 Ok(ch) => ch,
                 Err(e) => return Err(fail(conn, "open channel", e.to_string())),
             };
-            // Under sudo the script needs its own shell; otherwise it runs inline.
-            let line = (cmd.inline && !self.sudo())
-                .then(|| inline_line(&argv, &marker))
-                .flatten()
-                .unwrap_or_else(|| shell_line(&argv, &marker));
-            let mode = match &cmd.stdin {
+            let mode = match &wire.stdin {
                 None => Mode::Shell {
-                    line: line.as_bytes(),
+                    line: wire.shell.as_bytes(),
                 },
                 Some(bytes) => Mode::Channel { stdin: bytes },
             };
-            let mut out_framer = Framer::new(&marker);
-            let mut err_framer = Framer::new(&marker);
-            let mut stderr = Capture::new(cmd.output_cap);
+            let mut out_framer = Framer::new(marker);
+            let mut err_framer = Framer::new(marker);
+            let mut stderr = Capture::new(output_cap);
             conn.sess.set_blocking(false);
             let driven = drive(
                 conn,
@@ -1022,7 +1259,7 @@ impl SshTransport {
                     Err(TransportError::Deadline {
                         host: host.clone(),
                         command: shown.clone(),
-                        timeout: cmd.timeout,
+                        timeout,
                     })
                 }
                 Err(Stop::Sink(source)) => {
@@ -1052,7 +1289,7 @@ impl SshTransport {
                             Stop::Deadline => TransportError::Deadline {
                                 host: host.clone(),
                                 command: shown.clone(),
-                                timeout: cmd.timeout,
+                                timeout,
                             },
                             Stop::Sink(source) => TransportError::Io {
                                 host: host.clone(),
@@ -1273,6 +1510,30 @@ impl SshTransport {
         hook(remote);
         self.verify_remote(remote, &sent, size)
     }
+}
+
+/// The root shell sudo runs in front of a command when a password is fed on stdin
+/// (see [`SshTransport::wire`]): drops input lines up to the gate token (`$0`),
+/// then becomes the command on the rest of the input.
+const SUDO_GATE: &str = "while IFS= read -r l; do [ \"$l\" = \"$0\" ] && exec \"$@\"; done; \
+    echo 'patchbook: the input gate never arrived' >&2; exit 125";
+
+/// What goes over the wire for one command (see [`SshTransport::wire`]): the line
+/// for the session shell, the exec line of a channel of its own, and, for a
+/// command with input, that channel's stdin.
+struct CommandWire<'a> {
+    shell: String,
+    exec: String,
+    stdin: Option<Cow<'a, [u8]>>,
+}
+
+/// `sudo FLAGS -u USER -- ARGV`.
+fn sudo_argv(flags: &[&str], user: &str, argv: &[String]) -> Vec<String> {
+    let mut v = sv(&["sudo"]);
+    v.extend(sv(flags));
+    v.extend(sv(&["-u", user, "--"]));
+    v.extend(argv.iter().cloned());
+    v
 }
 
 fn sv(words: &[&str]) -> Vec<String> {
@@ -1502,6 +1763,98 @@ mod tests {
         assert_eq!(out.status.code(), Some(3));
         let (o, code, _) = frame(&marker, &out.stdout, 3);
         assert_eq!((o.len(), code), (0, Some(3)));
+    }
+
+    /// Runs `sh -c line` (or `sh` reading `line`) with a stand-in `sudo` first on
+    /// PATH: it reads one password line when `asks` (as sudo does when it
+    /// prompts) and fails unless it is `want`, then runs what follows `--`.
+    fn with_fake_sudo(asks: bool, want: &str, wire: &CommandWire<'_>) -> std::process::Output {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("sudo");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nif [ -n \"$FAKE_ASKS\" ]; then IFS= read -r pw; \
+             [ \"$pw\" = \"$FAKE_WANTS\" ] || exit 1; fi\n\
+             while [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut sh = std::process::Command::new("sh");
+        let input = match &wire.stdin {
+            Some(bytes) => {
+                sh.arg("-c").arg(&wire.exec);
+                bytes.to_vec()
+            }
+            None => wire.shell.clone().into_bytes(),
+        };
+        if asks {
+            sh.env("FAKE_ASKS", "1");
+        }
+        let mut child = sh
+            .env("PATH", path)
+            .env("FAKE_WANTS", want)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn a_sudo_password_goes_to_sudo_on_stdin_and_never_to_the_command() {
+        let pw = "p w'x $(id) \\";
+        let sudo = Sudo {
+            user: "root".into(),
+            password: Some((Password(pw.into()), "${env:PW}".into())),
+        };
+        assert_eq!(format!("{sudo:?}").matches(pw).count(), 0, "{sudo:?}");
+        for asks in [true, false] {
+            // A command with input: its own channel, the password first on it.
+            let marker = sentinel_marker();
+            let cmd = Command::new(["sh", "-c", "cat; echo end"]).stdin(b"data\nmore".to_vec());
+            let wire = SshTransport::wire(Some(&sudo), &cmd, &marker);
+            assert!(!wire.exec.contains(pw), "password in the exec line");
+            let out = with_fake_sudo(asks, pw, &wire);
+            let (o, code, _) = frame(&marker, &out.stdout, 4096);
+            assert_eq!(
+                (String::from_utf8_lossy(&o).as_ref(), code),
+                ("data\nmoreend\n", Some(0)),
+                "asks={asks}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // A command of the session shell: no input of its own at all.
+            let marker = sentinel_marker();
+            let cmd = Command::new(["sh", "-c", "cat; echo end"]);
+            let wire = SshTransport::wire(Some(&sudo), &cmd, &marker);
+            let out = with_fake_sudo(asks, pw, &wire);
+            let (o, code, _) = frame(&marker, &out.stdout, 4096);
+            assert_eq!(
+                (o.as_slice(), code),
+                (&b"end\n"[..], Some(0)),
+                "asks={asks}"
+            );
+        }
+        // Without a password: `sudo -n`, and the command's input untouched.
+        let sudo = Sudo {
+            user: "app".into(),
+            password: None,
+        };
+        let cmd = Command::new(["true"]).stdin(b"x".to_vec());
+        let wire = SshTransport::wire(Some(&sudo), &cmd, &sentinel_marker());
+        assert!(
+            wire.exec.starts_with("sudo -n -u app -- true"),
+            "{}",
+            wire.exec
+        );
+        assert_eq!(wire.stdin.as_deref(), Some(&b"x"[..]));
     }
 
     #[test]
