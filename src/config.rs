@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod notify;
+pub mod suggest;
 
 pub use notify::NotifyConfig;
 

@@ -115,22 +115,53 @@ impl Runtime {
         }
     }
 
-    /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.
+    /// Hosts matching `selector`, narrowed by `--limit`, in inventory order. Nothing
+    /// matched is an error ([`InventoryError::NoMatch`]) naming the selector, the
+    /// `--limit` and the nearest names: a typo must not read as "nothing to do".
     pub fn targets(&self, selector: &str) -> Result<Vec<Host>, InventoryError> {
-        let mut hosts: Vec<Host> = self
-            .inventory
-            .select(selector)?
-            .into_iter()
-            .cloned()
-            .collect();
+        self.targets_with(selector, false)
+    }
+
+    /// [`Runtime::targets`]; with `allow_empty`, a selector that matches no host
+    /// is an empty list. A `--limit` that matches no host at all is an error
+    /// either way: it is the operator's, not the playbook's, to allow.
+    pub fn targets_with(
+        &self,
+        selector: &str,
+        allow_empty: bool,
+    ) -> Result<Vec<Host>, InventoryError> {
+        let selected = self.inventory.select(selector)?;
+        let found = selected.len();
+        let mut hosts: Vec<Host> = selected.into_iter().cloned().collect();
         if let Some(limit) = &self.limit {
-            let allowed: Vec<&str> = self
+            let allowed: std::collections::HashSet<&str> = self
                 .inventory
                 .select(limit)?
                 .iter()
                 .map(|h| h.name.as_str())
                 .collect();
-            hosts.retain(|h| allowed.contains(&h.name.as_str()));
+            if allowed.is_empty() {
+                return Err(InventoryError::NoMatch {
+                    what: "--limit",
+                    selector: limit.clone(),
+                    limit: None,
+                    reason: crate::inventory::select::why_empty(&self.inventory, limit),
+                });
+            }
+            hosts.retain(|h| allowed.contains(h.name.as_str()));
+        }
+        if hosts.is_empty() && !allow_empty {
+            let reason = if found > 0 {
+                format!("its {found} host(s) are all outside the --limit")
+            } else {
+                crate::inventory::select::why_empty(&self.inventory, selector)
+            };
+            return Err(InventoryError::NoMatch {
+                what: "selector",
+                selector: selector.to_string(),
+                limit: self.limit.clone(),
+                reason,
+            });
         }
         Ok(hosts)
     }
