@@ -12,6 +12,7 @@ use super::progress::{self, Style};
 use super::terminal::escape_controls as esc;
 use super::{Cli, CliError};
 use crate::journal::entry::{Entry, HostEndDetail, RunResume, RunRollback};
+use crate::journal::lock::{HostClaims, HostHolder};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
@@ -60,6 +61,39 @@ pub fn new_run_id() -> String {
     )
 }
 
+/// This run's claims on hosts, as `--wait` says: refuse at once, or queue behind
+/// the holders until the timeout or until `stop` is set (Ctrl-C).
+fn host_claims(
+    cli: &Cli,
+    rt: &Runtime,
+    run_id: &str,
+    command: &str,
+    stop: &Arc<AtomicBool>,
+) -> Result<HostClaims, CliError> {
+    let claims = HostClaims::new(
+        &rt.state_dir,
+        HostHolder::new(run_id, &rt.operator, command),
+    );
+    Ok(match cli.wait_timeout()? {
+        None => claims,
+        Some(timeout) => {
+            let quiet = cli.global.quiet;
+            claims
+                .waiting(timeout, stop.clone())
+                .on_wait(Box::new(move |busy| {
+                    if !quiet {
+                        // Host and operator names come from files: escaped.
+                        eprintln!(
+                            "patchbook: waiting (up to {}) for {}",
+                            crate::config::format_duration(timeout),
+                            esc(&busy.to_string())
+                        );
+                    }
+                }))
+        }
+    })
+}
+
 fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
     RunHeader::new(
         playbook.to_path_buf(),
@@ -95,16 +129,23 @@ fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
 pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
     use crate::script::{run_per_host_in, to_json, HOST_VAR};
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    // An empty match is an error there, naming the selector and the --limit.
     let hosts = rt.targets(selector)?;
-    if hosts.is_empty() {
-        return Err(CliError::Usage(format!(
-            "selector `{selector}` matched no hosts; `patchbook inventory list` shows them"
-        )));
-    }
     let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
     rt.ensure_state_dir()?;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let run_id = new_run_id();
+    // Every host is claimed before the journal exists: a refused exec leaves nothing.
+    // Ctrl-C while waiting ends the process, and the kernel lets go of what it held.
+    let claims = Arc::new(host_claims(
+        cli,
+        &rt,
+        &run_id,
+        "exec",
+        &Arc::new(AtomicBool::new(false)),
+    )?);
+    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    claims.claim(&names).map_err(journal_err)?;
     let mut head = header(&rt, Path::new("<exec>"), &pb);
     head.ad_hoc = Some(crate::journal::AdHoc {
         selector: selector.to_string(),
@@ -121,7 +162,8 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         Some(journal.clone()),
         Mode::Apply,
     )
-    .with_playbook("<exec>");
+    .with_playbook("<exec>")
+    .with_claims(claims);
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let style = Style::pick(cli.global.json, cli.global.quiet);
     if style != Style::Json && style != Style::Quiet {
@@ -231,6 +273,8 @@ pub struct Execution {
     /// Set to stop starting new hosts; hosts in flight finish.
     pub stop: Arc<AtomicBool>,
     pub vars: BTreeMap<String, String>,
+    /// The hosts the run holds; its rollouts claim their targets through it.
+    pub claims: HostClaims,
 }
 
 /// Runs a compiled playbook against a journal that is already open, then closes
@@ -254,7 +298,8 @@ pub fn execute(
         Some(journal.clone()),
         Mode::Apply,
     )
-    .with_playbook(playbook.to_string());
+    .with_playbook(playbook.to_string())
+    .with_claims(Arc::new(ex.claims));
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let control = Arc::new(
         RunControl::new(session.clone(), ex.clock, ex.sink)
@@ -371,6 +416,7 @@ pub fn run(
     let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
     forward_stop_signals(stop.clone());
+    let claims = host_claims(cli, &rt, &run_id, "run", &stop)?;
     let (result, summaries) = execute(
         &rt,
         &pb,
@@ -381,6 +427,7 @@ pub fn run(
             sink: progress::sink(style, &run_id),
             stop,
             vars: vars.clone(),
+            claims,
         },
     );
     let _ = result?;
@@ -569,15 +616,6 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let journal =
         Arc::new(Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?);
-    journal
-        .append_entry(
-            None,
-            &Entry::RunRollback(RunRollback {
-                hosts: hosts.map(str::to_string),
-                operator: rt.operator.clone(),
-            }),
-        )
-        .map_err(journal_err)?;
     let state = journal.state().map_err(journal_err)?;
     let allowed: Option<Vec<String>> = match hosts {
         Some(sel) => Some(
@@ -595,12 +633,32 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         .filter(|h| allowed.as_ref().is_none_or(|a| a.iter().any(|x| x == h)))
         .map(str::to_string)
         .collect();
+    // The hosts to reverse are claimed before the journal says a rollback began:
+    // a refused rollback writes nothing. Ctrl-C while waiting ends the process.
+    let claims = Arc::new(host_claims(
+        cli,
+        &rt,
+        run_id,
+        "rollback",
+        &Arc::new(AtomicBool::new(false)),
+    )?);
+    claims.claim(&order).map_err(journal_err)?;
+    journal
+        .append_entry(
+            None,
+            &Entry::RunRollback(RunRollback {
+                hosts: hosts.map(str::to_string),
+                operator: rt.operator.clone(),
+            }),
+        )
+        .map_err(journal_err)?;
     let ctx = RunCtx::new(
         run_id,
         rt.state_dir.clone(),
         Some(journal.clone()),
         Mode::Apply,
-    );
+    )
+    .with_claims(claims);
     let session = Session::new(rt.clone(), ctx);
     let mut failed = 0;
     for name in &order {
@@ -705,11 +763,18 @@ impl crate::watch::Launcher for RolloutLauncher {
             let _ = tx.send(*c);
         });
         let clock = Clock::from_env().map_err(|e| e.to_string())?;
+        // The service has no one to wait for it: a run whose hosts are busy is
+        // refused, and its schedule or trigger starts it again later.
+        let claims = HostClaims::new(
+            &rt.state_dir,
+            HostHolder::new(&req.run_id, &rt.operator, "watch"),
+        );
         let ex = Execution {
             clock,
             sink,
             stop,
             vars: BTreeMap::new(),
+            claims,
         };
         let playbook = pb.path.display().to_string();
         let (result, summaries) = std::thread::scope(|s| {
