@@ -122,6 +122,22 @@ impl Runtime {
         self.targets_with(selector, false)
     }
 
+    /// Fails when `--limit` matches no host at all: a command checks this before it
+    /// starts a journal, so a mistyped limit leaves no run behind.
+    pub fn check_limit(&self) -> Result<(), InventoryError> {
+        match &self.limit {
+            Some(limit) if self.inventory.select(limit)?.is_empty() => {
+                Err(InventoryError::NoMatch {
+                    what: "--limit",
+                    selector: limit.clone(),
+                    limit: None,
+                    reason: crate::inventory::select::why_empty(&self.inventory, limit),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// [`Runtime::targets`]; with `allow_empty`, a selector that matches no host
     /// is an empty list. A `--limit` that matches no host at all is an error
     /// either way: it is the operator's, not the playbook's, to allow.
@@ -141,12 +157,7 @@ impl Runtime {
                 .map(|h| h.name.as_str())
                 .collect();
             if allowed.is_empty() {
-                return Err(InventoryError::NoMatch {
-                    what: "--limit",
-                    selector: limit.clone(),
-                    limit: None,
-                    reason: crate::inventory::select::why_empty(&self.inventory, limit),
-                });
+                self.check_limit()?;
             }
             hosts.retain(|h| allowed.contains(h.name.as_str()));
         }

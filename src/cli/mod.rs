@@ -19,7 +19,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  all good
   1  some hosts failed (the others succeeded)
-  2  usage, config, inventory or script error, including a script stopped by a sandbox limit";
+  2  usage, config, inventory or script error, including a script stopped by a sandbox limit,
+     a selector or --limit that matches no host, and hosts another run holds";
 
 #[derive(Debug, Parser)]
 #[command(name = "patchbook", version, about = "Bulk security patching of server fleets, with Rhai playbooks", after_help = EXIT_CODES)]

@@ -354,6 +354,7 @@ pub fn run(
     vars: &BTreeMap<String, String>,
 ) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    rt.check_limit()?;
     rt.ensure_state_dir()?;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let (run_id, journal, playbook, pb) = match resume {
@@ -483,6 +484,7 @@ pub fn plan(
     vars: &BTreeMap<String, String>,
 ) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    rt.check_limit()?;
     let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
     let ctx = RunCtx::new("plan", rt.state_dir.clone(), None, Mode::Plan)
         .with_playbook(playbook.display().to_string());
