@@ -163,7 +163,8 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         Mode::Apply,
     )
     .with_playbook("<exec>")
-    .with_claims(claims);
+    // `claims` itself is held until the journal is closed.
+    .with_claims(claims.clone());
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let style = Style::pick(cli.global.json, cli.global.quiet);
     if style != Style::Json && style != Style::Quiet {
@@ -292,6 +293,9 @@ pub fn execute(
 ) {
     let run_id = journal.run().to_string();
     let journal = Arc::new(journal.with_secrets(rt.secrets.clone()));
+    // Held here until the journal is closed: a run queued behind this one starts
+    // only once this run's record is complete.
+    let claims = Arc::new(ex.claims);
     let ctx = RunCtx::new(
         run_id.clone(),
         rt.state_dir.clone(),
@@ -299,7 +303,7 @@ pub fn execute(
         Mode::Apply,
     )
     .with_playbook(playbook.to_string())
-    .with_claims(Arc::new(ex.claims));
+    .with_claims(claims.clone());
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let control = Arc::new(
         RunControl::new(session.clone(), ex.clock, ex.sink)
@@ -323,6 +327,7 @@ pub fn execute(
             tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
         }
     }
+    drop(claims);
     (result, summaries)
 }
 
@@ -660,7 +665,8 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         Some(journal.clone()),
         Mode::Apply,
     )
-    .with_claims(claims);
+    // `claims` itself is held until the journal is closed.
+    .with_claims(claims.clone());
     let session = Session::new(rt.clone(), ctx);
     let mut failed = 0;
     for name in &order {

@@ -248,7 +248,9 @@ impl std::fmt::Display for BusyHosts {
 /// state directory's guard of the host-lock table: two runs whose sets overlap
 /// cannot each take part of the other's, so exactly one of them proceeds and the
 /// other sees whole ownership, never a half-claimed set. The guard is held for the
-/// few milliseconds of one attempt, never while waiting.
+/// few milliseconds of one attempt, never while waiting. A run that holds hosts
+/// and waits for more (a second rollout) may wait on a run that waits for it; the
+/// wait's timeout ends that, with nothing of the new set taken.
 ///
 /// Like the run lock, the lock files are never deleted. Each claimed host costs a
 /// file descriptor while the run lasts (as does its SSH session); the soft
