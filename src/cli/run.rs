@@ -771,8 +771,8 @@ impl crate::watch::Launcher for RolloutLauncher {
             let _ = tx.send(*c);
         });
         let clock = Clock::from_env().map_err(|e| e.to_string())?;
-        // The service has no one to wait for it: a run whose hosts are busy is
-        // refused, and its schedule or trigger starts it again later.
+        // Nobody sits at the service to wait: a run whose hosts are busy is
+        // refused, and its result and journal (`run.refused`) name the holder.
         let claims = HostClaims::new(
             &rt.state_dir,
             HostHolder::new(&req.run_id, &rt.operator, "watch"),
