@@ -318,6 +318,39 @@ fn a_waiting_run_proceeds_once_the_holder_ends() {
 }
 
 #[test]
+fn ctrl_c_ends_a_wait_with_nothing_changed() {
+    let p = Project::new("lock-cancel-", &["lab12"]);
+    p.hold();
+    let first = p.spawn("alice", "lab12", &[]);
+    let holder = p.wait_held("lab12");
+    let mut second = p.spawn("bob", "lab12", &["--wait"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(second.try_wait().unwrap().is_none(), "it did not wait");
+    // SAFETY: signalling the child this test started.
+    unsafe {
+        libc::kill(second.id() as i32, libc::SIGINT);
+    }
+    let status = wait_with_timeout(&mut second, Duration::from_secs(10));
+    let out = second.wait_with_output().unwrap();
+    p.release();
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "stopped while waiting for hosts: lab12 held by run {holder}"
+        )),
+        "{}",
+        text(&out)
+    );
+    let waited = p.runs().into_iter().find(|r| *r != holder).unwrap();
+    let kinds = kinds(&p.records(&waited));
+    assert!(kinds.iter().any(|k| k == "run.refused"), "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("step.")), "{kinds:?}");
+    assert_eq!(installs("lab12"), 1);
+}
+
+#[test]
 fn a_killed_holder_releases_its_hosts() {
     let p = Project::new("lock-kill-", &["lab06"]);
     p.hold();
