@@ -255,6 +255,45 @@ pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String>
 mod tests {
     use super::*;
 
+    /// Nothing selected is an error naming the selector, the --limit and what was
+    /// meant; `allow_empty` lets a selector come back empty but never a --limit
+    /// that matches no host at all.
+    #[test]
+    fn empty_selections_are_errors_unless_allowed() {
+        let inv = crate::inventory::native::parse(
+            Path::new("inv.toml"),
+            "[hosts.web01]\ngroups = [\"web\"]\n[hosts.db01]\ngroups = [\"db\"]\n",
+        )
+        .unwrap();
+        let config = Config::defaults_in(Path::new("."));
+        let with_limit = |limit: Option<&str>| {
+            let opts = Options {
+                limit: limit.map(str::to_string),
+                secrets: Some(Secrets::new()),
+                ..Options::default()
+            };
+            Runtime::from_parts(config.clone(), inv.clone(), &opts)
+        };
+        let rt = with_limit(None);
+        let e = rt.targets("dbb").unwrap_err().to_string();
+        assert!(e.starts_with("selector `dbb` matched no host (no --limit in force): `dbb` is neither a host nor a group (did you mean `db`?)"), "{e}");
+        assert!(rt.targets_with("dbb", true).unwrap().is_empty());
+        let rt = with_limit(Some("web"));
+        let e = rt.targets("db").unwrap_err().to_string();
+        assert!(
+            e.contains("(--limit `web` in force): its 1 host(s) are all outside the --limit"),
+            "{e}"
+        );
+        assert!(rt.targets_with("db", true).unwrap().is_empty());
+        let rt = with_limit(Some("wbe01"));
+        for allow in [false, true] {
+            let e = rt.targets_with("all", allow).unwrap_err().to_string();
+            assert!(e.starts_with("--limit `wbe01` matched no host"), "{e}");
+            assert!(e.contains("did you mean `web01`?"), "{e}");
+        }
+        assert!(rt.check_limit().is_err());
+    }
+
     /// `--identity` and `--known-hosts` win over `[ssh]`; what they leave unset
     /// comes from the config, resolved against its folder.
     #[test]

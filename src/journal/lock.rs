@@ -439,15 +439,24 @@ impl HostClaims {
 
     /// Who holds `host` in the state directory, `None` when nobody does.
     pub fn holder_of(state_dir: &Path, host: &str) -> Result<Option<HostHolder>, JournalError> {
-        let path = state_dir
-            .join("locks")
-            .join("hosts")
-            .join(format!("{}.lock", file_stem(host)));
+        let dir = state_dir.join("locks");
+        let path = dir.join("hosts").join(format!("{}.lock", file_stem(host)));
         let mut file = match OpenOptions::new().read(true).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(JournalError::Io { path, source }),
         };
+        // Probing takes the host's lock for an instant when it is free; under the
+        // guard, so a claim never mistakes the probe for a holder.
+        let guard_path = dir.join("hosts.lock");
+        let guard = open_lock_file(&guard_path).map_err(|source| JournalError::Io {
+            path: guard_path.clone(),
+            source,
+        })?;
+        guard.lock().map_err(|source| JournalError::Io {
+            path: guard_path,
+            source,
+        })?;
         match file.try_lock_shared() {
             Ok(()) => Ok(None),
             Err(TryLockError::WouldBlock) => Ok(read_note(&mut file)),
