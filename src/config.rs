@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 pub mod notify;
 pub mod origin;
+pub mod suggest;
 
 pub use notify::NotifyConfig;
 pub use origin::ConfigSource;

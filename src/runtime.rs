@@ -109,8 +109,37 @@ impl Runtime {
         }
     }
 
-    /// Hosts matching `selector`, narrowed by `--limit`, in inventory order.
+    /// Hosts matching `selector`, narrowed by `--limit`, in inventory order. Nothing
+    /// matched is an error ([`InventoryError::NoMatch`]) naming the selector, the
+    /// `--limit` and the nearest names: a typo must not read as "nothing to do".
     pub fn targets(&self, selector: &str) -> Result<Vec<Host>, InventoryError> {
+        self.targets_with(selector, false)
+    }
+
+    /// Fails when `--limit` matches no host at all: a command checks this before it
+    /// starts a journal, so a mistyped limit leaves no run behind.
+    pub fn check_limit(&self) -> Result<(), InventoryError> {
+        match &self.limit {
+            Some(limit) if self.inventory.select(limit)?.is_empty() => {
+                Err(InventoryError::NoMatch {
+                    what: "--limit",
+                    selector: limit.clone(),
+                    limit: None,
+                    reason: crate::inventory::select::why_empty(&self.inventory, limit),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Runtime::targets`]; with `allow_empty`, a selector that matches no host
+    /// is an empty list. A `--limit` that matches no host at all is an error
+    /// either way: it is the operator's, not the playbook's, to allow.
+    pub fn targets_with(
+        &self,
+        selector: &str,
+        allow_empty: bool,
+    ) -> Result<Vec<Host>, InventoryError> {
         if self.inventory.sources().is_empty() {
             // Said on every selection, not once: a run from the wrong folder must
             // not look like a fleet with nothing to do.
@@ -132,20 +161,33 @@ impl Runtime {
                 "no inventory: no -i given and {why}; selecting `{selector}` finds no host"
             );
         }
-        let mut hosts: Vec<Host> = self
-            .inventory
-            .select(selector)?
-            .into_iter()
-            .cloned()
-            .collect();
+        let selected = self.inventory.select(selector)?;
+        let found = selected.len();
+        let mut hosts: Vec<Host> = selected.into_iter().cloned().collect();
         if let Some(limit) = &self.limit {
-            let allowed: Vec<&str> = self
+            let allowed: std::collections::HashSet<&str> = self
                 .inventory
                 .select(limit)?
                 .iter()
                 .map(|h| h.name.as_str())
                 .collect();
-            hosts.retain(|h| allowed.contains(&h.name.as_str()));
+            if allowed.is_empty() {
+                self.check_limit()?;
+            }
+            hosts.retain(|h| allowed.contains(h.name.as_str()));
+        }
+        if hosts.is_empty() && !allow_empty {
+            let reason = if found > 0 {
+                format!("its {found} host(s) are all outside the --limit")
+            } else {
+                crate::inventory::select::why_empty(&self.inventory, selector)
+            };
+            return Err(InventoryError::NoMatch {
+                what: "selector",
+                selector: selector.to_string(),
+                limit: self.limit.clone(),
+                reason,
+            });
         }
         Ok(hosts)
     }
@@ -239,6 +281,45 @@ pub fn configured_secrets(config: &Config, inventory: &Inventory) -> Vec<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nothing selected is an error naming the selector, the --limit and what was
+    /// meant; `allow_empty` lets a selector come back empty but never a --limit
+    /// that matches no host at all.
+    #[test]
+    fn empty_selections_are_errors_unless_allowed() {
+        let inv = crate::inventory::native::parse(
+            Path::new("inv.toml"),
+            "[hosts.web01]\ngroups = [\"web\"]\n[hosts.db01]\ngroups = [\"db\"]\n",
+        )
+        .unwrap();
+        let config = Config::defaults_in(Path::new("."));
+        let with_limit = |limit: Option<&str>| {
+            let opts = Options {
+                limit: limit.map(str::to_string),
+                secrets: Some(Secrets::new()),
+                ..Options::default()
+            };
+            Runtime::from_parts(config.clone(), inv.clone(), &opts)
+        };
+        let rt = with_limit(None);
+        let e = rt.targets("dbb").unwrap_err().to_string();
+        assert!(e.starts_with("selector `dbb` matched no host (no --limit in force): `dbb` is neither a host nor a group (did you mean `db`?)"), "{e}");
+        assert!(rt.targets_with("dbb", true).unwrap().is_empty());
+        let rt = with_limit(Some("web"));
+        let e = rt.targets("db").unwrap_err().to_string();
+        assert!(
+            e.contains("(--limit `web` in force): its 1 host(s) are all outside the --limit"),
+            "{e}"
+        );
+        assert!(rt.targets_with("db", true).unwrap().is_empty());
+        let rt = with_limit(Some("wbe01"));
+        for allow in [false, true] {
+            let e = rt.targets_with("all", allow).unwrap_err().to_string();
+            assert!(e.starts_with("--limit `wbe01` matched no host"), "{e}");
+            assert!(e.contains("did you mean `web01`?"), "{e}");
+        }
+        assert!(rt.check_limit().is_err());
+    }
 
     /// `--identity` and `--known-hosts` win over `[ssh]`; what they leave unset
     /// comes from the config, resolved against its folder.

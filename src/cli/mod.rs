@@ -21,7 +21,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  all good
   1  some hosts failed (the others succeeded)
-  2  usage, config, inventory or script error, including a script stopped by a sandbox limit";
+  2  usage, config, inventory or script error, including a script stopped by a sandbox limit,
+     a selector or --limit that matches no host, and hosts another run holds";
 
 #[derive(Debug, Parser)]
 #[command(name = "patchbook", version, about = "Bulk security patching of server fleets, with Rhai playbooks", after_help = EXIT_CODES)]
@@ -61,6 +62,17 @@ pub struct Global {
     /// Name recorded as the operator (default: the login name).
     #[arg(long, global = true)]
     pub operator: Option<String>,
+    /// When another run holds some of the hosts, wait for them (up to DURATION,
+    /// default 1h: `--wait` or `--wait=30m`) instead of refusing.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "1h"
+    )]
+    pub wait: Option<String>,
     /// More output (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -257,6 +269,18 @@ impl CliError {
 }
 
 impl Cli {
+    /// How long to wait for busy hosts: `None` refuses at once.
+    pub fn wait_timeout(&self) -> Result<Option<std::time::Duration>, CliError> {
+        self.global
+            .wait
+            .as_deref()
+            .map(|w| {
+                crate::config::parse_duration(w)
+                    .map_err(|e| CliError::Usage(format!("--wait: {e}")))
+            })
+            .transpose()
+    }
+
     pub fn options(&self) -> Options {
         let g = &self.global;
         Options {

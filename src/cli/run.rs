@@ -12,6 +12,7 @@ use super::progress::{self, Style};
 use super::terminal::escape_controls as esc;
 use super::{Cli, CliError};
 use crate::journal::entry::{Entry, HostEndDetail, RunResume, RunRollback};
+use crate::journal::lock::{HostClaims, HostHolder};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
@@ -60,6 +61,39 @@ pub fn new_run_id() -> String {
     )
 }
 
+/// This run's claims on hosts, as `--wait` says: refuse at once, or queue behind
+/// the holders until the timeout or until `stop` is set (Ctrl-C).
+fn host_claims(
+    cli: &Cli,
+    rt: &Runtime,
+    run_id: &str,
+    command: &str,
+    stop: &Arc<AtomicBool>,
+) -> Result<HostClaims, CliError> {
+    let claims = HostClaims::new(
+        &rt.state_dir,
+        HostHolder::new(run_id, &rt.operator, command),
+    );
+    Ok(match cli.wait_timeout()? {
+        None => claims,
+        Some(timeout) => {
+            let quiet = cli.global.quiet;
+            claims
+                .waiting(timeout, stop.clone())
+                .on_wait(Box::new(move |busy| {
+                    if !quiet {
+                        // Host and operator names come from files: escaped.
+                        eprintln!(
+                            "patchbook: waiting (up to {}) for {}",
+                            crate::config::format_duration(timeout),
+                            esc(&busy.to_string())
+                        );
+                    }
+                }))
+        }
+    })
+}
+
 fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
     RunHeader::new(
         playbook.to_path_buf(),
@@ -95,16 +129,23 @@ fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
 pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliError> {
     use crate::script::{run_per_host_in, to_json, HOST_VAR};
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    // An empty match is an error there, naming the selector and the --limit.
     let hosts = rt.targets(selector)?;
-    if hosts.is_empty() {
-        return Err(CliError::Usage(format!(
-            "selector `{selector}` matched no hosts; `patchbook inventory list` shows them"
-        )));
-    }
     let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
     rt.ensure_state_dir()?;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let run_id = new_run_id();
+    // Every host is claimed before the journal exists: a refused exec leaves nothing.
+    // Ctrl-C while waiting ends the process, and the kernel lets go of what it held.
+    let claims = Arc::new(host_claims(
+        cli,
+        &rt,
+        &run_id,
+        "exec",
+        &Arc::new(AtomicBool::new(false)),
+    )?);
+    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    claims.claim(&names).map_err(journal_err)?;
     let mut head = header(&rt, Path::new("<exec>"), &pb);
     head.ad_hoc = Some(crate::journal::AdHoc {
         selector: selector.to_string(),
@@ -121,7 +162,9 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         Some(journal.clone()),
         Mode::Apply,
     )
-    .with_playbook("<exec>");
+    .with_playbook("<exec>")
+    // `claims` itself is held until the journal is closed.
+    .with_claims(claims.clone());
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let style = Style::pick(cli.global.json, cli.global.quiet);
     if style != Style::Json && style != Style::Quiet {
@@ -231,6 +274,8 @@ pub struct Execution {
     /// Set to stop starting new hosts; hosts in flight finish.
     pub stop: Arc<AtomicBool>,
     pub vars: BTreeMap<String, String>,
+    /// The hosts the run holds; its rollouts claim their targets through it.
+    pub claims: HostClaims,
 }
 
 /// Runs a compiled playbook against a journal that is already open, then closes
@@ -248,13 +293,17 @@ pub fn execute(
 ) {
     let run_id = journal.run().to_string();
     let journal = Arc::new(journal.with_secrets(rt.secrets.clone()));
+    // Held here until the journal is closed: a run queued behind this one starts
+    // only once this run's record is complete.
+    let claims = Arc::new(ex.claims);
     let ctx = RunCtx::new(
         run_id.clone(),
         rt.state_dir.clone(),
         Some(journal.clone()),
         Mode::Apply,
     )
-    .with_playbook(playbook.to_string());
+    .with_playbook(playbook.to_string())
+    .with_claims(claims.clone());
     let session = Arc::new(Session::new(rt.clone(), ctx));
     let control = Arc::new(
         RunControl::new(session.clone(), ex.clock, ex.sink)
@@ -278,6 +327,7 @@ pub fn execute(
             tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
         }
     }
+    drop(claims);
     (result, summaries)
 }
 
@@ -309,6 +359,7 @@ pub fn run(
     vars: &BTreeMap<String, String>,
 ) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    rt.check_limit()?;
     rt.ensure_state_dir()?;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let (run_id, journal, playbook, pb) = match resume {
@@ -371,6 +422,7 @@ pub fn run(
     let clock = Clock::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
     forward_stop_signals(stop.clone());
+    let claims = host_claims(cli, &rt, &run_id, "run", &stop)?;
     let (result, summaries) = execute(
         &rt,
         &pb,
@@ -381,6 +433,7 @@ pub fn run(
             sink: progress::sink(style, &run_id),
             stop,
             vars: vars.clone(),
+            claims,
         },
     );
     let _ = result?;
@@ -464,6 +517,7 @@ pub fn plan(
     vars: &BTreeMap<String, String>,
 ) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
+    rt.check_limit()?;
     let pb = Compiler::from_config(&rt.config).compile_file(playbook)?;
     let ctx = RunCtx::new("plan", rt.state_dir.clone(), None, Mode::Plan)
         .with_playbook(playbook.display().to_string());
@@ -597,15 +651,6 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let journal =
         Arc::new(Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?);
-    journal
-        .append_entry(
-            None,
-            &Entry::RunRollback(RunRollback {
-                hosts: hosts.map(str::to_string),
-                operator: rt.operator.clone(),
-            }),
-        )
-        .map_err(journal_err)?;
     let state = journal.state().map_err(journal_err)?;
     let allowed: Option<Vec<String>> = match hosts {
         Some(sel) => Some(
@@ -623,12 +668,33 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         .filter(|h| allowed.as_ref().is_none_or(|a| a.iter().any(|x| x == h)))
         .map(str::to_string)
         .collect();
+    // The hosts to reverse are claimed before the journal says a rollback began:
+    // a refused rollback writes nothing. Ctrl-C while waiting ends the process.
+    let claims = Arc::new(host_claims(
+        cli,
+        &rt,
+        run_id,
+        "rollback",
+        &Arc::new(AtomicBool::new(false)),
+    )?);
+    claims.claim(&order).map_err(journal_err)?;
+    journal
+        .append_entry(
+            None,
+            &Entry::RunRollback(RunRollback {
+                hosts: hosts.map(str::to_string),
+                operator: rt.operator.clone(),
+            }),
+        )
+        .map_err(journal_err)?;
     let ctx = RunCtx::new(
         run_id,
         rt.state_dir.clone(),
         Some(journal.clone()),
         Mode::Apply,
-    );
+    )
+    // `claims` itself is held until the journal is closed.
+    .with_claims(claims.clone());
     let session = Session::new(rt.clone(), ctx);
     let mut failed = 0;
     for name in &order {
@@ -730,11 +796,18 @@ impl crate::watch::Launcher for RolloutLauncher {
             let _ = tx.send(*c);
         });
         let clock = Clock::from_env().map_err(|e| e.to_string())?;
+        // Nobody sits at the service to wait: a run whose hosts are busy is
+        // refused, and its result and journal (`run.refused`) name the holder.
+        let claims = HostClaims::new(
+            &rt.state_dir,
+            HostHolder::new(&req.run_id, &rt.operator, "watch"),
+        );
         let ex = Execution {
             clock,
             sink,
             stop,
             vars: req.params.clone(),
+            claims,
         };
         let playbook = pb.path.display().to_string();
         let (result, summaries) = std::thread::scope(|s| {

@@ -174,6 +174,16 @@ pub enum InventoryError {
     Cycle { cycle: Vec<String> },
     #[error("bad selector `{selector}`: {message}")]
     Selector { selector: String, message: String },
+    /// A selector, or the `--limit`, selected no host.
+    #[error("{what} `{selector}` matched no host ({}): {reason}; `patchbook inventory list` shows the hosts and groups", limit.as_ref().map_or_else(|| "no --limit in force".to_string(), |l| format!("--limit `{l}` in force")))]
+    NoMatch {
+        /// `selector` or `--limit`.
+        what: &'static str,
+        selector: String,
+        /// The `--limit` narrowing the selector, when one is in force.
+        limit: Option<String>,
+        reason: String,
+    },
     #[error("host `{host}` depends on `{target}`, which is neither a host nor a group; add it to the inventory or correct depends_on")]
     UnknownDependency { host: String, target: String },
 }

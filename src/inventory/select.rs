@@ -50,6 +50,58 @@ pub fn select<'a>(inv: &'a Inventory, pattern: &str) -> Result<Vec<&'a Host>, In
         .collect())
 }
 
+/// Why `pattern` selects no host, in words for an error: each part written as a
+/// plain name that is neither a host nor a group, with the nearest host and group
+/// names (did you mean), or each glob or regex that matches no name.
+pub fn why_empty(inv: &Inventory, pattern: &str) -> String {
+    let names: Vec<&str> = inv
+        .groups()
+        .keys()
+        .map(String::as_str)
+        .chain(inv.hosts().iter().map(|h| h.name.as_str()))
+        .chain(std::iter::once("all"))
+        .collect();
+    let mut reasons = Vec::new();
+    for part in split_pattern(pattern) {
+        let bare = part.trim_start_matches(['!', '&']);
+        // An excluded part that names nothing removes nothing: it is not why.
+        if part.starts_with('!') {
+            continue;
+        }
+        let (expr, _) = split_subscript(bare);
+        if names.contains(&expr.as_str()) {
+            continue;
+        }
+        let special = expr.starts_with('~') || expr.contains(['*', '?', '[']);
+        if special {
+            let matches = compile(&expr).is_ok_and(|re| names.iter().any(|n| re.is_match(n)));
+            if !matches {
+                reasons.push(format!("`{bare}` matches no host or group name"));
+            }
+            continue;
+        }
+        let near = crate::config::suggest::nearest(&expr, names.iter().copied(), 3);
+        let hint = match near.as_slice() {
+            [] => String::new(),
+            [one] => format!(" (did you mean `{one}`?)"),
+            more => format!(
+                " (did you mean {}?)",
+                more.iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        reasons.push(format!("`{expr}` is neither a host nor a group{hint}"));
+    }
+    if reasons.is_empty() {
+        "its parts name hosts or groups, but no host is selected by all of them together"
+            .to_string()
+    } else {
+        reasons.join("; ")
+    }
+}
+
 /// `split_host_pattern`: commas always separate; colons separate unless the whole
 /// pattern reads as one address (`host:22`, `::1`, `web[1:3]`).
 fn split_pattern(pattern: &str) -> Vec<String> {
@@ -269,6 +321,24 @@ mod tests {
         assert_eq!(split_pattern("web, db"), vec!["web", "db"]);
         assert_eq!(split_pattern("web[1:3]"), vec!["web[1:3]"]);
         assert_eq!(split_pattern("a:!b:&c"), vec!["a", "!b", "&c"]);
+    }
+
+    #[test]
+    fn an_empty_selection_says_why_and_what_was_meant() {
+        let inv = crate::inventory::native::parse(
+            std::path::Path::new("inv.toml"),
+            "[hosts.web01]\ngroups = [\"web\"]\n[hosts.db01]\ngroups = [\"db\"]\n",
+        )
+        .unwrap();
+        let why = why_empty(&inv, "wbe");
+        assert!(
+            why.contains("`wbe` is neither a host nor a group (did you mean `web`?)"),
+            "{why}"
+        );
+        let why = why_empty(&inv, "web:&db");
+        assert!(why.contains("no host is selected by all of them"), "{why}");
+        let why = why_empty(&inv, "zz*:!nothing");
+        assert_eq!(why, "`zz*` matches no host or group name");
     }
 
     #[test]

@@ -104,6 +104,8 @@ entries! {
     RunResume(RunResume) = "run.resume",
     /// `patchbook rollback` began reversing the run.
     RunRollback(RunRollback) = "run.rollback",
+    /// The run did not start on some hosts because other runs held them.
+    RunRefused(RunRefused) = "run.refused",
     /// A backup archive taken of the record's host.
     Backup(BackupHandle) = "backup",
     /// A backup the controller stopped on its own side (disk full, low space, a
@@ -194,6 +196,18 @@ pub struct RunRollback {
     #[serde(default)]
     pub hosts: Option<String>,
     pub operator: String,
+}
+
+/// `data` of `run.refused`: a rollout did not start because other runs held some
+/// of its hosts (or the wait for them ended); it changed nothing on any of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRefused {
+    /// The busy hosts, sorted.
+    pub hosts: Vec<String>,
+    /// The runs that held them.
+    pub holders: Vec<super::lock::HostHolder>,
+    /// What the operator was told.
+    pub message: String,
 }
 
 /// `data` of `backup.stopped`: a backup of the record's host that the controller
@@ -1045,6 +1059,11 @@ mod tests {
             Entry::RunRollback(RunRollback {
                 hosts: Some("web".into()),
                 operator: "alice".into(),
+            }),
+            Entry::RunRefused(RunRefused {
+                hosts: vec!["web-1".into(), "web-2".into()],
+                holders: vec![super::super::lock::HostHolder::new("r0", "bob", "exec")],
+                message: "web-1, web-2 held by run r0".into(),
             }),
             Entry::Backup(BackupHandle {
                 id: "bk-1".into(),

@@ -540,6 +540,16 @@ pub enum JournalError {
         host: String,
         since: String,
     },
+    /// Another run holds some of the hosts a claim asked for.
+    #[error("{busy}; nothing was changed. Wait for that run to end, or pass `--wait` to queue behind it")]
+    HostsBusy { busy: lock::BusyHosts },
+    #[error("waited {} for hosts that are still busy: {busy}; nothing was changed. Try again later, or wait longer with `--wait=DURATION`", crate::config::format_duration(*waited))]
+    WaitTimedOut {
+        busy: lock::BusyHosts,
+        waited: std::time::Duration,
+    },
+    #[error("stopped while waiting for hosts: {busy}; nothing was changed")]
+    WaitCancelled { busy: lock::BusyHosts },
     #[error("no run `{run}` under {dir}; `patchbook audit verify` lists the runs it knows")]
     NoSuchRun { run: String, dir: PathBuf },
     #[error("run `{run}` already exists at {path}; resume it, or pick another run id")]

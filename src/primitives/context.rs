@@ -17,8 +17,9 @@ use super::backup::{BackupLimits, BackupUsage};
 use super::facts::Facts;
 use super::PrimitiveError;
 use crate::inventory::Host;
+use crate::journal::lock::HostClaims;
 use crate::journal::state::HostHistory;
-use crate::journal::{BackupRef, Entry, Journal, Record, StepId, UndoStep};
+use crate::journal::{BackupRef, Entry, Journal, JournalError, Record, StepId, UndoStep};
 use crate::transport::Transport;
 
 /// Whether mutating primitives act or only record what they would do.
@@ -54,6 +55,10 @@ pub struct RunCtx {
     pub playbook: String,
     /// How much backups may write to the controller's disk (`[backup]`).
     pub backup_limits: BackupLimits,
+    /// The hosts this run holds (one run per host). A change claims its host
+    /// before its intent is written, so no change ever runs on a host another run
+    /// holds; `None` where nothing can change (no journal, tests).
+    pub claims: Option<Arc<HostClaims>>,
     /// What this run's backups hold so far, per host and in all.
     pub(super) backup_usage: BackupUsage,
     /// Hosts whose work stopped on a controller-side fault (disk full, a backup
@@ -77,6 +82,7 @@ impl RunCtx {
             mode,
             playbook: String::new(),
             backup_limits: BackupLimits::default(),
+            claims: None,
             backup_usage: BackupUsage::default(),
             controller_faults: Mutex::new(HashMap::new()),
             facts: Mutex::new(HashMap::new()),
@@ -92,6 +98,20 @@ impl RunCtx {
     pub fn with_backup_limits(mut self, limits: BackupLimits) -> Self {
         self.backup_limits = limits;
         self
+    }
+
+    pub fn with_claims(mut self, claims: Arc<HostClaims>) -> Self {
+        self.claims = Some(claims);
+        self
+    }
+
+    /// Claims `hosts` for this run, all or nothing (see [`HostClaims::claim`]).
+    /// `plan` and runs without a journal change nothing and claim nothing.
+    pub fn claim(&self, hosts: &[String]) -> Result<(), JournalError> {
+        match (&self.claims, &self.journal, self.mode) {
+            (Some(c), Some(_), Mode::Apply) => c.claim(hosts),
+            _ => Ok(()),
+        }
     }
 
     /// Notes that `host`'s work stopped on the controller's side, not the host's.
@@ -223,6 +243,19 @@ impl HostCtx<'_> {
         }
     }
 
+    /// Makes sure this run holds the host before `step` changes it. A rollout
+    /// claims its whole target set before it starts; this catches a change made
+    /// outside a rollout, on a host the run has not claimed yet.
+    pub fn claim_host(&self, step: &str) -> Result<(), PrimitiveError> {
+        self.run
+            .claim(std::slice::from_ref(&self.host.name))
+            .map_err(|source| PrimitiveError::HostBusy {
+                host: self.host.name.clone(),
+                step: step.to_string(),
+                source: Box::new(source),
+            })
+    }
+
     /// Writes a step's intent, on disk before this returns; only then may the step
     /// act. `None` without a journal.
     pub fn intent(
@@ -230,6 +263,7 @@ impl HostCtx<'_> {
         step: &str,
         input: &impl Serialize,
     ) -> Result<Option<StepId>, PrimitiveError> {
+        self.claim_host(step)?;
         match &self.run.journal {
             None => Ok(None),
             Some(j) => j

@@ -69,6 +69,14 @@ pub enum PrimitiveError {
         #[source]
         source: Box<crate::journal::JournalError>,
     },
+    /// Another run holds the host: the step was not started.
+    #[error("{host}: {step} was not started: {source}")]
+    HostBusy {
+        host: String,
+        step: String,
+        #[source]
+        source: Box<crate::journal::JournalError>,
+    },
     /// The controller, not the host, could not go on: its disk is full or a
     /// backup cap was reached. The rollout stops without charging the host.
     #[error("{host}: {step} stopped on the controller, not the host: {message}")]

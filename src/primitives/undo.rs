@@ -115,6 +115,7 @@ pub fn rollback(ctx: &HostCtx) -> Result<RollbackReport, PrimitiveError> {
             report.manual.push(reason);
             continue;
         }
+        ctx.claim_host("rollback")?;
         let step = journal
             .undo_intent(ctx.name(), id, undo)
             .map_err(|source| PrimitiveError::Journal {

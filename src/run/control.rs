@@ -16,7 +16,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Courier, Session};
-use crate::journal::entry::Entry;
+use crate::journal::entry::{Entry, RunRefused};
+use crate::journal::JournalError;
 use crate::primitives::{notify, Mode};
 use crate::rollout::{Clock, RolloutEvent, Summary, Window};
 
@@ -191,6 +192,35 @@ impl RunControl {
     /// Records what the rollout saw or decided (a plan, a window, a notice). None of
     /// it is an action on a host, so it rides on the next group commit: every
     /// intent fsyncs all records before it.
+    /// Claims a rollout's whole target set for this run before the rollout
+    /// records or changes anything: all of it, or nothing and an error naming the
+    /// runs (and their operators) that hold the busy hosts. A refusal is journaled
+    /// as `run.refused`. `plan` claims nothing.
+    pub fn claim_targets(&self, hosts: &[String]) -> Result<(), String> {
+        match self.session.run.claim(hosts) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let busy = match &e {
+                    JournalError::HostsBusy { busy }
+                    | JournalError::WaitTimedOut { busy, .. }
+                    | JournalError::WaitCancelled { busy } => Some(busy),
+                    _ => None,
+                };
+                if let Some(busy) = busy {
+                    self.record(
+                        None,
+                        Entry::RunRefused(RunRefused {
+                            hosts: busy.hosts(),
+                            holders: busy.held.iter().map(|(h, _)| h.clone()).collect(),
+                            message: e.to_string(),
+                        }),
+                    );
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
     pub fn record(&self, host: Option<&str>, entry: Entry) {
         if let Some(j) = &self.session.run.journal {
             if let Err(e) = j.note_entry(host, &entry) {

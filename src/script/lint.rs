@@ -25,11 +25,12 @@ use super::patch::{
     NOTIFY_OPTION_KEYS,
 };
 use super::playbook::{CompiledPlaybook, Compiler};
-use super::register::{EXEC_OPTION_KEYS, PROBE_OPTION_KEYS};
+use super::register::{EXEC_OPTION_KEYS, HOSTS_OPTION_KEYS, PROBE_OPTION_KEYS};
 use super::rollout::{TEST_OPTION_KEYS, WINDOW_OPTION_KEYS};
 use super::services::{REBOOT_OPTION_KEYS, SERVICE_OPTION_KEYS};
 use super::upgrade::{PENDING_UPDATES_OPTION_KEYS, UPGRADE_OPTION_KEYS};
 use super::Limits;
+use crate::config::suggest;
 use crate::rollout::policy::POLICY_KEYS;
 
 /// A primitive's argument that, when written as a literal map, may only hold `keys`.
@@ -67,6 +68,7 @@ const fn opts(
 /// Every option map `check` looks into, pointing at the primitives' own lists.
 pub const OPTION_MAPS: &[OptionMap] = &[
     opts("artifact", 2, 1, ARTIFACT_OPTION_KEYS),
+    opts("hosts", 2, 1, HOSTS_OPTION_KEYS),
     opts("deploy", 3, 2, DEPLOY_OPTION_KEYS),
     opts("health", 3, 2, HEALTH_OPTION_KEYS),
     opts("http_check", 2, 1, HTTP_CHECK_OPTION_KEYS),
@@ -484,41 +486,13 @@ fn arguments(counts: &BTreeSet<usize>) -> String {
     format!("{joined} {plural}")
 }
 
-/// The candidate closest to `name`, when it is close enough to be a typo: a few
-/// edits away (about one in three characters), or `name` cut short.
+/// The candidate closest to `name`, when it is close enough to be a typo (see
+/// [`crate::config::suggest`]); only names a script could write are offered.
 pub fn did_you_mean<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(1);
-    let lower = name.to_lowercase();
-    candidates
-        .filter(|c| *c != name && is_identifier(c))
-        .filter_map(|c| {
-            let d = edit_distance(&lower, &c.to_lowercase());
-            let prefix = name.len() >= 3 && c.starts_with(name);
-            (d <= limit || prefix).then_some((d, c))
-        })
-        .min_by_key(|&(d, c)| (d, c))
-        .map(|(_, c)| c)
+    suggest::did_you_mean(name, candidates.filter(|c| is_identifier(c)))
 }
 
-/// Levenshtein distance over characters.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                diag
-            } else {
-                1 + diag.min(above).min(row[j])
-            };
-            diag = above;
-        }
-    }
-    row[b.len()]
-}
+pub use suggest::edit_distance;
 
 #[cfg(test)]
 mod tests {

@@ -30,6 +30,8 @@ impl ScriptHost {
 
 /// Keys of the options map of `exec` and `shell` (`#{ undo, timeout }`).
 pub const EXEC_OPTION_KEYS: &[&str] = &["undo", "timeout"];
+/// Keys of the options map of `hosts` (`#{ allow_empty }`).
+pub const HOSTS_OPTION_KEYS: &[&str] = &["allow_empty"];
 /// Keys of the options map of `probe` (`#{ timeout }`).
 pub const PROBE_OPTION_KEYS: &[&str] = &["timeout"];
 
@@ -122,23 +124,49 @@ pub fn register_primitives(
     register_host_type(engine);
 
     let r = rt;
+    let hosts_fn = move |ctx: NativeCallContext, selector: &str, opts: Map| -> RhaiResult<Array> {
+        let rt = runtime(&ctx, &r, "hosts")?;
+        if let Err(e) = super::patch::no_unknown_keys(&opts, HOSTS_OPTION_KEYS) {
+            return fail(&ctx, format!("hosts: {e}"));
+        }
+        let allow_empty = match opts.get("allow_empty").map(|v| v.as_bool()) {
+            None => false,
+            Some(Ok(b)) => b,
+            Some(Err(t)) => {
+                return fail(
+                    &ctx,
+                    format!("hosts: `allow_empty` is true or false, not {t}"),
+                )
+            }
+        };
+        match rt.targets_with(selector, allow_empty) {
+            Ok(hosts) => Ok(hosts
+                .into_iter()
+                .map(|h| Dynamic::from(ScriptHost::new(h)))
+                .collect()),
+            Err(e @ crate::inventory::InventoryError::NoMatch { what: "selector", .. }) => fail(
+                &ctx,
+                format!(
+                    "{e}. When no host is fine here, say so: hosts({selector:?}, #{{ allow_empty: true }})"
+                ),
+            ),
+            Err(e) => fail(&ctx, e.to_string()),
+        }
+    };
+    let h2 = hosts_fn.clone();
     FuncRegistration::new("hosts")
         .with_volatility(true)
         .with_params_info(["selector: &str", "Array"])
-        .with_comments(["/// Hosts matching an Ansible-style selector (`web:&prod`, `web*`, `~re`),\n/// narrowed by `--limit`, in inventory order."])
+        .with_comments(["/// Hosts matching an Ansible-style selector (`web:&prod`, `web*`, `~re`),\n/// narrowed by `--limit`, in inventory order. Matching no host is an error\n/// naming the nearest group and host names."])
         .register_into_engine(
             engine,
-            move |ctx: NativeCallContext, selector: &str| -> RhaiResult<Array> {
-                let rt = runtime(&ctx, &r, "hosts")?;
-                match rt.targets(selector) {
-                    Ok(hosts) => Ok(hosts
-                        .into_iter()
-                        .map(|h| Dynamic::from(ScriptHost::new(h)))
-                        .collect()),
-                    Err(e) => fail(&ctx, e.to_string()),
-                }
-            },
+            move |ctx: NativeCallContext, selector: &str| h2(ctx, selector, Map::new()),
         );
+    FuncRegistration::new("hosts")
+        .with_volatility(true)
+        .with_params_info(["selector: &str", "opts: Map", "Array"])
+        .with_comments(["/// Hosts matching a selector, with options: `#{ allow_empty: true }` returns an\n/// empty array when nothing matches instead of stopping the playbook."])
+        .register_into_engine(engine, hosts_fn);
 
     FuncRegistration::new("log")
         .with_volatility(true)

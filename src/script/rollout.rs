@@ -401,6 +401,16 @@ fn rollout(
         .map(|h| Target::from_inventory(&rt.inventory, h))
         .collect();
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    // One run per host: the rollout takes its whole target set here, once the
+    // playbook has chosen it, and before its plan is recorded or any host is
+    // touched. `hosts()` and probes (`needing()`) before this point never wait
+    // on another run, and `plan` never claims; a change outside any rollout
+    // claims its own host on the way (see `HostCtx::claim_host`).
+    if !c.planning() {
+        if let Err(message) = c.claim_targets(&names) {
+            return fail(ctx, format!("rollout: {message}"));
+        }
+    }
     let plan = match Plan::build(targets, &policy, rt.forks) {
         Ok(p) => p,
         Err(e) => return fail(ctx, format!("rollout: {e}")),

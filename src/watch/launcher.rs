@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::journal::lock::{HostClaims, HostHolder};
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::run::Session;
@@ -189,7 +190,13 @@ impl Launcher for ScriptLauncher {
                     Some(j.clone()),
                     Mode::Apply,
                 )
-                .with_playbook(req.playbook.path.display().to_string());
+                .with_playbook(req.playbook.path.display().to_string())
+                // Like every journaled run: its changes claim their hosts, and a
+                // host another run holds refuses the change.
+                .with_claims(Arc::new(HostClaims::new(
+                    &rt.state_dir,
+                    HostHolder::new(&req.run_id, &rt.operator, "watch"),
+                )));
                 ScriptRun::with_session(&self.limits, Arc::new(Session::new(rt.clone(), ctx)))
             }
             (rt, _) => ScriptRun::new(&self.limits, rt.clone()),
