@@ -628,17 +628,24 @@ fn patch_vars(deb: &Path, sha256: &str) -> String {
     )
 }
 
-/// CPU seconds of the lab's sshd processes plus their reaped children (every
-/// session, shell and dpkg on the hosts).
+/// CPU seconds every lab host's process tree has spent: its init, its sshd, every
+/// session, shell and dpkg. Live processes count their own time, reaped ones count
+/// in their reaper's (sessions in sshd's, orphans in the host init's), so each
+/// second is counted once.
 fn host_cpu(lab: &Lab) -> f64 {
     // SAFETY: sysconf has no failure mode for _SC_CLK_TCK.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    lab.fleet
-        .hosts()
-        .iter()
-        .map(|h| {
-            let s =
-                std::fs::read_to_string(format!("/proc/{}/stat", h.sshd_pid)).unwrap_or_default();
+    let all = parents();
+    let mut tree: Vec<i32> = lab.fleet.hosts().iter().map(|h| h.sshd_pid).collect();
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.into_iter()
+        .map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let f: Vec<&str> = s
                 .rfind(')')
                 .map(|i| s[i + 2..].split_whitespace().collect())
