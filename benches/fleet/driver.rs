@@ -996,12 +996,14 @@ fn machine_facts() -> String {
             .unwrap_or_default()
     };
     format!(
-        "- date: {}\n- machine: {} cores ({}), {} memory, kernel {}\n- patchbook {} (release build); {}; {}\n",
+        "- date: {}\n- machine: {} cores ({}), {} memory, kernel {}; load average at the end {}\n- patchbook {} (release build); {}; {}\n",
         sh("date -u '+%Y-%m-%d %H:%M UTC'"),
         sh("nproc"),
         sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
         sh("free -h | awk '/^Mem:/ {print $2}'"),
         sh("uname -r"),
+        // Other work on the same cores shows in every wall time.
+        sh("cut -d' ' -f1-3 /proc/loadavg"),
         sh(&format!("git -C {ROOT} rev-parse --short HEAD")),
         sh("ssh -V 2>&1"),
         sh(&format!(
