@@ -1040,7 +1040,7 @@ fn render(
             md,
             "Every host sits behind a lab relay (`patchbook::lab::Relay`) holding each direction \
              for half of a **{} ms round trip**. Turns are request/response turns per host as the \
-             relay sees them (bytes from the host after bytes from the client, per connection), \
+             relay sees them (bytes from the host after client bytes the relay has delivered to it, per connection), \
              mean over the hosts, median over the runs.\n",
             rtt.as_millis()
         );
