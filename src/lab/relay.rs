@@ -495,8 +495,9 @@ mod tests {
         for (i, (s, a)) in sent.iter().zip(&at).enumerate() {
             let one_way = a.duration_since(*s);
             assert!(one_way >= RTT / 2, "chunk {i}: {one_way:?}");
+            // Cumulative delays would break this bound from the seventh chunk on.
             assert!(
-                one_way < RTT * 2,
+                one_way < RTT * 3,
                 "chunk {i}: {one_way:?} (cumulative delay?)"
             );
         }
