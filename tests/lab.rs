@@ -239,3 +239,154 @@ fn dropping_a_fleet_stops_its_hosts() {
         assert!(!alive(*p), "pid {p} survived the fleet");
     }
 }
+
+/// `patchbook --json exec all SNIPPET` against the lab's own settings: exit code,
+/// one JSON value per host, stderr.
+fn exec_json(
+    dir: &std::path::Path,
+    snippet: &str,
+) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let cfg = dir.join("patchbook.toml");
+    let out = patchbook([
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+        "exec",
+        "all",
+        snippet,
+    ]);
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (
+        out.status.code(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const VERSION: &str = r#"probe(host, ["dpkg-query", "-W", "-f=${Version}", "acme-agent"]).stdout"#;
+
+#[test]
+fn a_relay_puts_its_rtt_before_a_real_sshd_with_strict_host_keys() {
+    let mut lab = Lab::start(1);
+    let rtt = Duration::from_millis(50);
+    lab.fleet.start_relays(rtt).unwrap();
+    let h = lab.hosts()[0].clone();
+    let relay_port = h.relay_port.expect("a relay port");
+    assert_ne!(relay_port, h.port);
+    assert_eq!(lab.inventory_hosts()[0].port, relay_port);
+    let inventory = std::fs::read_to_string(lab.dir().join("inventory.toml")).unwrap();
+    assert!(
+        inventory.contains(&format!("port = {relay_port}\n")),
+        "{inventory}"
+    );
+
+    let t = std::time::Instant::now();
+    let (code, lines, err) = exec_json(lab.dir(), VERSION);
+    let took = t.elapsed();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(lines[0]["value"], "1.0.0", "{lines:?}");
+    let traffic = lab.traffic();
+    assert_eq!(traffic.len(), 1);
+    let (name, seen) = &traffic[0];
+    assert_eq!(name, "lab01");
+    assert!(seen.connections >= 1, "{seen:?}");
+    // Key exchange, auth, a channel and its command are round trips of their own.
+    assert!(seen.turns >= 4, "{seen:?}");
+    assert!(took >= rtt * 4, "an exec over a {rtt:?} link took {took:?}");
+
+    // The host key is checked under the relay's address: without its line, the
+    // same key under sshd's own port does not let the connection through.
+    let kh = lab.known_hosts();
+    let known = std::fs::read_to_string(&kh).unwrap();
+    let direct_only: String = known
+        .lines()
+        .filter(|l| !l.starts_with(&format!("[127.0.0.1]:{relay_port} ")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(direct_only.contains(&format!("[127.0.0.1]:{} ", h.port)));
+    std::fs::write(&kh, direct_only).unwrap();
+    let (code, lines, err) = exec_json(lab.dir(), VERSION);
+    assert_ne!(code, Some(0), "{lines:?}");
+    let said = format!("{lines:?} {err}").to_lowercase();
+    assert!(
+        said.contains("host key") || said.contains("known_hosts"),
+        "{said}"
+    );
+}
+
+#[test]
+fn cli_lab_up_with_rtt_relays_every_host_and_lab_down_stops_the_relay() {
+    support::require_lab();
+    let dir = tempfile::Builder::new()
+        .prefix("cli-lab-rtt-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let d = dir.path().to_str().unwrap();
+    // A failed assertion must not leave the relay and hosts running.
+    struct Down<'a>(&'a std::path::Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = patchbook::lab::down(self.0);
+        }
+    }
+    let _down = Down(dir.path());
+    let up = patchbook(["lab", "up", "2", d, "--dpkg-db", "minimal", "--rtt", "30ms"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
+            .unwrap();
+    let relay_pid = state["relay"]["pid"].as_i64().expect("relay recorded") as i32;
+    assert_eq!(state["relay"]["rtt_ms"], 30);
+    assert!(alive(relay_pid), "the relay outlives `lab up`");
+    let inventory = std::fs::read_to_string(dir.path().join("inventory.toml")).unwrap();
+    for h in state["hosts"].as_array().unwrap() {
+        let relay_port = h["relay_port"].as_u64().expect("relay port");
+        assert!(
+            inventory.contains(&format!("port = {relay_port}\n")),
+            "{inventory}"
+        );
+        assert!(
+            !inventory.contains(&format!("port = {}\n", h["port"])),
+            "{inventory}"
+        );
+    }
+
+    let (code, lines, err) = exec_json(dir.path(), VERSION);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(lines.len(), 2);
+    let turns = |args: &[&str]| -> serde_json::Value {
+        let out = patchbook([&["lab", "turns", d][..], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let seen = turns(&["--json", "--reset"]);
+    for host in ["lab01", "lab02"] {
+        assert!(seen[host]["turns"].as_u64().unwrap() >= 4, "{seen}");
+        assert!(seen[host]["connections"].as_u64().unwrap() >= 1, "{seen}");
+    }
+    let zeroed = turns(&["--json"]);
+    assert_eq!(zeroed["lab01"]["turns"], 0, "{zeroed}");
+
+    let down = patchbook(["lab", "down", d]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!alive(relay_pid), "lab down left the relay running");
+    assert!(!dir.path().join("relay.sock").exists());
+    let after = patchbook(["lab", "turns", d]);
+    assert!(!after.status.success());
+}

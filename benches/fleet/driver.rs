@@ -6,7 +6,10 @@
 //! that patched every host) with each tool's wall time divided by patchbook's. The
 //! table goes to `benches/fleet/results.md` too. With `--sim N` it also runs the
 //! playbook on N hosts of the `sim` transport and reports controller CPU and memory
-//! per host. Run it with `benches/fleet/run.sh` (needs root; see `--help`).
+//! per host. With `--rtt 50ms` every host sits behind a lab relay with that round
+//! trip (`patchbook::lab::Relay`), and the table adds the request/response turns
+//! per host each peer needed (benches/fleet/latency.sh). Run it with
+//! `benches/fleet/run.sh` (needs root; see `--help`).
 
 mod ssh2_peer;
 
@@ -27,12 +30,15 @@ const USAGE: &str = "\
 usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none|pyinfra,ansible]
                             [--only patchbook,openssh,ssh2,ssh2-7ch,pyinfra,ansible]
                             [--sim 10000] [--sim-latency-ms 0] [--out benches/fleet/results.md]
-                            [--dpkg-db minimal|machine] [--keep]
+                            [--dpkg-db minimal|machine] [--rtt 50ms] [--keep]
   --dpkg-db      what each host's dpkg database starts as: `minimal` (acme-agent alone,
                  the default) or `machine` (a copy of this machine's, hundreds of packages)
   --peers none   skips the Python peers (pyinfra, Ansible); the default installs them
                  into target/bench-venv from PyPI
-  --sim N        also runs the playbook on N hosts of the `sim` transport (0: skip)";
+  --sim N        also runs the playbook on N hosts of the `sim` transport (0: skip)
+  --rtt D        puts every host behind a relay with round-trip time D (e.g. 50ms) and
+                 counts each peer's request/response turns per host; the table goes to
+                 benches/fleet/results-rtt.md unless --out says otherwise";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Peer {
@@ -87,6 +93,7 @@ struct Args {
     out: PathBuf,
     keep: bool,
     dpkg_db: DpkgDb,
+    rtt: Option<Duration>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -99,7 +106,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         out: Path::new(ROOT).join("benches/fleet/results.md"),
         keep: false,
         dpkg_db: DpkgDb::Minimal,
+        rtt: None,
     };
+    let mut out_given = false;
     let mut python: Option<Vec<Peer>> = None;
     let mut only: Option<Vec<Peer>> = None;
     let mut it = argv.iter().filter(|a| *a != "--bench");
@@ -138,7 +147,16 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--sim-latency-ms: {e}"))?
             }
-            "--out" => a.out = value()?.into(),
+            "--out" => {
+                a.out = value()?.into();
+                out_given = true;
+            }
+            "--rtt" => {
+                a.rtt = Some(
+                    patchbook::config::parse_duration(&value()?)
+                        .map_err(|e| format!("--rtt: {e}"))?,
+                )
+            }
             "--keep" => a.keep = true,
             "--dpkg-db" => a.dpkg_db = value()?.parse()?,
             "-h" | "--help" => return Err(String::new()),
@@ -155,6 +173,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         return Err("patchbook must be among the peers: every ratio is against it".into());
     }
     a.runs = a.runs.max(1);
+    if a.rtt.is_some() && !out_given {
+        a.out = Path::new(ROOT).join("benches/fleet/results-rtt.md");
+    }
     Ok(a)
 }
 
@@ -187,6 +208,10 @@ struct Sample {
     rss_kb: u64,
     /// CPU seconds the lab's sshd processes and everything they ran spent meanwhile.
     host_cpu: f64,
+    /// Mean request/response turns and connections per host, seen by the relays
+    /// (with `--rtt`).
+    turns: f64,
+    connections: f64,
     ok: bool,
     why: String,
 }
@@ -199,6 +224,7 @@ struct Lab {
     deb: PathBuf,
     sha256: String,
     n: usize,
+    rtt: Option<Duration>,
 }
 
 fn bench(args: Args) -> Result<(), String> {
@@ -245,20 +271,21 @@ fn bench(args: Args) -> Result<(), String> {
 
     let mut table: Vec<(usize, Peer, Vec<Sample>)> = Vec::new();
     for &n in &args.sizes {
-        let lab = start_lab(&base_path, n, args.dpkg_db)?;
+        let lab = start_lab(&base_path, n, args.dpkg_db, args.rtt)?;
         let mut samples: HashMap<Peer, Vec<Sample>> = HashMap::new();
         for round in 0..args.runs {
             for &peer in &peers {
                 reseed(&lab)?;
                 let s = run_peer(peer, &lab, &pb, &venv, round)?;
                 eprintln!(
-                    "  n={n:<4} {:<10} run {}: {:>7.2}s wall {:>7.2}s cpu {:>8} KB {:>7.2}s host cpu {}",
+                    "  n={n:<4} {:<10} run {}: {:>7.2}s wall {:>7.2}s cpu {:>8} KB {:>7.2}s host cpu{} {}",
                     peer.key(),
                     round + 1,
                     s.wall,
                     s.cpu,
                     s.rss_kb,
                     s.host_cpu,
+                    if args.rtt.is_some() { format!(" {:>6.1} turns/host", s.turns) } else { String::new() },
                     if s.ok { "ok".to_string() } else { format!("FAILED: {}", s.why) }
                 );
                 samples.entry(peer).or_default().push(s);
@@ -321,11 +348,18 @@ fn ensure_venv(venv: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn start_lab(base: &Path, n: usize, db: DpkgDb) -> Result<Lab, String> {
+fn start_lab(base: &Path, n: usize, db: DpkgDb, rtt: Option<Duration>) -> Result<Lab, String> {
     let dir = base.join(format!("lab{n}"));
     let t = Instant::now();
-    let fleet = Fleet::start_with(n, &dir, Tie::ToStartingThread, db)
+    let mut fleet = Fleet::start_with(n, &dir, Tie::ToStartingThread, db)
         .map_err(|e| format!("lab up {n}: {e}"))?;
+    if let Some(rtt) = rtt {
+        // Every peer dials the relays: the lab's inventories and known_hosts now
+        // name their ports, and so do the peer files written below.
+        fleet
+            .start_relays(rtt)
+            .map_err(|e| format!("relays: {e}"))?;
+    }
     eprintln!(
         "fleet bench: {n} hosts up in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -343,6 +377,7 @@ fn start_lab(base: &Path, n: usize, db: DpkgDb) -> Result<Lab, String> {
         deb,
         sha256,
         n,
+        rtt,
     };
     write_peer_files(&lab)?;
     Ok(lab)
@@ -359,14 +394,14 @@ fn write_peer_files(lab: &Lab) -> Result<(), String> {
         .fleet
         .hosts()
         .iter()
-        .map(|h| format!("{} {}\n", h.name, h.port))
+        .map(|h| format!("{} {}\n", h.name, h.connect_port()))
         .collect();
     write(&w.join("hosts"), &hosts)?;
     let ports: String = lab
         .fleet
         .hosts()
         .iter()
-        .map(|h| format!("{}\n", h.port))
+        .map(|h| format!("{}\n", h.connect_port()))
         .collect();
     write(&w.join("ports"), &ports)?;
     let template = std::fs::read_to_string(Path::new(ROOT).join("benches/fleet/remote.sh"))
@@ -422,7 +457,7 @@ fn write_peer_files(lab: &Lab) -> Result<(), String> {
              \"ssh_key\": \"{d}/id_ed25519\", \"ssh_known_hosts_file\": \"{d}/known_hosts\", \
              \"ssh_strict_host_key_checking\": \"yes\"}}),",
             h.name,
-            h.port,
+            h.connect_port(),
             d = d.display()
         );
     }
@@ -529,6 +564,7 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
     }
     let log = w.join(format!("{}-{}.log", peer.key(), round + 1));
     let host_before = host_cpu(lab);
+    lab.fleet.reset_traffic();
     let mut s = measure(&mut cmd, &log)?;
     if peer == Peer::Ansible {
         // ControlPersist masters outlive ansible-playbook; their CPU is the
@@ -539,7 +575,22 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
         s.rss_kb += rss;
         std::thread::sleep(Duration::from_millis(500));
     }
+    if let Some(rtt) = lab.rtt {
+        // The peer's close reaches the hosts half a round trip after it exits; their
+        // sessions end, and are counted in the hosts' CPU, only then.
+        std::thread::sleep(rtt * 2 + Duration::from_millis(200));
+    }
     s.host_cpu = host_cpu(lab) - host_before;
+    let traffic = lab.fleet.traffic();
+    if !traffic.is_empty() {
+        let hosts = traffic.len() as f64;
+        s.turns = traffic.iter().map(|(_, t)| t.turns as f64).sum::<f64>() / hosts;
+        s.connections = traffic
+            .iter()
+            .map(|(_, t)| t.connections as f64)
+            .sum::<f64>()
+            / hosts;
+    }
     if s.ok {
         let wrong: Vec<String> = lab
             .fleet
@@ -577,17 +628,24 @@ fn patch_vars(deb: &Path, sha256: &str) -> String {
     )
 }
 
-/// CPU seconds of the lab's sshd processes plus their reaped children (every
-/// session, shell and dpkg on the hosts).
+/// CPU seconds every lab host's process tree has spent: its init, its sshd, every
+/// session, shell and dpkg. Live processes count their own time, reaped ones count
+/// in their reaper's (sessions in sshd's, orphans in the host init's), so each
+/// second is counted once.
 fn host_cpu(lab: &Lab) -> f64 {
     // SAFETY: sysconf has no failure mode for _SC_CLK_TCK.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    lab.fleet
-        .hosts()
-        .iter()
-        .map(|h| {
-            let s =
-                std::fs::read_to_string(format!("/proc/{}/stat", h.sshd_pid)).unwrap_or_default();
+    let all = parents();
+    let mut tree: Vec<i32> = lab.fleet.hosts().iter().map(|h| h.sshd_pid).collect();
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.into_iter()
+        .map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let f: Vec<&str> = s
                 .rfind(')')
                 .map(|i| s[i + 2..].split_whitespace().collect())
@@ -653,6 +711,8 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
         cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
         rss_kb: peak.load(Ordering::Relaxed).max(ru.ru_maxrss as u64),
         host_cpu: 0.0,
+        turns: 0.0,
+        connections: 0.0,
         ok: code == 0,
         why: if code == 0 {
             String::new()
@@ -870,6 +930,50 @@ fn goals(table: &[(usize, Peer, Vec<Sample>)]) -> String {
     md
 }
 
+/// patchbook beside each peer at a round-trip time: both walls and both turn
+/// counts, and patchbook's over the peer's, same run.
+fn beside(table: &[(usize, Peer, Vec<Sample>)], rtt: Duration) -> String {
+    let cell = |n: usize, peer: Peer| {
+        table
+            .iter()
+            .find(|(m, p, _)| *m == n && *p == peer)
+            .map(|(_, _, samples)| {
+                let good: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+                (
+                    median(good.iter().map(|s| s.wall).collect()),
+                    median(good.iter().map(|s| s.turns).collect()),
+                )
+            })
+            .filter(|(w, _)| w.is_finite())
+    };
+    let mut md = format!(
+        "\n### patchbook beside each peer at {} ms RTT, same run\n\n\
+         | N | peer | patchbook wall | peer wall | wall ratio | patchbook turns / host | peer turns / host | turns ratio |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
+        rtt.as_millis()
+    );
+    let mut sizes: Vec<usize> = table.iter().map(|(n, _, _)| *n).collect();
+    sizes.dedup();
+    for &n in &sizes {
+        let Some((pw, pt)) = cell(n, Peer::Patchbook) else {
+            continue;
+        };
+        for peer in Peer::ALL.into_iter().filter(|p| *p != Peer::Patchbook) {
+            let Some((w, t)) = cell(n, peer) else {
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {pw:.2} s | {w:.2} s | {:.2}× | {pt:.1} | {t:.1} | {:.2}× |",
+                peer.label(),
+                pw / w,
+                pt / t
+            );
+        }
+    }
+    md
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -892,12 +996,14 @@ fn machine_facts() -> String {
             .unwrap_or_default()
     };
     format!(
-        "- date: {}\n- machine: {} cores ({}), {} memory, kernel {}\n- patchbook {} (release build); {}; {}\n",
+        "- date: {}\n- machine: {} cores ({}), {} memory, kernel {}; load average at the end {}\n- patchbook {} (release build); {}; {}\n",
         sh("date -u '+%Y-%m-%d %H:%M UTC'"),
         sh("nproc"),
         sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
         sh("free -h | awk '/^Mem:/ {print $2}'"),
         sh("uname -r"),
+        // Other work on the same cores shows in every wall time.
+        sh("cut -d' ' -f1-3 /proc/loadavg"),
         sh(&format!("git -C {ROOT} rev-parse --short HEAD")),
         sh("ssh -V 2>&1"),
         sh(&format!(
@@ -928,8 +1034,27 @@ fn render(
         },
         args.runs
     );
-    md.push_str("| N | tool | wall | controller CPU | controller peak RSS | host CPU | wall / patchbook |\n");
-    md.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    let relayed = args.rtt.is_some();
+    if let Some(rtt) = args.rtt {
+        let _ = writeln!(
+            md,
+            "Every host sits behind a lab relay (`patchbook::lab::Relay`) holding each direction \
+             for half of a **{} ms round trip**. Turns are request/response turns per host as the \
+             relay sees them (bytes from the host after client bytes the relay has delivered to it, per connection), \
+             mean over the hosts, median over the runs.\n",
+            rtt.as_millis()
+        );
+    }
+    let (more_head, more_rule) = if relayed {
+        (" turns / host | connections / host |", "---:|---:|")
+    } else {
+        ("", "")
+    };
+    let _ = writeln!(
+        md,
+        "| N | tool | wall | controller CPU | controller peak RSS | host CPU |{more_head} wall / patchbook |"
+    );
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|{more_rule}---:|");
     let mut pb_wall: HashMap<usize, f64> = HashMap::new();
     for (n, peer, samples) in table {
         let good: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
@@ -959,9 +1084,18 @@ fn render(
         } else {
             String::new()
         };
+        let more = if relayed {
+            format!(
+                " {:.1} | {:.1} |",
+                median(good.iter().map(|s| s.turns).collect()),
+                median(good.iter().map(|s| s.connections).collect())
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             md,
-            "| {n} | {}{note} | {wall:.2} s | {cpu:.2} s | {:.1} MB | {host:.2} s | {ratio} |",
+            "| {n} | {}{note} | {wall:.2} s | {cpu:.2} s | {:.1} MB | {host:.2} s |{more} {ratio} |",
             peer.label(),
             rss / 1024.0
         );
@@ -969,7 +1103,11 @@ fn render(
     for (peer, why) in unavailable {
         let _ = writeln!(md, "\n{} was not run: {why}", peer.label());
     }
-    md.push_str(&goals(table));
+    if let Some(rtt) = args.rtt {
+        md.push_str(&beside(table, rtt));
+    } else {
+        md.push_str(&goals(table));
+    }
     if let Some(s) = sim {
         let _ = writeln!(
             md,

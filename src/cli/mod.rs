@@ -240,9 +240,32 @@ pub enum LabVerb {
         /// give every host `jump = ["bastion1", "bastion2"]`
         #[arg(long)]
         bastions: bool,
+        /// Round-trip time to every host (e.g. `50ms`): a relay process in front
+        /// of each sshd holds each direction for half of it and counts turns
+        /// (`lab turns`); the inventories point at the relays
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        rtt: Option<std::time::Duration>,
     },
     /// Stop exactly the processes `lab up` started in DIR.
     Down { dir: PathBuf },
+    /// Print the request/response turns and connections each host's relay has
+    /// seen (a lab started with `--rtt`).
+    Turns {
+        dir: PathBuf,
+        /// Zero the counters after printing them
+        #[arg(long)]
+        reset: bool,
+        /// Print the JSON map host -> {turns, connections, bytes_up, bytes_down}
+        #[arg(long)]
+        json: bool,
+    },
+    /// The relay process `lab up --rtt` starts (not for direct use).
+    #[command(hide = true)]
+    Relay {
+        dir: PathBuf,
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        rtt: std::time::Duration,
+    },
 }
 
 /// Everything that can end a command early. Each variant's message says what to do.
@@ -340,15 +363,39 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             dpkg_db,
             pkg,
             bastions,
+            rtt,
         } => {
             let started = std::time::Instant::now();
+            if *bastions && rtt.is_some() {
+                return Err(CliError::Usage(
+                    "lab up: --rtt relays sit on this machine's loopback and cannot reach hosts behind --bastions; use one or the other".into(),
+                ));
+            }
             let start = if *bastions {
                 crate::lab::Fleet::start_behind_bastions
             } else {
                 crate::lab::Fleet::start_mixed
             };
-            let fleet = start(&pkg.kinds(*count), dir, crate::lab::Tie::Detached, *dpkg_db)
+            let mut fleet = start(&pkg.kinds(*count), dir, crate::lab::Tie::Detached, *dpkg_db)
                 .map_err(|e| CliError::Other(format!("lab up: {e}")))?;
+            if let Some(rtt) = rtt {
+                let relayed = std::env::current_exe()
+                    .map_err(|e| CliError::Other(format!("lab up: own program: {e}")))
+                    .and_then(|exe| {
+                        let mut cmd = std::process::Command::new(exe);
+                        cmd.args(["lab", "relay"])
+                            .arg(fleet.dir())
+                            .arg("--rtt")
+                            .arg(format!("{}ms", rtt.as_millis()));
+                        fleet
+                            .start_relay_process(cmd, *rtt)
+                            .map_err(|e| CliError::Other(format!("lab up: {e}")))
+                    });
+                if let Err(e) = relayed {
+                    fleet.down();
+                    return Err(e);
+                }
+            }
             for h in fleet.hosts() {
                 let via = if h.jump.is_empty() {
                     String::new()
@@ -359,7 +406,7 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
                     "{:<8} {:>15}:{:<5} sshd pid {:<7} {:<9} {}{via}",
                     h.name,
                     h.address,
-                    h.port,
+                    h.connect_port(),
                     h.sshd_pid,
                     h.criticality.as_str(),
                     h.groups.join(",")
@@ -372,6 +419,12 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
                 fleet.hosts().len(),
                 started.elapsed().as_secs_f64()
             );
+            if let Some(rtt) = rtt {
+                eprintln!(
+                    "lab: every host {rtt:?} away through a relay; turns per host: \
+                     `patchbook lab turns {d}`"
+                );
+            }
             fleet.detach();
             Ok(ExitCode::SUCCESS)
         }
@@ -379,6 +432,29 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
             let killed =
                 crate::lab::down(dir).map_err(|e| CliError::Other(format!("lab down: {e}")))?;
             eprintln!("lab: stopped {} processes", killed.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabVerb::Turns { dir, reset, json } => {
+            let traffic = crate::lab::relay::fleet_traffic(dir, *reset)
+                .map_err(|e| CliError::Other(format!("lab turns: {e}")))?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&traffic).unwrap_or_default()
+                );
+            } else {
+                for (host, t) in &traffic {
+                    println!(
+                        "{host:<6} turns {:<6} connections {:<4} up {} B  down {} B",
+                        t.turns, t.connections, t.bytes_up, t.bytes_down
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabVerb::Relay { dir, rtt } => {
+            crate::lab::relay::serve_fleet(dir, *rtt, &mut std::io::stdout())
+                .map_err(|e| CliError::Other(format!("lab relay: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -15,9 +15,11 @@ pub mod apt;
 pub mod bastion;
 pub mod deb;
 pub mod init;
+pub mod relay;
 pub mod rpm;
 pub mod sudo;
 
+pub use relay::{Relay, Traffic};
 pub use rpm::{Packaging, PkgDb};
 pub use sudo::SudoRule;
 
@@ -69,6 +71,14 @@ pub enum LabError {
     State { path: PathBuf, message: String },
     #[error("no lab host named `{0}`")]
     NoSuchHost(String),
+    #[error("relay in front of {target}: {message}")]
+    Relay { target: SocketAddr, message: String },
+    #[error("the lab relay process did not start: {message}; see {log}")]
+    RelayStart { message: String, log: PathBuf },
+    #[error(
+        "no relay answers for the lab in {dir} ({message}); was it started with `lab up --rtt`?"
+    )]
+    NoRelay { dir: PathBuf, message: String },
 }
 
 impl LabError {
@@ -111,6 +121,17 @@ pub struct LabHost {
     /// The lab hosts to go through to reach it, first hop first (see [`bastion`]).
     #[serde(default)]
     pub jump: Vec<String>,
+    /// The port of the relay in front of this host's sshd, when the fleet has a
+    /// round-trip time (see [`relay`]): the inventories point here instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_port: Option<u16>,
+}
+
+impl LabHost {
+    /// The port clients connect to: the relay's when there is one, else sshd's.
+    pub fn connect_port(&self) -> u16 {
+        self.relay_port.unwrap_or(self.port)
+    }
 }
 
 fn loopback() -> String {
@@ -131,6 +152,18 @@ enum Net {
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     hosts: Vec<LabHost>,
+    /// The relay process `lab up --rtt` left running, stopped by `lab down`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay: Option<RelayProcess>,
+}
+
+/// A relay process in front of every host of a lab (see [`relay::serve_fleet`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RelayProcess {
+    pub pid: i32,
+    /// Its start time, so a recycled PID is never killed by mistake.
+    pub start: u64,
+    pub rtt_ms: u64,
 }
 
 /// A running lab fleet. Dropping it stops exactly its processes, unless it was
@@ -141,6 +174,9 @@ pub struct Fleet {
     hosts: Vec<LabHost>,
     children: Vec<Child>,
     attached: bool,
+    /// In-process relays, one per host in host order (see [`Fleet::start_relays`]).
+    relays: Vec<Relay>,
+    relay_process: Option<RelayProcess>,
 }
 
 /// How the fleet's processes relate to the process that starts them.
@@ -293,6 +329,8 @@ impl Fleet {
             hosts: Vec::new(),
             children: Vec::new(),
             attached: true,
+            relays: Vec::new(),
+            relay_process: None,
         };
         let ports = free_ports(n)?;
         let mut pending = Vec::new();
@@ -346,6 +384,7 @@ impl Fleet {
                 pkg: kinds[*i],
                 address: loopback(),
                 jump,
+                relay_port: None,
             });
             if net == Net::Own {
                 // Linked once the host is recorded, so a failure still stops it.
@@ -421,7 +460,11 @@ impl Fleet {
             let key = std::fs::read_to_string(&p).map_err(LabError::io(&p))?;
             let mut parts = key.split_whitespace();
             let (kind, blob) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let _ = writeln!(known, "[{}]:{} {kind} {blob}", h.address, h.port);
+            // A relayed host is checked under the address patchbook dials, the
+            // relay's; sshd's own port stays listed for direct access.
+            for port in std::iter::once(h.port).chain(h.relay_port) {
+                let _ = writeln!(known, "[{}]:{port} {kind} {blob}", h.address);
+            }
         }
         write(&d.join("known_hosts"), &known)?;
         let identity = d.join("id_ed25519");
@@ -437,7 +480,7 @@ impl Fleet {
                  owner = [\"ops@example.com\"]\n",
                 h.name,
                 h.address,
-                h.port,
+                h.connect_port(),
                 groups.join(", "),
                 h.criticality.as_str()
             );
@@ -461,7 +504,7 @@ impl Fleet {
                  ansible_ssh_private_key_file={id} criticality={}{jump}",
                 h.name,
                 h.address,
-                h.port,
+                h.connect_port(),
                 h.criticality.as_str()
             );
         }
@@ -496,15 +539,98 @@ impl Fleet {
         )?;
         let state = State {
             hosts: self.hosts.clone(),
+            relay: self.relay_process.clone(),
         };
         let json = serde_json::to_string_pretty(&state).unwrap_or_default();
         write(&d.join(STATE_FILE), &json)
     }
 
     /// Keeps the hosts running after this value is dropped (until `lab down`).
+    /// In-process relays (see [`Fleet::start_relays`]) still end with this value.
     pub fn detach(mut self) {
         self.attached = false;
         self.children.clear();
+    }
+
+    /// Puts a relay with round-trip time `rtt` in front of every host, in this
+    /// process: the inventories, known_hosts and [`Fleet::inventory_hosts`] point
+    /// at the relays from then on. The relays end with this value.
+    pub fn start_relays(&mut self, rtt: Duration) -> Result<(), LabError> {
+        self.relays = self
+            .hosts
+            .iter()
+            .map(|h| Relay::start(SocketAddr::from(([127, 0, 0, 1], h.port)), rtt))
+            .collect::<Result<_, _>>()?;
+        for (h, r) in self.hosts.iter_mut().zip(&self.relays) {
+            h.relay_port = Some(r.addr().port());
+        }
+        self.write_files()
+    }
+
+    /// Starts `relay_process` (the current program's `lab relay` verb, which runs
+    /// [`relay::serve_fleet`]) detached, waits for its ports and routes every host
+    /// through them, recording the process in `lab.json` for `lab down`.
+    pub fn start_relay_process(
+        &mut self,
+        mut relay_process: std::process::Command,
+        rtt: Duration,
+    ) -> Result<(), LabError> {
+        let log = self.dir.join("relay.log");
+        let log_file = std::fs::File::create(&log).map_err(LabError::io(&log))?;
+        relay_process
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file);
+        // SAFETY: only setsid, async-signal-safe, between fork and exec.
+        unsafe {
+            relay_process.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let failed = |message: String| LabError::RelayStart {
+            message,
+            log: log.clone(),
+        };
+        let mut child = relay_process
+            .spawn()
+            .map_err(|e| failed(format!("cannot start it: {e}")))?;
+        let pid = child.id() as i32;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            // Its end of the pipe closes when it exits, so this never hangs on a
+            // relay that died.
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+        }
+        let Some(ports) = relay::read_ready(&line, self.hosts.len()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(format!("it said {:?}", line.trim())));
+        };
+        self.relay_process = Some(RelayProcess {
+            pid,
+            start: start_time(pid).unwrap_or(0),
+            rtt_ms: rtt.as_millis() as u64,
+        });
+        for (h, port) in self.hosts.iter_mut().zip(ports) {
+            h.relay_port = Some(port);
+        }
+        self.write_files()
+    }
+
+    /// What each host's in-process relay has seen, in host order (empty without
+    /// [`Fleet::start_relays`]).
+    pub fn traffic(&self) -> Vec<(String, Traffic)> {
+        self.hosts
+            .iter()
+            .zip(&self.relays)
+            .map(|(h, r)| (h.name.clone(), r.traffic()))
+            .collect()
+    }
+
+    /// Zeroes every in-process relay's counters.
+    pub fn reset_traffic(&self) {
+        self.relays.iter().for_each(Relay::reset);
     }
 
     pub fn dir(&self) -> &Path {
@@ -537,7 +663,7 @@ impl Fleet {
             .map(|h| {
                 let mut host = Host::new(h.name.clone());
                 host.address = h.address.clone();
-                host.port = h.port;
+                host.port = h.connect_port();
                 host.jump = h
                     .jump
                     .iter()
@@ -545,7 +671,7 @@ impl Fleet {
                     .map(|b| crate::inventory::JumpHost {
                         name: b.name.clone(),
                         address: b.address.clone(),
-                        port: Some(b.port),
+                        port: Some(b.connect_port()),
                         user: Some("root".into()),
                         identity: Some(self.identity()),
                     })
@@ -613,7 +739,9 @@ impl Fleet {
     }
 
     fn stop(&mut self) -> Vec<i32> {
-        let killed = stop_hosts(&self.hosts);
+        self.relays.clear();
+        let mut killed = stop_relay(&self.dir, self.relay_process.take());
+        killed.extend(stop_hosts(&self.hosts));
         for c in &mut self.children {
             let _ = c.wait();
         }
@@ -636,14 +764,32 @@ impl Drop for Fleet {
 /// Returns the PIDs it signalled.
 pub fn down(dir: &Path) -> Result<Vec<i32>, LabError> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(LabError::io(&path))?;
-    let state: State = serde_json::from_str(&text).map_err(|e| LabError::State {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let killed = stop_hosts(&state.hosts);
+    let state = read_state(dir)?;
+    let mut killed = stop_relay(dir, state.relay);
+    killed.extend(stop_hosts(&state.hosts));
     std::fs::remove_file(&path).map_err(LabError::io(&path))?;
     Ok(killed)
+}
+
+fn read_state(dir: &Path) -> Result<State, LabError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(LabError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| LabError::State {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// Stops a lab's relay process, if it has one, and removes its control socket.
+fn stop_relay(dir: &Path, relay: Option<RelayProcess>) -> Vec<i32> {
+    let Some(r) = relay else { return Vec::new() };
+    let _ = std::fs::remove_file(dir.join(relay::SOCKET));
+    if kill_checked(r.pid, r.start) {
+        wait_gone(r.pid, Duration::from_secs(5));
+        vec![r.pid]
+    } else {
+        Vec::new()
+    }
 }
 
 fn stop_hosts(hosts: &[LabHost]) -> Vec<i32> {
