@@ -26,11 +26,11 @@ fn main() -> ExitCode {
 fn init_tracing(g: &cli::Global) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    // A playbook's own `log()` lines and `watch`'s run starts and ends are what
+    // A playbook's own `log()`/`print()` lines and `watch`'s run starts and ends are what
     // the operator asked to see: shown by default, hidden by `-q`.
     let level = match (g.quiet, g.verbose) {
         (true, _) => "error",
-        (false, 0) => "warn,patchbook::script=info,patchbook::watch=info",
+        (false, 0) => "warn,patchbook::log=info,patchbook::watch=info",
         (false, 1) => "info",
         (false, _) => "debug",
     };
@@ -41,7 +41,7 @@ fn init_tracing(g: &cli::Global) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(cli::progress::ScrubbedStderr);
+        .with_writer(cli::progress::ScrubbedStderr { colour });
     if g.json {
         builder.json().init();
     } else {

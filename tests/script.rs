@@ -632,7 +632,7 @@ fn cli_run_renders_errors_and_exits_2() {
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("Division by zero"), "{stderr}");
-    assert!(stderr.contains("./stdlib/patch/util.rhai:2:7"), "{stderr}");
+    assert!(stderr.contains("stdlib/patch/util.rhai:2:7"), "{stderr}");
     assert!(
         stderr.contains("in call to function `half` (book.rhai:3:7)"),
         "{stderr}"

@@ -8,19 +8,29 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::terminal::escape_controls;
+use super::terminal::{escape_controls, escape_controls_but_colours};
 use crate::rollout::RolloutEvent;
 use crate::run::EventSink;
 
-/// stderr with every registered secret shown as `***`: logs go through it, so a
-/// secret in a command line or in host output never reaches the terminal.
+/// stderr with every registered secret shown as `***` and control characters
+/// shown as `\xNN`: logs go through it, so neither a secret nor a terminal escape
+/// in a command line, a host name or host output reaches the terminal. With
+/// `colour`, SGR sequences (colours only: they cannot move the cursor, clear the
+/// screen or set a title) pass, so the log's own colours still work.
 #[derive(Debug, Clone, Copy)]
-pub struct ScrubbedStderr;
+pub struct ScrubbedStderr {
+    pub colour: bool,
+}
 
 impl std::io::Write for ScrubbedStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let text = crate::journal::scrub(&String::from_utf8_lossy(buf));
-        std::io::stderr().write_all(text.as_bytes())?;
+        let shown = if self.colour {
+            escape_controls_but_colours(&text)
+        } else {
+            escape_controls(&text)
+        };
+        std::io::stderr().write_all(shown.as_bytes())?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -31,7 +41,7 @@ impl std::io::Write for ScrubbedStderr {
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ScrubbedStderr {
     type Writer = ScrubbedStderr;
     fn make_writer(&'a self) -> Self::Writer {
-        ScrubbedStderr
+        *self
     }
 }
 

@@ -165,7 +165,7 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
     });
     bounded_sleep(&mut engine, run_cancel);
     guard_container_growth(&mut engine, limits);
-    engine.on_print(|text| tracing::info!(target: "patchbook::script", "{text}"));
+    engine.on_print(|text| tracing::info!(target: "patchbook::log", "{text}"));
     engine.on_debug(|text, source, pos| {
         tracing::debug!(
             target: "patchbook::script",

@@ -178,10 +178,10 @@ pub fn register_primitives(
             let source = ctx.call_source().unwrap_or("").to_string();
             let line = pos.line().unwrap_or(0);
             let text = message.to_string();
-            // The script target is shown at the default level (see main.rs): a
+            // The `patchbook::log` target is shown at the default level (see main.rs): a
             // playbook's own messages are part of what the operator asked to see.
             tracing::info!(
-                target: "patchbook::script",
+                target: "patchbook::log",
                 host = host.as_deref(),
                 source = %source,
                 line = line,
