@@ -852,6 +852,8 @@ pub struct RunSummary {
     pub targeted: usize,
     pub patched: usize,
     pub failed: usize,
+    /// Could not be connected to; apart from `failed`.
+    pub unreachable: usize,
     pub rolled_back: usize,
     pub skipped: usize,
     pub pending: usize,
@@ -971,14 +973,19 @@ impl RunFinished {
             .duration
             .map(|d| format!(" after {}", human_duration(d)))
             .unwrap_or_default();
+        let unreachable = if s.unreachable > 0 {
+            format!(", {} unreachable", s.unreachable)
+        } else {
+            String::new()
+        };
         let mut text = format!(
-            "patchbook run {} finished{took}: {} targeted, {} patched, {} failed, {} rolled back, {} skipped, {} pending",
+            "patchbook run {} finished{took}: {} targeted, {} patched, {} failed{unreachable}, {} rolled back, {} skipped, {} pending",
             self.run, s.targeted, s.patched, s.failed, s.rolled_back, s.skipped, s.pending
         );
         if let Some(r) = &self.report {
             text.push_str(&format!("\nReport: {r}"));
         }
-        let severity = if s.failed > 0 || s.rolled_back > 0 || s.pending > 0 {
+        let severity = if s.failed > 0 || s.unreachable > 0 || s.rolled_back > 0 || s.pending > 0 {
             Severity::Warning
         } else {
             Severity::Info
@@ -988,6 +995,7 @@ impl RunFinished {
             .field("targeted", s.targeted)
             .field("patched", s.patched)
             .field("failed", s.failed)
+            .field("unreachable", s.unreachable)
             .field("rolled_back", s.rolled_back)
             .field("skipped", s.skipped)
             .field("pending", s.pending);

@@ -27,6 +27,8 @@ pub struct ProgressCounts {
     pub done: usize,
     pub in_progress: usize,
     pub failed: usize,
+    /// Could not be connected to; apart from `failed`.
+    pub unreachable: usize,
     pub pending: usize,
 }
 
@@ -224,6 +226,7 @@ impl Launcher for ScriptLauncher {
             failed: usize::from(!ok && !stopped),
             pending: usize::from(!ok && stopped),
             in_progress: 0,
+            unreachable: 0,
         });
         let summary = match (&result, stopped) {
             (Ok(_), _) => "finished".to_string(),
