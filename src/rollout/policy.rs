@@ -494,6 +494,19 @@ mod tests {
     }
 
     #[test]
+    fn max_unreachable_is_its_own_amount_and_unset_by_default() {
+        assert_eq!(Policy::default().max_unreachable, None);
+        let p = Policy::from_value(&json!({"max_unreachable": "10%"})).unwrap();
+        assert_eq!(
+            p.max_unreachable,
+            Some(Amount::Percent { hundredths: 1000 })
+        );
+        let e = Policy::from_value(&json!({"max_unreachable": "some"})).unwrap_err();
+        assert!(e.to_string().contains("`max_unreachable`"), "{e}");
+        assert!(POLICY_KEYS.contains(&"max_unreachable"));
+    }
+
+    #[test]
     fn deserialises_through_serde() {
         let p: Policy = serde_json::from_value(json!({"waves": [2], "pause": 90})).unwrap();
         assert_eq!(p.waves, vec![Amount::Count(2)]);
