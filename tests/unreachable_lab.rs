@@ -310,6 +310,16 @@ fn spent_unreachable_budget_stops_the_run_and_a_resume_without_params_reuses_the
         "",
     );
     lab.kill_host("lab02").unwrap();
+    // `plan` names the host the probe could not reach instead of dropping it.
+    let out = p.patchbook(&["plan", p.playbook.to_str().unwrap()], &p.params);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("lab02: could not be planned"), "{t}");
+    assert!(
+        t.contains("error: unreachable: lab02: cannot connect to"),
+        "{t}"
+    );
+    assert!(t.contains("lab01: would change"), "{t}");
     let out = p.run(&[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");

@@ -18,7 +18,7 @@ use crate::runtime::{Options, Runtime, RuntimeError};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  all good
-  1  some hosts failed (the others succeeded)
+  1  some hosts failed or were unreachable (the others succeeded)
   2  usage, config, inventory or script error, including a script stopped by a sandbox limit";
 
 #[derive(Debug, Parser)]

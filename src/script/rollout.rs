@@ -44,6 +44,7 @@ fn plan_hosts(
     engine: &Engine,
     budget: Duration,
     sources: Option<&CompiledPlaybook>,
+    unreachable: Vec<(Host, String)>,
 ) -> RhaiResult<Map> {
     let ordered: Vec<&Host> = plan.run_order().into_iter().map(|i| plan.host(i)).collect();
     let rt = &c.session.runtime;
@@ -61,6 +62,14 @@ fn plan_hosts(
         .collect();
     for p in results {
         c.push_host_plan(p);
+    }
+    // A host a probe could not connect to is in no plan: say so, so the plan
+    // does not silently show fewer hosts than the fleet has.
+    for (h, reason) in unreachable {
+        c.push_host_plan(HostPlan {
+            host: h.name.clone(),
+            error: Some(format!("unreachable: {reason}")),
+        });
     }
     let mut m = Map::new();
     m.insert("stop".into(), "planned".into());
@@ -431,7 +440,15 @@ fn rollout(
     let cancel = Some(c.stop.clone());
     let planning = c.planning();
     if planning {
-        return plan_hosts(c, &plan, &closure, engine, budget, sources);
+        return plan_hosts(
+            c,
+            &plan,
+            &closure,
+            engine,
+            budget,
+            sources,
+            unreachable_before,
+        );
     }
     let clock = if planning {
         Clock::manual(c.clock.now())
