@@ -329,6 +329,7 @@ impl RunControl {
                     notify::BudgetExhausted {
                         run,
                         failed_hosts: failed.clone(),
+                        unreachable: false,
                         targets: targets.len(),
                         budget: allowed.to_string(),
                         action: Some("no new hosts start; failed hosts are rolled back".into()),
@@ -337,8 +338,39 @@ impl RunControl {
                     self.owners_of(&failed),
                 )
             }
+            RolloutEvent::UnreachableBudgetExhausted { allowed, .. } => {
+                let gone = self.unreachable_so_far();
+                self.notify(
+                    notify::BudgetExhausted {
+                        run,
+                        failed_hosts: gone.clone(),
+                        unreachable: true,
+                        targets: targets.len(),
+                        budget: allowed.to_string(),
+                        action: Some("no new hosts start; `patchbook run --retry` works on them once they answer".into()),
+                    }
+                    .notice(),
+                    self.owners_of(&gone),
+                )
+            }
             _ => {}
         }
+    }
+
+    /// Hosts of this run the journal says could not be connected to so far.
+    fn unreachable_so_far(&self) -> Vec<String> {
+        let Some(j) = &self.session.run.journal else {
+            return Vec::new();
+        };
+        j.state()
+            .map(|st| {
+                st.hosts
+                    .iter()
+                    .filter(|(_, h)| h.unreachable)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Hosts that failed so far in this run, from its summaries in memory and the
