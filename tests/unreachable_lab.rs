@@ -432,6 +432,28 @@ fn a_host_dead_before_its_work_is_unreachable_not_failed_and_params_reuse_keeps_
     assert!(t.contains("marked token secret"), "{t}");
     assert_eq!(p.runs().len(), 1);
 
+    // Given again but another value: said (never shown); a reference that cannot
+    // be read stops the retry before it starts.
+    let out = p.patchbook(
+        &["run", "--retry", &run],
+        &[
+            "--param".into(),
+            "token=not-the-canary".into(),
+            "--param".into(),
+            "hook=${env:PB_UNREACHABLE_UNSET}".into(),
+        ],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains(&format!(
+            "--param token differs from the value run {run} used (a secret: not shown)"
+        )),
+        "{t}"
+    );
+    assert!(t.contains("${env:PB_UNREACHABLE_UNSET} is not set"), "{t}");
+    assert_eq!(p.runs().len(), 1);
+
     // Given again, with another note: the override is said, the rest reused.
     let out = patchbook_in(p.dir.path())
         .env("PB_UNREACHABLE_HOOK", env_secret)
@@ -453,6 +475,7 @@ fn a_host_dead_before_its_work_is_unreachable_not_failed_and_params_reuse_keeps_
         "{t}"
     );
     assert!(!t.contains(canary), "{t}");
+    assert!(!t.contains("--param token differs"), "{t}");
     let retry = p.runs().into_iter().find(|r| *r != run).unwrap();
     assert_eq!(touched(&p, &retry), BTreeSet::from(["lab02".to_string()]));
     assert_eq!(version(&lab, "lab02").as_deref(), Some("1.0.1"));

@@ -386,6 +386,21 @@ fn reuse_params(
                 out.insert(name.clone(), now.clone());
             }
             (Some(now), None) => {
+                // Only its salted digest is on record: enough to tell it changed.
+                let digest = state
+                    .header
+                    .as_ref()
+                    .and_then(|h| h.params.as_ref())
+                    .and_then(|p| p.get(name));
+                let differs = !crate::run::control::is_secret_reference(now)
+                    && digest
+                        .is_some_and(|d| *d != crate::journal::param_digest(earlier, name, now));
+                if say && differs {
+                    eprintln!(
+                        "patchbook: --param {} differs from the value run {earlier} used (a secret: not shown)",
+                        esc(name)
+                    );
+                }
                 out.insert(name.clone(), now.clone());
             }
             (None, Some(was)) => {
