@@ -62,6 +62,8 @@ pub struct Runtime {
     /// Every value shown as `***`: from the config, the inventory and `secret()`.
     pub secrets: Secrets,
     limit: Option<String>,
+    /// Set by `run --retry`: only these hosts, whatever the playbook selects.
+    only: Option<std::collections::BTreeSet<String>>,
     ssh: SshConnector,
     sessions: Mutex<HashMap<String, Arc<dyn Transport>>>,
 }
@@ -104,9 +106,16 @@ impl Runtime {
             operator,
             secrets,
             limit: opts.limit.clone(),
+            only: None,
             ssh,
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Narrows every selection of this runtime to `hosts` (on top of `--limit`):
+    /// `run --retry` works on exactly the hosts the earlier run did not patch.
+    pub fn restrict_to(&mut self, hosts: impl IntoIterator<Item = String>) {
+        self.only = Some(hosts.into_iter().collect());
     }
 
     /// Hosts matching `selector`, narrowed by `--limit`, in inventory order. Nothing
@@ -188,6 +197,9 @@ impl Runtime {
                 limit: self.limit.clone(),
                 reason,
             });
+        }
+        if let Some(only) = &self.only {
+            hosts.retain(|h| only.contains(&h.name));
         }
         Ok(hosts)
     }

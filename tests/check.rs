@@ -242,6 +242,16 @@ fn a_playbook_using_every_option_key_passes() {
     let (code, _, stderr) = check(dir.path(), &[&f]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("did you mean `max_failed`"), "{stderr}");
+
+    // The unreachable budget is a key `check` knows.
+    assert!(src.contains("max_unreachable: ()"), "{src}");
+    std::fs::write(&f, src.replace("max_unreachable: ()", "max_unreachble: ()")).unwrap();
+    let (code, _, stderr) = check(dir.path(), &[&f]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("did you mean `max_unreachable`"),
+        "{stderr}"
+    );
 }
 
 #[test]

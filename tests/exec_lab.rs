@@ -1,5 +1,6 @@
 //! `patchbook exec` over SSH on a 20-host lab: every host answers through strict
-//! host-key checking, and a dead host fails alone with exit code 1.
+//! host-key checking, and a dead host fails alone (reported unreachable) with exit
+//! code 1.
 
 mod support;
 
@@ -44,5 +45,8 @@ fn exec_reads_the_version_from_every_host_and_a_dead_host_fails_alone() {
     let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] == false).collect();
     assert_eq!(failed.len(), 1, "{lines:?}");
     assert_eq!(failed[0]["host"], "lab07");
+    // Dead, not failing: told apart from a host whose command failed.
+    assert_eq!(failed[0]["unreachable"], true, "{lines:?}");
+    assert!(err.contains("1 of 20 hosts unreachable: lab07"), "{err}");
     assert_eq!(lines.iter().filter(|l| l["value"] == "1.0.0").count(), 19);
 }

@@ -390,6 +390,7 @@ url = "{}"
     let budget = BudgetExhausted {
         run: "20250301-0200".into(),
         failed_hosts: vec!["a".into()],
+        unreachable: false,
         targets: 30,
         budget: "1".into(),
         action: None,

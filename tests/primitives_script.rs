@@ -46,7 +46,7 @@ fn facts_installed_and_needing_read_the_package_database() {
 }
 
 #[test]
-fn needing_names_a_host_it_cannot_reach_instead_of_dropping_it() {
+fn needing_leaves_out_a_host_it_cannot_reach_and_journals_it_unreachable() {
     let mut hosts = world::local_hosts(&["h1", "h2"]);
     let mut dead = Host::new("dead1");
     dead.address = "127.0.0.1".into();
@@ -54,11 +54,20 @@ fn needing_names_a_host_it_cannot_reach_instead_of_dropping_it() {
     dead.groups = vec!["local".into()];
     hosts.push(dead);
     let w = World::with_hosts(hosts, Mode::Apply, |_, _| {});
-    let err = w.err("let t = hosts(\"local\");\nt.needing(\"dpkg\", \"999:1\")");
-    assert!(err.contains("dead1"), "{err}");
-    assert!(err.contains("1 host(s) could not be asked"), "{err}");
-    assert!(err.contains("<test>:2:3"), "{err}");
-    assert!(!err.contains("h1:"), "{err}");
+    // The rest are asked and kept; the dead host is neither an error nor kept.
+    let v = w.json("let t = hosts(\"local\");\nt.needing(\"dpkg\", \"999:1\").map(|h| h.name)");
+    assert_eq!(v, serde_json::json!(["h1", "h2"]));
+    w.journal.flush().unwrap();
+    let records = w.records("host.unreachable");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].host.as_deref(), Some("dead1"));
+    match records[0].entry().unwrap() {
+        patchbook::journal::entry::Entry::HostUnreachable(u) => {
+            assert_eq!(u.step, "needing");
+            assert!(u.reason.contains("cannot connect"), "{}", u.reason);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -377,6 +377,7 @@ fn fleet_run(state: &Path, run: &str) {
             summary: Summary {
                 stop: StopReason::Completed,
                 allowed_failures: 5,
+                allowed_unreachable: 5,
                 totals,
                 per_group: BTreeMap::from([("web".to_string(), web), ("db".to_string(), db)]),
                 hosts,
@@ -451,9 +452,18 @@ fn markdown_report_of_a_30_host_run() {
         "module `stdlib/patch/debian.rhai` sha256 `{}`",
         sha("debian")
     )));
-    // targeted, done, failed, reverted, rolled back, rollback failed, in progress, unknown, pending
+    // targeted, done, failed, unreachable, reverted, rolled back, rollback failed,
+    // in progress, unknown, pending
     assert!(
-        md.contains("| 30 | 27 | 3 | 0 | 2 | 1 | 0 | 0 | 0 |"),
+        md.contains("| 30 | 27 | 3 | 0 | 0 | 2 | 1 | 0 | 0 | 0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| web | 15 | 13 | 2 | 0 | 0 | 2 | 0 | 0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| db | 15 | 14 | 1 | 0 | 0 | 0 | 1 | 0 |"),
         "{md}"
     );
     assert!(
@@ -628,8 +638,9 @@ fn json_report_has_the_documented_structure() {
     assert_eq!(r["run"]["stop"]["kind"], "completed");
     assert_eq!(
         r["counts"],
-        json!({"targeted": 30, "done": 27, "failed": 3, "reverted": 0, "rolled_back": 2,
-               "rollback_failed": 1, "in_progress": 0, "unknown": 0, "pending": 0})
+        json!({"targeted": 30, "done": 27, "failed": 3, "unreachable": 0, "reverted": 0,
+               "rolled_back": 2, "rollback_failed": 1, "in_progress": 0, "unknown": 0,
+               "pending": 0})
     );
     assert_eq!(r["groups"]["web"]["failed"], 2);
     assert_eq!(r["waves"].as_array().unwrap().len(), 3);
@@ -1270,6 +1281,7 @@ fn per_group_counts_add_up_to_the_totals_after_a_resume() {
             summary: Summary {
                 stop: StopReason::Completed,
                 allowed_failures: 0,
+                allowed_unreachable: 0,
                 totals: Counts {
                     targeted: 2,
                     done: 2,

@@ -2,8 +2,9 @@
 //! outcome, when the playbook targets `needing()` hosts: the patched host drops out
 //! of the targets on resume, yet it must be re-probed and its open intent closed
 //! (never left unknown), a pilot made of such hosts must not make the resume fail,
-//! and a resume under other `--param` values, another config or another playbook
-//! is refused before anything runs.
+//! and a resume under another config or another playbook is refused before
+//! anything runs (other `--param` values override the recorded ones and are said:
+//! see `unreachable_lab.rs`).
 //!
 //! The kill point is made exact by the install command itself: after `dpkg -i` it
 //! waits while a hold file exists, so the test kills the controller once the host's
@@ -244,43 +245,20 @@ fn a_host_whose_outcome_was_lost_is_reprobed_even_when_needing_drops_it() {
 }
 
 #[test]
-fn a_resume_with_other_params_config_or_playbook_is_refused_and_touches_nothing() {
+fn a_resume_with_another_config_or_playbook_is_refused_and_touches_nothing() {
     let lab = Lab::start(2);
     let s = setup(&lab, r#"#{ waves: ["100%"], parallel: 1 }"#);
     let run = s.run_killed_after_install(&lab, "lab01");
     let records_before = s.state_of(&run).1.len();
     let log_before = lab.dpkg_log("lab02").unwrap();
 
-    let with = |name: &str, value: &str| -> Vec<String> {
-        let mut p = s.params.clone();
-        let at = p
-            .iter()
-            .position(|w| w.starts_with(&format!("{name}=")))
-            .unwrap();
-        p[at] = format!("{name}={value}");
-        p
-    };
     let refused = |out: &Output, says: &str| {
         assert_eq!(out.status.code(), Some(2), "{}", text(out));
         let t = text(out);
         assert!(t.contains("cannot be resumed"), "{t}");
         assert!(t.contains(says), "{t}");
         assert!(t.contains("start a new run"), "{t}");
-        // Never the value itself, which may be a secret.
-        assert!(!t.contains("0000000000000000"), "{t}");
     };
-    // Another artifact checksum: the resume would deploy something else.
-    refused(
-        &s.resume(&run, &with("sha_new", &"0".repeat(64))),
-        "--param sha_new has another value",
-    );
-    // A param dropped, and one added.
-    let mut fewer = s.params.clone();
-    fewer.truncate(fewer.len() - 2);
-    refused(&s.resume(&run, &fewer), "--param hold is missing");
-    let mut more = s.params.clone();
-    more.extend(["--param".into(), "extra=1".into()]);
-    refused(&s.resume(&run, &more), "--param extra is new");
     // Another config: a trusted source added.
     let cfg = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(

@@ -290,6 +290,103 @@ fn three_failures_with_max_failed_two_stop_and_count_per_group() {
     assert!(h12.rolled_back);
 }
 
+// ---------------------------------------------------------------- unreachable hosts
+
+#[test]
+fn unreachable_hosts_have_their_own_budget_and_are_never_rolled_back() {
+    let plan = Plan::build(
+        plain_targets(10),
+        &policy(json!({"max_failed": 5, "max_unreachable": 2, "parallel": 1})),
+        10,
+    )
+    .unwrap();
+    let dead = ["h2", "h5", "h7"];
+    let rolled_back = Mutex::new(Vec::new());
+    let log = Log::default();
+    let summary = Executor::new(&plan)
+        .observer(observe(&log))
+        .run(
+            |h, _| {
+                if dead.contains(&h.name.as_str()) {
+                    HostOutcome::Unreachable {
+                        reason: format!("{}: connection refused", h.name),
+                    }
+                } else {
+                    HostOutcome::Done
+                }
+            },
+            |h, _| {
+                rolled_back.lock().unwrap().push(h.name.clone());
+                Ok(())
+            },
+        )
+        .unwrap();
+    // The third unreachable host spends the budget of two; the failure budget
+    // (five) is untouched.
+    assert_eq!(
+        summary.stop,
+        StopReason::UnreachableBudgetExhausted {
+            unreachable: 3,
+            allowed: 2
+        }
+    );
+    let t = &summary.totals;
+    assert_eq!((t.done, t.failed, t.unreachable, t.pending), (5, 0, 3, 2));
+    assert_eq!(summary.allowed_failures, 5);
+    assert_eq!(summary.allowed_unreachable, 2);
+    assert!(rolled_back.lock().unwrap().is_empty());
+    assert!(summary
+        .hosts
+        .iter()
+        .filter(|h| dead.contains(&h.name.as_str()))
+        .all(|h| h.state == HostStatus::Unreachable && !h.rolled_back));
+    assert!(log
+        .events()
+        .iter()
+        .any(|e| matches!(e, RolloutEvent::UnreachableBudgetExhausted { .. })));
+}
+
+#[test]
+fn hosts_a_probe_left_out_count_from_the_start_and_default_to_the_failure_budget() {
+    let plan = Plan::build(plain_targets(4), &policy(json!({"max_failed": 1})), 10).unwrap();
+    let probed = |names: &[&str]| -> Vec<(Host, String)> {
+        names
+            .iter()
+            .map(|n| (host(n, &["web"], Criticality::Low), "refused".to_string()))
+            .collect()
+    };
+    let started = AtomicUsize::new(0);
+    let work = |_: &Host, _: &patchbook::rollout::HostContext| {
+        started.fetch_add(1, Ordering::SeqCst);
+        HostOutcome::Done
+    };
+    // One left out, one allowed (max_failed): the rollout goes on and reports it.
+    let summary = Executor::new(&plan)
+        .unreachable_before(probed(&["gone1"]))
+        .run(work, |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(summary.stop, StopReason::Completed);
+    assert_eq!(summary.totals.targeted, 5);
+    assert_eq!(summary.totals.unreachable, 1);
+    assert_eq!(summary.per_group["web"].unreachable, 1);
+    assert_eq!(started.load(Ordering::SeqCst), 4);
+    // Two left out: the budget is spent before any wave; nothing starts.
+    started.store(0, Ordering::SeqCst);
+    let summary = Executor::new(&plan)
+        .unreachable_before(probed(&["gone1", "gone2"]))
+        .run(work, |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(
+        summary.stop,
+        StopReason::UnreachableBudgetExhausted {
+            unreachable: 2,
+            allowed: 1
+        }
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 0);
+    assert_eq!(summary.totals.pending, 4);
+}
+
 // ---------------------------------------------------------------- pilot, gate, pause
 
 #[test]

@@ -161,7 +161,7 @@ fn a_restart_whose_daemon_fails_to_start_fails_the_host_and_its_rollback_starts_
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        format!("{stdout}{stderr}").contains("1 failed, 1 rolled back"),
+        format!("{stdout}{stderr}").contains("1 failed, 0 unreachable, 1 rolled back"),
         "{stdout}\n{stderr}"
     );
     assert!(

@@ -20,7 +20,7 @@ use crate::runtime::{Options, Runtime, RuntimeError};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  all good
-  1  some hosts failed (the others succeeded)
+  1  some hosts failed or were unreachable (the others succeeded)
   2  usage, config, inventory or script error, including a script stopped by a sandbox limit,
      a selector or --limit that matches no host, and hosts another run holds";
 
@@ -92,9 +92,14 @@ pub enum Verb {
         playbook: Option<PathBuf>,
         /// Continue run RUN: finished hosts are not touched again, open steps are
         /// checked on the host first, pending hosts run.
-        #[arg(long, value_name = "RUN")]
+        #[arg(long, value_name = "RUN", conflicts_with = "retry")]
         resume: Option<String>,
-        /// A value the playbook reads with `param("NAME")`; repeatable.
+        /// Start a new run on exactly the hosts that failed or were unreachable
+        /// in run RUN, with RUN's playbook and --param values.
+        #[arg(long, value_name = "RUN")]
+        retry: Option<String>,
+        /// A value the playbook reads with `param("NAME")`; repeatable. With
+        /// --resume or --retry, overrides the value the run recorded.
         #[arg(short = 'e', long = "param", value_name = "NAME=VALUE")]
         vars: Vec<String>,
     },
@@ -330,11 +335,16 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Run {
             playbook,
             resume,
+            retry,
             vars,
         } => run::run(
             &cli,
             playbook.as_deref(),
-            resume.as_deref(),
+            match (resume, retry) {
+                (Some(r), _) => run::Start::Resume(r),
+                (None, Some(r)) => run::Start::Retry(r),
+                (None, None) => run::Start::New,
+            },
             &run::parse_vars(vars)?,
         ),
         Verb::Plan { playbook, vars } => run::plan(&cli, playbook, &run::parse_vars(vars)?),

@@ -73,6 +73,7 @@ struct Tally {
     targeted: usize,
     done: usize,
     failed: usize,
+    unreachable: usize,
     rolled_back: usize,
     in_flight: usize,
     wave: String,
@@ -82,10 +83,16 @@ impl Tally {
     fn line(&self) -> String {
         let pending = self
             .targeted
-            .saturating_sub(self.done + self.failed + self.in_flight);
+            .saturating_sub(self.done + self.failed + self.unreachable + self.in_flight);
         format!(
-            "{} | done {} | in progress {} | failed {} | rolled back {} | pending {}",
-            self.wave, self.done, self.in_flight, self.failed, self.rolled_back, pending
+            "{} | done {} | in progress {} | failed {} | unreachable {} | rolled back {} | pending {}",
+            self.wave,
+            self.done,
+            self.in_flight,
+            self.failed,
+            self.unreachable,
+            self.rolled_back,
+            pending
         )
     }
 
@@ -101,6 +108,16 @@ impl Tally {
             RolloutEvent::HostFailed { .. } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.failed += 1;
+            }
+            RolloutEvent::HostUnreachable { .. } => {
+                // Before the first wave: a host a probe left out, not a target
+                // the rollout started.
+                if self.wave.is_empty() {
+                    self.targeted += 1;
+                } else {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+                self.unreachable += 1;
             }
             RolloutEvent::RolledBack { .. } => self.rolled_back += 1,
             _ => {}
@@ -141,12 +158,14 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                 let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
                 t.apply(e);
                 bar.set_length(t.targeted as u64);
-                bar.set_position((t.done + t.failed) as u64);
+                bar.set_position((t.done + t.failed + t.unreachable) as u64);
                 bar.set_message(escape_controls(&t.line()).into_owned());
                 match e {
                     RolloutEvent::HostFailed { .. }
+                    | RolloutEvent::HostUnreachable { .. }
                     | RolloutEvent::RollbackFailed { .. }
                     | RolloutEvent::BudgetExhausted { .. }
+                    | RolloutEvent::UnreachableBudgetExhausted { .. }
                     | RolloutEvent::GateStopped { .. }
                     | RolloutEvent::WindowClosed { .. } => {
                         let _ =
@@ -170,11 +189,15 @@ pub fn describe(e: &RolloutEvent) -> String {
         RolloutEvent::HostStarted { host, .. } => format!("{host}: started"),
         RolloutEvent::HostDone { host, seconds, .. } => format!("{host}: done in {seconds:.1}s"),
         RolloutEvent::HostFailed { host, reason, .. } => format!("{host}: FAILED: {reason}"),
+        RolloutEvent::HostUnreachable { host, reason, .. } => format!("{host}: UNREACHABLE: {reason}"),
         RolloutEvent::RolledBack { host, .. } => format!("{host}: rolled back"),
         RolloutEvent::RollbackFailed { host, error, .. } => format!("{host}: ROLLBACK FAILED: {error}"),
         RolloutEvent::BudgetExhausted { failures, allowed } => {
             format!("failure budget exhausted: {failures} failures, {allowed} allowed; no new hosts start")
         }
+        RolloutEvent::UnreachableBudgetExhausted { unreachable, allowed } => format!(
+            "unreachable budget (max_unreachable) exhausted: {unreachable} unreachable, {allowed} allowed; no new hosts start"
+        ),
         RolloutEvent::Paused { seconds } => format!("pausing {seconds:.0}s before the next wave"),
         RolloutEvent::GateStopped { after_wave, reason } => format!("gate stopped the run after wave {after_wave}: {reason}"),
         RolloutEvent::WindowClosed { before_wave, time_left_seconds, needed_seconds } => format!(
@@ -183,8 +206,8 @@ pub fn describe(e: &RolloutEvent) -> String {
         RolloutEvent::RunDone { summary } => {
             let t = &summary.totals;
             format!(
-                "run done: {} targeted, {} done, {} failed, {} rolled back, {} pending",
-                t.targeted, t.done, t.failed, t.rolled_back, t.pending
+                "run done: {} targeted, {} done, {} failed, {} unreachable, {} rolled back, {} pending",
+                t.targeted, t.done, t.failed, t.unreachable, t.rolled_back, t.pending
             )
         }
     }

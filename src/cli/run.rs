@@ -11,8 +11,9 @@ use std::sync::Arc;
 use super::progress::{self, Style};
 use super::terminal::escape_controls as esc;
 use super::{Cli, CliError};
-use crate::journal::entry::{Entry, HostEndDetail, RunResume, RunRollback};
+use crate::journal::entry::{Entry, HostEndDetail, ParamValue, RunResume, RunRollback};
 use crate::journal::lock::{HostClaims, HostHolder};
+use crate::journal::state::RunState;
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
@@ -181,33 +182,51 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         .into_iter()
         .map(|r| (r.host, r.result.map(|v| to_json(&v))))
         .collect();
+    // A host that could not be connected to is unreachable, not failed.
+    let mut unreachable: Vec<String> = Vec::new();
     for (host, result) in &outcomes {
-        let detail = HostEndDetail {
-            reason: result.as_ref().err().map(|e| e.to_string()),
-            ..Default::default()
-        };
-        journal
-            .host_finished(host, result.is_ok(), detail)
-            .map_err(journal_err)?;
+        match (result, session.take_lost(host)) {
+            (Err(_), Some(reason)) => {
+                journal
+                    .append_entry(
+                        Some(host),
+                        &Entry::HostUnreachable(crate::journal::entry::HostUnreachable {
+                            step: "exec".into(),
+                            reason,
+                        }),
+                    )
+                    .map_err(journal_err)?;
+                unreachable.push(host.clone());
+            }
+            _ => {
+                let detail = HostEndDetail {
+                    reason: result.as_ref().err().map(|e| e.to_string()),
+                    ..Default::default()
+                };
+                journal
+                    .host_finished(host, result.is_ok(), detail)
+                    .map_err(journal_err)?;
+            }
+        }
     }
     drop(session);
     if let Ok(j) = Arc::try_unwrap(journal) {
         j.close().map_err(journal_err)?;
     }
-    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() - unreachable.len();
     if cli.global.json {
         for (host, result) in &outcomes {
             let line = match result {
                 Ok(v) => serde_json::json!({"run": run_id, "host": host, "ok": true, "value": v}),
                 Err(e) => {
-                    serde_json::json!({"run": run_id, "host": host, "ok": false, "error": e.to_string()})
+                    serde_json::json!({"run": run_id, "host": host, "ok": false, "unreachable": unreachable.contains(host), "error": e.to_string()})
                 }
             };
             println!("{line}");
         }
     } else {
         // Host names and output come from the inventory and the hosts: escaped.
-        let outcomes: Vec<(String, Result<String, String>)> = outcomes
+        let outcomes: Vec<(String, Result<String, String>, &str)> = outcomes
             .iter()
             .map(|(h, r)| {
                 (
@@ -216,17 +235,22 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
                         Ok(v) => Ok(esc(&super::show(v)).into_owned()),
                         Err(e) => Err(esc(&e.to_string()).into_owned()),
                     },
+                    if unreachable.contains(h) {
+                        "UNREACHABLE"
+                    } else {
+                        "FAILED"
+                    },
                 )
             })
             .collect();
         let width = outcomes
             .iter()
-            .map(|(h, _)| h.chars().count())
+            .map(|(h, _, _)| h.chars().count())
             .max()
             .unwrap_or(4)
             .max(4);
         println!("{:<width$}  {:<6}  RESULT", "HOST", "STATUS");
-        for (host, result) in &outcomes {
+        for (host, result, bad) in &outcomes {
             match result {
                 Ok(v) => println!("{:<width$}  {:<6}  {}", host, "ok", v),
                 Err(text) => {
@@ -234,7 +258,7 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
                     println!(
                         "{:<width$}  {:<6}  {}",
                         host,
-                        "FAILED",
+                        bad,
                         lines.next().unwrap_or("")
                     );
                     for l in lines {
@@ -244,11 +268,21 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
             }
         }
     }
+    if !unreachable.is_empty() {
+        eprintln!(
+            "{} of {} hosts unreachable: {}",
+            unreachable.len(),
+            outcomes.len(),
+            esc(&unreachable.join(", "))
+        );
+    }
     if failed > 0 {
         eprintln!(
             "{failed} of {} hosts failed; `patchbook rollback {run_id} --hosts HOST` reverses what the run changed on a host",
             outcomes.len()
         );
+    }
+    if failed > 0 || !unreachable.is_empty() {
         return Ok(ExitCode::from(1));
     }
     if style != Style::Json && style != Style::Quiet {
@@ -273,9 +307,12 @@ pub struct Execution {
     pub sink: EventSink,
     /// Set to stop starting new hosts; hosts in flight finish.
     pub stop: Arc<AtomicBool>,
+    /// `--param` values as the playbook reads them (secret references read).
     pub vars: BTreeMap<String, String>,
     /// The hosts the run holds; its rollouts claim their targets through it.
     pub claims: HostClaims,
+    /// `--param` values as given, journaled as `run.params` (references kept).
+    pub given: BTreeMap<String, String>,
 }
 
 /// Runs a compiled playbook against a journal that is already open, then closes
@@ -308,10 +345,13 @@ pub fn execute(
     let control = Arc::new(
         RunControl::new(session.clone(), ex.clock, ex.sink)
             .with_vars(ex.vars)
+            .with_given_params(ex.given)
             .with_stop(ex.stop),
     );
     let script = engine_for(&control, pb);
     let result = script.run(pb);
+    // A playbook without a rollout still leaves its params for a resume.
+    control.record_params();
     let summaries = control.summaries();
     finish_notice(&control, &summaries, &run_id);
     drop(script);
@@ -351,27 +391,180 @@ pub fn parse_vars(words: &[String]) -> Result<BTreeMap<String, String>, CliError
         .collect()
 }
 
-/// `patchbook run PLAYBOOK` and `patchbook run --resume RUN`.
+/// How a run was asked for: afresh, continuing one, or retrying one's hosts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    New,
+    /// `--resume RUN`: the same run goes on.
+    Resume(&'a str),
+    /// `--retry RUN`: a new run on RUN's failed and unreachable hosts.
+    Retry(&'a str),
+}
+
+/// The `--param` values a resume or retry works with: those `earlier` recorded,
+/// overridden or added to by the ones given now. Every difference is said on
+/// stderr (values as recorded: plain values and secret references, never a value
+/// that was marked secret). A value recorded as secret must be given again.
+fn reuse_params(
+    earlier: &str,
+    state: &RunState,
+    given: &BTreeMap<String, String>,
+    secrets: &crate::journal::Secrets,
+    say: bool,
+) -> Result<BTreeMap<String, String>, CliError> {
+    let Some(recorded) = &state.params else {
+        return Ok(given.clone());
+    };
+    let shown = |v: &str| esc(&secrets.redact_str(v)).into_owned();
+    let mut out = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (name, was) in recorded {
+        let kept = match was {
+            ParamValue::Plain(v) | ParamValue::Reference(v) => Some(v),
+            ParamValue::Secret => None,
+        };
+        match (given.get(name), kept) {
+            (Some(now), Some(was)) => {
+                if say && now != was {
+                    eprintln!(
+                        "patchbook: --param {} overrides the value run {earlier} used: {} then, {} now",
+                        esc(name),
+                        shown(was),
+                        shown(now)
+                    );
+                }
+                out.insert(name.clone(), now.clone());
+            }
+            (Some(now), None) => {
+                // Only its salted digest is on record: enough to tell it changed.
+                let digest = state
+                    .header
+                    .as_ref()
+                    .and_then(|h| h.params.as_ref())
+                    .and_then(|p| p.get(name));
+                let differs = !crate::run::control::is_secret_reference(now)
+                    && digest
+                        .is_some_and(|d| *d != crate::journal::param_digest(earlier, name, now));
+                if say && differs {
+                    eprintln!(
+                        "patchbook: --param {} differs from the value run {earlier} used (a secret: not shown)",
+                        esc(name)
+                    );
+                }
+                out.insert(name.clone(), now.clone());
+            }
+            (None, Some(was)) => {
+                out.insert(name.clone(), was.clone());
+            }
+            (None, None) => missing.push(name.clone()),
+        }
+    }
+    for (name, now) in given {
+        if !recorded.contains_key(name) {
+            if say {
+                eprintln!(
+                    "patchbook: --param {} is new: run {earlier} ran without it",
+                    esc(name)
+                );
+            }
+            out.insert(name.clone(), now.clone());
+        }
+    }
+    if !missing.is_empty() {
+        let list = missing
+            .iter()
+            .map(|n| format!("--param {n}=VALUE"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        return Err(CliError::Usage(format!(
+            "run {earlier} marked {} secret, so the journal did not keep {}: give {} again ({list}), or pass secrets as references (--param NAME='${{env:VAR}}') so the journal keeps the reference",
+            missing.join(", "),
+            if missing.len() == 1 { "its value" } else { "their values" },
+            if missing.len() == 1 { "it" } else { "them" },
+        )));
+    }
+    Ok(out)
+}
+
+/// Reads every `--param` given as a secret reference (`${env:NAME}`,
+/// `${file:PATH}`); what it reads is a secret from then on.
+fn read_param_references(
+    given: &BTreeMap<String, String>,
+    secrets: &crate::journal::Secrets,
+) -> Result<BTreeMap<String, String>, CliError> {
+    given
+        .iter()
+        .map(|(name, value)| {
+            if !crate::run::control::is_secret_reference(value) {
+                return Ok((name.clone(), value.clone()));
+            }
+            let mut found = Vec::new();
+            let read = crate::primitives::notify::expand(value, &mut found)
+                .map_err(|e| CliError::Usage(format!("--param {name}: {e}")))?;
+            secrets.add(&read);
+            Ok((name.clone(), read))
+        })
+        .collect()
+}
+
+/// `patchbook run PLAYBOOK`, `run --resume RUN` and `run --retry RUN`.
 pub fn run(
     cli: &Cli,
     playbook: Option<&Path>,
-    resume: Option<&str>,
-    vars: &BTreeMap<String, String>,
+    start: Start<'_>,
+    given: &BTreeMap<String, String>,
 ) -> Result<ExitCode, CliError> {
-    let rt = Arc::new(Runtime::build(&cli.options())?);
+    let mut rt = Runtime::build(&cli.options())?;
     rt.check_limit()?;
     rt.ensure_state_dir()?;
+    let style = Style::pick(cli.global.json, cli.global.quiet);
+    let say = style != Style::Json && style != Style::Quiet;
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
-    let (run_id, journal, playbook, pb) = match resume {
-        Some(run_id) => {
-            let journal =
-                Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?;
+    let mut resumed: Option<Journal> = None;
+    let (earlier, state) = match start {
+        Start::New => (None, None),
+        Start::Resume(id) => {
+            let journal = Journal::open(&rt.state_dir, id, &rt.operator).map_err(journal_err)?;
             let state = journal.state().map_err(journal_err)?;
-            let Some(h) = state.header else {
-                return Err(CliError::Other(format!(
-                    "run {run_id} has no run.start record; it cannot be resumed"
-                )));
-            };
+            resumed = Some(journal);
+            (Some(id), Some(state))
+        }
+        Start::Retry(id) => (
+            Some(id),
+            Some(RunState::load(&rt.state_dir, id).map_err(journal_err)?),
+        ),
+    };
+    let raw = match (earlier, &state) {
+        (Some(id), Some(st)) => reuse_params(id, st, given, &rt.secrets, say)?,
+        _ => given.clone(),
+    };
+    let vars = read_param_references(&raw, &rt.secrets)?;
+    let header_of = |id: &str, st: &RunState| -> Result<RunHeader, CliError> {
+        st.header.clone().ok_or_else(|| {
+            CliError::Other(format!(
+                "run {id} has no run.start record; it cannot be resumed or retried"
+            ))
+        })
+    };
+    if let (Start::Retry(id), Some(st)) = (start, &state) {
+        let hosts: Vec<String> = st.retry_hosts().into_iter().map(str::to_string).collect();
+        if hosts.is_empty() {
+            println!("run {id} has no failed or unreachable host: nothing to retry");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if say {
+            eprintln!(
+                "patchbook: retrying the {} failed or unreachable host(s) of run {id}: {}",
+                hosts.len(),
+                esc(&hosts.join(", "))
+            );
+        }
+        rt.restrict_to(hosts);
+    }
+    let rt = Arc::new(rt);
+    let (run_id, journal, playbook, pb) = match (start, resumed, &state) {
+        (Start::Resume(run_id), Some(journal), Some(st)) => {
+            let h = header_of(run_id, st)?;
             let path = playbook
                 .map(Path::to_path_buf)
                 .unwrap_or(h.playbook.clone());
@@ -385,7 +578,11 @@ pub fn run(
                 )));
             }
             let mut now = header(&rt, &path, &pb);
-            now.params = Some(param_digests(run_id, vars));
+            // With the values on record, a difference was said above and the
+            // resume goes on with it; without them, the digests must match.
+            if st.params.is_none() {
+                now.params = Some(param_digests(run_id, &vars));
+            }
             h.check_resume(run_id, &now)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
             journal
@@ -398,21 +595,44 @@ pub fn run(
                 .map_err(journal_err)?;
             (run_id.to_string(), journal, path, pb)
         }
-        None => {
+        (Start::Retry(of), _, Some(st)) => {
+            let h = header_of(of, st)?;
+            let path = playbook
+                .map(Path::to_path_buf)
+                .unwrap_or(h.playbook.clone());
+            let pb = Compiler::from_config(&rt.config).compile_file(&path)?;
+            if say && pb.sha256 != h.playbook_sha256 {
+                eprintln!(
+                    "patchbook: {} changed since run {of} (sha256 {} then, {} now); the retry runs it as it is now",
+                    path.display(),
+                    h.playbook_sha256,
+                    pb.sha256
+                );
+            }
+            let run_id = new_run_id();
+            let mut head = header(&rt, &path, &pb);
+            head.params = Some(param_digests(&run_id, &vars));
+            head.retry_of = Some(of.to_string());
+            let journal =
+                Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?;
+            (run_id, journal, path, pb)
+        }
+        _ => {
             let Some(path) = playbook else {
-                return Err(CliError::Usage("name a playbook, or --resume RUN".into()));
+                return Err(CliError::Usage(
+                    "name a playbook, or --resume RUN, or --retry RUN".into(),
+                ));
             };
             let pb = Compiler::from_config(&rt.config).compile_file(path)?;
             let run_id = new_run_id();
             let mut head = header(&rt, path, &pb);
-            head.params = Some(param_digests(&run_id, vars));
+            head.params = Some(param_digests(&run_id, &vars));
             let journal =
                 Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?;
             (run_id, journal, path.to_path_buf(), pb)
         }
     };
-    let style = Style::pick(cli.global.json, cli.global.quiet);
-    if style != Style::Json && style != Style::Quiet {
+    if say {
         eprintln!(
             "patchbook: run {run_id} ({}), journal {}",
             playbook.display(),
@@ -432,15 +652,28 @@ pub fn run(
             clock,
             sink: progress::sink(style, &run_id),
             stop,
-            vars: vars.clone(),
+            vars,
             claims,
+            given: raw,
         },
     );
     let _ = result?;
+    // The journal says which hosts of the run could not be connected to, whether
+    // a rollout reported them or only a probe met them.
+    let unreachable: Vec<String> = RunState::load(&rt.state_dir, &run_id)
+        .map(|st| {
+            st.hosts
+                .iter()
+                .filter(|(_, h)| h.unreachable)
+                .map(|(n, _)| n.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     let failed: usize = summaries
         .iter()
         .map(|s| s.totals.failed + s.totals.rollback_failed)
-        .sum();
+        .sum::<usize>()
+        + unreachable.len();
     let stopped = summaries.iter().any(|s| s.stop != StopReason::Completed);
     if style == Style::Quiet {
         // Quiet drops the chatter, never the bad news: each host that failed or
@@ -449,13 +682,32 @@ pub fn run(
             eprintln!("patchbook: run {run_id}: {}", esc(&line));
         }
     }
-    if style != Style::Json && style != Style::Quiet {
+    if say {
         for s in &summaries {
             let t = &s.totals;
             eprintln!(
-                "patchbook: run {run_id}: {} targeted, {} done, {} failed, {} rolled back, {} pending ({}); report: patchbook report {run_id}",
-                t.targeted, t.done, t.failed, t.rolled_back, t.pending, s.stop
+                "patchbook: run {run_id}: {} targeted, {} done, {} failed, {} unreachable, {} rolled back, {} pending ({}); report: patchbook report {run_id}",
+                t.targeted, t.done, t.failed, t.unreachable, t.rolled_back, t.pending, s.stop
             );
+        }
+    }
+    if !cli.global.json {
+        // On stdout, even with -q: the hosts the run did not patch, and the way
+        // to work on exactly them again.
+        let failed_hosts: Vec<String> = summaries
+            .iter()
+            .flat_map(|s| s.hosts.iter())
+            .filter(|h| h.state == crate::rollout::HostStatus::Failed)
+            .map(|h| esc(&h.name).into_owned())
+            .collect();
+        if !unreachable.is_empty() {
+            println!("unreachable: {}", esc(&unreachable.join(", ")));
+        }
+        if !failed_hosts.is_empty() {
+            println!("failed: {}", failed_hosts.join(", "));
+        }
+        if !unreachable.is_empty() || !failed_hosts.is_empty() {
+            println!("retry them: patchbook run --retry {run_id}");
         }
     }
     Ok(if failed > 0 || stopped {
@@ -465,15 +717,21 @@ pub fn run(
     })
 }
 
-/// One line per host that failed or whose rollback failed, and per rollout that
-/// stopped early, for `-q`.
+/// One line per host that failed, was unreachable or whose rollback failed, and
+/// per rollout that stopped early, for `-q`.
 fn problem_lines(summaries: &[Summary]) -> Vec<String> {
     let mut lines = Vec::new();
     for s in summaries {
         for h in &s.hosts {
-            if h.state == crate::journal::entry::HostStatus::Failed {
-                let reason = h.reason.as_deref().unwrap_or("no reason recorded");
-                lines.push(format!("{} failed: {reason}", h.name));
+            let reason = h.reason.as_deref().unwrap_or("no reason recorded");
+            match h.state {
+                crate::journal::entry::HostStatus::Failed => {
+                    lines.push(format!("{} failed: {reason}", h.name))
+                }
+                crate::journal::entry::HostStatus::Unreachable => {
+                    lines.push(format!("{} unreachable: {reason}", h.name))
+                }
+                _ => {}
             }
             if let Some(e) = &h.rollback_error {
                 lines.push(format!("{} rollback failed: {e}", h.name));
@@ -494,6 +752,7 @@ fn finish_notice(control: &RunControl, summaries: &[crate::rollout::Summary], ru
         s.targeted += t.targeted;
         s.patched += t.done;
         s.failed += t.failed;
+        s.unreachable += t.unreachable;
         s.rolled_back += t.rolled_back;
         s.pending += t.pending;
     }
@@ -791,6 +1050,15 @@ impl crate::watch::Launcher for RolloutLauncher {
                     c.in_progress = c.in_progress.saturating_sub(1);
                     c.failed += 1;
                 }
+                // Wave 0 before any host started: a host a probe left out.
+                E::HostUnreachable { .. } if c.in_progress == 0 && c.done + c.failed == 0 => {
+                    c.targeted += 1;
+                    c.unreachable += 1;
+                }
+                E::HostUnreachable { .. } => {
+                    c.in_progress = c.in_progress.saturating_sub(1);
+                    c.unreachable += 1;
+                }
                 _ => return,
             }
             let _ = tx.send(*c);
@@ -808,6 +1076,7 @@ impl crate::watch::Launcher for RolloutLauncher {
             stop,
             vars: req.params.clone(),
             claims,
+            given: req.params.clone(),
         };
         let playbook = pb.path.display().to_string();
         let (result, summaries) = std::thread::scope(|s| {
@@ -819,7 +1088,7 @@ impl crate::watch::Launcher for RolloutLauncher {
         })?;
         let failed: usize = summaries
             .iter()
-            .map(|s| s.totals.failed + s.totals.rollback_failed)
+            .map(|s| s.totals.failed + s.totals.unreachable + s.totals.rollback_failed)
             .sum();
         let stopped = summaries.iter().any(|s| s.stop != StopReason::Completed);
         let summary = match &result {
@@ -829,8 +1098,8 @@ impl crate::watch::Launcher for RolloutLauncher {
                 .map(|s| {
                     let t = &s.totals;
                     format!(
-                        "{} targeted, {} done, {} failed, {} pending",
-                        t.targeted, t.done, t.failed, t.pending
+                        "{} targeted, {} done, {} failed, {} unreachable, {} pending",
+                        t.targeted, t.done, t.failed, t.unreachable, t.pending
                     )
                 })
                 .collect::<Vec<_>>()

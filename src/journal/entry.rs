@@ -138,6 +138,12 @@ entries! {
     /// A rollback left a step's undo to a person: the host is no longer in the
     /// state the step left it in.
     UndoSkipped(UndoSkipped) = "undo.skipped",
+    /// The record's host could not be connected to: a probe left it out, or the
+    /// rollout gave up on it. It counts against `max_unreachable`, not `max_failed`.
+    HostUnreachable(HostUnreachable) = "host.unreachable",
+    /// The `--param` values a run works with: plain values as given, secret
+    /// references (`${env:NAME}`) as references, values marked secret as neither.
+    RunParams(RunParams) = "run.params",
     /// A message the playbook logged with `log()`, on the record's host if any.
     Log(LogRecord) = "log",
 }
@@ -169,6 +175,32 @@ pub struct UndoSkipped {
     pub expected: String,
     /// The line a person reads: found, expected, and that nothing was reverted.
     pub reason: String,
+}
+
+/// `data` of `host.unreachable`: the step that could not connect, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUnreachable {
+    /// `needing`, `rollout`, … : where the connection was tried.
+    pub step: String,
+    pub reason: String,
+}
+
+/// One `--param` as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum ParamValue {
+    /// Given as is, and no secret.
+    Plain(String),
+    /// A secret reference (`${env:NAME}`, `${file:PATH}`), read again on every use.
+    Reference(String),
+    /// A value the run marked secret: not kept; it must be given again.
+    Secret,
+}
+
+/// `data` of `run.params`: every `--param` of the run (or of its latest resume).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunParams {
+    pub values: BTreeMap<String, ParamValue>,
 }
 
 /// `data` of `run.close`: nothing, written as `{}`.
@@ -540,6 +572,13 @@ pub enum RolloutEvent {
         wave: usize,
         reason: String,
     },
+    /// The host could not be connected to; it is not rolled back (nothing can reach
+    /// it) and counts against the unreachable budget.
+    HostUnreachable {
+        host: String,
+        wave: usize,
+        reason: String,
+    },
     RolledBack {
         host: String,
         cause: RollbackCause,
@@ -551,6 +590,10 @@ pub enum RolloutEvent {
     },
     BudgetExhausted {
         failures: usize,
+        allowed: usize,
+    },
+    UnreachableBudgetExhausted {
+        unreachable: usize,
         allowed: usize,
     },
     Paused {
@@ -577,6 +620,11 @@ pub enum StopReason {
     Completed,
     BudgetExhausted {
         failures: usize,
+        allowed: usize,
+    },
+    /// More hosts could not be connected to than `max_unreachable` allows.
+    UnreachableBudgetExhausted {
+        unreachable: usize,
         allowed: usize,
     },
     PilotFailed {
@@ -609,6 +657,10 @@ impl std::fmt::Display for StopReason {
             StopReason::BudgetExhausted { failures, allowed } => write!(
                 f,
                 "failure budget spent: {failures} failed, {allowed} allowed; no new hosts started"
+            ),
+            StopReason::UnreachableBudgetExhausted { unreachable, allowed } => write!(
+                f,
+                "unreachable budget (max_unreachable) spent: {unreachable} unreachable, {allowed} allowed; no new hosts started"
             ),
             StopReason::PilotFailed { host } => {
                 write!(f, "pilot {host} failed; no wave started")
@@ -648,6 +700,8 @@ pub enum HostStatus {
     Reverted,
     /// Started, no end recorded, yet the run was closed: only the host can say.
     Unknown,
+    /// Could not be connected to (refused, timed out, handshake or login failed).
+    Unreachable,
 }
 
 impl HostStatus {
@@ -660,6 +714,7 @@ impl HostStatus {
             HostStatus::Failed => "failed",
             HostStatus::Reverted => "reverted",
             HostStatus::Unknown => "unknown",
+            HostStatus::Unreachable => "unreachable",
         }
     }
 }
@@ -683,13 +738,15 @@ pub struct HostReport {
     pub rollback_error: Option<String>,
 }
 
-/// Counts where `targeted = done + failed + reverted + pending`; `rolled_back`
-/// counts successful rollbacks of failed and reverted hosts alike.
+/// Counts where `targeted = done + failed + unreachable + reverted + pending`;
+/// `rolled_back` counts successful rollbacks of failed and reverted hosts alike.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub targeted: usize,
     pub done: usize,
     pub failed: usize,
+    #[serde(default)]
+    pub unreachable: usize,
     pub reverted: usize,
     pub rolled_back: usize,
     pub rollback_failed: usize,
@@ -701,6 +758,8 @@ pub struct Counts {
 pub struct Summary {
     pub stop: StopReason,
     pub allowed_failures: usize,
+    #[serde(default)]
+    pub allowed_unreachable: usize,
     pub totals: Counts,
     /// Per inventory group of the targets (`all` excluded).
     #[serde(default)]
@@ -981,6 +1040,7 @@ mod tests {
                 allowed: 0,
             },
             allowed_failures: 0,
+            allowed_unreachable: 0,
             totals: totals.clone(),
             per_group: BTreeMap::from([("web".to_string(), totals)]),
             hosts: vec![HostReport {
@@ -1210,6 +1270,17 @@ mod tests {
                 found: "acme-agent is 1.0.2".into(),
                 expected: "installed 1.0.1".into(),
                 reason: "acme-agent is 1.0.2, this run installed 1.0.1: not reverting a state this run did not create".into(),
+            }),
+            Entry::HostUnreachable(HostUnreachable {
+                step: "needing".into(),
+                reason: "web-1: cannot connect to 10.0.0.1:22: connection refused".into(),
+            }),
+            Entry::RunParams(RunParams {
+                values: BTreeMap::from([
+                    ("mirror".to_string(), ParamValue::Plain("/srv/debs".into())),
+                    ("token".to_string(), ParamValue::Reference("${env:TOKEN}".into())),
+                    ("pin".to_string(), ParamValue::Secret),
+                ]),
             }),
             Entry::Log(LogRecord {
                 message: "3 hosts need acme-agent 1.0.1".into(),

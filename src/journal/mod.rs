@@ -279,6 +279,10 @@ pub struct RunHeader {
     /// keys, limits, notify settings); `None` when it ran on built-in defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
+    /// Set by `run --retry RUN`: the run whose failed and unreachable hosts this
+    /// run works on again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 /// The digest a run header keeps of a `--param` value: SHA-256 over the run id,
@@ -328,6 +332,7 @@ impl RunHeader {
             ad_hoc: None,
             params: None,
             config_sha256: None,
+            retry_of: None,
         }
     }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::entry::ParamValue;
 use super::{
     scan_lines, Entry, IntentData, Journal, JournalError, OutcomeData, Record, RunHeader, StepId,
     UndoStep,
@@ -53,6 +54,10 @@ pub struct HostHistory {
     pub failed: bool,
     /// The last `host.rollback` said it succeeded.
     pub rolled_back: bool,
+    /// The host could not be connected to (`host.unreachable`) and no `host.finish`
+    /// came since: `run --resume` asks it again, and it is one of the hosts
+    /// `run --retry` works on.
+    pub unreachable: bool,
 }
 
 impl HostHistory {
@@ -101,6 +106,8 @@ pub struct RunState {
     /// A `run.close` record is present.
     pub closed: bool,
     pub last_seq: u64,
+    /// The `--param` values of the run's latest start or resume (`run.params`).
+    pub params: Option<BTreeMap<String, ParamValue>>,
 }
 
 impl RunState {
@@ -162,7 +169,16 @@ impl RunState {
                         let h = st.hosts.entry(host).or_default();
                         h.finished = true;
                         h.failed = !data.ok;
+                        h.unreachable = false;
                     }
+                }
+                Ok(Entry::HostUnreachable(_)) => {
+                    if let Some(host) = rec.host.clone() {
+                        st.hosts.entry(host).or_default().unreachable = true;
+                    }
+                }
+                Ok(Entry::RunParams(p)) => {
+                    st.params = Some(p.values);
                 }
                 Ok(Entry::HostRollback(data)) => {
                     if let Some(host) = rec.host.clone() {
@@ -213,6 +229,16 @@ impl RunState {
             .collect();
         out.sort_by_key(|(_, s)| s.id);
         out
+    }
+
+    /// Hosts whose work failed (rolled back or not) or that could not be connected
+    /// to: what `run --retry` works on again, in name order.
+    pub fn retry_hosts(&self) -> Vec<&str> {
+        self.hosts
+            .iter()
+            .filter(|(_, h)| h.unreachable || h.failed)
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// Hosts in the order a rollback must visit them: reverse deployment order.

@@ -71,6 +71,8 @@ pub enum LabError {
     State { path: PathBuf, message: String },
     #[error("no lab host named `{0}`")]
     NoSuchHost(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("relay in front of {target}: {message}")]
     Relay { target: SocketAddr, message: String },
     #[error("the lab relay process did not start: {message}; see {log}")]
@@ -177,6 +179,8 @@ pub struct Fleet {
     /// In-process relays, one per host in host order (see [`Fleet::start_relays`]).
     relays: Vec<Relay>,
     relay_process: Option<RelayProcess>,
+    /// How its hosts were started; a revived host is started the same way.
+    tie: Tie,
 }
 
 /// How the fleet's processes relate to the process that starts them.
@@ -331,6 +335,7 @@ impl Fleet {
             attached: true,
             relays: Vec::new(),
             relay_process: None,
+            tie,
         };
         let ports = free_ports(n)?;
         let mut pending = Vec::new();
@@ -693,6 +698,70 @@ impl Fleet {
         kill_checked(h.sshd_pid, h.sshd_start);
         wait_gone(h.sshd_pid, Duration::from_secs(5));
         Ok(())
+    }
+
+    /// Starts a host again after [`Fleet::kill_host`] (or a reboot it did not come
+    /// back from): new namespaces over the same folder, so it keeps its keys, port
+    /// and package database. Returns once its sshd accepts connections.
+    pub fn revive_host(&mut self, name: &str) -> Result<(), LabError> {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| LabError::NoSuchHost(name.to_string()))?;
+        let old = self.hosts[i].clone();
+        for (pid, start) in [
+            (old.sshd_pid, old.sshd_start),
+            (old.unshare_pid, old.unshare_start),
+        ] {
+            if kill_checked(pid, start) {
+                wait_gone(pid, Duration::from_secs(5));
+            }
+        }
+        if !old.jump.is_empty() {
+            return Err(LabError::Unsupported(format!(
+                "{name} sits behind bastions; reviving such a host is not supported: start a new lab"
+            )));
+        }
+        let mut child = spawn_host(&old.dir, self.tie, old.pkg, Net::Shared)?;
+        let pid = child.id() as i32;
+        let started = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], old.port));
+        let failed = |h: &LabHost| LabError::Start {
+            host: h.name.clone(),
+            timeout: START_DEADLINE,
+            log: h.dir.join("sshd.log"),
+        };
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            let exited = child.try_wait().ok().flatten().is_some();
+            if exited || started.elapsed() > START_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(&old));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Some(init) = children_by_parent()
+            .get(&pid)
+            .and_then(|k| k.first().copied())
+        else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(&old));
+        };
+        let h = &mut self.hosts[i];
+        h.unshare_pid = pid;
+        h.unshare_start = start_time(pid).unwrap_or(0);
+        h.sshd_pid = init;
+        h.sshd_start = start_time(init).unwrap_or(0);
+        match self.children.get_mut(i) {
+            Some(slot) => {
+                let _ = slot.wait();
+                *slot = child;
+            }
+            None => self.children.push(child),
+        }
+        self.write_files()
     }
 
     /// Runs argv inside the host's mount namespace, from the controller side.

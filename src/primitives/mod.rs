@@ -100,6 +100,11 @@ impl From<TransportError> for PrimitiveError {
 }
 
 impl PrimitiveError {
+    /// The host could not be connected to (see [`TransportError::is_unreachable`]).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, PrimitiveError::Transport(e) if e.is_unreachable())
+    }
+
     /// A failed command, with its stderr (or stdout) cut to [`ERROR_OUTPUT_CHARS`].
     pub fn failed(host: &str, step: &str, out: &Output) -> Self {
         let text = if out.stderr.is_empty() {

@@ -801,11 +801,15 @@ pub struct FirstFailure {
     pub action: Option<String>,
 }
 
-/// The failure budget is spent: no new waves start.
+/// The failure budget (or, with `unreachable`, the unreachable budget) is spent:
+/// no new waves start.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BudgetExhausted {
     pub run: String,
+    /// The hosts charged to the budget: failed ones, or unreachable ones.
     pub failed_hosts: Vec<String>,
+    /// The budget spent is `max_unreachable`, not `max_failed`.
+    pub unreachable: bool,
     pub targets: usize,
     /// The policy as written, e.g. `5%` or `3`.
     pub budget: String,
@@ -819,6 +823,8 @@ pub struct RunSummary {
     pub targeted: usize,
     pub patched: usize,
     pub failed: usize,
+    /// Could not be connected to; apart from `failed`.
+    pub unreachable: usize,
     pub rolled_back: usize,
     pub skipped: usize,
     pub pending: usize,
@@ -910,8 +916,17 @@ impl FirstFailure {
 
 impl BudgetExhausted {
     pub fn notice(&self) -> Notice {
+        let (which, verb, list) = if self.unreachable {
+            (
+                "unreachable budget (max_unreachable)",
+                "unreachable",
+                "Unreachable",
+            )
+        } else {
+            ("failure budget", "failed", "Failed")
+        };
         let mut text = format!(
-            "patchbook run {}: failure budget {} exhausted ({} of {} failed); no new waves start",
+            "patchbook run {}: {which} {} exhausted ({} of {} {verb}); no new waves start",
             self.run,
             self.budget,
             self.failed_hosts.len(),
@@ -920,7 +935,7 @@ impl BudgetExhausted {
         if let Some(a) = &self.action {
             text.push_str(&format!("; {a}"));
         }
-        text.push_str(&format!("\nFailed: {}", host_list(&self.failed_hosts)));
+        text.push_str(&format!("\n{list}: {}", host_list(&self.failed_hosts)));
         let mut n = Notice::new(text, Severity::Critical)
             .field("run", self.run.as_str())
             .field("budget", self.budget.as_str())
@@ -938,14 +953,19 @@ impl RunFinished {
             .duration
             .map(|d| format!(" after {}", human_duration(d)))
             .unwrap_or_default();
+        let unreachable = if s.unreachable > 0 {
+            format!(", {} unreachable", s.unreachable)
+        } else {
+            String::new()
+        };
         let mut text = format!(
-            "patchbook run {} finished{took}: {} targeted, {} patched, {} failed, {} rolled back, {} skipped, {} pending",
+            "patchbook run {} finished{took}: {} targeted, {} patched, {} failed{unreachable}, {} rolled back, {} skipped, {} pending",
             self.run, s.targeted, s.patched, s.failed, s.rolled_back, s.skipped, s.pending
         );
         if let Some(r) = &self.report {
             text.push_str(&format!("\nReport: {r}"));
         }
-        let severity = if s.failed > 0 || s.rolled_back > 0 || s.pending > 0 {
+        let severity = if s.failed > 0 || s.unreachable > 0 || s.rolled_back > 0 || s.pending > 0 {
             Severity::Warning
         } else {
             Severity::Info
@@ -955,6 +975,7 @@ impl RunFinished {
             .field("targeted", s.targeted)
             .field("patched", s.patched)
             .field("failed", s.failed)
+            .field("unreachable", s.unreachable)
             .field("rolled_back", s.rolled_back)
             .field("skipped", s.skipped)
             .field("pending", s.pending);
@@ -1238,6 +1259,7 @@ mod tests {
         let n = BudgetExhausted {
             run: "r1".into(),
             failed_hosts: vec!["a".into(), "b".into()],
+            unreachable: false,
             targets: 40,
             budget: "5%".into(),
             action: None,
@@ -1247,6 +1269,22 @@ mod tests {
         assert!(
             n.text
                 .contains("budget 5% exhausted (2 of 40 hosts failed)"),
+            "{}",
+            n.text
+        );
+        let n = BudgetExhausted {
+            run: "r1".into(),
+            failed_hosts: vec!["c".into()],
+            unreachable: true,
+            targets: 40,
+            budget: "0".into(),
+            action: None,
+        }
+        .notice();
+        assert!(
+            n.text.contains(
+                "unreachable budget (max_unreachable) 0 exhausted (1 of 40 hosts unreachable)"
+            ) && n.text.contains("Unreachable: c"),
             "{}",
             n.text
         );

@@ -45,7 +45,7 @@ td.num, th.num { text-align: right; }
 code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12px; }
 pre.output { background: #1e1e1e; color: #f1f1f1; padding: 8px 10px; white-space: pre-wrap; word-break: break-all; max-height: 320px; overflow: auto; }
 .status { display: inline-block; padding: 0 6px; border-radius: 3px; color: #fff; font-size: 12px; }
-.status-done { background: #2e8b57; } .status-failed { background: #c0392b; }
+.status-done { background: #2e8b57; } .status-failed { background: #c0392b; } .status-unreachable { background: #8e44ad; }
 .status-rolled-back { background: #e67e22; } .status-in-progress { background: #2f80ed; }
 .status-unknown { background: #7f8c8d; } .status-pending { background: #9a9a9a; }
 .ok { color: #2e8b57; } .bad { color: #c0392b; font-weight: 600; } .open { color: #2f80ed; font-weight: 600; }
@@ -280,6 +280,7 @@ fn counts(o: &mut String, r: &RunReport) {
         ("targeted", c.targeted),
         ("done", c.done),
         ("failed", c.failed),
+        ("unreachable", c.unreachable),
         ("reverted", c.reverted),
         ("rolled back", c.rolled_back),
         ("rollback failed", c.rollback_failed),
@@ -304,6 +305,7 @@ fn counts(o: &mut String, r: &RunReport) {
             "targeted",
             "done",
             "failed",
+            "unreachable",
             "reverted",
             "rolled_back",
             "rollback_failed",

@@ -151,15 +151,16 @@ pub fn render(r: &RunReport) -> String {
     let _ = writeln!(o, "\n## Counts\n");
     let _ = writeln!(
         o,
-        "| targeted | done | failed | reverted | rolled back | rollback failed | in progress | unknown | pending |"
+        "| targeted | done | failed | unreachable | reverted | rolled back | rollback failed | in progress | unknown | pending |"
     );
-    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let _ = writeln!(
         o,
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         c.targeted,
         c.done,
         c.failed,
+        c.unreachable,
         c.reverted,
         c.rolled_back,
         c.rollback_failed,
@@ -173,6 +174,7 @@ pub fn render(r: &RunReport) -> String {
             "targeted",
             "done",
             "failed",
+            "unreachable",
             "reverted",
             "rolled_back",
             "rollback_failed",

@@ -137,13 +137,14 @@ pub fn step_result(ok: Option<bool>) -> (&'static str, &'static str) {
     }
 }
 
-/// `targeted = done + failed + reverted + in_progress + unknown + pending`;
+/// `targeted = done + failed + unreachable + reverted + in_progress + unknown + pending`;
 /// `rolled_back` and `rollback_failed` overlap with `failed` and `reverted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub targeted: usize,
     pub done: usize,
     pub failed: usize,
+    pub unreachable: usize,
     pub reverted: usize,
     pub rolled_back: usize,
     pub rollback_failed: usize,
@@ -163,6 +164,7 @@ impl Counts {
             HostStatus::InProgress => self.in_progress += 1,
             HostStatus::Unknown => self.unknown += 1,
             HostStatus::Pending => self.pending += 1,
+            HostStatus::Unreachable => self.unreachable += 1,
         }
         self.rolled_back += usize::from(h.rolled_back);
         self.rollback_failed += usize::from(h.rollback_error.is_some());
@@ -211,6 +213,7 @@ impl HostReport {
             HostStatus::InProgress => "in-progress",
             HostStatus::Unknown => "unknown",
             HostStatus::Pending => "pending",
+            HostStatus::Unreachable => "unreachable",
         }
     }
 
@@ -520,6 +523,25 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                         ev.reason = Some(reason.clone());
                         ev.wave = Some(*wave);
                     }
+                    RolloutEvent::HostUnreachable { host, wave, reason } => {
+                        order.add(host);
+                        let ev = events.entry(host.clone()).or_default();
+                        ev.ended = Some(ts.clone());
+                        ev.outcome = Some(HostStatus::Unreachable);
+                        ev.reason = Some(reason.clone());
+                        if ev.started.is_some() {
+                            ev.wave = Some(*wave);
+                        }
+                    }
+                    RolloutEvent::UnreachableBudgetExhausted { unreachable, allowed } => {
+                        alerts.push(Alert {
+                            ts: ts.clone(),
+                            kind: "unreachable_budget_exhausted".into(),
+                            text: format!(
+                                "unreachable budget (max_unreachable) exhausted: {unreachable} unreachable, {allowed} allowed; no new host started"
+                            ),
+                        })
+                    }
                     RolloutEvent::RolledBack { host, cause } => {
                         order.add(host);
                         let ev = events.entry(host.clone()).or_default();
@@ -616,6 +638,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
             Entry::StepIntent(_)
                 | Entry::StepOutcome(_)
                 | Entry::HostFinish(_)
+                | Entry::HostUnreachable(_)
                 | Entry::HostRollback(_)
                 | Entry::Backup(_)
                 | Entry::Verify(_)
@@ -723,6 +746,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                                 in_progress: 0,
                                 unknown: 0,
                                 pending: v.pending,
+                                unreachable: v.unreachable,
                             };
                             (k.clone(), to_value(&c))
                         })
@@ -786,9 +810,11 @@ fn host_report(
     let mut finish: Option<(String, HostEndData)> = None;
     let mut rollback_rec: Option<(String, HostEndData)> = None;
     let mut undone = Vec::new();
+    let mut unreachable: Option<String> = None;
 
     for (rec, entry) in records {
         match entry {
+            Entry::HostUnreachable(u) => unreachable = Some(u.reason.clone()),
             Entry::StepIntent(intent) => {
                 if let Some(d) = intent.deploy_input() {
                     let p = packages.entry(d.package.clone()).or_insert(PackageChange {
@@ -872,6 +898,7 @@ fn host_report(
                     }
                 }
                 finish = Some((rec.ts.clone(), end.clone()));
+                unreachable = None;
             }
             Entry::HostRollback(end) => rollback_rec = Some((rec.ts.clone(), end.clone())),
             Entry::Backup(b) => backups.push(BackupReport {
@@ -934,6 +961,8 @@ fn host_report(
     let has_activity = ev.started.is_some() || !steps.is_empty() || finish.is_some();
     let mut outcome = match (ev.outcome, &finish) {
         (Some(o), _) => o,
+        // A probe could not connect to it and no rollout said more.
+        (None, None) if unreachable.is_some() => HostStatus::Unreachable,
         (None, Some((_, end))) if end.ok => HostStatus::Done,
         (None, Some(_)) => HostStatus::Failed,
         (None, None) if !has_activity => HostStatus::Pending,

@@ -14,6 +14,10 @@
 //! is exhausted no new host starts, but hosts already in flight finish, so the
 //! final failure count can exceed `allowed + 1` by at most `parallel − 1`.
 //!
+//! The unreachable budget (`max_unreachable`, default `max_failed`) is a second
+//! value of this type with the same arithmetic: hosts that could not be connected
+//! to count there and never against the failure budget.
+//!
 //! This module owns the arithmetic only; the executor decides what stopping means.
 
 use super::policy::Amount;

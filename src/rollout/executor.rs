@@ -22,7 +22,13 @@
 //!    Each failure counts against the budget ([`budget`](super::budget)); at failure
 //!    number `allowed + 1` no new host starts, in-flight hosts finish (their failures
 //!    still count and are still rolled back).
-//! 5. Any failure in the pilot stops the run before wave 1.
+//! 5. A host whose closure returns [`HostOutcome::Unreachable`] could not be
+//!    connected to: it is not rolled back (nothing can reach it) and counts against
+//!    the unreachable budget (`max_unreachable`) instead, exhausted the same way;
+//!    hosts a probe found unreachable before the rollout
+//!    ([`Executor::unreachable_before`]) are in the summary and count from the start.
+//!    Any failure in the pilot, an unreachable pilot host included, stops the run
+//!    before wave 1.
 //!    A [`HostOutcome::ControllerFault`] (the controller's disk, a backup cap) is
 //!    no failure of the host: nothing is charged to the budget or rolled back, no
 //!    new host starts, in-flight hosts finish, and the host stays pending with the
@@ -102,6 +108,11 @@ pub enum HostOutcome {
     ControllerFault {
         reason: String,
     },
+    /// The host could not be connected to (refused, timed out, handshake or login
+    /// failed): not rolled back, charged to the unreachable budget.
+    Unreachable {
+        reason: String,
+    },
 }
 
 impl HostOutcome {
@@ -179,6 +190,7 @@ impl Counts {
             HostStatus::Pending | HostStatus::InProgress | HostStatus::Unknown => self.pending += 1,
             HostStatus::Done => self.done += 1,
             HostStatus::Failed => self.failed += 1,
+            HostStatus::Unreachable => self.unreachable += 1,
             HostStatus::Reverted => self.reverted += 1,
         }
         if h.rolled_back {
@@ -229,6 +241,8 @@ pub struct Executor<'a> {
     halt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Stack of each worker thread; `None` keeps the platform default.
     worker_stack: Option<usize>,
+    /// Hosts outside the plan that a probe found unreachable, with the reason.
+    unreachable_before: Vec<(Host, String)>,
 }
 
 enum Msg {
@@ -254,6 +268,7 @@ impl<'a> Executor<'a> {
             observer: None,
             halt: None,
             worker_stack: None,
+            unreachable_before: Vec::new(),
         }
     }
 
@@ -283,6 +298,14 @@ impl<'a> Executor<'a> {
     /// A flag that, once set, stops new hosts from starting; hosts in flight finish.
     pub fn halt_on(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
         self.halt = Some(flag);
+        self
+    }
+
+    /// Hosts a probe of this run could not connect to before the rollout (and so
+    /// not among the plan's targets): the summary reports them unreachable and they
+    /// count against `max_unreachable` from the start.
+    pub fn unreachable_before(mut self, hosts: Vec<(Host, String)>) -> Self {
+        self.unreachable_before = hosts;
         self
     }
 
@@ -346,6 +369,7 @@ impl<'a> Executor<'a> {
             }
         }
         let mut budget = plan.budget();
+        let mut unreachable = plan.unreachable_budget(self.unreachable_before.len());
         self.emit(RolloutEvent::RunStarted {
             targets: n,
             waves: plan.waves.len(),
@@ -354,6 +378,23 @@ impl<'a> Executor<'a> {
         });
 
         let mut stop: Option<StopReason> = None;
+        for (host, reason) in &self.unreachable_before {
+            self.emit(RolloutEvent::HostUnreachable {
+                host: host.name.clone(),
+                wave: 0,
+                reason: reason.clone(),
+            });
+            if unreachable.record_failure() {
+                self.emit(RolloutEvent::UnreachableBudgetExhausted {
+                    unreachable: unreachable.failures(),
+                    allowed: unreachable.allowed(),
+                });
+                stop.get_or_insert(StopReason::UnreachableBudgetExhausted {
+                    unreachable: unreachable.failures(),
+                    allowed: unreachable.allowed(),
+                });
+            }
+        }
         let mut completion: Vec<usize> = Vec::new();
         let mut rollback_order: Vec<usize> = Vec::new();
         let mut longest: Option<Duration> = None;
@@ -397,8 +438,12 @@ impl<'a> Executor<'a> {
                             .unwrap_or_else(|p| HostOutcome::failed(panic_text(p.as_ref())));
                         let ended = clock.now();
                         // A controller fault stays one even past the deadline:
-                        // the host is not to blame for the controller's disk.
-                        let fault = matches!(outcome, HostOutcome::ControllerFault { .. });
+                        // the host is not to blame for the controller's disk; an
+                        // unreachable host stays unreachable.
+                        let fault = matches!(
+                            outcome,
+                            HostOutcome::ControllerFault { .. } | HostOutcome::Unreachable { .. }
+                        );
                         if let (Some(limit), Some(deadline), false) = (timeout, ctx.deadline, fault)
                         {
                             if ended > deadline {
@@ -443,6 +488,9 @@ impl<'a> Executor<'a> {
             };
             let mut previous: Option<&Wave> = None;
             for wave in &plan.waves {
+                if stop.is_some() {
+                    break;
+                }
                 if halted() {
                     stop = Some(StopReason::Halted);
                     break;
@@ -589,6 +637,34 @@ impl<'a> Executor<'a> {
                                         sched.stop();
                                     }
                                 }
+                                HostOutcome::Unreachable { reason } => {
+                                    r.state = HostStatus::Unreachable;
+                                    r.reason = Some(reason.clone());
+                                    self.emit(RolloutEvent::HostUnreachable {
+                                        host: r.name.clone(),
+                                        wave: wave.index,
+                                        reason,
+                                    });
+                                    if unreachable.record_failure() {
+                                        self.emit(RolloutEvent::UnreachableBudgetExhausted {
+                                            unreachable: unreachable.failures(),
+                                            allowed: unreachable.allowed(),
+                                        });
+                                        stop.get_or_insert(
+                                            StopReason::UnreachableBudgetExhausted {
+                                                unreachable: unreachable.failures(),
+                                                allowed: unreachable.allowed(),
+                                            },
+                                        );
+                                    } else if wave.kind == WaveKind::Pilot {
+                                        stop.get_or_insert(StopReason::PilotFailed {
+                                            host: plan.host(host).name.clone(),
+                                        });
+                                    }
+                                    if stop.is_some() {
+                                        sched.stop();
+                                    }
+                                }
                                 HostOutcome::ControllerFault { reason } => {
                                     // Pending, not failed: the host did nothing
                                     // wrong and a resume runs it again.
@@ -629,6 +705,7 @@ impl<'a> Executor<'a> {
             && matches!(
                 stop,
                 StopReason::BudgetExhausted { .. }
+                    | StopReason::UnreachableBudgetExhausted { .. }
                     | StopReason::PilotFailed { .. }
                     | StopReason::GateStopped { .. }
             );
@@ -659,15 +736,34 @@ impl<'a> Executor<'a> {
                 per_group.entry(g.clone()).or_default().add(r);
             }
         }
+        let mut hosts: Vec<HostReport> = run_order.iter().map(|&i| reports[i].clone()).collect();
+        for (host, reason) in &self.unreachable_before {
+            let r = HostReport {
+                name: host.name.clone(),
+                wave: 0,
+                state: HostStatus::Unreachable,
+                reason: Some(reason.clone()),
+                started: None,
+                ended: None,
+                rolled_back: false,
+                rollback_error: None,
+            };
+            totals.add(&r);
+            for g in &host.groups {
+                per_group.entry(g.clone()).or_default().add(&r);
+            }
+            hosts.push(r);
+        }
         let name = |i: &usize| plan.host(*i).name.clone();
         let summary = Summary {
             stop,
             allowed_failures: budget.allowed(),
+            allowed_unreachable: unreachable.allowed(),
             totals,
             per_group,
             completion_order: completion.iter().map(name).collect(),
             rollback_order: rollback_order.iter().map(name).collect(),
-            hosts: run_order.iter().map(|&i| reports[i].clone()).collect(),
+            hosts,
         };
         self.emit(RolloutEvent::RunDone {
             summary: summary.clone(),

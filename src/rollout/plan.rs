@@ -290,6 +290,17 @@ impl Plan {
         FailureBudget::new(self.policy.max_failed, self.total())
     }
 
+    /// The unreachable budget of a run whose probes already found `before` hosts
+    /// unreachable: they count among the targets and against the budget.
+    pub fn unreachable_budget(&self, before: usize) -> FailureBudget {
+        FailureBudget::new(
+            self.policy
+                .max_unreachable
+                .unwrap_or(self.policy.max_failed),
+            self.total() + before,
+        )
+    }
+
     pub fn host(&self, i: usize) -> &Host {
         &self.targets[i].host
     }
@@ -335,6 +346,15 @@ impl fmt::Display for Plan {
             budget.allowed(),
             budget.stops_at()
         )?;
+        if let Some(m) = p.max_unreachable {
+            let u = self.unreachable_budget(0);
+            writeln!(
+                f,
+                "unreachable budget: max_unreachable {m} of {} targets allows {}",
+                self.total(),
+                u.allowed()
+            )?;
+        }
         let mut extra = vec![format!(
             "rollback: {}",
             match p.rollback {

@@ -14,6 +14,7 @@
 //! | `waves` | list of counts or `"N%"` of the hosts left after the pilot | `["100%"]` |
 //! | `parallel` | count ≥ 1 | the run's `--forks` |
 //! | `max_failed` | count or `"N%"` of all targets | `0` |
+//! | `max_unreachable` | count or `"N%"` of all targets (those a probe found unreachable included) | `max_failed` |
 //! | `order` | `"inventory"` or `"criticality"` | `"inventory"` |
 //! | `dependencies` | `"first"` (a host's dependencies are patched before it) or `"last"` | `"first"` |
 //! | `max_unavailable` | count, `"N%"`, or a map group → count/`"N%"` (key `"*"` for every other group) | unlimited |
@@ -175,6 +176,9 @@ pub struct Policy {
     pub waves: Vec<Amount>,
     pub parallel: Option<usize>,
     pub max_failed: Amount,
+    /// Hosts that could not be connected to, apart from failures; `None` takes
+    /// `max_failed`.
+    pub max_unreachable: Option<Amount>,
     pub order: Order,
     pub dependencies: DependencyOrder,
     pub max_unavailable: MaxUnavailable,
@@ -195,6 +199,7 @@ pub const POLICY_KEYS: &[&str] = &[
     "waves",
     "parallel",
     "max_failed",
+    "max_unreachable",
     "order",
     "dependencies",
     "max_unavailable",
@@ -212,6 +217,7 @@ impl Default for Policy {
             waves: vec![Amount::Percent { hundredths: 10_000 }],
             parallel: None,
             max_failed: Amount::Count(0),
+            max_unreachable: None,
             order: Order::Inventory,
             dependencies: DependencyOrder::First,
             max_unavailable: MaxUnavailable::default(),
@@ -243,6 +249,7 @@ impl Policy {
                 "waves" => p.waves = parse_waves(val)?,
                 "parallel" => p.parallel = Some(parse_count(k, val, 1)?),
                 "max_failed" => p.max_failed = Amount::parse(k, val)?,
+                "max_unreachable" => p.max_unreachable = Some(Amount::parse(k, val)?),
                 "order" => {
                     p.order = match word(k, val)?.as_str() {
                         "inventory" => Order::Inventory,
@@ -484,6 +491,19 @@ mod tests {
         assert_eq!(p.max_unavailable.for_group("other"), None);
         assert_eq!(p.timeout, Some(Duration::from_secs(900)));
         assert_eq!(p.rollback, RollbackScope::All);
+    }
+
+    #[test]
+    fn max_unreachable_is_its_own_amount_and_unset_by_default() {
+        assert_eq!(Policy::default().max_unreachable, None);
+        let p = Policy::from_value(&json!({"max_unreachable": "10%"})).unwrap();
+        assert_eq!(
+            p.max_unreachable,
+            Some(Amount::Percent { hundredths: 1000 })
+        );
+        let e = Policy::from_value(&json!({"max_unreachable": "some"})).unwrap_err();
+        assert!(e.to_string().contains("`max_unreachable`"), "{e}");
+        assert!(POLICY_KEYS.contains(&"max_unreachable"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Courier, Session};
-use crate::journal::entry::{Entry, RunRefused};
+use crate::journal::entry::{Entry, ParamValue, RunParams, RunRefused};
 use crate::journal::JournalError;
 use crate::primitives::{notify, Mode};
 use crate::rollout::{Clock, RolloutEvent, Summary, Window};
@@ -56,6 +56,10 @@ pub struct RunControl {
     started: Instant,
     /// `--param NAME=VALUE` from the command line, read with `param("NAME")`.
     vars: BTreeMap<String, String>,
+    /// The `--param` values as given: a secret reference stays `${env:NAME}` here
+    /// while `vars` holds what it read. What `run.params` records.
+    given: BTreeMap<String, String>,
+    params_recorded: AtomicBool,
     courier: Courier,
 }
 
@@ -67,6 +71,8 @@ impl RunControl {
         let mut finished = BTreeSet::new();
         let mut unfinished = BTreeSet::new();
         for (name, h) in state.iter().flat_map(|st| st.hosts.iter()) {
+            // A host that could not be connected to before any step is neither:
+            // the resume's probes and rollouts ask it again as if it were new.
             if h.finished && (!h.failed || h.rolled_back) {
                 finished.insert(name.clone());
             } else if h.finished || !h.steps.is_empty() {
@@ -91,6 +97,8 @@ impl RunControl {
             first_failure: AtomicBool::new(false),
             started: Instant::now(),
             vars: Default::default(),
+            given: Default::default(),
+            params_recorded: AtomicBool::new(false),
             courier,
         }
     }
@@ -104,6 +112,46 @@ impl RunControl {
     pub fn with_vars(mut self, vars: BTreeMap<String, String>) -> Self {
         self.vars = vars;
         self
+    }
+
+    /// The `--param` values as given (secret references unread), to be journaled
+    /// by [`RunControl::record_params`].
+    pub fn with_given_params(mut self, given: BTreeMap<String, String>) -> Self {
+        self.given = given;
+        self
+    }
+
+    /// Journals the run's `--param` values once (`run.params`), so `run --resume`
+    /// and `run --retry` need not be given them again. Called when the first
+    /// rollout starts, when the playbook has declared its secrets: a value marked
+    /// secret by then is recorded as [`ParamValue::Secret`], never as itself, and a
+    /// secret reference as the reference.
+    pub fn record_params(&self) {
+        if self.planning() || self.given.is_empty() {
+            return;
+        }
+        if self.params_recorded.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let secrets = self.session.secrets();
+        let values = self
+            .given
+            .iter()
+            .map(|(name, value)| {
+                let kept = if is_secret_reference(value) {
+                    ParamValue::Reference(value.clone())
+                } else if secrets
+                    .iter()
+                    .any(|s| !s.is_empty() && value.contains(s.as_str()))
+                {
+                    ParamValue::Secret
+                } else {
+                    ParamValue::Plain(value.clone())
+                };
+                (name.clone(), kept)
+            })
+            .collect();
+        self.record(None, Entry::RunParams(RunParams { values }));
     }
 
     /// `--param NAME`.
@@ -262,6 +310,7 @@ impl RunControl {
             RolloutEvent::HostStarted { host, .. }
             | RolloutEvent::HostDone { host, .. }
             | RolloutEvent::HostFailed { host, .. }
+            | RolloutEvent::HostUnreachable { host, .. }
             | RolloutEvent::RolledBack { host, .. }
             | RolloutEvent::RollbackFailed { host, .. } => Some(host.as_str()),
             _ => None,
@@ -310,6 +359,7 @@ impl RunControl {
                     notify::BudgetExhausted {
                         run,
                         failed_hosts: failed.clone(),
+                        unreachable: false,
                         targets: targets.len(),
                         budget: allowed.to_string(),
                         action: Some("no new hosts start; failed hosts are rolled back".into()),
@@ -318,8 +368,39 @@ impl RunControl {
                     self.owners_of(&failed),
                 )
             }
+            RolloutEvent::UnreachableBudgetExhausted { allowed, .. } => {
+                let gone = self.unreachable_so_far();
+                self.notify(
+                    notify::BudgetExhausted {
+                        run,
+                        failed_hosts: gone.clone(),
+                        unreachable: true,
+                        targets: targets.len(),
+                        budget: allowed.to_string(),
+                        action: Some("no new hosts start; `patchbook run --retry` works on them once they answer".into()),
+                    }
+                    .notice(),
+                    self.owners_of(&gone),
+                )
+            }
             _ => {}
         }
+    }
+
+    /// Hosts of this run the journal says could not be connected to so far.
+    fn unreachable_so_far(&self) -> Vec<String> {
+        let Some(j) = &self.session.run.journal else {
+            return Vec::new();
+        };
+        j.state()
+            .map(|st| {
+                st.hosts
+                    .iter()
+                    .filter(|(_, h)| h.unreachable)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Hosts that failed so far in this run, from its summaries in memory and the
@@ -337,5 +418,33 @@ impl RunControl {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// A whole `--param` value that names a secret instead of holding it:
+/// `${env:NAME}` or `${file:PATH}`. It is read when the run starts and journaled
+/// as written.
+pub fn is_secret_reference(value: &str) -> bool {
+    value
+        .strip_prefix("${")
+        .and_then(|v| v.strip_suffix('}'))
+        .and_then(|v| v.split_once(':'))
+        .is_some_and(|(kind, what)| {
+            matches!(kind, "env" | "file") && !what.is_empty() && !what.contains('}')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_secret_reference;
+
+    #[test]
+    fn only_whole_env_or_file_references_are_secret_references() {
+        assert!(is_secret_reference("${env:TOKEN}"));
+        assert!(is_secret_reference("${file:/run/secrets/pin}"));
+        assert!(!is_secret_reference("${env:}"));
+        assert!(!is_secret_reference("x${env:TOKEN}"));
+        assert!(!is_secret_reference("${vault:TOKEN}"));
+        assert!(!is_secret_reference("plain"));
     }
 }

@@ -5,7 +5,7 @@
 //! It owns no policy and performs no I/O itself; it only hands each primitive a
 //! [`HostCtx`] for the host it is called with. It must not know Rhai.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,6 +20,12 @@ pub struct Session {
     pub run: RunCtx,
     pub artifacts: ArtifactSettings,
     deadlines: Mutex<HashMap<String, Instant>>,
+    /// The last connection failure of each host since it was last taken: how the
+    /// rollout tells an unreachable host from a failed one.
+    lost: Mutex<HashMap<String, String>>,
+    /// Hosts a probe over many hosts found unreachable and left out, with why, not
+    /// yet reported by a rollout.
+    unreachable: Mutex<BTreeMap<String, String>>,
 }
 
 impl Session {
@@ -40,6 +46,8 @@ impl Session {
             run,
             artifacts,
             deadlines: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -51,18 +59,53 @@ impl Session {
         host: &Host,
         f: impl FnOnce(&HostCtx) -> Result<R, PrimitiveError>,
     ) -> Result<R, PrimitiveError> {
-        let t = self.runtime.transport(host)?;
-        let ctx = HostCtx {
-            host,
-            transport: &*t,
-            run: &self.run,
-            deadline: self.deadline(&host.name),
+        let r = match self.runtime.transport(host) {
+            Ok(t) => {
+                let ctx = HostCtx {
+                    host,
+                    transport: &*t,
+                    run: &self.run,
+                    deadline: self.deadline(&host.name),
+                };
+                f(&ctx)
+            }
+            Err(e) => Err(e.into()),
         };
-        let r = f(&ctx);
-        if matches!(r, Err(PrimitiveError::Transport(_))) {
+        if let Err(e @ PrimitiveError::Transport(_)) = &r {
             self.runtime.forget(&host.name);
+            if e.is_unreachable() {
+                lock(&self.lost).insert(host.name.clone(), e.to_string());
+            }
         }
         r
+    }
+
+    /// The connection failure `host` had since the last call, if any, and forgets
+    /// it: a rollout asks before a host's work (to start clean) and after it fails.
+    pub fn take_lost(&self, host: &str) -> Option<String> {
+        lock(&self.lost).remove(host)
+    }
+
+    /// A probe over many hosts could not connect to `host` and went on without it:
+    /// journaled as `host.unreachable`, and handed to the next rollout's summary.
+    pub fn note_unreachable(&self, host: &str, step: &str, reason: &str) {
+        if let Some(j) = &self.run.journal {
+            let entry = crate::journal::entry::Entry::HostUnreachable(
+                crate::journal::entry::HostUnreachable {
+                    step: step.to_string(),
+                    reason: reason.to_string(),
+                },
+            );
+            if let Err(e) = j.note_entry(Some(host), &entry) {
+                tracing::error!(error = %e, host, "cannot journal an unreachable host");
+            }
+        }
+        lock(&self.unreachable).insert(host.to_string(), reason.to_string());
+    }
+
+    /// The hosts probes found unreachable since the last call, by name.
+    pub fn take_unreachable(&self) -> BTreeMap<String, String> {
+        std::mem::take(&mut *lock(&self.unreachable))
     }
 
     /// Set by the rollout while it works on a host; commands get at most the time left.
@@ -96,4 +139,8 @@ impl Session {
     pub fn secrets(&self) -> Vec<String> {
         self.runtime.secrets.list()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

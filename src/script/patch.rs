@@ -789,7 +789,7 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
     FuncRegistration::new("needing")
         .with_volatility(true)
         .with_params_info(["hosts: Array", "pkg: &str", "fixed: &str", "Array"])
-        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. `fixed` = \"candidate\"\n/// keeps hosts whose repositories offer a newer version than installed. Hosts are asked in\n/// parallel (`--forks`); one that cannot be asked is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
+        .with_comments(["/// The hosts whose installed `pkg` sorts below `fixed` by their own package\n/// manager's rules; hosts without the package are left out. `fixed` = \"candidate\"\n/// keeps hosts whose repositories offer a newer version than installed. Hosts are asked in\n/// parallel (`--forks`); one that cannot be connected to is left out and reported\n/// unreachable; one whose package manager cannot answer is an error naming it.\n/// Also a method: `hosts(\"web\").needing(\"openssl\", \"3.0.11-1\")`."])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, hosts: Array, pkg: &str, fixed: &str| -> RhaiResult<Array> {
@@ -823,6 +823,11 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                     match a {
                         Ok(true) => keep.push(Dynamic::from(h)),
                         Ok(false) => {}
+                        // A dead host is reported apart and the rest go on; the
+                        // rollout counts it against `max_unreachable`.
+                        Err(e) if e.is_unreachable() => {
+                            s.note_unreachable(h.name(), "needing", &host_message(h.name(), "needing", &e));
+                        }
                         Err(e) => errors.push(host_message(h.name(), "needing", &e)),
                     }
                 }

@@ -18,7 +18,9 @@ use super::patch::no_unknown_keys;
 use super::playbook::{to_json, CompiledPlaybook, HostClosure};
 use super::register::ScriptHost;
 use crate::inventory::Host;
-use crate::journal::entry::{Entry, HostEndDetail, RolloutPlan, RolloutResume, WindowRecord};
+use crate::journal::entry::{
+    Entry, HostEndDetail, HostUnreachable, RolloutPlan, RolloutResume, WindowRecord,
+};
 use crate::rollout::{
     Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent, Target,
     Window,
@@ -42,6 +44,7 @@ fn plan_hosts(
     engine: &Engine,
     budget: Duration,
     sources: Option<&CompiledPlaybook>,
+    unreachable: Vec<(Host, String)>,
 ) -> RhaiResult<Map> {
     let ordered: Vec<&Host> = plan.run_order().into_iter().map(|i| plan.host(i)).collect();
     let rt = &c.session.runtime;
@@ -59,6 +62,14 @@ fn plan_hosts(
         .collect();
     for p in results {
         c.push_host_plan(p);
+    }
+    // A host a probe could not connect to is in no plan: say so, so the plan
+    // does not silently show fewer hosts than the fleet has.
+    for (h, reason) in unreachable {
+        c.push_host_plan(HostPlan {
+            host: h.name.clone(),
+            error: Some(format!("unreachable: {reason}")),
+        });
     }
     let mut m = Map::new();
     m.insert("stop".into(), "planned".into());
@@ -273,7 +284,7 @@ pub fn register_rollout(
     FuncRegistration::new("rollout")
         .with_volatility(true)
         .with_params_info(["targets: Array", "policy: Map", "work: FnPtr", "Map"])
-        .with_comments(["/// Runs `work(host)` over the targets: pilot first, then waves, under one failure\n/// budget, inside the window. A host whose work throws is rolled back (its undo\n/// steps, newest first). Returns `#{ stop, totals, per_group, failed, pending }`."])
+        .with_comments(["/// Runs `work(host)` over the targets: pilot first, then waves, under one failure\n/// budget, inside the window. A host whose work throws is rolled back (its undo\n/// steps, newest first); one that cannot be connected to is unreachable, counted\n/// against `max_unreachable`. Returns `#{ stop, totals, per_group, failed, unreachable, pending }`."])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, targets: Array, policy: Map, work: FnPtr| -> RhaiResult<Map> {
@@ -303,6 +314,7 @@ fn rollout(
 ) -> RhaiResult<Map> {
     let session = &c.session;
     let rt = &session.runtime;
+    c.record_params();
     let mut hosts: Vec<Host> = Vec::with_capacity(targets.len());
     for (i, t) in targets.into_iter().enumerate() {
         match t.try_cast::<ScriptHost>() {
@@ -411,6 +423,14 @@ fn rollout(
             return fail(ctx, format!("rollout: {message}"));
         }
     }
+    // Hosts a probe (`needing()`) could not connect to were left out of the
+    // targets; this rollout reports them and charges them to `max_unreachable`.
+    let unreachable_before: Vec<(Host, String)> = session
+        .take_unreachable()
+        .into_iter()
+        .filter(|(name, _)| !names.contains(name))
+        .filter_map(|(name, reason)| rt.inventory.host(&name).map(|h| (h.clone(), reason)))
+        .collect();
     let plan = match Plan::build(targets, &policy, rt.forks) {
         Ok(p) => p,
         Err(e) => return fail(ctx, format!("rollout: {e}")),
@@ -434,7 +454,15 @@ fn rollout(
     let cancel = Some(c.stop.clone());
     let planning = c.planning();
     if planning {
-        return plan_hosts(c, &plan, &closure, engine, budget, sources);
+        return plan_hosts(
+            c,
+            &plan,
+            &closure,
+            engine,
+            budget,
+            sources,
+            unreachable_before,
+        );
     }
     let clock = if planning {
         Clock::manual(c.clock.now())
@@ -443,6 +471,7 @@ fn rollout(
     };
 
     let mut ex = Executor::new(&plan)
+        .unreachable_before(unreachable_before)
         .clock(clock)
         .halt_on(c.stop.clone())
         .worker_stack(super::engine::stack_size(engine));
@@ -479,6 +508,8 @@ fn rollout(
             .remaining()
             .map(|left| Instant::now() + hc.clock.real_duration(left));
         session.set_deadline(&host.name, deadline);
+        // A connection failure from before this host's work (a probe) is not its.
+        let _ = session.take_lost(&host.name);
         let r = closure.call(
             engine,
             ScriptHost::new(host.clone()),
@@ -489,16 +520,30 @@ fn rollout(
         // A controller-side stop (disk full, a backup cap) noted by a primitive
         // is the controller's, even when the script caught and rethrew it.
         let fault = session.run.take_controller_fault(&host.name);
-        let outcome = match (&r, fault) {
-            (Ok(_), _) => HostOutcome::Done,
-            (Err(_), Some(reason)) => HostOutcome::ControllerFault { reason },
-            (Err(e), None) => HostOutcome::failed(host_failure(e, sources)),
+        // The work stopped because the host could not be connected to: it is
+        // unreachable, not failed (nothing ran that a rollback could reach).
+        let lost = session.take_lost(&host.name);
+        let outcome = match (&r, fault, lost) {
+            (Ok(_), _, _) => HostOutcome::Done,
+            (Err(_), Some(reason), _) => HostOutcome::ControllerFault { reason },
+            (Err(_), None, Some(reason)) => HostOutcome::Unreachable { reason },
+            (Err(e), None, None) => HostOutcome::failed(host_failure(e, sources)),
         };
         let reason = match &outcome {
             HostOutcome::Done => None,
             HostOutcome::Failed { reason } => Some(reason.clone()),
             // No end is recorded: the host stays unfinished for `run --resume`.
             HostOutcome::ControllerFault { .. } => return outcome,
+            HostOutcome::Unreachable { reason } => {
+                if let (Some(j), false) = (&journal, planning) {
+                    let entry = Entry::HostUnreachable(HostUnreachable {
+                        step: "rollout".into(),
+                        reason: reason.clone(),
+                    });
+                    let _ = j.note_entry(Some(&host.name), &entry);
+                }
+                return outcome;
+            }
         };
         if let (Some(j), false) = (&journal, planning) {
             let detail = HostEndDetail {
@@ -577,6 +622,16 @@ fn rollout(
                 .hosts
                 .iter()
                 .filter(|h| h.state == crate::rollout::HostStatus::Failed)
+                .map(|h| h.name.clone())
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        m.insert(
+            "unreachable".into(),
+            summary
+                .hosts
+                .iter()
+                .filter(|h| h.state == crate::rollout::HostStatus::Unreachable)
                 .map(|h| h.name.clone())
                 .collect::<Vec<_>>()
                 .into(),

@@ -166,6 +166,18 @@ pub enum TransportError {
     Other { host: String, message: String },
 }
 
+impl TransportError {
+    /// The host could not be connected to at all (refused, timed out, no route,
+    /// handshake or login failed), as opposed to a command failing on it. A host key
+    /// that does not match is not this: it is a failure someone must look at.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Connect { .. } | TransportError::Auth { .. }
+        )
+    }
+}
+
 /// One host's way in. Implementations keep one session per host and reuse it for
 /// every step; they must be safe to call from the worker thread that owns the host.
 pub trait Transport: Send + Sync {

@@ -28,6 +28,8 @@ pub struct ProgressCounts {
     pub done: usize,
     pub in_progress: usize,
     pub failed: usize,
+    /// Could not be connected to; apart from `failed`.
+    pub unreachable: usize,
     pub pending: usize,
 }
 
@@ -234,6 +236,7 @@ impl Launcher for ScriptLauncher {
             failed: usize::from(!ok && !stopped),
             pending: usize::from(!ok && stopped),
             in_progress: 0,
+            unreachable: 0,
         });
         let summary = match (&result, stopped) {
             (Ok(_), _) => "finished".to_string(),

@@ -411,7 +411,7 @@ function render(s){
   document.getElementById('gen').innerHTML=g?`Generation <b>${g.number}</b> live since ${esc(g.created)} · ${g.playbooks.length} playbooks · inputs <code>${esc(g.input_hash.slice(0,16))}</code> · clock ${esc(s.now)}${s.stopping?' · <b class="bad">stopping</b>':''}`:'<b class="bad">no generation live</b>';
   const e=s.last_error;
   document.getElementById('err').innerHTML=e?e.errors.map(x=>`<pre>${esc(x.message)}</pre>`).join(''):'<p class="ok">none</p>';
-  const p=r=>`${r.progress.targeted} targeted, ${r.progress.done} done, ${r.progress.in_progress} in progress, ${r.progress.failed} failed, ${r.progress.pending} pending`;
+  const p=r=>`${r.progress.targeted} targeted, ${r.progress.done} done, ${r.progress.in_progress} in progress, ${r.progress.failed} failed, ${r.progress.unreachable} unreachable, ${r.progress.pending} pending`;
   document.getElementById('runs').innerHTML=table(['playbook','run','generation','sha256','progress'],s.runs.in_flight.map(r=>[esc(r.playbook),esc(r.run_id),r.generation,'<code>'+esc(r.sha256.slice(0,16))+'</code>',p(r)]));
   document.getElementById('sched').innerHTML=table(['playbook','schedule','next start','skipped (overlap)'],s.schedules.map(x=>[esc(x.playbook),esc(x.spec),esc(x.next_start_local??x.next_start),x.skipped_overlaps]));
   document.getElementById('recent').innerHTML=table(['playbook','run','generation','ok','summary'],s.runs.recent.map(r=>[esc(r.playbook),esc(r.run_id),r.generation,r.ok?'<span class="ok">yes</span>':'<span class="bad">no</span>',esc(r.summary)]));
