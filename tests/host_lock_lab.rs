@@ -357,19 +357,7 @@ fn a_killed_holder_releases_its_hosts() {
     let mut first = p.spawn("alice", "lab06", &[]);
     let holder = p.wait_held("lab06");
     // Killed in the middle of its host's work: installed, waiting on the hold.
-    let started = Instant::now();
-    while fleet()
-        .installed_version("lab06", "acme-agent")
-        .unwrap()
-        .as_deref()
-        != Some("1.0.1")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "lab06 was never patched"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_installed(fleet(), "lab06", "acme-agent", "1.0.1");
     first.kill().unwrap();
     first.wait().unwrap();
     // Its install loop on the host ends with the hold file.

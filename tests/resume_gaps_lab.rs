@@ -14,7 +14,6 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use patchbook::journal::entry::Entry;
 use patchbook::journal::read_records;
@@ -106,19 +105,7 @@ impl Setup {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while lab
-            .installed_version(host, "acme-agent")
-            .unwrap()
-            .as_deref()
-            != Some("1.0.1")
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{host} was never patched"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        support::wait_installed(lab, host, "acme-agent", "1.0.1");
         child.kill().unwrap();
         child.wait().unwrap();
         std::fs::remove_file(self.hold()).unwrap();

@@ -661,13 +661,7 @@ pub fn run(
     // The journal says which hosts of the run could not be connected to, whether
     // a rollout reported them or only a probe met them.
     let unreachable: Vec<String> = RunState::load(&rt.state_dir, &run_id)
-        .map(|st| {
-            st.hosts
-                .iter()
-                .filter(|(_, h)| h.unreachable)
-                .map(|(n, _)| n.clone())
-                .collect()
-        })
+        .map(|st| st.unreachable_hosts())
         .unwrap_or_default();
     let failed: usize = summaries
         .iter()

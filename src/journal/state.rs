@@ -241,6 +241,16 @@ impl RunState {
             .collect()
     }
 
+    /// Hosts that could not be connected to (and were not reached since), in name
+    /// order: a probe or a rollout met them.
+    pub fn unreachable_hosts(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|(_, h)| h.unreachable)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Hosts in the order a rollback must visit them: reverse deployment order.
     pub fn rollback_order(&self) -> Vec<&str> {
         self.deploy_order.iter().rev().map(String::as_str).collect()

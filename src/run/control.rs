@@ -393,13 +393,7 @@ impl RunControl {
             return Vec::new();
         };
         j.state()
-            .map(|st| {
-                st.hosts
-                    .iter()
-                    .filter(|(_, h)| h.unreachable)
-                    .map(|(n, _)| n.clone())
-                    .collect()
-            })
+            .map(|st| st.unreachable_hosts())
             .unwrap_or_default()
     }
 

@@ -269,3 +269,21 @@ pub fn patch_params(fleet: &Fleet) -> Vec<String> {
         format!("sha_old={}", sha("1.0.0")),
     ]
 }
+
+/// Waits (up to 60 s) until `host` has `package` at `version` in its database: for
+/// tests that stop a controller in the middle of an install.
+pub fn wait_installed(fleet: &Fleet, host: &str, package: &str, version: &str) {
+    let started = std::time::Instant::now();
+    while fleet
+        .installed_version(host, package)
+        .expect("installed version")
+        .as_deref()
+        != Some(version)
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{host} never got {package} {version}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
