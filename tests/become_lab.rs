@@ -54,13 +54,7 @@ fn fleet() -> &'static Fleet {
     fleet
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 /// The password in every form something could write it: as is, JSON-escaped,
 /// base64 and hex.

@@ -105,16 +105,7 @@ impl Project {
 
     /// Every run id in the state dir, sorted.
     fn runs(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.state().join("runs"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+        support::run_ids(&self.state())
     }
 
     fn records(&self, run: &str) -> Vec<Record> {
@@ -144,13 +135,7 @@ impl Drop for Project {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 /// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
 fn installs(host: &str) -> usize {

@@ -96,13 +96,7 @@ impl Setup {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 /// Every host's own dpkg database says acme-agent is at `version`.
 fn assert_every_host_at(lab: &Lab, version: &str) {

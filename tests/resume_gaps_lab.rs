@@ -80,16 +80,7 @@ impl Setup {
     }
 
     fn runs(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.state().join("runs"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+        support::run_ids(&self.state())
     }
 
     /// Starts a run, kills it with SIGKILL once `host` has 1.0.1 in its own dpkg
@@ -128,13 +119,7 @@ impl Setup {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 /// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
 fn installs(lab: &Lab, host: &str) -> usize {

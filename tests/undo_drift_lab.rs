@@ -65,16 +65,7 @@ impl Setup {
     }
 
     fn runs(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.state().join("runs"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+        support::run_ids(&self.state())
     }
 
     /// Runs `playbook` (written into the playbook folder as `name`) to success and
@@ -116,13 +107,7 @@ impl Setup {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 /// Package installs (any version) in the host's dpkg log.
 fn installs(lab: &Lab) -> usize {

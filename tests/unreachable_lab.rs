@@ -124,13 +124,7 @@ impl Project {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::text;
 
 fn state_of(s: &[(String, HostStatus)], host: &str) -> HostStatus {
     s.iter()

@@ -287,3 +287,26 @@ pub fn wait_installed(fleet: &Fleet, host: &str, package: &str, version: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A command's stdout then stderr, as one text for assertions and messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every run id under `state`, sorted (run ids sort by start time).
+pub fn run_ids(state: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(state.join("runs"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
