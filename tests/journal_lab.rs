@@ -288,11 +288,39 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     hits
 }
 
+/// Every form a secret can take on the way out: as given, JSON-escaped,
+/// Debug-formatted, shell-quoted, base64, and each of its longer lines alone.
+fn leak_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let inner = |s: String| s[1..s.len() - 1].to_string();
+    let mut forms = vec![
+        secret.to_string(),
+        inner(serde_json::to_string(secret).unwrap()),
+        inner(format!("{secret:?}")),
+        patchbook::transport::quote::word(secret),
+        base64::engine::general_purpose::STANDARD.encode(secret),
+    ];
+    forms.extend(secret.lines().filter(|l| l.len() >= 8).map(str::to_string));
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 #[test]
 fn a_secret_canary_never_reaches_the_journal_logs_output_or_notifications() {
     let lab = Lab::start(3);
+    for canary in [
+        "CANARY-7f3a9c1e-do-not-leak",
+        // A PEM key: several lines, quotes and backslashes.
+        "-----BEGIN CANARY KEY-----\nMIIEvQ\"quoted\"-line-9f2b\nback\\slash\\line-4c1d\n-----END CANARY KEY-----",
+        "it's \"CANARY\" with 'quotes' and \\back\\slashes 5e7a",
+    ] {
+        secret_stays_secret(&lab, canary);
+    }
+}
+
+fn secret_stays_secret(lab: &Lab, canary: &str) {
     let (url, bodies) = webhook_sink();
-    let canary = "CANARY-7f3a9c1e-do-not-leak";
     let config = format!(
         "[notify]\nto = [\"hook\"]\nretries = 0\n[notify.channels.hook]\ntype = \"webhook\"\nurl = \"{url}\"\n"
     );
@@ -300,13 +328,13 @@ fn a_secret_canary_never_reaches_the_journal_logs_output_or_notifications() {
 let token = secret(param("token"));
 notify("hook", `deploying with ${token}`);
 rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host| {
-    let r = exec(host, ["echo", token]);
+    let r = exec(host, ["printf", "%s\n", token]);
     log(`${host.name} answered ${r.stdout}`);
     if host.name == "lab01" { throw `lab01 failed holding ${token}`; }
-    if host.name == "lab02" { exec(host, ["sh", "-c", `sleep 20; echo ${token}`]); }
+    if host.name == "lab02" { exec(host, ["sh", "-c", "sleep 20; printf '%s' \"$1\"", "sh", token]); }
 });
 "#;
-    let s = setup(&lab, playbook, &config);
+    let s = setup(lab, playbook, &config);
     let mut outputs = String::new();
     for mode in [&["-vv"][..], &["--json", "-vv"][..]] {
         let mut c = s.command(mode);
@@ -327,21 +355,26 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 3, timeout: "3s" }, |host|
     assert!(received.contains("started by"), "{received}");
     assert!(received.contains("failed holding ***"), "{received}");
     assert!(received.contains("patchbook report"), "{received}");
-    assert!(
-        !outputs.contains(canary),
-        "the canary reached stdout or stderr"
-    );
-    assert!(
-        !received.contains(canary),
-        "the canary reached a notification"
-    );
-    let leaks = files_containing(&s.state, canary);
-    assert!(leaks.is_empty(), "the canary is in {leaks:?}");
     let report = s
         .command(&["report", "last", "--format", "json"])
         .output()
         .unwrap();
-    assert!(!text(&report).contains(canary));
+    for form in leak_forms(canary) {
+        assert!(
+            !outputs.contains(&form),
+            "the canary reached stdout or stderr as {form:?}"
+        );
+        assert!(
+            !received.contains(&form),
+            "the canary reached a notification as {form:?}"
+        );
+        let leaks = files_containing(&s.state, &form);
+        assert!(leaks.is_empty(), "the canary is in {leaks:?} as {form:?}");
+        assert!(
+            !text(&report).contains(&form),
+            "the canary is in the report as {form:?}"
+        );
+    }
     // Every record a real run writes (notices, plans, rollout events, host ends)
     // reads back as its typed entry.
     let v: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
