@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use patchbook::inventory::{ansible, Criticality, Inventory, InventoryError, TransportKind};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inventories")
@@ -50,7 +50,39 @@ fn ansible_list(file: &Path) -> Value {
         file.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json(&out.stdout)
+}
+
+/// Python's `json` prints non-finite floats as bare `Infinity`, `-Infinity` and
+/// `NaN`, which JSON lacks; patchbook prints them as those words in strings.
+/// Quotes the bare words (outside strings) so both read as the same JSON.
+fn python_json(bytes: &[u8]) -> Value {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text.as_str();
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+            {
+                out.push_str(&format!("\"{word}\""));
+                rest = &rest[word.len()..];
+                continue;
+            }
+        }
+        if in_string && escaped {
+            escaped = false;
+        } else if in_string && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_string = !in_string;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out).unwrap()
 }
 
 /// What `patchbook -i FILE inventory list --json` prints.
@@ -106,6 +138,47 @@ fn list_json_equals_ansible_inventory_on_every_fixture() {
         );
     }
     assert!(through_binary >= 8);
+}
+
+#[test]
+fn yaml_scalars_are_typed_as_yaml_1_1_like_ansible() {
+    let file = fixtures().join("22-yaml11-scalars.yml");
+    let expected = ansible_list(&file);
+    let ours = patchbook_list(&file);
+    assert_eq!(ours, expected);
+    let vars = &ours["_meta"]["hostvars"];
+    // The host measured in the issue: YAML 1.2 typing got all five wrong.
+    assert_eq!(
+        vars["measured"],
+        json!({"enabled": true, "legacy": true, "mode": 420, "ratio": "1e3", "when": 750,
+               "from_all": true})
+    );
+    let spot = [
+        ("b1", "yes_title", json!(true)),
+        ("b1", "off_upper", json!(false)),
+        ("b1", "y_alone", json!("y")),
+        ("b1", "quoted_single", json!("yes")),
+        ("b1", "tagged_bool", json!(false)),
+        ("b1", "literal_block", json!("yes\n")),
+        ("i1", "hex", json!(31)),
+        ("i1", "binary", json!(5)),
+        ("i1", "sexagesimal_long", json!(685_230)),
+        ("i1", "not_octal", json!("0789")),
+        ("i1", "quoted_octal", json!("0644")),
+        ("f1", "exp_no_dot", json!("1e3")),
+        ("f1", "exp_plus", json!(1000.0)),
+        ("f1", "inf_minus", json!("-Infinity")),
+        ("f1", "nan", json!("NaN")),
+        ("n1", "null_title", json!(null)),
+        ("n1", "quoted_null", json!("null")),
+        ("t1", "date", json!("2001-12-14")),
+        ("t1", "canonical", json!("2001-12-15T02:59:43.100000+00:00")),
+        ("t1", "quoted_datetime", json!("2001-12-15T02:59:43.1Z")),
+        ("m1", "merged_list", json!({"a": 1, "b": 2, "c": 4})),
+    ];
+    for (host, var, want) in spot {
+        assert_eq!(vars[host][var], want, "{host}.{var}");
+    }
 }
 
 #[test]
