@@ -182,6 +182,32 @@ fn yaml_scalars_are_typed_as_yaml_1_1_like_ansible() {
 }
 
 #[test]
+fn a_yaml_key_written_twice_warns_and_the_last_value_wins_as_in_ansible() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dup.yml");
+    std::fs::write(
+        &file,
+        "all:\n  hosts:\n    h1:\n      <<: {a: 0, b: 0}\n      a: 1\n      a: 2\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .arg("-i")
+        .arg(&file)
+        .args(["inventory", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ours, ansible_list(&file));
+    assert_eq!(ours["_meta"]["hostvars"]["h1"], json!({"a": 2, "b": 0}));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Overriding a merged key is what merging is for: one warning, for the repeat.
+    assert_eq!(stderr.matches("appears twice").count(), 1, "{stderr}");
+    // With --json the log line is JSON too, so the quotes around the key come escaped.
+    assert!(stderr.contains("dup.yml:6:7: key "), "{stderr}");
+}
+
+#[test]
 fn two_inventories_merge_like_ansible() {
     let a = fixtures().join("03-children-of-children.ini");
     let b = fixtures().join("11-basic.yml");

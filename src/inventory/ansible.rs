@@ -408,12 +408,18 @@ pub(crate) fn load_yaml_into(
     // that fails: `1e3` is a float in JSON and a string in YAML 1.1.
     let doc = match serde_json::from_str::<Value>(text) {
         Ok(json) => Yaml::from_json(json),
-        Err(_) => yaml::parse(text).map_err(|e| InventoryError::Syntax {
-            path: path.to_path_buf(),
-            line: e.line,
-            column: e.column,
-            message: e.message,
-        })?,
+        Err(_) => {
+            let (doc, warnings) = yaml::parse(text).map_err(|e| InventoryError::Syntax {
+                path: path.to_path_buf(),
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })?;
+            for w in warnings {
+                tracing::warn!("{}:{}:{}: {}", path.display(), w.line, w.column, w.message);
+            }
+            doc
+        }
     };
     let invalid = |message: String| InventoryError::Invalid {
         path: path.to_path_buf(),

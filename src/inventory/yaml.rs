@@ -102,15 +102,18 @@ static TIMESTAMP_PARTS: LazyLock<Regex> = LazyLock::new(|| {
     ))
 });
 
-/// Reads a single-document YAML text; an empty stream is `null`.
-pub(crate) fn parse(text: &str) -> Result<Yaml, YamlError> {
+/// Reads a single-document YAML text; an empty stream is `null`. Beside the tree
+/// come warnings: keys repeated in one mapping, where the last value wins.
+pub(crate) fn parse(text: &str) -> Result<(Yaml, Vec<YamlError>), YamlError> {
     let mut loader = Loader {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         nodes: 0,
         last: None,
+        warnings: Vec::new(),
     };
-    loader.stream()
+    let doc = loader.stream()?;
+    Ok((doc, loader.warnings))
 }
 
 struct Loader<'a> {
@@ -119,6 +122,7 @@ struct Loader<'a> {
     anchors: HashMap<usize, (Yaml, usize)>,
     nodes: usize,
     last: Option<Span>,
+    warnings: Vec<YamlError>,
 }
 
 fn at(span: &Span, message: impl Into<String>) -> YamlError {
@@ -244,7 +248,7 @@ impl<'a> Loader<'a> {
     /// merged entries come first, so the mapping's own keys win.
     fn mapping(&mut self, depth: usize) -> Result<Yaml, YamlError> {
         let mut merged: Vec<(Yaml, Yaml)> = Vec::new();
-        let mut own: Vec<(Yaml, Yaml)> = Vec::new();
+        let mut own: Vec<(Yaml, Yaml, Span)> = Vec::new();
         loop {
             let (event, span) = self.next()?;
             if event == Event::MappingEnd {
@@ -255,10 +259,17 @@ impl<'a> Loader<'a> {
                 Event::Scalar(v, ScalarStyle::Plain, _, None) if v == "<<"
             );
             let key = self.node(event, span, depth + 1)?;
+            if !matches!(key, Yaml::Scalar(_)) {
+                return Err(at(
+                    &span,
+                    "a mapping key is a list or mapping, which Ansible cannot read; \
+                     use a plain value as the key",
+                ));
+            }
             let (event, value_span) = self.next()?;
             let value = self.node(event, value_span, depth + 1)?;
             if !is_merge {
-                own.push((key, value));
+                own.push((key, value, span));
                 continue;
             }
             match value {
@@ -288,21 +299,31 @@ impl<'a> Loader<'a> {
             }
         }
         let mut out: Vec<(Yaml, Yaml)> = Vec::with_capacity(merged.len() + own.len());
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for (key, value) in merged.into_iter().chain(own) {
-            let Yaml::Scalar(k) = &key else {
-                return Err(YamlError {
-                    line: self.last.map_or(1, |s| s.start.line()),
-                    column: self.last.map_or(1, |s| s.start.col() + 1),
-                    message: "a mapping key is a list or mapping, which Ansible cannot read; \
-                              use a plain value as the key"
-                        .into(),
-                });
+        // Key text to its slot, and whether the mapping itself wrote it (a key
+        // overriding a merged one is what merging is for; a key written twice is a slip).
+        let mut index: HashMap<String, (usize, bool)> = HashMap::new();
+        let entries = merged
+            .into_iter()
+            .map(|(k, v)| (k, v, None))
+            .chain(own.into_iter().map(|(k, v, s)| (k, v, Some(s))));
+        for (key, value, span) in entries {
+            let text = match &key {
+                Yaml::Scalar(k) => k.to_string(),
+                other => format!("{other:?}"),
             };
-            match index.get(&k.to_string()) {
-                Some(&i) => out[i].1 = value,
+            match index.get_mut(&text) {
+                Some((i, written)) => {
+                    if let (Some(span), true) = (span, *written) {
+                        self.warnings.push(at(
+                            &span,
+                            format!("key {text} appears twice in one mapping; the last value is used, as Ansible does"),
+                        ));
+                    }
+                    *written |= span.is_some();
+                    out[*i].1 = value;
+                }
                 None => {
-                    index.insert(k.to_string(), out.len());
+                    index.insert(text, (out.len(), span.is_some()));
                     out.push((key, value));
                 }
             }
@@ -570,7 +591,7 @@ mod tests {
     use serde_json::json;
 
     fn one(text: &str) -> Value {
-        match parse(&format!("v: {text}\n")).unwrap() {
+        match parse(&format!("v: {text}\n")).unwrap().0 {
             Yaml::Map(mut m) => match m.remove(0).1 {
                 Yaml::Scalar(v) => v,
                 other => panic!("{other:?}"),
@@ -626,9 +647,12 @@ mod tests {
     #[test]
     fn merge_keys_aliases_and_repeated_keys() {
         let doc = "a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  y: 3\n  y: 4\n";
-        let Yaml::Map(top) = parse(doc).unwrap() else {
+        let (Yaml::Map(top), warnings) = parse(doc).unwrap() else {
             panic!()
         };
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!((warnings[0].line, warnings[0].column), (5, 3));
+        assert!(warnings[0].message.contains("\"y\" appears twice"));
         let s = |v: Value| Yaml::Scalar(v);
         assert_eq!(
             top[1].1,
