@@ -399,6 +399,34 @@ fn load_err(name: &str, text: &str) -> String {
 }
 
 #[test]
+fn yaml_values_ansible_cannot_construct_are_errors_in_both() {
+    for (value, says) in [
+        ("0x_", "not an integer"),
+        ("2001-02-30", "day does not exist"),
+        ("2001-12-14 25:00:00", "time does not exist"),
+        ("=", "quote it"),
+    ] {
+        let text = format!("all:\n  hosts:\n    h1:\n      v: {value}\n");
+        let m = load_err("v.yml", &text);
+        assert!(m.contains("v.yml:4:") && m.contains(says), "{value}: {m}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("v.yml");
+        std::fs::write(&file, &text).unwrap();
+        let out = Command::new(ansible_inventory())
+            .arg("-i")
+            .arg(&file)
+            .arg("--list")
+            .env("ANSIBLE_HOME", dir.path())
+            .env("ANSIBLE_LOCAL_TEMP", dir.path().join("tmp"))
+            .env("ANSIBLE_INVENTORY_UNPARSED_FAILED", "1")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "ansible-inventory read `{value}`");
+    }
+}
+
+#[test]
 fn malformed_inventories_name_file_and_line() {
     let m = load_err("a.toml", "[hosts.a]\naddress = \"x\"\nport = \"twenty\"\n");
     assert!(m.contains("a.toml:3:8:"), "{m}");

@@ -548,9 +548,8 @@ fn timestamp(value: &str) -> Result<Value, String> {
         .filter(|&y| y >= 1)
         .and_then(|y| chrono::NaiveDate::from_ymd_opt(y, month, day))
         .ok_or_else(|| bad("the day does not exist"))?;
-    let date_text = format!("{year:04}-{month:02}-{day:02}");
+    let date_text = date.format("%Y-%m-%d").to_string();
     if caps.name("hour").is_none() {
-        debug_assert_eq!(date_text, date.format("%Y-%m-%d").to_string());
         return Ok(Value::String(date_text));
     }
     let (hour, minute, second) = (num("hour"), num("minute"), num("second"));
@@ -634,6 +633,8 @@ mod tests {
                 json!("2001-12-15T02:59:43.100000+00:00"),
             ),
             ("2001-1-2 3:04:05", json!("2001-01-02T03:04:05")),
+            ("0999-01-02", json!("0999-01-02")),
+            ("2001-12-14 21:59:43 -0", json!("2001-12-14T21:59:43+00:00")),
             ("'0644'", json!("0644")),
             ("!!str 0644", json!("0644")),
             ("!!int \"0x1F\"", json!(31)),
