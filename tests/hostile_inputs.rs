@@ -64,6 +64,36 @@ fn a_huge_yaml_range_is_an_error_naming_the_file() {
 }
 
 #[test]
+fn yaml_alias_bombs_and_deep_nesting_are_errors_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nine levels of ten aliases each: a billion values if expanded.
+    let mut bomb = String::from("all:\n  vars:\n    a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let p = format!("*a{}", i - 1);
+        let items = [p.as_str(); 10].join(", ");
+        bomb.push_str(&format!("    a{i}: &a{i} [{items}]\n"));
+    }
+    let deep = format!(
+        "all:\n  vars:\n    v: {}{}\n",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    for (name, text, says) in [
+        ("bomb.yml", bomb, "alias bomb"),
+        ("deep.yml", deep, "recursion limit"),
+    ] {
+        let p = write(dir.path(), name, &text);
+        let t0 = std::time::Instant::now();
+        let e = Inventory::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed().as_secs() < 5, "took {:?}", t0.elapsed());
+        assert!(e.contains(&format!("{}:", p.display())), "{e}");
+        assert!(e.contains(says), "{e}");
+    }
+}
+
+#[test]
 fn ansible_connection_local_needs_the_config_opt_in() {
     let dir = tempfile::tempdir().unwrap();
     let ini = write(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use patchbook::inventory::{ansible, Criticality, Inventory, InventoryError, TransportKind};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inventories")
@@ -50,7 +50,39 @@ fn ansible_list(file: &Path) -> Value {
         file.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json(&out.stdout)
+}
+
+/// Python's `json` prints non-finite floats as bare `Infinity`, `-Infinity` and
+/// `NaN`, which JSON lacks; patchbook prints them as those words in strings.
+/// Quotes the bare words (outside strings) so both read as the same JSON.
+fn python_json(bytes: &[u8]) -> Value {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text.as_str();
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+            {
+                out.push_str(&format!("\"{word}\""));
+                rest = &rest[word.len()..];
+                continue;
+            }
+        }
+        if in_string && escaped {
+            escaped = false;
+        } else if in_string && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_string = !in_string;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out).unwrap()
 }
 
 /// What `patchbook -i FILE inventory list --json` prints.
@@ -106,6 +138,73 @@ fn list_json_equals_ansible_inventory_on_every_fixture() {
         );
     }
     assert!(through_binary >= 8);
+}
+
+#[test]
+fn yaml_scalars_are_typed_as_yaml_1_1_like_ansible() {
+    let file = fixtures().join("22-yaml11-scalars.yml");
+    let expected = ansible_list(&file);
+    let ours = patchbook_list(&file);
+    assert_eq!(ours, expected);
+    let vars = &ours["_meta"]["hostvars"];
+    // The host measured in the issue: YAML 1.2 typing got all five wrong.
+    assert_eq!(
+        vars["measured"],
+        json!({"enabled": true, "legacy": true, "mode": 420, "ratio": "1e3", "when": 750,
+               "from_all": true})
+    );
+    let spot = [
+        ("b1", "yes_title", json!(true)),
+        ("b1", "off_upper", json!(false)),
+        ("b1", "y_alone", json!("y")),
+        ("b1", "quoted_single", json!("yes")),
+        ("b1", "tagged_bool", json!(false)),
+        ("b1", "literal_block", json!("yes\n")),
+        ("i1", "hex", json!(31)),
+        ("i1", "binary", json!(5)),
+        ("i1", "sexagesimal_long", json!(685_230)),
+        ("i1", "not_octal", json!("0789")),
+        ("i1", "quoted_octal", json!("0644")),
+        ("f1", "exp_no_dot", json!("1e3")),
+        ("f1", "exp_plus", json!(1000.0)),
+        ("f1", "inf_minus", json!("-Infinity")),
+        ("f1", "nan", json!("NaN")),
+        ("n1", "null_title", json!(null)),
+        ("n1", "quoted_null", json!("null")),
+        ("t1", "date", json!("2001-12-14")),
+        ("t1", "canonical", json!("2001-12-15T02:59:43.100000+00:00")),
+        ("t1", "quoted_datetime", json!("2001-12-15T02:59:43.1Z")),
+        ("m1", "merged_list", json!({"a": 1, "b": 2, "c": 4})),
+    ];
+    for (host, var, want) in spot {
+        assert_eq!(vars[host][var], want, "{host}.{var}");
+    }
+}
+
+#[test]
+fn a_yaml_key_written_twice_warns_and_the_last_value_wins_as_in_ansible() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dup.yml");
+    std::fs::write(
+        &file,
+        "all:\n  hosts:\n    h1:\n      <<: {a: 0, b: 0}\n      a: 1\n      a: 2\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .arg("-i")
+        .arg(&file)
+        .args(["inventory", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ours, ansible_list(&file));
+    assert_eq!(ours["_meta"]["hostvars"]["h1"], json!({"a": 2, "b": 0}));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Overriding a merged key is what merging is for: one warning, for the repeat.
+    assert_eq!(stderr.matches("appears twice").count(), 1, "{stderr}");
+    // With --json the log line is JSON too, so the quotes around the key come escaped.
+    assert!(stderr.contains("dup.yml:6:7: key "), "{stderr}");
 }
 
 #[test]
@@ -297,6 +396,34 @@ fn load_err(name: &str, text: &str) -> String {
     let msg = err.to_string();
     assert!(msg.contains(&f.display().to_string()), "{msg}");
     msg
+}
+
+#[test]
+fn yaml_values_ansible_cannot_construct_are_errors_in_both() {
+    for (value, says) in [
+        ("0x_", "not an integer"),
+        ("2001-02-30", "day does not exist"),
+        ("2001-12-14 25:00:00", "time does not exist"),
+        ("=", "quote it"),
+    ] {
+        let text = format!("all:\n  hosts:\n    h1:\n      v: {value}\n");
+        let m = load_err("v.yml", &text);
+        assert!(m.contains("v.yml:4:") && m.contains(says), "{value}: {m}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("v.yml");
+        std::fs::write(&file, &text).unwrap();
+        let out = Command::new(ansible_inventory())
+            .arg("-i")
+            .arg(&file)
+            .arg("--list")
+            .env("ANSIBLE_HOME", dir.path())
+            .env("ANSIBLE_LOCAL_TEMP", dir.path().join("tmp"))
+            .env("ANSIBLE_INVENTORY_UNPARSED_FAILED", "1")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "ansible-inventory read `{value}`");
+    }
 }
 
 #[test]

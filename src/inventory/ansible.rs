@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::data::RawInventory;
 use super::literal::{ini_value, shlex_split};
+use super::yaml::{self, Yaml};
 use super::{Inventory, InventoryError};
 
 /// Parses one INI inventory on its own.
@@ -403,30 +404,42 @@ pub(crate) fn load_yaml_into(
     path: &Path,
     text: &str,
 ) -> Result<(), InventoryError> {
-    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-        InventoryError::Syntax {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: e.to_string(),
+    // Ansible's loader tries JSON first, whatever the extension, and YAML only when
+    // that fails: `1e3` is a float in JSON and a string in YAML 1.1.
+    let doc = match serde_json::from_str::<Value>(text) {
+        Ok(json) => Yaml::from_json(json),
+        Err(_) => {
+            let (doc, warnings) = yaml::parse(text).map_err(|e| InventoryError::Syntax {
+                path: path.to_path_buf(),
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })?;
+            for w in warnings {
+                tracing::warn!("{}:{}:{}: {}", path.display(), w.line, w.column, w.message);
+            }
+            doc
         }
-    })?;
+    };
     let invalid = |message: String| InventoryError::Invalid {
         path: path.to_path_buf(),
         message,
     };
     let top = match doc {
-        serde_yaml::Value::Mapping(m) if !m.is_empty() => m,
-        serde_yaml::Value::Null => return Err(invalid("the YAML inventory is empty".into())),
-        serde_yaml::Value::Mapping(_) => return Err(invalid("the YAML inventory is empty".into())),
+        Yaml::Map(m) if !m.is_empty() => m,
+        Yaml::Scalar(Value::Null) | Yaml::Map(_) => {
+            return Err(invalid("the YAML inventory is empty".into()))
+        }
         _ => {
             return Err(invalid(
                 "a YAML inventory is a mapping of group names, usually starting with `all:`".into(),
             ))
         }
     };
-    if top.contains_key("plugin") {
+    if top
+        .iter()
+        .any(|(k, _)| matches!(k, Yaml::Scalar(Value::String(s)) if s == "plugin"))
+    {
         return Err(invalid(
             "this is an inventory plugin configuration, not a YAML inventory".into(),
         ));
@@ -437,13 +450,14 @@ pub(crate) fn load_yaml_into(
     Ok(())
 }
 
-fn yaml_key(path: &Path, key: &serde_yaml::Value, what: &str) -> Result<String, InventoryError> {
+fn yaml_key(path: &Path, key: &Yaml, what: &str) -> Result<String, InventoryError> {
     match key {
-        serde_yaml::Value::String(s) => Ok(s.clone()),
+        Yaml::Scalar(Value::String(s)) => Ok(s.clone()),
         other => Err(InventoryError::Invalid {
             path: path.to_path_buf(),
             message: format!(
-                "{what} `{}` must be a string; enclose numbers in quotation marks",
+                "{what} `{}` must be a string; enclose it in quotation marks (unquoted, YAML 1.1 \
+                 reads numbers, yes/no/on/off, null and dates as such)",
                 yaml_to_json(other)
             ),
         }),
@@ -453,18 +467,16 @@ fn yaml_key(path: &Path, key: &serde_yaml::Value, what: &str) -> Result<String, 
 fn yaml_group(
     raw: &mut RawInventory,
     path: &Path,
-    name: &serde_yaml::Value,
-    data: serde_yaml::Value,
+    name: &Yaml,
+    data: Yaml,
 ) -> Result<Option<String>, InventoryError> {
-    use serde_yaml::Value as Y;
-    let data = strip_tag(data);
-    if !matches!(data, Y::Mapping(_) | Y::Null) {
+    if !matches!(data, Yaml::Map(_) | Yaml::Scalar(Value::Null)) {
         // Ansible warns and skips a group that is not a mapping.
         return Ok(None);
     }
     let group = yaml_key(path, name, "group name")?;
     raw.add_group(&group);
-    let Y::Mapping(map) = data else {
+    let Yaml::Map(map) = data else {
         return Ok(Some(group));
     };
     let invalid = |message: String| InventoryError::Invalid {
@@ -472,21 +484,24 @@ fn yaml_group(
         message,
     };
     for (key, section) in map {
-        let key_name = match &key {
-            Y::String(s) => s.clone(),
-            other => yaml_to_json(other).to_string(),
+        let key_name = match yaml_to_json(&key) {
+            Value::String(s) => s,
+            other => other.to_string(),
         };
-        let section = match strip_tag(section) {
-            Y::String(s) if ["vars", "children", "hosts"].contains(&key_name.as_str()) => {
-                let mut m = serde_yaml::Mapping::new();
-                m.insert(Y::String(s), Y::Null);
-                Y::Mapping(m)
+        let section = match section {
+            Yaml::Scalar(Value::String(s))
+                if ["vars", "children", "hosts"].contains(&key_name.as_str()) =>
+            {
+                Yaml::Map(vec![(
+                    Yaml::Scalar(Value::String(s)),
+                    Yaml::Scalar(Value::Null),
+                )])
             }
             other => other,
         };
-        let Y::Mapping(entries) = section else {
+        let Yaml::Map(entries) = section else {
             if matches!(key_name.as_str(), "vars" | "children" | "hosts")
-                && !section_is_null(&section)
+                && section != Yaml::Scalar(Value::Null)
             {
                 return Err(invalid(format!(
                     "group `{group}`: `{key_name}` must be a mapping, found {}",
@@ -514,9 +529,9 @@ fn yaml_group(
                     let pattern = yaml_key(path, &k, "host pattern")?;
                     let (names, port) = expand_host_pattern(&pattern)
                         .map_err(|m| invalid(format!("group `{group}`: {m}")))?;
-                    let vars = match strip_tag(v) {
-                        Y::Mapping(m) => m,
-                        v if yaml_falsy(&v) => serde_yaml::Mapping::new(),
+                    let vars = match v {
+                        Yaml::Map(m) => m,
+                        v if yaml_falsy(&v) => Vec::new(),
                         other => {
                             return Err(invalid(format!(
                                 "host `{pattern}` in group `{group}`: host vars must be a mapping, found {}",
@@ -539,77 +554,46 @@ fn yaml_group(
     Ok(Some(group))
 }
 
-fn section_is_null(v: &serde_yaml::Value) -> bool {
-    matches!(v, serde_yaml::Value::Null)
-}
-
-fn strip_tag(v: serde_yaml::Value) -> serde_yaml::Value {
-    match v {
-        serde_yaml::Value::Tagged(t) => strip_tag(t.value),
-        other => other,
-    }
-}
-
 /// Python truthiness, since the plugin reads `host_vars or {}`.
-fn yaml_falsy(v: &serde_yaml::Value) -> bool {
-    use serde_yaml::Value as Y;
+fn yaml_falsy(v: &Yaml) -> bool {
     match v {
-        Y::Null => true,
-        Y::Bool(b) => !b,
-        Y::Number(n) => n.as_f64() == Some(0.0),
-        Y::String(s) => s.is_empty(),
-        Y::Sequence(s) => s.is_empty(),
-        Y::Mapping(m) => m.is_empty(),
-        Y::Tagged(t) => yaml_falsy(&t.value),
+        Yaml::Scalar(Value::Null) => true,
+        Yaml::Scalar(Value::Bool(b)) => !b,
+        Yaml::Scalar(Value::Number(n)) => n.as_f64() == Some(0.0),
+        Yaml::Scalar(Value::String(s)) => s.is_empty(),
+        Yaml::Scalar(Value::Array(a)) => a.is_empty(),
+        Yaml::Scalar(Value::Object(o)) => o.is_empty(),
+        Yaml::Seq(s) => s.is_empty(),
+        Yaml::Map(m) => m.is_empty(),
     }
 }
 
-fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
-    use serde_yaml::Value as Y;
+fn yaml_kind(v: &Yaml) -> &'static str {
     match v {
-        Y::Null => "nothing",
-        Y::Bool(_) => "a boolean",
-        Y::Number(_) => "a number",
-        Y::String(_) => "a string",
-        Y::Sequence(_) => "a list",
-        Y::Mapping(_) => "a mapping",
-        Y::Tagged(_) => "a tagged value",
+        Yaml::Scalar(Value::Null) => "nothing",
+        Yaml::Scalar(Value::Bool(_)) => "a boolean",
+        Yaml::Scalar(Value::Number(_)) => "a number",
+        Yaml::Scalar(Value::String(_)) => "a string",
+        Yaml::Seq(_) | Yaml::Scalar(Value::Array(_)) => "a list",
+        Yaml::Map(_) | Yaml::Scalar(Value::Object(_)) => "a mapping",
     }
 }
 
-pub(crate) fn yaml_to_json(v: &serde_yaml::Value) -> Value {
-    use serde_yaml::Value as Y;
+pub(crate) fn yaml_to_json(v: &Yaml) -> Value {
     match v {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(*b),
-        Y::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                n.as_f64()
-                    .and_then(serde_json::Number::from_f64)
-                    .map_or_else(|| Value::String(n.to_string()), Value::Number)
-            }
-        }
-        Y::String(s) => Value::String(s.clone()),
-        Y::Sequence(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
-        Y::Mapping(m) => {
+        Yaml::Scalar(s) => s.clone(),
+        Yaml::Seq(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
+        Yaml::Map(m) => {
             let mut out = Map::new();
             for (k, v) in m {
-                let key = match k {
-                    Y::String(s) => s.clone(),
-                    other => match yaml_to_json(other) {
-                        Value::String(s) => s,
-                        j => j.to_string(),
-                    },
+                let key = match yaml_to_json(k) {
+                    Value::String(s) => s,
+                    j => j.to_string(),
                 };
                 out.insert(key, yaml_to_json(v));
             }
             Value::Object(out)
         }
-        Y::Tagged(t) => yaml_to_json(&t.value),
     }
 }
 

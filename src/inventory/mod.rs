@@ -11,6 +11,7 @@ pub mod jump;
 mod literal;
 pub mod native;
 pub mod select;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
