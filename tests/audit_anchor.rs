@@ -581,3 +581,81 @@ fn a_signing_key_inside_the_state_dir_is_refused() {
                 .is_none()
     );
 }
+
+#[test]
+fn each_signed_index_entry_goes_to_syslog_when_asked() {
+    let p = Project::new("signing_key = \"KEYDIR/audit.key\"\nsyslog = true");
+    // A `logger` that writes down what it was asked to send, ahead on PATH.
+    let bin = tempfile::tempdir().unwrap();
+    let sent = bin.path().join("sent");
+    let logger = bin.path().join("logger");
+    std::fs::write(
+        &logger,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", sent.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(p.dir.path().join("pb.rhai"), "1\n").unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .args(["run", "pb.rhai"])
+        .current_dir(p.dir.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sent = std::fs::read_to_string(&sent).unwrap();
+    let lines: Vec<&str> = sent.lines().collect();
+    assert_eq!(lines.len(), 2, "{sent}");
+    assert!(lines[0].starts_with("-t patchbook-audit -p auth.notice -- state="));
+    assert!(lines[0].contains("index_seq=1 ") && lines[0].contains("event=Open"));
+    assert!(lines[1].contains("index_seq=2 ") && lines[1].contains("event=Close"));
+    // What was sent is the signed entry, checkable against the index.
+    let idx = index::read(&p.state()).unwrap();
+    let close = idx.entries.last().unwrap();
+    assert!(lines[1].contains(&format!(
+        "hash={} sig={}",
+        close.hash,
+        close.sig.as_deref().unwrap()
+    )));
+    assert!(key().verify_index(&close.hash, close.sig.as_deref().unwrap()));
+    assert!(!sent.contains(&hex::encode(SEED)));
+}
+
+#[test]
+fn a_close_forged_into_an_open_run_is_caught_by_its_missing_signature() {
+    for data in [
+        json!({}),
+        json!({"sig": 5}),
+        json!({"sig": "ab".repeat(64)}),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::begin_with(dir.path(), "r1", "alice", &header(), Some(anchor())).unwrap();
+        let d = j.intent("web1", "deploy", json!({})).unwrap();
+        j.outcome("web1", d, true, json!({}), None).unwrap();
+        drop(j);
+        let run = Journal::run_path(dir.path(), "r1");
+        let mut records = read_records(&run).unwrap();
+        let mut close = records.last().unwrap().clone();
+        close.kind = kind::RUN_CLOSE.to_string();
+        close.host = None;
+        close.data = data.clone();
+        records.push(close);
+        let forged = write_rechained(&run, records);
+        let report = with_key(dir.path());
+        assert_eq!(
+            verdict(&report, "r1"),
+            &Verdict::Tampered {
+                problem: Problem::CloseUnsigned {
+                    seq: forged.len() as u64
+                },
+                last_good_seq: 0
+            },
+            "{data}"
+        );
+    }
+}

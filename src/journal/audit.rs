@@ -473,13 +473,15 @@ fn check_signatures(
         }
     }
     let mut last_close = None;
+    let close = Entry::RunClose(Default::default());
+    let close_kind = close.kind();
     for r in good {
-        if r.kind != super::kind::RUN_CLOSE {
-            continue;
-        }
         let sig = match r.entry() {
             Ok(Entry::RunClose(c)) => c.sig,
-            _ => None,
+            // A close whose data does not even parse as a close's (a `sig` that is
+            // not a string) is a close without a valid signature, not another kind.
+            Err(JournalError::BadEntry { source, .. }) if close_kind == source.kind => None,
+            _ => continue,
         };
         let ok = sig
             .as_deref()

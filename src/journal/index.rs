@@ -153,13 +153,14 @@ pub fn append(
     drop(file);
     if let Some(a) = anchor {
         a.sink.send(&format!(
-            "state={} index_seq={} run={} event={:?} records={} head={} sig={}",
+            "state={} index_seq={} run={} event={:?} records={} head={} hash={} sig={}",
             state_dir.display(),
             entry.seq,
             entry.run,
             entry.event,
             entry.at_seq,
             entry.at_hash,
+            entry.hash,
             entry.sig.as_deref().unwrap_or("")
         ));
     }

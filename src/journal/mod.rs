@@ -9,7 +9,8 @@
 //!
 //! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
 //! [`lock`] (one controller per run), [`index`] (the audit index of run
-//! checkpoints), [`audit`] (chain verification), [`state`] (the read side: per-host
+//! checkpoints), [`anchor`] (the Ed25519 key that signs index entries and closes),
+//! [`audit`] (chain and signature verification), [`state`] (the read side: per-host
 //! state, open intents, undo order, run listing).
 
 pub mod anchor;
