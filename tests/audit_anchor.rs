@@ -659,3 +659,31 @@ fn a_close_forged_into_an_open_run_is_caught_by_its_missing_signature() {
         );
     }
 }
+
+#[test]
+fn a_controller_with_the_key_refuses_to_continue_a_run_it_cannot_vouch_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = signed_run(dir.path(), "r1");
+    // A signed, untouched run reopens (resume, rollback) and closes signed again.
+    let j = Journal::open_with(dir.path(), "r1", "bob", Some(anchor())).unwrap();
+    j.close().unwrap();
+    assert!(with_key(dir.path()).intact());
+    // The index's last close dropped, the run's close re-hashed away: the run
+    // reads as open, but the key holder will not sign on top of it.
+    let path = index::index_path(dir.path());
+    let l = lines(&path);
+    write_lines(&path, &l[..l.len() - 1]);
+    let err = Journal::open_with(dir.path(), "r1", "bob", Some(anchor()))
+        .err()
+        .expect("reopened a run whose close the index lost");
+    assert!(err.to_string().contains("signed close at seq"), "{err}");
+    let mut forged = read_records(&Journal::run_path(dir.path(), "r1")).unwrap();
+    assert!(forged.len() > records.len());
+    forged.pop();
+    forged[2].data = json!({"step_id": 2, "step": "deploy", "ok": false, "output": {}});
+    write_rechained(&Journal::run_path(dir.path(), "r1"), forged);
+    let err = Journal::open_with(dir.path(), "r1", "bob", Some(anchor()))
+        .err()
+        .expect("reopened a re-hashed run");
+    assert!(err.to_string().contains("no valid signature"), "{err}");
+}

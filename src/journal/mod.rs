@@ -889,6 +889,26 @@ impl Journal {
                 last_good_seq,
             });
         }
+        // Whatever this controller appends next it signs: it must not vouch for a
+        // run a writer of the state directory re-hashed, or whose close it dropped.
+        if let Some(a) = &anchor {
+            let opts = audit::VerifyOptions {
+                key: Some(a.signer.verify_key()),
+                expect_at_least: None,
+            };
+            let report = audit::verify_with(state_dir, Some(run), &opts)?;
+            if let Some(audit::Verdict::Tampered {
+                problem,
+                last_good_seq,
+            }) = report.run(run).map(|r| &r.verdict)
+            {
+                return Err(JournalError::Tampered {
+                    run: run.to_string(),
+                    problem: problem.to_string(),
+                    last_good_seq: *last_good_seq,
+                });
+            }
+        }
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
