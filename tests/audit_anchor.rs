@@ -687,3 +687,22 @@ fn a_controller_with_the_key_refuses_to_continue_a_run_it_cannot_vouch_for() {
         .expect("reopened a re-hashed run");
     assert!(err.to_string().contains("no valid signature"), "{err}");
 }
+
+#[test]
+fn an_unusable_verify_key_or_seed_is_an_error_not_a_verdict() {
+    let p = Project::new("verify_key = \"ssh-rsa AAAAB3NzaC1yc2E= someone\"");
+    let out = p.run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("is not an `ssh-ed25519 AAAA…` public key"),
+        "{out:?}"
+    );
+    let p = Project::new("signing_key = \"KEYDIR/short.key\"");
+    std::fs::write(p.keys.path().join("short.key"), [1u8; 16]).unwrap();
+    let out = p.run(&["audit", "key"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("is not a 32-byte Ed25519 seed (found 16 bytes)"),
+        "{out:?}"
+    );
+}

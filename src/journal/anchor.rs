@@ -23,8 +23,14 @@ const DOMAIN: &[u8] = b"patchbook-audit-v1\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnchorError {
-    #[error("audit signing key {path}: {source}; check `[audit] signing_key` in patchbook.toml")]
+    #[error("cannot read audit signing key {path}; check `[audit] signing_key` in patchbook.toml")]
     Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read audit verify key file {path}; check `[audit] verify_key` in patchbook.toml (a path, or the `ssh-ed25519 AAAA…` line itself)")]
+    ReadVerifyKey {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -105,11 +111,12 @@ impl VerifyKey {
     /// resolves a relative path).
     pub fn load(spec: &str, config_dir: &Path) -> Result<Self, AnchorError> {
         let spec = spec.trim();
-        if spec.starts_with("ssh-ed25519 ") {
+        // A key line of another type is a wrong key, not a file name.
+        if spec.starts_with("ssh-") {
             return VerifyKey::parse(spec);
         }
         let path = config_dir.join(spec);
-        let text = std::fs::read_to_string(&path).map_err(|source| AnchorError::Read {
+        let text = std::fs::read_to_string(&path).map_err(|source| AnchorError::ReadVerifyKey {
             path: path.clone(),
             source,
         })?;
@@ -262,6 +269,17 @@ mod tests {
         let other = Signer::from_seed([8; 32]).verify_key();
         assert!(!other.verify_close("r1", 5, "ab", &sig));
         assert!(!k.verify_close("r1", 5, "ab", "zz"));
+    }
+
+    #[test]
+    fn a_verify_key_is_read_inline_or_from_a_file_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = Signer::from_seed([7; 32]).verify_key().to_openssh();
+        std::fs::write(dir.path().join("audit.pub"), format!("{line}\n")).unwrap();
+        let from_file = VerifyKey::load("audit.pub", dir.path()).unwrap();
+        assert_eq!(from_file, VerifyKey::load(&line, dir.path()).unwrap());
+        let err = VerifyKey::load("missing.pub", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("verify key file"), "{err}");
     }
 
     #[test]
