@@ -66,6 +66,9 @@ pub struct Config {
     /// `[backup]`: how much a backup may write to the controller's disk.
     #[serde(default)]
     pub backup: BackupConfig,
+    /// `[audit]`: the key that signs the journals' anchors, and the one that checks them.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -151,6 +154,23 @@ pub struct BackupConfig {
     /// below it, and stops when streaming would go below it.
     #[serde(default)]
     pub min_free: Option<ByteSize>,
+}
+
+/// `[audit]` in `patchbook.toml`. Relative paths resolve against the config's folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A raw 32-byte Ed25519 seed file, outside the state directory: signs every
+    /// audit index entry, checkpoint and run close.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// `ssh-ed25519 AAAA…`, or a file holding it: `audit verify` requires every
+    /// signature to verify with it. Default: the signing key's own public half.
+    #[serde(default)]
+    pub verify_key: Option<String>,
+    /// Also send each signed index entry to the local syslog (`logger`).
+    #[serde(default)]
+    pub syslog: bool,
 }
 
 /// A size in bytes, written in `patchbook.toml` as a number or a string with a

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
+use crate::journal::anchor::{Anchor, Signer, Sink, VerifyKey};
 use crate::journal::Secrets;
 use crate::transport::local::LocalTransport;
 use crate::transport::sim::SimTransport;
@@ -48,6 +49,10 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Anchor(#[from] crate::journal::anchor::AnchorError),
+    #[error("`[audit] signing_key` {key} is inside the state directory {state_dir}: anyone who can rewrite the journals could then re-sign them; move it elsewhere (readable by the controller only)")]
+    KeyInStateDir { key: PathBuf, state_dir: PathBuf },
 }
 
 /// Default parallelism when neither `--forks` nor the config says.
@@ -235,6 +240,40 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(host);
+    }
+
+    /// The key journals sign with (`[audit] signing_key`), read afresh so it is
+    /// held in memory only while a run needs it; `None` without one.
+    pub fn anchor(&self) -> Result<Option<Anchor>, RuntimeError> {
+        let Some(path) = &self.config.audit.signing_key else {
+            return Ok(None);
+        };
+        let path = self.config.resolve(path);
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if real(&path).starts_with(real(&self.state_dir)) {
+            return Err(RuntimeError::KeyInStateDir {
+                key: path,
+                state_dir: self.state_dir.clone(),
+            });
+        }
+        let sink = if self.config.audit.syslog {
+            Sink::Syslog
+        } else {
+            Sink::None
+        };
+        Ok(Some(Anchor {
+            signer: Signer::from_seed_file(&path)?,
+            sink,
+        }))
+    }
+
+    /// The key `audit verify` checks signatures with: `[audit] verify_key`, else
+    /// the public half of `[audit] signing_key`; `None` without either.
+    pub fn verify_key(&self) -> Result<Option<VerifyKey>, RuntimeError> {
+        if let Some(spec) = &self.config.audit.verify_key {
+            return Ok(Some(VerifyKey::load(spec, &self.config.base_dir)?));
+        }
+        Ok(self.anchor()?.map(|a| a.signer.verify_key()))
     }
 
     pub fn ensure_state_dir(&self) -> Result<(), RuntimeError> {

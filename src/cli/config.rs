@@ -231,6 +231,18 @@ fn rows(cli: &Cli, config: &Config, file: &FileValues) -> Vec<Row> {
     add("backup.max_per_run", json!(backup.max_per_run), None);
     add("backup.min_free", json!(backup.min_free), None);
 
+    let a = &config.audit;
+    add(
+        "audit.signing_key",
+        match &a.signing_key {
+            Some(k) => path(&config.resolve(k)),
+            None => json!(null),
+        },
+        None,
+    );
+    add("audit.verify_key", json!(a.verify_key), None);
+    add("audit.syslog", json!(a.syslog), None);
+
     let n = &config.notify;
     add("notify.to", json!(n.to), None);
     add("notify.events", json!(n.events), None);

@@ -208,14 +208,25 @@ Any path in the state directory that group or others may read, write or enter
 is named on stderr as `warning: PATH is mode 0644, readable by other users; run
 `chmod 600 PATH``; such warnings do not change the exit code.
 
+With `[audit] verify_key` (or `signing_key`) in patchbook.toml, every index entry
+and every run's close must carry a valid signature of that key. Without one, a
+writer of the state directory can re-hash a run and re-chain the index unseen.
+
 Exit codes:
   0  every run is intact or open, and the audit index is sound
   1  tampering or damage detected: a run or the index is TAMPERED
-  2  the state directory cannot be read, or no such run")]
+  2  the state directory cannot be read, a key cannot be read, or no such run")]
     Verify {
         /// One run id (default: every run in the state directory and the index).
         run: Option<String>,
+        /// The index must reach at least entry N: the last signed entry seen
+        /// elsewhere (printed at each run's close, or sent to syslog).
+        #[arg(long, value_name = "N")]
+        expect_at_least: Option<u64>,
     },
+    /// Print the verify key (`ssh-ed25519 AAAA…`) of `[audit] signing_key`, to put
+    /// in the verifiers' `[audit] verify_key`.
+    Key,
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,7 +364,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Exec { selector, snippet } => run::exec(&cli, selector, snippet),
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
         Verb::Lab(v) => lab(v),
-        Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
+        Verb::Audit(AuditVerb::Verify {
+            run,
+            expect_at_least,
+        }) => audit_verify(&cli, run.as_deref(), *expect_at_least),
+        Verb::Audit(AuditVerb::Key) => audit_key(&cli),
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
         Verb::Watch(args) => watch(&cli, args),
@@ -579,10 +594,37 @@ fn trigger(
     })
 }
 
-fn audit_verify(cli: &Cli, run: Option<&str>) -> Result<ExitCode, CliError> {
+fn audit_key(cli: &Cli) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
-    let report = crate::journal::audit::verify(&rt.state_dir, run)
+    match rt.anchor()? {
+        Some(a) => {
+            println!("{}", a.signer.verify_key().to_openssh());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Err(CliError::Usage(
+            "no `[audit] signing_key` in patchbook.toml: make a seed with `head -c 32 /dev/urandom > FILE` outside the state directory and name it there".into(),
+        )),
+    }
+}
+
+fn audit_verify(
+    cli: &Cli,
+    run: Option<&str>,
+    expect_at_least: Option<u64>,
+) -> Result<ExitCode, CliError> {
+    let rt = Runtime::build(&cli.options())?;
+    let opts = crate::journal::audit::VerifyOptions {
+        key: rt.verify_key()?,
+        expect_at_least,
+    };
+    let report = crate::journal::audit::verify_with(&rt.state_dir, run, &opts)
         .map_err(|e| CliError::Other(e.to_string()))?;
+    match &opts.key {
+        Some(k) => eprintln!("audit: signatures checked with {}", k.fingerprint()),
+        None => eprintln!(
+            "note: no `[audit] verify_key`: the chains are checked, but anyone who can write the state directory can re-hash a run and re-chain the index unseen"
+        ),
+    }
     for r in &report.runs {
         if cli.global.json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());

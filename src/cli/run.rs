@@ -153,7 +153,7 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         snippet: snippet.to_string(),
     });
     let journal = Arc::new(
-        Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head)
+        Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
             .map_err(journal_err)?
             .with_secrets(rt.secrets.clone()),
     );
@@ -211,7 +211,7 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
     }
     drop(session);
     if let Ok(j) = Arc::try_unwrap(journal) {
-        j.close().map_err(journal_err)?;
+        signed_head_notice(&j.close().map_err(journal_err)?);
     }
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() - unreachable.len();
     if cli.global.json {
@@ -301,6 +301,22 @@ pub fn check_engine(limits: &crate::script::Limits) -> ScriptRun {
     run
 }
 
+/// Tells the operator the signed head a run's close left in the audit index: kept
+/// outside the state directory, its seq lets `audit verify --expect-at-least`
+/// catch a later cut of the index's tail. Nothing without a signing key.
+fn signed_head_notice(closed: &crate::journal::index::IndexEntry) {
+    if closed.sig.is_some() {
+        eprintln!(
+            "patchbook: run {} closed, {} records; signed audit index entry {} (head {}); `patchbook audit verify --expect-at-least {}` shows nothing after it was cut",
+            closed.run,
+            closed.at_seq,
+            closed.seq,
+            closed.at_hash.get(..16).unwrap_or(&closed.at_hash),
+            closed.seq
+        );
+    }
+}
+
 /// What a run needs besides its playbook and journal.
 pub struct Execution {
     pub clock: Clock,
@@ -358,11 +374,10 @@ pub fn execute(
     drop(control);
     drop(session);
     match Arc::try_unwrap(journal) {
-        Ok(j) => {
-            if let Err(e) = j.close() {
-                tracing::error!(error = %e, "cannot close the journal");
-            }
-        }
+        Ok(j) => match j.close() {
+            Err(e) => tracing::error!(error = %e, "cannot close the journal"),
+            Ok(closed) => signed_head_notice(&closed),
+        },
         Err(_) => {
             tracing::warn!("journal still in use at exit; it stays open (audit reports it as open)")
         }
@@ -524,7 +539,8 @@ pub fn run(
     let (earlier, state) = match start {
         Start::New => (None, None),
         Start::Resume(id) => {
-            let journal = Journal::open(&rt.state_dir, id, &rt.operator).map_err(journal_err)?;
+            let journal = Journal::open_with(&rt.state_dir, id, &rt.operator, rt.anchor()?)
+                .map_err(journal_err)?;
             let state = journal.state().map_err(journal_err)?;
             resumed = Some(journal);
             (Some(id), Some(state))
@@ -614,7 +630,8 @@ pub fn run(
             head.params = Some(param_digests(&run_id, &vars));
             head.retry_of = Some(of.to_string());
             let journal =
-                Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?;
+                Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
+                    .map_err(journal_err)?;
             (run_id, journal, path, pb)
         }
         _ => {
@@ -628,7 +645,8 @@ pub fn run(
             let mut head = header(&rt, path, &pb);
             head.params = Some(param_digests(&run_id, &vars));
             let journal =
-                Journal::begin(&rt.state_dir, &run_id, &rt.operator, &head).map_err(journal_err)?;
+                Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
+                    .map_err(journal_err)?;
             (run_id, journal, path.to_path_buf(), pb)
         }
     };
@@ -902,8 +920,10 @@ fn plan_verdicts(
 pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
-    let journal =
-        Arc::new(Journal::open(&rt.state_dir, run_id, &rt.operator).map_err(journal_err)?);
+    let journal = Arc::new(
+        Journal::open_with(&rt.state_dir, run_id, &rt.operator, rt.anchor()?)
+            .map_err(journal_err)?,
+    );
     let state = journal.state().map_err(journal_err)?;
     let allowed: Option<Vec<String>> = match hosts {
         Some(sel) => Some(
@@ -986,7 +1006,9 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
     }
     drop(session);
     if let Ok(j) = Arc::try_unwrap(journal) {
-        let _ = j.close();
+        if let Ok(closed) = j.close() {
+            signed_head_notice(&closed);
+        }
     }
     Ok(if failed > 0 {
         ExitCode::from(1)
@@ -1019,7 +1041,8 @@ impl crate::watch::Launcher for RolloutLauncher {
         let pb = &req.playbook;
         let mut head = header(rt, &pb.path, pb);
         head.params = Some(param_digests(&req.run_id, &req.params));
-        let journal = Journal::begin(&rt.state_dir, &req.run_id, &rt.operator, &head)
+        let anchor = rt.anchor().map_err(|e| e.to_string())?;
+        let journal = Journal::begin_with(&rt.state_dir, &req.run_id, &rt.operator, &head, anchor)
             .map_err(|e| e.to_string())?;
         progress(ProgressCounts::default());
         let (tx, rx) = std::sync::mpsc::channel::<ProgressCounts>();

@@ -6,10 +6,18 @@
 //! longer than the instant needed to see whether a controller holds it.
 //!
 //! What it can and cannot see: any edit, deletion, reordering or insertion breaks the
-//! chain. A rewrite that recomputes every hash after the change is caught for closed
-//! runs, whose final seq and hash the index remembers, and for any checkpoint the
-//! index holds; the tail written after a run's last checkpoint is only as trustworthy
-//! as the chain itself.
+//! chain, and a field added outside the hashed content makes the line unreadable.
+//! Without a verify key, a writer of the state directory can recompute every hash
+//! and re-chain the index: the chains prove only that the files agree with each
+//! other. With `[audit] verify_key`, every index entry and every run's close must
+//! carry a signature of that key, which no writer of the state directory holds: a
+//! re-hashed run, a re-chained index and a close line dropped from the index are
+//! caught. What a signature cannot show is that something signed is gone: cutting
+//! the index's tail (with the newest runs) back to an earlier signed entry leaves a
+//! state that verifies, unless the verifier is told how far it went
+//! ([`VerifyOptions::expect_at_least`], fed from the syslog copy or the heads the
+//! runs printed). The records after a run's last signed checkpoint are only as
+//! trustworthy as the chain.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -17,6 +25,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::anchor::VerifyKey;
+use super::entry::Entry;
 use super::index::{self, IndexEntry, IndexEvent};
 use super::lock::{Holder, RunLock};
 use super::{scan_lines, Journal, JournalError, Record, GENESIS};
@@ -49,6 +59,13 @@ pub enum Problem {
     Rewritten { seq: u64 },
     /// Records follow the run's close.
     AfterClose { seq: u64, closed_at: u64 },
+    /// The index entry vouching for record `seq` has no valid signature of the
+    /// verify key.
+    BadSignature { seq: u64, index_seq: u64 },
+    /// The run's close record has no valid signature of the verify key.
+    CloseUnsigned { seq: u64 },
+    /// The run file holds a signed close the index does not know.
+    CloseLost { seq: u64 },
 }
 
 impl fmt::Display for Problem {
@@ -96,6 +113,18 @@ impl fmt::Display for Problem {
             Problem::AfterClose { seq, closed_at } => write!(
                 f,
                 "record seq {seq} appended after the run was closed at seq {closed_at}"
+            ),
+            Problem::BadSignature { seq, index_seq } => write!(
+                f,
+                "record seq {seq}: audit index entry {index_seq}, which vouches for it, has no valid signature of the verify key (the run was re-hashed, or the index re-chained or forged)"
+            ),
+            Problem::CloseUnsigned { seq } => write!(
+                f,
+                "record seq {seq} (run.close) has no valid signature of the verify key (the run was re-hashed, or its close forged)"
+            ),
+            Problem::CloseLost { seq } => write!(
+                f,
+                "the run file holds a signed close at seq {seq} that the audit index lacks (index entries were removed, or a crash came between the two writes)"
             ),
         }
     }
@@ -203,9 +232,32 @@ impl AuditReport {
     }
 }
 
+/// What a verifier brings from outside the state directory.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// The public half of `[audit] signing_key`: every index entry and close must
+    /// be signed by it.
+    pub key: Option<VerifyKey>,
+    /// The index must hold at least this many entries (the last signed index seq
+    /// the verifier saw elsewhere): catches a cut of the index's tail.
+    pub expect_at_least: Option<u64>,
+}
+
 /// Verifies one run, or every run the state directory or the index knows.
 pub fn verify(state_dir: &Path, run: Option<&str>) -> Result<AuditReport, JournalError> {
-    let idx = index::read(state_dir)?;
+    verify_with(state_dir, run, &VerifyOptions::default())
+}
+
+/// [`verify`] with a verify key and what the verifier knows of the index's length.
+pub fn verify_with(
+    state_dir: &Path,
+    run: Option<&str>,
+    opts: &VerifyOptions,
+) -> Result<AuditReport, JournalError> {
+    let mut idx = index::read(state_dir)?;
+    if idx.problem.is_none() {
+        idx.problem = signed_index_problem(&idx.entries, opts);
+    }
     let mut names: BTreeSet<String> = idx.entries.iter().map(|e| e.run.clone()).collect();
     let runs_dir = state_dir.join("runs");
     match std::fs::read_dir(&runs_dir) {
@@ -244,7 +296,7 @@ pub fn verify(state_dir: &Path, run: Option<&str>) -> Result<AuditReport, Journa
     let mut runs = Vec::new();
     for name in names {
         let checkpoints: Vec<&IndexEntry> = idx.entries.iter().filter(|e| e.run == name).collect();
-        let verdict = verify_run(state_dir, &name, &checkpoints)?;
+        let verdict = verify_run(state_dir, &name, &checkpoints, opts.key.as_ref())?;
         runs.push(RunAudit { run: name, verdict });
     }
     Ok(AuditReport {
@@ -256,10 +308,43 @@ pub fn verify(state_dir: &Path, run: Option<&str>) -> Result<AuditReport, Journa
     })
 }
 
+/// The first index entry without a valid signature, or the index ending before
+/// the length the verifier expects.
+fn signed_index_problem(entries: &[IndexEntry], opts: &VerifyOptions) -> Option<String> {
+    if let Some(key) = &opts.key {
+        for e in entries {
+            let ok = e
+                .sig
+                .as_deref()
+                .is_some_and(|sig| key.verify_index(&e.hash, sig));
+            if !ok {
+                let what = if e.sig.is_none() {
+                    "is not signed"
+                } else {
+                    "has a signature the verify key rejects"
+                };
+                return Some(format!(
+                    "entry {} (run {}, {} records) {what}: forged, re-chained, or written without `[audit] signing_key`",
+                    e.seq, e.run, e.at_seq
+                ));
+            }
+        }
+    }
+    let held = entries.last().map(|e| e.seq).unwrap_or(0);
+    match opts.expect_at_least {
+        Some(n) if held < n => Some(format!(
+            "ends at entry {held}, but entry {n} was signed: entries {}..={n} were cut from its end, and the runs they name may be gone",
+            held + 1
+        )),
+        _ => None,
+    }
+}
+
 fn verify_run(
     state_dir: &Path,
     run: &str,
     checkpoints: &[&IndexEntry],
+    key: Option<&VerifyKey>,
 ) -> Result<Verdict, JournalError> {
     let path = Journal::run_path(state_dir, run);
     let tampered = |problem, last_good_seq| Verdict::Tampered {
@@ -292,6 +377,11 @@ fn verify_run(
     // The chain against what the index remembers.
     if checkpoints.is_empty() {
         return Ok(tampered(Problem::NotIndexed, last_good));
+    }
+    if let Some(key) = key {
+        if let Some(v) = check_signatures(run, &good, checkpoints, key) {
+            return Ok(v);
+        }
     }
     // The highest checkpoint that matched: all before it is vouched for by the index.
     let mut vouched = 0;
@@ -348,6 +438,69 @@ fn verify_run(
             holder,
         }
     })
+}
+
+/// With a verify key: every index entry of the run and every close in the file is
+/// signed, and a signed close the file holds is known to the index.
+fn check_signatures(
+    run: &str,
+    good: &[&Record],
+    checkpoints: &[&IndexEntry],
+    key: &VerifyKey,
+) -> Option<Verdict> {
+    // The highest checkpoint that is signed and matches the file.
+    let mut vouched = 0;
+    for c in checkpoints {
+        let signed = c
+            .sig
+            .as_deref()
+            .is_some_and(|sig| key.verify_index(&c.hash, sig));
+        if !signed {
+            return Some(Verdict::Tampered {
+                problem: Problem::BadSignature {
+                    seq: c.at_seq,
+                    index_seq: c.seq,
+                },
+                last_good_seq: vouched,
+            });
+        }
+        let matches = c.at_seq == 0
+            || good
+                .get(c.at_seq as usize - 1)
+                .is_some_and(|r| r.hash == c.at_hash);
+        if matches {
+            vouched = vouched.max(c.at_seq);
+        }
+    }
+    let mut last_close = None;
+    let close = Entry::RunClose(Default::default());
+    let close_kind = close.kind();
+    for r in good {
+        let sig = match r.entry() {
+            Ok(Entry::RunClose(c)) => c.sig,
+            // A close whose data does not even parse as a close's (a `sig` that is
+            // not a string) is a close without a valid signature, not another kind.
+            Err(JournalError::BadEntry { source, .. }) if close_kind == source.kind => None,
+            _ => continue,
+        };
+        let ok = sig
+            .as_deref()
+            .is_some_and(|sig| key.verify_close(run, r.seq, &r.prev, sig));
+        if !ok {
+            return Some(Verdict::Tampered {
+                problem: Problem::CloseUnsigned { seq: r.seq },
+                last_good_seq: vouched.min(r.seq - 1),
+            });
+        }
+        last_close = Some(r.seq);
+    }
+    match last_close {
+        Some(seq) if checkpoints.iter().all(|c| c.at_seq < seq) => Some(Verdict::Tampered {
+            problem: Problem::CloseLost { seq },
+            last_good_seq: vouched,
+        }),
+        _ => None,
+    }
 }
 
 /// Walks a run's chain record by record: seq, link, content hash, run id. On the first

@@ -203,9 +203,14 @@ pub struct RunParams {
     pub values: BTreeMap<String, ParamValue>,
 }
 
-/// `data` of `run.close`: nothing, written as `{}`.
+/// `data` of `run.close`: `{}`, or with `[audit] signing_key` the Ed25519
+/// signature of the run, this record's seq and the hash before it
+/// ([`super::anchor::Signer::sign_close`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunClose {}
+pub struct RunClose {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
 
 /// `data` of `journal.repair`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1081,7 +1086,10 @@ mod tests {
                 "ef".repeat(32),
                 json!({"waves": ["50%", "100%"]}),
             )),
-            Entry::RunClose(RunClose {}),
+            Entry::RunClose(RunClose::default()),
+            Entry::RunClose(RunClose {
+                sig: Some("5a".repeat(64)),
+            }),
             Entry::StepIntent(IntentData {
                 step: "deploy".into(),
                 input: json!({"package": "acme-agent", "to": "1.0.1", "undo": undo}),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::anchor::Anchor;
 use super::{fsync_dir, now_rfc3339, JournalError, GENESIS};
 
 pub const INDEX_FILE: &str = "audit-index.jsonl";
@@ -26,20 +27,30 @@ pub enum IndexEvent {
     Reopen,
     /// The run was closed; its file must end at `at_seq` with `at_hash`.
     Close,
+    /// A signed point inside a run (written only with `[audit] signing_key`): the
+    /// run's first `at_seq` records end with `at_hash`.
+    Checkpoint,
 }
 
-/// One line of the audit index.
+/// One line of the audit index. A field it does not know makes the line unreadable:
+/// nothing may ride along outside the hashed content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IndexEntry {
     pub seq: u64,
     pub ts: String,
     pub run: String,
     pub event: IndexEvent,
-    /// The run's last record at this checkpoint (0 and [`GENESIS`] for none).
+    /// The run's last record at this checkpoint (0 and [`GENESIS`] for none): seqs
+    /// have no gaps, so this is also the run's record count.
     pub at_seq: u64,
     pub at_hash: String,
     pub prev: String,
     pub hash: String,
+    /// Ed25519 signature of `hash` ([`super::anchor::Signer::sign_index`]), with
+    /// `[audit] signing_key` configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 impl IndexEntry {
@@ -71,6 +82,7 @@ pub fn append(
     event: IndexEvent,
     at_seq: u64,
     at_hash: &str,
+    anchor: Option<&Anchor>,
 ) -> Result<IndexEntry, JournalError> {
     let path = index_path(state_dir);
     let io = |source| JournalError::Io {
@@ -129,13 +141,29 @@ pub fn append(
         at_hash: at_hash.to_string(),
         prev,
         hash: String::new(),
+        sig: None,
     };
     entry.hash = entry.compute_hash();
+    entry.sig = anchor.map(|a| a.signer.sign_index(&entry.hash));
     let mut line = serde_json::to_string(&entry).unwrap_or_default();
     line.push('\n');
     file.seek(SeekFrom::End(0)).map_err(io)?;
     file.write_all(line.as_bytes()).map_err(io)?;
     file.sync_data().map_err(io)?;
+    drop(file);
+    if let Some(a) = anchor {
+        a.sink.send(&format!(
+            "state={} index_seq={} run={} event={:?} records={} head={} hash={} sig={}",
+            state_dir.display(),
+            entry.seq,
+            entry.run,
+            entry.event,
+            entry.at_seq,
+            entry.at_hash,
+            entry.hash,
+            entry.sig.as_deref().unwrap_or("")
+        ));
+    }
     Ok(entry)
 }
 

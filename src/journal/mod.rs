@@ -9,9 +9,11 @@
 //!
 //! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
 //! [`lock`] (one controller per run), [`index`] (the audit index of run
-//! checkpoints), [`audit`] (chain verification), [`state`] (the read side: per-host
+//! checkpoints), [`anchor`] (the Ed25519 key that signs index entries and closes),
+//! [`audit`] (chain and signature verification), [`state`] (the read side: per-host
 //! state, open intents, undo order, run listing).
 
+pub mod anchor;
 pub mod audit;
 pub mod entry;
 pub mod index;
@@ -37,8 +39,11 @@ pub use entry::{Entry, EntryError, LogRecord};
 /// The `prev` of a run's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One line of a run file.
+/// One line of a run file. Every field but `prev` and `hash` is in the hash, and a
+/// field it does not know makes the line unreadable: nothing rides along outside
+/// the hashed content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Record {
     pub seq: u64,
     /// UTC, RFC 3339.
@@ -692,7 +697,17 @@ pub struct Journal {
     /// Values shown as `***`; grows when a script declares a `secret()`.
     redact: Secrets,
     lock: lock::RunLock,
+    /// The key that signs this run's checkpoints and close (`[audit] signing_key`).
+    anchor: Option<anchor::Anchor>,
+    /// The seq of the last signed checkpoint.
+    checkpointed: Mutex<u64>,
 }
+
+/// With a signing key, a durable record at least this many records after the last
+/// signed checkpoint gets a new one in the audit index. Checkpoints cost an index
+/// append (a lock and an fsync), so they ride on group commits at this spacing
+/// rather than on each; a run's close is always signed.
+pub const CHECKPOINT_EVERY: u64 = 64;
 
 /// What is known to be on disk. One appender at a time runs the fsync; the others
 /// wait for it, and each fsync covers every record written before it began.
@@ -713,6 +728,17 @@ impl Journal {
     /// run is open. Write the header next with [`Journal::start`], or use
     /// [`Journal::begin`] for both.
     pub fn create(state_dir: &Path, run: &str, operator: &str) -> Result<Self, JournalError> {
+        Self::create_with(state_dir, run, operator, None)
+    }
+
+    /// [`Journal::create`], signing the run's index entries, checkpoints and close
+    /// with `anchor`'s key.
+    pub fn create_with(
+        state_dir: &Path,
+        run: &str,
+        operator: &str,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
         check_run_id(run)?;
         let path = Self::run_path(state_dir, run);
         let runs_dir = state_dir.join("runs");
@@ -746,7 +772,14 @@ impl Journal {
             Err(e) => return Err(io(e)),
         };
         fsync_dir(&runs_dir)?;
-        index::append(state_dir, run, index::IndexEvent::Open, 0, GENESIS)?;
+        index::append(
+            state_dir,
+            run,
+            index::IndexEvent::Open,
+            0,
+            GENESIS,
+            anchor.as_ref(),
+        )?;
         Ok(Journal {
             path: path.clone(),
             state_dir: state_dir.to_path_buf(),
@@ -771,6 +804,8 @@ impl Journal {
             // The process's store until the runtime's is shared (`with_secrets`).
             redact: Secrets::process(),
             lock,
+            anchor,
+            checkpointed: Mutex::new(0),
         })
     }
 
@@ -781,7 +816,18 @@ impl Journal {
         operator: &str,
         header: &RunHeader,
     ) -> Result<Self, JournalError> {
-        let j = Self::create(state_dir, run, operator)?;
+        Self::begin_with(state_dir, run, operator, header, None)
+    }
+
+    /// [`Journal::create_with`] followed by [`Journal::start`].
+    pub fn begin_with(
+        state_dir: &Path,
+        run: &str,
+        operator: &str,
+        header: &RunHeader,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
+        let j = Self::create_with(state_dir, run, operator, anchor)?;
         j.start(header)?;
         Ok(j)
     }
@@ -799,13 +845,23 @@ impl Journal {
         let data = Prepared::new(entry.to_data());
         let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
         drop(tail);
-        self.wait_durable(rec.seq)?;
+        self.durable(rec.seq, &rec.hash)?;
         Ok(rec)
     }
 
     /// Opens an existing run to append to it (resume, rollback), taking its lock.
     /// A torn last line left by a crash is cut off and the cut is recorded.
     pub fn open(state_dir: &Path, run: &str, operator: &str) -> Result<Self, JournalError> {
+        Self::open_with(state_dir, run, operator, None)
+    }
+
+    /// [`Journal::open`], signing with `anchor`'s key from here on.
+    pub fn open_with(
+        state_dir: &Path,
+        run: &str,
+        operator: &str,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
         check_run_id(run)?;
         let path = Self::run_path(state_dir, run);
         if !path.exists() {
@@ -832,6 +888,26 @@ impl Journal {
                 problem: problem.to_string(),
                 last_good_seq,
             });
+        }
+        // Whatever this controller appends next it signs: it must not vouch for a
+        // run a writer of the state directory re-hashed, or whose close it dropped.
+        if let Some(a) = &anchor {
+            let opts = audit::VerifyOptions {
+                key: Some(a.signer.verify_key()),
+                expect_at_least: None,
+            };
+            let report = audit::verify_with(state_dir, Some(run), &opts)?;
+            if let Some(audit::Verdict::Tampered {
+                problem,
+                last_good_seq,
+            }) = report.run(run).map(|r| &r.verdict)
+            {
+                return Err(JournalError::Tampered {
+                    run: run.to_string(),
+                    problem: problem.to_string(),
+                    last_good_seq: *last_good_seq,
+                });
+            }
         }
         let io = |source| JournalError::Io {
             path: path.clone(),
@@ -875,7 +951,14 @@ impl Journal {
             .find(|e| e.run == run)
             .is_some_and(|e| e.event == index::IndexEvent::Close);
         if closed {
-            index::append(state_dir, run, index::IndexEvent::Reopen, seq, &prev)?;
+            index::append(
+                state_dir,
+                run,
+                index::IndexEvent::Reopen,
+                seq,
+                &prev,
+                anchor.as_ref(),
+            )?;
         }
         let j = Journal {
             path: path.clone(),
@@ -901,6 +984,8 @@ impl Journal {
             // The process's store until the runtime's is shared (`with_secrets`).
             redact: Secrets::process(),
             lock,
+            anchor,
+            checkpointed: Mutex::new(seq),
         };
         if let Some(dropped) = torn {
             j.append_entry(
@@ -975,7 +1060,7 @@ impl Journal {
         data: Value,
     ) -> Result<Record, JournalError> {
         let rec = self.note(host, kind, data)?;
-        self.wait_durable(rec.seq)?;
+        self.durable(rec.seq, &rec.hash)?;
         Ok(rec)
     }
 
@@ -1148,7 +1233,7 @@ impl Journal {
             .insert(id, (rec.host.unwrap_or_default(), step));
         drop(tail);
         // Only now may the step act: its intent is on disk.
-        self.wait_durable(id.0)?;
+        self.durable(id.0, &rec.hash)?;
         Ok(id)
     }
 
@@ -1194,7 +1279,7 @@ impl Journal {
         let rec = self.append_locked(&mut tail, Some(&host), entry.kind(), data)?;
         tail.open_steps.remove(&step_id);
         drop(tail);
-        self.wait_durable(rec.seq)?;
+        self.durable(rec.seq, &rec.hash)?;
         Ok(rec)
     }
 
@@ -1238,7 +1323,13 @@ impl Journal {
     /// crash, a stop) stays "open" to `audit verify` and can be resumed.
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = Entry::RunClose(entry::RunClose {});
+        // The signature is part of the close record's hashed data, so the run file
+        // itself says it was closed, whatever happens to the index.
+        let sig = self
+            .anchor
+            .as_ref()
+            .map(|a| a.signer.sign_close(&self.run, tail.seq + 1, &tail.prev));
+        let entry = Entry::RunClose(entry::RunClose { sig });
         let data = Prepared::new(entry.to_data());
         let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
         drop(tail);
@@ -1249,7 +1340,32 @@ impl Journal {
             index::IndexEvent::Close,
             rec.seq,
             &rec.hash,
+            self.anchor.as_ref(),
         )
+    }
+
+    /// Returns once record `seq` (whose hash is `hash`) is on disk; with a signing
+    /// key, signs it as a checkpoint when the last one is [`CHECKPOINT_EVERY`]
+    /// records behind. Only durable records are checkpointed: the index must never
+    /// vouch for a record a crash could still take back.
+    fn durable(&self, seq: u64, hash: &str) -> Result<(), JournalError> {
+        self.wait_durable(seq)?;
+        let Some(anchor) = &self.anchor else {
+            return Ok(());
+        };
+        let mut last = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
+        if seq >= *last + CHECKPOINT_EVERY {
+            index::append(
+                &self.state_dir,
+                &self.run,
+                index::IndexEvent::Checkpoint,
+                seq,
+                hash,
+                Some(anchor),
+            )?;
+            *last = seq;
+        }
+        Ok(())
     }
 
     /// Every record of this run, read back from disk.
@@ -1323,7 +1439,16 @@ pub(crate) fn scan_lines<T: DeserializeOwned>(path: &Path) -> Result<Scan<T>, Jo
             Ok(item) => {
                 scan.items.push((i + 1, item));
             }
-            Err(e) if i + 1 == n => scan.torn = Some((i + 1, e.to_string())),
+            // A torn line is cut JSON. A last line that is whole JSON but not a `T`
+            // (a field added, one removed) was edited, not torn, and must not be
+            // cut off as a crash's leftover.
+            Err(e)
+                if i + 1 == n
+                    && serde_json::from_str::<Value>(line.trim_end_matches(['\n', '\r']))
+                        .is_err() =>
+            {
+                scan.torn = Some((i + 1, e.to_string()))
+            }
             Err(e) => scan.bad.push((i + 1, e.to_string())),
         }
     }

@@ -170,13 +170,19 @@ impl Launcher for ScriptLauncher {
         progress: &dyn Fn(ProgressCounts),
         stop: Arc<AtomicBool>,
     ) -> Result<LaunchResult, String> {
+        // The runtime's `[audit] signing_key`, when the journal is the runtime's.
+        let anchor = match &self.runtime {
+            Some(rt) => rt.anchor().map_err(|e| e.to_string())?,
+            None => None,
+        };
         let journal = match &self.journal {
             Some(t) => Some(
-                Journal::begin(
+                Journal::begin_with(
                     &t.state_dir,
                     &req.run_id,
                     &t.operator,
                     &run_header(&req.playbook),
+                    anchor,
                 )
                 .map_err(|e| e.to_string())?,
             ),
