@@ -168,8 +168,26 @@ fn a_pilot_killed_between_install_and_outcome_is_rechecked_from_the_journal_on_r
     let lab = Lab::start(3);
     let s = setup(&lab, r#"#{ pilot: hosts("lab01"), waves: ["100%"] }"#);
     let run = s.run_killed_after_install(&lab, "lab01");
+    // What a controller killed between an upload and its install leaves in the
+    // hosts' /tmp (the lab hosts share the machine's), beside another run's.
+    let leftover = PathBuf::from(format!(
+        "/tmp/patchbook.{}.leftover",
+        patchbook::primitives::backup::staging_tag(&run)
+    ));
+    let other = PathBuf::from(format!("/tmp/patchbook.other-{run}.keep"));
+    for d in [&leftover, &other] {
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/x.deb"), b"partial").unwrap();
+    }
     let out = s.resume(&run, &s.params);
+    let other_kept = other.exists();
+    let _ = std::fs::remove_dir_all(&other);
     assert!(out.status.success(), "resume failed: {}", text(&out));
+    assert!(
+        !leftover.exists(),
+        "the interrupted attempt's staging folder is still there"
+    );
+    assert!(other_kept, "another run's staging folder was removed");
     assert!(
         !text(&out).contains("none of the pilot hosts"),
         "{}",

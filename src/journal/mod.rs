@@ -701,6 +701,9 @@ pub struct Journal {
     anchor: Option<anchor::Anchor>,
     /// The seq of the last signed checkpoint.
     checkpointed: Mutex<u64>,
+    /// The last seq on disk when this process opened the run: records up to it
+    /// were written by an earlier process (0 for a run this process began).
+    opened_at: u64,
 }
 
 /// With a signing key, a durable record at least this many records after the last
@@ -806,6 +809,7 @@ impl Journal {
             lock,
             anchor,
             checkpointed: Mutex::new(0),
+            opened_at: 0,
         })
     }
 
@@ -986,6 +990,7 @@ impl Journal {
             lock,
             anchor,
             checkpointed: Mutex::new(seq),
+            opened_at: seq,
         };
         if let Some(dropped) = torn {
             j.append_entry(
@@ -1030,6 +1035,12 @@ impl Journal {
 
     pub fn operator(&self) -> &str {
         &self.operator
+    }
+
+    /// The last seq an earlier process wrote: non-zero when this process reopened
+    /// the run (`run --resume`, `rollback`).
+    pub fn opened_at(&self) -> u64 {
+        self.opened_at
     }
 
     /// Who holds this run's lock: this process.

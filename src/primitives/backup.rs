@@ -863,7 +863,8 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
 ///
 /// [`Transport::private_dir`]: crate::transport::Transport::private_dir
 pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveError> {
-    let dir = ctx.transport.private_dir()?;
+    clear_stale_staging(ctx);
+    let dir = ctx.transport.private_dir(&staging_tag(&ctx.run.run_id))?;
     if !dir.starts_with("/tmp/patchbook.") || dir.contains(char::is_whitespace) {
         return Err(PrimitiveError::step(
             ctx.name(),
@@ -874,9 +875,66 @@ pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveErro
     Ok(dir)
 }
 
+/// The part of a staging folder's name that says which run made it: the run id
+/// with anything but letters, digits, `-` and `_` replaced.
+pub fn staging_tag(run_id: &str) -> String {
+    run_id
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Removes the staging folders an interrupted process of this run left on the
+/// host (a controller killed between an upload and its install leaves one in
+/// `/tmp`). Only in a process that reopened the run (`run --resume`, `rollback`),
+/// and once per host: no other process of the run can be using them, since the
+/// run's lock is this process's.
+fn clear_stale_staging(ctx: &HostCtx) {
+    let reopened = ctx.run.journal.as_ref().is_some_and(|j| j.opened_at() > 0);
+    if !reopened || !ctx.run.first_staging(ctx.name()) {
+        return;
+    }
+    // The tag is data ($1), never spliced into the script.
+    const SCRIPT: &str = "for d in /tmp/patchbook.\"$1\".*; do \
+        { [ -e \"$d\" ] || [ -L \"$d\" ]; } || continue; \
+        rm -rf -- \"$d\" && printf '%s\\n' \"$d\"; done; exit 0";
+    let tag = staging_tag(&ctx.run.run_id);
+    let cmd = Command::new(["sh", "-c", SCRIPT, "sh", &tag]).timeout(Duration::from_secs(60));
+    match ctx.transport.run(&cmd) {
+        Ok(out) => {
+            for dir in out.stdout_str().lines().filter(|l| !l.is_empty()) {
+                tracing::info!(host = %ctx.name(), "removed {dir}, left by an interrupted attempt of this run");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(host = %ctx.name(), "could not look for staging folders an interrupted attempt left: {e}")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staging_tag_is_the_run_id_in_safe_characters() {
+        assert_eq!(
+            staging_tag("20261202T130215Z-13366"),
+            "20261202T130215Z-13366"
+        );
+        assert_eq!(
+            staging_tag("nightly-20261202T1302-g3-1"),
+            "nightly-20261202T1302-g3-1"
+        );
+        assert_eq!(staging_tag("a/b c*"), "a_b_c_");
+    }
 
     fn archive_with(entries: &[(&str, tar::EntryType, Option<&str>)]) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();

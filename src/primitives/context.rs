@@ -64,11 +64,22 @@ pub struct RunCtx {
     /// Hosts whose work stopped on a controller-side fault (disk full, a backup
     /// cap), with the message: the rollout stops and charges no host with it.
     controller_faults: Mutex<HashMap<String, String>>,
+    /// Hosts whose leftover staging folders this process has looked for.
+    staging_checked: Mutex<std::collections::HashSet<String>>,
     facts: Mutex<HashMap<String, Facts>>,
     planned: Mutex<Vec<PlannedAction>>,
 }
 
 impl RunCtx {
+    /// True the first time it is asked for `host`: whether this process still has
+    /// to look for staging folders an interrupted attempt left there.
+    pub fn first_staging(&self, host: &str) -> bool {
+        self.staging_checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string())
+    }
+
     pub fn new(
         run_id: impl Into<String>,
         state_dir: PathBuf,
@@ -85,6 +96,7 @@ impl RunCtx {
             claims: None,
             backup_usage: BackupUsage::default(),
             controller_faults: Mutex::new(HashMap::new()),
+            staging_checked: Mutex::new(std::collections::HashSet::new()),
             facts: Mutex::new(HashMap::new()),
             planned: Mutex::new(Vec::new()),
         }

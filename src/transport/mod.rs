@@ -205,10 +205,13 @@ pub trait Transport: Send + Sync {
     }
 
     /// Creates a fresh folder with mode 0700 under `/tmp` that did not exist before
-    /// (so no pre-existing path, link or folder is ever reused) and returns its path.
-    fn private_dir(&self) -> Result<String, TransportError> {
+    /// (so no pre-existing path, link or folder is ever reused) and returns its path,
+    /// `/tmp/patchbook.TAG.RANDOM`: the tag (a run's, see
+    /// [`crate::primitives::backup::staging_tag`]) lets a later process of the same
+    /// run find what an interrupted one left.
+    fn private_dir(&self, tag: &str) -> Result<String, TransportError> {
         let out = self.run(
-            &Command::new(["mktemp", "-d", "/tmp/patchbook.XXXXXXXXXX"])
+            &Command::new(["mktemp", "-d", &format!("/tmp/patchbook.{tag}.XXXXXXXXXX")])
                 .timeout(Duration::from_secs(60)),
         )?;
         if !out.success() {

@@ -1581,13 +1581,13 @@ impl Transport for SshTransport {
     /// Over SFTP: `mkdir` of a name the controller picks at random fails if
     /// anything is there already, which is what `mktemp -d` guarantees too, without
     /// starting a process on the host.
-    fn private_dir(&self) -> Result<String, TransportError> {
+    fn private_dir(&self, tag: &str) -> Result<String, TransportError> {
         let host = self.target.name.clone();
         self.with_conn(|conn| {
             let sftp = conn.sftp(&host)?;
             let mut last = String::new();
             for _ in 0..5 {
-                let dir = format!("/tmp/patchbook.{}", fresh_token());
+                let dir = format!("/tmp/patchbook.{tag}.{}", fresh_token());
                 match sftp.mkdir(Path::new(&dir), 0o700) {
                     Ok(()) => return Ok(dir),
                     Err(e) => last = e.to_string(),
