@@ -733,10 +733,8 @@ fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
     let roots: Vec<(Option<&str>, PathBuf)> = if explicit {
         paths.iter().map(|p| (None, p.clone())).collect()
     } else {
-        let mut r = vec![
-            (Some("playbooks"), rt.config.playbook_dir()),
-            (Some("stdlib"), rt.config.stdlib_dir()),
-        ];
+        let mut r = vec![(Some("playbooks"), rt.config.playbook_dir())];
+        r.extend(rt.config.stdlib_folder().map(|d| (Some("stdlib"), d)));
         r.extend(
             rt.config
                 .library_dirs()
@@ -770,6 +768,13 @@ fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
                 root.display()
             )));
         }
+    }
+    if !explicit && compiler.builtin_stdlib() {
+        files.extend(
+            crate::script::builtin::builtin_modules()
+                .into_iter()
+                .map(|(name, _)| crate::script::builtin::builtin_path(&name)),
+        );
     }
     files.dedup();
     let engine = run::check_engine(&rt.config.limits);
