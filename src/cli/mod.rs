@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 pub mod config;
+pub mod init;
 pub mod progress;
 pub mod run;
 pub mod terminal;
@@ -162,6 +163,19 @@ pub enum Verb {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Start a project in DIR (default: the current folder): a commented
+    /// patchbook.toml, an example inventory and a first playbook. Never overwrites.
+    Init {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script: `patchbook completions bash > /etc/bash_completion.d/patchbook`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `patchbook man > patchbook.1; man ./patchbook.1`.
+    Man,
     /// Render a run's report from its journal: summary, counts, hosts, tests.
     Report {
         /// Run id, or `last` for the most recently started run.
@@ -356,6 +370,19 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Audit(AuditVerb::Verify { run }) => audit_verify(&cli, run.as_deref()),
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
+        Verb::Init { dir } => init::init(dir, cli.global.quiet),
+        Verb::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "patchbook", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|e| CliError::Other(format!("man: cannot write the page: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Verb::Watch(args) => watch(&cli, args),
         Verb::Trigger {
             playbook,
