@@ -27,7 +27,8 @@ pub struct Config {
     /// Org library folders searched by `import`, after `stdlib/`.
     #[serde(default)]
     pub libraries: Vec<PathBuf>,
-    /// The standard library folder; default `stdlib` beside the config.
+    /// The standard library folder; default `stdlib` beside the config when that
+    /// folder exists, else the stdlib built into the binary.
     #[serde(default)]
     pub stdlib: Option<PathBuf>,
     /// The playbook folder; default `scripts`.
@@ -306,8 +307,14 @@ impl Config {
         }
     }
 
-    pub fn stdlib_dir(&self) -> PathBuf {
-        self.resolve(self.stdlib.as_deref().unwrap_or(Path::new("stdlib")))
+    /// The stdlib folder: the configured one (even when missing, so a typo is
+    /// reported, not papered over), else `stdlib` beside the config if it exists.
+    /// `None`: imports use the stdlib built into the binary.
+    pub fn stdlib_folder(&self) -> Option<PathBuf> {
+        match &self.stdlib {
+            Some(p) => Some(self.resolve(p)),
+            None => Some(self.resolve(Path::new("stdlib"))).filter(|d| d.is_dir()),
+        }
     }
 
     pub fn playbook_dir(&self) -> PathBuf {

@@ -153,7 +153,10 @@ fn rows(cli: &Cli, config: &Config, file: &FileValues) -> Vec<Row> {
     } else {
         add("inventory", paths(&g.inventory), Some("--inventory"));
     }
-    add("stdlib", path(&config.stdlib_dir()), None);
+    let stdlib = config
+        .stdlib_folder()
+        .unwrap_or_else(|| Path::new(crate::script::builtin::BUILTIN_ROOT).to_path_buf());
+    add("stdlib", path(&stdlib), None);
     add("playbooks", path(&config.playbook_dir()), None);
     add("libraries", paths(&config.library_dirs()), None);
     add("allow_local_hosts", json!(config.allow_local_hosts), None);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 pub mod config;
+pub mod init;
 pub mod progress;
 pub mod run;
 pub mod terminal;
@@ -162,6 +163,19 @@ pub enum Verb {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Start a project in DIR (default: the current folder): a commented
+    /// patchbook.toml, an example inventory and a first playbook. Never overwrites.
+    Init {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script: `patchbook completions bash > /etc/bash_completion.d/patchbook`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `patchbook man > patchbook.1; man ./patchbook.1`.
+    Man,
     /// Render a run's report from its journal: summary, counts, hosts, tests.
     Report {
         /// Run id, or `last` for the most recently started run.
@@ -371,6 +385,19 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Audit(AuditVerb::Key) => audit_key(&cli),
         Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
+        Verb::Init { dir } => init::init(dir, cli.global.quiet),
+        Verb::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "patchbook", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|e| CliError::Other(format!("man: cannot write the page: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Verb::Watch(args) => watch(&cli, args),
         Verb::Trigger {
             playbook,
@@ -775,10 +802,8 @@ fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
     let roots: Vec<(Option<&str>, PathBuf)> = if explicit {
         paths.iter().map(|p| (None, p.clone())).collect()
     } else {
-        let mut r = vec![
-            (Some("playbooks"), rt.config.playbook_dir()),
-            (Some("stdlib"), rt.config.stdlib_dir()),
-        ];
+        let mut r = vec![(Some("playbooks"), rt.config.playbook_dir())];
+        r.extend(rt.config.stdlib_folder().map(|d| (Some("stdlib"), d)));
         r.extend(
             rt.config
                 .library_dirs()
@@ -812,6 +837,13 @@ fn check(cli: &Cli, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
                 root.display()
             )));
         }
+    }
+    if !explicit && compiler.builtin_stdlib() {
+        files.extend(
+            crate::script::builtin::builtin_modules()
+                .into_iter()
+                .map(|(name, _)| crate::script::builtin::builtin_path(&name)),
+        );
     }
     files.dedup();
     let engine = run::check_engine(&rt.config.limits);

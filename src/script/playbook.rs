@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, NativeCallContext, Position, Scope, AST};
 
+use super::builtin::builtin_text;
 use super::diagnostics::{diagnose, Diagnostic, SourceMap};
 use super::engine::{deadline, on_script_stack, sandbox, CallGuard};
 use super::patch::register_patch;
@@ -77,18 +78,45 @@ impl CompiledPlaybook {
 pub struct Compiler {
     limits: Limits,
     roots: Vec<PathBuf>,
+    /// The stdlib is the copy built into the binary, searched before `roots`.
+    builtin_stdlib: bool,
 }
 
 impl Compiler {
     /// Import roots: the stdlib folder, then each library folder, in order.
     pub fn new(limits: Limits, roots: Vec<PathBuf>) -> Self {
-        Compiler { limits, roots }
+        Compiler {
+            limits,
+            roots,
+            builtin_stdlib: false,
+        }
     }
 
+    /// Resolves stdlib imports from the copy built into the binary, before `roots`
+    /// (which then hold only library folders).
+    pub fn with_builtin_stdlib(mut self) -> Self {
+        self.builtin_stdlib = true;
+        self
+    }
+
+    /// The configured or found stdlib folder, else the built-in stdlib; then the
+    /// library folders.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
-        let mut roots = vec![cfg.stdlib_dir()];
+        let stdlib = cfg.stdlib_folder();
+        let builtin = stdlib.is_none();
+        let mut roots: Vec<PathBuf> = stdlib.into_iter().collect();
         roots.extend(cfg.library_dirs());
-        Compiler::new(cfg.limits.clone(), roots)
+        let compiler = Compiler::new(cfg.limits.clone(), roots);
+        if builtin {
+            compiler.with_builtin_stdlib()
+        } else {
+            compiler
+        }
+    }
+
+    /// Whether stdlib imports resolve to the copy built into the binary.
+    pub fn builtin_stdlib(&self) -> bool {
+        self.builtin_stdlib
     }
 
     pub fn roots(&self) -> &[PathBuf] {
@@ -100,7 +128,12 @@ impl Compiler {
     }
 
     /// Reads and compiles a playbook file.
+    /// A built-in stdlib module's placeholder path (from `modules`) compiles its
+    /// embedded text.
     pub fn compile_file(&self, path: &Path) -> Result<CompiledPlaybook, ScriptError> {
+        if let Some(text) = self.builtin_stdlib.then(|| builtin_text(path)).flatten() {
+            return self.compile_text(path, &path.display().to_string(), text, &[]);
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ScriptError::Read {
             path: path.to_path_buf(),
             source,
@@ -129,7 +162,10 @@ impl Compiler {
     ) -> Result<CompiledPlaybook, ScriptError> {
         // A fresh resolver per compile: nothing is cached across compiles, so a
         // changed module is always read again.
-        let resolver = LibraryResolver::new(self.roots.clone());
+        let mut resolver = LibraryResolver::new(self.roots.clone());
+        if self.builtin_stdlib {
+            resolver = resolver.with_builtin_stdlib();
+        }
         let mut engine = sandbox(&self.limits, Arc::new(AtomicBool::new(false)));
         register_primitives(&mut engine, None, None);
         register_patch(&mut engine, None);

@@ -1,11 +1,11 @@
-//! Module resolution for `import "patch/debian"`: the stdlib folder first, then each
-//! library folder from `patchbook.toml`, in order.
+//! Module resolution for `import "patch/debian"`: the stdlib (a folder, or the copy
+//! built into the binary), then each library folder from `patchbook.toml`, in order.
 //!
 //! A [`LibraryResolver`] is built fresh for every compile (hot reload depends on it:
 //! nothing is cached across compiles) and records the text and SHA-256 of every file
 //! it reads, so a compiled playbook can say exactly which module versions it holds.
-//! Imports that would leave those roots are refused. This file reads `.rhai` files
-//! under the roots and nothing else.
+//! Imports that would leave those roots are refused, for the built-in stdlib as for
+//! folders. This file reads `.rhai` files under the roots and nothing else.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 type SharedModule = std::sync::Arc<rhai::Module>;
 use rhai::{Engine, EvalAltResult, Module, ModuleResolver, Position, Scope, AST};
 use sha2::{Digest, Sha256};
+
+use super::builtin::{builtin_file, builtin_path, builtin_text};
 
 /// One module file read while compiling.
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct LoadedModule {
 #[derive(Clone)]
 pub struct LibraryResolver {
     roots: Arc<Vec<PathBuf>>,
+    /// Search the built-in stdlib before the roots (no stdlib folder configured).
+    builtin_stdlib: bool,
     loaded: Arc<Mutex<Vec<LoadedModule>>>,
     /// Compiled modules by import path, so a module imported twice in one compile is
     /// read and evaluated once and both importers see the same version.
@@ -44,9 +48,16 @@ impl LibraryResolver {
     pub fn new(roots: Vec<PathBuf>) -> Self {
         LibraryResolver {
             roots: Arc::new(roots),
+            builtin_stdlib: false,
             loaded: Arc::default(),
             modules: Arc::default(),
         }
+    }
+
+    /// Searches the stdlib built into the binary first, as the stdlib folder would be.
+    pub fn with_builtin_stdlib(mut self) -> Self {
+        self.builtin_stdlib = true;
+        self
     }
 
     pub fn roots(&self) -> &[PathBuf] {
@@ -70,6 +81,12 @@ impl LibraryResolver {
             format!("{name}.rhai")
         };
         let mut searched = Vec::new();
+        if self.builtin_stdlib {
+            if builtin_file(&file).is_some() {
+                return Ok(builtin_path(&file));
+            }
+            searched.push(builtin_path(&file));
+        }
         for root in self.roots.iter() {
             let candidate = root.join(&file);
             if candidate.is_file() {
@@ -89,14 +106,18 @@ impl LibraryResolver {
         if let Some(m) = loaded.iter().find(|m| m.path == path) {
             return Ok((path, m.text.clone()));
         }
-        let text: Arc<str> = std::fs::read_to_string(&path)
-            .map_err(|e| {
-                Box::new(EvalAltResult::ErrorRuntime(
-                    format!("cannot read module {}: {e}", path.display()).into(),
-                    pos,
-                ))
-            })?
-            .into();
+        let builtin = self.builtin_stdlib.then(|| builtin_text(&path)).flatten();
+        let text: Arc<str> = match builtin {
+            Some(text) => Ok(text.to_string()),
+            None => std::fs::read_to_string(&path),
+        }
+        .map_err(|e| {
+            Box::new(EvalAltResult::ErrorRuntime(
+                format!("cannot read module {}: {e}", path.display()).into(),
+                pos,
+            ))
+        })?
+        .into();
         loaded.push(LoadedModule {
             name: name.to_string(),
             path: path.clone(),
@@ -272,5 +293,33 @@ mod tests {
         let err = r.locate("patch/x").unwrap_err().to_string();
         assert!(err.contains("/nonexistent/a/patch/x.rhai"), "{err}");
         assert!(err.contains("/nonexistent/b/patch/x.rhai"), "{err}");
+    }
+
+    #[test]
+    fn builtin_stdlib_comes_first_and_keeps_the_path_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("patch")).unwrap();
+        std::fs::write(dir.path().join("patch/debian.rhai"), "fn shadow() {}").unwrap();
+        std::fs::write(dir.path().join("org.rhai"), "fn org() {}").unwrap();
+        let r = LibraryResolver::new(vec![dir.path().to_path_buf()]).with_builtin_stdlib();
+        assert_eq!(
+            r.locate("patch/debian").unwrap(),
+            builtin_path("patch/debian.rhai")
+        );
+        assert_eq!(r.locate("org").unwrap(), dir.path().join("org.rhai"));
+        for bad in ["../stdlib/patch/debian", "/patch/debian", "./patch/debian"] {
+            assert!(
+                matches!(r.locate(bad), Err(ImportError::Refused { .. })),
+                "{bad} was accepted"
+            );
+        }
+        let err = r.locate("patch/none").unwrap_err().to_string();
+        assert!(err.contains("<built-in stdlib>/patch/none.rhai"), "{err}");
+        // Without the flag the placeholder path is no module at all.
+        let plain = LibraryResolver::new(vec![dir.path().to_path_buf()]);
+        assert_eq!(
+            plain.locate("patch/debian").unwrap(),
+            dir.path().join("patch/debian.rhai")
+        );
     }
 }
