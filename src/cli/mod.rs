@@ -151,7 +151,7 @@ pub enum Verb {
     Trigger {
         /// Playbook name under the playbook folder (`nightly`), or its file.
         playbook: String,
-        /// Control socket (default: <state-dir>/control.sock).
+        /// Control socket (default: control.sock in the state dir).
         #[arg(long)]
         socket: Option<PathBuf>,
         /// A value the playbook reads with `param("NAME")`; repeatable.
@@ -200,7 +200,7 @@ pub struct WatchArgs {
     /// Poll for changes instead of inotify (network filesystems).
     #[arg(long)]
     pub poll: bool,
-    /// Control socket (default: <state-dir>/control.sock).
+    /// Control socket (default: control.sock in the state dir).
     #[arg(long)]
     pub socket: Option<PathBuf>,
 }

@@ -3,7 +3,7 @@
 //! The loaders follow `ansible-core`'s `ini` and `yaml` inventory plugins line by line
 //! (section rules, pending `:children`, host ranges, `host:port`, value typing), so
 //! that `patchbook inventory list --json` prints what `ansible-inventory --list`
-//! prints. They only fill a [`RawInventory`]; precedence lives in `data`.
+//! prints. They only fill a `RawInventory`; precedence lives in `data`.
 use std::path::Path;
 use std::sync::OnceLock;
 

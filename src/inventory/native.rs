@@ -28,7 +28,7 @@
 //! `ansible_become*`), and
 //! `criticality`, `owner`, `depends_on`, `jump` and `secret_vars` stay vars of those names,
 //! so group vars can set them too and the precedence rules are the same for every
-//! format. Hosts keep file order. This module only reads TOML into a [`RawInventory`].
+//! format. Hosts keep file order. This module only reads TOML into a `RawInventory`.
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! The bastion topology ([`Fleet::start_behind_bastions`]): `bastion1` on
+//! The bastion topology ([`super::Fleet::start_behind_bastions`]): `bastion1` on
 //! loopback like any lab host; `bastion2` in a network namespace of its own,
 //! joined to this machine's by one veth pair (so only it has an address the
 //! outside can route to); and the target hosts in that same namespace listening

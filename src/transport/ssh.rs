@@ -4,7 +4,7 @@
 //!
 //! A host behind bastions (`jump` in the inventory, or ProxyJump in the ssh
 //! client config) is reached hop by hop over direct-tcpip channels from this
-//! process ([`tunnel`]), with its own host-key check and login at every hop.
+//! process (`tunnel`), with its own host-key check and login at every hop.
 //!
 //! It owns connections and byte movement only. It must not interpret what the
 //! commands do, must never add host keys without the explicit opt-in, and never
