@@ -1,5 +1,6 @@
 //! Artifact fetching against a real HTTP server on loopback (tiny_http in a thread,
 //! counting every request it receives) and real minisign keys made at test time.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};

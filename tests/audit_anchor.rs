@@ -2,6 +2,7 @@
 //! longer re-hash a run, re-chain the index or drop a run's close unseen; a cut of
 //! the index's tail is caught with `--expect-at-least`; a field added outside the
 //! hashed content fails with or without a key; the key never reaches the state dir.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@
 //! Each time the partial archive is gone, the journal says why in a typed
 //! `backup.stopped` record, and `audit verify` finds the run intact. The rollout
 //! executor stops on such a controller-side fault without charging the host.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //!   controller's check (a pax `GNU.sparse.name`, a symlink resolving outside the
 //!   backed-up paths) are refused, nothing changes on the host (fingerprinted), and
 //!   a real backup/restore round trip with a long name and a link still works.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! Backup and restore through the local transport, with a real journal: the
 //! archive lands in the controller's store, its manifest hash matches, restore puts
 //! changed files back, and a second rollback changes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::sync::Arc;
 

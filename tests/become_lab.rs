@@ -3,6 +3,7 @@
 //! as root (the package lands in the host's own dpkg database, a file written
 //! through a command's stdin is root's); a wrong password fails that host with
 //! sudo's own words; the password, right or wrong, reaches no output and no file.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

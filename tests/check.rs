@@ -2,6 +2,7 @@
 //! tests/fixtures/check/ fails with the problem its first line promises, the
 //! repository's own playbooks and stdlib check clean, a missing configured folder
 //! is an error, and a playbook using every option key passes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -2,6 +2,7 @@
 //! subfolder of a project, patchbook finds the project's `patchbook.toml` by
 //! walking up (as git and cargo do), and `config` says which file it used and
 //! where each value came from.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

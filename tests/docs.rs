@@ -1,6 +1,7 @@
 //! `patchbook docs --out DIR`: the definition files name every function a run's
 //! engine registers, and every primitive carries its doc comment, so a primitive
 //! cannot go missing from editor completion.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! `patchbook exec` over SSH on a 20-host lab: every host answers through strict
 //! host-key checking, and a dead host fails alone (reported unreachable) with exit
 //! code 1.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -4,6 +4,7 @@
 //! host, a second run changes nothing and journals no intent, and `rollback RUN`
 //! from a fresh process leaves the host byte-identical (content, mode and owner of
 //! every file it owns, by `support::host_fingerprint`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

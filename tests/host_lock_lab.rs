@@ -4,6 +4,7 @@
 //! `dpkg -i` while a hold file exists, so the first run holds its hosts until the
 //! test removes the file. Each test works on hosts of its own in one shared fleet
 //! and has its own state directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! folder, far from any checkout, runs `init` and `check` with the stdlib built
 //! into it; a configured stdlib folder overrides the built-in one; `completions`
 //! and `man` print what shells and man(1) read.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

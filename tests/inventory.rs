@@ -3,6 +3,7 @@
 //! Every inventory under tests/inventories/ that Ansible can read is compared with
 //! the real `ansible-inventory --list` (from `target/ci-venv`, installed by
 //! `.ci/setup`), as parsed JSON.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

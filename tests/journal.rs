@@ -1,5 +1,6 @@
 //! The journal: tamper detection (library and `patchbook audit verify`), the run lock
 //! across threads and processes, torn tails, and state derived for resume and rollback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

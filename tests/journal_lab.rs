@@ -1,6 +1,7 @@
 //! The journal on real hosts: rollback from the record after a controller restart,
 //! crash-safe resume after SIGKILL at twenty points of a rollout, and a secret
 //! canary that must never reach the disk, the terminal or a notification.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

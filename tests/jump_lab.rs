@@ -4,6 +4,7 @@
 //! them hop by hop with strict host keys at every hop; a wrong bastion key is
 //! refused before the target is touched; an ssh client config with `Host`
 //! patterns drives a run whose inventory holds bare names.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

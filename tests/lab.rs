@@ -1,4 +1,5 @@
 //! The lab fleet itself: namespace isolation and exact process ownership.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -12,6 +12,7 @@
 //! It is a text scan on purpose: std only, no parser dependency, and fast enough
 //! to run with every `cargo test`. It reads the sources only and must not use the
 //! crate's own types, so the guard never depends on what it guards.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Notifications against real receivers on loopback: an HTTP server (tiny_http),
 //! an SMTP server (aiosmtpd from the CI venv, see `tests/smtp_sink.py`) and a
 //! real program reading its stdin. Every server is stopped by a Drop guard.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};

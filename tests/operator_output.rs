@@ -2,6 +2,7 @@
 //! local transport: `log()` lines shown by default and journaled, `-q` keeping the
 //! failures, no colour codes in a pipe, and a failure inside a library naming the
 //! library's file.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::process::{Command, Output};
 

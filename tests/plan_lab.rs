@@ -1,6 +1,7 @@
 //! `plan` runs nothing and tells the truth, and ad-hoc `exec` is a journaled run,
 //! on a 4-host lab fleet: every host is fingerprinted (content, mode and owner of
 //! every file it owns) before and after, so any change `plan` made would show.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -9,6 +9,7 @@
 //! - backup archives with `../` or absolute names are refused on restore.
 //!
 //! One fleet of 15 hosts is shared; each test works on its own hosts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -3,6 +3,7 @@
 //! errors at the call position naming host and step, journaling, plan mode,
 //! secrets, and the hostile corpus (nothing executes, input refused before any
 //! command runs).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod world;
 

@@ -2,6 +2,7 @@
 //! 0600 files) whatever the umask, and `audit verify` names anything looser.
 //! The binary runs in a child shell with `umask 022`, the common default under
 //! which a backup of `/etc/shadow` used to land world-readable.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

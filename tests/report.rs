@@ -2,6 +2,7 @@
 //! written through the `Journal` API, rendered as Markdown, JSON and HTML; the HTML
 //! opened in headless Chromium; escaping of hostile host output; a crashed run;
 //! `report last`; patch levels in `inventory list`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

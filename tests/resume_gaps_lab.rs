@@ -9,6 +9,7 @@
 //! The kill point is made exact by the install command itself: after `dpkg -i` it
 //! waits while a hold file exists, so the test kills the controller once the host's
 //! own dpkg database says 1.0.1, then removes the hold.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

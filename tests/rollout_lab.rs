@@ -2,6 +2,7 @@
 //! judged from the journal it leaves: the failure budget, a failing pilot,
 //! dependency ordering, `max_unavailable`, the window cut-off, criticality order,
 //! and `plan` changing nothing. Each test works on its own hosts of the shared fleet.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! The rollout engine's rules, run through the real executor and its worker pool
 //! with simulated per-host work (no hosts are contacted here; the lab tests drive
 //! the same executor over SSH).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,6 +6,7 @@
 //!
 //! One shared fleet: lab01–lab06 and lab24 are dpkg hosts, the others RPM hosts;
 //! each test works on hosts of its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

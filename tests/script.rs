@@ -1,6 +1,7 @@
 //! The script layer end to end: sandbox limits, module resolution, error rendering
 //! (snapshots), primitives over local-transport hosts, and the `eval`, `exec`,
 //! `check` and `run` verbs through the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

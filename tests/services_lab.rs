@@ -2,6 +2,7 @@
 //! hosts: the agent's daemon is a real process started by a SysV init script, and
 //! a reboot really kills every process of a host and brings its sshd back with a
 //! new boot id. Each test works on hosts of its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! Acceptance of the SSH transport against real sshd hosts of the lab fleet.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! .deb and a non-installing method, plus its helpers), patch/rhel (refuses a dpkg
 //! host before touching it; its helpers), rollout/policies (each policy parses as a
 //! rollout policy), notify/templates, and checks.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod world;
 

@@ -5,6 +5,7 @@
 //! odd records by hand is the point). The patterns are the ways a record used to be
 //! read before it was typed; a line that really needs one of them belongs in
 //! `src/journal/entry.rs`, next to the record type.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,7 @@
 //! host alone (and say what it found and expected), while `rollback SECOND` works
 //! and, once the host is back where the first run left it, so does the first's.
 //! Packages (deploy) and files (put_file) each get their own host.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

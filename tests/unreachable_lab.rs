@@ -4,6 +4,7 @@
 //! unreachable hosts have their own budget (`max_unreachable`); `run --retry RUN`
 //! patches exactly the hosts RUN did not, and `--resume`/`--retry` reuse the run's
 //! `--param` values (secrets as references or not at all).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

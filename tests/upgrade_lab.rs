@@ -6,6 +6,7 @@
 //!
 //! The rollout test needs all ten hosts, so the tests take turns (one lock) and
 //! each starts by putting its hosts back to their start state.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
 

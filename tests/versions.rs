@@ -5,6 +5,7 @@
 //! part, equal versions written differently). dpkg is asked through
 //! `dpkg --compare-versions` in two batched shells; rpm through one `rpm --eval` Lua
 //! chunk that reads every pair from a file and calls `rpm.vercmp`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;

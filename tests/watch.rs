@@ -1,6 +1,7 @@
 //! `patchbook watch` end to end: the built binary on a temporary project with a
 //! local-transport host, its status page over real HTTP, its control socket, real
 //! inotify events from real file saves. Plus library-level checks of the service.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -170,6 +171,7 @@ impl Service {
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: a plain libc call on values this test owns; no memory is shared.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t0 = Instant::now();
         loop {

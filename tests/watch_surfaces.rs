@@ -1,6 +1,7 @@
 //! The `watch` service's control surfaces under hostile local use: the status
 //! page's connection budget, idle timeout and Host check, symlinks out of the
 //! playbook folder, `--socket` pointing at a file, and absurd clock speeds.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -153,8 +154,10 @@ fn raise_nofile() {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: a plain libc call on values this test owns; no memory is shared.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     lim.rlim_cur = lim.rlim_max.min(8192);
+    // SAFETY: a plain libc call on values this test owns; no memory is shared.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
 }
 

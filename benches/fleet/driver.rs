@@ -10,6 +10,7 @@
 //! trip (`patchbook::lab::Relay`), and the table adds the request/response turns
 //! per host each peer needed (benches/fleet/latency.sh). Run it with
 //! `benches/fleet/run.sh` (needs root; see `--help`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod ssh2_peer;
 
@@ -692,6 +693,7 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a plain libc call on values this test owns; no memory is shared.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let wall = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);

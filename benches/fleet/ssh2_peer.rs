@@ -3,6 +3,7 @@
 //! one shell script, the .deb on stdin, the backup tar on stdout) or over SEVEN exec
 //! channels (one per step). It is the machine's practical limit, not a tool: no
 //! journal, no retries, no policy. Hosts run on `forks` threads.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

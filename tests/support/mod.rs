@@ -6,6 +6,7 @@
 //! parent-death signal, and the shared fleet's thread lives until the process exits,
 //! when an exit hook also stops it by PID and removes its folder.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -16,9 +17,9 @@ use patchbook::lab::Fleet;
 /// Fails (never skips) when the machine cannot run the lab.
 pub fn require_lab() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "the lab tests need root (mount namespaces, sshd); run them as root after `.ci/setup`"
     );
     for tool in ["/usr/sbin/sshd", "/usr/bin/unshare", "/usr/bin/nsenter"] {

@@ -1,6 +1,7 @@
 //! A run's world for script tests: local-transport hosts, a state directory, a real
 //! journal, a session and a run engine with every primitive bound to it.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
