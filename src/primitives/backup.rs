@@ -864,7 +864,8 @@ pub fn restore(ctx: &HostCtx, handle: &crate::journal::BackupRef) -> Result<(), 
 /// [`Transport::private_dir`]: crate::transport::Transport::private_dir
 pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveError> {
     clear_stale_staging(ctx);
-    let dir = ctx.transport.private_dir(&staging_tag(&ctx.run.run_id))?;
+    let tag = format!("{}.{}", staging_tag(&ctx.run.run_id), attempt_tag(ctx));
+    let dir = ctx.transport.private_dir(&tag)?;
     if !dir.starts_with("/tmp/patchbook.") || dir.contains(char::is_whitespace) {
         return Err(PrimitiveError::step(
             ctx.name(),
@@ -891,22 +892,34 @@ pub fn staging_tag(run_id: &str) -> String {
         .collect()
 }
 
+/// Which process of the run stages: `a` and the last seq an earlier process
+/// wrote (`a0` for the process that began the run). Folders of this attempt are
+/// in use; those of earlier attempts are leftovers.
+fn attempt_tag(ctx: &HostCtx) -> String {
+    format!("a{}", ctx.run.journal.as_ref().map_or(0, |j| j.opened_at()))
+}
+
 /// Removes the staging folders an interrupted process of this run left on the
 /// host (a controller killed between an upload and its install leaves one in
 /// `/tmp`). Only in a process that reopened the run (`run --resume`, `rollback`),
-/// and once per host: no other process of the run can be using them, since the
-/// run's lock is this process's.
+/// and once per host. Folders of this attempt are kept: two inventory hosts can
+/// be one machine (the lab's hosts share `/tmp`), and this process may be staging
+/// there for the other one. No other process of the run can be using the rest,
+/// since the run's lock is this process's.
 fn clear_stale_staging(ctx: &HostCtx) {
     let reopened = ctx.run.journal.as_ref().is_some_and(|j| j.opened_at() > 0);
     if !reopened || !ctx.run.first_staging(ctx.name()) {
         return;
     }
-    // The tag is data ($1), never spliced into the script.
+    // The tags are data ($1, $2), never spliced into the script.
     const SCRIPT: &str = "for d in /tmp/patchbook.\"$1\".*; do \
+        case \"$d\" in /tmp/patchbook.\"$1\".\"$2\".*) continue;; esac; \
         { [ -e \"$d\" ] || [ -L \"$d\" ]; } || continue; \
         rm -rf -- \"$d\" && printf '%s\\n' \"$d\"; done; exit 0";
     let tag = staging_tag(&ctx.run.run_id);
-    let cmd = Command::new(["sh", "-c", SCRIPT, "sh", &tag]).timeout(Duration::from_secs(60));
+    let attempt = attempt_tag(ctx);
+    let cmd =
+        Command::new(["sh", "-c", SCRIPT, "sh", &tag, &attempt]).timeout(Duration::from_secs(60));
     match ctx.transport.run(&cmd) {
         Ok(out) => {
             for dir in out.stdout_str().lines().filter(|l| !l.is_empty()) {
