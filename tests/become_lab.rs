@@ -296,4 +296,16 @@ fn the_global_become_where_sudo_wants_a_password_fails_the_host_saying_so() {
         fleet.installed_version("lab02", "acme-agent").unwrap(),
         Some("1.0.0".into())
     );
+
+    // `ansible_become=false` in the inventory wins over the global `[ssh] become`,
+    // as a host var wins in Ansible: the host runs as its login user, no sudo.
+    let inv = dir.path().join("hosts.ini");
+    let mut ini = std::fs::read_to_string(&inv).unwrap();
+    ini.push_str("\n[sudoers:vars]\nansible_become=false\n");
+    std::fs::write(&inv, ini).unwrap();
+    let out = run(fleet, dir.path(), RIGHT, &[]);
+    let outputs = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{outputs}");
+    assert!(!outputs.contains("cannot become root"), "{outputs}");
+    assert!(outputs.contains("lab02 runs as deploy"), "{outputs}");
 }

@@ -172,3 +172,26 @@ fn a_stop_reason_reads_as_words_in_the_summary_and_the_report() {
     assert!(stop.contains("failure budget spent"), "{stop}");
     assert!(!stop.contains('{'), "{stop}");
 }
+
+#[test]
+fn rollback_with_a_selector_that_matches_nothing_is_an_error_and_writes_nothing() {
+    let p = Project::new();
+    p.file("pb.rhai", LOGGING);
+    let out = p.run(&["run", "pb.rhai"]);
+    assert!(out.status.success(), "{out:?}");
+    let before = p.journals();
+    let run = serde_json::from_str::<serde_json::Value>(before.lines().next().unwrap()).unwrap()
+        ["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = p.run(&["rollback", &run, "--hosts", "wbe"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wbe") && err.contains("web"), "{err}");
+    assert_eq!(
+        p.journals(),
+        before,
+        "a refused rollback wrote to the journal"
+    );
+}

@@ -920,21 +920,17 @@ fn plan_verdicts(
 pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
     let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
+    // A selector that matches no host is an error before the run is reopened: a
+    // typo must not read as "nothing to reverse".
+    let allowed: Option<Vec<String>> = match hosts {
+        Some(sel) => Some(rt.targets(sel)?.into_iter().map(|h| h.name).collect()),
+        None => None,
+    };
     let journal = Arc::new(
         Journal::open_with(&rt.state_dir, run_id, &rt.operator, rt.anchor()?)
             .map_err(journal_err)?,
     );
     let state = journal.state().map_err(journal_err)?;
-    let allowed: Option<Vec<String>> = match hosts {
-        Some(sel) => Some(
-            rt.inventory
-                .select(sel)?
-                .into_iter()
-                .map(|h| h.name.clone())
-                .collect(),
-        ),
-        None => None,
-    };
     let order: Vec<String> = state
         .rollback_order()
         .into_iter()

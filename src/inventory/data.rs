@@ -637,7 +637,7 @@ fn is_secret_reference(s: &str) -> bool {
 }
 
 /// Ansible's booleans: `true`, `yes`, `1`, `on` and their opposites, any case.
-fn parse_bool(v: &Value) -> Option<bool> {
+pub(crate) fn parse_bool(v: &Value) -> Option<bool> {
     match v {
         Value::Bool(b) => Some(*b),
         Value::Number(n) => n.as_i64().map(|n| n != 0),

@@ -115,6 +115,12 @@ pub struct Host {
 }
 
 impl Host {
+    /// The inventory says `ansible_become=false` (or `become = false`) for this
+    /// host: it wins over a global `[ssh] become`, as a host var wins in Ansible.
+    pub fn become_turned_off(&self) -> bool {
+        self.vars.get("ansible_become").and_then(data::parse_bool) == Some(false)
+    }
+
     /// A host with defaults, reachable over SSH at its own name.
     pub fn new(name: impl Into<String>) -> Self {
         let name = name.into();

@@ -158,7 +158,8 @@ impl SshConnector {
     }
 
     /// How `host`'s commands become another user: the inventory's become, else
-    /// `[ssh] become` (root, no password); none when `login` already is that user.
+    /// `[ssh] become` (root, no password) unless the inventory turns become off for
+    /// the host; none when `login` already is that user.
     /// A password reference is read here, once per connection, and its value is
     /// added to the process's secrets so nothing written shows it.
     fn sudo_for(
@@ -168,7 +169,7 @@ impl SshConnector {
     ) -> Result<Option<Sudo>, TransportError> {
         let wanted = match &host.r#become {
             Some(b) => b.clone(),
-            None if self.become_root => crate::inventory::Become {
+            None if self.become_root && !host.become_turned_off() => crate::inventory::Become {
                 user: "root".into(),
                 password: None,
             },
