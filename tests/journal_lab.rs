@@ -76,16 +76,7 @@ impl Setup {
     }
 
     fn runs(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.state.join("runs"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+        support::run_ids(&self.state)
     }
 
     fn audit_ok(&self) -> bool {

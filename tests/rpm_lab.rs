@@ -108,16 +108,7 @@ impl Project {
 
     /// The runs in the state folder, oldest first.
     fn runs(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.path("state/runs"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter_map(|n| n.strip_suffix(".jsonl").map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+        support::run_ids(&self.path("state"))
     }
 
     /// Each deploy intent of a run as (host, argv).

@@ -142,17 +142,7 @@ impl Project {
 
     /// Ids of the runs in the state dir.
     fn runs(&self) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(self.path("state/runs")) else {
-            return Vec::new();
-        };
-        let mut runs: Vec<String> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
-            .collect();
-        runs.sort();
-        runs
+        support::run_ids(&self.path("state"))
     }
 
     fn records(&self, run: &str) -> Vec<Value> {
