@@ -353,6 +353,20 @@ fn a_killed_holder_releases_its_hosts() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!text(&out).contains(&holder), "{}", text(&out));
     assert_eq!(installs("lab06"), 2);
+    // The killed run is never resumed, so its staging folder on the host (lab
+    // hosts share the machine's /tmp) is this test's to remove.
+    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("patchbook.{holder}."))
+        })
+        .collect();
+    for e in leftovers {
+        std::fs::remove_dir_all(e.path()).unwrap();
+    }
 }
 
 #[test]
