@@ -85,6 +85,8 @@ fn main() {
     svc.shutdown();
     let _ = reloader.join();
     latencies.sort();
+    // A rank between 1 and len: `as` from a small non-negative float is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
     println!(
         "reload latency over {EDITS} edits (debounce {} ms + quiet {} ms): p50 {} ms, p99 {} ms, max {} ms",

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "transport.sh: run as root (the lab needs mount namespaces)" >&2; exit 2; }
 command -v ssh >/dev/null && command -v scp >/dev/null || { echo "transport.sh: ssh/scp missing: run .ci/setup" >&2; exit 2; }
 
-cargo build --release --quiet
+cargo build --release --quiet --features lab
 pb="$PWD/target/release/patchbook"
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(10 50 100)

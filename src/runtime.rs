@@ -12,6 +12,7 @@ use crate::inventory::{Host, Inventory, InventoryError, TransportKind};
 use crate::journal::anchor::{Anchor, Signer, Sink, VerifyKey};
 use crate::journal::Secrets;
 use crate::transport::local::LocalTransport;
+#[cfg(feature = "lab")]
 use crate::transport::sim::SimTransport;
 use crate::transport::ssh::SshConnector;
 use crate::transport::{Connector, Transport, TransportError};
@@ -220,12 +221,22 @@ impl Runtime {
             return Ok(t.clone());
         }
         // Connect outside the lock: connections to different hosts run in parallel.
-        let t: Arc<dyn Transport> = match host.transport {
-            TransportKind::Local => Arc::new(LocalTransport::new(host.name.clone())),
-            TransportKind::Ssh => Arc::from(self.ssh.connect(host)?),
-            // Benchmark-only pretend host; see `transport::sim`.
-            TransportKind::Sim => Arc::new(SimTransport::for_host(host)?),
-        };
+        let t: Arc<dyn Transport> =
+            match host.transport {
+                TransportKind::Local => Arc::new(LocalTransport::new(host.name.clone())),
+                TransportKind::Ssh => Arc::from(self.ssh.connect(host)?),
+                // Benchmark-only pretend host; see `transport::sim`.
+                #[cfg(feature = "lab")]
+                TransportKind::Sim => Arc::new(SimTransport::for_host(host)?),
+                #[cfg(not(feature = "lab"))]
+                TransportKind::Sim => return Err(TransportError::Other {
+                    host: host.name.clone(),
+                    message:
+                        "transport \"sim\" is a benchmark transport this binary was built without; \
+                              build with `cargo build --features lab` to use it"
+                            .into(),
+                }),
+            };
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())

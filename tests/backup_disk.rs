@@ -176,6 +176,10 @@ fn backups_stop_at_the_per_run_cap_across_hosts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs root to mount a tmpfs: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn a_backup_does_not_start_below_the_free_space_margin() {
     let host_root = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -238,6 +242,10 @@ impl Drop for Tmpfs {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs root to mount a tmpfs: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn enospc_mid_stream_leaves_a_journal_that_says_disk_full() {
     let host_root = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount("2m");
@@ -369,6 +377,10 @@ fn a_controller_fault_past_the_deadline_is_still_not_the_hosts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs root to mount a tmpfs: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn a_journal_append_on_a_full_disk_leaves_no_torn_line() {
     let fs = Tmpfs::mount("1m");
     let state = fs.dir.path().join("state");

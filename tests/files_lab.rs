@@ -383,7 +383,7 @@ fn remove_file_keeps_what_it_removed_and_rollback_puts_it_back() {
     // Larger than one command's default output cap, binary.
     let big = on_host(host, "/opt/big.bin");
     let bytes: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0])
         .collect();
     std::fs::write(&big, &bytes).unwrap();
     let pb = p.script_file(

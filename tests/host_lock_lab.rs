@@ -314,7 +314,7 @@ fn ctrl_c_ends_a_wait_with_nothing_changed() {
     assert!(second.try_wait().unwrap().is_none(), "it did not wait");
     // SAFETY: signalling the child this test started.
     unsafe {
-        libc::kill(second.id() as i32, libc::SIGINT);
+        libc::kill(second.id().cast_signed(), libc::SIGINT);
     }
     let status = wait_with_timeout(&mut second, Duration::from_secs(10));
     let out = second.wait_with_output().unwrap();
@@ -650,7 +650,7 @@ fn watch_started_runs_hold_their_hosts_and_are_refused_on_busy_ones() {
     assert_eq!(cli.status.code(), Some(0), "{}", text(&cli));
     // SAFETY: signalling the child this test started.
     unsafe {
-        libc::kill(service.id() as i32, libc::SIGTERM);
+        libc::kill(service.id().cast_signed(), libc::SIGTERM);
     }
     let status = wait_with_timeout(&mut service, Duration::from_secs(30));
     if status.is_none() {

@@ -192,8 +192,8 @@ fn cli_lab_down_stops_exactly_its_processes() {
         .iter()
         .flat_map(|h| {
             [
-                h["sshd_pid"].as_i64().unwrap() as i32,
-                h["unshare_pid"].as_i64().unwrap() as i32,
+                i32::try_from(h["sshd_pid"].as_i64().unwrap()).unwrap(),
+                i32::try_from(h["unshare_pid"].as_i64().unwrap()).unwrap(),
             ]
         })
         .collect();
@@ -343,7 +343,7 @@ fn cli_lab_up_with_rtt_relays_every_host_and_lab_down_stops_the_relay() {
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
             .unwrap();
-    let relay_pid = state["relay"]["pid"].as_i64().expect("relay recorded") as i32;
+    let relay_pid = i32::try_from(state["relay"]["pid"].as_i64().expect("relay recorded")).unwrap();
     assert_eq!(state["relay"]["rtt_ms"], 30);
     assert!(alive(relay_pid), "the relay outlives `lab up`");
     let inventory = std::fs::read_to_string(dir.path().join("inventory.toml")).unwrap();

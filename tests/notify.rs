@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,49 +145,48 @@ fn venv_python() -> PathBuf {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port that refuses connections and stays refused: the socket is
+/// bound (so no one else gets the port) but never listens.
+fn closed_port() -> (socket2::Socket, u16) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+    (sock, port)
 }
 
 impl SmtpSink {
     fn start(starttls: Option<(&Path, &Path)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py");
-        let python = venv_python();
-        // A port freed a moment ago can be taken in between; try a few.
-        for _ in 0..5 {
-            let port = free_port();
-            let mut cmd = Command::new(&python);
-            cmd.arg(&script).arg(port.to_string()).arg(dir.path());
-            if let Some((cert, key)) = starttls {
-                cmd.arg("--starttls").arg(cert).arg(key);
-            }
-            let mut child = cmd
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                let _ = BufReader::new(stdout).read_line(&mut line);
-                let _ = tx.send(line);
-            });
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.trim() == "ready" => return SmtpSink { child, port, dir },
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+        // The sink binds a port of the kernel's choosing and says which.
+        let mut cmd = Command::new(venv_python());
+        cmd.arg(&script).arg(dir.path());
+        if let Some((cert, key)) = starttls {
+            cmd.arg("--starttls").arg(cert).arg(key);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        match line.trim().strip_prefix("ready ").map(str::parse::<u16>) {
+            Some(Ok(port)) => SmtpSink { child, port, dir },
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("aiosmtpd did not start (said {line:?}); see its output above");
             }
         }
-        panic!("aiosmtpd did not start; see its output above");
     }
 
     fn mails(&self) -> Vec<Mail> {
@@ -421,6 +419,10 @@ url = "{}"
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs aiosmtpd from the CI venv: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn smtp_reaches_contacts_and_channel_recipients() {
     let smtp = SmtpSink::start(None);
     let dir = tempfile::tempdir().unwrap();
@@ -489,6 +491,10 @@ to = ["ops@example.com", "noc@example.com"]
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs aiosmtpd from the CI venv: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn first_failure_escalates_to_the_hosts_owners_by_mail() {
     let smtp = SmtpSink::start(None);
     let http = HttpSink::start(vec![]);
@@ -632,7 +638,7 @@ fn http_500_is_retried_with_backoff_then_delivered() {
 
 #[test]
 fn unreachable_channels_fail_their_delivery_but_not_the_call() {
-    let closed = free_port();
+    let (_closed_socket, closed) = closed_port();
     let http = HttpSink::start(vec![(401, "bad token".into())]);
     let dir = tempfile::tempdir().unwrap();
     let fail = write_script(
@@ -814,6 +820,10 @@ fn bad_notify_config_names_file_line_and_column() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs aiosmtpd from the CI venv: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn many_owners_each_get_their_own_mail_and_record_in_order() {
     let smtp = SmtpSink::start(None);
     let dir = tempfile::tempdir().unwrap();
@@ -920,6 +930,10 @@ fn pki() -> Pki {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs aiosmtpd from the CI venv: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn starttls_required_upgrades_or_refuses_to_send() {
     let pki = pki();
     let tls_sink = SmtpSink::start(Some((&pki.cert, &pki.key)));
@@ -978,6 +992,10 @@ to = ["ops@example.com"]
 // Secrets
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs aiosmtpd from the CI venv: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn canary_secrets_never_reach_receivers_logs_or_delivery_errors() {
     const CANARY: &str = "canary-7f3a9c-secret";
     const HEADER_TOKEN: &str = "hdr-token-51e0d2";

@@ -750,6 +750,10 @@ fn count(hay: &str, needle: &str) -> usize {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "needs chromium: cargo test --features lab after .ci/setup, as .ci/run does"
+)]
 fn html_report_opens_in_chromium_with_host_rows_and_one_bar_per_host() {
     let state = tempfile::tempdir().unwrap();
     fleet_run(state.path(), "fleet-run");

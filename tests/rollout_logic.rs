@@ -85,7 +85,7 @@ fn check_budget(
             let pct: usize = s.trim_end_matches('%').parse().unwrap();
             pct * n / 100
         }
-        v => v.as_u64().unwrap() as usize,
+        v => usize::try_from(v.as_u64().unwrap()).unwrap(),
     };
     let p = policy(json!({ "max_failed": max_failed, "parallel": parallel, "waves": waves }));
     let plan = Plan::build(plain_targets(n), &p, 99).unwrap();

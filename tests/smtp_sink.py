@@ -1,19 +1,22 @@
 """A loopback SMTP server for patchbook's notification tests.
 
-Usage: smtp_sink.py PORT OUTDIR [--starttls CERT KEY]
+Usage: smtp_sink.py OUTDIR [--starttls CERT KEY]
 
 Saves every accepted message as OUTDIR/NNNN.json with its envelope sender and
-recipients, its raw content and its decoded subject, From, To and body, then prints "ready" once it listens. It stops when its
+recipients, its raw content and its decoded subject, From, To and body. It binds a
+port of the kernel's choosing and prints "ready PORT" once it listens, so no port is
+ever freed and then reused by the test. It stops when its
 stdin closes, so it cannot outlive the test that started it.
 """
 
+import asyncio
 import email
 import email.policy
 import json
 import os
 import sys
 
-from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 
 class Sink:
@@ -45,23 +48,31 @@ class Sink:
         return "250 OK"
 
 
+async def serve(outdir, kwargs):
+    loop = asyncio.get_running_loop()
+    # One handler for every connection: it numbers the messages.
+    sink = Sink(outdir)
+    server = await loop.create_server(
+        lambda: SMTP(sink, **kwargs), host="127.0.0.1", port=0
+    )
+    port = server.sockets[0].getsockname()[1]
+    print("ready %d" % port, flush=True)
+    try:
+        await loop.run_in_executor(None, sys.stdin.read)
+    finally:
+        server.close()
+
+
 def main():
-    port = int(sys.argv[1])
-    outdir = sys.argv[2]
+    outdir = sys.argv[1]
     kwargs = {}
-    if len(sys.argv) > 3 and sys.argv[3] == "--starttls":
+    if len(sys.argv) > 2 and sys.argv[2] == "--starttls":
         import ssl
 
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(sys.argv[4], sys.argv[5])
+        ctx.load_cert_chain(sys.argv[3], sys.argv[4])
         kwargs = {"tls_context": ctx, "require_starttls": True}
-    controller = Controller(Sink(outdir), hostname="127.0.0.1", port=port, **kwargs)
-    controller.start()
-    print("ready", flush=True)
-    try:
-        sys.stdin.read()
-    finally:
-        controller.stop()
+    asyncio.run(serve(outdir, kwargs))
 
 
 if __name__ == "__main__":

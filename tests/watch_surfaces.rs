@@ -366,3 +366,132 @@ fn trigger_passes_params_and_watch_says_when_a_run_starts_and_ends() {
     assert!(journal.contains("\"kind\":\"log\""), "{journal}");
     assert!(journal.contains("\"who\""), "{journal}");
 }
+
+/// The value of one sample line (`name{labels} value`) of a `/metrics` body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[test]
+fn metrics_count_reloads_runs_and_hosts_of_a_live_watch() {
+    let p = Project::new();
+    std::fs::write(
+        p.path("scripts/fleet.rhai"),
+        "rollout(hosts(\"all\"), #{}, |h| { exec(h, [\"true\"]); });\n",
+    )
+    .unwrap();
+    let svc = Service::start(&p);
+    wait_generation(&svc);
+    let metrics = || {
+        let r = svc.get("/metrics");
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text"),
+            "{head}"
+        );
+        assert!(body.trim_end().ends_with("# EOF"), "{body}");
+        body.to_string()
+    };
+    let m = metrics();
+    assert_eq!(
+        sample(&m, "patchbook_reloads_total{result=\"live\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "patchbook_generation"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "patchbook_reload_duration_seconds_count"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "patchbook_runs_total{outcome=\"ok\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(!m.contains("last_scan_open_cves"), "no scan ran: {m}");
+
+    // One run over the inventory's one local host.
+    let out = Command::new(BIN)
+        .args(["trigger", "fleet", "--socket"])
+        .arg(p.socket())
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let t0 = Instant::now();
+    let m = loop {
+        let m = metrics();
+        if sample(&m, "patchbook_runs_total{outcome=\"ok\"}") == Some(1.0) {
+            break m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the run never ended ok: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let hosts = |state: &str| {
+        sample(
+            &m,
+            &format!("patchbook_hosts{{playbook=\"fleet\",state=\"{state}\"}}"),
+        )
+    };
+    assert_eq!(hosts("targeted"), Some(1.0), "{m}");
+    assert_eq!(hosts("done"), Some(1.0), "{m}");
+    assert_eq!(hosts("failed"), Some(0.0), "{m}");
+    assert_eq!(sample(&m, "patchbook_runs_started_total"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "patchbook_runs_in_flight"), Some(0.0), "{m}");
+
+    // A broken save is rejected and timed; the live generation stays.
+    std::fs::write(p.path("scripts/a.rhai"), "let x = ;\n").unwrap();
+    let t0 = Instant::now();
+    let m = loop {
+        let m = metrics();
+        if sample(&m, "patchbook_reloads_total{result=\"rejected\"}") == Some(1.0) {
+            break m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no rejected reload: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        sample(&m, "patchbook_reload_duration_seconds_count"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "patchbook_generation"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "patchbook_reloads_total{result=\"live\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn metrics_refuse_foreign_hosts_and_malformed_requests() {
+    let p = Project::new();
+    let svc = Service::start(&p);
+    wait_generation(&svc);
+    let r = svc.request("/metrics", "evil.example");
+    assert!(r.starts_with("HTTP/1.1 421"), "{r}");
+    assert!(!r.contains("patchbook_"), "{r}");
+    // Not HTTP at all: refused by the HTTP stack, not answered with data.
+    let mut s = TcpStream::connect(&svc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /metrics HTTP/9\0\r\n\r\n").unwrap();
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r:?}");
+    assert!(!r.contains("patchbook_"), "{r}");
+    // The page still answers afterwards.
+    assert!(svc.get("/metrics").contains("patchbook_generation"));
+}

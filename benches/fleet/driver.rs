@@ -678,7 +678,7 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    let pid = child.id() as i32;
+    let pid = child.id().cast_signed();
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -711,7 +711,9 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
     Ok(Sample {
         wall,
         cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
-        rss_kb: peak.load(Ordering::Relaxed).max(ru.ru_maxrss as u64),
+        rss_kb: peak
+            .load(Ordering::Relaxed)
+            .max(u64::try_from(ru.ru_maxrss).unwrap_or(0)),
         host_cpu: 0.0,
         turns: 0.0,
         connections: 0.0,
@@ -757,7 +759,7 @@ fn rss_kb(pid: i32) -> u64 {
 
 fn page_kb() -> u64 {
     // SAFETY: sysconf has no failure mode for _SC_PAGESIZE.
-    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64 / 1024).max(1)
+    (u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096) / 1024).max(1)
 }
 
 /// Summed RSS of `root` and all its descendants.

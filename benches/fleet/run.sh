@@ -9,5 +9,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (the lab needs mount namespaces)" >&2; exit 2; }
-cargo build --release --quiet --bin patchbook --example fleet-bench
+cargo build --release --quiet --features lab --bin patchbook --example fleet-bench
 exec target/release/examples/fleet-bench "$@"

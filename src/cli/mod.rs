@@ -139,6 +139,7 @@ pub enum Verb {
     #[command(subcommand)]
     Inventory(InventoryVerb),
     /// Start and stop a lab fleet of real sshd hosts on this machine (needs root).
+    #[cfg(feature = "lab")]
     #[command(subcommand)]
     Lab(LabVerb),
     /// Check the journals' hash chains and the audit index.
@@ -251,6 +252,7 @@ pub enum InventoryVerb {
     Graph,
 }
 
+#[cfg(feature = "lab")]
 #[derive(Debug, Subcommand)]
 pub enum LabVerb {
     /// Start N hosts; writes keys, known_hosts and inventories into DIR.
@@ -377,6 +379,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Verb::Check { paths } => check(&cli, paths),
         Verb::Exec { selector, snippet } => run::exec(&cli, selector, snippet),
         Verb::Eval { snippet, file } => eval(&cli, snippet.as_deref(), file.as_deref()),
+        #[cfg(feature = "lab")]
         Verb::Lab(v) => lab(v),
         Verb::Audit(AuditVerb::Verify {
             run,
@@ -407,6 +410,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
+#[cfg(feature = "lab")]
 fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
     match verb {
         LabVerb::Up {

@@ -323,9 +323,10 @@ pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
             .parse()
             .map_err(|_| bad("the step must be a whole number"))?,
     };
-    if step <= 0 {
-        return Err(bad("the step must be 1 or more"));
-    }
+    let step = match usize::try_from(step) {
+        Ok(s) if s > 0 => s,
+        _ => return Err(bad("the step must be 1 or more")),
+    };
     let width = (beg.starts_with('0') && beg.len() > 1).then_some(beg.len());
     if let Some(w) = width {
         if end.len() != w {
@@ -339,7 +340,7 @@ pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
             }
             LETTERS[b..=e]
                 .chars()
-                .step_by(step as usize)
+                .step_by(step)
                 .map(String::from)
                 .collect()
         }
@@ -357,12 +358,13 @@ pub(crate) fn expand_range(line: &str) -> Result<Vec<String>, String> {
                 return Err(bad("begin must not be greater than end"));
             }
             // Count before building anything: the bound must hold before memory is spent.
-            let count = (i128::from(e) - i128::from(b)) / i128::from(step) + 1;
+            let count =
+                (i128::from(e) - i128::from(b)) / i128::try_from(step).unwrap_or(i128::MAX) + 1;
             if count > MAX_RANGE_HOSTS as i128 {
                 return Err(too_many(line, count));
             }
             (b..=e)
-                .step_by(step as usize)
+                .step_by(step)
                 .map(|n| match width {
                     Some(w) if n < 0 => format!("-{:0>w$}", -n, w = w - 1),
                     Some(w) => format!("{n:0>w$}"),

@@ -423,7 +423,12 @@ impl Parser<'_> {
             self.i += c.len_utf8();
         }
         Ok(if bytes {
-            Lit::Bytes(out.chars().map(|c| c as u32 as u8).collect())
+            // A bytes literal holds one byte per char; anything wider is malformed.
+            Lit::Bytes(
+                out.chars()
+                    .map(|c| u8::try_from(u32::from(c)).map_err(|_| ()))
+                    .collect::<Result<_, ()>>()?,
+            )
         } else {
             Lit::Str(out)
         })

@@ -164,7 +164,9 @@ fn match_one<'a>(
         None => Ok(results),
         Some(_) if results.is_empty() => Ok(results),
         Some((start, end)) => {
-            let len = results.len() as i64;
+            let len = i64::try_from(results.len()).unwrap_or(i64::MAX);
+            // Every index below is clamped to 0..=len first, so it fits a usize.
+            let at = |i: i64| usize::try_from(i).unwrap_or(0);
             let idx = |i: i64| if i < 0 { len + i } else { i };
             let out_of_range = || InventoryError::Selector {
                 selector: whole.to_string(),
@@ -176,12 +178,12 @@ fn match_one<'a>(
                     if i < 0 || i >= len {
                         return Err(out_of_range());
                     }
-                    Ok(vec![results[i as usize]])
+                    Ok(vec![results[at(i)]])
                 }
                 Some(end) => {
-                    let s = idx(start).clamp(0, len) as usize;
+                    let s = at(idx(start).clamp(0, len));
                     let e = if end == -1 { len - 1 } else { end };
-                    let e = (e + 1).clamp(0, len) as usize;
+                    let e = at((e + 1).clamp(0, len));
                     Ok(results.get(s..e.max(s)).unwrap_or_default().to_vec())
                 }
             }

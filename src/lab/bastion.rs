@@ -54,7 +54,7 @@ fn wait_own_netns(pid: i32) -> Result<(), LabError> {
 /// Names and the /30 subnet derive from the PID, so concurrent labs differ.
 pub(super) fn link(pid: i32) -> Result<String, LabError> {
     wait_own_netns(pid)?;
-    let k = pid as u32;
+    let k = pid.unsigned_abs();
     let net = format!(
         "10.{}.{}.{}",
         64 + (k >> 14) % 64,

@@ -153,8 +153,8 @@ fn new_boot_id() -> String {
                 .unwrap_or(0);
             format!(
                 "{:08x}-0000-4000-8000-{:012x}",
-                n as u32,
-                n as u64 & 0xffff_ffff_ffff
+                n & 0xffff_ffff,
+                (n >> 32) & 0xffff_ffff_ffff
             )
         })
 }

@@ -337,7 +337,9 @@ impl Fleet {
             relay_process: None,
             tie,
         };
-        let ports = free_ports(n)?;
+        // Held until each host's sshd is about to bind (see `free_ports`).
+        let mut reserved = free_ports(n)?;
+        let ports: Vec<u16> = reserved.iter().map(|(_, p)| *p).collect();
         let mut pending = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let hdir = hosts_dir.join(name);
@@ -373,8 +375,9 @@ impl Fleet {
                 g.push(kinds[*i].as_str().to_string());
                 (g, c)
             };
+            reserved[*i].0.take();
             let child = spawn_host(hdir, tie, kinds[*i], net)?;
-            let pid = child.id() as i32;
+            let pid = child.id().cast_signed();
             fleet.children.push(child);
             fleet.hosts.push(LabHost {
                 name: name.clone(),
@@ -408,15 +411,19 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Waits until every sshd accepts, and learns each sshd's outer PID.
+    /// Waits until every sshd accepts, and learns each sshd's outer PID. A host
+    /// whose sshd lost its port to another process is started again on a fresh
+    /// one (see `free_ports`).
     fn wait_ready(&mut self) -> Result<(), LabError> {
         let started = Instant::now();
         let mut ready = vec![false; self.hosts.len()];
+        let mut restarts = vec![0usize; self.hosts.len()];
         while ready.iter().any(|r| !r) {
-            for (i, h) in self.hosts.iter().enumerate() {
+            for i in 0..self.hosts.len() {
                 if ready[i] {
                     continue;
                 }
+                let h = &self.hosts[i];
                 // A host behind a bastion is not dialled from here: its sshd writes
                 // its PID file once it listens.
                 let up = if h.jump.is_empty() {
@@ -430,6 +437,15 @@ impl Fleet {
                     continue;
                 }
                 let exited = self.children[i].try_wait().ok().flatten().is_some();
+                if exited
+                    && h.jump.is_empty()
+                    && restarts[i] < PORT_RESTARTS
+                    && lost_its_port(&h.dir.join("sshd.log"))
+                {
+                    restarts[i] += 1;
+                    self.restart_on_fresh_port(i)?;
+                    continue;
+                }
                 if exited || started.elapsed() > START_DEADLINE {
                     return Err(LabError::Start {
                         host: h.name.clone(),
@@ -453,6 +469,31 @@ impl Fleet {
             h.sshd_pid = kid;
             h.sshd_start = start_time(kid).unwrap_or(0);
         }
+        Ok(())
+    }
+
+    /// Starts host `i` (on this machine's loopback) again with a new port in its
+    /// sshd_config, after its sshd found the old one taken.
+    fn restart_on_fresh_port(&mut self, i: usize) -> Result<(), LabError> {
+        let mut fresh = free_ports(1)?;
+        let Some((listener, port)) = fresh.pop() else {
+            return Err(LabError::Unsupported("no free loopback port".into()));
+        };
+        let h = &self.hosts[i];
+        let cfg_path = h.dir.join("sshd_config");
+        let cfg = std::fs::read_to_string(&cfg_path).map_err(LabError::io(&cfg_path))?;
+        let old = format!(":{}\n", h.port);
+        let cfg = cfg.replacen(&old, &format!(":{port}\n"), 1);
+        write(&cfg_path, &cfg)?;
+        drop(listener);
+        let child = spawn_host(&h.dir, self.tie, h.pkg, Net::Shared)?;
+        let pid = child.id().cast_signed();
+        let mut old_child = std::mem::replace(&mut self.children[i], child);
+        let _ = old_child.wait();
+        let h = &mut self.hosts[i];
+        h.port = port;
+        h.unshare_pid = pid;
+        h.unshare_start = start_time(pid).unwrap_or(0);
         Ok(())
     }
 
@@ -600,7 +641,7 @@ impl Fleet {
         let mut child = relay_process
             .spawn()
             .map_err(|e| failed(format!("cannot start it: {e}")))?;
-        let pid = child.id() as i32;
+        let pid = child.id().cast_signed();
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             // Its end of the pipe closes when it exits, so this never hangs on a
@@ -615,7 +656,7 @@ impl Fleet {
         self.relay_process = Some(RelayProcess {
             pid,
             start: start_time(pid).unwrap_or(0),
-            rtt_ms: rtt.as_millis() as u64,
+            rtt_ms: u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX),
         });
         for (h, port) in self.hosts.iter_mut().zip(ports) {
             h.relay_port = Some(port);
@@ -724,7 +765,7 @@ impl Fleet {
             )));
         }
         let mut child = spawn_host(&old.dir, self.tie, old.pkg, Net::Shared)?;
-        let pid = child.id() as i32;
+        let pid = child.id().cast_signed();
         let started = Instant::now();
         let addr = SocketAddr::from(([127, 0, 0, 1], old.port));
         let failed = |h: &LabHost| LabError::Start {
@@ -1225,20 +1266,35 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), LabError> {
     )
 }
 
-/// Asks the OS for `n` distinct free loopback ports.
-fn free_ports(n: usize) -> Result<Vec<u16>, LabError> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(LabError::io(Path::new("127.0.0.1:0")))?;
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .map_err(LabError::io(Path::new("127.0.0.1:0")))
+/// How often one host is started again after losing its port.
+const PORT_RESTARTS: usize = 5;
+
+/// Asks the OS for `n` distinct free loopback ports, each held by a listener
+/// until the caller drops it right before sshd binds the port.
+///
+/// sshd can neither be handed a bound socket nor pick its own port (it refuses
+/// `Port 0`), so a port has to be released before sshd binds it. Another process
+/// may take it in that moment; `wait_ready` sees sshd's bind failure in its log
+/// ([`lost_its_port`]) and starts the host again on a fresh port.
+fn free_ports(n: usize) -> Result<Vec<(Option<TcpListener>, u16)>, LabError> {
+    (0..n)
+        .map(|_| {
+            let l =
+                TcpListener::bind("127.0.0.1:0").map_err(LabError::io(Path::new("127.0.0.1:0")))?;
+            let port = l
+                .local_addr()
+                .map_err(LabError::io(Path::new("127.0.0.1:0")))?
+                .port();
+            Ok((Some(l), port))
         })
         .collect()
+}
+
+/// Whether sshd's log says it could not bind its address (the port was taken).
+fn lost_its_port(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| {
+        t.contains("Address already in use") || t.contains("Cannot bind any address")
+    })
 }
 
 /// Whether this sshd knows a config option (newer OpenSSH adds penalties that

@@ -117,6 +117,7 @@ mod tests {
 
     // Here rather than in `transport::sim`: the transport layer must not import
     // the primitives that read its output.
+    #[cfg(feature = "lab")]
     #[test]
     fn the_sim_transport_answers_the_probe_as_debian_with_dpkg() {
         use crate::transport::{sim::SimTransport, Transport as _};

@@ -865,7 +865,7 @@ pub fn reboot(
         Ok(r) => RebootOutput {
             boot_id_before: &before,
             boot_id_after: Some(&r.boot_id_after),
-            took_ms: Some(r.took.as_millis() as u64),
+            took_ms: Some(u64::try_from(r.took.as_millis()).unwrap_or(u64::MAX)),
             error: None,
         },
         Err(e) => RebootOutput {

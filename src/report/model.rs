@@ -402,6 +402,8 @@ pub fn fmt_ms(ms: f64) -> String {
     } else if ms < 60_000.0 {
         format!("{:.2} s", ms / 1000.0)
     } else {
+        // ms >= 60,000 here; `as` saturates at u64::MAX, far past any run.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let s = (ms / 1000.0).round() as u64;
         format!("{}m {:02}s", s / 60, s % 60)
     }

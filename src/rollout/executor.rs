@@ -531,7 +531,8 @@ impl<'a> Executor<'a> {
                 }
                 if let Some(w) = &self.window {
                     let per_host = longest.unwrap_or(plan.policy.estimate);
-                    let rounds = wave.hosts.len().div_ceil(plan.parallel) as u32;
+                    let rounds =
+                        u32::try_from(wave.hosts.len().div_ceil(plan.parallel)).unwrap_or(u32::MAX);
                     let needed = per_host.saturating_mul(rounds).saturating_add(w.buffer);
                     let left = w.time_left(clock.now());
                     if left < needed {

@@ -77,7 +77,8 @@ impl Amount {
         match v {
             Value::Number(n) => n
                 .as_u64()
-                .map(|n| Amount::Count(n as usize))
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Amount::Count)
                 .ok_or_else(|| invalid(key, format!("`{n}` is not a whole count of hosts"))),
             Value::String(s) => Amount::parse_str(s).map_err(|m| invalid(key, m)),
             other => Err(invalid(
@@ -97,6 +98,8 @@ impl Amount {
             if !(0.0..=100.0).contains(&pct) {
                 return Err(format!("`{s}` is outside 0%..100%"));
             }
+            // 0.0..=100.0 was checked above: 0..=10,000 hundredths, exact in a u32.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             Ok(Amount::Percent {
                 hundredths: (pct * 100.0).round() as u32,
             })
@@ -325,7 +328,7 @@ fn word(key: &str, v: &Value) -> Result<String, PolicyError> {
 
 fn parse_count(key: &str, v: &Value, min: usize) -> Result<usize, PolicyError> {
     let n = match v {
-        Value::Number(n) => n.as_u64().map(|n| n as usize),
+        Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
         Value::String(s) => s.trim().parse::<usize>().ok(),
         _ => None,
     }

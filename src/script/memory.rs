@@ -21,6 +21,12 @@ thread_local! {
 /// The system allocator, counting per thread.
 pub struct Counting;
 
+/// An allocation size as a signed delta; sizes never exceed `isize::MAX`, so
+/// this is exact.
+fn signed(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn add(delta: i64) {
     let _ = HELD.try_with(|h| h.set(h.get().wrapping_add(delta)));
 }
@@ -32,7 +38,7 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: forwarded with the caller's own guarantees.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            add(layout.size() as i64);
+            add(signed(layout.size()));
         }
         p
     }
@@ -40,20 +46,20 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: as above.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            add(layout.size() as i64);
+            add(signed(layout.size()));
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) };
-        add(-(layout.size() as i64));
+        add(-signed(layout.size()));
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as above.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            add(new_size as i64 - layout.size() as i64);
+            add(signed(new_size) - signed(layout.size()));
         }
         p
     }

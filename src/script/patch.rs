@@ -443,7 +443,7 @@ pub fn register_patch_types(engine: &mut Engine) {
             "size",
             "int",
             "/// The verified size of the file in bytes.",
-            |a| (a.0.bytes as i64).into(),
+            |a| i64::try_from(a.0.bytes).unwrap_or(i64::MAX).into(),
         ),
         (
             "path",
@@ -490,7 +490,7 @@ pub fn register_patch_types(engine: &mut Engine) {
             |b| b.0.archive.display().to_string().into(),
         ),
         ("size", "int", "/// Size of the archive in bytes.", |b| {
-            (b.0.size as i64).into()
+            i64::try_from(b.0.size).unwrap_or(i64::MAX).into()
         }),
         (
             "paths",

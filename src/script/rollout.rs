@@ -73,7 +73,10 @@ fn plan_hosts(
     }
     let mut m = Map::new();
     m.insert("stop".into(), "planned".into());
-    m.insert("targets".into(), (ordered.len() as i64).into());
+    m.insert(
+        "targets".into(),
+        i64::try_from(ordered.len()).unwrap_or(i64::MAX).into(),
+    );
     m.insert("failed".into(), Dynamic::from_array(failed));
     m.insert("pending".into(), Dynamic::from_array(Array::new()));
     Ok(m)

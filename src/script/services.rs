@@ -136,7 +136,10 @@ fn do_reboot(
     m.insert("planned".into(), r.planned.into());
     m.insert("boot_id_before".into(), r.boot_id_before.into());
     m.insert("boot_id_after".into(), r.boot_id_after.into());
-    m.insert("took_ms".into(), (r.took.as_millis() as i64).into());
+    m.insert(
+        "took_ms".into(),
+        i64::try_from(r.took.as_millis()).unwrap_or(i64::MAX).into(),
+    );
     Ok(m)
 }
 

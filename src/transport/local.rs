@@ -67,7 +67,7 @@ impl LocalTransport {
             if started.elapsed() >= cmd.timeout {
                 // SAFETY: kill(2) on a process group id we created; no memory is touched.
                 unsafe {
-                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                    libc::kill(-child.id().cast_signed(), libc::SIGKILL);
                 }
                 let _ = child.wait();
                 return Err(TransportError::Deadline {

@@ -11,6 +11,7 @@
 
 pub mod local;
 pub mod quote;
+#[cfg(feature = "lab")]
 pub mod sim;
 pub mod ssh;
 

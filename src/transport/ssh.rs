@@ -421,7 +421,7 @@ impl Target {
         }
         let wire = self.reach(&mut tunnel, self)?;
         let (sess, sock) = self.establish(wire)?;
-        tracing::debug!(host = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "connected");
+        tracing::debug!(host = %self.name, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "connected");
         Ok(Conn {
             sess,
             sock,
@@ -654,7 +654,7 @@ fn is_eagain(e: &ssh2::Error) -> bool {
 }
 
 fn millis(d: Duration) -> u32 {
-    d.as_millis().clamp(1, u32::MAX as u128) as u32
+    u32::try_from(d.as_millis().max(1)).unwrap_or(u32::MAX)
 }
 
 /// Waits (at most `max`) until the socket is ready in the direction libssh2 is blocked on.
@@ -678,7 +678,11 @@ fn wait_socket(conn: &Conn, max: Duration) {
     };
     // SAFETY: one valid pollfd on a socket we own, for a bounded time.
     unsafe {
-        libc::poll(&mut pfd, 1, max.as_millis().min(i32::MAX as u128) as i32);
+        libc::poll(
+            &mut pfd,
+            1,
+            i32::try_from(max.as_millis()).unwrap_or(i32::MAX),
+        );
     }
 }
 
@@ -688,7 +692,7 @@ fn fresh_token() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n == bytes.len() as isize {
+    if usize::try_from(n).is_ok_and(|n| n == bytes.len()) {
         return hex::encode(bytes);
     }
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -1429,7 +1433,8 @@ impl SshTransport {
             let opened = sftp.open_mode(
                 Path::new(path),
                 flags,
-                (mode & 0o7777) as i32,
+                // At most 0o7777: fits an i32.
+                i32::try_from(mode & 0o7777).unwrap_or(0o600),
                 ssh2::OpenType::File,
             );
             let mut file = match opened {

@@ -8,7 +8,8 @@
 //! - [`service`]: the live generation, reload errors, runs (pinned, never overlapping);
 //! - [`launcher`]: the [`Launcher`] trait through which a run is executed;
 //! - [`control`]: the owner-only Unix control socket behind `patchbook trigger`;
-//! - [`status`]: the status page, `/status.json` and `/events`.
+//! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
+//! - [`metrics`]: the Prometheus meters and the `/metrics` body.
 //!
 //! This module wires them together ([`serve`]); it must not execute playbooks
 //! itself (that is the launcher's job) nor parse command lines.
@@ -17,6 +18,7 @@ pub mod control;
 pub mod files;
 pub mod generation;
 pub mod launcher;
+pub mod metrics;
 pub mod schedule;
 pub mod service;
 pub mod status;

@@ -282,7 +282,8 @@ fn value(s: &str, what: &str, lo: u32, hi: u32, names: &[&str]) -> Result<u32, S
     let l = s.to_ascii_lowercase();
     if let Some(i) = names.iter().position(|n| *n == l) {
         // Month names count from 1, weekday names from 0 (Sunday).
-        return Ok(i as u32 + if names.len() == 12 { 1 } else { 0 });
+        // `i` indexes a list of 7 or 12 names.
+        return Ok(u32::try_from(i).unwrap_or(0) + if names.len() == 12 { 1 } else { 0 });
     }
     match s.parse::<u32>() {
         Ok(v) if (lo..=hi).contains(&v) => Ok(v),

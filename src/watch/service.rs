@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 
 use super::generation::{compile, snapshot, FileError, Generation, Inputs};
 use super::launcher::{Cause, LaunchRequest, Launcher, ProgressCounts};
+use super::metrics::{Meters, Outcome};
 use crate::rollout::Clock;
 
 /// How many finished runs the status page remembers.
@@ -102,6 +103,7 @@ struct Due {
 #[derive(Default)]
 struct State {
     attempts: u64,
+    went_live: u64,
     rejected: u64,
     unchanged: u64,
     last_error: Option<ReloadFailure>,
@@ -126,6 +128,20 @@ pub struct Service {
     updates: tokio::sync::watch::Sender<u64>,
     /// Serialises reloads: the watcher and a rescan must not compile concurrently.
     reload_lock: Mutex<()>,
+    meters: Meters,
+}
+
+/// The service's numbers at one moment, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub went_live: u64,
+    pub rejected: u64,
+    pub unchanged: u64,
+    pub live_generation: u64,
+    pub in_flight: u64,
+    pub runs_started: u64,
+    /// Each playbook's latest run: the one in flight, else the last finished.
+    pub latest: Vec<RunStatus>,
 }
 
 impl Service {
@@ -142,6 +158,7 @@ impl Service {
             threads: Mutex::new(Vec::new()),
             updates: tokio::sync::watch::Sender::new(0),
             reload_lock: Mutex::new(()),
+            meters: Meters::default(),
         })
     }
 
@@ -209,7 +226,9 @@ impl Service {
         self.state().attempts += 1;
         let hash = snap.input_hash.clone();
         let number = self.numbers.load(Ordering::Acquire) + 1;
-        match compile(&self.inputs, snap, number, self.clock.now()) {
+        let compiled = compile(&self.inputs, snap, number, self.clock.now());
+        self.meters.reload_took(t0.elapsed());
+        match compiled {
             Err(errors) => self.reject(Some(hash), errors),
             Ok(generation) => {
                 self.numbers.store(number, Ordering::Release);
@@ -218,6 +237,7 @@ impl Service {
                 *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(generation.clone());
                 {
                     let mut st = self.state();
+                    st.went_live += 1;
                     st.last_error = None;
                     st.last_failed_hash = None;
                     let now = self.clock.now();
@@ -385,10 +405,13 @@ impl Service {
                     r.run_id = res.run_id;
                     r.ok = Some(res.ok);
                     r.summary = Some(res.summary);
+                    self.meters
+                        .run_ended(if res.ok { Outcome::Ok } else { Outcome::Failed });
                 }
                 Err(e) => {
                     r.ok = Some(false);
                     r.summary = Some(e);
+                    self.meters.run_ended(Outcome::Error);
                 }
             }
             let verdict = if r.ok == Some(true) { "ok" } else { "FAILED" };
@@ -476,6 +499,36 @@ impl Service {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+    }
+
+    /// The meters `/metrics` shows beside [`Service::counts`]; the advisory scan
+    /// reports through [`Meters::record_scan`].
+    pub fn meters(&self) -> &Meters {
+        &self.meters
+    }
+
+    /// The numbers `/metrics` shows, read at once under the state lock.
+    pub fn counts(&self) -> Counts {
+        let live_generation = self.live().map(|g| g.number).unwrap_or(0);
+        let st = self.state();
+        let mut latest: BTreeMap<&str, &RunStatus> = BTreeMap::new();
+        // `recent` is newest first: the first seen of each playbook wins, and a
+        // run in flight wins over all of them.
+        for r in st.recent.iter() {
+            latest.entry(r.playbook.as_str()).or_insert(r);
+        }
+        for r in st.in_flight.values() {
+            latest.insert(r.playbook.as_str(), r);
+        }
+        Counts {
+            went_live: st.went_live,
+            rejected: st.rejected,
+            unchanged: st.unchanged,
+            live_generation,
+            in_flight: u64::try_from(st.in_flight.len()).unwrap_or(u64::MAX),
+            runs_started: self.runs_started.load(Ordering::Acquire),
+            latest: latest.into_values().cloned().collect(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The read-only status page: `GET /` (a small self-contained HTML page),
-//! `GET /status.json`, and `GET /events` (server-sent events, one `status` event
-//! per change plus a comment every 5 s to keep proxies from closing the stream).
+//! `GET /status.json`, `GET /events` (server-sent events, one `status` event
+//! per change plus a comment every 5 s to keep proxies from closing the stream),
+//! and `GET /metrics` for Prometheus ([`super::metrics`]).
 //!
 //! It binds to loopback unless the operator passes `--public-status`: the page names
 //! files, hashes and errors, which is not for the whole network. Every other method
@@ -11,7 +12,8 @@
 //! limits around it: at most [`MAX_CONNECTIONS`] connections (taken before
 //! `accept`, so a flood waits in the kernel backlog instead of costing
 //! descriptors), [`MAX_EVENT_STREAMS`] of them event streams, an idle timeout on
-//! every connection, and a Host check against DNS rebinding. The control socket
+//! every connection, a deadline on each request's answer (tower's timeout), and
+//! a Host check against DNS rebinding. The control socket
 //! has its own budget in [`super::control`]. The content comes from
 //! [`Service::status`]; this module must not change the service.
 
@@ -41,6 +43,9 @@ pub const MAX_EVENT_STREAMS: usize = 64;
 /// streams write a keepalive every [`KEEPALIVE`], so a live one never reaches it;
 /// short, because a held slot is a slot a real browser waits for.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a request may take to produce its response head (an event stream's
+/// head comes at once; its body is bounded by [`MAX_STREAM_LIFE`]).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an event stream writes a comment when nothing changed.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// An event stream is closed after this long; `EventSource` reconnects by itself,
@@ -87,11 +92,25 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
         .route("/index.html", get(index))
         .route("/status.json", get(status_json))
         .route("/events", get(events))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             page.clone(),
             check_host,
         ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async {
+                        plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "the status page took too long to answer; retry\n".into(),
+                        )
+                    },
+                ))
+                .layer(tower::timeout::TimeoutLayer::new(REQUEST_TIMEOUT)),
+        )
         .with_state(page);
     let capped = Capped {
         inner: listener,
@@ -196,6 +215,14 @@ async fn status_json(State(page): State<Page>) -> Response {
     plain(StatusCode::OK, "application/json", body)
 }
 
+async fn metrics(State(page): State<Page>) -> Response {
+    plain(
+        StatusCode::OK,
+        super::metrics::CONTENT_TYPE,
+        super::metrics::render(&page.service),
+    )
+}
+
 async fn not_found(method: axum::http::Method) -> Response {
     if method != axum::http::Method::GET {
         return plain(
@@ -207,7 +234,7 @@ async fn not_found(method: axum::http::Method) -> Response {
     plain(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found; try /, /status.json or /events\n".into(),
+        "not found; try /, /status.json, /events or /metrics\n".into(),
     )
 }
 

@@ -296,7 +296,7 @@ mod tests {
     use super::*;
 
     fn blob(kind: &str, fill: u8) -> Vec<u8> {
-        let mut b = (kind.len() as u32).to_be_bytes().to_vec();
+        let mut b = u32::try_from(kind.len()).unwrap().to_be_bytes().to_vec();
         b.extend_from_slice(kind.as_bytes());
         b.extend_from_slice(&[0, 0, 0, 32]);
         b.extend_from_slice(&[fill; 32]);

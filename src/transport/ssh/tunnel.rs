@@ -311,7 +311,7 @@ fn wait(local: &UnixStream, up: &Pending, down: &Pending, upstream: &Wire, sess:
         libc::poll(
             fds.as_mut_ptr(),
             fds.len() as libc::nfds_t,
-            RELAY_POLL.as_millis() as i32,
+            i32::try_from(RELAY_POLL.as_millis()).unwrap_or(i32::MAX),
         );
     }
 }
