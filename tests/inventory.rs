@@ -677,3 +677,59 @@ fn connection_settings_patchbook_does_not_act_on_are_warnings_naming_host_and_ke
     assert_eq!(inv.host("web1").unwrap().jump[0].address, "10.0.0.5");
     assert!(inv.host("web2").unwrap().jump.is_empty());
 }
+
+/// This thread's CPU time: other work on a loaded machine does not count, so the
+/// comparison below holds on a busy CI host.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Every host in one big group and in `ungrouped`'s place, a jump host and a
+/// group dependency on every host, then a selector: the shapes that were quadratic
+/// (a 100,000-host INI took 24 s). Eight times the hosts must cost well under
+/// sixty-four times the CPU; timing itself is left to `benches/inventory.sh`.
+#[test]
+fn loading_and_selecting_grow_linearly_with_the_fleet() {
+    fn cost(n: usize) -> std::time::Duration {
+        // Hosts before any section land in `ungrouped`.
+        let mut ini = String::from("bastion ansible_host=10.9.9.9\n");
+        for i in 0..n / 4 {
+            ini.push_str(&format!("u{i:06}\n"));
+        }
+        ini.push_str("[db]\ndb1\n[fleet]\n");
+        for i in 0..n {
+            ini.push_str(&format!(
+                "h{i:06} ansible_host=10.0.{}.{}\n",
+                i >> 8 & 255,
+                i & 255
+            ));
+        }
+        ini.push_str("[fleet:vars]\njump=bastion\ndepends_on=db\n");
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..3 {
+            let t0 = thread_cpu();
+            let inv = ansible::parse_ini(Path::new("big.ini"), &ini).unwrap();
+            let chosen = inv.select("fleet:!h000001").unwrap();
+            assert_eq!(chosen.len(), n - 1);
+            inv.check_dependencies().unwrap();
+            assert_eq!(inv.host("h000000").unwrap().jump[0].address, "10.9.9.9");
+            best = best.min(thread_cpu() - t0);
+        }
+        best
+    }
+    let small = cost(4_000);
+    let large = cost(32_000);
+    let ratio = large.as_secs_f64() / small.as_secs_f64().max(1e-6);
+    eprintln!("4,000 hosts: {small:?}; 32,000 hosts: {large:?}; ratio {ratio:.1}");
+    assert!(
+        ratio < 24.0,
+        "8x the hosts cost {ratio:.1}x the CPU ({small:?} -> {large:?}): something is quadratic"
+    );
+}

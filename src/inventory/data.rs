@@ -124,11 +124,12 @@ impl RawInventory {
             });
         }
         if let Some(g) = group {
-            let grp = self.group_mut(g);
-            if !grp.hosts.iter().any(|h| h == name) {
-                grp.hosts.push(name.to_string());
-                let i = self.host_index[name];
+            // The host's own short list of groups answers "already a member?": the
+            // group's list grows with the fleet, and scanning it made loading quadratic.
+            let i = self.host_index[name];
+            if !self.hosts[i].groups.iter().any(|x| x == g) {
                 self.hosts[i].groups.push(g.to_string());
+                self.group_mut(g).hosts.push(name.to_string());
             }
         }
     }
@@ -226,21 +227,43 @@ impl RawInventory {
                 })?;
         }
 
-        // `ungrouped` holds exactly the hosts that are in no other group.
-        let host_names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
-        for name in &host_names {
-            let all_groups = self.host_groups(name);
-            let others = all_groups.iter().any(|g| g != "all" && g != "ungrouped");
-            let direct = &self.hosts[self.host_index[name]].groups;
+        // `ungrouped` holds exactly the hosts that are in no other group. Every
+        // group's ancestors are the same for each of its hosts: computed once here.
+        let ancestors: HashMap<String, Vec<String>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let mut anc: Vec<String> = self.ancestors(&g.name).into_iter().collect();
+                anc.sort();
+                (g.name.clone(), anc)
+            })
+            .collect();
+        let mut leave_ungrouped: HashSet<String> = HashSet::new();
+        for i in 0..self.hosts.len() {
+            let direct = &self.hosts[i].groups;
+            // Any direct group other than `ungrouped` is a group besides `all`:
+            // every group's ancestors are groups too, and `all` is no host's
+            // direct group unless it is written so.
+            let others = direct.iter().any(|g| {
+                g != "all" && g != "ungrouped"
+                    || ancestors
+                        .get(g)
+                        .is_some_and(|a| a.iter().any(|x| x != "all" && x != "ungrouped"))
+            });
             if direct.iter().any(|g| g == "ungrouped") {
                 if others {
-                    self.group_mut("ungrouped").hosts.retain(|h| h != name);
-                    let i = self.host_index[name];
+                    leave_ungrouped.insert(self.hosts[i].name.clone());
                     self.hosts[i].groups.retain(|g| g != "ungrouped");
                 }
             } else if !others {
-                self.add_host(name, Some("ungrouped"), None);
+                let name = self.hosts[i].name.clone();
+                self.add_host(&name, Some("ungrouped"), None);
             }
+        }
+        if !leave_ungrouped.is_empty() {
+            self.group_mut("ungrouped")
+                .hosts
+                .retain(|h| !leave_ungrouped.contains(h));
         }
 
         let depth = self.depths();
@@ -252,10 +275,9 @@ impl RawInventory {
         let mut jumps: Vec<Vec<String>> = Vec::with_capacity(self.hosts.len());
         let mut warnings = Vec::new();
         for raw in &self.hosts {
-            let mut groups: Vec<&RawGroup> = self
-                .host_groups(&raw.name)
+            let mut groups: Vec<&RawGroup> = host_groups(raw, &ancestors)
                 .iter()
-                .filter(|g| g.as_str() != "all")
+                .filter(|g| **g != "all")
                 .filter_map(|g| self.group(g))
                 .collect();
             groups.sort_by(|a, b| {
@@ -290,13 +312,19 @@ impl RawInventory {
             hosts.push(host);
         }
 
+        let by_name: HashMap<&str, usize> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.as_str(), i))
+            .collect();
         for (i, specs) in jumps.iter().enumerate() {
-            let chain = resolve_jumps(&hosts, &jumps, specs, &mut vec![i]).map_err(|message| {
-                InventoryError::Invalid {
+            let chain = resolve_jumps(&hosts, &by_name, &jumps, specs, &mut vec![i]).map_err(
+                |message| InventoryError::Invalid {
                     path: self.hosts[i].source.clone(),
                     message: format!("host `{}`: {message}", hosts[i].name),
-                }
-            })?;
+                },
+            )?;
             hosts[i].jump = chain;
         }
         for w in &warnings {
@@ -322,27 +350,23 @@ impl RawInventory {
         inventory.warnings = warnings;
         Ok(inventory)
     }
+}
 
-    /// Names of every group the host is in, directly or through ancestors, `all` included.
-    fn host_groups(&self, host: &str) -> Vec<String> {
-        let Some(&i) = self.host_index.get(host) else {
-            return Vec::new();
-        };
-        let mut out: Vec<String> = Vec::new();
-        for g in &self.hosts[i].groups {
-            let mut anc: Vec<String> = self.ancestors(g).into_iter().collect();
-            anc.sort();
-            for a in anc {
-                if !out.contains(&a) {
-                    out.push(a);
-                }
-            }
-            if !out.contains(g) {
-                out.push(g.clone());
+/// Names of every group the host is in, directly or through ancestors, `all`
+/// included; `ancestors` holds each group's ancestors, sorted.
+fn host_groups<'a>(host: &'a RawHost, ancestors: &'a HashMap<String, Vec<String>>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for g in &host.groups {
+        for a in ancestors.get(g).into_iter().flatten() {
+            if !out.contains(&a.as_str()) {
+                out.push(a);
             }
         }
-        out
+        if !out.contains(&g.as_str()) {
+            out.push(g);
+        }
     }
+    out
 }
 
 fn value_as_i64(v: &Value) -> Option<i64> {
@@ -460,6 +484,7 @@ fn jump_specs(
 /// port win), and that host's own jumps come first, as OpenSSH chains them.
 fn resolve_jumps(
     hosts: &[Host],
+    by_name: &HashMap<&str, usize>,
     specs: &[Vec<String>],
     chain_specs: &[String],
     seen: &mut Vec<usize>,
@@ -467,7 +492,7 @@ fn resolve_jumps(
     let mut chain = Vec::new();
     for spec in chain_specs {
         let mut hop = JumpHost::parse(spec)?;
-        if let Some(j) = hosts.iter().position(|h| h.name == hop.name) {
+        if let Some(&j) = by_name.get(hop.name.as_str()) {
             if seen.contains(&j) {
                 let names: Vec<&str> = seen.iter().map(|&k| hosts[k].name.as_str()).collect();
                 return Err(format!(
@@ -477,7 +502,7 @@ fn resolve_jumps(
                 ));
             }
             seen.push(j);
-            chain.extend(resolve_jumps(hosts, specs, &specs[j], seen)?);
+            chain.extend(resolve_jumps(hosts, by_name, specs, &specs[j], seen)?);
             seen.pop();
             let h = &hosts[j];
             hop.address = h.address.clone();

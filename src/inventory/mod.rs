@@ -13,7 +13,7 @@ pub mod native;
 pub mod select;
 mod yaml;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -223,6 +223,12 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
     hosts: Vec<Host>,
+    /// Host name to its place in `hosts`: selectors and dependency checks look
+    /// names up once per host, which a scan made quadratic.
+    by_name: HashMap<String, usize>,
+    /// Group name to the places in `hosts` of its members (a host's `groups`,
+    /// `all` left out), in inventory order.
+    members: HashMap<String, Vec<usize>>,
     groups: BTreeMap<String, Group>,
     sources: Vec<PathBuf>,
     warnings: Vec<InventoryWarning>,
@@ -237,7 +243,10 @@ impl Inventory {
         mut groups: BTreeMap<String, Group>,
         sources: Vec<PathBuf>,
     ) -> Self {
-        let given: Vec<String> = groups.keys().cloned().collect();
+        let given: HashSet<String> = groups.keys().cloned().collect();
+        // Groups made here, with the members they already have: a code-built fleet
+        // of 100,000 hosts in one group must not scan the group once per host.
+        let mut made: HashMap<String, HashSet<String>> = HashMap::new();
         for h in &hosts {
             for g in &h.groups {
                 if given.contains(g) {
@@ -247,7 +256,7 @@ impl Inventory {
                     name: g.clone(),
                     ..Group::default()
                 });
-                if !entry.hosts.contains(&h.name) {
+                if made.entry(g.clone()).or_default().insert(h.name.clone()) {
                     entry.hosts.push(h.name.clone());
                 }
             }
@@ -257,8 +266,19 @@ impl Inventory {
             hosts: hosts.iter().map(|h| h.name.clone()).collect(),
             ..Group::default()
         });
+        let mut by_name = HashMap::with_capacity(hosts.len());
+        let mut members: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, h) in hosts.iter().enumerate() {
+            // The first host of a name is the one `host()` always found.
+            by_name.entry(h.name.clone()).or_insert(i);
+            for g in &h.groups {
+                members.entry(g.clone()).or_default().push(i);
+            }
+        }
         Inventory {
             hosts,
+            by_name,
+            members,
             groups,
             sources,
             warnings: Vec::new(),
@@ -305,7 +325,7 @@ impl Inventory {
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
-        self.hosts.iter().find(|h| h.name == name)
+        self.by_name.get(name).map(|&i| &self.hosts[i])
     }
 
     /// Hosts matching an Ansible-style pattern, in inventory order.
@@ -316,14 +336,27 @@ impl Inventory {
     /// Names of the hosts `host` depends on, groups expanded.
     pub fn dependencies_of(&self, host: &Host) -> Vec<String> {
         let mut out = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
         for target in &host.depends_on {
             if self.host(target).is_some() {
                 out.push(target.clone());
+                seen.insert(target);
+                continue;
+            }
+            let in_group: Box<dyn Iterator<Item = &Host>> = if target == "all" {
+                Box::new(self.hosts.iter())
             } else {
-                for h in &self.hosts {
-                    if h.in_group(target) && h.name != host.name && !out.contains(&h.name) {
-                        out.push(h.name.clone());
-                    }
+                Box::new(
+                    self.members
+                        .get(target)
+                        .into_iter()
+                        .flatten()
+                        .map(|&i| &self.hosts[i]),
+                )
+            };
+            for h in in_group {
+                if h.name != host.name && seen.insert(&h.name) {
+                    out.push(h.name.clone());
                 }
             }
         }

@@ -234,11 +234,12 @@ fn group_hosts<'a>(inv: &'a Inventory, group: &str) -> Vec<&'a str> {
         i += 1;
     }
     let mut out = Vec::new();
+    let mut seen = HashSet::new();
     for g in order {
         if let Some(g) = inv.groups().get(g) {
             for h in &g.hosts {
                 if let Some(host) = inv.host(h) {
-                    if !out.contains(&host.name.as_str()) {
+                    if seen.insert(host.name.as_str()) {
                         out.push(host.name.as_str());
                     }
                 }

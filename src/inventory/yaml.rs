@@ -51,7 +51,9 @@ pub(crate) struct YamlError {
 
 /// Deeper nesting than this is not an inventory; refusing it keeps recursion bounded.
 const MAX_DEPTH: usize = 256;
-/// Nodes built, counting every copy an alias makes: stops alias bombs.
+/// Nodes copied by aliases: stops alias bombs. Nodes written out in the text are
+/// not counted against it (the file's size bounds them), so a 200,000-host
+/// inventory with vars on every host reads, and a few lines of aliases do not.
 const MAX_NODES: usize = 1_000_000;
 
 fn re(pattern: &str) -> Regex {
@@ -109,6 +111,7 @@ pub(crate) fn parse(text: &str) -> Result<(Yaml, Vec<YamlError>), YamlError> {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         nodes: 0,
+        copied: 0,
         last: None,
         warnings: Vec::new(),
     };
@@ -120,7 +123,10 @@ struct Loader<'a> {
     parser: Parser<'a, saphyr_parser::StrInput<'a>>,
     /// Anchor id to the node and the number of nodes it holds.
     anchors: HashMap<usize, (Yaml, usize)>,
+    /// Every node built so far, aliases' copies included: anchors' sizes.
     nodes: usize,
+    /// The nodes aliases copied, the measure of an alias bomb.
+    copied: usize,
     last: Option<Span>,
     warnings: Vec<YamlError>,
 }
@@ -180,9 +186,14 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn count(&mut self, n: usize, span: &Span) -> Result<(), YamlError> {
+    fn count(&mut self, n: usize) {
         self.nodes = self.nodes.saturating_add(n);
-        if self.nodes > MAX_NODES {
+    }
+
+    fn copy(&mut self, n: usize, span: &Span) -> Result<(), YamlError> {
+        self.count(n);
+        self.copied = self.copied.saturating_add(n);
+        if self.copied > MAX_NODES {
             return Err(at(
                 span,
                 format!(
@@ -211,16 +222,16 @@ impl<'a> Loader<'a> {
                          cannot be read",
                     ));
                 };
-                self.count(size, &span)?;
+                self.copy(size, &span)?;
                 return Ok(node);
             }
             Event::Scalar(value, style, anchor, tag) => {
-                self.count(1, &span)?;
+                self.count(1);
                 let node = scalar(&value, style, tag.as_deref()).map_err(|m| at(&span, m))?;
                 (Yaml::Scalar(node), anchor)
             }
             Event::SequenceStart(anchor, _) => {
-                self.count(1, &span)?;
+                self.count(1);
                 let mut items = Vec::new();
                 loop {
                     let (event, span) = self.next()?;
@@ -232,7 +243,7 @@ impl<'a> Loader<'a> {
                 (Yaml::Seq(items), anchor)
             }
             Event::MappingStart(anchor, _) => {
-                self.count(1, &span)?;
+                self.count(1);
                 (self.mapping(depth)?, anchor)
             }
             _ => return Err(at(&span, "unexpected YAML event where a node was expected")),
@@ -689,5 +700,17 @@ mod tests {
             ));
         }
         assert!(parse(&doc).unwrap_err().message.contains("alias bomb"));
+    }
+
+    #[test]
+    fn large_documents_written_out_are_not_alias_bombs() {
+        // A 200,000-host inventory with a few vars per host holds more than a
+        // million nodes, every one of them in the text.
+        let n = MAX_NODES + 1;
+        let doc = format!("a: [{}]\n", "0,".repeat(n));
+        let (Yaml::Map(top), _) = parse(&doc).unwrap() else {
+            panic!("not a mapping");
+        };
+        assert!(matches!(&top[0].1, Yaml::Seq(items) if items.len() == n));
     }
 }
