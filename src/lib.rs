@@ -17,6 +17,7 @@
 //! | [`report`]     | run reports (md, json, html) and patch levels, read from the journal |
 //! | [`runtime`]    | wiring config + inventory + journal secrets + transports, built once |
 //! | [`rollout`]    | waves, bounded concurrency, failure budget, windows, rollback order  |
+//! | [`advisory`]   | advisory feeds (OSV, Debian tracker, CSAF VEX), exposure, evidence   |
 //! | [`primitives`] | typed Rust functions: facts, artifact, backup, deploy, verify, …     |
 //! | [`transport`]  | run an argv, put a file, get a file: `ssh`, `local`, `sim`           |
 //! | [`journal`]    | the append-only, hash-chained event log                              |
@@ -29,6 +30,7 @@
 //! (`ArtifactSettings::from_config`, `SshConnector::from_config`, …) rather than
 //! `config` naming a type of the layer above.
 
+pub mod advisory;
 pub mod cli;
 pub mod config;
 pub mod inventory;
