@@ -70,6 +70,9 @@ pub struct Config {
     /// `[audit]`: the key that signs the journals' anchors, and the one that checks them.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `[advisories]`: the advisory feeds `exposure` and `advisories()` read.
+    #[serde(default)]
+    pub advisories: AdvisoriesConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -172,6 +175,16 @@ pub struct AuditConfig {
     /// Also send each signed index entry to the local syslog (`logger`).
     #[serde(default)]
     pub syslog: bool,
+}
+
+/// `[advisories]` in `patchbook.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvisoriesConfig {
+    /// Feed URLs or paths (each under `trusted_sources`); `URL#sha256=HEX` pins
+    /// the digest.
+    #[serde(default)]
+    pub feeds: Vec<String>,
 }
 
 /// A size in bytes, written in `patchbook.toml` as a number or a string with a

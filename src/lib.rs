@@ -17,6 +17,7 @@
 //! | [`report`]     | run reports (md, json, html) and patch levels, read from the journal |
 //! | [`runtime`]    | wiring config + inventory + journal secrets + transports, built once |
 //! | [`rollout`]    | waves, bounded concurrency, failure budget, windows, rollback order  |
+//! | [`advisory`]   | advisory feeds (OSV, Debian tracker, CSAF VEX), exposure, evidence   |
 //! | [`primitives`] | typed Rust functions: facts, artifact, backup, deploy, verify, …     |
 //! | [`transport`]  | run an argv, put a file, get a file: `ssh`, `local`, `sim`           |
 //! | [`journal`]    | the append-only, hash-chained event log                              |
@@ -33,6 +34,7 @@
 //! (`cargo build --features lab`): the demo, benchmarks and the full test suite
 //! turn it on; the shipped binary leaves both out.
 
+pub mod advisory;
 pub mod cli;
 pub mod config;
 pub mod inventory;

@@ -245,6 +245,7 @@ fn rows(cli: &Cli, config: &Config, file: &FileValues) -> Vec<Row> {
     );
     add("audit.verify_key", json!(a.verify_key), None);
     add("audit.syslog", json!(a.syslog), None);
+    add("advisories.feeds", json!(config.advisories.feeds), None);
 
     let n = &config.notify;
     add("notify.to", json!(n.to), None);

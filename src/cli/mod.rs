@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 pub mod config;
+pub mod exposure;
 pub mod init;
 pub mod progress;
 pub mod run;
@@ -185,6 +186,29 @@ pub enum Verb {
         #[arg(long, default_value = "md", value_parser = parse_format)]
         format: crate::report::Format,
         /// Write the report to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The compliance evidence instead: the advisory feeds the run read and
+        /// every CVE it closed, with the version verified on the host.
+        #[arg(long)]
+        compliance: bool,
+    },
+    /// Which hosts are vulnerable to which CVEs: the hosts' installed packages,
+    /// read live, against the advisory feeds (OSV, Debian Security Tracker, CSAF
+    /// VEX). Per CVE and per host; CVEs with no fix yet apart; a host whose
+    /// release no feed describes is "not covered".
+    Exposure {
+        /// Which hosts (default: all).
+        #[arg(default_value = "all")]
+        selector: String,
+        /// A feed URL or path under trusted_sources, `URL#sha256=HEX` to pin it;
+        /// repeatable (default: `[advisories] feeds` in patchbook.toml).
+        #[arg(long = "feed", value_name = "URL")]
+        feeds: Vec<String>,
+        /// table, json or html.
+        #[arg(long, default_value = "table")]
+        format: crate::report::exposure::ExposureFormat,
+        /// Write to FILE instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -386,7 +410,18 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             expect_at_least,
         }) => audit_verify(&cli, run.as_deref(), *expect_at_least),
         Verb::Audit(AuditVerb::Key) => audit_key(&cli),
-        Verb::Report { run, format, out } => report(&cli, run, *format, out.as_deref()),
+        Verb::Report {
+            run,
+            format,
+            out,
+            compliance,
+        } => report(&cli, run, *format, out.as_deref(), *compliance),
+        Verb::Exposure {
+            selector,
+            feeds,
+            format,
+            out,
+        } => exposure::exposure(&cli, selector, feeds, *format, out.as_deref()),
         Verb::Docs { out } => docs(&cli, out),
         Verb::Init { dir } => init::init(dir, cli.global.quiet),
         Verb::Completions { shell } => {
@@ -522,9 +557,15 @@ fn report(
     run: &str,
     format: crate::report::Format,
     out: Option<&Path>,
+    compliance: bool,
 ) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
-    let text = crate::report::render(&rt.state_dir, run, format)?;
+    let text = if compliance {
+        let c = crate::report::exposure::compliance(&rt.state_dir, run)?;
+        crate::report::exposure::render_compliance(&c, format)
+    } else {
+        crate::report::render(&rt.state_dir, run, format)?
+    };
     match out {
         Some(path) => {
             crate::report::write_file(path, &text)?;

@@ -146,6 +146,49 @@ entries! {
     RunParams(RunParams) = "run.params",
     /// A message the playbook logged with `log()`, on the record's host if any.
     Log(LogRecord) = "log",
+    /// An advisory feed this run read: where from and its SHA-256.
+    AdvisoryFeed(AdvisoryFeed) = "advisory.feed",
+    /// A CVE closed on the record's host, checked against the installed version.
+    Evidence(EvidenceRecord) = "advisory.evidence",
+}
+
+/// `data` of `advisory.feed`: a feed read by the run, so every verdict and every
+/// evidence record can be traced to the exact bytes it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvisoryFeed {
+    /// Where the feed came from, as given.
+    pub source: String,
+    /// `osv`, `debian-tracker` or `csaf-vex`.
+    pub format: String,
+    pub sha256: String,
+    /// True when the config or playbook pinned the digest and it matched.
+    #[serde(default)]
+    pub pinned: bool,
+    /// How many (CVE, release, package) statements it holds.
+    #[serde(default)]
+    pub statements: usize,
+}
+
+/// `data` of `advisory.evidence`: one CVE closed on the record's host. Written only
+/// after the installed version was read back from the package database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceRecord {
+    pub cve: String,
+    pub host: String,
+    /// The source package the advisory names.
+    pub package: String,
+    /// The source version installed before the run.
+    pub before: String,
+    /// The source version read back after it.
+    pub after: String,
+    /// The version the feed says fixes the CVE.
+    pub fixed: String,
+    /// SHA-256 of the feed the verdict came from.
+    pub feed_sha256: String,
+    /// RFC 3339 time of the re-check.
+    pub time: String,
+    /// False when the package is still below the fixed version: the CVE is open.
+    pub closed: bool,
 }
 
 /// `data` of a `log` record: what a playbook said, and where it said it.
@@ -1299,6 +1342,24 @@ mod tests {
                 kind: "wave.paused.v9".into(),
                 data: json!({"anything": [1, 2]}),
             },
+            Entry::AdvisoryFeed(AdvisoryFeed {
+                source: "/srv/feeds/debian.json".into(),
+                format: "debian-tracker".into(),
+                sha256: "ab".repeat(32),
+                pinned: true,
+                statements: 12,
+            }),
+            Entry::Evidence(EvidenceRecord {
+                cve: "CVE-2024-0001".into(),
+                host: "web-1".into(),
+                package: "openssl".into(),
+                before: "3.0.11-1~deb12u1".into(),
+                after: "3.0.11-1~deb12u2".into(),
+                fixed: "3.0.11-1~deb12u2".into(),
+                feed_sha256: "cd".repeat(32),
+                time: "2026-12-02T16:00:00Z".into(),
+                closed: true,
+            }),
         ]
     }
 

@@ -435,7 +435,7 @@ enum AttemptError {
 fn download(
     agent: &ureq::Agent,
     loc: &Location,
-    expected: &str,
+    expected: Option<&str>,
     size: Option<u64>,
     cache_dir: &Path,
 ) -> Result<(tempfile::NamedTempFile, u64), AttemptError> {
@@ -482,12 +482,12 @@ fn download(
             return Err(AttemptError::Retry(AttemptFailure::TooShort {
                 declared: s,
                 got: total,
-                expected: expected.to_string(),
+                expected: expected.unwrap_or("(not pinned)").to_string(),
                 actual,
             }));
         }
     }
-    if actual != expected {
+    if let Some(expected) = expected.filter(|e| *e != actual) {
         return Err(AttemptError::Retry(AttemptFailure::Checksum {
             expected: expected.to_string(),
             actual,
@@ -733,7 +733,7 @@ pub fn fetch_recorded(
         let mut last = None;
         for attempt in 1..=settings.attempts {
             downloads = attempt;
-            match download(&agent, &loc, &sha, spec.size, cache_dir) {
+            match download(&agent, &loc, Some(&sha), spec.size, cache_dir) {
                 Ok((tmp, len)) => {
                     record(
                         checks,
@@ -844,6 +844,101 @@ pub fn fetch_recorded(
         from_cache,
         downloads,
         checks: checks.clone(),
+    })
+}
+
+/// Fetches a document that changes over time and whose digest nobody pinned (an
+/// advisory feed): the allowlist applies as to any artifact, the bytes are hashed
+/// as they arrive and kept in the cache under their SHA-256, and the returned
+/// digest is what the caller journals. Pinned documents go through
+/// [`fetch_recorded`] instead.
+pub fn fetch_unpinned(
+    url: &str,
+    settings: &ArtifactSettings,
+    checks: &mut Vec<ArtifactCheck>,
+) -> Result<Artifact, ArtifactError> {
+    let invalid = |reason: String| ArtifactError::InvalidSpec {
+        url: url.to_string(),
+        reason,
+    };
+    let loc = parse_location(url, &settings.base_dir).map_err(invalid)?;
+    let trusted = trusted_locations(settings)?;
+    if !trusted.iter().any(|t| under(&loc, t)) {
+        record(
+            checks,
+            url,
+            "source",
+            false,
+            format!("{loc} is not trusted"),
+        );
+        return Err(ArtifactError::Untrusted {
+            url: url.to_string(),
+            trusted: if settings.trusted_sources.is_empty() {
+                "the list is empty".to_string()
+            } else {
+                settings.trusted_sources.join(", ")
+            },
+        });
+    }
+    record(checks, url, "source", true, format!("{loc} is trusted"));
+    let cache_dir = &settings.cache_dir;
+    let cache_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ArtifactError::Cache { path, source }
+    };
+    crate::journal::private::create_dir_all(cache_dir).map_err(cache_err(cache_dir))?;
+    let agent = agent(settings.timeout);
+    let mut last = None;
+    for attempt in 1..=settings.attempts {
+        match download(&agent, &loc, None, None, cache_dir) {
+            Ok((tmp, len)) => {
+                let (sha, _) = hash_file(tmp.path()).map_err(cache_err(tmp.path()))?;
+                record(
+                    checks,
+                    url,
+                    "download",
+                    true,
+                    format!("attempt {attempt}: SHA-256 {sha}, {len} bytes (not pinned)"),
+                );
+                let cached = cache_dir.join(&sha);
+                tmp.persist(&cached)
+                    .map_err(|e| cache_err(&cached)(e.error))?;
+                let sources_file = sources_path(&cached);
+                let mut sources = read_sources(&sources_file);
+                let source = loc.to_string();
+                if !sources.contains(&source) {
+                    sources.push(source);
+                }
+                write_sources(&sources_file, &sources).map_err(cache_err(&sources_file))?;
+                return Ok(Artifact {
+                    url: url.to_string(),
+                    sha256: sha,
+                    size: None,
+                    bytes: len,
+                    path: cached,
+                    signature_checked: false,
+                    from_cache: false,
+                    downloads: attempt,
+                    checks: checks.clone(),
+                });
+            }
+            Err(AttemptError::Cache(e)) => return Err(cache_err(cache_dir)(e)),
+            Err(AttemptError::Retry(failure)) => {
+                record(
+                    checks,
+                    url,
+                    "download",
+                    false,
+                    format!("attempt {attempt} of {}: {failure}", settings.attempts),
+                );
+                last = Some(failure);
+            }
+        }
+    }
+    Err(ArtifactError::Exhausted {
+        url: url.to_string(),
+        attempts: settings.attempts,
+        last: last.unwrap_or_else(|| AttemptFailure::Transport("no attempt made".into())),
     })
 }
 

@@ -11,6 +11,7 @@
 //! Submodules: [`model`] (the derived structure and its documented JSON shape),
 //! [`markdown`], [`html`] (with [`timeline`]), [`testcase`], [`levels`].
 
+pub mod exposure;
 pub mod html;
 pub mod levels;
 pub mod markdown;

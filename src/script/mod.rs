@@ -4,6 +4,7 @@
 //! It adapts typed primitives to Rhai and owns nothing else: it must not open
 //! sockets, files or processes itself.
 
+pub mod advisory;
 pub mod builtin;
 pub mod diagnostics;
 pub mod docs;

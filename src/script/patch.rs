@@ -76,7 +76,7 @@ pub(super) fn session<'a>(
 }
 
 /// The message of a primitive's error, always starting with the host and naming the step.
-fn host_message(host: &str, step: &str, e: &PrimitiveError) -> String {
+pub(super) fn host_message(host: &str, step: &str, e: &PrimitiveError) -> String {
     let text = e.to_string();
     if text.starts_with(&format!("{host}:")) || text.starts_with(&format!("{host} ")) {
         text
@@ -96,13 +96,13 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// The wall-clock end of the script call in progress on this thread, if any.
-fn call_deadline() -> Option<Instant> {
+pub(super) fn call_deadline() -> Option<Instant> {
     super::engine::remaining().map(|r| Instant::now() + r)
 }
 
 /// Runs `f` with the host's context; commands get at most the time left to the
 /// host (rollout deadline) and to the script call.
-fn with_host<R>(
+pub(super) fn with_host<R>(
     s: &Session,
     host: &Host,
     call: Option<Instant>,
@@ -550,6 +550,7 @@ pub fn register_patch(engine: &mut Engine, session: Option<Arc<Session>>) {
     super::files::register_files(engine, &session);
     super::services::register_services(engine, &session);
     super::upgrade::register_upgrade(engine, &session);
+    super::advisory::register_advisory(engine, &session);
 }
 
 /// `#{ undo, timeout }` of exec/shell, or `#{ timeout }` of probe.
@@ -797,9 +798,14 @@ fn register_reads(engine: &mut Engine, session_: &Option<Arc<Session>>) {
                 let mut targets = Vec::with_capacity(hosts.len());
                 for (i, h) in hosts.into_iter().enumerate() {
                     let ty = h.type_name();
+                    // An entry of vulnerable(): its host.
+                    let h = match h.clone().try_cast::<Map>() {
+                        Some(m) => m.get("host").cloned().unwrap_or(h),
+                        None => h,
+                    };
                     match h.try_cast::<ScriptHost>() {
                         Some(h) => targets.push(h),
-                        None => return fail(&ctx, format!("needing: hosts[{i}] is {ty}, not a Host; pass hosts(\"selector\")")),
+                        None => return fail(&ctx, format!("needing: hosts[{i}] is {ty}, not a Host; pass hosts(\"selector\") or what vulnerable() returned")),
                     }
                 }
                 check_package_arg(&ctx, "needing", pkg)?;
