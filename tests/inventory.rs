@@ -688,7 +688,10 @@ fn thread_cpu() -> std::time::Duration {
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap(),
+        u32::try_from(ts.tv_nsec).unwrap(),
+    )
 }
 
 /// Every host in one big group and in `ungrouped`'s place, a jump host and a

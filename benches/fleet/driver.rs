@@ -213,6 +213,9 @@ struct Sample {
     /// (with `--rtt`).
     turns: f64,
     connections: f64,
+    /// Mean bytes per host controller → host and host → controller (with `--rtt`).
+    bytes_up: f64,
+    bytes_down: f64,
     ok: bool,
     why: String,
 }
@@ -271,6 +274,7 @@ fn bench(args: Args) -> Result<(), String> {
     eprintln!("fleet bench: working in {}", base_path.display());
 
     let mut table: Vec<(usize, Peer, Vec<Sample>)> = Vec::new();
+    let mut payload = (0, 0);
     for &n in &args.sizes {
         let lab = start_lab(&base_path, n, args.dpkg_db, args.rtt)?;
         let mut samples: HashMap<Peer, Vec<Sample>> = HashMap::new();
@@ -295,9 +299,13 @@ fn bench(args: Args) -> Result<(), String> {
         for &peer in &peers {
             table.push((n, peer, samples.remove(&peer).unwrap_or_default()));
         }
+        payload = payload_sizes(&lab);
         drop(lab.fleet);
         // Written after every size, so a long run stopped part-way keeps its table.
-        write(&args.out, &render(&args, &table, &unavailable, None))?;
+        write(
+            &args.out,
+            &render(&args, &table, &unavailable, None, payload),
+        )?;
     }
 
     let sim = if args.sim > 0 {
@@ -306,7 +314,7 @@ fn bench(args: Args) -> Result<(), String> {
         None
     };
 
-    let md = render(&args, &table, &unavailable, sim.as_ref());
+    let md = render(&args, &table, &unavailable, sim.as_ref(), payload);
     println!("{md}");
     if let Some(parent) = args.out.parent() {
         let _ = std::fs::create_dir_all(parent);
@@ -314,6 +322,17 @@ fn bench(args: Args) -> Result<(), String> {
     std::fs::write(&args.out, &md).map_err(|e| format!("write {}: {e}", args.out.display()))?;
     eprintln!("fleet bench: table written to {}", args.out.display());
     Ok(())
+}
+
+/// The .deb's size and the size of one backup archive of /opt/acme as the minimal
+/// program wrote it (0 when it did not run): what every peer must move per host.
+fn payload_sizes(lab: &Lab) -> (u64, u64) {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let backup = std::fs::read_dir(lab.work.join("backups-ssh2"))
+        .ok()
+        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| size(&e.path())).max())
+        .unwrap_or(0);
+    (size(&lab.deb), backup)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -591,6 +610,12 @@ fn run_peer(peer: Peer, lab: &Lab, pb: &Path, venv: &Path, round: usize) -> Resu
             .map(|(_, t)| t.connections as f64)
             .sum::<f64>()
             / hosts;
+        s.bytes_up = traffic.iter().map(|(_, t)| t.bytes_up as f64).sum::<f64>() / hosts;
+        s.bytes_down = traffic
+            .iter()
+            .map(|(_, t)| t.bytes_down as f64)
+            .sum::<f64>()
+            / hosts;
     }
     if s.ok {
         let wrong: Vec<String> = lab
@@ -716,6 +741,8 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Sample, String> {
             .max(u64::try_from(ru.ru_maxrss).unwrap_or(0)),
         host_cpu: 0.0,
         turns: 0.0,
+        bytes_up: 0.0,
+        bytes_down: 0.0,
         connections: 0.0,
         ok: code == 0,
         why: if code == 0 {
@@ -978,6 +1005,57 @@ fn beside(table: &[(usize, Peer, Vec<Sample>)], rtt: Duration) -> String {
     md
 }
 
+/// The round-trip goals against the one-channel minimal program, same run: turns
+/// per host ≤ its turns + 4, wall ≤ 1.25× its wall; and bytes on the wire per host
+/// ≤ the .deb + the backup archive + 16 KB (`payload`: the .deb's and the minimal
+/// program's backup archive's sizes).
+fn rtt_goals(table: &[(usize, Peer, Vec<Sample>)], rtt: Duration, payload: (u64, u64)) -> String {
+    let good = |n: usize, peer: Peer| -> Option<Vec<Sample>> {
+        table
+            .iter()
+            .find(|(m, p, _)| *m == n && *p == peer)
+            .map(|(_, _, samples)| samples.iter().filter(|s| s.ok).cloned().collect::<Vec<_>>())
+            .filter(|g| !g.is_empty())
+    };
+    let met = |ok: bool| if ok { "met" } else { "**MISSED**" };
+    let mut md = format!(
+        "
+### Goals at {} ms RTT (patchbook against the libssh2 minimal program, 1 channel)
+
+",
+        rtt.as_millis()
+    );
+    let mut sizes: Vec<usize> = table.iter().map(|(n, _, _)| *n).collect();
+    sizes.dedup();
+    for &n in &sizes {
+        let (Some(pb), Some(min)) = (good(n, Peer::Patchbook), good(n, Peer::Ssh2One)) else {
+            continue;
+        };
+        let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+        let (pt, mt) = (m(&pb, |s| s.turns), m(&min, |s| s.turns));
+        let (pw, mw) = (m(&pb, |s| s.wall), m(&min, |s| s.wall));
+        let bytes = m(&pb, |s| s.bytes_up + s.bytes_down);
+        let budget = (payload.0 + payload.1 + 16 * 1024) as f64;
+        let _ = writeln!(
+            md,
+            "- N = {n}: turns per host {pt:.1} against {mt:.1} + 4 = {:.1}: {}; wall {pw:.2} s \
+             against 1.25 × {mw:.2} s = {:.2} s ({:.2}×): {}; bytes per host both ways {:.1} KB \
+             against .deb {:.1} KB + backup {:.1} KB + 16 KB = {:.1} KB: {}",
+            mt + 4.0,
+            met(pt <= mt + 4.0),
+            1.25 * mw,
+            pw / mw,
+            met(pw <= 1.25 * mw),
+            bytes / 1024.0,
+            payload.0 as f64 / 1024.0,
+            payload.1 as f64 / 1024.0,
+            budget / 1024.0,
+            met(bytes <= budget)
+        );
+    }
+    md
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -1021,6 +1099,7 @@ fn render(
     table: &[(usize, Peer, Vec<Sample>)],
     unavailable: &[(Peer, String)],
     sim: Option<&SimResult>,
+    payload: (u64, u64),
 ) -> String {
     let mut md = String::from("# Fleet benchmark\n\n");
     md.push_str(&machine_facts());
@@ -1050,7 +1129,10 @@ fn render(
         );
     }
     let (more_head, more_rule) = if relayed {
-        (" turns / host | connections / host |", "---:|---:|")
+        (
+            " turns / host | connections / host | KB up / host | KB down / host |",
+            "---:|---:|---:|---:|",
+        )
     } else {
         ("", "")
     };
@@ -1090,9 +1172,11 @@ fn render(
         };
         let more = if relayed {
             format!(
-                " {:.1} | {:.1} |",
+                " {:.1} | {:.1} | {:.1} | {:.1} |",
                 median(good.iter().map(|s| s.turns).collect()),
-                median(good.iter().map(|s| s.connections).collect())
+                median(good.iter().map(|s| s.connections).collect()),
+                median(good.iter().map(|s| s.bytes_up).collect()) / 1024.0,
+                median(good.iter().map(|s| s.bytes_down).collect()) / 1024.0
             )
         } else {
             String::new()
@@ -1109,6 +1193,7 @@ fn render(
     }
     if let Some(rtt) = args.rtt {
         md.push_str(&beside(table, rtt));
+        md.push_str(&rtt_goals(table, rtt, payload));
     } else {
         md.push_str(&goals(table));
     }

@@ -876,6 +876,20 @@ pub fn private_tmpdir(ctx: &HostCtx, step: &str) -> Result<String, PrimitiveErro
     Ok(dir)
 }
 
+/// A name for a fresh private staging folder on the host that the caller creates
+/// itself (`mkdir -m 700`, which fails on anything already there) in the command
+/// that uses it: the same name [`private_tmpdir`] would give, without a command of
+/// its own.
+pub fn staging_dir_name(ctx: &HostCtx) -> String {
+    clear_stale_staging(ctx);
+    format!(
+        "/tmp/patchbook.{}.{}.{}",
+        staging_tag(&ctx.run.run_id),
+        attempt_tag(ctx),
+        crate::transport::fresh_token()
+    )
+}
+
 /// The part of a staging folder's name that says which run made it: the run id
 /// with anything but letters, digits, `-` and `_` replaced.
 pub fn staging_tag(run_id: &str) -> String {

@@ -67,6 +67,9 @@ pub struct RunCtx {
     /// Hosts whose leftover staging folders this process has looked for.
     staging_checked: Mutex<std::collections::HashSet<String>>,
     facts: Mutex<HashMap<String, Facts>>,
+    /// What the package query printed last for a host and package, in this run (see
+    /// [`RunCtx::package_seen`]).
+    packages_seen: Mutex<HashMap<(String, String), String>>,
     planned: Mutex<Vec<PlannedAction>>,
 }
 
@@ -98,6 +101,7 @@ impl RunCtx {
             controller_faults: Mutex::new(HashMap::new()),
             staging_checked: Mutex::new(std::collections::HashSet::new()),
             facts: Mutex::new(HashMap::new()),
+            packages_seen: Mutex::new(HashMap::new()),
             planned: Mutex::new(Vec::new()),
         }
     }
@@ -155,6 +159,25 @@ impl RunCtx {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host.to_string(), facts);
+    }
+
+    /// What the package database said of `pkg` on `host` when this run last asked
+    /// (the query's output, empty when it was absent). Only a hint: anything may have
+    /// changed the package since, so a step that relies on it re-checks it on the
+    /// host in the command that acts.
+    pub fn package_seen(&self, host: &str, pkg: &str) -> Option<String> {
+        self.packages_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(host.to_string(), pkg.to_string()))
+            .cloned()
+    }
+
+    pub fn saw_package(&self, host: &str, pkg: &str, query_output: String) {
+        self.packages_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((host.to_string(), pkg.to_string()), query_output);
     }
 
     pub fn planned(&self) -> Vec<PlannedAction> {

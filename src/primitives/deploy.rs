@@ -10,16 +10,18 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::artifact::Artifact;
-use super::backup::private_tmpdir;
+use super::backup::{private_tmpdir, staging_dir_name};
 use super::facts::{facts, PackageManager};
-use super::packages::{check_package, installed, parse_query, Installed};
+use super::packages::{
+    check_package, check_version, installed, parse_query, query_seen, Installed,
+};
 use super::{cut, HostCtx, PrimitiveError};
 use crate::journal::entry::{DeployInput, DeployOutput};
 use crate::journal::UndoStep;
 
 /// A step payload as the `Value` the journal's step API takes; these types have
 /// no map with non-string keys, so this cannot fail.
-use crate::transport::Command;
+use crate::transport::{Command, Output, INLINE_INPUT_MAX};
 
 /// How a package file is installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,70 @@ fn stage_script(pm: PackageManager) -> &'static str {
     }
 }
 
+/// [`stage_script`] for a file that arrives on the command's stdin: it first
+/// creates the private staging folder `$3` (`mkdir` fails on anything already
+/// there, [`NOT_STAGED`]) and writes the file into it, in the same command.
+fn stage_inline_script(pm: PackageManager) -> String {
+    format!(
+        "umask 077; mkdir -m 700 -- \"$3\" || exit {NOT_STAGED}; cat >\"$1\" || exit {NOT_WRITTEN}; {}",
+        stage_script(pm)
+    )
+}
+
+/// Exit code of the inline scripts when the staging folder could not be created:
+/// nothing of this run is on the host, and a folder there is not ours to remove.
+const NOT_STAGED: i32 = 95;
+/// Exit code of the inline scripts when the upload could not be written or arrived
+/// with another hash: the staging folder is removed, nothing was installed.
+const NOT_WRITTEN: i32 = 94;
+/// Exit code of [`deploy_at_once`]'s script when the package is no longer as this
+/// run last saw it (and as the intent recorded it): nothing was installed.
+const STATE_CHANGED: i32 = 96;
+/// Printed by that script, with [`STATE_CHANGED`], when the state differs: an
+/// installer's own exit 96 never prints it.
+const CHANGED_LINE: &str = "__PB_CHANGED__";
+/// The line after which the at-once script prints the package as it was before.
+const BEFORE: &str = "__PB_BEFORE__";
+
+/// The package query of a host shell, as in [`checked_install`].
+fn query_line(pm: PackageManager) -> &'static str {
+    match pm {
+        PackageManager::Rpm => "rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\"",
+        _ => "dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\"",
+    }
+}
+
+/// The whole deploy in ONE command, for a file that arrives on stdin: create the
+/// staging folder, write the file, check its hash, check that the package is
+/// still as `$5` says (the query's output this run saw, which the intent recorded
+/// as the version before), and only then install, read the package back and
+/// remove the folder. The script is fixed; data arrives as positional parameters.
+fn at_once_command(
+    pm: PackageManager,
+    sha256: &str,
+    file: &str,
+    package: &str,
+    dir: &str,
+    seen: &str,
+    install: &[String],
+) -> Command {
+    let query = query_line(pm);
+    let script = format!(
+        "sha=$1; f=$2; name=$3; dir=$4; want=$5; shift 5; umask 077; \
+         mkdir -m 700 -- \"$dir\" || exit {NOT_STAGED}; \
+         cat >\"$f\" || {{ rm -rf -- \"$dir\"; exit {NOT_WRITTEN}; }}; \
+         h=$(sha256sum <\"$f\") && [ \"${{h%% *}}\" = \"$sha\" ] || \
+         {{ echo \"patchbook: the upload to $f arrived as sha256 ${{h%% *}}, not $sha; not installed\" >&2; rm -rf -- \"$dir\"; exit {NOT_WRITTEN}; }}; \
+         out=$({query} 2>/dev/null) || out=; printf '{BEFORE}\\n%s\\n' \"$out\"; \
+         [ \"$out\" = \"$want\" ] || {{ printf '{CHANGED_LINE}\\n'; rm -rf -- \"$dir\"; exit {STATE_CHANGED}; }}; \
+         \"$@\"; rc=$?; printf '\\n{AFTER}\\n'; out=$({query} 2>/dev/null) && printf '%s\\n' \"$out\"; \
+         rm -rf -- \"$dir\"; exit $rc"
+    );
+    let mut args = vec![sha256, file, package, dir, seen];
+    args.extend(install.iter().map(String::as_str));
+    Command::script(&script, "patchbook-deploy", &args)
+}
+
 /// Package files' name and version, by SHA-256 and package manager. They are a
 /// function of the file's bytes, which every host checks against that hash, so one
 /// host reads them and the others are spared the `dpkg-deb`. Hosts that need them
@@ -96,6 +162,8 @@ struct FieldsCache {
 }
 
 type FieldsKey = (String, &'static str);
+/// A package file's name and version.
+type Fields = (String, String);
 
 /// Longest a host waits for another host's reading of the package fields.
 const FIELDS_WAIT: Duration = Duration::from_secs(30);
@@ -104,6 +172,68 @@ static FIELDS: LazyLock<FieldsCache> = LazyLock::new(|| FieldsCache {
     known: Mutex::new(HashMap::new()),
     settled: Condvar::new(),
 });
+
+/// The package file's name and version without asking a host: known from an
+/// earlier host, or read once on the controller when it has the package manager's
+/// tool (`dpkg-deb`, `rpm`). `None` when neither can say; a host then reads them.
+fn known_fields(artifact: &Artifact, pm: PackageManager) -> Option<(String, String)> {
+    let key = (artifact.sha256.clone(), pm.as_str());
+    if let Some(Some(fields)) = FIELDS
+        .known
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Some(fields.clone());
+    }
+    // One reading per file: hosts that need it meanwhile wait for that one.
+    static READ_HERE: LazyLock<Mutex<HashMap<FieldsKey, Option<Fields>>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut read = READ_HERE.lock().unwrap_or_else(|p| p.into_inner());
+    read.entry(key)
+        .or_insert_with(|| read_fields_here(artifact, pm))
+        .clone()
+}
+
+/// Asks this machine's `dpkg-deb` or `rpm` for a package file's name and version.
+fn read_fields_here(artifact: &Artifact, pm: PackageManager) -> Option<(String, String)> {
+    let mut cmd = match pm {
+        PackageManager::Rpm => {
+            let mut c = std::process::Command::new("rpm");
+            c.args([
+                "-qp",
+                "--qf",
+                "%{NAME}\\n%{EPOCH}:%{VERSION}-%{RELEASE}",
+                "--",
+            ]);
+            c
+        }
+        PackageManager::Dpkg => {
+            let mut c = std::process::Command::new("dpkg-deb");
+            c.args(["--showformat=${Package}\\n${Version}", "-W", "--"]);
+            c
+        }
+        PackageManager::Unknown => return None,
+    };
+    let out = cmd
+        .arg(&artifact.path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let name = lines.next()?.trim().to_string();
+    let version = lines.next()?.trim();
+    let version = version
+        .strip_prefix("(none):")
+        .unwrap_or(version)
+        .to_string();
+    check_package("deploy", pm, &name).ok()?;
+    check_version("deploy", pm, &version).ok()?;
+    Some((name, version))
+}
 
 /// The duty to read a package file's fields and publish them. Dropped without
 /// [`FieldsClaim::publish`] (the reading failed), it lets a waiting host take over.
@@ -170,13 +300,25 @@ fn check_staged(
     pm: PackageManager,
     file: &str,
     artifact: &Artifact,
+    upload: Option<(&[u8], &str)>,
 ) -> Result<(String, String, Option<Installed>), PrimitiveError> {
-    let (known, claim) = match FIELDS.get_or_claim((artifact.sha256.clone(), pm.as_str())) {
-        Ok(fields) => (Some(fields), None),
-        Err(claim) => (None, Some(claim)),
+    let (known, claim) = match known_fields(artifact, pm) {
+        Some(fields) => (Some(fields), None),
+        None => match FIELDS.get_or_claim((artifact.sha256.clone(), pm.as_str())) {
+            Ok(fields) => (Some(fields), None),
+            Err(claim) => (None, Some(claim)),
+        },
     };
     let name_arg = known.as_ref().map(|(n, _)| n.as_str()).unwrap_or("");
-    let cmd = Command::script(stage_script(pm), "patchbook-fields", &[file, name_arg]);
+    let cmd = match upload {
+        Some((bytes, dir)) => Command::script(
+            &stage_inline_script(pm),
+            "patchbook-stage",
+            &[file, name_arg, dir],
+        )
+        .stdin(bytes.to_vec()),
+        None => Command::script(stage_script(pm), "patchbook-fields", &[file, name_arg]),
+    };
     let out = ctx
         .transport
         .run(&cmd.timeout(ctx.timeout(Duration::from_secs(60))))?;
@@ -290,16 +432,25 @@ pub fn deploy(
     artifact: &Artifact,
     opts: &DeployOptions,
 ) -> Result<Deployed, PrimitiveError> {
-    deploy_with_hook(ctx, artifact, opts, &|_| {})
+    deploy_inner(ctx, artifact, opts, None)
 }
 
 /// [`deploy`], with a hook called between upload and install (tests use it to
-/// tamper with the staged file).
+/// tamper with the staged file). Upload and install are then always two commands.
 pub fn deploy_with_hook(
     ctx: &HostCtx,
     artifact: &Artifact,
     opts: &DeployOptions,
     before_install: &dyn Fn(&str),
+) -> Result<Deployed, PrimitiveError> {
+    deploy_inner(ctx, artifact, opts, Some(before_install))
+}
+
+fn deploy_inner(
+    ctx: &HostCtx,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+    before_install: Option<&dyn Fn(&str)>,
 ) -> Result<Deployed, PrimitiveError> {
     let pm = facts(ctx)?.package_manager;
     let file_name = artifact
@@ -331,9 +482,25 @@ pub fn deploy_with_hook(
     if let Some(done) = earlier_deploy(ctx, artifact)? {
         return Ok(done);
     }
-    let tmp = private_tmpdir(ctx, "deploy")?;
+    // A small file travels inside the command that uses it: no SFTP round trips.
+    let inline = if artifact.bytes <= INLINE_INPUT_MAX as u64 {
+        Some(artifact_bytes(ctx, artifact)?)
+    } else {
+        None
+    };
+    if let (Some(bytes), None) = (&inline, before_install) {
+        if let Some(done) = deploy_at_once(ctx, pm, artifact, opts, bytes, &file_name)? {
+            return Ok(done);
+        }
+    }
+    let tmp = match inline {
+        Some(_) => staging_dir_name(ctx),
+        None => private_tmpdir(ctx, "deploy")?,
+    };
     let remote = format!("{tmp}/{file_name}");
-    let (result, cleaned) = deploy_staged(ctx, pm, artifact, opts, &tmp, &remote, before_install);
+    let upload = inline.as_deref().map(|b| (b, tmp.as_str()));
+    let hook: &dyn Fn(&str) = before_install.unwrap_or(&|_| {});
+    let (result, cleaned) = deploy_staged(ctx, pm, artifact, opts, &remote, upload, hook);
     if cleaned {
         return result;
     }
@@ -343,25 +510,163 @@ pub fn deploy_with_hook(
     result
 }
 
-/// The deploy after the staging folder exists. Also says whether the install
-/// command already removed the folder.
+/// The artifact's bytes, checked against its SHA-256 once more: the host checks
+/// what it receives against that hash, so a file changed here fails there anyway,
+/// but a clear error here says where.
+fn artifact_bytes(ctx: &HostCtx, artifact: &Artifact) -> Result<Vec<u8>, PrimitiveError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(&artifact.path).map_err(|e| {
+        PrimitiveError::step(
+            ctx.name(),
+            "deploy",
+            format!("cannot read {}: {e}", artifact.path.display()),
+        )
+    })?;
+    let found = hex::encode(sha2::Sha256::digest(&bytes));
+    if found != artifact.sha256 {
+        return Err(PrimitiveError::step(
+            ctx.name(),
+            "deploy",
+            format!(
+                "{} changed on the controller since it was checked (sha256 {found}, expected {}); fetch it again",
+                artifact.path.display(),
+                artifact.sha256
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The deploy as one command ([`at_once_command`]), when everything the intent
+/// must hold is known before the host is asked: the package's name and version
+/// (from the file, read here or by an earlier host) and the version before (what
+/// this run's last query of the package on this host printed). The intent, with
+/// the undo step, is recorded first; the command then acts only if the package is
+/// still as recorded. `None` when it cannot be used, or when the package had
+/// changed (nothing was installed; that intent is closed as not applied): the
+/// caller then deploys in two commands.
+fn deploy_at_once(
+    ctx: &HostCtx,
+    pm: PackageManager,
+    artifact: &Artifact,
+    opts: &DeployOptions,
+    bytes: &[u8],
+    file_name: &str,
+) -> Result<Option<Deployed>, PrimitiveError> {
+    let Some((package, version)) = known_fields(artifact, pm) else {
+        return Ok(None);
+    };
+    let Some(seen) = ctx.run.package_seen(ctx.name(), &package) else {
+        return Ok(None);
+    };
+    let before = parse_query(pm, &seen).map(|i| i.version);
+    let undo = undo_for(ctx, &package, before.as_deref(), opts)?;
+    let dir = staging_dir_name(ctx);
+    let remote = format!("{dir}/{file_name}");
+    let install = install_argv(&opts.method, pm, &remote);
+    let input = DeployInput {
+        artifact: artifact.url.clone(),
+        sha256: artifact.sha256.clone(),
+        package: package.clone(),
+        from: before.clone(),
+        to: version,
+        argv: install.clone(),
+        undo: Some(undo.clone()),
+    };
+    let intent = ctx.intent("deploy", &input)?;
+    let out = ctx.transport.run(
+        &at_once_command(
+            pm,
+            &artifact.sha256,
+            &remote,
+            &package,
+            &dir,
+            &seen,
+            &install,
+        )
+        .stdin(bytes.to_vec())
+        .timeout(ctx.timeout(opts.timeout)),
+    );
+    let ran = out.as_ref().is_ok_and(|o| o.stdout_str().contains(AFTER));
+    if let (false, Ok(o)) = (ran, out.as_ref()) {
+        let text = o.stdout_str();
+        let now = text
+            .split_once(&format!("{BEFORE}\n"))
+            .and_then(|(_, rest)| rest.lines().next())
+            .unwrap_or_default()
+            .to_string();
+        let changed = o.code == STATE_CHANGED && text.contains(CHANGED_LINE);
+        let error = if changed {
+            format!(
+                "{package} changed on the host since this run read it ({:?}, now {:?}); nothing installed, deploying in two steps",
+                seen, now
+            )
+        } else {
+            format!(
+                "not installed: the upload did not arrive ({}): {}",
+                o.code,
+                cut(o.stderr_str().trim(), 500)
+            )
+        };
+        ctx.outcome(
+            "deploy",
+            intent,
+            false,
+            &DeployOutput {
+                package: package.clone(),
+                from: before.clone(),
+                after: parse_query(pm, &now).map(|i| i.version),
+                error: Some(error.clone()),
+                resumed: None,
+            },
+            Some(undo),
+        )?;
+        if changed {
+            ctx.run.saw_package(ctx.name(), &package, now);
+            return Ok(None);
+        }
+        if o.code != NOT_STAGED {
+            let _ = ctx
+                .transport
+                .run(&Command::new(["rm", "-rf", "--", &dir]).timeout(Duration::from_secs(60)));
+        }
+        return Err(PrimitiveError::step(ctx.name(), "deploy", error));
+    }
+    let (result, _) = finish(ctx, pm, &package, before, undo, intent, &remote, out);
+    result.map(Some)
+}
+
+/// The deploy after the staging folder exists (or, with `upload`, the file and the
+/// folder it is written to). Also says whether the install command already removed
+/// the folder.
 fn deploy_staged(
     ctx: &HostCtx,
     pm: PackageManager,
     artifact: &Artifact,
     opts: &DeployOptions,
-    dir: &str,
     remote: &str,
+    upload: Option<(&[u8], &str)>,
     before_install: &dyn Fn(&str),
 ) -> (Result<Deployed, PrimitiveError>, bool) {
-    let prepared = ctx
-        .transport
-        .put_new(&artifact.path, remote, 0o600)
-        .map_err(PrimitiveError::from)
-        .and_then(|_| check_staged(ctx, pm, remote, artifact));
+    let prepared = match upload {
+        Some((_, dir)) => check_staged(ctx, pm, remote, artifact, upload).map_err(|e| (e, dir)),
+        None => ctx
+            .transport
+            .put_new(&artifact.path, remote, 0o600)
+            .map_err(PrimitiveError::from)
+            .and_then(|_| check_staged(ctx, pm, remote, artifact, None))
+            .map_err(|e| (e, "")),
+    };
     let (package, version, before) = match prepared {
         Ok(p) => p,
-        Err(e) => return (Err(e), false),
+        Err((e, _)) => return (Err(e), false),
+    };
+    let dir = match upload {
+        Some((_, dir)) => dir.to_string(),
+        None => remote
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default(),
     };
     let before = before.map(|i| i.version);
     let undo = match undo_for(ctx, &package, before.as_deref(), opts) {
@@ -384,18 +689,38 @@ fn deploy_staged(
     };
     before_install(remote);
     let out = ctx.transport.run(
-        &checked_install(pm, &artifact.sha256, remote, &package, dir, &install)
+        &checked_install(pm, &artifact.sha256, remote, &package, &dir, &install)
             .timeout(ctx.timeout(opts.timeout)),
     );
+    finish(ctx, pm, &package, before, undo, intent, remote, out)
+}
+
+/// Records how an install command ended and turns it into the step's result. Also
+/// says whether the command removed the staging folder (it does when it ran).
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    ctx: &HostCtx,
+    pm: PackageManager,
+    package: &str,
+    before: Option<String>,
+    undo: UndoStep,
+    intent: Option<crate::journal::StepId>,
+    remote: &str,
+    out: Result<Output, crate::transport::TransportError>,
+) -> (Result<Deployed, PrimitiveError>, bool) {
+    let package = package.to_string();
     let cleaned = out.is_ok();
     // Whatever happened, the host's real state is read back and recorded: from the
     // install command itself, or by asking again when it did not finish.
     let after = match &out {
         Ok(o) if o.code != CHANGED_AFTER_UPLOAD => {
             let text = o.stdout_str();
-            text.rsplit_once(&format!("{AFTER}\n"))
-                .and_then(|(_, q)| parse_query(pm, q))
-                .map(|i| i.version)
+            let read = text.rsplit_once(&format!("{AFTER}\n")).map(|(_, q)| q);
+            if let Some(q) = read {
+                ctx.run
+                    .saw_package(ctx.name(), &package, query_seen(!q.is_empty(), q));
+            }
+            read.and_then(|q| parse_query(pm, q)).map(|i| i.version)
         }
         _ => installed(ctx, &package).ok().flatten().map(|i| i.version),
     };
@@ -453,13 +778,21 @@ fn deploy_staged(
     (result, cleaned)
 }
 
-/// The install's own output, without the package query appended after it.
-fn without_after(o: &crate::transport::Output) -> crate::transport::Output {
+/// The install's own output, without the package queries printed around it.
+fn without_after(o: &Output) -> Output {
     let mut o = o.clone();
-    let text = o.stdout_str();
-    if let Some((before, _)) = text.rsplit_once(&format!("\n{AFTER}\n")) {
-        o.stdout = before.as_bytes().to_vec();
+    let mut text = o.stdout_str();
+    if let Some((_, rest)) = text.split_once(&format!("{BEFORE}\n")) {
+        text = rest
+            .split_once('\n')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .to_string();
     }
+    if let Some((before, _)) = text.rsplit_once(&format!("\n{AFTER}\n")) {
+        text = before.to_string();
+    }
+    o.stdout = text.into_bytes();
     o
 }
 

@@ -135,10 +135,26 @@ pub fn installed(ctx: &HostCtx, pkg: &str) -> Result<Option<Installed>, Primitiv
     let out = ctx
         .transport
         .run(&Command::new(query_argv(pm, pkg)).timeout(timeout))?;
+    ctx.run.saw_package(
+        ctx.name(),
+        pkg,
+        query_seen(out.success(), &out.stdout_str()),
+    );
     if !out.success() {
         return Ok(None);
     }
     Ok(parse_query(pm, &out.stdout_str()))
+}
+
+/// What a package query left, as [`super::RunCtx::package_seen`] keeps it and as a
+/// host shell's `out=$(QUERY) || out=` holds it: the output without its final
+/// newlines, empty when the query failed.
+pub fn query_seen(success: bool, stdout: &str) -> String {
+    if success {
+        stdout.trim_end_matches('\n').to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// Checks the package database independently: `pkg` must be fully installed at

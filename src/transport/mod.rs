@@ -24,6 +24,13 @@ use std::time::Duration;
 /// controller's memory.
 pub const DEFAULT_OUTPUT_CAP: usize = 1 << 20;
 
+/// Most bytes of [`Command::stdin`] a transport with a session shell sends in the
+/// same write as the command (the SSH transport: base64 in a here-document); more
+/// goes over a channel of its own. Inline input costs no channel and no round trip
+/// of its own, but the host's shell holds it in memory and it travels a third
+/// larger.
+pub const INLINE_INPUT_MAX: usize = 1 << 20;
+
 /// One command to run on a host.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -235,6 +242,25 @@ pub trait Transport: Send + Sync {
 /// How to reach hosts: builds one [`Transport`] per host on first use.
 pub trait Connector: Send + Sync {
     fn connect(&self, host: &crate::inventory::Host) -> Result<Box<dyn Transport>, TransportError>;
+}
+
+/// 16 hex digits nobody can guess: from the kernel's random source, or (should
+/// that fail) a hash of this process, a counter and the time.
+pub fn fresh_token() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if usize::try_from(n).is_ok_and(|n| n == bytes.len()) {
+        return hex::encode(bytes);
+    }
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        std::time::SystemTime::now()
+    );
+    hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes())[..8])
 }
 
 /// Where a transport may stage files it uploads before moving them into place.

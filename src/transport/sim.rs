@@ -113,10 +113,45 @@ impl SimTransport {
         Ok(())
     }
 
-    fn answer(&self, argv: &[String]) -> Output {
+    fn answer(&self, argv: &[String], stdin: Option<&[u8]>) -> Output {
         let words: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let sent = stdin.map(|b| hex::encode(Sha256::digest(b)));
         match words.as_slice() {
             ["sh", "-c", script, ..] if script.contains("/etc/os-release") => ok(FACTS),
+            ["sh", "-c", _, "patchbook-stage", file, name, _dir] => {
+                let sha = sent.unwrap_or_default();
+                self.lock().staged.push((file.to_string(), sha.clone()));
+                let argv: Vec<String> = ["sh", "-c", "", "patchbook-fields", file, name]
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect();
+                self.answer(&argv, None)
+            }
+            ["sh", "-c", _, "patchbook-deploy", sha, _file, _name, _dir, want, install @ ..] => {
+                if sent.as_deref() != Some(*sha) {
+                    return Output {
+                        code: 94,
+                        stderr: b"patchbook: the upload arrived corrupted".to_vec(),
+                        ..Output::default()
+                    };
+                }
+                let seen = |v: &Option<String>| {
+                    v.as_ref().map(|v| format!("ii \t{v}")).unwrap_or_default()
+                };
+                let before = seen(&self.lock().installed);
+                if before != *want {
+                    return Output {
+                        code: 96,
+                        stdout: format!("__PB_BEFORE__\n{before}\n__PB_CHANGED__\n").into_bytes(),
+                        ..Output::default()
+                    };
+                }
+                let mut out = self.install(install);
+                let after = seen(&self.lock().installed);
+                out.stdout =
+                    format!("__PB_BEFORE__\n{before}\n\n__PB_AFTER__\n{after}\n").into_bytes();
+                out
+            }
             ["sh", "-c", _, "patchbook-fields", file, name] => {
                 let st = self.lock();
                 let sha = st
@@ -264,7 +299,7 @@ impl Transport for SimTransport {
 
     fn run(&self, cmd: &Command) -> Result<Output, TransportError> {
         self.wait(cmd)?;
-        let mut out = self.answer(&cmd.argv);
+        let mut out = self.answer(&cmd.argv, cmd.stdin.as_deref());
         if out.stdout.len() > cmd.output_cap {
             out.stdout.truncate(cmd.output_cap);
             out.truncated = true;
@@ -284,7 +319,7 @@ impl Transport for SimTransport {
                 })?;
             return Ok(ok(""));
         }
-        let out = self.answer(&cmd.argv);
+        let out = self.answer(&cmd.argv, cmd.stdin.as_deref());
         sink.write_all(&out.stdout)
             .map_err(|source| TransportError::Io {
                 host: self.host.clone(),

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,9 @@ use ssh2::{BlockDirections, MethodType, Session};
 use self::known_hosts::{KnownHosts, Verdict};
 use self::ssh_config::{ClientConfig, HostSettings};
 use self::tunnel::{Tunnel, Wire};
-use super::{quote, Command, Output, Transport, TransportError, Upload};
+use super::{
+    fresh_token, quote, Command, Output, Transport, TransportError, Upload, INLINE_INPUT_MAX,
+};
 use crate::inventory::{Host, JumpHost};
 
 /// Connect timeout when the config names none.
@@ -372,6 +374,22 @@ pub struct SshTransport {
     sudo_checked: AtomicBool,
 }
 
+impl Drop for Conn {
+    /// Leaves without waiting for an answer: freeing the session shell's channel on a
+    /// live socket would close it politely and wait a round trip for the host's
+    /// close, on every host at the end of every run. sshd ends the session, and the
+    /// shell with it, when the connection goes.
+    fn drop(&mut self) {
+        if !self.broken {
+            self.sess.set_blocking(false);
+            let _ = self
+                .sess
+                .disconnect(Some(ssh2::DisconnectCode::ByApplication), "done", None);
+        }
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
 impl Conn {
     /// The session's SFTP channel, started on first use, in blocking mode with the
     /// transfer wait as timeout. A failure to start it breaks the session.
@@ -686,25 +704,6 @@ fn wait_socket(conn: &Conn, max: Duration) {
     }
 }
 
-/// 16 hex digits nobody can guess: from the kernel's random source, or (should
-/// that fail) a hash of this process, a counter and the time.
-fn fresh_token() -> String {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if usize::try_from(n).is_ok_and(|n| n == bytes.len()) {
-        return hex::encode(bytes);
-    }
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seed = format!(
-        "{}-{}-{:?}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-    );
-    hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8])
-}
-
 /// A fresh marker for one command's exit sentinel.
 fn sentinel_marker() -> String {
     format!("__PATCHBOOK_EXIT_{}:", fresh_token())
@@ -744,6 +743,35 @@ fn inline_line(argv: &[String], marker: &str) -> Option<String> {
     Some(format!(
         "( set -- {}\n{script}\n) </dev/null; {}\n",
         quote::argv(args),
+        sentinel_code(marker)
+    ))
+}
+
+/// Longest first command sent with the exec request that starts the session
+/// shell: far below what an SSH packet and one argument of the host's login shell
+/// may hold.
+const EXEC_LINE_MAX: usize = 16 * 1024;
+
+/// A session-shell line whose command reads `input` on its stdin: the bytes go
+/// base64-encoded in a here-document in the same write as the command, decoded by
+/// the host's `base64 -d`. `line` is a [`shell_line`] or [`inline_line`]; its
+/// `</dev/null` becomes the decoder's pipe. Without `base64` on the host the
+/// command does not run (exit 127): it must never see empty input in place of its
+/// data.
+fn fed_line(line: &str, input: &[u8], marker: &str) -> Option<String> {
+    use base64::Engine;
+    let (command, _) = line.rsplit_once(" </dev/null; ")?;
+    let end = format!("__PB_INPUT_{}", fresh_token());
+    let encoded = base64::engine::general_purpose::STANDARD.encode(input);
+    let mut body = String::with_capacity(encoded.len() + encoded.len() / 76 + 256);
+    for chunk in encoded.as_bytes().chunks(76) {
+        body.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        body.push('\n');
+    }
+    Some(format!(
+        "__pb_in() {{ base64 -d <<'{end}'\n{body}{end}\n}}\n\
+         if command -v base64 >/dev/null 2>&1; then __pb_in | {command}; \
+         else echo 'patchbook: base64 is missing on the host; the command did not run' >&2; (exit 127); fi; {}\n",
         sentinel_code(marker)
     ))
 }
@@ -1045,27 +1073,39 @@ impl SshTransport {
     /// depend on sudo's ticket: its lifetime (`timestamp_timeout`) and scope
     /// (per tty, or per parent process without one) differ from host to host.
     fn wire<'a>(sudo: Option<&Sudo>, cmd: &'a Command, marker: &str) -> CommandWire<'a> {
-        let own_input = || cmd.stdin.as_deref().map(Cow::Borrowed);
+        // Small input rides in the session shell's line (see [`fed_line`]).
+        let fed = |shell: String, exec: String| {
+            let input = cmd.stdin.as_deref();
+            match input
+                .filter(|i| i.len() <= INLINE_INPUT_MAX)
+                .and_then(|i| fed_line(&shell, i, marker))
+            {
+                Some(line) => CommandWire {
+                    shell: line,
+                    exec,
+                    stdin: None,
+                    public: true,
+                },
+                None => CommandWire {
+                    shell,
+                    exec,
+                    stdin: input.map(Cow::Borrowed),
+                    public: true,
+                },
+            }
+        };
         let Some(sudo) = sudo else {
             let shell = cmd
                 .inline
                 .then(|| inline_line(&cmd.argv, marker))
                 .flatten()
                 .unwrap_or_else(|| shell_line(&cmd.argv, marker));
-            return CommandWire {
-                shell,
-                exec: channel_line(&cmd.argv, marker),
-                stdin: own_input(),
-            };
+            return fed(shell, channel_line(&cmd.argv, marker));
         };
         // Under sudo a script needs its own shell: it cannot run inline.
         let Some((password, _)) = &sudo.password else {
             let argv = sudo_argv(&["-n"], &sudo.user, &cmd.argv);
-            return CommandWire {
-                shell: shell_line(&argv, marker),
-                exec: channel_line(&argv, marker),
-                stdin: own_input(),
-            };
+            return fed(shell_line(&argv, marker), channel_line(&argv, marker));
         };
         let gate = format!("__PATCHBOOK_BECOME_{}", fresh_token());
         let mut gated = sv(&["sh", "-c", SUDO_GATE, &gate]);
@@ -1086,6 +1126,7 @@ impl SshTransport {
             shell,
             exec: channel_line(&argv, marker),
             stdin,
+            public: false,
         }
     }
 
@@ -1121,6 +1162,7 @@ impl SshTransport {
             shell,
             exec: String::new(),
             stdin: None,
+            public: sudo.password.is_none(),
         };
         let cap = 64 * 1024;
         let out = self.exec_wire(
@@ -1220,15 +1262,23 @@ impl SshTransport {
             conn.sess.set_blocking(true);
             let remaining = deadline.saturating_duration_since(Instant::now());
             conn.sess.set_timeout(millis(remaining.min(IO_WAIT)));
+            // Set when the command went with the request that started the shell.
+            let mut sent = false;
             let opened = match conn.shell.take() {
                 Some(ch) if in_shell => Ok(ch),
                 _ => conn.sess.channel_session().and_then(|mut ch| {
-                    let line = if in_shell {
-                        // The login shell hands over to a plain POSIX shell that reads
-                        // the commands, one line each, from the channel's stdin.
-                        "exec /bin/sh".to_string()
-                    } else {
-                        wire.exec.clone()
+                    let public = wire.public && wire.shell.len() <= EXEC_LINE_MAX;
+                    let line = match (in_shell, public) {
+                        // The login shell runs this first command, then hands over to a
+                        // plain POSIX shell that reads the next ones, one line each,
+                        // from the channel's stdin: the command's answer comes with the
+                        // shell's start, not one round trip after it.
+                        (true, true) => {
+                            sent = true;
+                            format!("{}exec /bin/sh", wire.shell)
+                        }
+                        (true, false) => "exec /bin/sh".to_string(),
+                        (false, _) => wire.exec.clone(),
                     };
                     ch.exec(&line).map(|()| ch)
                 }),
@@ -1239,7 +1289,7 @@ impl SshTransport {
             };
             let mode = match &wire.stdin {
                 None => Mode::Shell {
-                    line: wire.shell.as_bytes(),
+                    line: if sent { &[] } else { wire.shell.as_bytes() },
                 },
                 Some(bytes) => Mode::Channel { stdin: bytes },
             };
@@ -1531,6 +1581,9 @@ struct CommandWire<'a> {
     shell: String,
     exec: String,
     stdin: Option<Cow<'a, [u8]>>,
+    /// The shell line holds no secret, so it may go in the exec request that
+    /// starts the session shell (where the host's `ps` shows it).
+    public: bool,
 }
 
 /// `sudo FLAGS -u USER -- ARGV`.
@@ -1853,14 +1906,56 @@ mod tests {
             user: "app".into(),
             password: None,
         };
-        let cmd = Command::new(["true"]).stdin(b"x".to_vec());
-        let wire = SshTransport::wire(Some(&sudo), &cmd, &sentinel_marker());
+        let cmd = Command::new(["sh", "-c", "cat; exit 4"]).stdin(b"x\0y".to_vec());
+        let marker = sentinel_marker();
+        let wire = SshTransport::wire(Some(&sudo), &cmd, &marker);
         assert!(
-            wire.exec.starts_with("sudo -n -u app -- true"),
+            wire.exec.starts_with("sudo -n -u app -- sh -c"),
             "{}",
             wire.exec
         );
-        assert_eq!(wire.stdin.as_deref(), Some(&b"x"[..]));
+        // Small input rides in the session shell's line, behind sudo -n.
+        assert_eq!(wire.stdin, None);
+        assert!(wire.shell.contains("sudo -n -u app --"), "{}", wire.shell);
+        let out = with_fake_sudo(false, "", &wire);
+        let (o, code, _) = frame(&marker, &out.stdout, 4096);
+        assert_eq!((o.as_slice(), code), (&b"x\0y"[..], Some(4)));
+    }
+
+    #[test]
+    fn input_rides_in_the_session_shell_line_byte_for_byte() {
+        // Every byte value, NULs and newlines included, and a size past one line.
+        let input: Vec<u8> = (0..5000u32).map(|i| i.to_le_bytes()[0]).collect();
+        let first = sentinel_marker();
+        let second = sentinel_marker();
+        let script =
+            Command::script("cat; printf '|%s' \"$@\"; exit 3", "t", &["a b"]).stdin(input.clone());
+        let lines = format!(
+            "{}{}",
+            SshTransport::wire(None, &script, &first).shell,
+            shell_line(&sv(&["echo", "next"]), &second)
+        );
+        assert_eq!(SshTransport::wire(None, &script, &first).stdin, None);
+        let out = std::process::Command::new("sh")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                child.stdin.take().unwrap().write_all(lines.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        let (o, code, _) = frame(&first, &out.stdout, 4096);
+        let mut want = input.clone();
+        want.extend_from_slice(b"|a b");
+        assert_eq!((o, code), (want, Some(3)));
+        // The shell reads on after it: the next command runs.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("next"));
+        // Too much input for a line: a channel of its own.
+        let big = Command::new(["cat"]).stdin(vec![b'x'; INLINE_INPUT_MAX + 1]);
+        let wire = SshTransport::wire(None, &big, &first);
+        assert_eq!(wire.stdin.map(|s| s.len()), Some(INLINE_INPUT_MAX + 1));
     }
 
     #[test]
