@@ -109,13 +109,13 @@ fn the_patch_job_takes_twelve_turns_and_journals_each_intent_before_its_install(
         assert_eq!(outcomes.len(), 1, "{outcomes:?}");
         assert_eq!(outcomes[0].data["ok"], true, "{outcomes:?}");
         assert!(outcomes[0].seq > intents[0].seq);
-        // The staging folder went with the install.
-        let left = lab
-            .exec_in(
-                &h.name,
-                &["sh", "-c", "ls -d /tmp/patchbook.* 2>/dev/null; true"],
-            )
-            .unwrap();
+        // The staging folder went with the install. Lab hosts share the machine's
+        // /tmp, so only this run's folders are looked for.
+        let pattern = format!(
+            "ls -d /tmp/patchbook.{}.* 2>/dev/null; true",
+            records[0].run
+        );
+        let left = lab.exec_in(&h.name, &["sh", "-c", &pattern]).unwrap();
         assert_eq!(String::from_utf8_lossy(&left.stdout), "", "{}", h.name);
     }
 }
