@@ -567,8 +567,15 @@ fn rollout(
         }
         outcome
     };
+    let host_timeout = policy.timeout;
     let rollback = |host: &Host, rc: &RollbackContext| -> Result<(), String> {
+        // A host's rollback gets as long again as its work did: a host that hangs
+        // (its shell after login, a command) must give its slot back, not hold
+        // it for as long as each undo command's own timeout allows.
+        let deadline = host_timeout.map(|t| Instant::now() + rc.clock.real_duration(t));
+        session.set_deadline(&host.name, deadline);
         let r = session.with_host(host, crate::primitives::undo::rollback);
+        session.set_deadline(&host.name, None);
         let cause = Some(rc.cause);
         let (ok, detail, result) = match r {
             Ok(rep) if rep.manual.is_empty() => (

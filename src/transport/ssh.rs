@@ -357,6 +357,9 @@ struct Conn {
     sftp: Option<ssh2::Sftp>,
     /// The session shell: one `sh` per host that runs the commands in turn.
     shell: Option<ssh2::Channel>,
+    /// The session shell's process id, which is also its process group (sshd
+    /// starts every session in a session of its own): what a deadline kills.
+    shell_pid: Option<u32>,
     /// Set when the session can no longer be trusted; it is dropped after the call.
     broken: bool,
     /// The jump hosts under the session; last, so it is dropped after it.
@@ -427,6 +430,7 @@ impl Target {
             sock,
             sftp: None,
             shell: None,
+            shell_pid: None,
             broken: false,
             _tunnel: tunnel,
         })
@@ -827,6 +831,62 @@ impl Framer {
     }
 }
 
+/// The first line a fresh shell prints: its process id (`echo $$` before it
+/// becomes the shell that runs the command). Strips that line off the output.
+#[derive(Default)]
+struct Leader {
+    /// Still waiting for the line.
+    expected: bool,
+    line: Vec<u8>,
+    pid: Option<u32>,
+}
+
+impl Leader {
+    fn expecting() -> Self {
+        Leader {
+            expected: true,
+            ..Leader::default()
+        }
+    }
+
+    /// The part of `bytes` that is output of the command.
+    fn take<'b>(&mut self, bytes: &'b [u8]) -> &'b [u8] {
+        if !self.expected {
+            return bytes;
+        }
+        let Some(nl) = memchr::memchr(b'\n', bytes) else {
+            // A pid is a few digits; anything longer is no pid line.
+            if self.line.len() + bytes.len() > 32 {
+                self.expected = false;
+            }
+            self.line.extend_from_slice(bytes);
+            return &[];
+        };
+        self.line.extend_from_slice(&bytes[..nl]);
+        self.expected = false;
+        self.pid = std::str::from_utf8(&self.line)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|pid| *pid > 1);
+        &bytes[nl + 1..]
+    }
+}
+
+/// The exec line that makes a channel print its shell's pid and then run `line`.
+fn with_leader(line: &str) -> String {
+    format!("echo $$; {line}")
+}
+
+/// How long killing a command's process group on the host may take at most,
+/// the one second between TERM and KILL included.
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+/// TERM to the group, a second's grace, then KILL (`$1`: the group id).
+/// No `--`: dash's `kill` takes none, and a negative id after the signal is a
+/// process group in every POSIX shell.
+const KILL_GROUP: &str =
+    "kill -TERM -\"$1\" 2>/dev/null || exit 0; sleep 1; kill -KILL -\"$1\" 2>/dev/null; exit 0";
+
 /// Keeps up to `cap` bytes; counts what it drops.
 struct Capture {
     kept: Vec<u8>,
@@ -890,6 +950,7 @@ fn drive(
     ch: &mut ssh2::Channel,
     mode: Mode<'_>,
     deadline: Instant,
+    leader: &mut Leader,
     out: (&mut Framer, &mut Sink<'_>),
     err: (&mut Framer, &mut Capture),
 ) -> Result<(), Stop> {
@@ -927,8 +988,9 @@ fn drive(
                 Ok(0) => out_eof = ch.eof(),
                 Ok(n) => {
                     progress = true;
+                    let rest = leader.take(&buf[..n]);
                     out_framer
-                        .push(&buf[..n], &mut |b| stdout.write(b))
+                        .push(rest, &mut |b| stdout.write(b))
                         .map_err(Stop::Sink)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -1216,15 +1278,19 @@ impl SshTransport {
             conn.sess.set_blocking(true);
             let remaining = deadline.saturating_duration_since(Instant::now());
             conn.sess.set_timeout(millis(remaining.min(IO_WAIT)));
+            // A fresh channel first prints its shell's pid: the process group a
+            // deadline kills on the host.
+            let mut leader = Leader::default();
             let opened = match conn.shell.take() {
                 Some(ch) if in_shell => Ok(ch),
                 _ => conn.sess.channel_session().and_then(|mut ch| {
+                    leader = Leader::expecting();
                     let line = if in_shell {
                         // The login shell hands over to a plain POSIX shell that reads
                         // the commands, one line each, from the channel's stdin.
-                        "exec /bin/sh".to_string()
+                        with_leader("exec /bin/sh")
                     } else {
-                        wire.exec.clone()
+                        with_leader(&wire.exec)
                     };
                     ch.exec(&line).map(|()| ch)
                 }),
@@ -1248,14 +1314,25 @@ impl SshTransport {
                 &mut ch,
                 mode,
                 deadline,
+                &mut leader,
                 (&mut out_framer, &mut stdout),
                 (&mut err_framer, &mut stderr),
             );
+            if in_shell && leader.pid.is_some() {
+                conn.shell_pid = leader.pid;
+            }
             // The session shell is kept for the next command only when this one
             // ended cleanly behind both sentinels.
             let mut keep_shell = false;
             let result = match driven {
                 Err(Stop::Deadline) => {
+                    // The command (and whatever it started) would go on running on
+                    // the host after its session is gone: end its process group
+                    // first, through the session while it still answers.
+                    let group = if in_shell { conn.shell_pid } else { leader.pid };
+                    if let Some(group) = group {
+                        self.kill_group(conn, group);
+                    }
                     conn.broken = true;
                     Err(TransportError::Deadline {
                         host: host.clone(),
@@ -1345,6 +1422,60 @@ impl SshTransport {
                 truncated: out_dropped || stderr.dropped,
             })
         })
+    }
+
+    /// Kills process group `group` on the host over a channel of its own (as the
+    /// become user, when there is one), within [`KILL_WAIT`]. Best effort: a
+    /// session that no longer answers is closed by the caller anyway.
+    fn kill_group(&self, conn: &mut Conn, group: u32) {
+        let host = &self.target.name;
+        let cmd = Command::new(sv(&[
+            "sh",
+            "-c",
+            KILL_GROUP,
+            "patchbook-kill",
+            &group.to_string(),
+        ]))
+        // Input of its own: with a sudo password, it goes first on the channel.
+        .stdin(Vec::new());
+        let marker = sentinel_marker();
+        let wire = Self::wire(self.sudo(), &cmd, &marker);
+        let deadline = Instant::now() + KILL_WAIT;
+        conn.sess.set_blocking(true);
+        conn.sess.set_timeout(millis(KILL_WAIT));
+        let opened = conn
+            .sess
+            .channel_session()
+            .and_then(|mut ch| ch.exec(&wire.exec).map(|()| ch));
+        conn.sess.set_blocking(false);
+        let mut ch = match opened {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(host = %host, group, "cannot open a channel to end the command's processes: {e}");
+                return;
+            }
+        };
+        let stdin = wire.stdin.as_deref().unwrap_or_default();
+        let (mut out_framer, mut err_framer) = (Framer::new(&marker), Framer::new(&marker));
+        let mut out = Sink::Capture(Capture::new(4096));
+        let mut err = Capture::new(4096);
+        let ended = drive(
+            conn,
+            &mut ch,
+            Mode::Channel { stdin },
+            deadline,
+            &mut Leader::default(),
+            (&mut out_framer, &mut out),
+            (&mut err_framer, &mut err),
+        );
+        match ended {
+            Ok(()) => {
+                tracing::info!(host = %host, group, "ended the command's processes on the host")
+            }
+            Err(_) => {
+                tracing::warn!(host = %host, group, "the host did not confirm the end of the command's processes")
+            }
+        }
     }
 
     /// Runs a short helper command, failing unless it exits 0.
