@@ -1024,13 +1024,13 @@ fn sandbox_bombs_fail_their_run_and_the_service_stays_up() {
             "{name} took {:?}",
             t0.elapsed()
         );
-        if let Some(run) = r["run_id"].as_str().filter(|r| !r.is_empty()) {
-            assert_eq!(
-                journal_kinds(&p, run).last().unwrap(),
-                "run.close",
-                "{name}"
-            );
-        }
+        // The run is closed, not left open for a resume.
+        let run = r["run_id"].as_str().filter(|r| !r.is_empty()).unwrap();
+        assert_eq!(
+            journal_kinds(&p, run).last().unwrap(),
+            "run.close",
+            "{name}"
+        );
     }
     // Still up: the next playbook runs and succeeds.
     assert!(trigger(&p, "quick").status.success());
