@@ -850,25 +850,27 @@ impl Leader {
     }
 
     /// The part of `bytes` that is output of the command.
-    fn take<'b>(&mut self, bytes: &'b [u8]) -> &'b [u8] {
+    fn take<'b>(&mut self, bytes: &'b [u8]) -> Cow<'b, [u8]> {
         if !self.expected {
-            return bytes;
+            return Cow::Borrowed(bytes);
         }
         let Some(nl) = memchr::memchr(b'\n', bytes) else {
-            // A pid is a few digits; anything longer is no pid line.
-            if self.line.len() + bytes.len() > 32 {
-                self.expected = false;
-            }
             self.line.extend_from_slice(bytes);
-            return &[];
+            // A pid is a few digits; anything longer is no pid line, but output.
+            if self.line.len() > 32 {
+                self.expected = false;
+                return Cow::Owned(std::mem::take(&mut self.line));
+            }
+            return Cow::Borrowed(&[]);
         };
         self.line.extend_from_slice(&bytes[..nl]);
         self.expected = false;
         self.pid = std::str::from_utf8(&self.line)
             .ok()
             .and_then(|s| s.trim().parse().ok())
+            // Never 0 or 1: `kill -1` is every process the user may signal.
             .filter(|pid| *pid > 1);
-        &bytes[nl + 1..]
+        Cow::Borrowed(&bytes[nl + 1..])
     }
 }
 
@@ -990,7 +992,7 @@ fn drive(
                     progress = true;
                     let rest = leader.take(&buf[..n]);
                     out_framer
-                        .push(rest, &mut |b| stdout.write(b))
+                        .push(&rest, &mut |b| stdout.write(b))
                         .map_err(Stop::Sink)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -1295,6 +1297,10 @@ impl SshTransport {
                     ch.exec(&line).map(|()| ch)
                 }),
             };
+            if in_shell && leader.expected {
+                // A new session shell: the old one's pid means nothing any more.
+                conn.shell_pid = None;
+            }
             let mut ch = match opened {
                 Ok(ch) => ch,
                 Err(e) => return Err(fail(conn, "open channel", e.to_string())),
@@ -1987,6 +1993,32 @@ mod tests {
             wire.exec
         );
         assert_eq!(wire.stdin.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn a_fresh_channels_pid_line_is_taken_off_its_output() {
+        let feed = |chunks: &[&[u8]]| {
+            let mut l = Leader::expecting();
+            let mut out = Vec::new();
+            for c in chunks {
+                out.extend_from_slice(&l.take(c));
+            }
+            (l.pid, out)
+        };
+        assert_eq!(feed(&[b"4711\nhello"]), (Some(4711), b"hello".to_vec()));
+        assert_eq!(
+            feed(&[b"47", b"11", b"\nhel", b"lo"]),
+            (Some(4711), b"hello".to_vec())
+        );
+        // Never a group that is every process.
+        assert_eq!(feed(&[b"1\nx"]).0, None);
+        // A login banner without a newline is output, not swallowed.
+        let banner = [b'='; 40];
+        let (pid, out) = feed(&[&banner[..20], &banner[20..]]);
+        assert_eq!((pid, out.len()), (None, 40));
+        // A reused shell prints no pid line.
+        let mut l = Leader::default();
+        assert_eq!(&*l.take(b"12\n"), b"12\n");
     }
 
     #[test]
