@@ -117,7 +117,40 @@ const BOMBS: &[(&str, &str, &str)] = &[
     (
         "closures capturing closures",
         "let f = || 0; for i in 0..1000000 { let g = f; f = || g; } 1",
-        "nests deeper than 10000 levels",
+        "nests deeper than 1000 levels",
+    ),
+    // Each turn copies what `f` holds twice over: quadratic or doubling work in
+    // one operation, never seen by Rhai's own size checks.
+    (
+        "a function pointer curried with itself",
+        "let f = || 0; for i in 0..100000 { f = f.curry(f); } 1",
+        "more than 1000 curried values",
+    ),
+    (
+        "a long curry chain",
+        "let f = |x| x; for i in 0..1000000 { f = f.curry(i); } 1",
+        "more than 1000 curried values",
+    ),
+    (
+        "function pointers curried with an array of themselves",
+        "let f = || 0; for i in 0..100000 { f = f.curry([f, f]); } 1",
+        "more than 1000 curried values",
+    ),
+    (
+        "arrays of function pointers curried with the array",
+        "let f = || 0; let a = []; for i in 0..100000 { a = [f.curry(a), f.curry(a)]; } 1",
+        "too large",
+    ),
+    (
+        "maps of function pointers curried with the map",
+        "let f = || 0; let m = #{}; for i in 0..100000 { m = #{ a: f.curry(m), b: f.curry(m) }; } 1",
+        "too large",
+    ),
+    (
+        "maps in maps",
+        "let m = #{}; for i in 0..1000000 { m = #{ x: m }; } 1",
+        // Each turn copies the whole chain: the work ends it before its depth does.
+        "Too many operations",
     ),
     // Each value is within its size limit; together they would exhaust memory.
     (
@@ -135,11 +168,11 @@ const BOMBS: &[(&str, &str, &str)] = &[
         "let big = \"x\"; for i in 0..19 { big += big; } let m = #{}; for i in 0..5000 { m[`k${i}`] = big + i; } m.len()",
         "limits.max_memory_mb",
     ),
-    // Under these limits the nested items count against the array size first.
+    // Each turn copies the whole nest: the work ends it before its size or depth.
     (
         "arrays in arrays",
         "let a = []; for i in 0..1000000 { a = [a]; } 1",
-        "Size of array",
+        "Too many operations",
     ),
 ];
 
@@ -155,6 +188,67 @@ fn every_bomb_ends_with_a_clear_error_and_the_process_goes_on() {
         let v = eval_str(&run, &compiler, "40 + 2").expect("call after a bomb");
         assert_eq!(v.as_int().unwrap(), 42, "{what}");
     }
+}
+
+/// A bomb that does its damage inside single operations (a copy of a growing
+/// value) must still end in bounded time: the acceptance bound for every class.
+#[test]
+fn every_bomb_ends_within_seconds_under_the_default_limits() {
+    let compiler = Compiler::new(Limits::default(), vec![]);
+    let run = ScriptRun::new(&Limits::default(), None);
+    // The bombs that copy or nest growing values; the others are plain loops
+    // that the default operation limit lets run for its full count.
+    let copying = [
+        "closures capturing closures",
+        "a function pointer curried with itself",
+        "a long curry chain",
+        "function pointers curried with an array of themselves",
+        "arrays of function pointers curried with the array",
+        "maps of function pointers curried with the map",
+        "maps in maps",
+        "arrays in arrays",
+    ];
+    for (what, src, _) in BOMBS.iter().filter(|(w, ..)| copying.contains(w)) {
+        let t0 = Instant::now();
+        let err = script_err(eval_str(&run, &compiler, src));
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what} took {:?}: {err}",
+            t0.elapsed()
+        );
+    }
+}
+
+/// Rhai counts `let b = a` as one operation whatever `a` holds. A loop of
+/// copies of a 9,000-item array stayed under 1,000,000 operations while it ran
+/// for minutes; the copies' work counts now, so the limit ends it.
+#[test]
+fn copying_counts_against_the_operation_limit() {
+    let limits = Limits {
+        max_operations: 1_000_000,
+        deadline_secs: 20,
+        ..Limits::default()
+    };
+    let compiler = Compiler::new(limits.clone(), vec![]);
+    let run = ScriptRun::new(&limits, None);
+    let t0 = Instant::now();
+    let err = script_err(eval_str(
+        &run,
+        &compiler,
+        "let a = []; for i in 0..9000 { a.push(i); } for i in 0..150000 { let b = a; } 1",
+    ));
+    assert!(err.contains("Too many operations"), "{err}");
+    assert!(err.contains("limits.max_operations"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // Cheap operations are not charged for more than they are: a loop of 100,000
+    // small steps stays well within the same limit.
+    let v = eval_str(
+        &run,
+        &compiler,
+        "let s = 0; for i in 0..100000 { s += i; } s",
+    )
+    .unwrap();
+    assert_eq!(v.as_int().unwrap(), 4_999_950_000);
 }
 
 #[test]
@@ -555,7 +649,7 @@ fn cli_sandbox_bombs_exit_2_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("patchbook.toml"),
-        "[limits]\nmax_operations = 500000\nmax_array_size = 10000\n",
+        "[limits]\nmax_operations = 500000\nmax_array_size = 10000\nmax_memory_mb = 64\n",
     )
     .unwrap();
     for (what, src, expect) in BOMBS {

@@ -986,3 +986,118 @@ fn sigterm_mid_rollout_then_run_resume_finishes_the_fleet() {
     assert_eq!(count("\"kind\":\"host_started\""), 10);
     assert_eq!(count("\"kind\":\"host_done\""), 10);
 }
+
+/// A playbook asleep in `sleep(100000)` does not hold up SIGTERM: the sleep
+/// wakes on the service's stop, the run is closed, the service exits.
+#[test]
+fn sigterm_wakes_a_sleeping_playbook() {
+    let p = Project::new();
+    p.write("scripts/nap.rhai", "sleep(100000);\n");
+    let mut svc = Service::start(&p, &[]);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
+    assert!(trigger(&p, "nap").status.success());
+    let (s, _) = svc.wait(Duration::from_secs(5), "run in flight", |s| {
+        s["runs"]["in_flight"][0]["run_id"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty())
+    });
+    let run = s["runs"]["in_flight"][0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Asleep for a moment first: the stop must wake the sleep, not race it.
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    svc.terminate();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?} with a playbook asleep: {:#?}",
+        t0.elapsed(),
+        svc.output()
+    );
+    assert_eq!(journal_kinds(&p, &run).last().unwrap(), "run.close");
+}
+
+/// Scripts that grow values by copying or nesting them (closure chains, curry
+/// chains, curried arrays and maps, maps in maps) end their run as failed with a
+/// sandbox error; the service stays up and runs the next playbook.
+#[test]
+fn sandbox_bombs_fail_their_run_and_the_service_stays_up() {
+    let bombs = [
+        (
+            "closures",
+            "let f = || 0; for i in 0..1000000 { let g = f; f = || g; }\n",
+        ),
+        (
+            "curry",
+            "let f = || 0; for i in 0..1000000 { f = f.curry(f); }\n",
+        ),
+        (
+            "chain",
+            "let f = |x| x; for i in 0..1000000 { f = f.curry(i); }\n",
+        ),
+        (
+            "curried_arrays",
+            "let f = || 0; let a = []; for i in 0..1000000 { a = [f.curry(a), f.curry(a)]; }\n",
+        ),
+        (
+            "maps",
+            "let m = #{}; for i in 0..1000000 { m = #{ x: m }; }\n",
+        ),
+    ];
+    let p = Project::new();
+    p.write(
+        "patchbook.toml",
+        "inventory = [\"inv.toml\"]\n[limits]\nmax_operations = 2000000\n",
+    );
+    for (name, src) in bombs {
+        p.write(&format!("scripts/{name}.rhai"), src);
+    }
+    p.write("scripts/quick.rhai", QUICK);
+    let svc = Service::start(&p, &[]);
+    svc.wait(Duration::from_secs(5), "first generation", |s| {
+        generation(s) == 1
+    });
+    for (name, _) in bombs {
+        let t0 = Instant::now();
+        let out = trigger(&p, name);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let (s, _) = svc.wait(Duration::from_secs(30), &format!("{name} ends"), |s| {
+            s["runs"]["recent"][0]["playbook"] == name
+        });
+        let r = &s["runs"]["recent"][0];
+        assert_eq!(r["ok"], false, "{name}: {r:#}");
+        let summary = r["summary"].as_str().unwrap_or_default();
+        assert!(
+            [
+                "nests deeper",
+                "curried values",
+                "too large",
+                "Too many operations"
+            ]
+            .iter()
+            .any(|m| summary.contains(m)),
+            "{name}: {summary}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{name} took {:?}",
+            t0.elapsed()
+        );
+        // The run is closed, not left open for a resume.
+        let run = r["run_id"].as_str().filter(|r| !r.is_empty()).unwrap();
+        assert_eq!(
+            journal_kinds(&p, run).last().unwrap(),
+            "run.close",
+            "{name}"
+        );
+    }
+    // Still up: the next playbook runs and succeeds.
+    assert!(trigger(&p, "quick").status.success());
+    let (s, _) = svc.wait(Duration::from_secs(10), "quick ends", |s| {
+        s["runs"]["recent"][0]["playbook"] == "quick"
+    });
+    assert_eq!(s["runs"]["recent"][0]["ok"], true, "{s:#}");
+}

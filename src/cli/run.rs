@@ -120,6 +120,7 @@ fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
         Some(Arc::new(pb.clone())),
     );
     crate::watch::schedule::register_schedule_noop(run.engine_mut());
+    run.sleep_wakes_on(control.stop.clone());
     run
 }
 

@@ -35,8 +35,13 @@ fn standard_package() -> SharedModule {
 struct CallBounds {
     deadline: Instant,
     budget: Duration,
+    /// What set the deadline, for the message that ends the call.
+    source: &'static str,
     cancel: Option<Arc<AtomicBool>>,
 }
+
+/// Where the deadline of an ordinary script call comes from.
+const DEADLINE_SOURCE: &str = "limits.deadline_secs in patchbook.toml";
 
 thread_local! {
     static BOUNDS: RefCell<Vec<CallBounds>> = const { RefCell::new(Vec::new()) };
@@ -44,6 +49,13 @@ thread_local! {
     /// [`super::memory`]); apart from `BOUNDS` so that the check on every
     /// operation is two plain reads.
     static HELD_AT_START: Cell<i64> = const { Cell::new(0) };
+    /// The allocation work ([`super::memory::work_by_this_thread`]) when the
+    /// outermost script call began.
+    static WORK_AT_START: Cell<u64> = const { Cell::new(0) };
+    /// Operations plus allocation work seen by the progress hook on this thread,
+    /// ever, and the figure at which it next looks at the clock.
+    static PROGRESS: Cell<u64> = const { Cell::new(0) };
+    static NEXT_LOOK: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Bounds every script call made on this thread while it lives; nested guards
@@ -55,6 +67,12 @@ pub struct CallGuard {
 
 impl CallGuard {
     pub fn new(budget: Duration, cancel: Option<Arc<AtomicBool>>) -> Self {
+        Self::until(budget, DEADLINE_SOURCE, cancel)
+    }
+
+    /// Bounds with a deadline set by something other than `limits.deadline_secs`
+    /// (a host's timeout in a rollout); `source` names it in the error.
+    pub fn until(budget: Duration, source: &'static str, cancel: Option<Arc<AtomicBool>>) -> Self {
         let deadline = Instant::now()
             .checked_add(budget)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
@@ -62,11 +80,13 @@ impl CallGuard {
             b.borrow_mut().push(CallBounds {
                 deadline,
                 budget,
+                source,
                 cancel,
             });
             // The outermost call's baseline: nested calls share its budget.
             if b.borrow().len() == 1 {
                 HELD_AT_START.with(|h| h.set(super::memory::held_by_this_thread()));
+                WORK_AT_START.with(|w| w.set(super::memory::work_by_this_thread()));
             }
         });
         CallGuard {
@@ -106,13 +126,58 @@ fn over_bounds(run_cancel: &AtomicBool) -> Option<Dynamic> {
         if Instant::now() >= c.deadline {
             return Some(
                 format!(
-                    "the script ran past its deadline of {}s (limits.deadline_secs in patchbook.toml)",
-                    c.budget.as_secs()
+                    "the script ran past its deadline of {} ({})",
+                    seconds(c.budget),
+                    c.source
                 )
                 .into(),
             );
         }
         None
+    })
+}
+
+/// `3s`, `1.5s`: whole seconds without a fraction.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// The error that ends a call whose operations, with the allocation work of its
+/// thread added, pass `max` (0: no limit). Rhai counts `a = [a]` as one
+/// operation however much `a` holds; copying it allocates for each value.
+fn over_work(ops: u64, max: u64) -> Option<Dynamic> {
+    let work = super::memory::work_by_this_thread().wrapping_sub(WORK_AT_START.with(Cell::get));
+    // Below a look's worth of work Rhai's own count ends the call a few
+    // operations later, with its own message.
+    (max > 0 && work > CHECK_EVERY && ops.saturating_add(work) > max).then(|| {
+        format!(
+            "Too many operations: {ops} operations and {work} units of copying and allocating values passed limits.max_operations ({max})"
+        )
+        .into()
+    })
+}
+
+/// True when the progress hook should look at the clock and the cancel flags:
+/// once per [`CHECK_EVERY`] units of operations and allocation work, so a loop
+/// whose every operation copies a large value is looked at as often as one of
+/// cheap operations.
+fn time_to_look() -> bool {
+    let now = PROGRESS.with(|p| {
+        let n = p.get().wrapping_add(1);
+        p.set(n);
+        n
+    }) + super::memory::work_by_this_thread();
+    NEXT_LOOK.with(|next| {
+        if now >= next.get() {
+            next.set(now + CHECK_EVERY);
+            true
+        } else {
+            false
+        }
     })
 }
 
@@ -152,18 +217,22 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
         .set_module_resolver(RefusingResolver);
     let run_cancel = cancel.clone();
     let max_bytes = i64::try_from(limits.max_memory_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
+    let max_ops = limits.max_operations;
     engine.on_progress(move |ops| {
         // Memory on every operation: one closure can capture a megabyte, and a
         // thousand operations between looks would let a gigabyte through.
         if let Some(why) = over_memory(max_bytes) {
             return Some(why);
         }
-        if ops % CHECK_EVERY != 0 {
+        if let Some(why) = over_work(ops, max_ops) {
+            return Some(why);
+        }
+        if !time_to_look() {
             return None;
         }
         over_bounds(&cancel)
     });
-    bounded_sleep(&mut engine, run_cancel);
+    bounded_sleep(&mut engine, run_cancel, None);
     guard_container_growth(&mut engine, limits);
     engine.on_print(|text| tracing::info!(target: "patchbook::log", "{text}"));
     engine.on_debug(|text, source, pos| {
@@ -179,8 +248,14 @@ pub fn sandbox(limits: &Limits, cancel: Arc<AtomicBool>) -> Engine {
 
 /// Rhai's own `sleep` blocks inside one operation, so neither the deadline nor a
 /// cancel (SIGTERM, the watch service stopping) can end it. This one sleeps in
-/// short slices and ends the script the moment either is due.
-fn bounded_sleep(engine: &mut Engine, cancel: Arc<AtomicBool>) {
+/// short slices and ends the script the moment either is due, or `stop` is set:
+/// a run's stop request (SIGTERM) lets steps in progress finish, but a sleep is
+/// no step, and waiting it out would hold the shutdown up for as long as it asks.
+pub(super) fn bounded_sleep(
+    engine: &mut Engine,
+    cancel: Arc<AtomicBool>,
+    stop: Option<Arc<AtomicBool>>,
+) {
     /// The longest a sleeping script waits before it notices a stop.
     const SLICE: Duration = Duration::from_millis(50);
     let sleep = move |seconds: f64| -> Result<(), Box<EvalAltResult>> {
@@ -192,6 +267,12 @@ fn bounded_sleep(engine: &mut Engine, cancel: Arc<AtomicBool>) {
             if let Some(why) = over_bounds(&cancel) {
                 return Err(Box::new(EvalAltResult::ErrorTerminated(
                     why,
+                    Position::NONE,
+                )));
+            }
+            if stop.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                return Err(Box::new(EvalAltResult::ErrorTerminated(
+                    "the run was asked to stop (SIGTERM) while the script slept".into(),
                     Position::NONE,
                 )));
             }
@@ -223,13 +304,22 @@ fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
         if !(v.is_map() || v.is_array() || v.is_string() || v.is_fnptr()) {
             return Ok(None);
         }
+        if v.is_fnptr() {
+            curried_within(v, &limits)?;
+        }
         let deep = READS.with(|r| {
             let n = r.get().wrapping_add(1);
             r.set(n);
             n % DEEP_CHECK_EVERY == 0
-        });
-        let mut sizes = Sizes::default();
+        }) || paid_for_walk();
+        let mut sizes = Sizes {
+            budget: walk_budget(&limits),
+            ..Sizes::default()
+        };
         sizes.add(v, deep);
+        if deep {
+            WALKED.with(|w| w.set(w.get().saturating_add(4 * sizes.visited as u64)));
+        }
         let over = |max: usize, n: usize| max > 0 && n > max;
         if sizes.depth > MAX_NESTING {
             return Err(Box::new(EvalAltResult::ErrorRuntime(
@@ -237,6 +327,15 @@ fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
                     "a value nests deeper than {MAX_NESTING} levels (arrays in arrays, closures capturing closures); build flatter values"
                 )
                 .into(),
+                Position::NONE,
+            )));
+        }
+        if sizes.visited > sizes.budget {
+            return Err(Box::new(EvalAltResult::ErrorDataTooLarge(
+                format!(
+                    "Values held in one variable (more than {} in its arrays, maps and curried function pointers together; limits.max_array_size + max_map_size)",
+                    sizes.budget - 1
+                ),
                 Position::NONE,
             )));
         }
@@ -256,18 +355,116 @@ fn guard_container_growth(engine: &mut Engine, limits: &Limits) {
     });
 }
 
+/// Most values one function pointer may carry curried, those of the function
+/// pointers among them included. A function cannot take more arguments than a
+/// scope holds variables, so a longer list can never be called; Rhai copies the
+/// whole list on every `curry` and every read of the variable.
+pub const MAX_CURRIED: usize = 1_000;
+
+/// Refuses a function pointer whose copy would cost more than the sandbox
+/// allows: more than [`MAX_CURRIED`] curried values, or more values than
+/// `limits.max_array_size` in them. Rhai's own size checks count nothing inside a
+/// function pointer, and `f = f.curry(f)` doubles what `f` holds on every turn.
+/// Checked on every read of such a variable: the walk stops at shared values
+/// (what a closure captured: copied as one pointer) and as soon as a bound is
+/// passed, so a legitimate closure costs a few steps.
+fn curried_within(v: &Dynamic, limits: &Limits) -> Result<(), Box<EvalAltResult>> {
+    #[derive(Default)]
+    struct Copy {
+        values: usize,
+        curried: usize,
+        depth: usize,
+    }
+    let max_values = if limits.max_array_size == 0 {
+        usize::MAX
+    } else {
+        limits.max_array_size
+    };
+    fn walk(v: &Dynamic, c: &mut Copy, depth: usize, max_values: usize) {
+        c.values += 1;
+        c.depth = c.depth.max(depth);
+        if c.values > max_values || c.curried > MAX_CURRIED || depth > MAX_NESTING {
+            return;
+        }
+        if let Some(f) = v.read_lock::<rhai::FnPtr>() {
+            c.curried += f.curry().len();
+            f.curry()
+                .iter()
+                .filter(|x| !x.is_shared())
+                .for_each(|x| walk(x, c, depth + 1, max_values));
+        } else if let Some(a) = v.read_lock::<rhai::Array>() {
+            a.iter()
+                .filter(|x| !x.is_shared())
+                .for_each(|x| walk(x, c, depth + 1, max_values));
+        } else if let Some(m) = v.read_lock::<rhai::Map>() {
+            m.values()
+                .filter(|x| !x.is_shared())
+                .for_each(|x| walk(x, c, depth + 1, max_values));
+        }
+    }
+    let mut c = Copy::default();
+    walk(v, &mut c, 1, max_values);
+    let why = if c.curried > MAX_CURRIED {
+        format!("a function pointer carries more than {MAX_CURRIED} curried values (nested ones included); pass the data in one array instead")
+    } else if c.values > max_values {
+        format!("the values curried into a function pointer number more than {max_values} (limits.max_array_size in patchbook.toml)")
+    } else if c.depth > MAX_NESTING {
+        format!("a value nests deeper than {MAX_NESTING} levels (arrays in arrays, closures capturing closures); build flatter values")
+    } else {
+        return Ok(());
+    };
+    Err(Box::new(EvalAltResult::ErrorRuntime(
+        why.into(),
+        Position::NONE,
+    )))
+}
+
 /// One read in this many walks nested containers.
 const DEEP_CHECK_EVERY: u64 = 256;
 
+/// Unspent allocation work that makes the next read walk deep.
+const DEEP_WALK_MIN: u64 = 4096;
+/// The most unspent work kept: a thread that worked long without reading a
+/// container does not walk on every read afterwards.
+const MAX_WALK_CREDIT: u64 = 1 << 20;
+
 thread_local! {
     static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Allocation work spent on deep walks: four units per value visited, so walks
+    /// never cost more than a quarter of the work the script did.
+    static WALKED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// True when the allocation work done since the last deep walks pays for
+/// another one. Copies of a value that doubles on every turn (`a = [f.curry(a),
+/// f.curry(a)]`) must be seen within a turn or two, not after 256 reads; a value's
+/// copy costs about a unit of work per value it holds (see `memory`), a walk
+/// visits each value once.
+fn paid_for_walk() -> bool {
+    let work = super::memory::work_by_this_thread();
+    WALKED.with(|w| {
+        let floor = work.saturating_sub(MAX_WALK_CREDIT);
+        if w.get() < floor {
+            w.set(floor);
+        }
+        work >= w.get().saturating_add(DEEP_WALK_MIN)
+    })
+}
+
+/// How many values a deep walk visits at the most: more than the array and map
+/// limits together allow one variable to hold, curried values counted too.
+fn walk_budget(limits: &Limits) -> usize {
+    match (limits.max_array_size, limits.max_map_size) {
+        (0, _) | (_, 0) => usize::MAX,
+        (a, m) => a.saturating_add(m).saturating_add(1),
+    }
 }
 
 /// How deep values may nest (arrays in arrays, closures capturing closures). Rhai
 /// drops nested values recursively: a value nested a million deep overflows any
 /// stack while it is dropped and aborts the process, so nesting is bounded well
 /// before that.
-pub const MAX_NESTING: usize = 10_000;
+pub const MAX_NESTING: usize = 1_000;
 
 #[derive(Default)]
 struct Sizes {
@@ -276,6 +473,9 @@ struct Sizes {
     string: usize,
     /// Deepest nesting seen, counted only on a deep walk.
     depth: usize,
+    /// Values visited, and how many may be.
+    visited: usize,
+    budget: usize,
 }
 
 impl Sizes {
@@ -289,7 +489,8 @@ impl Sizes {
 
     fn walk(&mut self, v: &Dynamic, deep: bool, depth: usize) {
         self.depth = self.depth.max(depth);
-        if self.depth > MAX_NESTING {
+        self.visited += 1;
+        if self.depth > MAX_NESTING || self.visited > self.budget {
             return;
         }
         if let Some(m) = v.read_lock::<rhai::Map>() {

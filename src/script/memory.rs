@@ -16,7 +16,14 @@ thread_local! {
     // `const`, no destructor: readable from the allocator at any point of a
     // thread's life, teardown included, without allocating.
     static HELD: Cell<i64> = const { Cell::new(0) };
+    /// Work the thread's allocations stand for (see [`work_by_this_thread`]);
+    /// only ever grows.
+    static WORK: Cell<u64> = const { Cell::new(0) };
 }
+
+/// Bytes that count as one unit of work: copying them costs about what one
+/// script operation does.
+const BYTES_PER_UNIT: u64 = 256;
 
 /// The system allocator, counting per thread.
 pub struct Counting;
@@ -31,6 +38,13 @@ fn add(delta: i64) {
     let _ = HELD.try_with(|h| h.set(h.get().wrapping_add(delta)));
 }
 
+/// An allocation of `bytes`: one unit for the allocation, one per
+/// [`BYTES_PER_UNIT`] it holds.
+fn worked(bytes: usize) {
+    let units = 1 + bytes as u64 / BYTES_PER_UNIT;
+    let _ = WORK.try_with(|w| w.set(w.get().wrapping_add(units)));
+}
+
 // SAFETY: every call is forwarded unchanged to `System`; the counting touches only
 // a const thread-local `Cell`, which neither allocates nor unwinds.
 unsafe impl GlobalAlloc for Counting {
@@ -39,6 +53,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             add(signed(layout.size()));
+            worked(layout.size());
         }
         p
     }
@@ -47,6 +62,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             add(signed(layout.size()));
+            worked(layout.size());
         }
         p
     }
@@ -60,6 +76,8 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             add(signed(new_size) - signed(layout.size()));
+            // Growing a string or array in place costs what it adds.
+            worked(new_size.saturating_sub(layout.size()));
         }
         p
     }
@@ -75,6 +93,17 @@ pub fn held_by_this_thread() -> i64 {
     HELD.try_with(Cell::get).unwrap_or(0)
 }
 
+/// Units of work the calling thread's allocations stand for, ever: one per
+/// allocation and one per 256 bytes allocated. Rhai counts one operation for
+/// `a = [a]` whether `a` holds one value or ten thousand nested ones, yet copying
+/// it allocates for every one of them; the sandbox adds these units to its
+/// operation count so that `max_operations` and the deadline checks follow the
+/// work done. Frees are not counted: every value freed was allocated, and counted,
+/// once.
+pub fn work_by_this_thread() -> u64 {
+    WORK.try_with(Cell::get).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +117,14 @@ mod tests {
             assert!(during - before >= 8 << 20, "{before} {during}");
             drop(v);
             assert!(held_by_this_thread() - before < 1 << 20);
+            // A hundred small vectors are a hundred units and more; freeing them takes
+            // none back.
+            let work = work_by_this_thread();
+            let v: Vec<Vec<u8>> = (0..100).map(|_| vec![0u8; 10]).collect();
+            let done = work_by_this_thread() - work;
+            assert!((101..300).contains(&done), "{done}");
+            drop(v);
+            assert_eq!(work_by_this_thread() - work, done);
         })
         .join()
         .unwrap();

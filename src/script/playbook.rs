@@ -281,6 +281,12 @@ impl ScriptRun {
         self.cancel.clone()
     }
 
+    /// `sleep()` in this run also ends when `stop` is set (a run's stop
+    /// request), not only at the deadline or on a cancel.
+    pub fn sleep_wakes_on(&mut self, stop: Arc<AtomicBool>) {
+        super::engine::bounded_sleep(&mut self.engine, self.cancel.clone(), Some(stop));
+    }
+
     /// The per-call wall-clock budget (limits.deadline_secs).
     pub fn budget(&self) -> Duration {
         self.budget
@@ -350,6 +356,22 @@ impl HostClosure {
         self.call_with(engine, tag, vec![Dynamic::from(host)], budget, cancel)
     }
 
+    /// [`HostClosure::call`] with a deadline that something other than
+    /// `limits.deadline_secs` set (a rollout's per-host `timeout`); `source`
+    /// names it in the error that ends the call.
+    pub fn call_until(
+        &self,
+        engine: &Engine,
+        host: ScriptHost,
+        budget: Duration,
+        source: &'static str,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
+        let tag = Dynamic::from(host.clone());
+        let guard = || CallGuard::until(budget, source, cancel.clone());
+        self.call_guarded(engine, tag, vec![Dynamic::from(host)], guard)
+    }
+
     /// Calls the closure with any arguments (a rollout gate takes none); `tag` is
     /// what native functions see as the current host, `()` for none.
     pub fn call_with(
@@ -360,8 +382,18 @@ impl HostClosure {
         budget: Duration,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
+        self.call_guarded(engine, tag, args, || CallGuard::new(budget, cancel.clone()))
+    }
+
+    fn call_guarded(
+        &self,
+        engine: &Engine,
+        tag: Dynamic,
+        args: Vec<Dynamic>,
+        guard: impl FnOnce() -> CallGuard + Send,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
         on_script_stack(engine, || {
-            let _guard = CallGuard::new(budget, cancel);
+            let _guard = guard();
             let mut global = self.global.clone();
             global.num_operations = 0;
             global.tag = tag;

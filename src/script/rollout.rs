@@ -513,12 +513,25 @@ fn rollout(
         session.set_deadline(&host.name, deadline);
         // A connection failure from before this host's work (a probe) is not its.
         let _ = session.take_lost(&host.name);
-        let r = closure.call(
-            engine,
-            ScriptHost::new(host.clone()),
-            budget,
-            cancel.clone(),
-        );
+        // The host's timeout ends the script too, not only its commands: a
+        // closure busy in a loop after its last command would otherwise hold
+        // the host's slot until limits.deadline_secs.
+        let host_left = hc.remaining().map(|left| hc.clock.real_duration(left));
+        let r = match host_left {
+            Some(left) if left < budget => closure.call_until(
+                engine,
+                ScriptHost::new(host.clone()),
+                left,
+                "the rollout's per-host timeout",
+                cancel.clone(),
+            ),
+            _ => closure.call(
+                engine,
+                ScriptHost::new(host.clone()),
+                budget,
+                cancel.clone(),
+            ),
+        };
         session.set_deadline(&host.name, None);
         // A controller-side stop (disk full, a backup cap) noted by a primitive
         // is the controller's, even when the script caught and rethrew it.
@@ -557,8 +570,15 @@ fn rollout(
         }
         outcome
     };
+    let host_timeout = policy.timeout;
     let rollback = |host: &Host, rc: &RollbackContext| -> Result<(), String> {
+        // A host's rollback gets as long again as its work did: a host that hangs
+        // (its shell after login, a command) must give its slot back, not hold
+        // it for as long as each undo command's own timeout allows.
+        let deadline = host_timeout.map(|t| Instant::now() + rc.clock.real_duration(t));
+        session.set_deadline(&host.name, deadline);
         let r = session.with_host(host, crate::primitives::undo::rollback);
+        session.set_deadline(&host.name, None);
         let cause = Some(rc.cause);
         let (ok, detail, result) = match r {
             Ok(rep) if rep.manual.is_empty() => (

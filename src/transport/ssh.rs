@@ -359,6 +359,9 @@ struct Conn {
     sftp: Option<ssh2::Sftp>,
     /// The session shell: one `sh` per host that runs the commands in turn.
     shell: Option<ssh2::Channel>,
+    /// The session shell's process id, which is also its process group (sshd
+    /// starts every session in a session of its own): what a deadline kills.
+    shell_pid: Option<u32>,
     /// Set when the session can no longer be trusted; it is dropped after the call.
     broken: bool,
     /// The jump hosts under the session; last, so it is dropped after it.
@@ -445,6 +448,7 @@ impl Target {
             sock,
             sftp: None,
             shell: None,
+            shell_pid: None,
             broken: false,
             _tunnel: tunnel,
         })
@@ -859,6 +863,64 @@ impl Framer {
     }
 }
 
+/// The first line a fresh shell prints: its process id (`echo $$` before it
+/// becomes the shell that runs the command). Strips that line off the output.
+#[derive(Default)]
+struct Leader {
+    /// Still waiting for the line.
+    expected: bool,
+    line: Vec<u8>,
+    pid: Option<u32>,
+}
+
+impl Leader {
+    fn expecting() -> Self {
+        Leader {
+            expected: true,
+            ..Leader::default()
+        }
+    }
+
+    /// The part of `bytes` that is output of the command.
+    fn take<'b>(&mut self, bytes: &'b [u8]) -> Cow<'b, [u8]> {
+        if !self.expected {
+            return Cow::Borrowed(bytes);
+        }
+        let Some(nl) = memchr::memchr(b'\n', bytes) else {
+            self.line.extend_from_slice(bytes);
+            // A pid is a few digits; anything longer is no pid line, but output.
+            if self.line.len() > 32 {
+                self.expected = false;
+                return Cow::Owned(std::mem::take(&mut self.line));
+            }
+            return Cow::Borrowed(&[]);
+        };
+        self.line.extend_from_slice(&bytes[..nl]);
+        self.expected = false;
+        self.pid = std::str::from_utf8(&self.line)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            // Never 0 or 1: `kill -1` is every process the user may signal.
+            .filter(|pid| *pid > 1);
+        Cow::Borrowed(&bytes[nl + 1..])
+    }
+}
+
+/// The exec line that makes a channel print its shell's pid and then run `line`.
+fn with_leader(line: &str) -> String {
+    format!("echo $$; {line}")
+}
+
+/// How long killing a command's process group on the host may take at most,
+/// the one second between TERM and KILL included.
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+/// TERM to the group, a second's grace, then KILL (`$1`: the group id).
+/// No `--`: dash's `kill` takes none, and a negative id after the signal is a
+/// process group in every POSIX shell.
+const KILL_GROUP: &str =
+    "kill -TERM -\"$1\" 2>/dev/null || exit 0; sleep 1; kill -KILL -\"$1\" 2>/dev/null; exit 0";
+
 /// Keeps up to `cap` bytes; counts what it drops.
 struct Capture {
     kept: Vec<u8>,
@@ -922,6 +984,7 @@ fn drive(
     ch: &mut ssh2::Channel,
     mode: Mode<'_>,
     deadline: Instant,
+    leader: &mut Leader,
     out: (&mut Framer, &mut Sink<'_>),
     err: (&mut Framer, &mut Capture),
 ) -> Result<(), Stop> {
@@ -959,8 +1022,9 @@ fn drive(
                 Ok(0) => out_eof = ch.eof(),
                 Ok(n) => {
                     progress = true;
+                    let rest = leader.take(&buf[..n]);
                     out_framer
-                        .push(&buf[..n], &mut |b| stdout.write(b))
+                        .push(&rest, &mut |b| stdout.write(b))
                         .map_err(Stop::Sink)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -1264,9 +1328,13 @@ impl SshTransport {
             conn.sess.set_timeout(millis(remaining.min(IO_WAIT)));
             // Set when the command went with the request that started the shell.
             let mut sent = false;
+            // A fresh channel first prints its shell's pid: the process group a
+            // deadline kills on the host.
+            let mut leader = Leader::default();
             let opened = match conn.shell.take() {
                 Some(ch) if in_shell => Ok(ch),
                 _ => conn.sess.channel_session().and_then(|mut ch| {
+                    leader = Leader::expecting();
                     let public = wire.public && wire.shell.len() <= EXEC_LINE_MAX;
                     let line = match (in_shell, public) {
                         // The login shell runs this first command, then hands over to a
@@ -1275,14 +1343,18 @@ impl SshTransport {
                         // shell's start, not one round trip after it.
                         (true, true) => {
                             sent = true;
-                            format!("{}exec /bin/sh", wire.shell)
+                            with_leader(&format!("{}exec /bin/sh", wire.shell))
                         }
-                        (true, false) => "exec /bin/sh".to_string(),
-                        (false, _) => wire.exec.clone(),
+                        (true, false) => with_leader("exec /bin/sh"),
+                        (false, _) => with_leader(&wire.exec),
                     };
                     ch.exec(&line).map(|()| ch)
                 }),
             };
+            if in_shell && leader.expected {
+                // A new session shell: the old one's pid means nothing any more.
+                conn.shell_pid = None;
+            }
             let mut ch = match opened {
                 Ok(ch) => ch,
                 Err(e) => return Err(fail(conn, "open channel", e.to_string())),
@@ -1302,14 +1374,25 @@ impl SshTransport {
                 &mut ch,
                 mode,
                 deadline,
+                &mut leader,
                 (&mut out_framer, &mut stdout),
                 (&mut err_framer, &mut stderr),
             );
+            if in_shell && leader.pid.is_some() {
+                conn.shell_pid = leader.pid;
+            }
             // The session shell is kept for the next command only when this one
             // ended cleanly behind both sentinels.
             let mut keep_shell = false;
             let result = match driven {
                 Err(Stop::Deadline) => {
+                    // The command (and whatever it started) would go on running on
+                    // the host after its session is gone: end its process group
+                    // first, through the session while it still answers.
+                    let group = if in_shell { conn.shell_pid } else { leader.pid };
+                    if let Some(group) = group {
+                        self.kill_group(conn, group);
+                    }
                     conn.broken = true;
                     Err(TransportError::Deadline {
                         host: host.clone(),
@@ -1399,6 +1482,60 @@ impl SshTransport {
                 truncated: out_dropped || stderr.dropped,
             })
         })
+    }
+
+    /// Kills process group `group` on the host over a channel of its own (as the
+    /// become user, when there is one), within [`KILL_WAIT`]. Best effort: a
+    /// session that no longer answers is closed by the caller anyway.
+    fn kill_group(&self, conn: &mut Conn, group: u32) {
+        let host = &self.target.name;
+        let cmd = Command::new(sv(&[
+            "sh",
+            "-c",
+            KILL_GROUP,
+            "patchbook-kill",
+            &group.to_string(),
+        ]))
+        // Input of its own: with a sudo password, it goes first on the channel.
+        .stdin(Vec::new());
+        let marker = sentinel_marker();
+        let wire = Self::wire(self.sudo(), &cmd, &marker);
+        let deadline = Instant::now() + KILL_WAIT;
+        conn.sess.set_blocking(true);
+        conn.sess.set_timeout(millis(KILL_WAIT));
+        let opened = conn
+            .sess
+            .channel_session()
+            .and_then(|mut ch| ch.exec(&wire.exec).map(|()| ch));
+        conn.sess.set_blocking(false);
+        let mut ch = match opened {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(host = %host, group, "cannot open a channel to end the command's processes: {e}");
+                return;
+            }
+        };
+        let stdin = wire.stdin.as_deref().unwrap_or_default();
+        let (mut out_framer, mut err_framer) = (Framer::new(&marker), Framer::new(&marker));
+        let mut out = Sink::Capture(Capture::new(4096));
+        let mut err = Capture::new(4096);
+        let ended = drive(
+            conn,
+            &mut ch,
+            Mode::Channel { stdin },
+            deadline,
+            &mut Leader::default(),
+            (&mut out_framer, &mut out),
+            (&mut err_framer, &mut err),
+        );
+        match ended {
+            Ok(()) => {
+                tracing::info!(host = %host, group, "ended the command's processes on the host")
+            }
+            Err(_) => {
+                tracing::warn!(host = %host, group, "the host did not confirm the end of the command's processes")
+            }
+        }
     }
 
     /// Runs a short helper command, failing unless it exits 0.
@@ -1956,6 +2093,32 @@ mod tests {
         let big = Command::new(["cat"]).stdin(vec![b'x'; INLINE_INPUT_MAX + 1]);
         let wire = SshTransport::wire(None, &big, &first);
         assert_eq!(wire.stdin.map(|s| s.len()), Some(INLINE_INPUT_MAX + 1));
+    }
+
+    #[test]
+    fn a_fresh_channels_pid_line_is_taken_off_its_output() {
+        let feed = |chunks: &[&[u8]]| {
+            let mut l = Leader::expecting();
+            let mut out = Vec::new();
+            for c in chunks {
+                out.extend_from_slice(&l.take(c));
+            }
+            (l.pid, out)
+        };
+        assert_eq!(feed(&[b"4711\nhello"]), (Some(4711), b"hello".to_vec()));
+        assert_eq!(
+            feed(&[b"47", b"11", b"\nhel", b"lo"]),
+            (Some(4711), b"hello".to_vec())
+        );
+        // Never a group that is every process.
+        assert_eq!(feed(&[b"1\nx"]).0, None);
+        // A login banner without a newline is output, not swallowed.
+        let banner = [b'='; 40];
+        let (pid, out) = feed(&[&banner[..20], &banner[20..]]);
+        assert_eq!((pid, out.len()), (None, 40));
+        // A reused shell prints no pid line.
+        let mut l = Leader::default();
+        assert_eq!(&*l.take(b"12\n"), b"12\n");
     }
 
     #[test]
