@@ -163,6 +163,29 @@ fn bash_completion_knows_the_verbs() {
 }
 
 #[test]
+fn man_dir_writes_one_page_per_verb() {
+    let (dir, bin) = lone_binary();
+    let pages = dir.path().join("man");
+    let (code, _, err) = run(&bin, dir.path(), &["man", "--dir", pages.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    for (file, title) in [
+        ("patchbook.1", ".TH patchbook 1"),
+        ("patchbook-run.1", ".TH patchbook-run 1"),
+        (
+            "patchbook-inventory-list.1",
+            ".TH patchbook-inventory-list 1",
+        ),
+        ("patchbook-config.1", ".TH patchbook-config 1"),
+    ] {
+        let page = std::fs::read_to_string(pages.join(file)).unwrap_or_default();
+        assert!(page.lines().any(|l| l.starts_with(title)), "{file}: {page}");
+    }
+    // `config` points at the one reference of every key.
+    let config = std::fs::read_to_string(pages.join("patchbook-config.1")).unwrap();
+    assert!(config.contains("Every key"), "{config}");
+}
+
+#[test]
 fn man_page_is_roff_naming_the_verbs() {
     let (dir, bin) = lone_binary();
     let (code, out, err) = run(&bin, dir.path(), &["man"]);

@@ -135,6 +135,10 @@ pub enum Verb {
     },
     /// Print the settings in force and where each comes from (file and line,
     /// command-line flag, or default).
+    ///
+    /// Every key of patchbook.toml, with its default and meaning, is in the
+    /// README's "Every key" section (installed by the .deb as
+    /// /usr/share/doc/patchbook/README.md).
     Config,
     /// Inspect the inventory.
     #[command(subcommand)]
@@ -177,7 +181,13 @@ pub enum Verb {
         shell: clap_complete::Shell,
     },
     /// Print the manual page (roff): `patchbook man > patchbook.1; man ./patchbook.1`.
-    Man,
+    /// With `--dir DIR`, write one page per command instead (patchbook.1,
+    /// patchbook-run.1, patchbook-inventory-list.1, …).
+    Man {
+        /// Folder to write every command's page into
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Render a run's report from its journal: summary, counts, hosts, tests.
     Report {
         /// Run id, or `last` for the most recently started run.
@@ -429,11 +439,21 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             clap_complete::generate(*shell, &mut command, "patchbook", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Man => {
+        Verb::Man { dir } => {
             let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .map_err(|e| CliError::Other(format!("man: cannot write the page: {e}")))?;
+            match dir {
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(command, dir))
+                    .map_err(|e| {
+                        CliError::Other(format!(
+                            "man: cannot write the pages into {}: {e}",
+                            dir.display()
+                        ))
+                    })?,
+                None => clap_mangen::Man::new(command)
+                    .render(&mut std::io::stdout())
+                    .map_err(|e| CliError::Other(format!("man: cannot write the page: {e}")))?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Verb::Watch(args) => watch(&cli, args),
