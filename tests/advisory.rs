@@ -53,7 +53,7 @@ fn hosts() -> Vec<HostPackages> {
                 kernel: String::new(),
             };
             HostPackages {
-                host: s("host"),
+                host: s("host").into(),
                 release: Release::of_facts(&facts),
                 os: format!("{} {}", s("os_id"), s("os_version")),
                 packages: h["packages"]
@@ -80,11 +80,11 @@ fn fixtures_are_large_and_varied_enough() {
     assert_eq!(feeds[0].format, FeedFormat::DebianTracker);
     let cves: BTreeSet<&str> = feeds
         .iter()
-        .flat_map(|f| f.statements.iter().map(|s| s.cve.as_str()))
+        .flat_map(|f| f.statements.iter().map(|s| &*s.cve))
         .collect();
     let packages: BTreeSet<&str> = feeds
         .iter()
-        .flat_map(|f| f.statements.iter().map(|s| s.package.as_str()))
+        .flat_map(|f| f.statements.iter().map(|s| &*s.package))
         .collect();
     assert!(cves.len() >= 200, "{} CVEs", cves.len());
     assert!(packages.len() >= 40, "{} source packages", packages.len());
@@ -144,7 +144,7 @@ fn every_verdict_agrees_with_dpkg_and_rpm() {
         serde_json::from_slice(&out.stdout).unwrap();
     let universe: BTreeSet<String> = feeds
         .iter()
-        .flat_map(|f| f.statements.iter().map(|s| s.cve.clone()))
+        .flat_map(|f| f.statements.iter().map(|s| s.cve.to_string()))
         .collect();
     assert_eq!(theirs.len(), hosts.len());
     let mut pairs = 0;
@@ -152,7 +152,7 @@ fn every_verdict_agrees_with_dpkg_and_rpm() {
     let mut wrong = Vec::new();
     for h in &hosts {
         let found = assess(h, &feeds);
-        let ref_host = &theirs[&h.host];
+        let ref_host = &theirs[&*h.host];
         assert_eq!(
             ref_host.keys().cloned().collect::<BTreeSet<_>>(),
             universe,
@@ -239,7 +239,7 @@ fn feeds_come_only_from_trusted_sources_and_pins_are_checked() {
 
     let s = settings(dir.path(), &[mirror.display().to_string()]);
     let feed = fetch(&FeedSource::parse(&url), &s, &mut checks).unwrap();
-    assert_eq!(feed.sha256, digest);
+    assert_eq!(&*feed.sha256, digest);
     assert!(!feed.pinned);
     assert!(dir.path().join("cache").join(&digest).exists());
 

@@ -240,6 +240,31 @@ fn exposure_run_evidence_and_audit_on_a_lab_fleet() {
         assert_eq!(open_cves(&plan, h), set(&["CVE-2099-2001"]), "{h}");
     }
 
+    // `inventory list` counts open CVEs from that latest scan.
+    let out = patchbook_in(dir.path())
+        .args(["inventory", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(list.lines().next().unwrap().contains("OPEN CVES"), "{list}");
+    let line_of = |h: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(h))
+            .unwrap_or_else(|| panic!("{h} not listed: {list}"))
+            .to_string()
+    };
+    assert!(line_of(deb1).ends_with("1 (1 no fix)"), "{list}");
+    assert!(line_of(rhel).ends_with("not covered"), "{list}");
+    let out = patchbook_in(dir.path())
+        .args(["--json", "inventory", "list"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["_meta"]["hostvars"][deb2.as_str()]["patchbook_open_cves"],
+        serde_json::json!({"fixable": 0, "no_fix": 1, "covered": true})
+    );
+
     // The evidence is in the hash chain: intact passes, one edited record fails.
     let verify = || {
         patchbook_in(dir.path())

@@ -209,7 +209,9 @@ fn read_doc(doc: &Csaf, out: &mut Vec<Statement>) {
         .map(|t| Severity::parse(&t.text))
         .unwrap_or_default();
     for v in &doc.vulnerabilities {
-        let Some(cve) = v.cve.clone() else { continue };
+        let Some(cve) = v.cve.as_deref().map(std::sync::Arc::<str>::from) else {
+            continue;
+        };
         let severity = v
             .threats
             .iter()
@@ -232,7 +234,7 @@ fn read_doc(doc: &Csaf, out: &mut Vec<Statement>) {
                     continue;
                 };
                 let state = match (status.as_str(), version) {
-                    ("fixed" | "first_fixed", Some(v)) => FixState::Fixed(v),
+                    ("fixed" | "first_fixed", Some(v)) => FixState::Fixed(v.into()),
                     ("known_affected", _) => FixState::NoFix,
                     ("known_not_affected", _) => FixState::NotAffected,
                     _ => continue,
@@ -256,7 +258,7 @@ fn read_doc(doc: &Csaf, out: &mut Vec<Statement>) {
             out.push(Statement {
                 cve: cve.clone(),
                 release,
-                package,
+                package: package.into(),
                 introduced: None,
                 state,
                 severity,

@@ -35,12 +35,14 @@ pub fn read(source: &str, value: Value) -> Result<Vec<Statement>, AdvisoryError>
         })?;
     let mut out = Vec::new();
     for (package, cves) in data {
+        let package: std::sync::Arc<str> = package.into();
         for (cve, details) in cves {
             // TEMP- ids are tracker placeholders with no CVE yet; they name no
             // vulnerability a compliance report could cite.
             if !cve.starts_with("CVE-") {
                 continue;
             }
+            let cve: std::sync::Arc<str> = cve.into();
             for (codename, r) in details.releases {
                 // Releases the tracker lists but this reader cannot place (sid,
                 // unknown codenames) are left out rather than guessed.
@@ -51,7 +53,7 @@ pub fn read(source: &str, value: Value) -> Result<Vec<Statement>, AdvisoryError>
                 let state = match (r.status.as_str(), fixed) {
                     ("not-affected", _) => FixState::NotAffected,
                     ("resolved", Some(v)) if v == "0" => FixState::NotAffected,
-                    ("resolved", Some(v)) => FixState::Fixed(v),
+                    ("resolved", Some(v)) => FixState::Fixed(v.into()),
                     ("open" | "undetermined" | "resolved", _) => FixState::NoFix,
                     (other, _) => {
                         return Err(AdvisoryError::Parse {

@@ -34,7 +34,7 @@ pub fn record(ctx: &HostCtx, findings: &[Finding]) -> Result<Vec<EvidenceRecord>
         ));
     };
     let mut out = Vec::new();
-    for f in findings.iter().filter(|f| f.host == ctx.name()) {
+    for f in findings.iter().filter(|f| &*f.host == ctx.name()) {
         for p in &f.packages {
             let (Verdict::VulnerableFixAvailable, Some(fixed)) = (p.verdict, &p.fixed) else {
                 continue;
@@ -43,7 +43,7 @@ pub fn record(ctx: &HostCtx, findings: &[Finding]) -> Result<Vec<EvidenceRecord>
                 .packages
                 .iter()
                 .filter(|i| i.source == p.package)
-                .map(|i| i.source_version.as_str())
+                .map(|i| &*i.source_version)
                 .min_by(|a, b| release.distro.compare(a, b));
             let (after, closed) = match after {
                 Some(v) => (v.to_string(), release.distro.compare(v, fixed).is_ge()),
@@ -51,13 +51,13 @@ pub fn record(ctx: &HostCtx, findings: &[Finding]) -> Result<Vec<EvidenceRecord>
                 None => ("(not installed)".to_string(), true),
             };
             let rec = EvidenceRecord {
-                cve: f.cve.clone(),
+                cve: f.cve.to_string(),
                 host: ctx.name().to_string(),
-                package: p.package.clone(),
-                before: p.installed.clone(),
+                package: p.package.to_string(),
+                before: p.installed.to_string(),
                 after,
-                fixed: fixed.clone(),
-                feed_sha256: p.feed_sha256.clone(),
+                fixed: fixed.to_string(),
+                feed_sha256: p.feed_sha256.to_string(),
                 time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 closed,
             };

@@ -3,6 +3,7 @@
 //! package lists come from [`super::probe`] or from a recorded scan.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -11,18 +12,18 @@ use super::{Feed, FixState, Release, Severity, Statement};
 /// One installed binary package and the source package it was built from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstalledPackage {
-    pub binary: String,
-    pub version: String,
-    pub source: String,
+    pub binary: Arc<str>,
+    pub version: Arc<str>,
+    pub source: Arc<str>,
     /// The source version (dpkg `${source:Version}`; rpm: the binary's EVR, since a
     /// binary RPM carries its source's epoch, version and release).
-    pub source_version: String,
+    pub source_version: Arc<str>,
 }
 
 /// What one host runs, as a probe read it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostPackages {
-    pub host: String,
+    pub host: Arc<str>,
     /// `None` when the host runs a distribution no reader knows.
     pub release: Option<Release>,
     /// `os_id os_version` as the host reports it, for "not covered" messages.
@@ -68,22 +69,22 @@ impl Verdict {
 /// One source package's part in a finding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PackageFinding {
-    pub package: String,
+    pub package: Arc<str>,
     /// The installed binary packages built from it.
-    pub binaries: Vec<String>,
-    pub installed: String,
+    pub binaries: Vec<Arc<str>>,
+    pub installed: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fixed: Option<String>,
+    pub fixed: Option<Arc<str>>,
     pub verdict: Verdict,
     /// SHA-256 of the feed that said so.
-    pub feed_sha256: String,
+    pub feed_sha256: Arc<str>,
 }
 
 /// What one host has of one CVE.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    pub host: String,
-    pub cve: String,
+    pub host: Arc<str>,
+    pub cve: Arc<str>,
     pub severity: Severity,
     pub verdict: Verdict,
     pub packages: Vec<PackageFinding>,
@@ -120,7 +121,7 @@ pub struct Exposure {
 }
 
 /// The verdict of one statement for an installed source version.
-pub fn judge(s: &Statement, installed: &str) -> (Verdict, Option<String>) {
+pub fn judge(s: &Statement, installed: &str) -> (Verdict, Option<Arc<str>>) {
     let cmp = |a: &str, b: &str| s.release.distro.compare(a, b);
     if let Some(i) = &s.introduced {
         if cmp(installed, i).is_lt() {
@@ -140,19 +141,19 @@ pub fn judge(s: &Statement, installed: &str) -> (Verdict, Option<String>) {
 /// The source packages of a host: name → (lowest installed source version, binaries).
 /// Binaries of one source at different versions (a half-done upgrade) count at the
 /// lowest, since that one still carries the flaw.
-fn sources(host: &HostPackages) -> BTreeMap<&str, (&str, Vec<&str>)> {
-    let mut out: BTreeMap<&str, (&str, Vec<&str>)> = BTreeMap::new();
+fn sources(host: &HostPackages) -> HashMap<&str, (&Arc<str>, Vec<&Arc<str>>)> {
+    let mut out: HashMap<&str, (&Arc<str>, Vec<&Arc<str>>)> = HashMap::new();
     let Some(release) = &host.release else {
         return out;
     };
     for p in &host.packages {
         let e = out
-            .entry(p.source.as_str())
-            .or_insert((p.source_version.as_str(), Vec::new()));
+            .entry(&*p.source)
+            .or_insert((&p.source_version, Vec::new()));
         if release.distro.compare(&p.source_version, e.0).is_lt() {
-            e.0 = p.source_version.as_str();
+            e.0 = &p.source_version;
         }
-        e.1.push(p.binary.as_str());
+        e.1.push(&p.binary);
     }
     out
 }
@@ -167,8 +168,8 @@ pub fn covered(host: &HostPackages, feeds: &[Feed]) -> bool {
 /// Every CVE the feeds name for the host's packages, with its verdict. CVEs of
 /// packages the host lacks are not listed: their verdict is not-affected (see
 /// [`verdict_of`]).
-pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<String, Finding> {
-    let mut out: BTreeMap<String, Finding> = BTreeMap::new();
+pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding> {
+    let mut out: BTreeMap<Arc<str>, Finding> = BTreeMap::new();
     let Some(release) = host.release.as_ref().filter(|_| covered(host, feeds)) else {
         return out;
     };
@@ -185,21 +186,21 @@ pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<String, Finding> 
                 });
                 finding.verdict = finding.verdict.max(verdict);
                 finding.severity = finding.severity.max(s.severity);
-                match finding.packages.iter_mut().find(|p| p.package == source) {
+                match finding.packages.iter_mut().find(|p| &*p.package == source) {
                     // Several ranges or feeds about one package: the worst holds.
                     Some(p) if verdict > p.verdict => {
                         p.verdict = verdict;
                         p.fixed = fixed;
-                        p.feed_sha256 = feed.sha256.clone();
+                        p.feed_sha256 = Arc::clone(&feed.sha256);
                     }
                     Some(_) => {}
                     None => finding.packages.push(PackageFinding {
-                        package: source.to_string(),
-                        binaries: binaries.iter().map(|b| b.to_string()).collect(),
-                        installed: installed.to_string(),
+                        package: s.package.clone(),
+                        binaries: binaries.iter().map(|b| Arc::clone(b)).collect(),
+                        installed: Arc::clone(installed),
                         fixed,
                         verdict,
-                        feed_sha256: feed.sha256.clone(),
+                        feed_sha256: Arc::clone(&feed.sha256),
                     }),
                 }
             }
@@ -212,7 +213,7 @@ pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<String, Finding> 
 pub fn verdict_of(
     host: &HostPackages,
     feeds: &[Feed],
-    found: &BTreeMap<String, Finding>,
+    found: &BTreeMap<Arc<str>, Finding>,
     cve: &str,
 ) -> Verdict {
     if !covered(host, feeds) {
@@ -253,7 +254,7 @@ pub fn plan(hosts: &[HostPackages], feeds: &[Feed]) -> Exposure {
             .map(|f| FeedRef {
                 source: f.source.clone(),
                 format: f.format.to_string(),
-                sha256: f.sha256.clone(),
+                sha256: f.sha256.to_string(),
             })
             .collect(),
         hosts: summaries,
@@ -271,7 +272,7 @@ fn plan_part(hosts: &[HostPackages], feeds: &[Feed]) -> (Vec<HostSummary>, Vec<F
             .filter(|f| f.verdict.vulnerable())
             .collect();
         summaries.push(HostSummary {
-            host: h.host.clone(),
+            host: h.host.to_string(),
             os: h.os.clone(),
             release: h.release.as_ref().map(|r| r.to_string()),
             covered: covered(h, feeds),
@@ -305,8 +306,8 @@ impl Exposure {
     pub fn by_cve(&self) -> Vec<CveSummary> {
         let mut map: HashMap<&str, CveSummary> = HashMap::new();
         for f in &self.findings {
-            let e = map.entry(f.cve.as_str()).or_insert_with(|| CveSummary {
-                cve: f.cve.clone(),
+            let e = map.entry(&*f.cve).or_insert_with(|| CveSummary {
+                cve: f.cve.to_string(),
                 severity: f.severity,
                 verdict: f.verdict,
                 hosts: Vec::new(),
@@ -314,11 +315,11 @@ impl Exposure {
             });
             e.severity = e.severity.max(f.severity);
             e.verdict = e.verdict.max(f.verdict);
-            e.hosts.push(f.host.clone());
+            e.hosts.push(f.host.to_string());
             for p in &f.packages {
                 if let Some(v) = &p.fixed {
                     if p.verdict == Verdict::VulnerableFixAvailable {
-                        e.fixed.insert(p.package.clone(), v.clone());
+                        e.fixed.insert(p.package.to_string(), v.to_string());
                     }
                 }
             }
@@ -330,7 +331,7 @@ impl Exposure {
 
     /// The open findings of one host.
     pub fn of_host<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Finding> + 'a {
-        self.findings.iter().filter(move |f| f.host == host)
+        self.findings.iter().filter(move |f| &*f.host == host)
     }
 }
 
@@ -362,10 +363,10 @@ mod tests {
             packages: pkgs
                 .iter()
                 .map(|(b, v, s, sv)| InstalledPackage {
-                    binary: b.to_string(),
-                    version: v.to_string(),
-                    source: s.to_string(),
-                    source_version: sv.to_string(),
+                    binary: (*b).into(),
+                    version: (*v).into(),
+                    source: (*s).into(),
+                    source_version: (*sv).into(),
                 })
                 .collect(),
         }
@@ -419,7 +420,7 @@ mod tests {
         let found = assess(&h, &feeds);
         let v = |c| verdict_of(&h, &feeds, &found, c);
         assert_eq!(v("CVE-1"), Verdict::VulnerableFixAvailable);
-        assert_eq!(found["CVE-1"].packages[0].binaries, ["libssl3"]);
+        assert_eq!(&*found["CVE-1"].packages[0].binaries[0], "libssl3");
         assert_eq!(v("CVE-2"), Verdict::Fixed);
         assert_eq!(v("CVE-3"), Verdict::VulnerableFixAvailable);
         assert_eq!(v("CVE-4"), Verdict::VulnerableNoFix);

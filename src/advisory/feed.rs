@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -58,11 +59,11 @@ impl FeedSource {
 pub struct Feed {
     pub source: String,
     pub format: FeedFormat,
-    pub sha256: String,
+    pub sha256: Arc<str>,
     pub pinned: bool,
     pub statements: Vec<Statement>,
     /// Statement positions per release and source package, for matching.
-    index: HashMap<Release, HashMap<String, Vec<usize>>>,
+    index: HashMap<Release, HashMap<Arc<str>, Vec<usize>>>,
     releases: BTreeSet<Release>,
 }
 
@@ -72,10 +73,10 @@ impl Feed {
     pub fn from_statements(
         source: impl Into<String>,
         format: FeedFormat,
-        sha256: impl Into<String>,
+        sha256: impl Into<Arc<str>>,
         statements: Vec<Statement>,
     ) -> Feed {
-        let mut index: HashMap<Release, HashMap<String, Vec<usize>>> = HashMap::new();
+        let mut index: HashMap<Release, HashMap<Arc<str>, Vec<usize>>> = HashMap::new();
         let mut releases = BTreeSet::new();
         for (i, s) in statements.iter().enumerate() {
             if !releases.contains(&s.release) {
@@ -149,7 +150,7 @@ impl Feed {
         self.statements
             .iter()
             .filter(|s| &s.release == release)
-            .map(|s| s.cve.as_str())
+            .map(|s| &*s.cve)
             .collect()
     }
 
@@ -158,7 +159,7 @@ impl Feed {
         Entry::AdvisoryFeed(AdvisoryFeed {
             source: self.source.clone(),
             format: self.format.to_string(),
-            sha256: self.sha256.clone(),
+            sha256: self.sha256.to_string(),
             pinned: self.pinned,
             statements: self.statements.len(),
         })

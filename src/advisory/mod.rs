@@ -20,6 +20,7 @@ pub mod probe;
 
 use std::cmp::Ordering;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -175,7 +176,7 @@ impl fmt::Display for Severity {
 #[serde(rename_all = "kebab-case", tag = "state", content = "version")]
 pub enum FixState {
     /// Versions below this one are vulnerable.
-    Fixed(String),
+    Fixed(Arc<str>),
     /// Vulnerable, no fix published yet (open, undetermined, deferred).
     NoFix,
     /// The release's package was never affected.
@@ -185,10 +186,10 @@ pub enum FixState {
 /// One statement of a feed: the internal model every reader produces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Statement {
-    pub cve: String,
+    pub cve: Arc<str>,
     pub release: Release,
     /// The source package (Debian source, RPM source package name).
-    pub package: String,
+    pub package: Arc<str>,
     /// The first vulnerable version, when the feed says (OSV `introduced`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introduced: Option<String>,

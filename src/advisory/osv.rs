@@ -81,7 +81,7 @@ fn statements(v: &Vulnerability, out: &mut Vec<Statement>) {
     if v.withdrawn.is_some() {
         return;
     }
-    let cve = cve_of(v);
+    let cve: std::sync::Arc<str> = cve_of(v).into();
     let top = severity_of(v.severity.as_ref())
         .or_else(|| word(v.database_specific.as_ref(), "severity"))
         .unwrap_or_default();
@@ -103,7 +103,7 @@ fn statements(v: &Vulnerability, out: &mut Vec<Statement>) {
                 out.push(Statement {
                     cve: cve.clone(),
                     release: release.clone(),
-                    package: pkg.name.clone(),
+                    package: pkg.name.as_str().into(),
                     introduced: introduced.filter(|i| i != "0"),
                     state,
                     severity,
@@ -116,7 +116,7 @@ fn statements(v: &Vulnerability, out: &mut Vec<Statement>) {
                             push(Some(open), FixState::NoFix);
                         }
                     }
-                    Event::Fixed(f) => push(introduced.take(), FixState::Fixed(f.clone())),
+                    Event::Fixed(f) => push(introduced.take(), FixState::Fixed(f.as_str().into())),
                     // Without a fixed version a host past the last affected one
                     // cannot be told apart from one with no fix: say no fix.
                     _ => {}
@@ -152,12 +152,12 @@ mod tests {
         ]);
         let s = read("f", v).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!(s[0].cve, "CVE-2024-1");
+        assert_eq!(&*s[0].cve, "CVE-2024-1");
         assert_eq!(s[0].release, Release::new(Distro::Ubuntu, "22.04"));
         assert_eq!(s[0].state, FixState::Fixed("3.0.2-0ubuntu1.15".into()));
         assert_eq!(s[0].severity, Severity::High);
         assert_eq!(s[0].introduced, None);
-        assert_eq!(s[1].cve, "CVE-2024-2");
+        assert_eq!(&*s[1].cve, "CVE-2024-2");
         assert_eq!(s[1].state, FixState::NoFix);
         assert_eq!(s[1].introduced.as_deref(), Some("2.36-1"));
     }

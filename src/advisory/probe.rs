@@ -40,15 +40,15 @@ pub fn parse_dpkg(text: &str) -> Vec<InstalledPackage> {
                 source
             };
             Some(InstalledPackage {
-                binary: binary.to_string(),
-                version: version.to_string(),
-                source: source.to_string(),
+                binary: binary.into(),
+                version: version.into(),
+                source: source.into(),
                 source_version: if source_version.is_empty() {
                     version
                 } else {
                     source_version
                 }
-                .to_string(),
+                .into(),
             })
         })
         .collect()
@@ -70,10 +70,10 @@ pub fn parse_rpm(text: &str) -> Vec<InstalledPackage> {
                 .and_then(|(nv, _)| nv.rsplit_once('-'))
                 .map(|(n, _)| n)?;
             Some(InstalledPackage {
-                binary: name.to_string(),
-                version: evr.to_string(),
-                source: source.to_string(),
-                source_version: evr.to_string(),
+                binary: name.into(),
+                version: evr.into(),
+                source: source.into(),
+                source_version: evr.into(),
             })
         })
         .collect()
@@ -86,7 +86,7 @@ pub fn scan(ctx: &HostCtx) -> Result<HostPackages, PrimitiveError> {
     let os = format!("{} {}", f.os_id, f.os_version).trim().to_string();
     let Some(argv) = list_argv(f.package_manager) else {
         return Ok(HostPackages {
-            host: ctx.name().to_string(),
+            host: ctx.name().into(),
             release: None,
             os,
             packages: Vec::new(),
@@ -103,7 +103,7 @@ pub fn scan(ctx: &HostCtx) -> Result<HostPackages, PrimitiveError> {
         _ => parse_dpkg(&text),
     };
     Ok(HostPackages {
-        host: ctx.name().to_string(),
+        host: ctx.name().into(),
         release,
         os,
         packages,
@@ -122,9 +122,9 @@ mod tests {
              ii \tcurl\t7.88.1-10\tcurl\t7.88.1-10\n",
         );
         assert_eq!(p.len(), 2);
-        assert_eq!(p[0].source, "openssl");
-        assert_eq!(p[0].source_version, "3.0.11-1~deb12u2");
-        assert_eq!(p[0].version, "3.0.11-1~deb12u2+b1");
+        assert_eq!(&*p[0].source, "openssl");
+        assert_eq!(&*p[0].source_version, "3.0.11-1~deb12u2");
+        assert_eq!(&*p[0].version, "3.0.11-1~deb12u2+b1");
     }
 
     #[test]
@@ -136,10 +136,10 @@ mod tests {
         );
         assert_eq!(p.len(), 2);
         assert_eq!(
-            (p[0].source.as_str(), p[0].source_version.as_str()),
+            (&*p[0].source, &*p[0].source_version),
             ("openssl", "1:3.0.7-18.el9_2")
         );
-        assert_eq!(p[1].source_version, "5.1.8-6.el9");
+        assert_eq!(&*p[1].source_version, "5.1.8-6.el9");
     }
 
     #[test]
@@ -156,6 +156,6 @@ mod tests {
         assert!(p.len() > 50, "{}", p.len());
         assert!(p
             .iter()
-            .any(|x| x.source != x.binary.split(':').next().unwrap_or("")));
+            .any(|x| *x.source != *x.binary.split(':').next().unwrap_or("")));
     }
 }

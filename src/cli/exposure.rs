@@ -105,3 +105,43 @@ fn keep_latest(state_dir: &Path, e: &Exposure) {
         tracing::warn!("the scan was not kept at {}: {err}", path.display());
     }
 }
+
+/// Open CVEs per host from the latest scan: (fixable, no fix, covered). Empty
+/// when no scan was kept or it cannot be read (then `inventory list` shows no
+/// column rather than zeros that would read as clean).
+pub fn open_counts(state_dir: &Path) -> std::collections::BTreeMap<String, (u64, u64, bool)> {
+    let Ok(text) = std::fs::read_to_string(latest_path(state_dir)) else {
+        return Default::default();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        tracing::warn!(
+            "{} is not a scan; run `patchbook exposure` again",
+            latest_path(state_dir).display()
+        );
+        return Default::default();
+    };
+    v["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| {
+            Some((
+                h["host"].as_str()?.to_string(),
+                (
+                    h["fixable"].as_u64().unwrap_or(0),
+                    h["no_fix"].as_u64().unwrap_or(0),
+                    h["covered"].as_bool().unwrap_or(false),
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// The cell `inventory list` shows for a host.
+pub fn open_cell(counts: Option<&(u64, u64, bool)>) -> String {
+    match counts {
+        None => "-".into(),
+        Some((_, _, false)) => "not covered".into(),
+        Some((fixable, no_fix, true)) => format!("{} ({no_fix} no fix)", fixable + no_fix),
+    }
+}

@@ -757,19 +757,50 @@ fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
         InventoryVerb::List if cli.global.json => {
             let mut v = crate::inventory::ansible::to_list_json(&rt.inventory);
             add_patch_levels(&mut v, &levels());
+            add_open_cves(&mut v, &exposure::open_counts(&rt.state_dir));
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         InventoryVerb::List => print!(
             "{}",
-            with_patch_levels(
-                &crate::inventory::graph::table(&rt.inventory),
+            with_open_cves(
+                with_patch_levels(
+                    &crate::inventory::graph::table(&rt.inventory),
+                    &rt.inventory,
+                    &levels()
+                ),
                 &rt.inventory,
-                &levels()
+                &exposure::open_counts(&rt.state_dir)
             )
         ),
         InventoryVerb::Graph => print!("{}", crate::inventory::graph::render(&rt.inventory)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Puts each scanned host's open CVE counts under
+/// `_meta.hostvars.<host>.patchbook_open_cves`, only when a scan was kept.
+fn add_open_cves(
+    list: &mut serde_json::Value,
+    counts: &std::collections::BTreeMap<String, (u64, u64, bool)>,
+) {
+    let Some(hostvars) = list
+        .pointer_mut("/_meta/hostvars")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    for (host, (fixable, no_fix, covered)) in counts {
+        if let Some(vars) = hostvars
+            .entry(host.clone())
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+        {
+            vars.insert(
+                "patchbook_open_cves".into(),
+                serde_json::json!({"fixable": fixable, "no_fix": no_fix, "covered": covered}),
+            );
+        }
+    }
 }
 
 /// Puts each host's verified versions under
@@ -810,6 +841,30 @@ fn with_patch_levels(
         inv.hosts()
             .iter()
             .map(|h| crate::report::levels::summary(levels.get(&h.name))),
+    );
+    let mut out = String::new();
+    for (line, cell) in lines.iter().zip(column) {
+        let pad = width - line.chars().count();
+        out.push_str(&format!("{line}{}  {cell}\n", " ".repeat(pad)));
+    }
+    out
+}
+
+/// Adds the OPEN CVES column from the latest `exposure` scan, when there is one.
+fn with_open_cves(
+    table: String,
+    inv: &crate::inventory::Inventory,
+    counts: &std::collections::BTreeMap<String, (u64, u64, bool)>,
+) -> String {
+    if counts.is_empty() {
+        return table;
+    }
+    let lines: Vec<&str> = table.lines().collect();
+    let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    let column = std::iter::once("OPEN CVES".to_string()).chain(
+        inv.hosts()
+            .iter()
+            .map(|h| exposure::open_cell(counts.get(&h.name))),
     );
     let mut out = String::new();
     for (line, cell) in lines.iter().zip(column) {

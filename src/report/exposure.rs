@@ -141,7 +141,7 @@ fn table(e: &Exposure, fixable: &[&CveSummary], no_fix: &[&CveSummary]) -> Strin
             );
             continue;
         }
-        let open: Vec<&str> = e.of_host(&h.host).map(|f| f.cve.as_str()).collect();
+        let open: Vec<&str> = e.of_host(&h.host).map(|f| &*f.cve).collect();
         let _ = writeln!(
             s,
             "  {:<20} {:<14} {:>7} {:>6}  {}",

@@ -91,7 +91,7 @@ fn string_list(v: &Dynamic, what: &str) -> Result<Vec<String>, String> {
 
 fn package_map(p: &PackageFinding, cves: Vec<String>) -> Dynamic {
     let mut m = Map::new();
-    m.insert("name".into(), p.package.clone().into());
+    m.insert("name".into(), p.package.to_string().into());
     m.insert(
         "binaries".into(),
         Dynamic::from_array(
@@ -101,9 +101,12 @@ fn package_map(p: &PackageFinding, cves: Vec<String>) -> Dynamic {
                 .collect(),
         ),
     );
-    m.insert("installed".into(), p.installed.clone().into());
-    m.insert("fixed".into(), p.fixed.clone().unwrap_or_default().into());
-    m.insert("feed_sha256".into(), p.feed_sha256.clone().into());
+    m.insert("installed".into(), p.installed.to_string().into());
+    m.insert(
+        "fixed".into(),
+        p.fixed.as_deref().unwrap_or_default().into(),
+    );
+    m.insert("feed_sha256".into(), p.feed_sha256.to_string().into());
     m.insert(
         "cves".into(),
         Dynamic::from_array(cves.into_iter().map(Dynamic::from).collect()),
@@ -122,7 +125,7 @@ fn host_entry(
     let mut packages: Vec<(PackageFinding, Vec<String>)> = Vec::new();
     let mut cves = Vec::new();
     for f in found {
-        cves.push(Dynamic::from(f.cve.clone()));
+        cves.push(Dynamic::from(f.cve.to_string()));
         for p in f
             .packages
             .iter()
@@ -136,9 +139,9 @@ fn host_entry(
                             q.fixed = Some(a.clone());
                         }
                     }
-                    list.push(f.cve.clone());
+                    list.push(f.cve.to_string());
                 }
-                None => packages.push((p.clone(), vec![f.cve.clone()])),
+                None => packages.push((p.clone(), vec![f.cve.to_string()])),
             }
         }
     }
@@ -235,7 +238,10 @@ fn vulnerable(
         }
         let found = assess(&scan, &adv.0);
         let wanted = |f: &&Finding| {
-            f.severity >= min && only.as_ref().is_none_or(|l| l.iter().any(|c| c == &f.cve))
+            f.severity >= min
+                && only
+                    .as_ref()
+                    .is_none_or(|l| l.iter().any(|c| **c == *f.cve))
         };
         let fixable: Vec<&Finding> = found
             .values()
@@ -250,7 +256,7 @@ fn vulnerable(
             .values()
             .filter(|f| f.verdict == Verdict::VulnerableNoFix)
             .filter(wanted)
-            .map(|f| f.cve.clone())
+            .map(|f| f.cve.to_string())
             .collect();
         if let (false, Some(release)) = (fixable.is_empty(), &scan.release) {
             out.push(host_entry(h, &fixable, no_fix, release.distro));
@@ -288,17 +294,17 @@ fn findings_of(host: &str, entry: &Map) -> Result<Vec<Finding>, String> {
             .unwrap_or_default();
         for cve in cves {
             out.push(Finding {
-                host: host.to_string(),
-                cve,
+                host: host.into(),
+                cve: cve.into(),
                 severity: Severity::Unknown,
                 verdict: Verdict::VulnerableFixAvailable,
                 packages: vec![PackageFinding {
-                    package: text(&p, "name"),
+                    package: text(&p, "name").into(),
                     binaries: vec![],
-                    installed: text(&p, "installed"),
-                    fixed: Some(text(&p, "fixed")),
+                    installed: text(&p, "installed").into(),
+                    fixed: Some(text(&p, "fixed").into()),
                     verdict: Verdict::VulnerableFixAvailable,
-                    feed_sha256: text(&p, "feed_sha256"),
+                    feed_sha256: text(&p, "feed_sha256").into(),
                 }],
             });
         }
