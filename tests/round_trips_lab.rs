@@ -41,7 +41,7 @@ rollout(hosts("all"), #{ waves: ["100%"], max_failed: 0 }, |host| {
 });
 "#;
 
-fn run(lab: &Lab, playbook: &str) -> (tempfile::TempDir, Vec<Record>) {
+fn run(lab: &Lab, playbook: &str) -> (tempfile::TempDir, String, Vec<Record>) {
     let dir = lab_project(&lab.fleet, "round-trips-", "");
     let file = dir.path().join("job.rhai");
     std::fs::write(&file, playbook).unwrap();
@@ -58,7 +58,7 @@ fn run(lab: &Lab, playbook: &str) -> (tempfile::TempDir, Vec<Record>) {
     let runs = run_ids(&state);
     assert_eq!(runs.len(), 1, "{runs:?}");
     let records = read_records(&state.join("runs").join(format!("{}.jsonl", runs[0]))).unwrap();
-    (dir, records)
+    (dir, runs[0].clone(), records)
 }
 
 fn deploy_records<'a>(records: &'a [Record], kind: &str, host: &str) -> Vec<&'a Record> {
@@ -82,7 +82,7 @@ fn installs(lab: &Lab, host: &str, version: &str) -> usize {
 fn the_patch_job_takes_twelve_turns_and_journals_each_intent_before_its_install() {
     let mut lab = Lab::start(2);
     lab.fleet.start_relays(Duration::from_millis(10)).unwrap();
-    let (_dir, records) = run(&lab, JOB);
+    let (_dir, run_id, records) = run(&lab, JOB);
     // Key exchange and login 5 (libssh2's floor), the session shell with the facts
     // probe 2, then one each: installed, backup, deploy, verify, health.
     for (host, seen) in lab.traffic() {
@@ -109,13 +109,20 @@ fn the_patch_job_takes_twelve_turns_and_journals_each_intent_before_its_install(
         assert_eq!(outcomes.len(), 1, "{outcomes:?}");
         assert_eq!(outcomes[0].data["ok"], true, "{outcomes:?}");
         assert!(outcomes[0].seq > intents[0].seq);
-        // The staging folder went with the install. Lab hosts share the machine's
-        // /tmp, so only this run's folders are looked for.
-        let pattern = format!(
-            "ls -d /tmp/patchbook.{}.* 2>/dev/null; true",
-            records[0].run
-        );
-        let left = lab.exec_in(&h.name, &["sh", "-c", &pattern]).unwrap();
+        // The run's staging folder went with the install (the hosts share the
+        // controller's /tmp: only this run's names count).
+        let left = lab
+            .exec_in(
+                &h.name,
+                &[
+                    "sh",
+                    "-c",
+                    "ls -d /tmp/patchbook.\"$1\".* 2>/dev/null; true",
+                    "sh",
+                    &run_id,
+                ],
+            )
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&left.stdout), "", "{}", h.name);
     }
 }
@@ -123,7 +130,7 @@ fn the_patch_job_takes_twelve_turns_and_journals_each_intent_before_its_install(
 #[test]
 fn a_package_changed_since_the_run_read_it_is_deployed_on_a_fresh_intent_once() {
     let lab = Lab::start(1);
-    let (_dir, records) = run(&lab, CHANGED);
+    let (_dir, _, records) = run(&lab, CHANGED);
     let host = lab.hosts()[0].name.clone();
     assert_eq!(
         lab.installed_version(&host, "acme-agent")

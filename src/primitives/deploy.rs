@@ -111,7 +111,7 @@ const CHANGED_LINE: &str = "__PB_CHANGED__";
 /// The line after which the at-once script prints the package as it was before.
 const BEFORE: &str = "__PB_BEFORE__";
 
-/// The package query of a host shell, as in [`checked_install`].
+/// The package query in the install scripts, reading the package named `$name`.
 fn query_line(pm: PackageManager) -> &'static str {
     match pm {
         PackageManager::Rpm => "rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\"",
@@ -301,6 +301,7 @@ fn check_staged(
     file: &str,
     artifact: &Artifact,
     upload: Option<(&[u8], &str)>,
+    exit: &mut Option<i32>,
 ) -> Result<(String, String, Option<Installed>), PrimitiveError> {
     let (known, claim) = match known_fields(artifact, pm) {
         Some(fields) => (Some(fields), None),
@@ -322,6 +323,7 @@ fn check_staged(
     let out = ctx
         .transport
         .run(&cmd.timeout(ctx.timeout(Duration::from_secs(60))))?;
+    *exit = Some(out.code);
     if !out.success() {
         return Err(PrimitiveError::failed(
             ctx.name(),
@@ -405,10 +407,7 @@ fn checked_install(
     dir: &str,
     install: &[String],
 ) -> Command {
-    let query = match pm {
-        PackageManager::Rpm => "rpm -q --qf '%{EPOCH}:%{VERSION}-%{RELEASE}\\n' -- \"$name\"",
-        _ => "dpkg-query -W '-f=${db:Status-Abbrev}\\t${Version}\\n' -- \"$name\"",
-    };
+    let query = query_line(pm);
     let script = format!(
         "sha=$1; f=$2; name=$3; dir=$4; shift 4; \
          h=$(sha256sum <\"$f\") && [ \"${{h%% *}}\" = \"$sha\" ] || \
@@ -648,18 +647,19 @@ fn deploy_staged(
     upload: Option<(&[u8], &str)>,
     before_install: &dyn Fn(&str),
 ) -> (Result<Deployed, PrimitiveError>, bool) {
+    let mut exit = None;
     let prepared = match upload {
-        Some((_, dir)) => check_staged(ctx, pm, remote, artifact, upload).map_err(|e| (e, dir)),
+        Some(_) => check_staged(ctx, pm, remote, artifact, upload, &mut exit),
         None => ctx
             .transport
             .put_new(&artifact.path, remote, 0o600)
             .map_err(PrimitiveError::from)
-            .and_then(|_| check_staged(ctx, pm, remote, artifact, None))
-            .map_err(|e| (e, "")),
+            .and_then(|_| check_staged(ctx, pm, remote, artifact, None, &mut exit)),
     };
     let (package, version, before) = match prepared {
         Ok(p) => p,
-        Err((e, _)) => return (Err(e), false),
+        // A folder this command could not create is not ours to remove.
+        Err(e) => return (Err(e), upload.is_some() && exit == Some(NOT_STAGED)),
     };
     let dir = match upload {
         Some((_, dir)) => dir.to_string(),

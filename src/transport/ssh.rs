@@ -734,6 +734,16 @@ fn shell_line(argv: &[String], marker: &str) -> String {
     )
 }
 
+/// The exec request that starts a session shell with its first command's line
+/// (a [`shell_line`], [`inline_line`] or [`fed_line`]): `/bin/sh` runs it, not the
+/// login shell, then becomes the shell that reads the next lines from stdin.
+fn starting_line(first: &str) -> String {
+    format!(
+        "exec /bin/sh -c {}",
+        quote::word(&format!("{first}exec /bin/sh"))
+    )
+}
+
 /// The line for an inline script (`sh -c SCRIPT NAME ARGS…`, see
 /// [`Command::script`]): the subshell itself runs the script, with the arguments
 /// as its positional parameters, so the host starts no further shell.
@@ -1337,13 +1347,13 @@ impl SshTransport {
                     leader = Leader::expecting();
                     let public = wire.public && wire.shell.len() <= EXEC_LINE_MAX;
                     let line = match (in_shell, public) {
-                        // The login shell runs this first command, then hands over to a
-                        // plain POSIX shell that reads the next ones, one line each,
-                        // from the channel's stdin: the command's answer comes with the
-                        // shell's start, not one round trip after it.
+                        // A plain POSIX shell (whatever the login shell is) runs this
+                        // first command, then becomes the shell that reads the next
+                        // ones, one line each, from the channel's stdin: the command's
+                        // answer comes with the shell's start, not one round trip after.
                         (true, true) => {
                             sent = true;
-                            with_leader(&format!("{}exec /bin/sh", wire.shell))
+                            with_leader(&starting_line(&wire.shell))
                         }
                         (true, false) => with_leader("exec /bin/sh"),
                         (false, _) => with_leader(&wire.exec),
@@ -1921,6 +1931,32 @@ mod tests {
             !rest.contains(&format!("{second}0")),
             "cd to a missing dir failed: {rest}"
         );
+    }
+
+    #[test]
+    fn a_shell_started_with_its_first_command_reads_the_next_from_stdin() {
+        let first = sentinel_marker();
+        let second = sentinel_marker();
+        let cmd = Command::script("printf '%s' \"$1\"; exit 6", "t", &["it's $HOME"]);
+        let exec = starting_line(&SshTransport::wire(None, &cmd, &first).shell);
+        // The login shell only runs `exec /bin/sh -c WORD`.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&exec)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                let next = shell_line(&sv(&["echo", "next"]), &second);
+                child.stdin.take().unwrap().write_all(next.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        let (o, code, _) = frame(&first, &out.stdout, 7);
+        assert_eq!((o.as_slice(), code), (&b"it's $HOME"[..], Some(6)));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("next\n\n{second}0")), "{text}");
     }
 
     #[test]
