@@ -536,6 +536,9 @@ pub enum RollbackCause {
     HostFailed,
     /// The run stopped early and the policy says `rollback: "all"`.
     RunStopped,
+    /// The gate after the host's wave failed and the policy says
+    /// `on_gate_fail: "rollback_wave"`.
+    GateFailed,
 }
 
 impl RollbackCause {
@@ -544,6 +547,7 @@ impl RollbackCause {
         match self {
             RollbackCause::HostFailed => "host_failed",
             RollbackCause::RunStopped => "run_stopped",
+            RollbackCause::GateFailed => "gate_failed",
         }
     }
 }
@@ -608,6 +612,13 @@ pub enum RolloutEvent {
         after_wave: usize,
         reason: String,
     },
+    /// The wave is over; the gate waits this long before it looks.
+    Soaking {
+        after_wave: usize,
+        seconds: f64,
+    },
+    /// One evaluation of a gate between waves, passed or not.
+    GateEvaluated(GateVerdict),
     WindowClosed {
         before_wave: usize,
         time_left_seconds: f64,
@@ -616,6 +627,28 @@ pub enum RolloutEvent {
     RunDone {
         summary: Summary,
     },
+}
+
+/// What a gate between waves saw: the data of a `gate_evaluated` rollout event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateVerdict {
+    /// The wave just finished (0 for the pilot); on a resume, the gate asked
+    /// before the first wave repeats the wave the run stopped after.
+    pub after_wave: usize,
+    /// `prometheus` or `closure`.
+    pub check: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `max 0.5`, `min 1, max 3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<String>,
+    /// The sample that decided: the worst passing one, or the first failing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub passed: bool,
+    pub detail: String,
+    #[serde(default)]
+    pub soaked_seconds: f64,
 }
 
 /// Why a rollout ended.
@@ -1238,6 +1271,34 @@ mod tests {
                 host: "web-1".into(),
                 cause: RollbackCause::RunStopped,
                 error: "dpkg exited 2".into(),
+            }),
+            Entry::Rollout(RolloutEvent::Soaking {
+                after_wave: 1,
+                seconds: 600.0,
+            }),
+            Entry::Rollout(RolloutEvent::GateEvaluated(GateVerdict {
+                after_wave: 1,
+                check: "prometheus".into(),
+                query: Some("rate(errors_total[5m])".into()),
+                bounds: Some("max 0.5".into()),
+                value: Some(0.75),
+                passed: false,
+                detail: "{instance=\"web-1\"} = 0.75 is outside max 0.5".into(),
+                soaked_seconds: 600.0,
+            })),
+            Entry::Rollout(RolloutEvent::GateEvaluated(GateVerdict {
+                after_wave: 0,
+                check: "closure".into(),
+                query: None,
+                bounds: None,
+                value: None,
+                passed: true,
+                detail: "the gate returned true".into(),
+                soaked_seconds: 0.0,
+            })),
+            Entry::Rollout(RolloutEvent::RolledBack {
+                host: "web-3".into(),
+                cause: RollbackCause::GateFailed,
             }),
             Entry::Rollout(RolloutEvent::WindowClosed {
                 before_wave: 2,

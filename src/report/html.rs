@@ -226,6 +226,30 @@ pub fn render(r: &RunReport) -> String {
         let _ = writeln!(o, "</tbody></table></section>");
     }
 
+    if !r.gates.is_empty() {
+        let _ = writeln!(
+            o,
+            "<section id=\"gates\"><h2>Gates between waves</h2><table><thead><tr><th>Time</th><th>After wave</th><th>Check</th><th>Query</th><th>Bounds</th><th class=\"num\">Value</th><th class=\"num\">Soaked</th><th>Result</th><th>Detail</th></tr></thead><tbody>"
+        );
+        for g in &r.gates {
+            let v = &g.verdict;
+            let _ = writeln!(
+                o,
+                "<tr class=\"gate\"><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{:.0} s</td><td>{}</td><td>{}</td></tr>",
+                esc(&g.ts),
+                v.after_wave,
+                esc(&v.check),
+                opt(v.query.as_deref()),
+                opt(v.bounds.as_deref()),
+                v.value.map(|x| x.to_string()).unwrap_or_else(|| "—".into()),
+                v.soaked_seconds,
+                ok_cell(v.passed, "passed", "FAILED"),
+                esc(&v.detail)
+            );
+        }
+        let _ = writeln!(o, "</tbody></table></section>");
+    }
+
     let _ = writeln!(o, "<section id=\"notifications\"><h2>Notifications</h2>");
     if r.notifications.is_empty() {
         let _ = writeln!(o, "<p>None recorded.</p>");

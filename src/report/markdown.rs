@@ -262,6 +262,31 @@ pub fn render(r: &RunReport) -> String {
         }
     }
 
+    if !r.gates.is_empty() {
+        let _ = writeln!(o, "\n## Gates between waves\n");
+        let _ = writeln!(
+            o,
+            "| time | after wave | check | query | bounds | value | soaked | result | detail |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+        for g in &r.gates {
+            let v = &g.verdict;
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {:.0} s | {} | {} |",
+                esc(&g.ts),
+                v.after_wave,
+                esc(&v.check),
+                or_dash(v.query.as_deref()),
+                or_dash(v.bounds.as_deref()),
+                v.value.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+                v.soaked_seconds,
+                if v.passed { "passed" } else { "FAILED" },
+                esc(&v.detail)
+            );
+        }
+    }
+
     let _ = writeln!(o, "\n## Notifications\n");
     if r.notifications.is_empty() {
         let _ = writeln!(o, "None recorded.");

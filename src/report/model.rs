@@ -33,6 +33,8 @@
 //!                                | null,
 //!                       degradation_pct}] },
 //!   "artifacts": [{ts, url, what, ok, detail}],
+//!   "gates": [{ts, after_wave, check, query, bounds, value, passed, detail,
+//!              soaked_seconds}],   // only with a gate between waves
 //!   "notifications": [{ts, event, message, severity, channel, to, ok, attempts, error}],
 //!   "problems": [text] }   // records that could not be read as their kind says
 //! ```
@@ -50,7 +52,7 @@ use serde_json::Value;
 
 use super::testcase::TestCase;
 use crate::journal::entry::{
-    HostStatus, NotifyRecord, RolloutEvent, StopReason, Summary as RolloutSummary,
+    GateVerdict, HostStatus, NotifyRecord, RolloutEvent, StopReason, Summary as RolloutSummary,
 };
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
@@ -76,8 +78,19 @@ pub struct RunReport {
     pub hosts: Vec<HostReport>,
     pub tests: TestSection,
     pub artifacts: Vec<ArtifactCheck>,
+    /// Gate evaluations between waves, in order (absent without a gate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<GateCheck>,
     pub notifications: Vec<Notification>,
     pub problems: Vec<String>,
+}
+
+/// One gate evaluation between waves, with when it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateCheck {
+    pub ts: String,
+    #[serde(flatten)]
+    pub verdict: GateVerdict,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -460,6 +473,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut ended = None;
     let mut tests = TestSection::default();
     let mut artifacts = Vec::new();
+    let mut gates = Vec::new();
     let mut notifications = Vec::new();
     let mut by_host: BTreeMap<String, Vec<(&Record, Entry)>> = BTreeMap::new();
 
@@ -578,7 +592,11 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                         ),
                     }),
                     RolloutEvent::RunDone { summary: s } => summary = Some(s.clone()),
-                    RolloutEvent::Paused { .. } => {}
+                    RolloutEvent::GateEvaluated(v) => gates.push(GateCheck {
+                        ts: ts.clone(),
+                        verdict: v.clone(),
+                    }),
+                    RolloutEvent::Paused { .. } | RolloutEvent::Soaking { .. } => {}
                 }
             }
             Entry::Window(w) => {
@@ -760,6 +778,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         hosts,
         tests,
         artifacts,
+        gates,
         notifications,
         problems,
     }

@@ -22,6 +22,8 @@
 //! | `timeout` | per-host deadline | none |
 //! | `rollback` | `"failed"` or `"all"` | `"failed"` |
 //! | `estimate` | per-host duration assumed before any host finished | `1m` |
+//! | `gate` | a closure, or a metric gate `#{ prometheus, query, max, min, soak, range, timeout }` ([`super::gate`]) | none |
+//! | `on_gate_fail` | `"stop"` or `"rollback_wave"` (also roll back the wave before the gate) | `"stop"` |
 //!
 //! Durations are written `500ms`, `30s`, `2m`, `1h30m`, `1d`; a bare number is seconds.
 
@@ -30,6 +32,8 @@ use std::fmt;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use super::gate::MetricGate;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
@@ -186,6 +190,19 @@ pub struct Policy {
     pub timeout: Option<Duration>,
     pub rollback: RollbackScope,
     pub estimate: Duration,
+    /// A metric gate between waves; a closure gate is the script layer's.
+    pub gate: Option<MetricGate>,
+    pub on_gate_fail: GateFailAction,
+}
+
+/// What a failed gate does besides stopping the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateFailAction {
+    /// Stop: the wave before the gate stays patched, the rest pending.
+    #[default]
+    Stop,
+    /// Stop and roll back the hosts of the wave before the gate, newest first.
+    RollbackWave,
 }
 
 /// Per-host duration assumed for the window check before any host has finished.
@@ -208,6 +225,7 @@ pub const POLICY_KEYS: &[&str] = &[
     "rollback",
     "estimate",
     "gate",
+    "on_gate_fail",
 ];
 
 impl Default for Policy {
@@ -225,6 +243,8 @@ impl Default for Policy {
             timeout: None,
             rollback: RollbackScope::Failed,
             estimate: DEFAULT_ESTIMATE,
+            gate: None,
+            on_gate_fail: GateFailAction::Stop,
         }
     }
 }
@@ -286,7 +306,25 @@ impl Policy {
                     }
                 }
                 "estimate" => p.estimate = parse_duration_value(k, val)?,
-                "gate" => {}
+                // A closure gate never reaches here as a map: the script layer
+                // keeps closures for itself.
+                "gate" => {
+                    if let Value::Object(m) = val {
+                        p.gate = Some(MetricGate::from_map(m)?);
+                    }
+                }
+                "on_gate_fail" => {
+                    p.on_gate_fail = match word(k, val)?.as_str() {
+                        "stop" => GateFailAction::Stop,
+                        "rollback_wave" => GateFailAction::RollbackWave,
+                        w => {
+                            return Err(invalid(
+                                k,
+                                format!("`{w}` is not \"stop\" or \"rollback_wave\""),
+                            ))
+                        }
+                    }
+                }
                 _ => {
                     return Err(PolicyError::UnknownKey {
                         key: key.clone(),

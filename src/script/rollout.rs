@@ -393,12 +393,17 @@ fn rollout(
     }
     let gate = match policy.remove("gate") {
         None => None,
+        // A metric gate is policy: the rollout layer parses and asks it.
+        Some(g) if g.is_map() => {
+            policy.insert("gate".into(), g);
+            None
+        }
         Some(g) => match g.try_cast::<FnPtr>() {
             Some(f) => Some(HostClosure::from_context(ctx, f)),
             None => {
                 return fail(
                     ctx,
-                    "rollout: `gate` must be a closure, e.g. `gate: || http_check(url) == 200`",
+                    "rollout: `gate` must be a closure, e.g. `gate: || http_check(url) == 200`, or a metric gate #{ prometheus: URL, query: PROMQL, max: N }",
                 )
             }
         },
@@ -470,7 +475,11 @@ fn rollout(
         c.clock.clone()
     };
 
+    // A resumed rollout may have stopped on its gate: it goes on only once the
+    // gate passes again.
+    let resumed = c.has_finished_hosts();
     let mut ex = Executor::new(&plan)
+        .gate_before_first_wave(resumed)
         .unreachable_before(unreachable_before)
         .clock(clock)
         .halt_on(c.stop.clone())
