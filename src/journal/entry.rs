@@ -146,6 +146,39 @@ entries! {
     RunParams(RunParams) = "run.params",
     /// A message the playbook logged with `log()`, on the record's host if any.
     Log(LogRecord) = "log",
+    /// One sample `monitor()` took of the record's host, before or after its change.
+    MonitorSample(MonitorSample) = "monitor.sample",
+    /// `monitor()`'s judgement of the record's host: after the change against its
+    /// baseline.
+    MonitorVerdict(MonitorVerdict) = "monitor.verdict",
+}
+
+/// `data` of `monitor.sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorSample {
+    /// `baseline` (before the change) or `after`.
+    pub phase: String,
+    /// The run clock's time of the sample.
+    pub at: DateTime<Utc>,
+    /// Metric → value: levels as read (`mem` %, `load`, `disk` %), rates since the
+    /// previous sample (`cpu` %, `io` KiB/s, `error_rate` lines/min, `restarts`),
+    /// and custom probes.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// `data` of `monitor.verdict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorVerdict {
+    pub ok: bool,
+    /// Means over the baseline samples and over the window after the change.
+    pub baseline: BTreeMap<String, f64>,
+    pub after: BTreeMap<String, f64>,
+    /// Metric → threshold as written (`"2x"`, `"+20%"`).
+    pub thresholds: BTreeMap<String, String>,
+    /// One line per metric past its threshold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regressions: Vec<String>,
+    pub window_seconds: f64,
 }
 
 /// `data` of a `log` record: what a playbook said, and where it said it.
@@ -1355,6 +1388,19 @@ mod tests {
                 message: "3 hosts need acme-agent 1.0.1".into(),
                 source: "lib/patch/debian.rhai".into(),
                 line: 12,
+            }),
+            Entry::MonitorSample(MonitorSample {
+                phase: "after".into(),
+                at: "2026-11-28T02:00:00Z".parse().unwrap(),
+                values: BTreeMap::from([("cpu".into(), 12.5), ("error_rate".into(), 0.0)]),
+            }),
+            Entry::MonitorVerdict(MonitorVerdict {
+                ok: false,
+                baseline: BTreeMap::from([("error_rate".into(), 0.0)]),
+                after: BTreeMap::from([("error_rate".into(), 30.0)]),
+                thresholds: BTreeMap::from([("error_rate".into(), "2x".into())]),
+                regressions: vec!["error_rate 30.00 after the change, baseline 0.00, limit 0.00 (2x)".into()],
+                window_seconds: 300.0,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -432,6 +432,9 @@ fn host_details(o: &mut String, h: &HostReport) {
         opt(h.ended.as_deref()),
         esc(&h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into()))
     );
+    if let Some(m) = &h.monitor {
+        monitor(o, m);
+    }
     if !h.packages.is_empty() {
         let _ = writeln!(
             o,
@@ -594,4 +597,39 @@ fn tests(o: &mut String, r: &RunReport) {
         );
     }
     let _ = writeln!(o, "</tbody></table></section>");
+}
+
+/// A host's `monitor()` verdict and a table of its metrics, each with an SVG
+/// sparkline (a dashed line marks the change).
+fn monitor(o: &mut String, m: &crate::report::model::HostMonitor) {
+    let (ok, text) = match &m.verdict {
+        Some(v) if v.ok => (true, "monitor passed".to_string()),
+        Some(v) => (
+            false,
+            format!("monitor: REGRESSED: {}", v.regressions.join("; ")),
+        ),
+        None => (
+            false,
+            "monitor: no verdict (the window did not finish)".to_string(),
+        ),
+    };
+    let _ = writeln!(
+        o,
+        "<p class=\"monitor-verdict\">{}</p><table class=\"monitor\"><thead><tr><th>Metric</th><th>Samples</th><th class=\"num\">Baseline</th><th class=\"num\">After</th><th>Threshold</th></tr></thead><tbody>",
+        ok_cell(ok, &text, &text)
+    );
+    for (metric, points) in &m.series {
+        let v = m.verdict.as_ref();
+        let num = |x: Option<&f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            esc(metric),
+            super::sparkline::svg(points),
+            num(v.and_then(|v| v.baseline.get(metric))),
+            num(v.and_then(|v| v.after.get(metric))),
+            opt(v.and_then(|v| v.thresholds.get(metric)).map(String::as_str))
+        );
+    }
+    let _ = writeln!(o, "</tbody></table>");
 }

@@ -375,6 +375,9 @@ fn host_details(o: &mut String, h: &HostReport) {
         or_dash(h.ended.as_deref()),
         h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())
     );
+    if let Some(m) = &h.monitor {
+        monitor(o, m);
+    }
     for p in &h.packages {
         let _ = writeln!(
             o,
@@ -538,6 +541,33 @@ fn test_section(o: &mut String, r: &RunReport) {
             change,
             threshold,
             case.error.as_deref().map(esc).unwrap_or_default()
+        );
+    }
+}
+
+/// A host's `monitor()` verdict and one sparkline per metric (baseline `|` after).
+fn monitor(o: &mut String, m: &crate::report::model::HostMonitor) {
+    let verdict = match &m.verdict {
+        Some(v) if v.ok => "passed".to_string(),
+        Some(v) => format!("REGRESSED: {}", esc(&v.regressions.join("; "))),
+        None => "no verdict (the window did not finish)".to_string(),
+    };
+    let _ = writeln!(o, "- **Monitor:** {verdict}");
+    for (metric, points) in &m.series {
+        let line = super::sparkline::blocks(points);
+        let (base, after) = m
+            .verdict
+            .as_ref()
+            .map(|v| (v.baseline.get(metric), v.after.get(metric)))
+            .unwrap_or((None, None));
+        let num = |x: Option<&f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            o,
+            "  - `{}` {} baseline {}, after {}",
+            esc(metric),
+            line,
+            num(base),
+            num(after)
         );
     }
 }

@@ -52,7 +52,8 @@ use serde_json::Value;
 
 use super::testcase::TestCase;
 use crate::journal::entry::{
-    GateVerdict, HostStatus, NotifyRecord, RolloutEvent, StopReason, Summary as RolloutSummary,
+    GateVerdict, HostStatus, MonitorVerdict, NotifyRecord, RolloutEvent, StopReason,
+    Summary as RolloutSummary,
 };
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
@@ -213,6 +214,18 @@ pub struct HostReport {
     pub backups: Vec<BackupReport>,
     pub verifications: Vec<Verification>,
     pub health: Vec<HealthCheck>,
+    /// `monitor()`'s samples and verdict (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<HostMonitor>,
+}
+
+/// What `monitor()` saw on one host: every sample per metric, in order, and the
+/// latest verdict.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct HostMonitor {
+    /// Metric → `(phase, value)` per sample, baseline first.
+    pub series: BTreeMap<String, Vec<(String, f64)>>,
+    pub verdict: Option<MonitorVerdict>,
 }
 
 impl HostReport {
@@ -661,6 +674,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                 | Entry::Backup(_)
                 | Entry::Verify(_)
                 | Entry::Health(_)
+                | Entry::MonitorSample(_)
+                | Entry::MonitorVerdict(_)
         );
         if let (true, Some(h)) = (per_host, &rec.host) {
             by_host.entry(h.clone()).or_default().push((rec, entry));
@@ -826,6 +841,7 @@ fn host_report(
     let mut backups = Vec::new();
     let mut verifications = Vec::new();
     let mut health = Vec::new();
+    let mut monitor: Option<HostMonitor> = None;
     let mut finish: Option<(String, HostEndData)> = None;
     let mut rollback_rec: Option<(String, HostEndData)> = None;
     let mut undone = Vec::new();
@@ -960,6 +976,21 @@ fn host_report(
                 }
                 verifications.push(v);
             }
+            Entry::MonitorSample(m) => {
+                let series = &mut monitor.get_or_insert_with(HostMonitor::default).series;
+                for (k, v) in &m.values {
+                    series
+                        .entry(k.clone())
+                        .or_default()
+                        .push((m.phase.clone(), *v));
+                }
+            }
+            Entry::MonitorVerdict(v) => {
+                if !v.ok {
+                    errors.add("monitor", &v.regressions.join("; "));
+                }
+                monitor.get_or_insert_with(HostMonitor::default).verdict = Some(v.clone());
+            }
             Entry::Health(r) => {
                 let h = HealthCheck {
                     command: r.command_line(),
@@ -1072,6 +1103,7 @@ fn host_report(
         steps,
         error_output,
         rollback,
+        monitor,
         backups,
         verifications,
         health,

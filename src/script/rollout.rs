@@ -143,6 +143,7 @@ pub fn register_rollout(
     control_: Option<Arc<RunControl>>,
     sources: Option<Arc<CompiledPlaybook>>,
 ) {
+    super::monitor::register_monitor(engine, control_.clone());
     let c = control_.clone();
     let window_fn = move |ctx: NativeCallContext, spec: &str, opts: Map| -> RhaiResult<()> {
         let c = control(&ctx, &c, "window")?;
