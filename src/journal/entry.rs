@@ -151,6 +151,27 @@ entries! {
     /// `monitor()`'s judgement of the record's host: after the change against its
     /// baseline.
     MonitorVerdict(MonitorVerdict) = "monitor.verdict",
+    /// A rollback rehearsal on the record's (pilot) host: patched, rolled back,
+    /// its state compared with before, patched again.
+    Rehearsal(RehearsalRecord) = "rollout.rehearsal",
+}
+
+/// `data` of `rollout.rehearsal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RehearsalRecord {
+    /// The rollback restored every compared piece of state exactly.
+    pub ok: bool,
+    /// How many pieces of state (packages, paths, services) were compared.
+    pub compared: usize,
+    /// What the rollback reversed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<String>,
+    /// One line per piece of state the rollback did not restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    /// The rollback itself failed or left steps to a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `data` of `monitor.sample`.
@@ -1401,6 +1422,15 @@ mod tests {
                 thresholds: BTreeMap::from([("error_rate".into(), "2x".into())]),
                 regressions: vec!["error_rate 30.00 after the change, baseline 0.00, limit 0.00 (2x)".into()],
                 window_seconds: 300.0,
+            }),
+            Entry::Rehearsal(RehearsalRecord {
+                ok: false,
+                compared: 812,
+                undone: vec!["reinstall acme-agent 1.0.0".into()],
+                differences: vec![
+                    "file /etc/acme/migrated.state: did not exist, now `f 600 0:0 ab`".into(),
+                ],
+                error: None,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -18,6 +18,7 @@ pub mod monitor;
 pub mod notify;
 pub mod packages;
 pub mod services;
+pub mod snapshot;
 pub mod undo;
 pub mod upgrade;
 pub mod version;

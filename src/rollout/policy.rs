@@ -23,6 +23,7 @@
 //! | `rollback` | `"failed"` or `"all"` | `"failed"` |
 //! | `estimate` | per-host duration assumed before any host finished | `1m` |
 //! | `gate` | a closure, or a metric gate `#{ prometheus, query, max, min, soak, range, timeout }` ([`super::gate`]) | none |
+//! | `rehearse_rollback` | `true`, or `#{ paths, services }`: on each pilot host, patch, roll back, compare the state with before, patch again | off |
 //! | `on_gate_fail` | `"stop"` or `"rollback_wave"` (also roll back the wave before the gate) | `"stop"` |
 //!
 //! Durations are written `500ms`, `30s`, `2m`, `1h30m`, `1d`; a bare number is seconds.
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::gate::MetricGate;
+use crate::primitives::snapshot::{Scope, DEFAULT_PATHS};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
@@ -193,6 +195,8 @@ pub struct Policy {
     /// A metric gate between waves; a closure gate is the script layer's.
     pub gate: Option<MetricGate>,
     pub on_gate_fail: GateFailAction,
+    /// What a rollback rehearsal on the pilot compares; `None`: no rehearsal.
+    pub rehearse_rollback: Option<Scope>,
 }
 
 /// What a failed gate does besides stopping the run.
@@ -226,6 +230,7 @@ pub const POLICY_KEYS: &[&str] = &[
     "estimate",
     "gate",
     "on_gate_fail",
+    "rehearse_rollback",
 ];
 
 impl Default for Policy {
@@ -245,6 +250,7 @@ impl Default for Policy {
             estimate: DEFAULT_ESTIMATE,
             gate: None,
             on_gate_fail: GateFailAction::Stop,
+            rehearse_rollback: None,
         }
     }
 }
@@ -313,6 +319,7 @@ impl Policy {
                         p.gate = Some(MetricGate::from_map(m)?);
                     }
                 }
+                "rehearse_rollback" => p.rehearse_rollback = parse_rehearsal(val)?,
                 "on_gate_fail" => {
                     p.on_gate_fail = match word(k, val)?.as_str() {
                         "stop" => GateFailAction::Stop,
@@ -447,6 +454,67 @@ fn parse_waves(v: &Value) -> Result<Vec<Amount>, PolicyError> {
             }
         })
         .collect()
+}
+
+fn parse_rehearsal(v: &Value) -> Result<Option<Scope>, PolicyError> {
+    let key = "rehearse_rollback";
+    let list = |k: &str, v: Option<&Value>| -> Result<Option<Vec<String>>, PolicyError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .filter(|s| !s.trim().is_empty())
+                        .map(str::to_string)
+                        .ok_or_else(|| invalid(k, format!("expected strings, got {x}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(other) => Err(invalid(
+                k,
+                format!("expected a list, got {}", kind_of(other)),
+            )),
+        }
+    };
+    match v {
+        Value::Bool(false) | Value::Null => Ok(None),
+        Value::Bool(true) => Ok(Some(Scope {
+            paths: DEFAULT_PATHS.iter().map(|s| s.to_string()).collect(),
+            services: Vec::new(),
+        })),
+        Value::Object(m) => {
+            if let Some(k) = m
+                .keys()
+                .find(|k| !["paths", "services"].contains(&k.as_str()))
+            {
+                return Err(PolicyError::UnknownKey {
+                    key: format!("{key}.{k}"),
+                    known: "paths, services".into(),
+                });
+            }
+            let paths = list("rehearse_rollback.paths", m.get("paths"))?
+                .unwrap_or_else(|| DEFAULT_PATHS.iter().map(|s| s.to_string()).collect());
+            if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
+                return Err(invalid(
+                    "rehearse_rollback.paths",
+                    format!("`{p}` is not an absolute path"),
+                ));
+            }
+            Ok(Some(Scope {
+                paths,
+                services: list("rehearse_rollback.services", m.get("services"))?
+                    .unwrap_or_default(),
+            }))
+        }
+        other => Err(invalid(
+            key,
+            format!(
+                "expected true, false or #{{ paths, services }}, got {}",
+                kind_of(other)
+            ),
+        )),
+    }
 }
 
 fn parse_max_unavailable(v: &Value) -> Result<MaxUnavailable, PolicyError> {
