@@ -328,12 +328,24 @@ fn a_failing_gate_halts_after_the_soak_and_a_resume_goes_on_once_healthy() {
         .map(|g| g["passed"].as_bool().unwrap())
         .collect();
     assert_eq!(passed, [true, false, false, true]);
+    // The controller sampled itself during each of the three rollouts.
+    let controller = &report["controller"];
+    assert!(controller["samples"].as_u64().unwrap() >= 6, "{controller}");
+    assert!(
+        controller["peak_rss_kib"].as_u64().unwrap() > 0,
+        "{controller}"
+    );
+    assert!(
+        controller["max_sockets"].as_u64().unwrap() >= 1,
+        "{controller}"
+    );
     let out = patchbook_in(dir)
         .args(["report", &run_id])
         .output()
         .unwrap();
     let md = String::from_utf8_lossy(&out.stdout);
     assert!(md.contains("## Gates between waves"), "{md}");
+    assert!(md.contains("## Controller"), "{md}");
     assert!(md.contains(r"max(acme\_errors)"), "{md}");
 }
 

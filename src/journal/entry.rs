@@ -154,6 +154,26 @@ entries! {
     /// A rollback rehearsal on the record's (pilot) host: patched, rolled back,
     /// its state compared with before, patched again.
     Rehearsal(RehearsalRecord) = "rollout.rehearsal",
+    /// What the controller process itself used at one moment of a rollout.
+    ControllerUsage(ControllerUsage) = "controller.usage",
+}
+
+/// `data` of `controller.usage`: this process, read from `/proc/self`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerUsage {
+    /// The run clock's time.
+    pub at: DateTime<Utc>,
+    /// User and system CPU time since the process started.
+    pub cpu_seconds: f64,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+    pub threads: u64,
+    /// Open sockets (SSH sessions, HTTP clients, listeners).
+    pub sockets: u64,
+    /// Bytes read and written through system calls since the start: files and
+    /// sockets alike (`/proc/self/io` rchar and wchar).
+    pub read_bytes: u64,
+    pub written_bytes: u64,
 }
 
 /// `data` of `rollout.rehearsal`.
@@ -1431,6 +1451,16 @@ mod tests {
                     "file /etc/acme/migrated.state: did not exist, now `f 600 0:0 ab`".into(),
                 ],
                 error: None,
+            }),
+            Entry::ControllerUsage(ControllerUsage {
+                at: "2026-11-28T02:00:00Z".parse().unwrap(),
+                cpu_seconds: 1.25,
+                rss_kib: 20480,
+                peak_rss_kib: 24576,
+                threads: 12,
+                sockets: 5,
+                read_bytes: 1 << 20,
+                written_bytes: 1 << 16,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -226,6 +226,21 @@ pub fn render(r: &RunReport) -> String {
         let _ = writeln!(o, "</tbody></table></section>");
     }
 
+    if let Some(c) = &r.controller {
+        let _ = writeln!(
+            o,
+            "<section id=\"controller\"><h2>Controller</h2><p>CPU <span class=\"controller-cpu\">{:.2}</span> s, peak memory {} MiB {}, up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.</p></section>",
+            c.cpu_seconds,
+            c.peak_rss_kib / 1024,
+            super::sparkline::svg(&super::sparkline::series(&c.rss_kib)),
+            c.max_sockets,
+            c.max_threads,
+            c.read_bytes / 1024,
+            c.written_bytes / 1024,
+            c.samples
+        );
+    }
+
     if !r.gates.is_empty() {
         let _ = writeln!(
             o,

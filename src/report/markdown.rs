@@ -262,6 +262,23 @@ pub fn render(r: &RunReport) -> String {
         }
     }
 
+    if let Some(c) = &r.controller {
+        let line = super::sparkline::blocks(&super::sparkline::series(&c.rss_kib));
+        let _ = writeln!(o, "\n## Controller\n");
+        let _ = writeln!(
+            o,
+            "CPU {:.2} s, peak memory {} MiB (resident `{}`), up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.",
+            c.cpu_seconds,
+            c.peak_rss_kib / 1024,
+            line.trim_start_matches('|'),
+            c.max_sockets,
+            c.max_threads,
+            c.read_bytes / 1024,
+            c.written_bytes / 1024,
+            c.samples
+        );
+    }
+
     if !r.gates.is_empty() {
         let _ = writeln!(o, "\n## Gates between waves\n");
         let _ = writeln!(

@@ -33,6 +33,8 @@
 //!                                | null,
 //!                       degradation_pct}] },
 //!   "artifacts": [{ts, url, what, ok, detail}],
+//!   "controller": {samples, cpu_seconds, peak_rss_kib, max_sockets, max_threads,
+//!                  read_bytes, written_bytes, rss_kib: [n]},   // only with samples
 //!   "gates": [{ts, after_wave, check, query, bounds, value, passed, detail,
 //!              soaked_seconds}],   // only with a gate between waves
 //!   "notifications": [{ts, event, message, severity, channel, to, ok, attempts, error}],
@@ -52,8 +54,8 @@ use serde_json::Value;
 
 use super::testcase::TestCase;
 use crate::journal::entry::{
-    GateVerdict, HostStatus, MonitorVerdict, NotifyRecord, RolloutEvent, StopReason,
-    Summary as RolloutSummary,
+    ControllerUsage, GateVerdict, HostStatus, MonitorVerdict, NotifyRecord, RolloutEvent,
+    StopReason, Summary as RolloutSummary,
 };
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
@@ -82,8 +84,43 @@ pub struct RunReport {
     /// Gate evaluations between waves, in order (absent without a gate).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gates: Vec<GateCheck>,
+    /// What the controller itself used during the rollouts (absent without samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerReport>,
     pub notifications: Vec<Notification>,
     pub problems: Vec<String>,
+}
+
+/// The controller's own use of its machine over the run, from its samples.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ControllerReport {
+    pub samples: usize,
+    /// CPU time between the first and the last sample.
+    pub cpu_seconds: f64,
+    pub peak_rss_kib: u64,
+    pub max_sockets: u64,
+    pub max_threads: u64,
+    /// Bytes read and written (files and sockets) between the first and last sample.
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    /// Resident memory at each sample, for a sparkline.
+    pub rss_kib: Vec<u64>,
+}
+
+impl ControllerReport {
+    fn from_samples(samples: &[ControllerUsage]) -> Option<Self> {
+        let (first, last) = (samples.first()?, samples.last()?);
+        Some(ControllerReport {
+            samples: samples.len(),
+            cpu_seconds: (last.cpu_seconds - first.cpu_seconds).max(0.0),
+            peak_rss_kib: samples.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0),
+            max_sockets: samples.iter().map(|u| u.sockets).max().unwrap_or(0),
+            max_threads: samples.iter().map(|u| u.threads).max().unwrap_or(0),
+            read_bytes: last.read_bytes.saturating_sub(first.read_bytes),
+            written_bytes: last.written_bytes.saturating_sub(first.written_bytes),
+            rss_kib: samples.iter().map(|u| u.rss_kib).collect(),
+        })
+    }
 }
 
 /// One gate evaluation between waves, with when it was made.
@@ -487,6 +524,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut tests = TestSection::default();
     let mut artifacts = Vec::new();
     let mut gates = Vec::new();
+    let mut usage: Vec<ControllerUsage> = Vec::new();
     let mut notifications = Vec::new();
     let mut by_host: BTreeMap<String, Vec<(&Record, Entry)>> = BTreeMap::new();
 
@@ -500,6 +538,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         };
         match &entry {
             Entry::RunClose(_) => ended = Some(rec.ts.clone()),
+            Entry::ControllerUsage(u) => usage.push(u.clone()),
             Entry::RolloutPlan(p) => host_groups.extend(p.groups.clone()),
             Entry::Rollout(e) => {
                 let ts = &rec.ts;
@@ -794,6 +833,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         tests,
         artifacts,
         gates,
+        controller: ControllerReport::from_samples(&usage),
         notifications,
         problems,
     }

@@ -64,6 +64,14 @@ pub fn svg(points: &[(String, f64)]) -> String {
     )
 }
 
+/// Plain numbers as `after` points, for a series with no change in it.
+pub fn series(values: &[u64]) -> Vec<(String, f64)> {
+    values
+        .iter()
+        .map(|v| ("after".to_string(), *v as f64))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
