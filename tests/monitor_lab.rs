@@ -131,18 +131,56 @@ fn a_host_whose_log_fills_with_errors_after_the_patch_is_rolled_back() {
     assert_eq!(failed, ["lab02"]);
 
     // The report shows each host's verdict and its samples as sparklines.
+    let file = dir.join("report.html");
     let out = patchbook_in(dir)
-        .args(["report", &run, "--format", "html"])
+        .args(["report", &run, "--format", "html", "--out"])
+        .arg(&file)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let html = String::from_utf8_lossy(&out.stdout);
+    // As a browser renders it: headless Chromium's DOM, and a screenshot.
+    let chromium = |extra: &[String]| {
+        let profile = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("/usr/bin/chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(format!("file://{}", file.display()))
+            .output()
+            .expect("chromium is missing: run .ci/setup");
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = chromium(&["--dump-dom".to_string()]);
+    assert_eq!(dom.matches("class=\"monitor-verdict\"").count(), 3, "{dom}");
+    assert_eq!(dom.matches("monitor: REGRESSED").count(), 1, "{dom}");
+    // One sparkline per sampled metric of each host, and the controller's own.
+    let metrics: usize = ["lab01", "lab02", "lab03"]
+        .iter()
+        .map(|h| verdicts[*h].after.len())
+        .sum();
     assert_eq!(
-        html.matches("class=\"monitor-verdict\"").count(),
-        3,
-        "{html}"
+        dom.matches("<svg class=\"sparkline\"").count(),
+        metrics + 1,
+        "{dom}"
     );
-    assert!(html.contains("class=\"sparkline\""), "{html}");
+    assert!(dom.contains("id=\"controller\""), "{dom}");
+    let png = dir.join("report.png");
+    chromium(&[
+        format!("--screenshot={}", png.display()),
+        "--window-size=1400,3000".to_string(),
+    ]);
+    let bytes = std::fs::read(&png).expect("chromium wrote no screenshot");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    assert!(bytes.len() > 20_000, "screenshot of {} bytes", bytes.len());
     let out = patchbook_in(dir).args(["report", &run]).output().unwrap();
     let md = String::from_utf8_lossy(&out.stdout);
     assert!(md.contains("REGRESSED"), "{md}");
