@@ -167,6 +167,8 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                     | RolloutEvent::BudgetExhausted { .. }
                     | RolloutEvent::UnreachableBudgetExhausted { .. }
                     | RolloutEvent::GateStopped { .. }
+                    | RolloutEvent::Soaking { .. }
+                    | RolloutEvent::GateEvaluated(_)
                     | RolloutEvent::WindowClosed { .. } => {
                         let _ =
                             multi.println(escape_controls(&crate::journal::scrub(&describe(e))));
@@ -200,6 +202,13 @@ pub fn describe(e: &RolloutEvent) -> String {
         ),
         RolloutEvent::Paused { seconds } => format!("pausing {seconds:.0}s before the next wave"),
         RolloutEvent::GateStopped { after_wave, reason } => format!("gate stopped the run after wave {after_wave}: {reason}"),
+        RolloutEvent::Soaking { after_wave, seconds } => format!("wave {after_wave} done: soaking {seconds:.0}s before the gate"),
+        RolloutEvent::GateEvaluated(v) => format!(
+            "gate after wave {} {}: {}",
+            v.after_wave,
+            if v.passed { "passed" } else { "FAILED" },
+            v.detail
+        ),
         RolloutEvent::WindowClosed { before_wave, time_left_seconds, needed_seconds } => format!(
             "window closing: wave {before_wave} needs {needed_seconds:.0}s, {time_left_seconds:.0}s left; remaining hosts stay pending"
         ),

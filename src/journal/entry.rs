@@ -150,6 +150,16 @@ entries! {
     AdvisoryFeed(AdvisoryFeed) = "advisory.feed",
     /// A CVE closed on the record's host, checked against the installed version.
     Evidence(EvidenceRecord) = "advisory.evidence",
+    /// One sample `monitor()` took of the record's host, before or after its change.
+    MonitorSample(MonitorSample) = "monitor.sample",
+    /// `monitor()`'s judgement of the record's host: after the change against its
+    /// baseline.
+    MonitorVerdict(MonitorVerdict) = "monitor.verdict",
+    /// A rollback rehearsal on the record's (pilot) host: patched, rolled back,
+    /// its state compared with before, patched again.
+    Rehearsal(RehearsalRecord) = "rollout.rehearsal",
+    /// What the controller process itself used at one moment of a rollout.
+    ControllerUsage(ControllerUsage) = "controller.usage",
 }
 
 /// `data` of `advisory.feed`: a feed read by the run, so every verdict and every
@@ -189,6 +199,70 @@ pub struct EvidenceRecord {
     pub time: String,
     /// False when the package is still below the fixed version: the CVE is open.
     pub closed: bool,
+}
+
+/// `data` of `controller.usage`: this process, read from `/proc/self`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerUsage {
+    /// The run clock's time.
+    pub at: DateTime<Utc>,
+    /// User and system CPU time since the process started.
+    pub cpu_seconds: f64,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+    pub threads: u64,
+    /// Open sockets (SSH sessions, HTTP clients, listeners).
+    pub sockets: u64,
+    /// Bytes read and written through system calls since the start: files and
+    /// sockets alike (`/proc/self/io` rchar and wchar).
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+/// `data` of `rollout.rehearsal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RehearsalRecord {
+    /// The rollback restored every compared piece of state exactly.
+    pub ok: bool,
+    /// How many pieces of state (packages, paths, services) were compared.
+    pub compared: usize,
+    /// What the rollback reversed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<String>,
+    /// One line per piece of state the rollback did not restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    /// The rollback itself failed or left steps to a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of `monitor.sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorSample {
+    /// `baseline` (before the change) or `after`.
+    pub phase: String,
+    /// The run clock's time of the sample.
+    pub at: DateTime<Utc>,
+    /// Metric → value: levels as read (`mem` %, `load`, `disk` %), rates since the
+    /// previous sample (`cpu` %, `io` KiB/s, `error_rate` lines/min, `restarts`),
+    /// and custom probes.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// `data` of `monitor.verdict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorVerdict {
+    pub ok: bool,
+    /// Means over the baseline samples and over the window after the change.
+    pub baseline: BTreeMap<String, f64>,
+    pub after: BTreeMap<String, f64>,
+    /// Metric → threshold as written (`"2x"`, `"+20%"`).
+    pub thresholds: BTreeMap<String, String>,
+    /// One line per metric past its threshold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regressions: Vec<String>,
+    pub window_seconds: f64,
 }
 
 /// `data` of a `log` record: what a playbook said, and where it said it.
@@ -579,6 +653,9 @@ pub enum RollbackCause {
     HostFailed,
     /// The run stopped early and the policy says `rollback: "all"`.
     RunStopped,
+    /// The gate after the host's wave failed and the policy says
+    /// `on_gate_fail: "rollback_wave"`.
+    GateFailed,
 }
 
 impl RollbackCause {
@@ -587,6 +664,7 @@ impl RollbackCause {
         match self {
             RollbackCause::HostFailed => "host_failed",
             RollbackCause::RunStopped => "run_stopped",
+            RollbackCause::GateFailed => "gate_failed",
         }
     }
 }
@@ -651,6 +729,13 @@ pub enum RolloutEvent {
         after_wave: usize,
         reason: String,
     },
+    /// The wave is over; the gate waits this long before it looks.
+    Soaking {
+        after_wave: usize,
+        seconds: f64,
+    },
+    /// One evaluation of a gate between waves, passed or not.
+    GateEvaluated(GateVerdict),
     WindowClosed {
         before_wave: usize,
         time_left_seconds: f64,
@@ -659,6 +744,28 @@ pub enum RolloutEvent {
     RunDone {
         summary: Summary,
     },
+}
+
+/// What a gate between waves saw: the data of a `gate_evaluated` rollout event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateVerdict {
+    /// The wave just finished (0 for the pilot); on a resume, the gate asked
+    /// before the first wave repeats the wave the run stopped after.
+    pub after_wave: usize,
+    /// `prometheus` or `closure`.
+    pub check: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `max 0.5`, `min 1, max 3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<String>,
+    /// The sample that decided: the worst passing one, or the first failing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub passed: bool,
+    pub detail: String,
+    #[serde(default)]
+    pub soaked_seconds: f64,
 }
 
 /// Why a rollout ended.
@@ -1282,6 +1389,34 @@ mod tests {
                 cause: RollbackCause::RunStopped,
                 error: "dpkg exited 2".into(),
             }),
+            Entry::Rollout(RolloutEvent::Soaking {
+                after_wave: 1,
+                seconds: 600.0,
+            }),
+            Entry::Rollout(RolloutEvent::GateEvaluated(GateVerdict {
+                after_wave: 1,
+                check: "prometheus".into(),
+                query: Some("rate(errors_total[5m])".into()),
+                bounds: Some("max 0.5".into()),
+                value: Some(0.75),
+                passed: false,
+                detail: "{instance=\"web-1\"} = 0.75 is outside max 0.5".into(),
+                soaked_seconds: 600.0,
+            })),
+            Entry::Rollout(RolloutEvent::GateEvaluated(GateVerdict {
+                after_wave: 0,
+                check: "closure".into(),
+                query: None,
+                bounds: None,
+                value: None,
+                passed: true,
+                detail: "the gate returned true".into(),
+                soaked_seconds: 0.0,
+            })),
+            Entry::Rollout(RolloutEvent::RolledBack {
+                host: "web-3".into(),
+                cause: RollbackCause::GateFailed,
+            }),
             Entry::Rollout(RolloutEvent::WindowClosed {
                 before_wave: 2,
                 time_left_seconds: 60.5,
@@ -1337,6 +1472,38 @@ mod tests {
                 message: "3 hosts need acme-agent 1.0.1".into(),
                 source: "lib/patch/debian.rhai".into(),
                 line: 12,
+            }),
+            Entry::MonitorSample(MonitorSample {
+                phase: "after".into(),
+                at: "2026-11-28T02:00:00Z".parse().unwrap(),
+                values: BTreeMap::from([("cpu".into(), 12.5), ("error_rate".into(), 0.0)]),
+            }),
+            Entry::MonitorVerdict(MonitorVerdict {
+                ok: false,
+                baseline: BTreeMap::from([("error_rate".into(), 0.0)]),
+                after: BTreeMap::from([("error_rate".into(), 30.0)]),
+                thresholds: BTreeMap::from([("error_rate".into(), "2x".into())]),
+                regressions: vec!["error_rate 30.00 after the change, baseline 0.00, limit 0.00 (2x)".into()],
+                window_seconds: 300.0,
+            }),
+            Entry::Rehearsal(RehearsalRecord {
+                ok: false,
+                compared: 812,
+                undone: vec!["reinstall acme-agent 1.0.0".into()],
+                differences: vec![
+                    "file /etc/acme/migrated.state: did not exist, now `f 600 0:0 ab`".into(),
+                ],
+                error: None,
+            }),
+            Entry::ControllerUsage(ControllerUsage {
+                at: "2026-11-28T02:00:00Z".parse().unwrap(),
+                cpu_seconds: 1.25,
+                rss_kib: 20480,
+                peak_rss_kib: 24576,
+                threads: 12,
+                sockets: 5,
+                read_bytes: 1 << 20,
+                written_bytes: 1 << 16,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -798,7 +798,7 @@ fn without_after(o: &Output) -> Output {
 
 /// On a resumed run: the same artifact's deploy on this host, from the journal.
 /// A completed one is returned as it was recorded, and the host is not touched
-/// again. An intent without an outcome (the controller died in between) is checked
+/// again, unless it has since been undone. An intent without an outcome (the controller died in between) is checked
 /// on the host first: if the package is there at the intended version, the step is
 /// completed in the journal; otherwise it is closed as not applied and deployed
 /// again.
@@ -806,6 +806,14 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
     let Some(state) = ctx.journal_state()? else {
         return Ok(None);
     };
+    // Steps whose undo has been applied (a rollback rehearsal, a rollback in
+    // the same run): what they did is gone from the host.
+    let undone: Vec<_> = state
+        .steps
+        .iter()
+        .filter(|s| s.ok() == Some(true))
+        .filter_map(|s| s.undoes)
+        .collect();
     for step in state.steps.iter().rev() {
         // `deploy_input` is `None` for other steps and for undo steps.
         let Some(input) = step.intent_data.deploy_input() else {
@@ -813,6 +821,9 @@ fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>
         };
         if input.sha256 != artifact.sha256 {
             continue;
+        }
+        if undone.contains(&step.id) {
+            return Ok(None);
         }
         let package = input.package.clone();
         let before = input.from.clone();

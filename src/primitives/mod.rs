@@ -1,6 +1,6 @@
 //! The primitives: typed Rust functions that do the work of a playbook —
 //! facts, version comparison, artifacts, backup, deploy, verify, health, rollback,
-//! notify, exec, files, services and reboots, repository upgrades.
+//! notify, exec, files, services and reboots, repository upgrades, monitoring.
 //!
 //! Each one is a plain function testable without Rhai; the `script` layer adapts
 //! them. A primitive that changes a host writes its intent to the journal before
@@ -14,9 +14,11 @@ pub mod exec;
 pub mod facts;
 pub mod files;
 pub mod health;
+pub mod monitor;
 pub mod notify;
 pub mod packages;
 pub mod services;
+pub mod snapshot;
 pub mod undo;
 pub mod upgrade;
 pub mod version;

@@ -226,6 +226,45 @@ pub fn render(r: &RunReport) -> String {
         let _ = writeln!(o, "</tbody></table></section>");
     }
 
+    if let Some(c) = &r.controller {
+        let _ = writeln!(
+            o,
+            "<section id=\"controller\"><h2>Controller</h2><p>CPU <span class=\"controller-cpu\">{:.2}</span> s, peak memory {} MiB {}, up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.</p></section>",
+            c.cpu_seconds,
+            c.peak_rss_kib / 1024,
+            super::sparkline::svg(&super::sparkline::series(&c.rss_kib)),
+            c.max_sockets,
+            c.max_threads,
+            c.read_bytes / 1024,
+            c.written_bytes / 1024,
+            c.samples
+        );
+    }
+
+    if !r.gates.is_empty() {
+        let _ = writeln!(
+            o,
+            "<section id=\"gates\"><h2>Gates between waves</h2><table><thead><tr><th>Time</th><th>After wave</th><th>Check</th><th>Query</th><th>Bounds</th><th class=\"num\">Value</th><th class=\"num\">Soaked</th><th>Result</th><th>Detail</th></tr></thead><tbody>"
+        );
+        for g in &r.gates {
+            let v = &g.verdict;
+            let _ = writeln!(
+                o,
+                "<tr class=\"gate\"><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{:.0} s</td><td>{}</td><td>{}</td></tr>",
+                esc(&g.ts),
+                v.after_wave,
+                esc(&v.check),
+                opt(v.query.as_deref()),
+                opt(v.bounds.as_deref()),
+                v.value.map(|x| x.to_string()).unwrap_or_else(|| "—".into()),
+                v.soaked_seconds,
+                ok_cell(v.passed, "passed", "FAILED"),
+                esc(&v.detail)
+            );
+        }
+        let _ = writeln!(o, "</tbody></table></section>");
+    }
+
     let _ = writeln!(o, "<section id=\"notifications\"><h2>Notifications</h2>");
     if r.notifications.is_empty() {
         let _ = writeln!(o, "<p>None recorded.</p>");
@@ -408,6 +447,9 @@ fn host_details(o: &mut String, h: &HostReport) {
         opt(h.ended.as_deref()),
         esc(&h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into()))
     );
+    if let Some(m) = &h.monitor {
+        monitor(o, m);
+    }
     if !h.packages.is_empty() {
         let _ = writeln!(
             o,
@@ -570,4 +612,39 @@ fn tests(o: &mut String, r: &RunReport) {
         );
     }
     let _ = writeln!(o, "</tbody></table></section>");
+}
+
+/// A host's `monitor()` verdict and a table of its metrics, each with an SVG
+/// sparkline (a dashed line marks the change).
+fn monitor(o: &mut String, m: &crate::report::model::HostMonitor) {
+    let (ok, text) = match &m.verdict {
+        Some(v) if v.ok => (true, "monitor passed".to_string()),
+        Some(v) => (
+            false,
+            format!("monitor: REGRESSED: {}", v.regressions.join("; ")),
+        ),
+        None => (
+            false,
+            "monitor: no verdict (the window did not finish)".to_string(),
+        ),
+    };
+    let _ = writeln!(
+        o,
+        "<p class=\"monitor-verdict\">{}</p><table class=\"monitor\"><thead><tr><th>Metric</th><th>Samples</th><th class=\"num\">Baseline</th><th class=\"num\">After</th><th>Threshold</th></tr></thead><tbody>",
+        ok_cell(ok, &text, &text)
+    );
+    for (metric, points) in &m.series {
+        let v = m.verdict.as_ref();
+        let num = |x: Option<&f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            esc(metric),
+            super::sparkline::svg(points),
+            num(v.and_then(|v| v.baseline.get(metric))),
+            num(v.and_then(|v| v.after.get(metric))),
+            opt(v.and_then(|v| v.thresholds.get(metric)).map(String::as_str))
+        );
+    }
+    let _ = writeln!(o, "</tbody></table>");
 }

@@ -262,6 +262,48 @@ pub fn render(r: &RunReport) -> String {
         }
     }
 
+    if let Some(c) = &r.controller {
+        let line = super::sparkline::blocks(&super::sparkline::series(&c.rss_kib));
+        let _ = writeln!(o, "\n## Controller\n");
+        let _ = writeln!(
+            o,
+            "CPU {:.2} s, peak memory {} MiB (resident `{}`), up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.",
+            c.cpu_seconds,
+            c.peak_rss_kib / 1024,
+            line.trim_start_matches('|'),
+            c.max_sockets,
+            c.max_threads,
+            c.read_bytes / 1024,
+            c.written_bytes / 1024,
+            c.samples
+        );
+    }
+
+    if !r.gates.is_empty() {
+        let _ = writeln!(o, "\n## Gates between waves\n");
+        let _ = writeln!(
+            o,
+            "| time | after wave | check | query | bounds | value | soaked | result | detail |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+        for g in &r.gates {
+            let v = &g.verdict;
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {:.0} s | {} | {} |",
+                esc(&g.ts),
+                v.after_wave,
+                esc(&v.check),
+                or_dash(v.query.as_deref()),
+                or_dash(v.bounds.as_deref()),
+                v.value.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+                v.soaked_seconds,
+                if v.passed { "passed" } else { "FAILED" },
+                esc(&v.detail)
+            );
+        }
+    }
+
     let _ = writeln!(o, "\n## Notifications\n");
     if r.notifications.is_empty() {
         let _ = writeln!(o, "None recorded.");
@@ -350,6 +392,9 @@ fn host_details(o: &mut String, h: &HostReport) {
         or_dash(h.ended.as_deref()),
         h.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())
     );
+    if let Some(m) = &h.monitor {
+        monitor(o, m);
+    }
     for p in &h.packages {
         let _ = writeln!(
             o,
@@ -513,6 +558,33 @@ fn test_section(o: &mut String, r: &RunReport) {
             change,
             threshold,
             case.error.as_deref().map(esc).unwrap_or_default()
+        );
+    }
+}
+
+/// A host's `monitor()` verdict and one sparkline per metric (baseline `|` after).
+fn monitor(o: &mut String, m: &crate::report::model::HostMonitor) {
+    let verdict = match &m.verdict {
+        Some(v) if v.ok => "passed".to_string(),
+        Some(v) => format!("REGRESSED: {}", esc(&v.regressions.join("; "))),
+        None => "no verdict (the window did not finish)".to_string(),
+    };
+    let _ = writeln!(o, "- **Monitor:** {verdict}");
+    for (metric, points) in &m.series {
+        let line = super::sparkline::blocks(points);
+        let (base, after) = m
+            .verdict
+            .as_ref()
+            .map(|v| (v.baseline.get(metric), v.after.get(metric)))
+            .unwrap_or((None, None));
+        let num = |x: Option<&f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            o,
+            "  - `{}` {} baseline {}, after {}",
+            esc(metric),
+            line,
+            num(base),
+            num(after)
         );
     }
 }

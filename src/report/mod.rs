@@ -16,6 +16,7 @@ pub mod html;
 pub mod levels;
 pub mod markdown;
 pub mod model;
+pub mod sparkline;
 pub mod testcase;
 pub mod timeline;
 

@@ -33,6 +33,10 @@
 //!                                | null,
 //!                       degradation_pct}] },
 //!   "artifacts": [{ts, url, what, ok, detail}],
+//!   "controller": {samples, cpu_seconds, peak_rss_kib, max_sockets, max_threads,
+//!                  read_bytes, written_bytes, rss_kib: [n]},   // only with samples
+//!   "gates": [{ts, after_wave, check, query, bounds, value, passed, detail,
+//!              soaked_seconds}],   // only with a gate between waves
 //!   "notifications": [{ts, event, message, severity, channel, to, ok, attempts, error}],
 //!   "problems": [text] }   // records that could not be read as their kind says
 //! ```
@@ -50,7 +54,8 @@ use serde_json::Value;
 
 use super::testcase::TestCase;
 use crate::journal::entry::{
-    HostStatus, NotifyRecord, RolloutEvent, StopReason, Summary as RolloutSummary,
+    ControllerUsage, GateVerdict, HostStatus, MonitorVerdict, NotifyRecord, RolloutEvent,
+    StopReason, Summary as RolloutSummary,
 };
 use crate::journal::state::RunState;
 use crate::journal::{Entry, HostEndData, IntentData, OutcomeData, Record, UndoStep};
@@ -76,8 +81,54 @@ pub struct RunReport {
     pub hosts: Vec<HostReport>,
     pub tests: TestSection,
     pub artifacts: Vec<ArtifactCheck>,
+    /// Gate evaluations between waves, in order (absent without a gate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<GateCheck>,
+    /// What the controller itself used during the rollouts (absent without samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerReport>,
     pub notifications: Vec<Notification>,
     pub problems: Vec<String>,
+}
+
+/// The controller's own use of its machine over the run, from its samples.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ControllerReport {
+    pub samples: usize,
+    /// CPU time between the first and the last sample.
+    pub cpu_seconds: f64,
+    pub peak_rss_kib: u64,
+    pub max_sockets: u64,
+    pub max_threads: u64,
+    /// Bytes read and written (files and sockets) between the first and last sample.
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    /// Resident memory at each sample, for a sparkline.
+    pub rss_kib: Vec<u64>,
+}
+
+impl ControllerReport {
+    fn from_samples(samples: &[ControllerUsage]) -> Option<Self> {
+        let (first, last) = (samples.first()?, samples.last()?);
+        Some(ControllerReport {
+            samples: samples.len(),
+            cpu_seconds: (last.cpu_seconds - first.cpu_seconds).max(0.0),
+            peak_rss_kib: samples.iter().map(|u| u.peak_rss_kib).max().unwrap_or(0),
+            max_sockets: samples.iter().map(|u| u.sockets).max().unwrap_or(0),
+            max_threads: samples.iter().map(|u| u.threads).max().unwrap_or(0),
+            read_bytes: last.read_bytes.saturating_sub(first.read_bytes),
+            written_bytes: last.written_bytes.saturating_sub(first.written_bytes),
+            rss_kib: samples.iter().map(|u| u.rss_kib).collect(),
+        })
+    }
+}
+
+/// One gate evaluation between waves, with when it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateCheck {
+    pub ts: String,
+    #[serde(flatten)]
+    pub verdict: GateVerdict,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,6 +251,18 @@ pub struct HostReport {
     pub backups: Vec<BackupReport>,
     pub verifications: Vec<Verification>,
     pub health: Vec<HealthCheck>,
+    /// `monitor()`'s samples and verdict (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<HostMonitor>,
+}
+
+/// What `monitor()` saw on one host: every sample per metric, in order, and the
+/// latest verdict.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct HostMonitor {
+    /// Metric → `(phase, value)` per sample, baseline first.
+    pub series: BTreeMap<String, Vec<(String, f64)>>,
+    pub verdict: Option<MonitorVerdict>,
 }
 
 impl HostReport {
@@ -462,6 +525,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
     let mut ended = None;
     let mut tests = TestSection::default();
     let mut artifacts = Vec::new();
+    let mut gates = Vec::new();
+    let mut usage: Vec<ControllerUsage> = Vec::new();
     let mut notifications = Vec::new();
     let mut by_host: BTreeMap<String, Vec<(&Record, Entry)>> = BTreeMap::new();
 
@@ -475,6 +540,7 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         };
         match &entry {
             Entry::RunClose(_) => ended = Some(rec.ts.clone()),
+            Entry::ControllerUsage(u) => usage.push(u.clone()),
             Entry::RolloutPlan(p) => host_groups.extend(p.groups.clone()),
             Entry::Rollout(e) => {
                 let ts = &rec.ts;
@@ -580,7 +646,11 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                         ),
                     }),
                     RolloutEvent::RunDone { summary: s } => summary = Some(s.clone()),
-                    RolloutEvent::Paused { .. } => {}
+                    RolloutEvent::GateEvaluated(v) => gates.push(GateCheck {
+                        ts: ts.clone(),
+                        verdict: v.clone(),
+                    }),
+                    RolloutEvent::Paused { .. } | RolloutEvent::Soaking { .. } => {}
                 }
             }
             Entry::Window(w) => {
@@ -645,6 +715,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
                 | Entry::Backup(_)
                 | Entry::Verify(_)
                 | Entry::Health(_)
+                | Entry::MonitorSample(_)
+                | Entry::MonitorVerdict(_)
         );
         if let (true, Some(h)) = (per_host, &rec.host) {
             by_host.entry(h.clone()).or_default().push((rec, entry));
@@ -762,6 +834,8 @@ pub fn build(run: &str, records: &[Record]) -> RunReport {
         hosts,
         tests,
         artifacts,
+        gates,
+        controller: ControllerReport::from_samples(&usage),
         notifications,
         problems,
     }
@@ -809,6 +883,7 @@ fn host_report(
     let mut backups = Vec::new();
     let mut verifications = Vec::new();
     let mut health = Vec::new();
+    let mut monitor: Option<HostMonitor> = None;
     let mut finish: Option<(String, HostEndData)> = None;
     let mut rollback_rec: Option<(String, HostEndData)> = None;
     let mut undone = Vec::new();
@@ -943,6 +1018,21 @@ fn host_report(
                 }
                 verifications.push(v);
             }
+            Entry::MonitorSample(m) => {
+                let series = &mut monitor.get_or_insert_with(HostMonitor::default).series;
+                for (k, v) in &m.values {
+                    series
+                        .entry(k.clone())
+                        .or_default()
+                        .push((m.phase.clone(), *v));
+                }
+            }
+            Entry::MonitorVerdict(v) => {
+                if !v.ok {
+                    errors.add("monitor", &v.regressions.join("; "));
+                }
+                monitor.get_or_insert_with(HostMonitor::default).verdict = Some(v.clone());
+            }
             Entry::Health(r) => {
                 let h = HealthCheck {
                     command: r.command_line(),
@@ -1055,6 +1145,7 @@ fn host_report(
         steps,
         error_output,
         rollback,
+        monitor,
         backups,
         verifications,
         health,

@@ -5,10 +5,14 @@
 //! A run, in order:
 //! 1. Outside its window the run is refused ([`RolloutError::OutsideWindow`], the
 //!    next opening in the window's zone) before anything starts.
-//! 2. For each wave (pilot first): after the previous wave, `pause`, then the gate
+//! 2. For each wave (pilot first): after the previous wave, `pause`, then the
+//!    metric gate's soak and evaluation ([`super::gate`]), then the closure gate
 //!    (`Ok(true)` goes on; `Ok(false)` or `Err` stops the run as if the budget were
-//!    spent); then the window check; then the wave's hosts run under the
-//!    [`schedule`](super::schedule) rules.
+//!    spent; each evaluation is a `GateEvaluated` event). A failed gate with
+//!    `on_gate_fail: "rollback_wave"` also rolls back the previous wave's hosts,
+//!    newest first. With [`Executor::gate_before_first_wave`] (a resume) the
+//!    gates are asked, without soak, before the first wave too. Then the window
+//!    check; then the wave's hosts run under the [`schedule`](super::schedule) rules.
 //! 3. Window check: the wave starts only if
 //!    `time_left ≥ estimate + buffer`, with
 //!    `estimate = per_host × ceil(wave_size / parallel)` and `per_host` the longest
@@ -90,9 +94,10 @@ pub use crate::journal::entry::{
 
 use super::clock::{between, Clock};
 use super::plan::{Plan, Wave, WaveKind};
-use super::policy::{format_duration, RollbackScope};
+use super::policy::{format_duration, GateFailAction, RollbackScope};
 use super::schedule::WaveSchedule;
 use super::window::{after, Window};
+use crate::journal::entry::GateVerdict;
 
 /// What the per-host closure reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +248,8 @@ pub struct Executor<'a> {
     worker_stack: Option<usize>,
     /// Hosts outside the plan that a probe found unreachable, with the reason.
     unreachable_before: Vec<(Host, String)>,
+    /// Ask the gates before the first wave too (a resume after a gate stop).
+    gate_first: bool,
 }
 
 enum Msg {
@@ -269,6 +276,36 @@ impl<'a> Executor<'a> {
             halt: None,
             worker_stack: None,
             unreachable_before: Vec::new(),
+            gate_first: false,
+        }
+    }
+
+    /// Asks the gates (without a soak) before the first wave as well: a run
+    /// resumed after a gate stopped it goes on only once the gate passes.
+    pub fn gate_before_first_wave(mut self, yes: bool) -> Self {
+        self.gate_first = yes;
+        self
+    }
+
+    /// Waits `soak` on the run's clock in short real slices, so a halt is seen
+    /// within a quarter second; false when halted.
+    fn soak(&self, soak: Duration, halted: &dyn Fn() -> bool) -> bool {
+        let end = after(self.clock.now(), soak);
+        loop {
+            if halted() {
+                return false;
+            }
+            let left = between(self.clock.now(), end);
+            if left.is_zero() {
+                return true;
+            }
+            let real = self.clock.real_duration(left).as_secs_f64();
+            let slice = if real > 0.25 {
+                left.mul_f64(0.25 / real)
+            } else {
+                left
+            };
+            self.clock.sleep(slice);
         }
     }
 
@@ -398,6 +435,7 @@ impl<'a> Executor<'a> {
         let mut completion: Vec<usize> = Vec::new();
         let mut rollback_order: Vec<usize> = Vec::new();
         let mut longest: Option<Duration> = None;
+        let mut wave_rollback: Vec<usize> = Vec::new();
         let workers = plan.parallel.min(n).max(1);
         let clock = &self.clock;
         let timeout = plan.policy.timeout;
@@ -495,38 +533,92 @@ impl<'a> Executor<'a> {
                     stop = Some(StopReason::Halted);
                     break;
                 }
-                if let Some(prev) = previous {
-                    if !plan.policy.pause.is_zero() {
+                let gate_after = match previous {
+                    Some(prev) => Some((prev.index, true)),
+                    // A resumed run that stopped on a gate asks it again first.
+                    None if self.gate_first => plan
+                        .waves
+                        .first()
+                        .map(|w| (w.index.saturating_sub(1), false)),
+                    None => None,
+                };
+                if let Some((after_wave, wave_ran)) = gate_after {
+                    if wave_ran && !plan.policy.pause.is_zero() {
                         self.emit(RolloutEvent::Paused {
                             seconds: plan.policy.pause.as_secs_f64(),
                         });
                         clock.sleep(plan.policy.pause);
                     }
-                    if let Some(gate) = &self.gate {
+                    let soak = plan
+                        .policy
+                        .gate
+                        .as_ref()
+                        .map(|g| g.soak)
+                        .filter(|s| wave_ran && !s.is_zero());
+                    if let Some(soak) = soak {
+                        self.emit(RolloutEvent::Soaking {
+                            after_wave,
+                            seconds: soak.as_secs_f64(),
+                        });
+                        if !self.soak(soak, &halted) {
+                            stop = Some(StopReason::Halted);
+                            break;
+                        }
+                    }
+                    let soaked = soak.unwrap_or(Duration::ZERO);
+                    let mut failed: Option<String> = None;
+                    if let Some(g) = &plan.policy.gate {
+                        let verdict = g.evaluate(after_wave, soaked);
+                        if !verdict.passed {
+                            failed = Some(format!("{}: {}", g.query, verdict.detail));
+                        }
+                        self.emit(RolloutEvent::GateEvaluated(verdict));
+                    }
+                    if let (None, Some(gate)) = (&failed, &self.gate) {
                         let ctx = GateContext {
-                            finished_wave: prev.index,
+                            finished_wave: after_wave,
                             next_wave: wave.index,
                             failures: budget.failures(),
                             now: clock.now(),
                         };
                         let verdict = catch_unwind(AssertUnwindSafe(|| gate(&ctx)))
                             .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
-                        let reason = match verdict {
-                            Ok(true) => None,
-                            Ok(false) => Some("the gate returned false".to_string()),
-                            Err(e) => Some(format!("the gate failed: {e}")),
+                        let (passed, detail) = match verdict {
+                            Ok(true) => (true, "the gate returned true".to_string()),
+                            Ok(false) => (false, "the gate returned false".to_string()),
+                            Err(e) => (false, format!("the gate failed: {e}")),
                         };
-                        if let Some(reason) = reason {
-                            self.emit(RolloutEvent::GateStopped {
-                                after_wave: prev.index,
-                                reason: reason.clone(),
-                            });
-                            stop = Some(StopReason::GateStopped {
-                                after_wave: prev.index,
-                                reason,
-                            });
-                            break;
+                        self.emit(RolloutEvent::GateEvaluated(GateVerdict {
+                            after_wave,
+                            check: "closure".into(),
+                            query: None,
+                            bounds: None,
+                            value: None,
+                            passed,
+                            detail: detail.clone(),
+                            soaked_seconds: soaked.as_secs_f64(),
+                        }));
+                        if !passed {
+                            failed = Some(detail);
                         }
+                    }
+                    if let Some(reason) = failed {
+                        self.emit(RolloutEvent::GateStopped {
+                            after_wave,
+                            reason: reason.clone(),
+                        });
+                        stop = Some(StopReason::GateStopped { after_wave, reason });
+                        if let (Some(prev), GateFailAction::RollbackWave) =
+                            (previous, plan.policy.on_gate_fail)
+                        {
+                            wave_rollback = prev
+                                .hosts
+                                .iter()
+                                .copied()
+                                .filter(|h| reports[*h].state == HostStatus::Done)
+                                .collect();
+                        }
+                        break;
                     }
                 }
                 if let Some(w) = &self.window {
@@ -700,6 +792,30 @@ impl<'a> Executor<'a> {
             Ok(())
         });
         result?;
+
+        // The wave before a failed gate, newest first, before any `rollback: "all"`
+        // (which then finds those hosts no longer done).
+        let rc = RollbackContext {
+            cause: RollbackCause::GateFailed,
+            clock: self.clock.clone(),
+        };
+        let order: Vec<usize> = completion
+            .iter()
+            .rev()
+            .copied()
+            .filter(|h| wave_rollback.contains(h))
+            .collect();
+        for h in order {
+            let result = catch_unwind(AssertUnwindSafe(|| rollback(plan.host(h), &rc)))
+                .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
+            let r = &mut reports[h];
+            if result.is_ok() {
+                r.state = HostStatus::Reverted;
+            }
+            self.record_rollback(r, RollbackCause::GateFailed, result);
+            rollback_order.push(h);
+            completion.retain(|c| *c != h);
+        }
 
         let stop = stop.unwrap_or(StopReason::Completed);
         let undo_all = plan.policy.rollback == RollbackScope::All

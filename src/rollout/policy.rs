@@ -22,6 +22,9 @@
 //! | `timeout` | per-host deadline | none |
 //! | `rollback` | `"failed"` or `"all"` | `"failed"` |
 //! | `estimate` | per-host duration assumed before any host finished | `1m` |
+//! | `gate` | a closure, or a metric gate `#{ prometheus, query, max, min, soak, range, timeout }` ([`super::gate`]) | none |
+//! | `rehearse_rollback` | `true`, or `#{ paths, services }`: on each pilot host, patch, roll back, compare the state with before, patch again | off |
+//! | `on_gate_fail` | `"stop"` or `"rollback_wave"` (also roll back the wave before the gate) | `"stop"` |
 //!
 //! Durations are written `500ms`, `30s`, `2m`, `1h30m`, `1d`; a bare number is seconds.
 
@@ -30,6 +33,9 @@ use std::fmt;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use super::gate::MetricGate;
+use crate::primitives::snapshot::{Scope, DEFAULT_PATHS};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
@@ -189,6 +195,21 @@ pub struct Policy {
     pub timeout: Option<Duration>,
     pub rollback: RollbackScope,
     pub estimate: Duration,
+    /// A metric gate between waves; a closure gate is the script layer's.
+    pub gate: Option<MetricGate>,
+    pub on_gate_fail: GateFailAction,
+    /// What a rollback rehearsal on the pilot compares; `None`: no rehearsal.
+    pub rehearse_rollback: Option<Scope>,
+}
+
+/// What a failed gate does besides stopping the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateFailAction {
+    /// Stop: the wave before the gate stays patched, the rest pending.
+    #[default]
+    Stop,
+    /// Stop and roll back the hosts of the wave before the gate, newest first.
+    RollbackWave,
 }
 
 /// Per-host duration assumed for the window check before any host has finished.
@@ -211,6 +232,8 @@ pub const POLICY_KEYS: &[&str] = &[
     "rollback",
     "estimate",
     "gate",
+    "on_gate_fail",
+    "rehearse_rollback",
 ];
 
 impl Default for Policy {
@@ -228,6 +251,9 @@ impl Default for Policy {
             timeout: None,
             rollback: RollbackScope::Failed,
             estimate: DEFAULT_ESTIMATE,
+            gate: None,
+            on_gate_fail: GateFailAction::Stop,
+            rehearse_rollback: None,
         }
     }
 }
@@ -289,7 +315,26 @@ impl Policy {
                     }
                 }
                 "estimate" => p.estimate = parse_duration_value(k, val)?,
-                "gate" => {}
+                // A closure gate never reaches here as a map: the script layer
+                // keeps closures for itself.
+                "gate" => {
+                    if let Value::Object(m) = val {
+                        p.gate = Some(MetricGate::from_map(m)?);
+                    }
+                }
+                "rehearse_rollback" => p.rehearse_rollback = parse_rehearsal(val)?,
+                "on_gate_fail" => {
+                    p.on_gate_fail = match word(k, val)?.as_str() {
+                        "stop" => GateFailAction::Stop,
+                        "rollback_wave" => GateFailAction::RollbackWave,
+                        w => {
+                            return Err(invalid(
+                                k,
+                                format!("`{w}` is not \"stop\" or \"rollback_wave\""),
+                            ))
+                        }
+                    }
+                }
                 _ => {
                     return Err(PolicyError::UnknownKey {
                         key: key.clone(),
@@ -412,6 +457,67 @@ fn parse_waves(v: &Value) -> Result<Vec<Amount>, PolicyError> {
             }
         })
         .collect()
+}
+
+fn parse_rehearsal(v: &Value) -> Result<Option<Scope>, PolicyError> {
+    let key = "rehearse_rollback";
+    let list = |k: &str, v: Option<&Value>| -> Result<Option<Vec<String>>, PolicyError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .filter(|s| !s.trim().is_empty())
+                        .map(str::to_string)
+                        .ok_or_else(|| invalid(k, format!("expected strings, got {x}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(other) => Err(invalid(
+                k,
+                format!("expected a list, got {}", kind_of(other)),
+            )),
+        }
+    };
+    match v {
+        Value::Bool(false) | Value::Null => Ok(None),
+        Value::Bool(true) => Ok(Some(Scope {
+            paths: DEFAULT_PATHS.iter().map(|s| s.to_string()).collect(),
+            services: Vec::new(),
+        })),
+        Value::Object(m) => {
+            if let Some(k) = m
+                .keys()
+                .find(|k| !["paths", "services"].contains(&k.as_str()))
+            {
+                return Err(PolicyError::UnknownKey {
+                    key: format!("{key}.{k}"),
+                    known: "paths, services".into(),
+                });
+            }
+            let paths = list("rehearse_rollback.paths", m.get("paths"))?
+                .unwrap_or_else(|| DEFAULT_PATHS.iter().map(|s| s.to_string()).collect());
+            if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
+                return Err(invalid(
+                    "rehearse_rollback.paths",
+                    format!("`{p}` is not an absolute path"),
+                ));
+            }
+            Ok(Some(Scope {
+                paths,
+                services: list("rehearse_rollback.services", m.get("services"))?
+                    .unwrap_or_default(),
+            }))
+        }
+        other => Err(invalid(
+            key,
+            format!(
+                "expected true, false or #{{ paths, services }}, got {}",
+                kind_of(other)
+            ),
+        )),
+    }
 }
 
 fn parse_max_unavailable(v: &Value) -> Result<MaxUnavailable, PolicyError> {

@@ -61,6 +61,8 @@ pub struct RunControl {
     given: BTreeMap<String, String>,
     params_recorded: AtomicBool,
     courier: Courier,
+    /// When the controller last sampled its own usage.
+    usage_pace: super::usage::Pace,
 }
 
 impl RunControl {
@@ -100,6 +102,7 @@ impl RunControl {
             given: Default::default(),
             params_recorded: AtomicBool::new(false),
             courier,
+            usage_pace: super::usage::Pace::default(),
         }
     }
 
@@ -325,6 +328,17 @@ impl RunControl {
             }
         }
         (self.sink)(at, event);
+        let edge = matches!(
+            event,
+            RolloutEvent::RunStarted { .. }
+                | RolloutEvent::WaveStarted { .. }
+                | RolloutEvent::RunDone { .. }
+        );
+        if !self.planning() && self.usage_pace.due(edge) {
+            if let Some(u) = super::usage::read(at) {
+                self.record(None, Entry::ControllerUsage(u));
+            }
+        }
         let run = self.session.run.run_id.clone();
         match event {
             RolloutEvent::RunStarted { .. } => self.notify(

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod courier;
 pub mod session;
+pub mod usage;
 
 pub use control::{EventSink, HostPlan, RunControl};
 pub use courier::Courier;

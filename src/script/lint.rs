@@ -84,6 +84,7 @@ pub const OPTION_MAPS: &[OptionMap] = &[
     opts("pending_updates", 2, 1, PENDING_UPDATES_OPTION_KEYS),
     opts("upgrade", 3, 2, UPGRADE_OPTION_KEYS),
     opts("vulnerable", 3, 2, super::advisory::VULNERABLE_OPTION_KEYS),
+    opts("monitor", 3, 1, super::monitor::MONITOR_OPTION_KEYS),
     OptionMap {
         what: "policy key",
         ..opts("rollout", 3, 1, POLICY_KEYS)

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod files;
 pub mod lint;
 pub mod memory;
+pub mod monitor;
 pub mod patch;
 pub mod playbook;
 pub mod register;

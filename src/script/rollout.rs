@@ -146,6 +146,7 @@ pub fn register_rollout(
     control_: Option<Arc<RunControl>>,
     sources: Option<Arc<CompiledPlaybook>>,
 ) {
+    super::monitor::register_monitor(engine, control_.clone());
     let c = control_.clone();
     let window_fn = move |ctx: NativeCallContext, spec: &str, opts: Map| -> RhaiResult<()> {
         let c = control(&ctx, &c, "window")?;
@@ -297,6 +298,89 @@ pub fn register_rollout(
         );
 }
 
+/// How long reading a host's state for a rehearsal may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The rollback rehearsal on a pilot host: its state, the work, the rollback,
+/// its state again (which must equal the first), then the work once more. A
+/// rehearsal that does not restore the state fails the host, so the pilot stops
+/// the run before the first wave.
+fn rehearse(
+    c: &Arc<RunControl>,
+    host: &Host,
+    scope: &crate::primitives::snapshot::Scope,
+    work: impl Fn() -> RhaiResult<Dynamic>,
+) -> RhaiResult<Dynamic> {
+    let session = &c.session;
+    let stop = |m: String| -> RhaiResult<Dynamic> {
+        Err(Box::new(EvalAltResult::ErrorRuntime(
+            m.into(),
+            rhai::Position::NONE,
+        )))
+    };
+    let before = match session.with_host(host, |hc| scope.read(hc, SNAPSHOT_TIMEOUT)) {
+        Ok(s) => s,
+        Err(e) => {
+            return stop(format!(
+                "rollback rehearsal: cannot read the state before: {e}"
+            ))
+        }
+    };
+    let _ = work()?;
+    let (undone, error) = match session.with_host(host, crate::primitives::undo::rollback) {
+        Ok(rep) if rep.manual.is_empty() => (rep.undone, None),
+        Ok(rep) => (rep.undone.clone(), Some(rep.partial())),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let differences = match session.with_host(host, |hc| scope.read(hc, SNAPSHOT_TIMEOUT)) {
+        Ok(after) => after.differences(&before),
+        Err(e) => vec![format!("cannot read the state after the rollback: {e}")],
+    };
+    let ok = error.is_none() && differences.is_empty();
+    c.record(
+        Some(&host.name),
+        Entry::Rehearsal(crate::journal::entry::RehearsalRecord {
+            ok,
+            compared: before.size(),
+            undone,
+            differences: differences.clone(),
+            error: error.clone(),
+        }),
+    );
+    let case = crate::report::TestCase::run(
+        format!("rollback rehearsal on {}", host.name),
+        crate::report::TestKind::Functional,
+        None,
+        || match (&error, differences.is_empty()) {
+            (Some(e), _) => Err(format!("the rollback failed: {e}")),
+            (None, false) => Err(format!(
+                "the rollback did not restore the state: {}",
+                differences.join("; ")
+            )),
+            (None, true) => Ok(None),
+        },
+    );
+    if let Some(j) = &session.run.journal {
+        let _ = case.record(j, Some(&host.name));
+    }
+    if !ok {
+        let why = error.unwrap_or_else(|| {
+            let shown: Vec<&str> = differences.iter().take(5).map(String::as_str).collect();
+            let more = differences.len().saturating_sub(5);
+            let more = if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            };
+            format!("{}{more}", shown.join("; "))
+        });
+        return stop(format!(
+            "rollback rehearsal: the rollback did not restore the state before the patch: {why}; no wave starts until the undo is fixed"
+        ));
+    }
+    work()
+}
+
 /// A host's failure as one line: the innermost message and, when the playbook is
 /// known, where it happened.
 fn host_failure(e: &EvalAltResult, sources: Option<&CompiledPlaybook>) -> String {
@@ -396,12 +480,17 @@ fn rollout(
     }
     let gate = match policy.remove("gate") {
         None => None,
+        // A metric gate is policy: the rollout layer parses and asks it.
+        Some(g) if g.is_map() => {
+            policy.insert("gate".into(), g);
+            None
+        }
         Some(g) => match g.try_cast::<FnPtr>() {
             Some(f) => Some(HostClosure::from_context(ctx, f)),
             None => {
                 return fail(
                     ctx,
-                    "rollout: `gate` must be a closure, e.g. `gate: || http_check(url) == 200`",
+                    "rollout: `gate` must be a closure, e.g. `gate: || http_check(url) == 200`, or a metric gate #{ prometheus: URL, query: PROMQL, max: N }",
                 )
             }
         },
@@ -473,7 +562,11 @@ fn rollout(
         c.clock.clone()
     };
 
+    // A resumed rollout may have stopped on its gate: it goes on only once the
+    // gate passes again.
+    let resumed = c.has_finished_hosts();
     let mut ex = Executor::new(&plan)
+        .gate_before_first_wave(resumed)
         .unreachable_before(unreachable_before)
         .clock(clock)
         .halt_on(c.stop.clone())
@@ -498,6 +591,18 @@ fn rollout(
         .observer(move |at: DateTime<Utc>, e: &RolloutEvent| cc.on_event(at, e, &names_for_events));
 
     let journal = session.run.journal.clone();
+    let rehearsal = plan.policy.rehearse_rollback.clone();
+    let pilot_wave = plan
+        .waves
+        .iter()
+        .find(|w| matches!(w.kind, crate::rollout::WaveKind::Pilot))
+        .map(|w| w.index);
+    if rehearsal.is_some() && pilot_wave.is_none() && !resumed {
+        return fail(
+            ctx,
+            "rollout: `rehearse_rollback` rehearses on the pilot; give the policy a `pilot`",
+        );
+    }
     let work = |host: &Host, hc: &HostContext| -> HostOutcome {
         if c.is_finished(&host.name) {
             return HostOutcome::Done;
@@ -516,21 +621,27 @@ fn rollout(
         // The host's timeout ends the script too, not only its commands: a
         // closure busy in a loop after its last command would otherwise hold
         // the host's slot until limits.deadline_secs.
-        let host_left = hc.remaining().map(|left| hc.clock.real_duration(left));
-        let r = match host_left {
-            Some(left) if left < budget => closure.call_until(
-                engine,
-                ScriptHost::new(host.clone()),
-                left,
-                "the rollout's per-host timeout",
-                cancel.clone(),
-            ),
-            _ => closure.call(
-                engine,
-                ScriptHost::new(host.clone()),
-                budget,
-                cancel.clone(),
-            ),
+        let call = || {
+            let host_left = hc.remaining().map(|left| hc.clock.real_duration(left));
+            match host_left {
+                Some(left) if left < budget => closure.call_until(
+                    engine,
+                    ScriptHost::new(host.clone()),
+                    left,
+                    "the rollout's per-host timeout",
+                    cancel.clone(),
+                ),
+                _ => closure.call(
+                    engine,
+                    ScriptHost::new(host.clone()),
+                    budget,
+                    cancel.clone(),
+                ),
+            }
+        };
+        let r = match (&rehearsal, pilot_wave) {
+            (Some(scope), Some(p)) if hc.wave == p => rehearse(c, host, scope, call),
+            _ => call(),
         };
         session.set_deadline(&host.name, None);
         // A controller-side stop (disk full, a backup cap) noted by a primitive
