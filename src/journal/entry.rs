@@ -146,10 +146,6 @@ entries! {
     RunParams(RunParams) = "run.params",
     /// A message the playbook logged with `log()`, on the record's host if any.
     Log(LogRecord) = "log",
-    /// An advisory feed this run read: where from and its SHA-256.
-    AdvisoryFeed(AdvisoryFeed) = "advisory.feed",
-    /// A CVE closed on the record's host, checked against the installed version.
-    Evidence(EvidenceRecord) = "advisory.evidence",
     /// One sample `monitor()` took of the record's host, before or after its change.
     MonitorSample(MonitorSample) = "monitor.sample",
     /// `monitor()`'s judgement of the record's host: after the change against its
@@ -160,6 +156,10 @@ entries! {
     Rehearsal(RehearsalRecord) = "rollout.rehearsal",
     /// What the controller process itself used at one moment of a rollout.
     ControllerUsage(ControllerUsage) = "controller.usage",
+    /// An advisory feed this run read: where from and its SHA-256.
+    AdvisoryFeed(AdvisoryFeed) = "advisory.feed",
+    /// A CVE closed on the record's host, checked against the installed version.
+    Evidence(EvidenceRecord) = "advisory.evidence",
 }
 
 /// `data` of `advisory.feed`: a feed read by the run, so every verdict and every
