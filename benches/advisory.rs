@@ -70,10 +70,12 @@ fn main() {
             if c > 0 {
                 json.push(',');
             }
-            let release = match rng.below(20) {
-                0..=2 => r#"{"status":"open","urgency":"medium"}"#.to_string(),
-                3..=4 => r#"{"status":"resolved","fixed_version":"0","urgency":"low"}"#.to_string(),
-                5 => r#"{"status":"undetermined"}"#.to_string(),
+            let release = match rng.below(100) {
+                0 => r#"{"status":"open","urgency":"medium"}"#.to_string(),
+                1..=10 => {
+                    r#"{"status":"resolved","fixed_version":"0","urgency":"low"}"#.to_string()
+                }
+                11 => r#"{"status":"undetermined"}"#.to_string(),
                 _ => format!(
                     r#"{{"status":"resolved","fixed_version":"{}","urgency":"high"}}"#,
                     version(rng.below(LADDER))
@@ -115,7 +117,12 @@ fn main() {
             let packages = (0..PACKAGES_PER_HOST)
                 .map(|k| {
                     let s = (start + k * 7) % SOURCES;
-                    let v = versions[rng.below(LADDER)].clone();
+                    // Most packages are at the latest update; one in forty lags.
+                    let v = if rng.below(40) == 0 {
+                        versions[rng.below(LADDER)].clone()
+                    } else {
+                        versions[LADDER - 1].clone()
+                    };
                     InstalledPackage {
                         binary: if s.is_multiple_of(3) {
                             lib_names[s].clone()

@@ -169,6 +169,16 @@ pub fn covered(host: &HostPackages, feeds: &[Feed]) -> bool {
 /// packages the host lacks are not listed: their verdict is not-affected (see
 /// [`verdict_of`]).
 pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding> {
+    assess_with(host, feeds, true)
+}
+
+/// [`assess`] keeping only vulnerable verdicts: what a fleet-wide plan needs,
+/// without a record for every fixed or unaffected pair.
+pub fn assess_open(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding> {
+    assess_with(host, feeds, false)
+}
+
+fn assess_with(host: &HostPackages, feeds: &[Feed], all: bool) -> BTreeMap<Arc<str>, Finding> {
     let mut out: BTreeMap<Arc<str>, Finding> = BTreeMap::new();
     let Some(release) = host.release.as_ref().filter(|_| covered(host, feeds)) else {
         return out;
@@ -177,6 +187,9 @@ pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding
         for feed in feeds.iter().filter(|f| f.covers(release)) {
             for s in feed.about(release, source) {
                 let (verdict, fixed) = judge(s, installed);
+                if !all && !verdict.vulnerable() {
+                    continue;
+                }
                 let finding = out.entry(s.cve.clone()).or_insert_with(|| Finding {
                     host: host.host.clone(),
                     cve: s.cve.clone(),
@@ -266,7 +279,7 @@ fn plan_part(hosts: &[HostPackages], feeds: &[Feed]) -> (Vec<HostSummary>, Vec<F
     let mut summaries = Vec::with_capacity(hosts.len());
     let mut findings = Vec::new();
     for h in hosts {
-        let found = assess(h, feeds);
+        let found = assess_open(h, feeds);
         let open: Vec<Finding> = found
             .into_values()
             .filter(|f| f.verdict.vulnerable())
