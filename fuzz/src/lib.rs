@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use patchbook::inventory::{ansible, graph, select, Inventory};
+use patchbook::inventory::{ansible, graph, select, Host, Inventory};
 
 /// Loads happened: every view of the inventory must work and agree with itself.
 pub fn check_inventory(inv: &Inventory) {
@@ -58,12 +58,18 @@ pub fn check_inventory(inv: &Inventory) {
 pub fn check_selector(inv: &Inventory, pattern: &str) {
     match inv.select(pattern) {
         Ok(chosen) => {
+            // Places by address, built once: a scan per selected host made this
+            // check quadratic, and large inputs read as hangs.
+            let places: std::collections::HashMap<*const Host, usize> = inv
+                .hosts()
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (h as *const Host, i))
+                .collect();
             let mut last = None;
             for h in &chosen {
-                let at = inv
-                    .hosts()
-                    .iter()
-                    .position(|x| std::ptr::eq(x, *h))
+                let at = *places
+                    .get(&(*h as *const Host))
                     .expect("a selected host belongs to the inventory");
                 assert!(
                     last.is_none_or(|l| l < at),
