@@ -736,3 +736,33 @@ fn loading_and_selecting_grow_linearly_with_the_fleet() {
         "8x the hosts cost {ratio:.1}x the CPU ({small:?} -> {large:?}): something is quadratic"
     );
 }
+
+/// `depends_on` on a group multiplies: on every host of a 5,000-host fleet it is
+/// 25 million edges, refused with a count before any is built (at 100,000 hosts it
+/// was ten billion, and loading ran out of memory).
+#[test]
+fn group_dependencies_that_multiply_past_the_bound_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hosts.ini");
+    std::fs::write(&path, "[fleet]\nh[1:5000]\n[all:vars]\ndepends_on=all\n").unwrap();
+    let err = Inventory::load(std::slice::from_ref(&path)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            InventoryError::TooManyDependencies {
+                edges: 25_000_000,
+                of_host: 5_000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("depend on a smaller group"),
+        "{err}"
+    );
+    // The same shape within the bound loads, and its cycle is still named.
+    std::fs::write(&path, "[fleet]\nh[1:50]\n[all:vars]\ndepends_on=fleet\n").unwrap();
+    let err = Inventory::load(&[path]).unwrap_err();
+    assert!(matches!(err, InventoryError::Cycle { .. }), "{err:?}");
+}

@@ -21,6 +21,11 @@ use serde_json::Value;
 
 pub use jump::JumpHost;
 
+/// The most host-to-host dependencies (`depends_on` with groups expanded) an
+/// inventory may have: a web tier of 50,000 hosts depending on 100 database hosts
+/// is 5,000,000.
+pub const MAX_DEPENDENCY_EDGES: u64 = 10_000_000;
+
 /// How much it hurts when a host goes down; `order: "criticality"` patches low first.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -193,6 +198,12 @@ pub enum InventoryError {
     },
     #[error("host `{host}` depends on `{target}`, which is neither a host nor a group; add it to the inventory or correct depends_on")]
     UnknownDependency { host: String, target: String },
+    #[error("depends_on expands to {edges} host-to-host dependencies (host `{host}` alone has {of_host}); at most {MAX_DEPENDENCY_EDGES} are checked: depend on a smaller group or on named hosts")]
+    TooManyDependencies {
+        edges: u64,
+        host: String,
+        of_host: u64,
+    },
 }
 
 /// Something in an inventory patchbook read but does not act on (an unknown
@@ -374,6 +385,32 @@ impl Inventory {
                     });
                 }
             }
+        }
+        // Group targets multiply: `depends_on = "all"` on 100,000 hosts is ten
+        // billion edges. Count before building any of them.
+        let mut edges = 0u64;
+        let mut widest = (0u64, "");
+        for h in &self.hosts {
+            let of_host: u64 = h
+                .depends_on
+                .iter()
+                .map(|t| match (self.host(t), t.as_str()) {
+                    (Some(_), _) => 1,
+                    (None, "all") => self.hosts.len() as u64,
+                    (None, _) => self.members.get(t).map_or(0, |m| m.len() as u64),
+                })
+                .sum();
+            edges = edges.saturating_add(of_host);
+            if of_host > widest.0 {
+                widest = (of_host, &h.name);
+            }
+        }
+        if edges > MAX_DEPENDENCY_EDGES {
+            return Err(InventoryError::TooManyDependencies {
+                edges,
+                host: widest.1.to_string(),
+                of_host: widest.0,
+            });
         }
         // Depth-first search with colours; the stack gives the cycle's path.
         let index: BTreeMap<&str, usize> = self
