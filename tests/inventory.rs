@@ -766,3 +766,19 @@ fn group_dependencies_that_multiply_past_the_bound_are_refused() {
     let err = Inventory::load(&[path]).unwrap_err();
     assert!(matches!(err, InventoryError::Cycle { .. }), "{err:?}");
 }
+
+/// Found by the `inventory_ini` fuzz target: a host named `all` made the `all`
+/// selector pick that one host instead of every host.
+#[test]
+fn all_selects_every_host_even_beside_a_host_named_all() {
+    let ini = "loelnely1\nlonely2 role=spare\n\n[web]\nweb01\nall\n[ungrouped]\nlonely3\n";
+    let inv = ansible::parse_ini(Path::new("fuzz.ini"), ini).unwrap();
+    let all: Vec<&str> = inv
+        .select("all")
+        .unwrap()
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(all.len(), inv.hosts().len(), "{all:?}");
+    assert_eq!(all.len(), 5, "{all:?}");
+}

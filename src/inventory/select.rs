@@ -133,6 +133,11 @@ fn match_one<'a>(
     part: &str,
     whole: &str,
 ) -> Result<Vec<&'a str>, InventoryError> {
+    // `all` is every host, even in an inventory that also has a host of that name
+    // (found by fuzzing: `select("all")` picked that one host).
+    if part == "all" {
+        return Ok(group_hosts(inv, "all"));
+    }
     if let Some(h) = inv.host(part) {
         return Ok(vec![h.name.as_str()]);
     }
