@@ -294,6 +294,45 @@ fn under(loc: &Location, prefix: &Location) -> bool {
 }
 
 /// Parses the allowlist; a malformed entry is a config error, not a silent skip.
+/// Where `url` points, checked against `trusted_sources` and recorded either way,
+/// with the trusted locations (for what the artifact brings along, its signature).
+fn trusted_source(
+    url: &str,
+    settings: &ArtifactSettings,
+    checks: &mut Vec<ArtifactCheck>,
+) -> Result<(Location, Vec<Location>), ArtifactError> {
+    let loc =
+        parse_location(url, &settings.base_dir).map_err(|reason| ArtifactError::InvalidSpec {
+            url: url.to_string(),
+            reason,
+        })?;
+    let trusted = trusted_locations(settings)?;
+    if !trusted.iter().any(|t| under(&loc, t)) {
+        record(
+            checks,
+            url,
+            "source",
+            false,
+            format!("{loc} is not trusted"),
+        );
+        return Err(ArtifactError::Untrusted {
+            url: url.to_string(),
+            trusted: trusted_list(settings),
+        });
+    }
+    record(checks, url, "source", true, format!("{loc} is trusted"));
+    Ok((loc, trusted))
+}
+
+/// `trusted_sources` as an error message shows them.
+fn trusted_list(settings: &ArtifactSettings) -> String {
+    if settings.trusted_sources.is_empty() {
+        "the list is empty".to_string()
+    } else {
+        settings.trusted_sources.join(", ")
+    }
+}
+
 fn trusted_locations(settings: &ArtifactSettings) -> Result<Vec<Location>, ArtifactError> {
     settings
         .trusted_sources
@@ -601,29 +640,7 @@ pub fn fetch_recorded(
     };
     let sha = normalise_sha(&spec.sha256)
         .ok_or_else(|| invalid("sha256 must be 64 hexadecimal digits".to_string()))?;
-    let loc = parse_location(url, &settings.base_dir).map_err(invalid)?;
-    let trusted = trusted_locations(settings)?;
-    let trusted_list = || {
-        if settings.trusted_sources.is_empty() {
-            "the list is empty".to_string()
-        } else {
-            settings.trusted_sources.join(", ")
-        }
-    };
-    if !trusted.iter().any(|t| under(&loc, t)) {
-        record(
-            checks,
-            url,
-            "source",
-            false,
-            format!("{loc} is not trusted"),
-        );
-        return Err(ArtifactError::Untrusted {
-            url: url.to_string(),
-            trusted: trusted_list(),
-        });
-    }
-    record(checks, url, "source", true, format!("{loc} is trusted"));
+    let (loc, trusted) = trusted_source(url, settings, checks)?;
 
     let keys = parse_keys(&settings.public_keys)?;
     let signature = match &spec.signature {
@@ -644,7 +661,7 @@ pub fn fetch_recorded(
             );
             return Err(ArtifactError::Untrusted {
                 url: sig_loc.to_string(),
-                trusted: trusted_list(),
+                trusted: trusted_list(settings),
             });
         }
     }
@@ -857,30 +874,7 @@ pub fn fetch_unpinned(
     settings: &ArtifactSettings,
     checks: &mut Vec<ArtifactCheck>,
 ) -> Result<Artifact, ArtifactError> {
-    let invalid = |reason: String| ArtifactError::InvalidSpec {
-        url: url.to_string(),
-        reason,
-    };
-    let loc = parse_location(url, &settings.base_dir).map_err(invalid)?;
-    let trusted = trusted_locations(settings)?;
-    if !trusted.iter().any(|t| under(&loc, t)) {
-        record(
-            checks,
-            url,
-            "source",
-            false,
-            format!("{loc} is not trusted"),
-        );
-        return Err(ArtifactError::Untrusted {
-            url: url.to_string(),
-            trusted: if settings.trusted_sources.is_empty() {
-                "the list is empty".to_string()
-            } else {
-                settings.trusted_sources.join(", ")
-            },
-        });
-    }
-    record(checks, url, "source", true, format!("{loc} is trusted"));
+    let (loc, _) = trusted_source(url, settings, checks)?;
     let cache_dir = &settings.cache_dir;
     let cache_err = |path: &Path| {
         let path = path.to_path_buf();
