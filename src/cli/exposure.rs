@@ -71,15 +71,7 @@ pub fn exposure(
     let exposure = plan(&scanned, &loaded);
     keep_latest(&rt.state_dir, &exposure);
     let text = render_exposure(&exposure, format);
-    match out {
-        Some(path) => {
-            crate::report::write_file(path, &text)?;
-            if !cli.global.quiet {
-                println!("{}", path.display());
-            }
-        }
-        None => print!("{text}"),
-    }
+    super::deliver(cli, &text, out)?;
     for f in &failed {
         eprintln!("not scanned: {f}");
     }

@@ -571,6 +571,20 @@ fn lab(verb: &LabVerb) -> Result<ExitCode, CliError> {
     }
 }
 
+/// A rendered report to `--out` (its path printed unless quiet) or to stdout.
+fn deliver(cli: &Cli, text: &str, out: Option<&Path>) -> Result<(), CliError> {
+    match out {
+        Some(path) => {
+            crate::report::write_file(path, text)?;
+            if !cli.global.quiet {
+                println!("{}", path.display());
+            }
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
 /// `patchbook report`: rendered from the journal on disk, to stdout or a file.
 fn report(
     cli: &Cli,
@@ -586,15 +600,7 @@ fn report(
     } else {
         crate::report::render(&rt.state_dir, run, format)?
     };
-    match out {
-        Some(path) => {
-            crate::report::write_file(path, &text)?;
-            if !cli.global.quiet {
-                println!("{}", path.display());
-            }
-        }
-        None => print!("{text}"),
-    }
+    deliver(cli, &text, out)?;
     Ok(ExitCode::SUCCESS)
 }
 
