@@ -782,3 +782,33 @@ fn all_selects_every_host_even_beside_a_host_named_all() {
     assert_eq!(all.len(), inv.hosts().len(), "{all:?}");
     assert_eq!(all.len(), 5, "{all:?}");
 }
+
+/// Found by the `inventory_toml` fuzz target: a group named "" was accepted, and a
+/// selector built from its name chose every host.
+#[test]
+fn empty_names_in_a_toml_inventory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, what) in [
+        (
+            "[hosts.web01]\ngroups = [\"web\", \"\"]\n",
+            "a group of host `web01`",
+        ),
+        ("[hosts.\"\"]\naddress = \"10.0.0.1\"\n", "a host"),
+        ("[groups.\"\"]\nhosts = [\"web01\"]\n", "a group"),
+        (
+            "[groups.web]\nhosts = [\" \"]\n",
+            "a child or host of group `web`",
+        ),
+    ] {
+        let path = dir.path().join("hosts.toml");
+        std::fs::write(&path, text).unwrap();
+        let err = Inventory::load(std::slice::from_ref(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(what) && err.contains("empty name"),
+            "{text}: {err}"
+        );
+        assert!(err.contains("hosts.toml"), "{err}");
+    }
+}

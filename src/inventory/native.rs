@@ -177,6 +177,29 @@ pub(crate) fn load_into(
         path: path.to_path_buf(),
         message,
     };
+    // An empty name selects nothing by name and reads as "every host" where a
+    // selector is built from it (found by fuzzing): refused, naming where it is.
+    let blank = |what: &str| invalid(format!("{what} has an empty name; give it one"));
+    for (name, g) in &file.groups.0 {
+        if name.trim().is_empty() {
+            return Err(blank("a group"));
+        }
+        if g.children
+            .iter()
+            .chain(&g.hosts)
+            .any(|n| n.trim().is_empty())
+        {
+            return Err(blank(&format!("a child or host of group `{name}`")));
+        }
+    }
+    for (name, h) in &file.hosts.0 {
+        if name.trim().is_empty() {
+            return Err(blank("a host"));
+        }
+        if h.groups.iter().any(|g| g.trim().is_empty()) {
+            return Err(blank(&format!("a group of host `{name}`")));
+        }
+    }
     // Groups first, so `children` exist before hosts join them; host order is
     // what the hosts table says.
     for (name, g) in &file.groups.0 {
