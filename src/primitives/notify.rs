@@ -1133,11 +1133,29 @@ mod tests {
     }
 
     #[test]
+    fn a_soak_regression_escalates_to_the_owners() {
+        let n = SoakRegression {
+            run: "r9".into(),
+            host: "db01".into(),
+            regressions: vec!["error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)".into()],
+            after: Duration::from_secs(3 * 3600),
+        }
+        .notice();
+        assert_eq!(n.event, Some(Event::SoakRegression));
+        assert!(Event::SoakRegression.is_escalation());
+        assert_eq!(
+            n.headline(),
+            "patchbook soak: db01 regressed 3h00m after run r9: error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)"
+        );
+        assert!(n.text.contains("patchbook rollback r9 --hosts db01"), "{}", n.text);
+    }
+
+    #[test]
     fn defaults_send_every_event() {
         let c = NotifyConfig::default();
-        assert_eq!(c.events.len(), 4);
+        assert_eq!(c.events.len(), 5);
         assert_eq!(c.retries, 3);
-        assert_eq!(cfg("[notify]\n").events.len(), 4);
+        assert_eq!(cfg("[notify]\n").events.len(), 5);
     }
 
     #[test]

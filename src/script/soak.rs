@@ -119,7 +119,7 @@ mod tests {
             .contains("longer than `period`"));
         assert!(err(json!({"period": "1m", "window": "2m", "thresholds": {"mem": "+5"}}))
             .contains("unknown option `window`"));
-        assert!(err(json!({"period": "1m", "thresholds": {"error_rate": "2x"}}))
+        assert!(err(json!({"period": "1m", "every": "10s", "thresholds": {"error_rate": "2x"}}))
             .contains("error_rate needs `logs`"));
     }
 }
