@@ -1137,7 +1137,9 @@ mod tests {
         let n = SoakRegression {
             run: "r9".into(),
             host: "db01".into(),
-            regressions: vec!["error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)".into()],
+            regressions: vec![
+                "error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)".into(),
+            ],
             after: Duration::from_secs(3 * 3600),
         }
         .notice();
@@ -1147,7 +1149,11 @@ mod tests {
             n.headline(),
             "patchbook soak: db01 regressed 3h00m after run r9: error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)"
         );
-        assert!(n.text.contains("patchbook rollback r9 --hosts db01"), "{}", n.text);
+        assert!(
+            n.text.contains("patchbook rollback r9 --hosts db01"),
+            "{}",
+            n.text
+        );
     }
 
     #[test]

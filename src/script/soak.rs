@@ -57,7 +57,9 @@ pub fn parse(opts: &Map) -> Result<SoakSpec, String> {
     no_unknown_keys(opts, SOAK_OPTION_KEYS).map_err(|e| format!("soak: {e}"))?;
     let period = opt_duration(opts, "period")
         .map_err(|e| format!("soak: {e}"))?
-        .ok_or("soak: `period` is required: how long to watch the hosts after the run, e.g. \"72h\"")?;
+        .ok_or(
+            "soak: `period` is required: how long to watch the hosts after the run, e.g. \"72h\"",
+        )?;
     let every = opt_duration(opts, "every")
         .map_err(|e| format!("soak: {e}"))?
         .unwrap_or(DEFAULT_EVERY);
@@ -115,11 +117,17 @@ mod tests {
 
         let err = |v: Value| from_record(&v).unwrap_err();
         assert!(err(json!({"thresholds": {"mem": "+5"}})).contains("`period` is required"));
-        assert!(err(json!({"period": "1m", "every": "2m", "thresholds": {"mem": "+5"}}))
-            .contains("longer than `period`"));
-        assert!(err(json!({"period": "1m", "window": "2m", "thresholds": {"mem": "+5"}}))
-            .contains("unknown option `window`"));
-        assert!(err(json!({"period": "1m", "every": "10s", "thresholds": {"error_rate": "2x"}}))
-            .contains("error_rate needs `logs`"));
+        assert!(
+            err(json!({"period": "1m", "every": "2m", "thresholds": {"mem": "+5"}}))
+                .contains("longer than `period`")
+        );
+        assert!(
+            err(json!({"period": "1m", "window": "2m", "thresholds": {"mem": "+5"}}))
+                .contains("unknown option `window`")
+        );
+        assert!(
+            err(json!({"period": "1m", "every": "10s", "thresholds": {"error_rate": "2x"}}))
+                .contains("error_rate needs `logs`")
+        );
     }
 }

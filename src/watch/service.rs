@@ -402,8 +402,13 @@ impl Service {
         let result = self.launcher.launch(&req, &progress, self.stop.clone());
         if let (Ok(res), Some(rt)) = (&result, self.launcher.runtime()) {
             let me = self.clone();
-            self.soaks
-                .start_after_run(&rt, &req, &res.run_id, &self.clock, Arc::new(move || me.changed()));
+            self.soaks.start_after_run(
+                &rt,
+                &req,
+                &res.run_id,
+                &self.clock,
+                Arc::new(move || me.changed()),
+            );
         }
         let mut st = self.state();
         if let Some(mut r) = st.in_flight.remove(&req.name) {

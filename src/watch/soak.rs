@@ -344,7 +344,9 @@ impl SoakBoard {
                     tracing::error!(soak = %job.journal_id, "cannot close the soak journal: {e}");
                 }
             }
-            Err(_) => tracing::error!(soak = %job.journal_id, "the soak journal is still in use; left open"),
+            Err(_) => {
+                tracing::error!(soak = %job.journal_id, "the soak journal is still in use; left open")
+            }
         }
         (job.changed)();
     }
