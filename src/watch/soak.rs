@@ -35,6 +35,9 @@ use crate::script::soak::{from_record, SoakSpec};
 
 /// How often a waiting soak looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How many hosts whose soak is over the status page remembers; hosts still under
+/// soak are always listed.
+const ENDED_ROWS: usize = 500;
 
 /// One host under soak, as the status page lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -156,7 +159,18 @@ impl SoakBoard {
             };
             let until = job.clock.now()
                 + chrono::Duration::from_std(job.spec.period).unwrap_or(chrono::Duration::MAX);
-            lock(&self.rows).extend(job.planned.hosts.iter().map(|h| SoakRow {
+            let mut rows = lock(&self.rows);
+            let ended = rows.iter().filter(|r| r.verdict != "soaking").count();
+            let mut drop_ended = ended.saturating_sub(ENDED_ROWS);
+            // Oldest first: rows are kept in the order their soaks started.
+            rows.retain(|r| {
+                if drop_ended > 0 && r.verdict != "soaking" {
+                    drop_ended -= 1;
+                    return false;
+                }
+                true
+            });
+            rows.extend(job.planned.hosts.iter().map(|h| SoakRow {
                 host: h.clone(),
                 run: run_id.to_string(),
                 journal: job.journal_id.clone(),
@@ -165,6 +179,7 @@ impl SoakBoard {
                 verdict: "soaking".into(),
                 regressions: Vec::new(),
             }));
+            drop(rows);
             let me = self.clone();
             match std::thread::Builder::new()
                 .name(format!("soak-{run_id}"))
