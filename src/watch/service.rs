@@ -400,7 +400,9 @@ impl Service {
             self.changed();
         };
         let result = self.launcher.launch(&req, &progress, self.stop.clone());
-        if let (Ok(res), Some(rt)) = (&result, self.launcher.runtime()) {
+        // A run that ends while the service stops is not soaked: the soak would
+        // end `stopped` at once.
+        if let (Ok(res), Some(rt), false) = (&result, self.launcher.runtime(), self.stopping()) {
             let me = self.clone();
             self.soaks.start_after_run(
                 &rt,
@@ -506,14 +508,16 @@ impl Service {
         self.changed();
     }
 
-    /// [`Service::request_stop`], then waits for every run thread.
+    /// [`Service::request_stop`], then waits for every run thread, then ends every
+    /// soak (its hosts end `stopped`) and waits for it.
     pub fn shutdown(&self) {
         self.request_stop();
-        self.soaks.stop_and_wait();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
+        // After the runs: a soak a run started on its way out is stopped too.
+        self.soaks.stop_and_wait();
     }
 
     /// The meters `/metrics` shows beside [`Service::counts`]; the advisory scan
