@@ -142,17 +142,21 @@ impl SoakBoard {
             } else {
                 format!("{run_id}-soak{}", i + 1)
             };
+            // The run's baseline serves only when it has every metric the soak
+            // judges; otherwise the soak samples its own.
+            let baselines = baseline
+                .iter()
+                .filter(|(h, _)| p.hosts.contains(h))
+                .map(|(h, s)| (h.clone(), mean(s)))
+                .filter(|(_, b)| spec.thresholds.keys().all(|k| b.contains_key(k)))
+                .collect();
             let job = SoakJob {
                 rt: rt.clone(),
                 req: req.clone(),
                 run: run_id.to_string(),
                 journal_id,
                 spec,
-                baselines: baseline
-                    .iter()
-                    .filter(|(h, _)| p.hosts.contains(h))
-                    .map(|(h, s)| (h.clone(), mean(s)))
-                    .collect(),
+                baselines,
                 planned: p,
                 clock: clock.clone(),
                 changed: changed.clone(),
