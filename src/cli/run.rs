@@ -1027,6 +1027,10 @@ impl RolloutLauncher {
 }
 
 impl crate::watch::Launcher for RolloutLauncher {
+    fn runtime(&self) -> Option<Arc<Runtime>> {
+        Some(self.rt.clone())
+    }
+
     fn launch(
         &self,
         req: &crate::watch::LaunchRequest,

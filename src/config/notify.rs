@@ -23,6 +23,8 @@ pub enum Event {
     FirstFailure,
     BudgetExhausted,
     RunFinished,
+    /// A host `watch` soaks after its run regressed past a soak threshold.
+    SoakRegression,
 }
 
 impl Event {
@@ -32,12 +34,16 @@ impl Event {
             Event::FirstFailure => "first_failure",
             Event::BudgetExhausted => "budget_exhausted",
             Event::RunFinished => "run_finished",
+            Event::SoakRegression => "soak_regression",
         }
     }
 
     /// Escalations also go to the owners of the hosts concerned.
     pub fn is_escalation(self) -> bool {
-        matches!(self, Event::FirstFailure | Event::BudgetExhausted)
+        matches!(
+            self,
+            Event::FirstFailure | Event::BudgetExhausted | Event::SoakRegression
+        )
     }
 
     pub fn all() -> Vec<Event> {
@@ -46,6 +52,7 @@ impl Event {
             Event::FirstFailure,
             Event::BudgetExhausted,
             Event::RunFinished,
+            Event::SoakRegression,
         ]
     }
 }

@@ -160,6 +160,53 @@ entries! {
     AdvisoryFeed(AdvisoryFeed) = "advisory.feed",
     /// A CVE closed on the record's host, checked against the installed version.
     Evidence(EvidenceRecord) = "advisory.evidence",
+    /// A rollout with a `soak` policy ended: the hosts it patched, to be watched
+    /// by `patchbook watch` for the policy's period.
+    SoakPlanned(SoakPlanned) = "soak.planned",
+    /// `watch` began soaking the record's host: its baseline and until when.
+    SoakStarted(SoakStarted) = "soak.started",
+    /// The soak of the record's host ended, with its verdict.
+    SoakEnded(SoakEnded) = "soak.ended",
+}
+
+/// `data` of `soak.planned`: written at the end of the rollout whose policy had a
+/// `soak` key. `options` is the policy's `soak` map as written, read back by the
+/// service that soaks the hosts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoakPlanned {
+    /// The hosts the rollout patched (finished), in its completion order.
+    pub hosts: Vec<String>,
+    pub period_seconds: f64,
+    pub every_seconds: f64,
+    pub options: Value,
+}
+
+/// `data` of `soak.started`, on the soaked host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoakStarted {
+    /// The run that patched the host.
+    pub run: String,
+    pub at: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// Metric → value the soak samples are held against.
+    pub baseline: BTreeMap<String, f64>,
+    /// `run` (the means of that run's `monitor` baseline samples) or `soak`
+    /// (sampled when the soak began).
+    pub baseline_from: String,
+}
+
+/// `data` of `soak.ended`, on the soaked host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoakEnded {
+    pub run: String,
+    pub at: DateTime<Utc>,
+    /// `passed`, `regressed`, `unread` (no sample could be taken) or `stopped`
+    /// (the service shut down before the period was over).
+    pub verdict: String,
+    pub samples: u64,
+    /// The first sample's lines past a threshold, for a regressed host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regressions: Vec<String>,
 }
 
 /// `data` of `advisory.feed`: a feed read by the run, so every verdict and every
@@ -1526,6 +1573,26 @@ mod tests {
                 feed_sha256: "cd".repeat(32),
                 time: "2026-12-02T16:00:00Z".into(),
                 closed: true,
+            }),
+            Entry::SoakPlanned(SoakPlanned {
+                hosts: vec!["web-1".into(), "web-2".into()],
+                period_seconds: 259_200.0,
+                every_seconds: 900.0,
+                options: json!({"period": "72h", "every": "15m", "thresholds": {"error_rate": "2x"}}),
+            }),
+            Entry::SoakStarted(SoakStarted {
+                run: "r1".into(),
+                at: "2026-12-02T16:00:00Z".parse().unwrap(),
+                until: "2026-12-05T16:00:00Z".parse().unwrap(),
+                baseline: BTreeMap::from([("error_rate".to_string(), 0.5)]),
+                baseline_from: "run".into(),
+            }),
+            Entry::SoakEnded(SoakEnded {
+                run: "r1".into(),
+                at: "2026-12-05T16:00:00Z".parse().unwrap(),
+                verdict: "regressed".into(),
+                samples: 288,
+                regressions: vec!["error_rate 4.00 after the change, baseline 0.50, limit 1.00 (2x)".into()],
             }),
         ]
     }

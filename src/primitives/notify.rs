@@ -987,6 +987,41 @@ impl RunFinished {
     }
 }
 
+/// A host under soak after its run moved past a soak threshold; sent to its
+/// owners as an escalation, once per host and soak.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SoakRegression {
+    /// The run that patched the host.
+    pub run: String,
+    pub host: String,
+    /// One line per metric past its threshold.
+    pub regressions: Vec<String>,
+    /// How long after the soak began the regression was seen.
+    pub after: Duration,
+}
+
+impl SoakRegression {
+    pub fn notice(&self) -> Notice {
+        let text = format!(
+            "patchbook soak: {} regressed {} after run {}: {}\n\
+             The host keeps its patch; roll it back with `patchbook rollback {} --hosts {}` if the regression is the patch's.\n\
+             You receive this as an owner of the host.",
+            self.host,
+            human_duration(self.after),
+            self.run,
+            self.regressions.join("; "),
+            self.run,
+            self.host,
+        );
+        let mut n = Notice::new(text, Severity::Warning)
+            .field("run", self.run.as_str())
+            .field("host", self.host.as_str())
+            .field("regressions", self.regressions.join("; "));
+        n.event = Some(Event::SoakRegression);
+        n
+    }
+}
+
 fn human_duration(d: Duration) -> String {
     let secs = d.as_secs();
     match secs {
@@ -1098,11 +1133,35 @@ mod tests {
     }
 
     #[test]
+    fn a_soak_regression_escalates_to_the_owners() {
+        let n = SoakRegression {
+            run: "r9".into(),
+            host: "db01".into(),
+            regressions: vec![
+                "error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)".into(),
+            ],
+            after: Duration::from_secs(3 * 3600),
+        }
+        .notice();
+        assert_eq!(n.event, Some(Event::SoakRegression));
+        assert!(Event::SoakRegression.is_escalation());
+        assert_eq!(
+            n.headline(),
+            "patchbook soak: db01 regressed 3h00m after run r9: error_rate 6.00 after the change, baseline 0.00, limit 0.00 (2x)"
+        );
+        assert!(
+            n.text.contains("patchbook rollback r9 --hosts db01"),
+            "{}",
+            n.text
+        );
+    }
+
+    #[test]
     fn defaults_send_every_event() {
         let c = NotifyConfig::default();
-        assert_eq!(c.events.len(), 4);
+        assert_eq!(c.events.len(), 5);
         assert_eq!(c.retries, 3);
-        assert_eq!(cfg("[notify]\n").events.len(), 4);
+        assert_eq!(cfg("[notify]\n").events.len(), 5);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | `estimate` | per-host duration assumed before any host finished | `1m` |
 //! | `gate` | a closure, or a metric gate `#{ prometheus, query, max, min, soak, range, timeout }` ([`super::gate`]) | none |
 //! | `rehearse_rollback` | `true`, or `#{ paths, services }`: on each pilot host, patch, roll back, compare the state with before, patch again | off |
+//! | `soak` | `#{ period, every, … }`: after the run, `patchbook watch` keeps sampling the patched hosts (parsed by the script layer) | none |
 //! | `on_gate_fail` | `"stop"` or `"rollback_wave"` (also roll back the wave before the gate) | `"stop"` |
 //!
 //! Durations are written `500ms`, `30s`, `2m`, `1h30m`, `1d`; a bare number is seconds.
@@ -234,6 +235,7 @@ pub const POLICY_KEYS: &[&str] = &[
     "gate",
     "on_gate_fail",
     "rehearse_rollback",
+    "soak",
 ];
 
 impl Default for Policy {
@@ -323,6 +325,9 @@ impl Policy {
                     }
                 }
                 "rehearse_rollback" => p.rehearse_rollback = parse_rehearsal(val)?,
+                // After the run, not during it: the script layer parses and
+                // journals it (`soak.planned`), `watch` acts on it.
+                "soak" => {}
                 "on_gate_fail" => {
                     p.on_gate_fail = match word(k, val)?.as_str() {
                         "stop" => GateFailAction::Stop,

@@ -19,6 +19,7 @@ pub mod register;
 pub mod resolver;
 pub mod rollout;
 pub mod services;
+pub mod soak;
 pub mod upgrade;
 
 use std::path::PathBuf;

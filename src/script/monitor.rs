@@ -52,15 +52,15 @@ fn fail<T>(ctx: &NativeCallContext, message: impl Into<String>) -> RhaiResult<T>
     )))
 }
 
-/// The parsed options.
-struct Plan {
-    probe: Probe,
+/// The parsed options; `soak` parses its sampling options through the same code.
+pub(super) struct Plan {
+    pub(super) probe: Probe,
     window: Duration,
     interval: Duration,
-    baseline: usize,
-    thresholds: BTreeMap<String, Threshold>,
-    written: BTreeMap<String, String>,
-    timeout: Duration,
+    pub(super) baseline: usize,
+    pub(super) thresholds: BTreeMap<String, Threshold>,
+    pub(super) written: BTreeMap<String, String>,
+    pub(super) timeout: Duration,
 }
 
 fn strings(opts: &Map, key: &str) -> Result<Option<Vec<String>>, String> {
@@ -73,7 +73,7 @@ fn strings(opts: &Map, key: &str) -> Result<Option<Vec<String>>, String> {
     }
 }
 
-fn plan(opts: &Map) -> Result<Plan, String> {
+pub(super) fn plan(opts: &Map) -> Result<Plan, String> {
     no_unknown_keys(opts, MONITOR_OPTION_KEYS)?;
     let logs = strings(opts, "logs")?.unwrap_or_default();
     let services = strings(opts, "services")?.unwrap_or_default();

@@ -19,7 +19,7 @@ use super::playbook::{to_json, CompiledPlaybook, HostClosure};
 use super::register::ScriptHost;
 use crate::inventory::Host;
 use crate::journal::entry::{
-    Entry, HostEndDetail, HostUnreachable, RolloutPlan, RolloutResume, WindowRecord,
+    Entry, HostEndDetail, HostUnreachable, RolloutPlan, RolloutResume, SoakPlanned, WindowRecord,
 };
 use crate::rollout::{
     Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent, Target,
@@ -495,6 +495,23 @@ fn rollout(
             }
         },
     };
+    // What happens after the run is not the rollout layer's: parsed here, journaled
+    // at the end as `soak.planned`.
+    let soak = match policy.remove("soak") {
+        None => None,
+        Some(v) => match v.try_cast::<Map>() {
+            Some(m) => match super::soak::parse(&m) {
+                Ok(spec) => Some((spec, to_json(&Dynamic::from_map(m)))),
+                Err(e) => return fail(ctx, format!("rollout policy: {e}")),
+            },
+            None => {
+                return fail(
+                    ctx,
+                    "rollout policy: `soak` must be a map like #{ period: \"72h\", every: \"15m\", thresholds: #{ error_rate: \"2x\" } }",
+                )
+            }
+        },
+    };
     let policy_json = to_json(&Dynamic::from_map(policy));
     let policy = match Policy::from_value(&policy_json) {
         Ok(p) => p,
@@ -741,6 +758,25 @@ fn rollout(
         Ok(s) => s,
         Err(e) => return fail(ctx, e.to_string()),
     };
+    if let (Some((spec, options)), false) = (&soak, planning) {
+        let hosts: Vec<String> = summary
+            .hosts
+            .iter()
+            .filter(|h| h.state == crate::rollout::HostStatus::Done)
+            .map(|h| h.name.clone())
+            .collect();
+        if !hosts.is_empty() {
+            c.record(
+                None,
+                Entry::SoakPlanned(SoakPlanned {
+                    hosts,
+                    period_seconds: spec.period.as_secs_f64(),
+                    every_seconds: spec.every.as_secs_f64(),
+                    options: options.clone(),
+                }),
+            );
+        }
+    }
     c.push_summary(summary.clone());
     // The script gets the counts; the per-host detail stays in the journal, so a
     // 10,000-host rollout does not meet the sandbox's map and array limits.

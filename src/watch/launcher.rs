@@ -93,6 +93,13 @@ pub trait Launcher: Send + Sync + 'static {
         progress: &dyn Fn(ProgressCounts),
         stop: Arc<AtomicBool>,
     ) -> Result<LaunchResult, String>;
+
+    /// The runtime the runs journal and reach hosts through, if any: after a run,
+    /// the service soaks the hosts its journal plans a soak for (`soak.planned`)
+    /// through it. None: runs are not soaked.
+    fn runtime(&self) -> Option<Arc<Runtime>> {
+        None
+    }
 }
 
 /// Where [`ScriptLauncher`] writes journals.
@@ -164,6 +171,10 @@ pub fn run_header(pb: &CompiledPlaybook) -> RunHeader {
 }
 
 impl Launcher for ScriptLauncher {
+    fn runtime(&self) -> Option<Arc<Runtime>> {
+        self.runtime.clone()
+    }
+
     fn launch(
         &self,
         req: &LaunchRequest,

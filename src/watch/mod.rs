@@ -7,6 +7,7 @@
 //! - [`schedule`]: `schedule(…)` declarations, found in the AST, and their next start;
 //! - [`service`]: the live generation, reload errors, runs (pinned, never overlapping);
 //! - [`launcher`]: the [`Launcher`] trait through which a run is executed;
+//! - [`soak`]: after a run, the hosts it patched sampled for the policy's `soak` period;
 //! - [`control`]: the owner-only Unix control socket behind `patchbook trigger`;
 //! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
 //! - [`metrics`]: the Prometheus meters and the `/metrics` body.
@@ -21,6 +22,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod schedule;
 pub mod service;
+pub mod soak;
 pub mod status;
 
 use std::net::SocketAddr;

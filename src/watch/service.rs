@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use super::generation::{compile, snapshot, FileError, Generation, Inputs};
 use super::launcher::{Cause, LaunchRequest, Launcher, ProgressCounts};
 use super::metrics::{Meters, Outcome};
+use super::soak::SoakBoard;
 use crate::rollout::Clock;
 
 /// How many finished runs the status page remembers.
@@ -129,6 +130,7 @@ pub struct Service {
     /// Serialises reloads: the watcher and a rescan must not compile concurrently.
     reload_lock: Mutex<()>,
     meters: Meters,
+    soaks: Arc<SoakBoard>,
 }
 
 /// The service's numbers at one moment, for `/metrics`.
@@ -159,6 +161,7 @@ impl Service {
             updates: tokio::sync::watch::Sender::new(0),
             reload_lock: Mutex::new(()),
             meters: Meters::default(),
+            soaks: Arc::new(SoakBoard::default()),
         })
     }
 
@@ -389,7 +392,7 @@ impl Service {
         Ok(run_id)
     }
 
-    fn run(&self, req: LaunchRequest) {
+    fn run(self: &Arc<Self>, req: LaunchRequest) {
         let progress = |p: ProgressCounts| {
             if let Some(r) = self.state().in_flight.get_mut(&req.name) {
                 r.progress = p;
@@ -397,6 +400,18 @@ impl Service {
             self.changed();
         };
         let result = self.launcher.launch(&req, &progress, self.stop.clone());
+        // A run that ends while the service stops is not soaked: the soak would
+        // end `stopped` at once.
+        if let (Ok(res), Some(rt), false) = (&result, self.launcher.runtime(), self.stopping()) {
+            let me = self.clone();
+            self.soaks.start_after_run(
+                &rt,
+                &req,
+                &res.run_id,
+                &self.clock,
+                Arc::new(move || me.changed()),
+            );
+        }
         let mut st = self.state();
         if let Some(mut r) = st.in_flight.remove(&req.name) {
             r.finished = Some(self.clock.now());
@@ -493,19 +508,27 @@ impl Service {
         self.changed();
     }
 
-    /// [`Service::request_stop`], then waits for every run thread.
+    /// [`Service::request_stop`], then waits for every run thread, then ends every
+    /// soak (its hosts end `stopped`) and waits for it.
     pub fn shutdown(&self) {
         self.request_stop();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
+        // After the runs: a soak a run started on its way out is stopped too.
+        self.soaks.stop_and_wait();
     }
 
     /// The meters `/metrics` shows beside [`Service::counts`]; the advisory scan
     /// reports through [`Meters::record_scan`].
     pub fn meters(&self) -> &Meters {
         &self.meters
+    }
+
+    /// The hosts under soak and soaked since the service started.
+    pub fn soaks(&self) -> &SoakBoard {
+        &self.soaks
     }
 
     /// The numbers `/metrics` shows, read at once under the state lock.
@@ -590,6 +613,7 @@ impl Service {
                 "in_flight": st.in_flight.values().collect::<Vec<_>>(),
                 "recent": st.recent,
             },
+            "soak": self.soaks.rows(),
         })
     }
 }

@@ -429,6 +429,7 @@ code,pre{font:12px ui-monospace,monospace}pre{background:#fee;padding:8px;white-
 <h2>Run in flight</h2><div id="runs"></div>
 <h2>Scheduled runs</h2><div id="sched"></div>
 <h2>Recent runs</h2><div id="recent"></div>
+<h2>Hosts under soak</h2><div id="soak"></div>
 <h2>Files</h2><div id="files"></div>
 <script>
 const esc=s=>String(s??'').replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
@@ -442,6 +443,7 @@ function render(s){
   document.getElementById('runs').innerHTML=table(['playbook','run','generation','sha256','progress'],s.runs.in_flight.map(r=>[esc(r.playbook),esc(r.run_id),r.generation,'<code>'+esc(r.sha256.slice(0,16))+'</code>',p(r)]));
   document.getElementById('sched').innerHTML=table(['playbook','schedule','next start','skipped (overlap)'],s.schedules.map(x=>[esc(x.playbook),esc(x.spec),esc(x.next_start_local??x.next_start),x.skipped_overlaps]));
   document.getElementById('recent').innerHTML=table(['playbook','run','generation','ok','summary'],s.runs.recent.map(r=>[esc(r.playbook),esc(r.run_id),r.generation,r.ok?'<span class="ok">yes</span>':'<span class="bad">no</span>',esc(r.summary)]));
+  document.getElementById('soak').innerHTML=table(['host','run','until','samples','verdict'],(s.soak??[]).map(x=>[esc(x.host),esc(x.run),esc(x.until),x.samples,x.verdict==='regressed'?'<span class="bad">regressed</span>':x.verdict==='passed'?'<span class="ok">passed</span>':esc(x.verdict)]));
   document.getElementById('files').innerHTML=g?table(['file','kind','sha256'],g.files.map(f=>[esc(f.path),esc(f.kind),'<code>'+esc(f.sha256)+'</code>'])):'';
 }
 fetch('status.json').then(r=>r.json()).then(render);
