@@ -271,6 +271,16 @@ pub struct RunInfo {
     pub damaged: bool,
 }
 
+/// What names an advisory scan's run: `<UTC>Z-advscan-<n>`. A scan is a run of
+/// its own (journaled, verified by `audit verify`) but never "the last run" a
+/// report means.
+pub const SCAN_RUN_MARK: &str = "-advscan-";
+
+/// Whether `run` is an advisory scan's run (see [`SCAN_RUN_MARK`]).
+pub fn is_scan_run(run: &str) -> bool {
+    run.contains(SCAN_RUN_MARK)
+}
+
 /// Every run under a state directory, oldest first (by start time, then id).
 pub fn list_runs(state_dir: &Path) -> Result<Vec<RunInfo>, JournalError> {
     let dir = state_dir.join("runs");

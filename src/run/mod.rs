@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod courier;
+pub mod scan;
 pub mod session;
 pub mod usage;
 

@@ -9,7 +9,8 @@
 //! - [`launcher`]: the [`Launcher`] trait through which a run is executed;
 //! - [`control`]: the owner-only Unix control socket behind `patchbook trigger`;
 //! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
-//! - [`metrics`]: the Prometheus meters and the `/metrics` body.
+//! - [`metrics`]: the Prometheus meters and the `/metrics` body;
+//! - [`scan`]: the scheduled advisory scan (`[advisories] scan`) on its own thread.
 //!
 //! This module wires them together ([`serve`]); it must not execute playbooks
 //! itself (that is the launcher's job) nor parse command lines.
@@ -19,6 +20,7 @@ pub mod files;
 pub mod generation;
 pub mod launcher;
 pub mod metrics;
+pub mod scan;
 pub mod schedule;
 pub mod service;
 pub mod status;
