@@ -154,14 +154,13 @@ pub fn scan(rt: &Runtime, req: &ScanRequest) -> Result<ScanOutcome, ScanError> {
     }
     let exposure = plan(&scanned, &loaded);
 
-    // The previous scan is read before this one exists.
-    let previous = match req.notify_min {
-        Some(_) => last_scan(&rt.state_dir)?,
-        None => None,
-    };
-    let newly_open = match (req.notify_min, &previous) {
-        (Some(min), Some(prev)) => gained(&prev.exposure, &exposure, min),
-        _ => BTreeMap::new(),
+    // The previous scans are read before this one exists.
+    let newly_open = match req.notify_min {
+        Some(min) => {
+            let read: BTreeSet<&str> = exposure.hosts.iter().map(|h| h.host.as_str()).collect();
+            gained(&previous_of(&rt.state_dir, &read)?, &exposure, min)
+        }
+        None => BTreeMap::new(),
     };
 
     rt.ensure_state_dir()?;
@@ -378,6 +377,46 @@ pub fn last_scan(state_dir: &Path) -> Result<Option<RecordedScan>, ScanError> {
     }))
 }
 
+/// How many earlier scans [`previous_of`] looks through for a host.
+const LOOK_BACK: usize = 100;
+
+/// Each of `hosts` as the newest closed scan that read it saw it: a host one scan
+/// could not reach is still compared with what it had before, so what it gained
+/// meanwhile is not taken for its baseline.
+fn previous_of(state_dir: &Path, hosts: &BTreeSet<&str>) -> Result<Exposure, ScanError> {
+    let mut merged = Exposure {
+        feeds: Vec::new(),
+        hosts: Vec::new(),
+        findings: Vec::new(),
+    };
+    let mut wanted: BTreeSet<&str> = hosts.clone();
+    let runs = list_runs(state_dir)?;
+    let scans = runs
+        .iter()
+        .rev()
+        .filter(|r| is_scan_run(&r.run) && r.closed && !r.damaged)
+        .take(LOOK_BACK);
+    for info in scans {
+        if wanted.is_empty() {
+            break;
+        }
+        let entries: Vec<Entry> = read_records(&info.path)?
+            .iter()
+            .filter_map(|r| r.entry().ok())
+            .collect();
+        let (e, _) = exposure_of(&entries);
+        for h in e.hosts {
+            if wanted.remove(h.host.as_str()) {
+                merged
+                    .findings
+                    .extend(e.findings.iter().filter(|f| *f.host == *h.host).cloned());
+                merged.hosts.push(h);
+            }
+        }
+    }
+    Ok(merged)
+}
+
 /// [`last_scan`], or an error saying how to record one.
 pub fn require_last_scan(state_dir: &Path) -> Result<RecordedScan, ScanError> {
     last_scan(state_dir)?.ok_or_else(|| ScanError::NoScan {
@@ -577,6 +616,49 @@ mod tests {
         let cves: Vec<&str> = back.findings.iter().map(|f| &*f.cve).collect();
         assert_eq!(cves, ["CVE-1", "CVE-2"]);
         assert_eq!(back.findings[1], e.findings[0]);
+    }
+
+    fn record_scan(state: &Path, id: &str, e: &Exposure) {
+        let header = RunHeader::new(
+            PathBuf::from("<advisory scan>"),
+            String::new(),
+            BTreeMap::new(),
+            String::new(),
+            serde_json::Value::Null,
+        );
+        let j = Journal::begin(state, id, "alice", &header).unwrap();
+        for h in &e.hosts {
+            j.append_entry(Some(&h.host), &Entry::ScanHost(scan_host(e, h)))
+                .unwrap();
+        }
+        j.close().unwrap();
+    }
+
+    #[test]
+    fn a_host_the_last_scan_missed_is_compared_with_the_scan_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let older = plan_of(&["a", "b"], vec![finding("b", "CVE-1", Severity::High)]);
+        record_scan(dir.path(), "20261128T020000Z-advscan-1", &older);
+        // b was unreachable in the newer scan.
+        let newer = plan_of(&["a"], vec![finding("a", "CVE-2", Severity::High)]);
+        record_scan(dir.path(), "20261128T020100Z-advscan-1", &newer);
+        let prev = previous_of(dir.path(), &["a", "b"].into_iter().collect()).unwrap();
+        let mut hosts: Vec<&str> = prev.hosts.iter().map(|h| h.host.as_str()).collect();
+        hosts.sort_unstable();
+        assert_eq!(hosts, ["a", "b"]);
+        let now = plan_of(
+            &["a", "b"],
+            vec![
+                finding("a", "CVE-2", Severity::High),
+                finding("b", "CVE-1", Severity::High),
+                finding("b", "CVE-3", Severity::High),
+            ],
+        );
+        let g = gained(&prev, &now, Severity::High);
+        assert_eq!(g.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(&*g["b"][0].cve, "CVE-3");
+        let last = last_scan(dir.path()).unwrap().unwrap();
+        assert_eq!(last.run_id, "20261128T020100Z-advscan-1");
     }
 
     #[test]
