@@ -185,6 +185,18 @@ pub struct AdvisoriesConfig {
     /// the digest.
     #[serde(default)]
     pub feeds: Vec<String>,
+    /// When `patchbook watch` scans the fleet against the feeds, in the syntax of
+    /// a playbook's `schedule()`: `"Sat 02:00 UTC"`, or a cron expression followed
+    /// by its zone, `"0 2 * * 6 UTC"`. No scan when absent.
+    #[serde(default)]
+    pub scan: Option<String>,
+    /// The least severity of a newly open CVE that mails the host's owners
+    /// (`negligible`, `low`, `medium`, `high`, `critical`); default `high`.
+    #[serde(default)]
+    pub notify_min_severity: Option<String>,
+    /// Which hosts the scheduled scan reads (an inventory selector); default `all`.
+    #[serde(default)]
+    pub scan_hosts: Option<String>,
 }
 
 /// A size in bytes, written in `patchbook.toml` as a number or a string with a

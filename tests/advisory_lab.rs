@@ -274,11 +274,17 @@ fn exposure_run_evidence_and_audit_on_a_lab_fleet() {
     };
     let out = verify();
     assert!(out.status.success(), "{}", text(&out));
+    // The patch run: the live `exposure` calls above are scan runs of their own.
     let runs = support::run_ids(&dir.path().join("state"));
+    let patch_run = runs
+        .iter()
+        .rev()
+        .find(|r| !r.contains("-advscan-"))
+        .unwrap();
     let journal = dir
         .path()
         .join("state/runs")
-        .join(format!("{}.jsonl", runs.last().unwrap()));
+        .join(format!("{patch_run}.jsonl"));
     let body = std::fs::read_to_string(&journal).unwrap();
     let line = body
         .lines()

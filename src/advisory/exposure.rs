@@ -58,6 +58,19 @@ impl Verdict {
         }
     }
 
+    /// Reads [`Verdict::as_str`] back (a recorded scan); `None` for other words.
+    pub fn parse(s: &str) -> Option<Verdict> {
+        [
+            Verdict::NotCovered,
+            Verdict::NotAffected,
+            Verdict::Fixed,
+            Verdict::VulnerableFixAvailable,
+            Verdict::VulnerableNoFix,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
     pub fn vulnerable(self) -> bool {
         matches!(
             self,

@@ -1,23 +1,25 @@
-//! `patchbook exposure`: fetches the advisory feeds, reads every selected host's
-//! installed packages live (read-only, no journal, no host claim) and prints the
-//! exposure plan. The plan is also kept as `<state_dir>/advisories/latest.json`,
-//! the latest scan `inventory list` counts open CVEs from.
+//! `patchbook exposure`: either scans live (fetches the advisory feeds, reads every
+//! selected host's installed packages, read-only and without a host claim, and
+//! journals the result as a scan run of its own, `run::scan`), or with
+//! `--from-last-scan` renders the newest recorded scan without contacting any
+//! host. `inventory list` counts open CVEs from that same recorded scan.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::ExitCode;
 
 use super::{Cli, CliError};
-use crate::advisory::exposure::{plan, Exposure};
-use crate::advisory::feed::{self, FeedSource};
-use crate::advisory::probe;
-use crate::primitives::artifact::ArtifactSettings;
-use crate::primitives::{HostCtx, Mode, RunCtx};
 use crate::report::exposure::{render_exposure, ExposureFormat};
+use crate::run::scan::{self, ScanError, ScanRequest};
 use crate::runtime::Runtime;
 
-/// Where the latest scan is kept.
-pub fn latest_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("advisories").join("latest.json")
+impl From<ScanError> for CliError {
+    fn from(e: ScanError) -> Self {
+        match e {
+            ScanError::NoFeeds => CliError::Usage(format!("exposure: {e}")),
+            e => CliError::Other(e.to_string()),
+        }
+    }
 }
 
 pub fn exposure(
@@ -26,106 +28,73 @@ pub fn exposure(
     feeds: &[String],
     format: ExposureFormat,
     out: Option<&Path>,
+    from_last_scan: bool,
 ) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
-    let specs: Vec<String> = if feeds.is_empty() {
-        rt.config.advisories.feeds.clone()
-    } else {
-        feeds.to_vec()
-    };
-    if specs.is_empty() {
-        return Err(CliError::Usage(
-            "exposure: no advisory feed given; pass --feed URL or list feeds under \
-             [advisories] feeds in patchbook.toml"
-                .into(),
-        ));
-    }
-    let settings = ArtifactSettings::from_config(&rt.config, &rt.state_dir);
-    let mut loaded = Vec::new();
-    for spec in &specs {
-        let mut checks = Vec::new();
-        let f = feed::fetch(&FeedSource::parse(spec), &settings, &mut checks)
-            .map_err(|e| CliError::Other(e.to_string()))?;
-        loaded.push(f);
-    }
-    let hosts = rt.targets(selector)?;
-    let run = RunCtx::new("exposure", rt.state_dir.clone(), None, Mode::Apply);
-    let scans = crate::rollout::pool::map_bounded(&hosts, rt.forks, |h| {
-        let t = rt.transport(h).map_err(|e| format!("{}: {e}", h.name))?;
-        let ctx = HostCtx {
-            host: h,
-            transport: &*t,
-            run: &run,
-            deadline: None,
-        };
-        probe::scan(&ctx).map_err(|e| e.to_string())
-    });
-    let mut scanned = Vec::new();
-    let mut failed = Vec::new();
-    for s in scans {
-        match s {
-            Ok(s) => scanned.push(s),
-            Err(e) => failed.push(e),
+    if from_last_scan {
+        if !feeds.is_empty() {
+            return Err(CliError::Usage(
+                "exposure: --from-last-scan renders the feeds that scan read; leave out --feed"
+                    .into(),
+            ));
         }
+        let recorded = scan::require_last_scan(&rt.state_dir)?;
+        // Only the inventory is read to resolve the selector: no host is contacted.
+        let wanted: BTreeSet<String> = rt.targets(selector)?.into_iter().map(|h| h.name).collect();
+        let mut e = recorded.exposure;
+        e.hosts.retain(|h| wanted.contains(&h.host));
+        e.findings.retain(|f| wanted.contains(&*f.host));
+        super::deliver(cli, &render_exposure(&e, format), out)?;
+        if !cli.global.quiet {
+            eprintln!(
+                "from scan {} (started {})",
+                recorded.run_id,
+                recorded.started.as_deref().unwrap_or("at an unknown time")
+            );
+        }
+        for h in recorded.unreachable.iter().filter(|h| wanted.contains(*h)) {
+            eprintln!("not scanned then: {h}");
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    let exposure = plan(&scanned, &loaded);
-    keep_latest(&rt.state_dir, &exposure);
-    let text = render_exposure(&exposure, format);
+    let outcome = scan::scan(
+        &rt,
+        &ScanRequest {
+            selector: selector.to_string(),
+            feeds: feeds.to_vec(),
+            notify_min: None,
+        },
+    )?;
+    let text = render_exposure(&outcome.exposure, format);
     super::deliver(cli, &text, out)?;
-    for f in &failed {
-        eprintln!("not scanned: {f}");
+    for (host, reason) in &outcome.unreachable {
+        eprintln!("not scanned: {host}: {reason}");
     }
-    Ok(if failed.is_empty() {
+    Ok(if outcome.unreachable.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-/// Saves the plan for `inventory list`; a failure costs only that, so it is a
-/// warning.
-fn keep_latest(state_dir: &Path, e: &Exposure) {
-    let path = latest_path(state_dir);
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            crate::journal::private::create_dir_all(dir)?;
-        }
-        let text = serde_json::to_string(e).map_err(std::io::Error::other)?;
-        std::fs::write(&path, text)
-    };
-    if let Err(err) = write() {
-        tracing::warn!("the scan was not kept at {}: {err}", path.display());
-    }
-}
-
-/// Open CVEs per host from the latest scan: (fixable, no fix, covered). Empty
-/// when no scan was kept or it cannot be read (then `inventory list` shows no
-/// column rather than zeros that would read as clean).
+/// Open CVEs per host from the last recorded scan: (fixable, no fix, covered).
+/// Empty when no scan was recorded or it cannot be read (then `inventory list`
+/// shows no column rather than zeros that would read as clean).
 pub fn open_counts(state_dir: &Path) -> std::collections::BTreeMap<String, (u64, u64, bool)> {
-    let Ok(text) = std::fs::read_to_string(latest_path(state_dir)) else {
-        return Default::default();
+    let recorded = match scan::last_scan(state_dir) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Default::default(),
+        Err(e) => {
+            tracing::warn!("open CVE counts left out: {e}");
+            return Default::default();
+        }
     };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        tracing::warn!(
-            "{} is not a scan; run `patchbook exposure` again",
-            latest_path(state_dir).display()
-        );
-        return Default::default();
-    };
-    v["hosts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|h| {
-            Some((
-                h["host"].as_str()?.to_string(),
-                (
-                    h["fixable"].as_u64().unwrap_or(0),
-                    h["no_fix"].as_u64().unwrap_or(0),
-                    h["covered"].as_bool().unwrap_or(false),
-                ),
-            ))
-        })
+    let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
+    recorded
+        .exposure
+        .hosts
+        .iter()
+        .map(|h| (h.host.clone(), (n(h.fixable), n(h.no_fix), h.covered)))
         .collect()
 }
 

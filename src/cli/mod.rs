@@ -206,7 +206,8 @@ pub enum Verb {
     /// Which hosts are vulnerable to which CVEs: the hosts' installed packages,
     /// read live, against the advisory feeds (OSV, Debian Security Tracker, CSAF
     /// VEX). Per CVE and per host; CVEs with no fix yet apart; a host whose
-    /// release no feed describes is "not covered".
+    /// release no feed describes is "not covered". Each live scan is journaled as
+    /// a run of its own; `--from-last-scan` renders the newest one again.
     Exposure {
         /// Which hosts (default: all).
         #[arg(default_value = "all")]
@@ -221,6 +222,10 @@ pub enum Verb {
         /// Write to FILE instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Render the newest recorded scan (by `exposure` or the `watch` service's
+        /// `[advisories] scan`) without contacting any host.
+        #[arg(long)]
+        from_last_scan: bool,
     },
 }
 
@@ -431,7 +436,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             feeds,
             format,
             out,
-        } => exposure::exposure(&cli, selector, feeds, *format, out.as_deref()),
+            from_last_scan,
+        } => exposure::exposure(
+            &cli,
+            selector,
+            feeds,
+            *format,
+            out.as_deref(),
+            *from_last_scan,
+        ),
         Verb::Docs { out } => docs(&cli, out),
         Verb::Init { dir } => init::init(dir, cli.global.quiet),
         Verb::Completions { shell } => {
@@ -629,8 +642,16 @@ fn watch(cli: &Cli, args: &WatchArgs) -> Result<ExitCode, CliError> {
         .clone()
         .unwrap_or_else(|| rt.state_dir.join("control.sock"));
     let inputs = Inputs::from_config(&rt.config);
-    let launcher = run::RolloutLauncher::new(Arc::new(rt));
+    let scan_plan = crate::watch::scan::ScanPlan::from_config(&rt.config.advisories)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let rt = Arc::new(rt);
+    let launcher = run::RolloutLauncher::new(rt.clone());
     let service = Service::new(inputs, Arc::new(launcher), clock);
+    if let Some(plan) = scan_plan {
+        println!("advisory scan: {}", plan.schedule);
+        crate::watch::scan::start(&service, rt, plan)
+            .map_err(|e| CliError::Other(format!("cannot start the advisory scan: {e}")))?;
+    }
     let opts = ServeOptions {
         listen: args.listen,
         public_status: args.public_status,

@@ -167,6 +167,91 @@ entries! {
     SoakStarted(SoakStarted) = "soak.started",
     /// The soak of the record's host ended, with its verdict.
     SoakEnded(SoakEnded) = "soak.ended",
+    /// What an advisory scan found on the record's host.
+    ScanHost(ScanHost) = "advisory.scan.host",
+    /// An advisory scan's summary: the feeds it used and its totals. Last record
+    /// before `run.close` of a scan run.
+    Scan(ScanSummary) = "advisory.scan",
+}
+
+/// `data` of `advisory.scan.host`: one host as an advisory scan judged it. Enough
+/// to render the exposure plan again without contacting the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanHost {
+    pub host: String,
+    /// `os_id os_version` as the host reported it.
+    pub os: String,
+    /// `Debian 12`, `Ubuntu 22.04`, `RHEL 9`; absent for a distribution no reader
+    /// knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// False when no feed describes the host's release: nothing is known of it.
+    pub covered: bool,
+    /// Open CVEs a fix exists for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<ScanFinding>,
+    /// Open CVEs with no fix published yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_fix: Vec<ScanFinding>,
+}
+
+/// One open CVE of a host in an `advisory.scan.host` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanFinding {
+    pub cve: String,
+    /// `unknown`, `negligible`, `low`, `medium`, `high` or `critical`.
+    pub severity: String,
+    pub packages: Vec<ScanPackage>,
+}
+
+/// One source package's part in a [`ScanFinding`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPackage {
+    /// The source package the feed names.
+    pub package: String,
+    /// The installed binary packages built from it.
+    #[serde(default)]
+    pub binaries: Vec<String>,
+    pub installed: String,
+    /// The version that fixes it; absent when none is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed: Option<String>,
+    /// `vulnerable-fix-available` or `vulnerable-no-fix`.
+    pub verdict: String,
+    /// SHA-256 of the feed that said so.
+    pub feed_sha256: String,
+}
+
+/// `data` of `advisory.scan`: the scan as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanSummary {
+    /// The feeds read, with their digests (each also has an `advisory.feed`).
+    pub feeds: Vec<ScanFeed>,
+    /// The selector the hosts came from.
+    pub selector: String,
+    /// Hosts scanned (each has an `advisory.scan.host` record).
+    pub hosts: Vec<String>,
+    /// Hosts that could not be read (each has a `host.unreachable` record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
+    /// Open CVEs a fix exists for, summed over hosts.
+    pub fixable: u64,
+    /// Open CVEs with no fix yet, summed over hosts.
+    pub no_fix: u64,
+    /// Hosts whose release no feed describes.
+    pub not_covered: u64,
+    /// (host, CVE) pairs open now that the previous scan did not have open, at
+    /// or above the notification severity.
+    #[serde(default)]
+    pub newly_open: u64,
+}
+
+/// A feed as a scan cites it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanFeed {
+    pub source: String,
+    pub format: String,
+    pub sha256: String,
 }
 
 /// `data` of `soak.planned`: written at the end of the rollout whose policy had a
@@ -1593,6 +1678,50 @@ mod tests {
                 verdict: "regressed".into(),
                 samples: 288,
                 regressions: vec!["error_rate 4.00 after the change, baseline 0.50, limit 1.00 (2x)".into()],
+            }),
+            Entry::ScanHost(ScanHost {
+                host: "web-1".into(),
+                os: "debian 12".into(),
+                release: Some("Debian 12".into()),
+                covered: true,
+                open: vec![ScanFinding {
+                    cve: "CVE-2024-0001".into(),
+                    severity: "high".into(),
+                    packages: vec![ScanPackage {
+                        package: "openssl".into(),
+                        binaries: vec!["libssl3".into()],
+                        installed: "3.0.11-1~deb12u1".into(),
+                        fixed: Some("3.0.11-1~deb12u2".into()),
+                        verdict: "vulnerable-fix-available".into(),
+                        feed_sha256: "cd".repeat(32),
+                    }],
+                }],
+                no_fix: vec![ScanFinding {
+                    cve: "CVE-2024-0002".into(),
+                    severity: "medium".into(),
+                    packages: vec![ScanPackage {
+                        package: "shadow".into(),
+                        binaries: vec!["passwd".into()],
+                        installed: "1:4.13+dfsg1-1".into(),
+                        fixed: None,
+                        verdict: "vulnerable-no-fix".into(),
+                        feed_sha256: "cd".repeat(32),
+                    }],
+                }],
+            }),
+            Entry::Scan(ScanSummary {
+                feeds: vec![ScanFeed {
+                    source: "/srv/feeds/debian.json".into(),
+                    format: "debian-tracker".into(),
+                    sha256: "cd".repeat(32),
+                }],
+                selector: "all".into(),
+                hosts: vec!["web-1".into()],
+                unreachable: vec!["web-2".into()],
+                fixable: 1,
+                no_fix: 1,
+                not_covered: 0,
+                newly_open: 1,
             }),
         ]
     }

@@ -271,6 +271,36 @@ pub struct RunInfo {
     pub damaged: bool,
 }
 
+/// What names an advisory scan's run: `<UTC>Z-advscan-<n>`. A scan is a run of
+/// its own (journaled, verified by `audit verify`) but never "the last run" a
+/// report means.
+pub const SCAN_RUN_MARK: &str = "-advscan-";
+
+/// Whether `run` is an advisory scan's run: exactly `YYYYMMDDTHHMMSSZ-advscan-N`,
+/// so a playbook that happens to be called `…-advscan-…` is not taken for one.
+pub fn is_scan_run(run: &str) -> bool {
+    let Some((stamp, n)) = run.split_once(SCAN_RUN_MARK) else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    stamp.len() == 16
+        && stamp.get(8..9) == Some("T")
+        && stamp.get(15..) == Some("Z")
+        && stamp.get(..8).is_some_and(digits)
+        && stamp.get(9..15).is_some_and(digits)
+        && digits(n)
+}
+
+#[cfg(test)]
+#[test]
+fn scan_runs_are_told_by_their_whole_name() {
+    assert!(is_scan_run("20261128T020000Z-advscan-1"));
+    assert!(is_scan_run("20261128T020000Z-advscan-12"));
+    assert!(!is_scan_run("20261128T020000Z-12345"));
+    assert!(!is_scan_run("nightly-advscan-x-20261128T020000-g1-1"));
+    assert!(!is_scan_run("20261128T020000Z-advscan-"));
+}
+
 /// Every run under a state directory, oldest first (by start time, then id).
 pub fn list_runs(state_dir: &Path) -> Result<Vec<RunInfo>, JournalError> {
     let dir = state_dir.join("runs");

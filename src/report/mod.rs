@@ -28,7 +28,7 @@ pub use levels::{patch_levels, PatchLevel, PatchLevels};
 pub use model::{build, RunReport, SCHEMA};
 pub use testcase::{record_test, Metrics, TestCase, TestKind, UnknownTestKind};
 
-use crate::journal::state::{list_runs, RunState};
+use crate::journal::state::{is_scan_run, list_runs, RunState};
 use crate::journal::{read_records, Journal, JournalError};
 
 /// The run id that names the most recently started run.
@@ -84,7 +84,8 @@ pub enum ReportError {
 }
 
 /// The run id `run` stands for: itself, or for [`LAST`] the most recently started
-/// run under `state_dir`.
+/// run under `state_dir` that is not an advisory scan (a scheduled scan must not
+/// hide the patch run an operator asks about).
 pub fn resolve_run(state_dir: &Path, run: &str) -> Result<String, ReportError> {
     if run != LAST {
         return Ok(run.to_string());
@@ -94,7 +95,9 @@ pub fn resolve_run(state_dir: &Path, run: &str) -> Result<String, ReportError> {
         return Ok(LAST.to_string());
     }
     list_runs(state_dir)?
-        .pop()
+        .into_iter()
+        .rev()
+        .find(|r| !is_scan_run(&r.run))
         .map(|r| r.run)
         .ok_or_else(|| ReportError::NoRuns {
             dir: state_dir.join("runs"),

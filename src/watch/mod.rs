@@ -10,7 +10,8 @@
 //! - [`soak`]: after a run, the hosts it patched sampled for the policy's `soak` period;
 //! - [`control`]: the owner-only Unix control socket behind `patchbook trigger`;
 //! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
-//! - [`metrics`]: the Prometheus meters and the `/metrics` body.
+//! - [`metrics`]: the Prometheus meters and the `/metrics` body;
+//! - [`scan`]: the scheduled advisory scan (`[advisories] scan`) on its own thread.
 //!
 //! This module wires them together ([`serve`]); it must not execute playbooks
 //! itself (that is the launcher's job) nor parse command lines.
@@ -20,6 +21,7 @@ pub mod files;
 pub mod generation;
 pub mod launcher;
 pub mod metrics;
+pub mod scan;
 pub mod schedule;
 pub mod service;
 pub mod soak;

@@ -502,6 +502,14 @@ impl Service {
         started
     }
 
+    /// Keeps a service thread that is not a run (the advisory scan) so that
+    /// [`Service::shutdown`] waits for it too.
+    pub fn adopt(&self, thread: JoinHandle<()>) {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
+    }
+
     /// Asks every run to stop after its current steps; no new run starts.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
