@@ -9,11 +9,13 @@
 //! - [`launcher`]: the [`Launcher`] trait through which a run is executed;
 //! - [`control`]: the owner-only Unix control socket behind `patchbook trigger`;
 //! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
-//! - [`metrics`]: the Prometheus meters and the `/metrics` body.
+//! - [`metrics`]: the Prometheus meters and the `/metrics` body;
+//! - [`console`]: the live deployment console, fed by each run's journal.
 //!
 //! This module wires them together ([`serve`]); it must not execute playbooks
 //! itself (that is the launcher's job) nor parse command lines.
 
+pub mod console;
 pub mod control;
 pub mod files;
 pub mod generation;
