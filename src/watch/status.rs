@@ -218,6 +218,16 @@ async fn status_json(State(page): State<Page>) -> Response {
     plain(StatusCode::OK, "application/json", body)
 }
 
+/// `?snapshot` on the page (passed on to `/events`): the stream ends after its
+/// first event, so a headless browser that waits for the network to go quiet
+/// (a screenshot, a printout) gets the page drawn from one event.
+fn snapshot(uri: &axum::http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "snapshot" || p.starts_with("snapshot="))
+    })
+}
+
 /// The service's status with the newest run's console as `console`.
 fn with_console(service: &Service) -> serde_json::Value {
     let mut status = service.status();
@@ -256,7 +266,7 @@ async fn not_found(method: axum::http::Method) -> Response {
     )
 }
 
-async fn events(State(page): State<Page>) -> Response {
+async fn events(State(page): State<Page>, uri: axum::http::Uri) -> Response {
     let Ok(permit) = page.streams.clone().try_acquire_owned() else {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -273,6 +283,7 @@ async fn events(State(page): State<Page>) -> Response {
         deadline: tokio::time::Instant,
         _permit: OwnedSemaphorePermit,
     }
+    let once = snapshot(&uri);
     let st = St {
         service: page.service.clone(),
         rx,
@@ -280,7 +291,10 @@ async fn events(State(page): State<Page>) -> Response {
         deadline,
         _permit: permit,
     };
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
+    let stream = futures_util::stream::unfold(st, move |mut st| async move {
+        if !st.first && once {
+            return None;
+        }
         if !st.first {
             let changed = tokio::time::timeout_at(st.deadline, st.rx.changed()).await;
             match changed {
@@ -466,7 +480,7 @@ function render(s){
   document.getElementById('files').innerHTML=g?table(['file','kind','sha256'],g.files.map(f=>[esc(f.path),esc(f.kind),'<code>'+esc(f.sha256)+'</code>'])):'';
 }
 fetch('status.json').then(r=>r.json()).then(render);
-const es=new EventSource('events');es.addEventListener('status',ev=>{const s=JSON.parse(ev.data);render(s);renderConsole(s.console)});
+const es=new EventSource('events'+location.search);es.addEventListener('status',ev=>{const s=JSON.parse(ev.data);render(s);renderConsole(s.console)});
 </script>
 <script>
 // The console redraws on each event of the stream, never by reloading the page.
