@@ -1,5 +1,5 @@
 //! The deployment console: a live model of the runs `watch` started, built from
-//! their journal records as they are written (a [`JournalTap`] on each run's
+//! their journal records as they are written (a [`JournalTap`](crate::journal::JournalTap) on each run's
 //! journal) and served by the status page as JSON and over its event stream.
 //!
 //! It holds, per run: the counts (targeted, patched, in progress, failed,
