@@ -21,9 +21,10 @@ use patchbook::journal::{read_records, Entry};
 use serde_json::Value;
 use support::{lab_project, patchbook_in, text, Lab};
 
-/// Three waves of two hosts; each wave pauses, then a closure gate passes.
+/// Three waves of two hosts; each wave pauses (12 s unless `--param pause=`), then
+/// a closure gate passes.
 const FLEET: &str = r#"
-rollout(hosts("all"), #{ waves: [2, 2, 2], parallel: 2, pause: "12s", gate: || true }, |h| {
+rollout(hosts("all"), #{ waves: [2, 2, 2], parallel: 2, pause: param("pause", "12s"), gate: || true }, |h| {
     exec(h, ["sh", "-c", "head -c 20000 /dev/zero | od > /dev/null; true"]);
 });
 "#;
@@ -384,4 +385,45 @@ fn the_console_follows_a_live_run_in_headless_chromium() {
     let done = watch.wait("the end of the run", |c| c["finished"] == true);
     assert_eq!(done["tally"]["patched"], 6);
     watch.stop();
+
+    // The report sums the run's samples up, network included.
+    let out = patchbook_in(dir)
+        .args(["report", &run, "--format", "html"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let html = String::from_utf8_lossy(&out.stdout);
+    for class in [
+        "controller-sent",
+        "controller-received",
+        "controller-connections",
+    ] {
+        assert!(number_in_class(&html, class) > 0, "{class}: {html}");
+    }
+
+    // The progress line of a plain run carries the same figures.
+    let out = patchbook_in(dir)
+        .args(["run"])
+        .arg(dir.join("scripts/fleet.rhai"))
+        .args(["--param", "pause=1s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let done_line = progress
+        .lines()
+        .find(|l| l.contains("run done:"))
+        .unwrap_or_else(|| panic!("{progress}"));
+    assert!(
+        done_line.contains("| controller cpu ") && !done_line.contains(" 0 conns"),
+        "{done_line}"
+    );
+}
+
+fn number_in_class(html: &str, class: &str) -> u64 {
+    let key = format!("class=\"{class}\">");
+    let from = html.find(&key).unwrap_or_else(|| panic!("no {class}")) + key.len();
+    html[from..from + html[from..].find('<').unwrap()]
+        .parse()
+        .unwrap()
 }
