@@ -1,6 +1,8 @@
 //! Live progress of a rollout on the terminal: bars on a TTY, one plain line per
-//! state change elsewhere, one JSON event per line with `--json`. It only renders
-//! events; the journal is written before any of this runs.
+//! state change elsewhere, one JSON event per line with `--json`. The bar and the
+//! lines end with the controller's own CPU, memory, TCP traffic and connections
+//! ([`crate::run::usage`], read at most once a second). It only renders events;
+//! the journal is written before any of this runs.
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
@@ -77,9 +79,45 @@ struct Tally {
     rolled_back: usize,
     in_flight: usize,
     wave: String,
+    /// The controller's figures and when they were read.
+    controller: Option<(std::time::Instant, String)>,
+}
+
+/// How often the progress line reads the controller's figures again.
+const CONTROLLER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The controller's figures as the progress line shows them.
+pub fn controller_figures(u: &crate::journal::entry::ControllerUsage) -> String {
+    #[allow(clippy::cast_precision_loss)] // display only: KiB and MiB to one decimal
+    let k = |b: u64| b as f64 / 1024.0;
+    format!(
+        "controller cpu {:.1}s mem {:.1} MiB net {:.1}/{:.1} KiB sent/received {} conns",
+        u.cpu_seconds,
+        k(u.rss_kib),
+        k(u.bytes_sent),
+        k(u.bytes_received),
+        u.connections
+    )
 }
 
 impl Tally {
+    /// The controller's figures, read again when [`CONTROLLER_EVERY`] passed.
+    fn controller(&mut self, at: DateTime<Utc>) -> String {
+        let fresh = self
+            .controller
+            .as_ref()
+            .is_some_and(|(t, _)| t.elapsed() < CONTROLLER_EVERY);
+        if !fresh {
+            if let Some(u) = crate::run::usage::read(at) {
+                self.controller = Some((std::time::Instant::now(), controller_figures(&u)));
+            }
+        }
+        self.controller
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    }
+
     fn line(&self) -> String {
         let pending = self
             .targeted
@@ -143,7 +181,13 @@ pub fn sink(style: Style, run: &str) -> EventSink {
         Style::Lines => Arc::new(move |at: DateTime<Utc>, e: &RolloutEvent| {
             let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
             t.apply(e);
-            let line = format!("{} {}  [{}]", at.format("%H:%M:%S"), describe(e), t.line());
+            let controller = t.controller(at);
+            let line = format!(
+                "{} {}  [{} | {controller}]",
+                at.format("%H:%M:%S"),
+                describe(e),
+                t.line()
+            );
             eprintln!("{}", escape_controls(&crate::journal::scrub(&line)));
         }),
         Style::Bars => {
@@ -154,12 +198,15 @@ pub fn sink(style: Style, run: &str) -> EventSink {
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );
-            Arc::new(move |_at: DateTime<Utc>, e: &RolloutEvent| {
+            Arc::new(move |at: DateTime<Utc>, e: &RolloutEvent| {
                 let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
                 t.apply(e);
                 bar.set_length(t.targeted as u64);
                 bar.set_position((t.done + t.failed + t.unreachable) as u64);
-                bar.set_message(escape_controls(&t.line()).into_owned());
+                let controller = t.controller(at);
+                bar.set_message(
+                    escape_controls(&format!("{} | {controller}", t.line())).into_owned(),
+                );
                 match e {
                     RolloutEvent::HostFailed { .. }
                     | RolloutEvent::HostUnreachable { .. }
@@ -219,5 +266,29 @@ pub fn describe(e: &RolloutEvent) -> String {
                 t.targeted, t.done, t.failed, t.unreachable, t.rolled_back, t.pending
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line_carries_the_controllers_figures() {
+        let mut t = Tally::default();
+        t.apply(&RolloutEvent::RunStarted {
+            targets: 2,
+            waves: 1,
+            parallel: 1,
+            allowed_failures: 0,
+        });
+        let figures = t.controller(Utc::now());
+        assert!(figures.starts_with("controller cpu "), "{figures}");
+        assert!(
+            figures.contains(" MiB net ") && figures.ends_with(" conns"),
+            "{figures}"
+        );
+        // Read again only after a second: the same text within it.
+        assert_eq!(t.controller(Utc::now()), figures);
     }
 }

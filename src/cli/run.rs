@@ -1045,6 +1045,9 @@ impl crate::watch::Launcher for RolloutLauncher {
         let anchor = rt.anchor().map_err(|e| e.to_string())?;
         let journal = Journal::begin_with(&rt.state_dir, &req.run_id, &rt.operator, &head, anchor)
             .map_err(|e| e.to_string())?;
+        if let Some(tap) = &req.tap {
+            let _ = journal.set_tap(tap.clone());
+        }
         progress(ProgressCounts::default());
         let (tx, rx) = std::sync::mpsc::channel::<ProgressCounts>();
         let counts = std::sync::Mutex::new(ProgressCounts::default());

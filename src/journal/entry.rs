@@ -349,6 +349,17 @@ pub struct ControllerUsage {
     /// sockets alike (`/proc/self/io` rchar and wchar).
     pub read_bytes: u64,
     pub written_bytes: u64,
+    /// Bytes sent and received over TCP (SSH sessions, HTTP clients) since the
+    /// process started, from the kernel's count of each connection (`TCP_INFO`
+    /// bytes acked and received); a connection that closed between two samples
+    /// counts up to the last sample that saw it open.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// TCP connections established at the sample (listeners not counted).
+    #[serde(default)]
+    pub connections: u64,
 }
 
 /// `data` of `rollout.rehearsal`.
@@ -1636,6 +1647,9 @@ mod tests {
                 sockets: 5,
                 read_bytes: 1 << 20,
                 written_bytes: 1 << 16,
+                bytes_sent: 48_000,
+                bytes_received: 310_000,
+                connections: 4,
             }),
             Entry::Unknown {
                 kind: "wave.paused.v9".into(),

@@ -704,6 +704,20 @@ pub struct Journal {
     /// The last seq on disk when this process opened the run: records up to it
     /// were written by an earlier process (0 for a run this process began).
     opened_at: u64,
+    /// Shown each record as it is written ([`Journal::set_tap`]).
+    tap: std::sync::OnceLock<JournalTap>,
+}
+
+/// A function shown every record of a journal as it is written, in order, for a
+/// live view of the run (`watch`'s console). It runs under the append lock, so it
+/// must be quick and must not write to the same journal.
+#[derive(Clone)]
+pub struct JournalTap(pub std::sync::Arc<dyn Fn(&Record) + Send + Sync>);
+
+impl std::fmt::Debug for JournalTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JournalTap")
+    }
 }
 
 /// With a signing key, a durable record at least this many records after the last
@@ -810,6 +824,7 @@ impl Journal {
             anchor,
             checkpointed: Mutex::new(0),
             opened_at: 0,
+            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -991,6 +1006,7 @@ impl Journal {
             anchor,
             checkpointed: Mutex::new(seq),
             opened_at: seq,
+            tap: std::sync::OnceLock::new(),
         };
         if let Some(dropped) = torn {
             j.append_entry(
@@ -1046,6 +1062,13 @@ impl Journal {
     /// Who holds this run's lock: this process.
     pub fn holder(&self) -> &lock::Holder {
         self.lock.holder_note()
+    }
+
+    /// Shows every record written from now on to `tap` as well (records written
+    /// before are not replayed). A journal has at most one tap; a second is refused
+    /// and returned.
+    pub fn set_tap(&self, tap: JournalTap) -> Result<(), JournalTap> {
+        self.tap.set(tap)
     }
 
     /// Appends one typed record and fsyncs it before returning. Secrets are
@@ -1163,6 +1186,9 @@ impl Journal {
             tail.by_host.entry(h.clone()).or_default().push(rec.clone());
         }
         self.written.store(rec.seq, Ordering::Release);
+        if let Some(tap) = self.tap.get() {
+            (tap.0)(&rec);
+        }
         Ok(rec)
     }
 

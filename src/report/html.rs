@@ -229,7 +229,7 @@ pub fn render(r: &RunReport) -> String {
     if let Some(c) = &r.controller {
         let _ = writeln!(
             o,
-            "<section id=\"controller\"><h2>Controller</h2><p>CPU <span class=\"controller-cpu\">{:.2}</span> s, peak memory {} MiB {}, up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.</p></section>",
+            "<section id=\"controller\"><h2>Controller</h2><p>CPU <span class=\"controller-cpu\">{:.2}</span> s, peak memory {} MiB {}, up to {} sockets and {} threads, {} KiB read and {} KiB written, over {} samples.</p>",
             c.cpu_seconds,
             c.peak_rss_kib / 1024,
             super::sparkline::svg(&super::sparkline::series(&c.rss_kib)),
@@ -238,6 +238,13 @@ pub fn render(r: &RunReport) -> String {
             c.read_bytes / 1024,
             c.written_bytes / 1024,
             c.samples
+        );
+        let _ = writeln!(
+            o,
+            "<p>Network: <span class=\"controller-sent\">{}</span> KiB sent and <span class=\"controller-received\">{}</span> KiB received over TCP, up to <span class=\"controller-connections\">{}</span> connections open.</p></section>",
+            c.bytes_sent / 1024,
+            c.bytes_received / 1024,
+            c.max_connections
         );
     }
 

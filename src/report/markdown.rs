@@ -277,6 +277,13 @@ pub fn render(r: &RunReport) -> String {
             c.written_bytes / 1024,
             c.samples
         );
+        let _ = writeln!(
+            o,
+            "Network: {} KiB sent and {} KiB received over TCP, up to {} connections open.",
+            c.bytes_sent / 1024,
+            c.bytes_received / 1024,
+            c.max_connections
+        );
     }
 
     if !r.gates.is_empty() {

@@ -105,6 +105,11 @@ pub struct ControllerReport {
     pub written_bytes: u64,
     /// Resident memory at each sample, for a sparkline.
     pub rss_kib: Vec<u64>,
+    /// TCP bytes sent and received between the first and the last sample.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Most TCP connections open at one sample.
+    pub max_connections: u64,
 }
 
 impl ControllerReport {
@@ -119,6 +124,9 @@ impl ControllerReport {
             read_bytes: last.read_bytes.saturating_sub(first.read_bytes),
             written_bytes: last.written_bytes.saturating_sub(first.written_bytes),
             rss_kib: samples.iter().map(|u| u.rss_kib).collect(),
+            bytes_sent: last.bytes_sent.saturating_sub(first.bytes_sent),
+            bytes_received: last.bytes_received.saturating_sub(first.bytes_received),
+            max_connections: samples.iter().map(|u| u.connections).max().unwrap_or(0),
         })
     }
 }

@@ -328,10 +328,14 @@ impl RunControl {
             }
         }
         (self.sink)(at, event);
+        // A pause or soak between waves is sampled too: the console shows the
+        // controller's figures while the run waits, with the wave's connections.
         let edge = matches!(
             event,
             RolloutEvent::RunStarted { .. }
                 | RolloutEvent::WaveStarted { .. }
+                | RolloutEvent::Paused { .. }
+                | RolloutEvent::Soaking { .. }
                 | RolloutEvent::RunDone { .. }
         );
         if !self.planning() && self.usage_pace.due(edge) {

@@ -57,6 +57,9 @@ pub struct LaunchRequest {
     /// `param()` values the trigger gave (`patchbook trigger NAME --param k=v`);
     /// scheduled runs have none.
     pub params: BTreeMap<String, String>,
+    /// Shown every record of the run's journal as it is written (the service's
+    /// console); a launcher sets it on the journal it opens.
+    pub tap: Option<crate::journal::JournalTap>,
 }
 
 /// How a run ended.
@@ -199,6 +202,9 @@ impl Launcher for ScriptLauncher {
             ),
             None => None,
         };
+        if let (Some(j), Some(tap)) = (&journal, &req.tap) {
+            let _ = j.set_tap(tap.clone());
+        }
         let journal = journal.map(Arc::new);
         // With a runtime, the playbook's primitives journal into this run's journal.
         let mut run = match (&self.runtime, &journal) {

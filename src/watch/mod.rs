@@ -12,10 +12,12 @@
 //! - [`status`]: the status page, `/status.json`, `/events` and `/metrics`;
 //! - [`metrics`]: the Prometheus meters and the `/metrics` body;
 //! - [`scan`]: the scheduled advisory scan (`[advisories] scan`) on its own thread.
+//! - [`console`]: the live deployment console, fed by each run's journal.
 //!
 //! This module wires them together ([`serve`]); it must not execute playbooks
 //! itself (that is the launcher's job) nor parse command lines.
 
+pub mod console;
 pub mod control;
 pub mod files;
 pub mod generation;

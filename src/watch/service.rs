@@ -131,6 +131,8 @@ pub struct Service {
     reload_lock: Mutex<()>,
     meters: Meters,
     soaks: Arc<SoakBoard>,
+    /// The deployment console, fed by the runs' journals.
+    console: super::console::Board,
 }
 
 /// The service's numbers at one moment, for `/metrics`.
@@ -162,6 +164,7 @@ impl Service {
             reload_lock: Mutex::new(()),
             meters: Meters::default(),
             soaks: Arc::new(SoakBoard::default()),
+            console: super::console::Board::default(),
         })
     }
 
@@ -180,6 +183,25 @@ impl Service {
     /// The live generation, if any compiled yet.
     pub fn live(&self) -> Option<Arc<Generation>> {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The deployment console of the latest runs.
+    pub fn console(&self) -> &super::console::Board {
+        &self.console
+    }
+
+    /// Shows the console (and the event stream) each record of run `run_id`.
+    /// Holds the service weakly: a journal outliving it feeds nothing.
+    fn console_tap(self: &Arc<Self>, playbook: &str, run_id: &str) -> crate::journal::JournalTap {
+        self.console.start(run_id, playbook);
+        let me = Arc::downgrade(self);
+        let run = run_id.to_string();
+        crate::journal::JournalTap(Arc::new(move |rec: &crate::journal::Record| {
+            if let Some(s) = me.upgrade() {
+                s.console.apply(&run, rec);
+                s.changed();
+            }
+        }))
     }
 
     /// Bumped on every change the status page shows.
@@ -371,6 +393,7 @@ impl Service {
             run_id: run_id.clone(),
             cause,
             params,
+            tap: Some(self.console_tap(&key, &run_id)),
         };
         let me = self.clone();
         let spawned = std::thread::Builder::new()

@@ -1,7 +1,9 @@
 //! The read-only status page: `GET /` (a small self-contained HTML page),
 //! `GET /status.json`, `GET /events` (server-sent events, one `status` event
 //! per change plus a comment every 5 s to keep proxies from closing the stream),
-//! and `GET /metrics` for Prometheus ([`super::metrics`]).
+//! `GET /console.json` (the deployment console of the latest runs,
+//! [`super::console`]; the newest is also `console` in every status) and
+//! `GET /metrics` for Prometheus ([`super::metrics`]).
 //!
 //! It binds to loopback unless the operator passes `--public-status`: the page names
 //! files, hashes and errors, which is not for the whole network. Every other method
@@ -93,6 +95,7 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
         .route("/status.json", get(status_json))
         .route("/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/console.json", get(console_json))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             page.clone(),
@@ -211,7 +214,32 @@ async fn index() -> Response {
 }
 
 async fn status_json(State(page): State<Page>) -> Response {
-    let body = serde_json::to_string_pretty(&page.service.status()).unwrap_or_default();
+    let body = serde_json::to_string_pretty(&with_console(&page.service)).unwrap_or_default();
+    plain(StatusCode::OK, "application/json", body)
+}
+
+/// `?snapshot` on the page (passed on to `/events`): the stream ends after its
+/// first event, so a headless browser that waits for the network to go quiet
+/// (a screenshot, a printout) gets the page drawn from one event.
+fn snapshot(uri: &axum::http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "snapshot" || p.starts_with("snapshot="))
+    })
+}
+
+/// The service's status with the newest run's console as `console`.
+fn with_console(service: &Service) -> serde_json::Value {
+    let mut status = service.status();
+    if let serde_json::Value::Object(m) = &mut status {
+        let console = serde_json::to_value(service.console().latest()).unwrap_or_default();
+        m.insert("console".into(), console);
+    }
+    status
+}
+
+async fn console_json(State(page): State<Page>) -> Response {
+    let body = serde_json::to_string_pretty(&page.service.console().runs()).unwrap_or_default();
     plain(StatusCode::OK, "application/json", body)
 }
 
@@ -234,11 +262,11 @@ async fn not_found(method: axum::http::Method) -> Response {
     plain(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found; try /, /status.json, /events or /metrics\n".into(),
+        "not found; try /, /status.json, /console.json, /events or /metrics\n".into(),
     )
 }
 
-async fn events(State(page): State<Page>) -> Response {
+async fn events(State(page): State<Page>, uri: axum::http::Uri) -> Response {
     let Ok(permit) = page.streams.clone().try_acquire_owned() else {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -255,6 +283,7 @@ async fn events(State(page): State<Page>) -> Response {
         deadline: tokio::time::Instant,
         _permit: OwnedSemaphorePermit,
     }
+    let once = snapshot(&uri);
     let st = St {
         service: page.service.clone(),
         rx,
@@ -262,7 +291,10 @@ async fn events(State(page): State<Page>) -> Response {
         deadline,
         _permit: permit,
     };
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
+    let stream = futures_util::stream::unfold(st, move |mut st| async move {
+        if !st.first && once {
+            return None;
+        }
         if !st.first {
             let changed = tokio::time::timeout_at(st.deadline, st.rx.changed()).await;
             match changed {
@@ -275,7 +307,7 @@ async fn events(State(page): State<Page>) -> Response {
         }
         st.first = false;
         st.rx.borrow_and_update();
-        let data = serde_json::to_string(&st.service.status()).unwrap_or_default();
+        let data = serde_json::to_string(&with_console(&st.service)).unwrap_or_default();
         let ev = Event::default().event("status").data(data);
         Some((Ok::<_, std::convert::Infallible>(ev), st))
     });
@@ -422,9 +454,12 @@ h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}
 code,pre{font:12px ui-monospace,monospace}pre{background:#fee;padding:8px;white-space:pre-wrap}
 .ok{color:#070}.bad{color:#b00}
+.counts span{display:inline-block;min-width:6em;margin-right:8px;padding:6px 10px;background:#f3f3f3;border-radius:4px}
+.counts b{display:block;font-size:1.6em}.state-in_progress{color:#a60}.state-failed,.state-unreachable{color:#b00}.state-patched{color:#070}
 </style></head><body>
 <h1>patchbook watch</h1>
 <div id="gen">connecting…</div>
+<h2>Deployment console</h2><div id="console" data-updates="0"><p>waiting for the event stream…</p></div>
 <h2>Last reload error</h2><div id="err"></div>
 <h2>Run in flight</h2><div id="runs"></div>
 <h2>Scheduled runs</h2><div id="sched"></div>
@@ -447,7 +482,30 @@ function render(s){
   document.getElementById('files').innerHTML=g?table(['file','kind','sha256'],g.files.map(f=>[esc(f.path),esc(f.kind),'<code>'+esc(f.sha256)+'</code>'])):'';
 }
 fetch('status.json').then(r=>r.json()).then(render);
-const es=new EventSource('events');es.addEventListener('status',ev=>render(JSON.parse(ev.data)));
+const es=new EventSource('events'+location.search);es.addEventListener('status',ev=>{const s=JSON.parse(ev.data);render(s);renderConsole(s.console)});
+</script>
+<script>
+// The console redraws on each event of the stream, never by reloading the page.
+let updates=0;
+const kib=b=>(Number(b||0)/1024).toFixed(1);
+function left(until){const s=Math.max(0,(Date.parse(until)-Date.now())/1000);return s>0?`${s.toFixed(0)} s left`:'over';}
+function renderConsole(c){
+  const el=document.getElementById('console');updates++;el.dataset.updates=updates;
+  if(!c){el.innerHTML='<p>no run yet</p>';return;}
+  el.dataset.run=c.run_id;el.dataset.seq=c.seq;el.dataset.finished=c.finished;
+  const t=c.tally,box=(k,label)=>`<span id="c-${k}">${label}<b>${t[k]}</b></span>`;
+  const u=c.controller;
+  const ctl=u?`Controller: CPU <span id="ctl-cpu">${u.cpu_seconds.toFixed(2)}</span> s · memory <span id="ctl-rss">${(u.rss_kib/1024).toFixed(1)}</span> MiB · sent <span id="ctl-sent">${kib(u.bytes_sent)}</span> KiB · received <span id="ctl-received">${kib(u.bytes_received)}</span> KiB · <span id="ctl-connections">${u.connections}</span> connections open (sample ${c.controller_samples}, ${esc(u.at)})`:'Controller: no sample yet';
+  const timers=w=>w.timers.map(x=>`${esc(x.kind)} ${x.seconds.toFixed(0)} s, <span class="timer" data-until="${esc(x.until)}">${left(x.until)}</span>`).join('<br>');
+  const gate=g=>g?`<span class="${g.passed?'ok':'bad'}">${g.passed?'passed':'FAILED'}</span> (${esc(g.check)}: ${esc(g.detail)})`:'—';
+  el.innerHTML=`<p>run <code>${esc(c.run_id)}</code> (${esc(c.playbook)})${c.finished?' · finished':''}${c.stopped?` · <b class="bad">stopped: ${esc(c.stopped)}</b>`:''}</p>`+
+    `<div class="counts">${box('targeted','targeted')}${box('patched','patched')}${box('in_progress','in progress')}${box('failed','failed')}${box('unreachable','unreachable')}${box('pending','pending')}</div>`+
+    `<p id="controller">${ctl}</p><h3>Waves</h3>`+
+    table(['wave','hosts','state','gate','soak / pause'],c.waves.map(w=>[esc(w.label),w.hosts.length,`<span class="wave" data-state="${w.state}">${esc(w.state)}</span>`,gate(w.gate),timers(w)]))+
+    '<h3>Hosts</h3>'+
+    table(['host','wave','state','last step'],c.hosts.map(h=>[esc(h.name),h.wave??'',`<span class="host state-${h.state}" data-host="${esc(h.name)}" data-state="${h.state}">${esc(h.state.replace('_',' '))}${h.rolled_back?' (rolled back)':''}</span>`,esc(h.last_step)]));
+}
+setInterval(()=>document.querySelectorAll('.timer').forEach(x=>x.textContent=left(x.dataset.until)),1000);
 </script></body></html>
 "#;
 
