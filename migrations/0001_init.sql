@@ -1,4 +1,4 @@
--- patchbook's PostgreSQL store, version 1: runs, their journal records, host claims.
+-- patchbook's PostgreSQL store, version 1: runs and their journal records.
 -- Applied once, in a transaction, by `journal::pg::connect`; the row it adds to
 -- schema_version says so. Never edit a released migration: add the next file.
 
@@ -26,10 +26,3 @@ CREATE TABLE records (
 );
 CREATE INDEX records_by_host ON records (run, host);
 
--- Which run holds which host, for controllers that share the store.
-CREATE TABLE host_claims (
-    host   text PRIMARY KEY,
-    run    text NOT NULL REFERENCES runs (run),
-    holder text NOT NULL,
-    since  timestamptz NOT NULL DEFAULT now()
-);
