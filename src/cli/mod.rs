@@ -48,7 +48,13 @@ pub struct Global {
     pub state_dir: Option<PathBuf>,
     /// Where runs and their journal records live: `postgres://USER@HOST/DB`, or
     /// `file` for the state directory (default: `[store] url`, else `file`).
-    #[arg(long, global = true, env = "PATCHBOOK_STORE", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "PATCHBOOK_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub store: Option<String>,
     /// How many hosts are worked on at once (default 50).
     #[arg(long, global = true)]
