@@ -73,6 +73,9 @@ pub struct Config {
     /// `[advisories]`: the advisory feeds `exposure` and `advisories()` read.
     #[serde(default)]
     pub advisories: AdvisoriesConfig,
+    /// `[store]`: where run records live (default: files in the state directory).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Folder this config was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -175,6 +178,17 @@ pub struct AuditConfig {
     /// Also send each signed index entry to the local syslog (`logger`).
     #[serde(default)]
     pub syslog: bool,
+}
+
+/// `[store]` in `patchbook.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://USER@HOST/DB` keeps runs and their journal records in
+    /// PostgreSQL; unset (or `file`) keeps them as files in the state directory.
+    /// `--store` and `PATCHBOOK_STORE` override it.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 /// `[advisories]` in `patchbook.toml`.

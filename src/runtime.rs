@@ -33,6 +33,8 @@ pub struct Options {
     pub known_hosts: Option<PathBuf>,
     pub accept_new_host_keys: bool,
     pub operator: Option<String>,
+    /// `--store` / `PATCHBOOK_STORE`: overrides `[store] url`.
+    pub store: Option<String>,
     /// The secrets store to use; `None` is the process's ([`Secrets::process`]),
     /// which the binary's log writer reads.
     pub secrets: Option<Secrets>,
@@ -63,6 +65,8 @@ pub struct Runtime {
     pub config: Config,
     pub inventory: Inventory,
     pub state_dir: PathBuf,
+    /// Where run records live: `--store`, else `[store] url`, else the state directory.
+    store_url: Option<String>,
     pub forks: usize,
     pub operator: String,
     /// Every value shown as `***`: from the config, the inventory and `secret()`.
@@ -104,10 +108,12 @@ impl Runtime {
         for secret in configured_secrets(&config, &inventory) {
             secrets.add(&secret);
         }
+        let store_url = opts.store.clone().or_else(|| config.store.url.clone());
         Runtime {
             config,
             inventory,
             state_dir,
+            store_url,
             forks,
             operator,
             secrets,
@@ -285,6 +291,12 @@ impl Runtime {
             return Ok(Some(VerifyKey::load(spec, &self.config.base_dir)?));
         }
         Ok(self.anchor()?.map(|a| a.signer.verify_key()))
+    }
+
+    /// The store of this runtime's runs: PostgreSQL when `--store` or `[store] url`
+    /// names one, else the run files of the state directory.
+    pub fn store(&self) -> Result<crate::journal::Store, crate::journal::JournalError> {
+        crate::journal::Store::from_url(&self.state_dir, self.store_url.as_deref())
     }
 
     pub fn ensure_state_dir(&self) -> Result<(), RuntimeError> {

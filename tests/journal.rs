@@ -11,12 +11,172 @@ use std::time::{Duration, Instant};
 use patchbook::journal::audit::{self, Problem, Verdict};
 use patchbook::journal::index::{self, IndexEvent};
 use patchbook::journal::lock::{self, RunLock};
-use patchbook::journal::state::{list_runs, RunState};
+use patchbook::journal::state::{list_runs_in, RunState};
 use patchbook::journal::{
-    kind, read_records, BackupRef, Journal, JournalError, Record, RunHeader, StepId, UndoStep,
-    GENESIS,
+    kind, read_records, BackupRef, Journal, JournalError, Record, RunHeader, StepId, Store,
+    UndoStep, GENESIS,
 };
 use serde_json::json;
+
+#[cfg(feature = "lab")]
+#[path = "support/postgres.rs"]
+mod postgres;
+
+/// The store a test of the shared suite runs against: run files in a temporary
+/// state directory, or a private PostgreSQL server (with a state directory for the
+/// lock and the audit index). The tests at the end of this file run each suite
+/// test on both.
+struct TestStore {
+    dir: tempfile::TempDir,
+    store: Store,
+    #[cfg(feature = "lab")]
+    _pg: Option<postgres::PgServer>,
+}
+
+impl TestStore {
+    fn files() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        TestStore {
+            store: Store::file(dir.path()),
+            dir,
+            #[cfg(feature = "lab")]
+            _pg: None,
+        }
+    }
+
+    #[cfg(feature = "lab")]
+    fn postgres() -> Self {
+        let pg = postgres::PgServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        TestStore {
+            store: Store::from_url(dir.path(), Some(&pg.url)).unwrap(),
+            dir,
+            _pg: Some(pg),
+        }
+    }
+
+    fn state(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn url(&self) -> Option<&str> {
+        match &self.store {
+            Store::Postgres { url, .. } => Some(url),
+            Store::File { .. } => None,
+        }
+    }
+
+    fn client(&self) -> ::postgres::Client {
+        ::postgres::Client::connect(self.url().unwrap(), ::postgres::NoTls).unwrap()
+    }
+
+    /// A run's records as stored: the file's lines, or the rows' lines by seq.
+    fn lines(&self, run: &str) -> Vec<String> {
+        if self.url().is_none() {
+            return lines(&run_file(self.state(), run));
+        }
+        self.client()
+            .query(
+                "SELECT line FROM records WHERE run = $1 ORDER BY seq",
+                &[&run],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Replaces a run's records as someone with write access to the store would:
+    /// the file's lines, or the rows (row N holds line N).
+    fn write_lines(&self, run: &str, new: &[String]) {
+        if self.url().is_none() {
+            return write_lines(&run_file(self.state(), run), new);
+        }
+        let mut c = self.client();
+        c.execute("DELETE FROM records WHERE run = $1", &[&run])
+            .unwrap();
+        for (i, line) in new.iter().enumerate() {
+            let seq = i64::try_from(i).unwrap() + 1;
+            c.execute(
+                "INSERT INTO records (run, seq, ts, host, kind, prev, hash, line) \
+                 VALUES ($1, $2, '', NULL, '', '', '', $3)",
+                &[&run, &seq, line],
+            )
+            .unwrap();
+        }
+    }
+
+    fn write_rechained(&self, run: &str, mut records: Vec<Record>) {
+        let mut prev = GENESIS.to_string();
+        for (i, r) in records.iter_mut().enumerate() {
+            r.seq = i as u64 + 1;
+            r.prev = prev.clone();
+            r.hash = r.compute_hash();
+            prev = r.hash.clone();
+        }
+        let lines: Vec<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        self.write_lines(run, &lines);
+    }
+
+    fn tampered(&self, run: &str) -> (Problem, u64) {
+        let report = audit::verify_in(&self.store, Some(run), &Default::default()).unwrap();
+        assert!(!report.intact(), "tampering not detected: {report:?}");
+        match &report.run(run).unwrap().verdict {
+            Verdict::Tampered {
+                problem,
+                last_good_seq,
+            } => (problem.clone(), *last_good_seq),
+            other => panic!("expected a tampered verdict, got {other:?}"),
+        }
+    }
+
+    /// `patchbook --state-dir STATE [--store URL] [--json] audit verify [RUN]`.
+    fn cli_verify(&self, run: Option<&str>, json: bool) -> (i32, String, String) {
+        let cwd = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchbook"));
+        cmd.current_dir(cwd.path())
+            .env_remove("PATCHBOOK_STORE")
+            .arg("--state-dir")
+            .arg(self.state());
+        if let Some(url) = self.url() {
+            cmd.args(["--store", url]);
+        }
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["audit", "verify"]);
+        if let Some(r) = run {
+            cmd.arg(r);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn assert_cli_tampered(&self, run: &str, needle: &str) {
+        let (code, out, err) = self.cli_verify(None, false);
+        assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{run}  ")))
+            .unwrap_or_else(|| panic!("no line for {run} in:\n{out}"));
+        assert!(line.contains("TAMPERED"), "{line}");
+        assert!(line.contains(needle), "expected `{needle}` in: {line}");
+    }
+
+    /// [`closed_run`] in this store.
+    fn closed_run(&self, run: &str) -> Vec<Record> {
+        let j = Journal::begin_in(&self.store, run, "alice", &header(), None).unwrap();
+        fill_closed_run(j);
+        self.store.read_records(run).unwrap()
+    }
+}
 
 fn header() -> RunHeader {
     RunHeader::new(
@@ -39,7 +199,11 @@ fn reinstall(version: &str) -> UndoStep {
 
 /// A closed run: header, two hosts with a backup and a deploy each, close.
 fn closed_run(state: &Path, run: &str) -> Vec<Record> {
-    let j = Journal::begin(state, run, "alice", &header()).unwrap();
+    fill_closed_run(Journal::begin(state, run, "alice", &header()).unwrap());
+    read_records(&Journal::run_path(state, run)).unwrap()
+}
+
+fn fill_closed_run(j: Journal) {
     for host in ["web1", "web2"] {
         let b = j
             .intent(host, "backup", json!({"paths": ["/etc/acme"]}))
@@ -54,7 +218,6 @@ fn closed_run(state: &Path, run: &str) -> Vec<Record> {
         j.host_finished(host, true, Default::default()).unwrap();
     }
     j.close().unwrap();
-    read_records(&Journal::run_path(state, run)).unwrap()
 }
 
 fn run_file(state: &Path, run: &str) -> PathBuf {
@@ -134,11 +297,9 @@ fn assert_cli_tampered(state: &Path, run: &str, needle: &str) {
     assert!(line.contains(needle), "expected `{needle}` in: {line}");
 }
 
-#[test]
-fn intact_runs_pass_with_exit_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let recs = closed_run(dir.path(), "r1");
-    closed_run(dir.path(), "r2");
+fn intact_runs_pass_with_exit_zero(s: &TestStore) {
+    let recs = s.closed_run("r1");
+    s.closed_run("r2");
     assert_eq!(recs.len(), 12);
     assert_eq!(recs[0].kind, kind::RUN_START);
     assert_eq!(recs[0].data["patchbook_version"], env!("CARGO_PKG_VERSION"));
@@ -147,7 +308,7 @@ fn intact_runs_pass_with_exit_zero() {
     assert!(recs.iter().all(|r| r.operator == "alice"));
     assert!(chrono::DateTime::parse_from_rfc3339(&recs[3].ts).is_ok());
 
-    let report = audit::verify(dir.path(), None).unwrap();
+    let report = audit::verify_in(&s.store, None, &Default::default()).unwrap();
     assert!(report.intact());
     assert_eq!(
         report.run("r1").unwrap().verdict,
@@ -156,36 +317,26 @@ fn intact_runs_pass_with_exit_zero() {
             final_hash: recs[11].hash.clone()
         }
     );
-    let (code, out, err) = cli_verify(dir.path(), None);
+    let (code, out, err) = s.cli_verify(None, false);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("r1  OK  12 records, closed"), "{out}");
     assert!(out.contains("r2  OK  12 records, closed"), "{out}");
     assert!(out.contains("audit-index.jsonl  OK  4 entries"), "{out}");
-    let (code, out, _) = cli_verify(dir.path(), Some("r2"));
+    let (code, out, _) = s.cli_verify(Some("r2"), false);
     assert_eq!(code, 0);
     assert!(out.contains("r2  OK") && !out.contains("r1"), "{out}");
 }
 
-#[test]
-fn deleted_record_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    closed_run(dir.path(), "r1");
-    let path = run_file(dir.path(), "r1");
-    let mut l = lines(&path);
+fn deleted_record_is_detected(s: &TestStore) {
+    s.closed_run("r1");
+    let mut l = s.lines("r1");
     l.remove(4); // seq 5
-    write_lines(&path, &l);
-    assert_eq!(tampered(dir.path(), "r1"), (Problem::Deleted { seq: 5 }, 4));
-    assert_cli_tampered(dir.path(), "r1", "record seq 5 deleted; last good seq 4");
+    s.write_lines("r1", &l);
+    assert_eq!(s.tampered("r1"), (Problem::Deleted { seq: 5 }, 4));
+    s.assert_cli_tampered("r1", "record seq 5 deleted; last good seq 4");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
-        .current_dir(dir.path())
-        .arg("--state-dir")
-        .arg(dir.path())
-        .args(["--json", "audit", "verify", "r1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (code, stdout, _) = s.cli_verify(Some("r1"), true);
+    assert_eq!(code, 1);
     let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(
         first,
@@ -193,18 +344,15 @@ fn deleted_record_is_detected() {
     );
 }
 
-#[test]
-fn edited_record_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    closed_run(dir.path(), "r1");
-    let path = run_file(dir.path(), "r1");
-    let l = lines(&path);
+fn edited_record_is_detected(s: &TestStore) {
+    s.closed_run("r1");
+    let l = s.lines("r1");
     let mut edited = l.clone();
     edited[2] = l[2].replace("\"ok\":true", "\"ok\":false");
     assert_ne!(edited[2], l[2]);
-    write_lines(&path, &edited);
-    assert_eq!(tampered(dir.path(), "r1"), (Problem::Edited { seq: 3 }, 2));
-    assert_cli_tampered(dir.path(), "r1", "record seq 3 edited");
+    s.write_lines("r1", &edited);
+    assert_eq!(s.tampered("r1"), (Problem::Edited { seq: 3 }, 2));
+    s.assert_cli_tampered("r1", "record seq 3 edited");
 
     // The same edit with that record's hash recomputed breaks the next link.
     let mut recs: Vec<Record> = l.iter().map(|x| serde_json::from_str(x).unwrap()).collect();
@@ -214,14 +362,11 @@ fn edited_record_is_detected() {
         .iter()
         .map(|r| serde_json::to_string(r).unwrap())
         .collect();
-    write_lines(&path, &rehashed);
-    assert_eq!(
-        tampered(dir.path(), "r1"),
-        (Problem::Unlinked { seq: 4 }, 3)
-    );
+    s.write_lines("r1", &rehashed);
+    assert_eq!(s.tampered("r1"), (Problem::Unlinked { seq: 4 }, 3));
 
     // Resume and rollback refuse to extend a broken chain.
-    match Journal::open(dir.path(), "r1", "bob") {
+    match Journal::open_in(&s.store, "r1", "bob", None) {
         Err(e @ JournalError::Tampered { .. }) => {
             let msg = e.to_string();
             assert!(
@@ -235,16 +380,13 @@ fn edited_record_is_detected() {
     }
 }
 
-#[test]
-fn reordered_records_are_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    closed_run(dir.path(), "r1");
-    let path = run_file(dir.path(), "r1");
-    let mut l = lines(&path);
+fn reordered_records_are_detected(s: &TestStore) {
+    s.closed_run("r1");
+    let mut l = s.lines("r1");
     l.swap(5, 6); // seq 6 and 7
-    write_lines(&path, &l);
+    s.write_lines("r1", &l);
     assert_eq!(
-        tampered(dir.path(), "r1"),
+        s.tampered("r1"),
         (
             Problem::Reordered {
                 seq: 7,
@@ -253,8 +395,7 @@ fn reordered_records_are_detected() {
             5
         )
     );
-    assert_cli_tampered(
-        dir.path(),
+    s.assert_cli_tampered(
         "r1",
         "records reordered: seq 7 appears where seq 6 belongs; last good seq 5",
     );
@@ -328,16 +469,14 @@ fn forged_record_appended_without_the_chain_is_detected() {
     );
 }
 
-#[test]
-fn forged_record_with_a_valid_chain_after_close_is_caught_by_the_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut recs = closed_run(dir.path(), "r1");
+fn forged_record_with_a_valid_chain_after_close_is_caught_by_the_index(s: &TestStore) {
+    let mut recs = s.closed_run("r1");
     let mut forged = recs[10].clone();
     forged.host = Some("db1".into());
     recs.push(forged);
-    write_rechained(&run_file(dir.path(), "r1"), recs);
+    s.write_rechained("r1", recs);
     assert_eq!(
-        tampered(dir.path(), "r1"),
+        s.tampered("r1"),
         (
             Problem::AfterClose {
                 seq: 13,
@@ -346,11 +485,7 @@ fn forged_record_with_a_valid_chain_after_close_is_caught_by_the_index() {
             12
         )
     );
-    assert_cli_tampered(
-        dir.path(),
-        "r1",
-        "appended after the run was closed at seq 12",
-    );
+    s.assert_cli_tampered("r1", "appended after the run was closed at seq 12");
 }
 
 #[test]
@@ -653,15 +788,13 @@ fn lock_held_by_another_process_names_it_and_dies_with_it() {
     assert_eq!(j.holder().pid, std::process::id());
 }
 
-#[test]
-fn intent_is_on_disk_before_the_step_acts() {
-    let dir = tempfile::tempdir().unwrap();
-    let j = Journal::begin(dir.path(), "r1", "alice", &header()).unwrap();
+fn intent_is_on_disk_before_the_step_acts(s: &TestStore) {
+    let j = Journal::begin_in(&s.store, "r1", "alice", &header(), None).unwrap();
     let id = j
         .intent("web1", "deploy", json!({"version": "1.0.1"}))
         .unwrap();
     // Another reader (a fresh process after a crash would be the same) sees it now.
-    let on_disk = read_records(&run_file(dir.path(), "r1")).unwrap();
+    let on_disk = s.store.read_records("r1").unwrap();
     let last = on_disk.last().unwrap();
     assert_eq!(last.seq, id.0);
     assert_eq!(last.kind, kind::STEP_INTENT);
@@ -669,10 +802,8 @@ fn intent_is_on_disk_before_the_step_acts() {
     assert_eq!(last.data["input"]["version"], "1.0.1");
 }
 
-#[test]
-fn outcomes_must_follow_their_own_open_intent() {
-    let dir = tempfile::tempdir().unwrap();
-    let j = Journal::begin(dir.path(), "r1", "alice", &header()).unwrap();
+fn outcomes_must_follow_their_own_open_intent(s: &TestStore) {
+    let j = Journal::begin_in(&s.store, "r1", "alice", &header(), None).unwrap();
     let id = j.intent("web1", "deploy", json!({})).unwrap();
     assert!(matches!(
         j.outcome("web2", id, true, json!({}), None),
@@ -693,10 +824,8 @@ fn outcomes_must_follow_their_own_open_intent() {
     ));
 }
 
-#[test]
-fn state_gives_open_intents_undo_order_and_deployment_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let j = Journal::begin(dir.path(), "r1", "alice", &header()).unwrap();
+fn state_gives_open_intents_undo_order_and_deployment_order(s: &TestStore) {
+    let j = Journal::begin_in(&s.store, "r1", "alice", &header(), None).unwrap();
     let restore = UndoStep::Restore {
         backups: vec![BackupRef {
             id: "b1".into(),
@@ -729,7 +858,7 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
         .unwrap();
     drop(j); // crash
 
-    let st = RunState::load(dir.path(), "r1").unwrap();
+    let st = RunState::load_in(&s.store, "r1").unwrap();
     assert_eq!(st.header.as_ref().unwrap().playbook_sha256, "a".repeat(64));
     assert_eq!(st.deploy_order, ["web2", "web1", "db1"]);
     assert_eq!(st.rollback_order(), ["db1", "web1", "web2"]);
@@ -751,7 +880,7 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
     assert!(!st.host("db1").unwrap().failed);
 
     // Resume in a fresh process: the open intent can be closed, undo steps applied.
-    let j = Journal::open(dir.path(), "r1", "bob").unwrap();
+    let j = Journal::open_in(&s.store, "r1", "bob", None).unwrap();
     j.outcome(
         "db1",
         open,
@@ -779,13 +908,11 @@ fn state_gives_open_intents_undo_order_and_deployment_order() {
     assert_eq!(j.records().unwrap().last().unwrap().operator, "bob");
 }
 
-#[test]
-fn list_runs_names_every_run_with_its_header() {
-    let dir = tempfile::tempdir().unwrap();
-    assert!(list_runs(dir.path()).unwrap().is_empty());
-    closed_run(dir.path(), "r1");
-    let j = Journal::begin(dir.path(), "r2", "bob", &header()).unwrap();
-    let runs = list_runs(dir.path()).unwrap();
+fn list_runs_names_every_run_with_its_header(s: &TestStore) {
+    assert!(list_runs_in(&s.store).unwrap().is_empty());
+    s.closed_run("r1");
+    let j = Journal::begin_in(&s.store, "r2", "bob", &header(), None).unwrap();
+    let runs = list_runs_in(&s.store).unwrap();
     assert_eq!(runs.len(), 2, "lock files are not runs: {runs:?}");
     assert_eq!(runs[0].run, "r1");
     assert!(runs[0].closed && !runs[1].closed);
@@ -798,19 +925,16 @@ fn list_runs_names_every_run_with_its_header() {
     drop(j);
 }
 
-#[test]
-fn audit_verify_of_an_unknown_run_exits_two() {
-    let dir = tempfile::tempdir().unwrap();
-    closed_run(dir.path(), "r1");
-    let (code, out, err) = cli_verify(dir.path(), Some("nope"));
+fn audit_verify_of_an_unknown_run_exits_two(s: &TestStore) {
+    s.closed_run("r1");
+    let (code, out, err) = s.cli_verify(Some("nope"), false);
     assert_eq!(code, 2, "{out}");
     assert!(err.contains("no run `nope`"), "{err}");
 }
 
-#[test]
-fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let j = std::sync::Arc::new(Journal::begin(dir.path(), "r1", "alice", &header()).unwrap());
+fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain(s: &TestStore) {
+    let j =
+        std::sync::Arc::new(Journal::begin_in(&s.store, "r1", "alice", &header(), None).unwrap());
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let j = j.clone();
@@ -819,7 +943,7 @@ fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain() {
                 for i in 0..40 {
                     let id = j.intent(&host, "deploy", json!({"i": i})).unwrap();
                     // The intent is on disk before the step would act.
-                    let on_disk = read_records(j.path()).unwrap();
+                    let on_disk = j.records().unwrap();
                     assert!(on_disk
                         .iter()
                         .any(|r| r.seq == id.0 && r.host.as_deref() == Some(host.as_str())));
@@ -834,9 +958,9 @@ fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain() {
     }
     let j = std::sync::Arc::into_inner(j).unwrap();
     j.close().unwrap();
-    let report = audit::verify(dir.path(), None).unwrap();
+    let report = audit::verify_in(&s.store, None, &Default::default()).unwrap();
     assert!(report.intact(), "{report:?}");
-    let st = RunState::load(dir.path(), "r1").unwrap();
+    let st = RunState::load_in(&s.store, "r1").unwrap();
     assert_eq!(st.hosts.len(), 8);
     assert!(st.open_intents().is_empty());
     assert!(st
@@ -845,10 +969,8 @@ fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain() {
         .all(|h| h.steps.len() == 40 && h.undo_steps().len() == 40));
 }
 
-#[test]
-fn records_with_awkward_floats_verify_after_a_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let j = Journal::begin(dir.path(), "floats", "alice", &header()).unwrap();
+fn records_with_awkward_floats_verify_after_a_round_trip(s: &TestStore) {
+    let j = Journal::begin_in(&s.store, "floats", "alice", &header(), None).unwrap();
     let mut x = 0.1f64;
     for i in 0..200 {
         x = x * 1.000_000_7 + 0.1 + f64::from(i) / 3.0;
@@ -860,7 +982,7 @@ fn records_with_awkward_floats_verify_after_a_round_trip() {
         .unwrap();
     }
     j.close().unwrap();
-    for r in read_records(&Journal::run_path(dir.path(), "floats")).unwrap() {
+    for r in s.store.read_records("floats").unwrap() {
         assert_eq!(
             r.compute_hash(),
             r.hash,
@@ -868,5 +990,63 @@ fn records_with_awkward_floats_verify_after_a_round_trip() {
             r.seq
         );
     }
-    assert!(audit::verify(dir.path(), None).unwrap().intact());
+    assert!(audit::verify_in(&s.store, None, &Default::default())
+        .unwrap()
+        .intact());
 }
+
+/// A NUL and other control characters in a record's data (a host's output can
+/// hold any byte) are kept and verify in either store.
+fn control_characters_in_records_survive_the_store(s: &TestStore) {
+    let j = Journal::begin_in(&s.store, "nul", "alice", &header(), None).unwrap();
+    let awkward = "a\u{0}b\u{1}\u{7f} \\u0000 ünï\n";
+    j.append(Some("h\u{0}1"), "sample", json!({ "stdout": awkward }))
+        .unwrap();
+    j.close().unwrap();
+    let recs = s.store.read_records("nul").unwrap();
+    assert_eq!(recs[1].data["stdout"], awkward);
+    assert_eq!(recs[1].host.as_deref(), Some("h\u{0}1"));
+    assert!(audit::verify_in(&s.store, None, &Default::default())
+        .unwrap()
+        .intact());
+}
+
+/// The suite above, once per store: run files, and PostgreSQL (a private server
+/// per test; it needs root to start the server as the `postgres` user).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_files {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::TestStore::files());
+                }
+            )*
+        }
+        #[cfg(feature = "lab")]
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::TestStore::postgres());
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    intact_runs_pass_with_exit_zero,
+    deleted_record_is_detected,
+    edited_record_is_detected,
+    reordered_records_are_detected,
+    forged_record_with_a_valid_chain_after_close_is_caught_by_the_index,
+    intent_is_on_disk_before_the_step_acts,
+    outcomes_must_follow_their_own_open_intent,
+    state_gives_open_intents_undo_order_and_deployment_order,
+    list_runs_names_every_run_with_its_header,
+    audit_verify_of_an_unknown_run_exits_two,
+    concurrent_workers_share_fsyncs_and_keep_one_valid_chain,
+    records_with_awkward_floats_verify_after_a_round_trip,
+    control_characters_in_records_survive_the_store,
+);

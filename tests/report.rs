@@ -9,13 +9,68 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use patchbook::journal::{Journal, RunHeader, UndoStep};
+use patchbook::journal::{Journal, RunHeader, Store, UndoStep};
 use patchbook::report::{self, Format, Metrics, TestCase, TestKind};
 use patchbook::rollout::{
     Counts, HostReport, HostStatus, RollbackCause, RolloutEvent, StopReason, Summary,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+#[cfg(feature = "lab")]
+#[path = "support/postgres.rs"]
+mod postgres;
+
+/// The store a test of the shared suite reads its runs from: run files in a
+/// temporary state directory, or a private PostgreSQL server. The tests at the end
+/// of this file run each suite test on both.
+struct TestStore {
+    dir: tempfile::TempDir,
+    store: Store,
+    #[cfg(feature = "lab")]
+    _pg: Option<postgres::PgServer>,
+}
+
+impl TestStore {
+    fn files() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        TestStore {
+            store: Store::file(dir.path()),
+            dir,
+            #[cfg(feature = "lab")]
+            _pg: None,
+        }
+    }
+
+    #[cfg(feature = "lab")]
+    fn postgres() -> Self {
+        let pg = postgres::PgServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        TestStore {
+            store: Store::from_url(dir.path(), Some(&pg.url)).unwrap(),
+            dir,
+            _pg: Some(pg),
+        }
+    }
+
+    fn begin(&self, run: &str, operator: &str) -> Journal {
+        Journal::begin_in(&self.store, run, operator, &header(), None).unwrap()
+    }
+
+    /// `patchbook --state-dir STATE [--store URL] ARGS…` in an empty folder.
+    fn patchbook(&self, args: &[&str]) -> Output {
+        let cwd = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchbook"));
+        cmd.current_dir(cwd.path())
+            .env_remove("PATCHBOOK_STORE")
+            .arg("--state-dir")
+            .arg(self.dir.path());
+        if let Store::Postgres { url, .. } = &self.store {
+            cmd.args(["--store", url]);
+        }
+        cmd.args(args).output().unwrap()
+    }
+}
 
 const PKG: &str = "acme-agent";
 const HOSTS: usize = 30;
@@ -257,7 +312,11 @@ fn work_on(j: &Journal, host: &str, wave: usize) {
 /// failures (one whose rollback fails), backups, verifies, staging checks, artifact
 /// checks and notifications, ending with the executor's summary.
 fn fleet_run(state: &Path, run: &str) {
-    let j = Journal::begin(state, run, "alice", &header()).unwrap();
+    fleet_run_in(&Store::file(state), run);
+}
+
+fn fleet_run_in(store: &Store, run: &str) {
+    let j = Journal::begin_in(store, run, "alice", &header(), None).unwrap();
     j.append(
         None,
         "window",
@@ -614,14 +673,9 @@ fn markdown_report_of_a_30_host_run() {
     assert!(md.contains("## Artifact checks"), "{md}");
 }
 
-#[test]
-fn json_report_has_the_documented_structure() {
-    let state = tempfile::tempdir().unwrap();
-    fleet_run(state.path(), "fleet-run");
-    let out = ok_stdout(patchbook(
-        state.path(),
-        &["report", "fleet-run", "--format", "json"],
-    ));
+fn json_report_has_the_documented_structure(s: &TestStore) {
+    fleet_run_in(&s.store, "fleet-run");
+    let out = ok_stdout(s.patchbook(&["report", "fleet-run", "--format", "json"]));
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["schema"], "patchbook.report/1");
     assert_eq!(r["run"]["id"], "fleet-run");
@@ -1038,31 +1092,28 @@ fn a_crashed_run_shows_unfinished_hosts_in_progress_not_done() {
     assert_eq!(count(&html, "class=\"pending-mark\""), 1);
 }
 
-#[test]
-fn report_last_renders_the_newest_run_and_bad_runs_are_explained() {
-    let state = tempfile::tempdir().unwrap();
-    let out = patchbook(state.path(), &["report", "last"]);
+fn report_last_renders_the_newest_run_and_bad_runs_are_explained(s: &TestStore) {
+    let out = s.patchbook(&["report", "last"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no runs under"));
 
     for run in ["older", "newer"] {
-        let j = Journal::begin(state.path(), run, "carol", &header()).unwrap();
+        let j = s.begin(run, "carol");
         work_on(&j, "fleet-01", 0);
         j.close().unwrap();
     }
-    let r: Value = serde_json::from_str(&ok_stdout(patchbook(
-        state.path(),
-        &["report", "last", "--format", "json"],
-    )))
+    let r: Value = serde_json::from_str(&ok_stdout(
+        s.patchbook(&["report", "last", "--format", "json"]),
+    ))
     .unwrap();
     assert_eq!(r["run"]["id"], "newer");
-    let md = ok_stdout(patchbook(state.path(), &["report", "last"]));
+    let md = ok_stdout(s.patchbook(&["report", "last"]));
     assert!(md.starts_with("# Patch report: run `newer`"), "{md}");
 
-    let out = patchbook(state.path(), &["report", "missing"]);
+    let out = s.patchbook(&["report", "missing"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run `missing`"));
-    let out = patchbook(state.path(), &["report", "last", "--format", "pdf"]);
+    let out = s.patchbook(&["report", "last", "--format", "pdf"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use md, json or html"));
 }
@@ -1088,9 +1139,7 @@ fn verify(j: &Journal, host: &str, pkg: &str, found: &str, ok: bool) {
     .unwrap();
 }
 
-#[test]
-fn inventory_list_shows_the_last_verified_version_per_package() {
-    let state = tempfile::tempdir().unwrap();
+fn inventory_list_shows_the_last_verified_version_per_package(s: &TestStore) {
     let inv_dir = tempfile::tempdir().unwrap();
     let inv = inv_dir.path().join("hosts.toml");
     std::fs::write(&inv, INVENTORY).unwrap();
@@ -1099,7 +1148,7 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
         if json {
             args.insert(0, "--json");
         }
-        ok_stdout(patchbook(state.path(), &args))
+        ok_stdout(s.patchbook(&args))
     };
     let before: Value = serde_json::from_str(&list(true)).unwrap();
     assert!(
@@ -1107,11 +1156,11 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
         "{before}"
     );
 
-    let j = Journal::begin(state.path(), "first", "alice", &header()).unwrap();
+    let j = s.begin("first", "alice");
     verify(&j, "fleet-01", PKG, "1.0.0", true);
     verify(&j, "fleet-01", "openssl", "3.0.13-1", true);
     j.close().unwrap();
-    let j = Journal::begin(state.path(), "second", "alice", &header()).unwrap();
+    let j = s.begin("second", "alice");
     verify(&j, "fleet-01", PKG, "1.0.1", true);
     // Not verified: a failed check is no patch level.
     verify(
@@ -1123,11 +1172,11 @@ fn inventory_list_shows_the_last_verified_version_per_package() {
     );
     j.close().unwrap();
     // A crashed run's verified versions count too.
-    let j = Journal::begin(state.path(), "third", "alice", &header()).unwrap();
+    let j = s.begin("third", "alice");
     verify(&j, "fleet-03", PKG, "1.0.1", true);
     drop(j);
 
-    let levels = report::patch_levels(state.path()).unwrap();
+    let levels = report::patch_levels_in(&s.store).unwrap();
     assert_eq!(levels["fleet-01"][PKG].version, "1.0.1");
     assert_eq!(levels["fleet-01"][PKG].run, "second");
     assert!(!levels.contains_key("fleet-02"));
@@ -1304,3 +1353,33 @@ fn per_group_counts_add_up_to_the_totals_after_a_resume() {
         assert_eq!(r["groups"][g]["done"], 2, "{g}: {}", r["groups"]);
     }
 }
+
+/// The suite above, once per store: run files, and PostgreSQL (a private server
+/// per test; it needs root to start the server as the `postgres` user).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_files {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::TestStore::files());
+                }
+            )*
+        }
+        #[cfg(feature = "lab")]
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::TestStore::postgres());
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    json_report_has_the_documented_structure,
+    report_last_renders_the_newest_run_and_bad_runs_are_explained,
+    inventory_list_shows_the_last_verified_version_per_package,
+);

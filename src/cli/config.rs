@@ -246,6 +246,16 @@ fn rows(cli: &Cli, config: &Config, file: &FileValues) -> Vec<Row> {
     add("audit.verify_key", json!(a.verify_key), None);
     add("audit.syslog", json!(a.syslog), None);
     add("advisories.feeds", json!(config.advisories.feeds), None);
+    // Shown without its password: the config may hold one.
+    add(
+        "store.url",
+        json!(config
+            .store
+            .url
+            .as_deref()
+            .map(crate::journal::pg::shown_url)),
+        None,
+    );
 
     let n = &config.notify;
     add("notify.to", json!(n.to), None);

@@ -46,6 +46,16 @@ pub struct Global {
     /// State directory for journals, backups and the artifact cache.
     #[arg(long, global = true)]
     pub state_dir: Option<PathBuf>,
+    /// Where runs and their journal records live: `postgres://USER@HOST/DB`, or
+    /// `file` for the state directory (default: `[store] url`, else `file`).
+    #[arg(
+        long,
+        global = true,
+        env = "PATCHBOOK_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub store: Option<String>,
     /// How many hosts are worked on at once (default 50).
     #[arg(long, global = true)]
     pub forks: Option<usize>,
@@ -387,6 +397,7 @@ impl Cli {
             known_hosts: g.known_hosts.clone(),
             accept_new_host_keys: g.accept_new_host_keys,
             operator: g.operator.clone(),
+            store: g.store.clone(),
             // The store the binary's log writer and error messages read.
             secrets: Some(crate::journal::Secrets::process()),
         }
@@ -608,10 +619,17 @@ fn report(
 ) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
     let text = if compliance {
-        let c = crate::report::exposure::compliance(&rt.state_dir, run)?;
+        let c = crate::report::exposure::compliance_in(
+            &rt.store().map_err(crate::report::ReportError::from)?,
+            run,
+        )?;
         crate::report::exposure::render_compliance(&c, format)
     } else {
-        crate::report::render(&rt.state_dir, run, format)?
+        crate::report::render_in(
+            &rt.store().map_err(crate::report::ReportError::from)?,
+            run,
+            format,
+        )?
     };
     deliver(cli, &text, out)?;
     Ok(ExitCode::SUCCESS)
@@ -736,7 +754,8 @@ fn audit_verify(
         key: rt.verify_key()?,
         expect_at_least,
     };
-    let report = crate::journal::audit::verify_with(&rt.state_dir, run, &opts)
+    let store = rt.store().map_err(|e| CliError::Other(e.to_string()))?;
+    let report = crate::journal::audit::verify_in(&store, run, &opts)
         .map_err(|e| CliError::Other(e.to_string()))?;
     match &opts.key {
         Some(k) => eprintln!("audit: signatures checked with {}", k.fingerprint()),
@@ -775,10 +794,13 @@ fn audit_verify(
 fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
     let rt = Runtime::build(&cli.options())?;
     let levels = || {
-        crate::report::patch_levels(&rt.state_dir).unwrap_or_else(|e| {
-            tracing::warn!("patch levels left out: {e}");
-            Default::default()
-        })
+        let store = rt.store().map_err(crate::report::ReportError::from);
+        store
+            .and_then(|s| crate::report::patch_levels_in(&s))
+            .unwrap_or_else(|e| {
+                tracing::warn!("patch levels left out: {e}");
+                Default::default()
+            })
     };
     match verb {
         InventoryVerb::List if cli.global.json => {

@@ -154,9 +154,15 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         snippet: snippet.to_string(),
     });
     let journal = Arc::new(
-        Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
-            .map_err(journal_err)?
-            .with_secrets(rt.secrets.clone()),
+        Journal::begin_in(
+            &rt.store().map_err(journal_err)?,
+            &run_id,
+            &rt.operator,
+            &head,
+            rt.anchor()?,
+        )
+        .map_err(journal_err)?
+        .with_secrets(rt.secrets.clone()),
     );
     let ctx = RunCtx::new(
         run_id.clone(),
@@ -540,15 +546,20 @@ pub fn run(
     let (earlier, state) = match start {
         Start::New => (None, None),
         Start::Resume(id) => {
-            let journal = Journal::open_with(&rt.state_dir, id, &rt.operator, rt.anchor()?)
-                .map_err(journal_err)?;
+            let journal = Journal::open_in(
+                &rt.store().map_err(journal_err)?,
+                id,
+                &rt.operator,
+                rt.anchor()?,
+            )
+            .map_err(journal_err)?;
             let state = journal.state().map_err(journal_err)?;
             resumed = Some(journal);
             (Some(id), Some(state))
         }
         Start::Retry(id) => (
             Some(id),
-            Some(RunState::load(&rt.state_dir, id).map_err(journal_err)?),
+            Some(RunState::load_in(&rt.store().map_err(journal_err)?, id).map_err(journal_err)?),
         ),
     };
     let raw = match (earlier, &state) {
@@ -630,9 +641,14 @@ pub fn run(
             let mut head = header(&rt, &path, &pb);
             head.params = Some(param_digests(&run_id, &vars));
             head.retry_of = Some(of.to_string());
-            let journal =
-                Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
-                    .map_err(journal_err)?;
+            let journal = Journal::begin_in(
+                &rt.store().map_err(journal_err)?,
+                &run_id,
+                &rt.operator,
+                &head,
+                rt.anchor()?,
+            )
+            .map_err(journal_err)?;
             (run_id, journal, path, pb)
         }
         _ => {
@@ -645,9 +661,14 @@ pub fn run(
             let run_id = new_run_id();
             let mut head = header(&rt, path, &pb);
             head.params = Some(param_digests(&run_id, &vars));
-            let journal =
-                Journal::begin_with(&rt.state_dir, &run_id, &rt.operator, &head, rt.anchor()?)
-                    .map_err(journal_err)?;
+            let journal = Journal::begin_in(
+                &rt.store().map_err(journal_err)?,
+                &run_id,
+                &rt.operator,
+                &head,
+                rt.anchor()?,
+            )
+            .map_err(journal_err)?;
             (run_id, journal, path.to_path_buf(), pb)
         }
     };
@@ -679,7 +700,9 @@ pub fn run(
     let _ = result?;
     // The journal says which hosts of the run could not be connected to, whether
     // a rollout reported them or only a probe met them.
-    let unreachable: Vec<String> = RunState::load(&rt.state_dir, &run_id)
+    let unreachable: Vec<String> = rt
+        .store()
+        .and_then(|store| RunState::load_in(&store, &run_id))
         .map(|st| st.unreachable_hosts())
         .unwrap_or_default();
     let failed: usize = summaries
@@ -928,8 +951,13 @@ pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode
         None => None,
     };
     let journal = Arc::new(
-        Journal::open_with(&rt.state_dir, run_id, &rt.operator, rt.anchor()?)
-            .map_err(journal_err)?,
+        Journal::open_in(
+            &rt.store().map_err(journal_err)?,
+            run_id,
+            &rt.operator,
+            rt.anchor()?,
+        )
+        .map_err(journal_err)?,
     );
     let state = journal.state().map_err(journal_err)?;
     let order: Vec<String> = state
@@ -1043,7 +1071,8 @@ impl crate::watch::Launcher for RolloutLauncher {
         let mut head = header(rt, &pb.path, pb);
         head.params = Some(param_digests(&req.run_id, &req.params));
         let anchor = rt.anchor().map_err(|e| e.to_string())?;
-        let journal = Journal::begin_with(&rt.state_dir, &req.run_id, &rt.operator, &head, anchor)
+        let store = rt.store().map_err(|e| e.to_string())?;
+        let journal = Journal::begin_in(&store, &req.run_id, &rt.operator, &head, anchor)
             .map_err(|e| e.to_string())?;
         if let Some(tap) = &req.tap {
             let _ = journal.set_tap(tap.clone());

@@ -29,7 +29,7 @@ use super::anchor::VerifyKey;
 use super::entry::Entry;
 use super::index::{self, IndexEntry, IndexEvent};
 use super::lock::{Holder, RunLock};
-use super::{scan_lines, Journal, JournalError, Record, GENESIS};
+use super::{JournalError, Record, Store, GENESIS};
 
 /// The first thing wrong with a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -254,41 +254,27 @@ pub fn verify_with(
     run: Option<&str>,
     opts: &VerifyOptions,
 ) -> Result<AuditReport, JournalError> {
-    let mut idx = index::read(state_dir)?;
+    verify_in(&Store::file(state_dir), run, opts)
+}
+
+/// [`verify_with`] for the runs of `store`, against the audit index of its state
+/// directory: PostgreSQL records are checked exactly as run files are.
+pub fn verify_in(
+    store: &Store,
+    run: Option<&str>,
+    opts: &VerifyOptions,
+) -> Result<AuditReport, JournalError> {
+    let mut idx = index::read(store.state_dir())?;
     if idx.problem.is_none() {
         idx.problem = signed_index_problem(&idx.entries, opts);
     }
     let mut names: BTreeSet<String> = idx.entries.iter().map(|e| e.run.clone()).collect();
-    let runs_dir = state_dir.join("runs");
-    match std::fs::read_dir(&runs_dir) {
-        Ok(entries) => {
-            for entry in entries {
-                let entry = entry.map_err(|source| JournalError::Io {
-                    path: runs_dir.clone(),
-                    source,
-                })?;
-                if let Some(name) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".jsonl"))
-                {
-                    names.insert(name.to_string());
-                }
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(JournalError::Io {
-                path: runs_dir,
-                source,
-            })
-        }
-    }
+    names.extend(store.run_names()?);
     if let Some(run) = run {
         if !names.contains(run) {
             return Err(JournalError::NoSuchRun {
                 run: run.to_string(),
-                dir: runs_dir,
+                dir: store.location(),
             });
         }
         names = BTreeSet::from([run.to_string()]);
@@ -296,7 +282,7 @@ pub fn verify_with(
     let mut runs = Vec::new();
     for name in names {
         let checkpoints: Vec<&IndexEntry> = idx.entries.iter().filter(|e| e.run == name).collect();
-        let verdict = verify_run(state_dir, &name, &checkpoints, opts.key.as_ref())?;
+        let verdict = verify_run(store, &name, &checkpoints, opts.key.as_ref())?;
         runs.push(RunAudit { run: name, verdict });
     }
     Ok(AuditReport {
@@ -341,21 +327,19 @@ fn signed_index_problem(entries: &[IndexEntry], opts: &VerifyOptions) -> Option<
 }
 
 fn verify_run(
-    state_dir: &Path,
+    store: &Store,
     run: &str,
     checkpoints: &[&IndexEntry],
     key: Option<&VerifyKey>,
 ) -> Result<Verdict, JournalError> {
-    let path = Journal::run_path(state_dir, run);
     let tampered = |problem, last_good_seq| Verdict::Tampered {
         problem,
         last_good_seq,
     };
-    if !path.exists() {
+    let Some(scan) = store.scan(run)? else {
         let indexed_seq = checkpoints.iter().map(|c| c.at_seq).max().unwrap_or(0);
         return Ok(tampered(Problem::Missing { indexed_seq }, 0));
-    }
-    let scan = scan_lines::<Record>(&path)?;
+    };
     let first_bad = scan.bad.first().cloned();
     let records: Vec<&Record> = scan
         .items
@@ -419,7 +403,7 @@ fn verify_run(
     let holder = if closed {
         None
     } else {
-        RunLock::holder(state_dir, run)?
+        RunLock::holder(store.state_dir(), run)?
     };
     if let Some((line, _)) = scan.torn {
         // A controller mid-append can leave a half-written last line for an instant.

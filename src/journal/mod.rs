@@ -18,9 +18,11 @@ pub mod audit;
 pub mod entry;
 pub mod index;
 pub mod lock;
+pub mod pg;
 pub mod private;
 pub mod secrets;
 pub mod state;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -35,6 +37,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use entry::{Entry, EntryError, LogRecord};
+pub use store::Store;
 
 /// The `prev` of a run's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -589,6 +592,10 @@ pub enum JournalError {
         #[source]
         source: EntryError,
     },
+    #[error("journal store {url}: {message}; check that the PostgreSQL server is up and that the store URL (`--store`, `PATCHBOOK_STORE` or `[store] url`) names it, with a user that may create tables")]
+    Store { url: String, message: String },
+    #[error("`{url}` is not a store this build knows: use `postgres://USER@HOST/DB` (or `postgresql://…`), or leave the store unset for run files in the state directory")]
+    BadStoreUrl { url: String },
 }
 
 /// UTC now, RFC 3339 with microseconds: the one timestamp format of the journal.
@@ -621,8 +628,19 @@ fn check_run_id(run: &str) -> Result<(), JournalError> {
     }
 }
 
+/// Where appended records go.
+enum Sink {
+    /// The run file, opened for append.
+    File(File),
+    /// A connection to the PostgreSQL store: each record is one committed insert.
+    Postgres {
+        client: Box<postgres::Client>,
+        url: String,
+    },
+}
+
 struct Tail {
-    file: File,
+    sink: Sink,
     seq: u64,
     prev: String,
     /// Set after a failed write: the file may end in half a line, so nothing more
@@ -685,6 +703,8 @@ fn cut_back(file: &File, written: usize) -> std::io::Result<()> {
 pub struct Journal {
     path: PathBuf,
     state_dir: PathBuf,
+    /// Where this run's records are (the state directory's files, or PostgreSQL).
+    store: Store,
     run: String,
     operator: String,
     tail: Mutex<Tail>,
@@ -693,7 +713,8 @@ pub struct Journal {
     durable: Mutex<Durable>,
     durable_changed: Condvar,
     /// A second descriptor of the run file, so an fsync never holds the append lock.
-    sync_file: File,
+    /// `None` with PostgreSQL, where each record is durable once its insert commits.
+    sync_file: Option<File>,
     /// Values shown as `***`; grows when a script declares a `secret()`.
     redact: Secrets,
     lock: lock::RunLock,
@@ -756,8 +777,21 @@ impl Journal {
         operator: &str,
         anchor: Option<anchor::Anchor>,
     ) -> Result<Self, JournalError> {
+        Self::create_in(&Store::file(state_dir), run, operator, anchor)
+    }
+
+    /// [`Journal::create_with`] in `store`: with PostgreSQL the run is a row of
+    /// `runs` and its records rows of `records`; the lock and the audit index stay
+    /// in the store's state directory.
+    pub fn create_in(
+        store: &Store,
+        run: &str,
+        operator: &str,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
         check_run_id(run)?;
-        let path = Self::run_path(state_dir, run);
+        let state_dir = store.state_dir();
+        let path = store.run_location(run);
         let runs_dir = state_dir.join("runs");
         let io = |source| JournalError::Io {
             path: path.clone(),
@@ -775,20 +809,38 @@ impl Journal {
             fsync_dir(state_dir)?;
         }
         let lock = lock::RunLock::acquire(state_dir, run)?;
-        let file = match private::options().create_new(true).append(true).open(&path) {
-            Ok(f) => {
-                private::seal(&f).map_err(io)?;
-                f
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(JournalError::Exists {
-                    run: run.to_string(),
-                    path,
-                })
-            }
-            Err(e) => return Err(io(e)),
+        let exists = || JournalError::Exists {
+            run: run.to_string(),
+            path: path.clone(),
         };
-        fsync_dir(&runs_dir)?;
+        let (sink, sync_file) = match store {
+            Store::File { .. } => {
+                let file = match private::options().create_new(true).append(true).open(&path) {
+                    Ok(f) => {
+                        private::seal(&f).map_err(io)?;
+                        f
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+                    Err(e) => return Err(io(e)),
+                };
+                fsync_dir(&runs_dir)?;
+                let sync_file = file.try_clone().map_err(io)?;
+                (Sink::File(file), Some(sync_file))
+            }
+            Store::Postgres { url, .. } => {
+                let mut client = pg::connect(url)?;
+                let created = pg::create_run(&mut client, run, operator)
+                    .map_err(|e| pg::store_error(url, &e))?;
+                if !created {
+                    return Err(exists());
+                }
+                let sink = Sink::Postgres {
+                    client: Box::new(client),
+                    url: url.clone(),
+                };
+                (sink, None)
+            }
+        };
         index::append(
             state_dir,
             run,
@@ -800,11 +852,12 @@ impl Journal {
         Ok(Journal {
             path: path.clone(),
             state_dir: state_dir.to_path_buf(),
+            store: store.clone(),
             run: run.to_string(),
             operator: operator.to_string(),
-            sync_file: file.try_clone().map_err(io)?,
+            sync_file,
             tail: Mutex::new(Tail {
-                file,
+                sink,
                 seq: 0,
                 prev: GENESIS.to_string(),
                 broken: None,
@@ -846,7 +899,18 @@ impl Journal {
         header: &RunHeader,
         anchor: Option<anchor::Anchor>,
     ) -> Result<Self, JournalError> {
-        let j = Self::create_with(state_dir, run, operator, anchor)?;
+        Self::begin_in(&Store::file(state_dir), run, operator, header, anchor)
+    }
+
+    /// [`Journal::begin_with`] in `store`.
+    pub fn begin_in(
+        store: &Store,
+        run: &str,
+        operator: &str,
+        header: &RunHeader,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
+        let j = Self::create_in(store, run, operator, anchor)?;
         j.start(header)?;
         Ok(j)
     }
@@ -881,16 +945,29 @@ impl Journal {
         operator: &str,
         anchor: Option<anchor::Anchor>,
     ) -> Result<Self, JournalError> {
+        Self::open_in(&Store::file(state_dir), run, operator, anchor)
+    }
+
+    /// [`Journal::open_with`] for a run in `store`.
+    pub fn open_in(
+        store: &Store,
+        run: &str,
+        operator: &str,
+        anchor: Option<anchor::Anchor>,
+    ) -> Result<Self, JournalError> {
         check_run_id(run)?;
-        let path = Self::run_path(state_dir, run);
-        if !path.exists() {
-            return Err(JournalError::NoSuchRun {
-                run: run.to_string(),
-                dir: state_dir.join("runs"),
-            });
+        let state_dir = store.state_dir();
+        let path = store.run_location(run);
+        let no_such_run = || JournalError::NoSuchRun {
+            run: run.to_string(),
+            dir: store.location(),
+        };
+        if store.scan(run)?.is_none() {
+            return Err(no_such_run());
         }
         let lock = lock::RunLock::acquire(state_dir, run)?;
-        let scan = scan_lines::<Record>(&path)?;
+        // Read again under the lock: the records an earlier holder left are final now.
+        let scan = store.scan(run)?.ok_or_else(no_such_run)?;
         if let Some((line, message)) = scan.bad.first() {
             return Err(JournalError::Corrupt {
                 path,
@@ -915,7 +992,7 @@ impl Journal {
                 key: Some(a.signer.verify_key()),
                 expect_at_least: None,
             };
-            let report = audit::verify_with(state_dir, Some(run), &opts)?;
+            let report = audit::verify_in(store, Some(run), &opts)?;
             if let Some(audit::Verdict::Tampered {
                 problem,
                 last_good_seq,
@@ -932,19 +1009,33 @@ impl Journal {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        let torn = if scan.torn.is_some() {
-            let dropped = scan.total_len - scan.good_len;
-            file.set_len(scan.good_len).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            Some(dropped)
-        } else {
-            if scan.good_len < scan.total_len {
-                // The last record is whole but its newline never reached the disk.
-                (&file).write_all(b"\n").map_err(io)?;
-                file.sync_data().map_err(io)?;
+        let (sink, sync_file, torn) = match store {
+            Store::File { .. } => {
+                let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+                let torn = if scan.torn.is_some() {
+                    let dropped = scan.total_len - scan.good_len;
+                    file.set_len(scan.good_len).map_err(io)?;
+                    file.sync_all().map_err(io)?;
+                    Some(dropped)
+                } else {
+                    if scan.good_len < scan.total_len {
+                        // The last record is whole but its newline never reached the disk.
+                        (&file).write_all(b"\n").map_err(io)?;
+                        file.sync_data().map_err(io)?;
+                    }
+                    None
+                };
+                let sync_file = file.try_clone().map_err(io)?;
+                (Sink::File(file), Some(sync_file), torn)
             }
-            None
+            // A row is inserted whole or not at all: nothing to repair.
+            Store::Postgres { url, .. } => {
+                let sink = Sink::Postgres {
+                    client: Box::new(pg::connect(url)?),
+                    url: url.clone(),
+                };
+                (sink, None, None)
+            }
         };
         let records: Vec<Record> = scan.items.into_iter().map(|(_, r)| r).collect();
         let (seq, prev) = records
@@ -982,11 +1073,12 @@ impl Journal {
         let j = Journal {
             path: path.clone(),
             state_dir: state_dir.to_path_buf(),
+            store: store.clone(),
             run: run.to_string(),
             operator: operator.to_string(),
-            sync_file: file.try_clone().map_err(io)?,
+            sync_file,
             tail: Mutex::new(Tail {
-                file,
+                sink,
                 seq,
                 prev,
                 broken: None,
@@ -1167,18 +1259,29 @@ impl Journal {
                 message: message.clone(),
             });
         }
-        if let Err(e) = write_whole_line(&mut tail.file, &line) {
-            // A full disk (or any failed write) must not leave half a line: cut
-            // what was written so the file still ends on a whole record, which
-            // `audit verify` reads as intact rather than torn. Only when that
-            // cut fails is the handle unusable.
-            if let Err(cut) = e.cut {
-                tail.broken = Some(format!(
-                    "{} (and cutting the half-written line failed: {cut})",
-                    e.error
-                ));
+        if let Sink::Postgres { client, url } = &mut tail.sink {
+            let text = String::from_utf8_lossy(&line);
+            if let Err(e) = pg::insert(client, &rec, text.trim_end_matches('\n')) {
+                // The insert may have committed before the connection failed: only
+                // a reopen, which reads the store, knows where the chain ends.
+                let err = pg::store_error(url, &e);
+                tail.broken = Some(err.to_string());
+                return Err(err);
             }
-            return Err(io(e.error));
+        } else if let Sink::File(file) = &mut tail.sink {
+            if let Err(e) = write_whole_line(file, &line) {
+                // A full disk (or any failed write) must not leave half a line: cut
+                // what was written so the file still ends on a whole record, which
+                // `audit verify` reads as intact rather than torn. Only when that
+                // cut fails is the handle unusable.
+                if let Err(cut) = e.cut {
+                    tail.broken = Some(format!(
+                        "{} (and cutting the half-written line failed: {cut})",
+                        e.error
+                    ));
+                }
+                return Err(io(e.error));
+            }
         }
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
@@ -1217,7 +1320,7 @@ impl Journal {
             drop(d);
             // Every record up to `target` was fully written before this fsync starts.
             let target = self.written.load(Ordering::Acquire);
-            let res = self.sync_file.sync_data();
+            let res = self.sync_file.as_ref().map_or(Ok(()), File::sync_data);
             d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
             d.syncing = false;
             match res {
@@ -1405,9 +1508,14 @@ impl Journal {
         Ok(())
     }
 
-    /// Every record of this run, read back from disk.
+    /// Every record of this run, read back from its store.
     pub fn records(&self) -> Result<Vec<Record>, JournalError> {
-        read_records(&self.path)
+        self.store.read_records(&self.run)
+    }
+
+    /// The store this run's records are in.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The records of one host so far, in order, without reading the file.

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::entry::ParamValue;
 use super::{
-    scan_lines, Entry, IntentData, Journal, JournalError, OutcomeData, Record, RunHeader, StepId,
-    UndoStep,
+    Entry, IntentData, JournalError, OutcomeData, Record, RunHeader, StepId, Store, UndoStep,
 };
 
 /// One step of a host: its intent and, once it is known, its outcome.
@@ -202,14 +201,12 @@ impl RunState {
 
     /// Reads a run from the state directory. A torn last line is ignored.
     pub fn load(state_dir: &Path, run: &str) -> Result<Self, JournalError> {
-        let path = Journal::run_path(state_dir, run);
-        if !path.exists() {
-            return Err(JournalError::NoSuchRun {
-                run: run.to_string(),
-                dir: state_dir.join("runs"),
-            });
-        }
-        Ok(Self::from_records(run, &super::read_records(&path)?))
+        Self::load_in(&Store::file(state_dir), run)
+    }
+
+    /// Reads a run from `store`.
+    pub fn load_in(store: &Store, run: &str) -> Result<Self, JournalError> {
+        Ok(Self::from_records(run, &store.read_records(run)?))
     }
 
     pub fn host(&self, name: &str) -> Option<&HostHistory> {
@@ -303,28 +300,18 @@ fn scan_runs_are_told_by_their_whole_name() {
 
 /// Every run under a state directory, oldest first (by start time, then id).
 pub fn list_runs(state_dir: &Path) -> Result<Vec<RunInfo>, JournalError> {
-    let dir = state_dir.join("runs");
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(JournalError::Io { path: dir, source }),
-    };
+    list_runs_in(&Store::file(state_dir))
+}
+
+/// Every run in `store`, oldest first (by start time, then id).
+pub fn list_runs_in(store: &Store) -> Result<Vec<RunInfo>, JournalError> {
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| JournalError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let path = entry.path();
-        let Some(run) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".jsonl"))
-            .map(str::to_string)
-        else {
+    for run in store.run_names()? {
+        let path = store.run_location(&run);
+        // A run removed between listing and reading is not listed.
+        let Some(scan) = store.scan(&run)? else {
             continue;
         };
-        let scan = scan_lines::<Record>(&path)?;
         let damaged = !scan.bad.is_empty() || scan.torn.is_some();
         let records: Vec<Record> = scan.items.into_iter().map(|(_, r)| r).collect();
         let st = RunState::from_records(&run, &records);

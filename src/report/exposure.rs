@@ -9,11 +9,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::html::esc;
-use super::{resolve_run, ReportError};
+use super::ReportError;
 use crate::advisory::exposure::{CveSummary, Exposure, Verdict};
 use crate::journal::entry::{AdvisoryFeed, EvidenceRecord};
-use crate::journal::state::RunState;
-use crate::journal::{read_records, Entry, Journal};
+use crate::journal::{Entry, Store};
 
 /// How `exposure` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,14 +240,15 @@ pub struct Compliance {
 }
 
 pub fn compliance(state_dir: &Path, run: &str) -> Result<Compliance, ReportError> {
-    let run = resolve_run(state_dir, run)?;
-    let path = Journal::run_path(state_dir, &run);
-    if !path.exists() {
-        RunState::load(state_dir, &run)?;
-    }
+    compliance_in(&Store::file(state_dir), run)
+}
+
+/// [`compliance`] of a run in `store`.
+pub fn compliance_in(store: &Store, run: &str) -> Result<Compliance, ReportError> {
+    let run = super::resolve_run_in(store, run)?;
     let mut feeds = Vec::new();
     let mut evidence = Vec::new();
-    for r in read_records(&path)? {
+    for r in store.read_records(&run)? {
         match r.entry() {
             Ok(Entry::AdvisoryFeed(f)) => feeds.push(f),
             Ok(Entry::Evidence(e)) => evidence.push(e),

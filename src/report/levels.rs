@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::journal::state::list_runs;
-use crate::journal::{scan_lines, Entry, Record};
+use crate::journal::state::list_runs_in;
+use crate::journal::{Entry, Store};
 
 use super::model::parse_ts;
 use super::ReportError;
@@ -32,9 +32,17 @@ pub type PatchLevels = BTreeMap<String, BTreeMap<String, PatchLevel>>;
 /// file that do not parse are skipped: `patchbook audit verify` is where damage is
 /// reported.
 pub fn patch_levels(state_dir: &Path) -> Result<PatchLevels, ReportError> {
+    patch_levels_in(&Store::file(state_dir))
+}
+
+/// [`patch_levels`] across every run of `store`.
+pub fn patch_levels_in(store: &Store) -> Result<PatchLevels, ReportError> {
     let mut levels = PatchLevels::new();
-    for info in list_runs(state_dir)? {
-        let scan = scan_lines::<Record>(&info.path)?;
+    for info in list_runs_in(store)? {
+        // A run removed since it was listed has no levels.
+        let Some(scan) = store.scan(&info.run)? else {
+            continue;
+        };
         for (_, rec) in scan.items {
             // A record that does not read as its kind is no evidence of a version.
             let Ok(Entry::Verify(v)) = rec.entry() else {

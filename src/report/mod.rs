@@ -24,12 +24,12 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use crate::journal::entry::HostStatus;
-pub use levels::{patch_levels, PatchLevel, PatchLevels};
+pub use levels::{patch_levels, patch_levels_in, PatchLevel, PatchLevels};
 pub use model::{build, RunReport, SCHEMA};
 pub use testcase::{record_test, Metrics, TestCase, TestKind, UnknownTestKind};
 
-use crate::journal::state::{is_scan_run, list_runs, RunState};
-use crate::journal::{read_records, Journal, JournalError};
+use crate::journal::state::{is_scan_run, list_runs_in};
+use crate::journal::{JournalError, Store};
 
 /// The run id that names the most recently started run.
 pub const LAST: &str = "last";
@@ -87,38 +87,50 @@ pub enum ReportError {
 /// run under `state_dir` that is not an advisory scan (a scheduled scan must not
 /// hide the patch run an operator asks about).
 pub fn resolve_run(state_dir: &Path, run: &str) -> Result<String, ReportError> {
+    resolve_run_in(&Store::file(state_dir), run)
+}
+
+/// [`resolve_run`] among the runs of `store`.
+pub fn resolve_run_in(store: &Store, run: &str) -> Result<String, ReportError> {
     if run != LAST {
         return Ok(run.to_string());
     }
+    let runs = list_runs_in(store)?;
     // A run literally named `last` wins over the alias.
-    if Journal::run_path(state_dir, LAST).exists() {
+    if runs.iter().any(|r| r.run == LAST) {
         return Ok(LAST.to_string());
     }
-    list_runs(state_dir)?
-        .into_iter()
+    // `last` is the last patch run: a scan run is read by `exposure --from-last-scan`.
+    runs.into_iter()
         .rev()
         .find(|r| !is_scan_run(&r.run))
         .map(|r| r.run)
         .ok_or_else(|| ReportError::NoRuns {
-            dir: state_dir.join("runs"),
+            dir: store.location(),
         })
 }
 
 /// Reads run `run` (or [`LAST`]) from `state_dir` and derives its report.
 pub fn load(state_dir: &Path, run: &str) -> Result<RunReport, ReportError> {
-    let run = resolve_run(state_dir, run)?;
-    let path = Journal::run_path(state_dir, &run);
-    if !path.exists() {
-        // The journal's own error names the folder and what to do.
-        RunState::load(state_dir, &run)?;
-    }
-    let records = read_records(&path)?;
+    load_in(&Store::file(state_dir), run)
+}
+
+/// [`load`] from `store`: the same records, the same report, whichever store.
+pub fn load_in(store: &Store, run: &str) -> Result<RunReport, ReportError> {
+    let run = resolve_run_in(store, run)?;
+    // The journal's own error names the store and what to do when there is no such run.
+    let records = store.read_records(&run)?;
     Ok(build(&run, &records))
 }
 
 /// Renders the report of run `run` (or [`LAST`]) from its journal under `state_dir`.
 pub fn render(state_dir: &Path, run: &str, format: Format) -> Result<String, ReportError> {
-    let report = load(state_dir, run)?;
+    render_in(&Store::file(state_dir), run, format)
+}
+
+/// [`render`] from `store`.
+pub fn render_in(store: &Store, run: &str, format: Format) -> Result<String, ReportError> {
+    let report = load_in(store, run)?;
     Ok(render_report(&report, format))
 }
 

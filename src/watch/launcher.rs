@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::journal::lock::{HostClaims, HostHolder};
-use crate::journal::{Journal, RunHeader};
+use crate::journal::{Journal, RunHeader, Store};
 use crate::primitives::{Mode, RunCtx};
 use crate::run::Session;
 use crate::runtime::Runtime;
@@ -189,10 +189,25 @@ impl Launcher for ScriptLauncher {
             Some(rt) => rt.anchor().map_err(|e| e.to_string())?,
             None => None,
         };
+        // The runtime's database (`[store] url`) when it names one; the target's
+        // state directory either way.
+        let database = match &self.runtime {
+            Some(rt) => match rt.store().map_err(|e| e.to_string())? {
+                Store::Postgres { url, .. } => Some(url),
+                Store::File { .. } => None,
+            },
+            None => None,
+        };
         let journal = match &self.journal {
             Some(t) => Some(
-                Journal::begin_with(
-                    &t.state_dir,
+                Journal::begin_in(
+                    &match &database {
+                        Some(url) => Store::Postgres {
+                            state_dir: t.state_dir.clone(),
+                            url: url.clone(),
+                        },
+                        None => Store::file(&t.state_dir),
+                    },
                     &req.run_id,
                     &t.operator,
                     &run_header(&req.playbook),

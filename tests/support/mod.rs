@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
+pub mod postgres;
 pub mod smtp;
 
 use std::path::{Path, PathBuf};
