@@ -27,12 +27,42 @@ struct TrackerRelease {
     urgency: Option<String>,
 }
 
+/// The tracker as serde reads it: source package → CVE id → details.
+type TrackerData = BTreeMap<String, BTreeMap<String, TrackerCve>>;
+
 pub fn read(source: &str, value: Value) -> Result<Vec<Statement>, AdvisoryError> {
-    let data: BTreeMap<String, BTreeMap<String, TrackerCve>> = serde_json::from_value(value)
-        .map_err(|e| AdvisoryError::Parse {
-            feed: source.to_string(),
-            reason: format!("not Debian Security Tracker JSON: {e}"),
-        })?;
+    let data: TrackerData = serde_json::from_value(value).map_err(|e| AdvisoryError::Parse {
+        feed: source.to_string(),
+        reason: format!("not Debian Security Tracker JSON: {e}"),
+    })?;
+    statements(source, data)
+}
+
+/// Reads a document straight from its bytes when it is plainly the tracker's:
+/// the whole tracker is hundreds of megabytes as a `serde_json::Value` tree, and
+/// its typed form is a fraction of that. `Ok(None)` when the document is not
+/// plainly the tracker (another format, not JSON, or a shape only the general
+/// reader in [`super::feed`] can tell); that reader then decides, as before.
+pub fn read_bytes(source: &str, bytes: &[u8]) -> Result<Option<Vec<Statement>>, AdvisoryError> {
+    let Ok(data) = serde_json::from_slice::<TrackerData>(bytes) else {
+        return Ok(None);
+    };
+    // The same shapes the format detection tells apart: CSAF and OSV documents
+    // whose fields happen to read as the tracker's stay theirs.
+    let has = |k: &str| data.contains_key(k);
+    if (has("document") && has("vulnerabilities"))
+        || (has("id") && (has("affected") || has("modified")))
+    {
+        return Ok(None);
+    }
+    let mut ids = data.values().flat_map(|c| c.keys()).peekable();
+    if ids.peek().is_none() || !ids.all(|k| k.starts_with("CVE-") || k.starts_with("TEMP-")) {
+        return Ok(None);
+    }
+    statements(source, data).map(Some)
+}
+
+fn statements(source: &str, data: TrackerData) -> Result<Vec<Statement>, AdvisoryError> {
     let mut out = Vec::new();
     for (package, cves) in data {
         let package: std::sync::Arc<str> = package.into();

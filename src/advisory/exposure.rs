@@ -83,8 +83,9 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PackageFinding {
     pub package: Arc<str>,
-    /// The installed binary packages built from it.
-    pub binaries: Vec<Arc<str>>,
+    /// The installed binary packages built from it, shared by every finding of
+    /// this package on this host rather than copied into each.
+    pub binaries: Arc<[Arc<str>]>,
     pub installed: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fixed: Option<Arc<str>>,
@@ -151,22 +152,27 @@ pub fn judge(s: &Statement, installed: &str) -> (Verdict, Option<Arc<str>>) {
     }
 }
 
-/// The source packages of a host: name → (lowest installed source version, binaries).
-/// Binaries of one source at different versions (a half-done upgrade) count at the
-/// lowest, since that one still carries the flaw.
-fn sources(host: &HostPackages) -> HashMap<&str, (&Arc<str>, Vec<&Arc<str>>)> {
-    let mut out: HashMap<&str, (&Arc<str>, Vec<&Arc<str>>)> = HashMap::new();
-    let Some(release) = &host.release else {
-        return out;
-    };
-    for p in &host.packages {
-        let e = out
-            .entry(&*p.source)
-            .or_insert((&p.source_version, Vec::new()));
-        if release.distro.compare(&p.source_version, e.0).is_lt() {
-            e.0 = &p.source_version;
+/// The source packages of a host, as runs of `order` (indices into
+/// `host.packages`, sorted by source name and then position): one run per source.
+/// `order` is the caller's buffer, reused from host to host so that grouping
+/// allocates nothing per (host, package).
+fn group_by_source(host: &HostPackages, order: &mut Vec<usize>) {
+    order.clear();
+    order.extend(0..host.packages.len());
+    let pk = &host.packages;
+    order.sort_unstable_by(|&a, &b| pk[a].source.cmp(&pk[b].source).then(a.cmp(&b)));
+}
+
+/// The lowest installed source version of one run of packages. Binaries of one
+/// source at different versions (a half-done upgrade) count at the lowest, since
+/// that one still carries the flaw.
+fn lowest<'h>(host: &'h HostPackages, release: &Release, run: &[usize]) -> Option<&'h Arc<str>> {
+    let mut out: Option<&Arc<str>> = None;
+    for p in run.iter().filter_map(|&i| host.packages.get(i)) {
+        match out {
+            Some(v) if !release.distro.compare(&p.source_version, v).is_lt() => {}
+            _ => out = Some(&p.source_version),
         }
-        e.1.push(&p.binary);
     }
     out
 }
@@ -182,13 +188,13 @@ pub fn covered(host: &HostPackages, feeds: &[Feed]) -> bool {
 /// packages the host lacks are not listed: their verdict is not-affected (see
 /// [`verdict_of`]).
 pub fn assess(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding> {
-    assess_with(host, feeds, true, &mut Memo::new())
+    assess_with(host, feeds, true, &mut Memo::new(), &mut Vec::new())
 }
 
 /// [`assess`] keeping only vulnerable verdicts: what a fleet-wide plan needs,
 /// without a record for every fixed or unaffected pair.
 pub fn assess_open(host: &HostPackages, feeds: &[Feed]) -> BTreeMap<Arc<str>, Finding> {
-    assess_with(host, feeds, false, &mut Memo::new())
+    assess_with(host, feeds, false, &mut Memo::new(), &mut Vec::new())
 }
 
 /// The statements one feed makes about one installed source version in one
@@ -204,12 +210,24 @@ fn assess_with<'h, 'f>(
     feeds: &'f [Feed],
     all: bool,
     memo: &mut Memo<'h, 'f>,
+    order: &mut Vec<usize>,
 ) -> BTreeMap<Arc<str>, Finding> {
     let mut out: BTreeMap<Arc<str>, Finding> = BTreeMap::new();
     let Some(release) = host.release.as_ref().filter(|_| covered(host, feeds)) else {
         return out;
     };
-    for (source, (installed, binaries)) in sources(host) {
+    group_by_source(host, order);
+    let pk = &host.packages;
+    for run in order.chunk_by(|&a, &b| pk[a].source == pk[b].source) {
+        let (Some(first), Some(installed)) = (
+            run.first().and_then(|&i| pk.get(i)),
+            lowest(host, release, run),
+        ) else {
+            continue;
+        };
+        let source: &'h str = &first.source;
+        // Built on the first finding of this package, then shared by the rest.
+        let mut binaries: Option<Arc<[Arc<str>]>> = None;
         for (at, feed) in feeds.iter().enumerate().filter(|(_, f)| f.covers(release)) {
             let judged = memo
                 .entry((at, release, source, &**installed))
@@ -229,7 +247,10 @@ fn assess_with<'h, 'f>(
                     cve: s.cve.clone(),
                     severity: s.severity,
                     verdict,
-                    packages: Vec::new(),
+                    // Nearly every finding names one package; an empty Vec's
+                    // first push would reserve four (a fleet's plan holds
+                    // millions of findings).
+                    packages: Vec::with_capacity(1),
                 });
                 finding.verdict = finding.verdict.max(verdict);
                 finding.severity = finding.severity.max(s.severity);
@@ -243,7 +264,12 @@ fn assess_with<'h, 'f>(
                     Some(_) => {}
                     None => finding.packages.push(PackageFinding {
                         package: s.package.clone(),
-                        binaries: binaries.iter().map(|b| Arc::clone(b)).collect(),
+                        binaries: Arc::clone(binaries.get_or_insert_with(|| {
+                            run.iter()
+                                .filter_map(|&i| pk.get(i))
+                                .map(|p| Arc::clone(&p.binary))
+                                .collect()
+                        })),
                         installed: Arc::clone(installed),
                         fixed,
                         verdict,
@@ -289,8 +315,10 @@ pub fn plan(hosts: &[HostPackages], feeds: &[Feed]) -> Exposure {
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
+    // Sized once: growing by doubling would hold the old and the new copy of
+    // millions of findings at once.
     let mut summaries = Vec::with_capacity(hosts.len());
-    let mut findings = Vec::new();
+    let mut findings = Vec::with_capacity(parts.iter().map(|(_, f)| f.len()).sum());
     for (s, f) in parts {
         summaries.extend(s);
         findings.extend(f);
@@ -313,8 +341,9 @@ fn plan_part(hosts: &[HostPackages], feeds: &[Feed]) -> (Vec<HostSummary>, Vec<F
     let mut summaries = Vec::with_capacity(hosts.len());
     let mut findings = Vec::new();
     let mut memo = Memo::new();
+    let mut order = Vec::new();
     for h in hosts {
-        let found = assess_with(h, feeds, false, &mut memo);
+        let found = assess_with(h, feeds, false, &mut memo, &mut order);
         let open: Vec<Finding> = found
             .into_values()
             .filter(|f| f.verdict.vulnerable())
@@ -335,6 +364,8 @@ fn plan_part(hosts: &[HostPackages], feeds: &[Feed]) -> (Vec<HostSummary>, Vec<F
         });
         findings.extend(open);
     }
+    // The doubling's spare room, returned before the parts are joined.
+    findings.shrink_to_fit();
     (summaries, findings)
 }
 
@@ -344,7 +375,8 @@ pub struct CveSummary {
     pub cve: String,
     pub severity: Severity,
     pub verdict: Verdict,
-    pub hosts: Vec<String>,
+    /// The hosts, shared with the findings rather than copied.
+    pub hosts: Vec<Arc<str>>,
     /// Fixed versions per source package.
     pub fixed: BTreeMap<String, String>,
 }
@@ -363,11 +395,19 @@ impl Exposure {
             });
             e.severity = e.severity.max(f.severity);
             e.verdict = e.verdict.max(f.verdict);
-            e.hosts.push(f.host.to_string());
+            e.hosts.push(Arc::clone(&f.host));
             for p in &f.packages {
                 if let Some(v) = &p.fixed {
                     if p.verdict == Verdict::VulnerableFixAvailable {
-                        e.fixed.insert(p.package.to_string(), v.to_string());
+                        // Thousands of hosts name the same fix: copy it only
+                        // when it is new.
+                        match e.fixed.get_mut(&*p.package) {
+                            Some(old) if **old == **v => {}
+                            Some(old) => *old = v.to_string(),
+                            None => {
+                                e.fixed.insert(p.package.to_string(), v.to_string());
+                            }
+                        }
                     }
                 }
             }
@@ -377,7 +417,19 @@ impl Exposure {
         out
     }
 
-    /// The open findings of one host.
+    /// The open findings of every host, in plan order: one pass over the
+    /// findings, for views that list each host's (calling [`Self::of_host`] per
+    /// host would rescan all of them for every host).
+    pub fn by_host(&self) -> HashMap<&str, Vec<&Finding>> {
+        let mut out: HashMap<&str, Vec<&Finding>> = HashMap::with_capacity(self.hosts.len());
+        for f in &self.findings {
+            out.entry(&*f.host).or_default().push(f);
+        }
+        out
+    }
+
+    /// The open findings of one host (rescans every finding: for all hosts use
+    /// [`Self::by_host`]).
     pub fn of_host<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Finding> + 'a {
         self.findings.iter().filter(move |f| &*f.host == host)
     }

@@ -82,12 +82,14 @@ impl Feed {
             if !releases.contains(&s.release) {
                 releases.insert(s.release.clone());
             }
-            index
-                .entry(s.release.clone())
-                .or_default()
-                .entry(s.package.clone())
-                .or_default()
-                .push(i);
+            // Looked up before inserting: a feed names few releases, and cloning
+            // the key for every statement would copy one per statement.
+            if !index.contains_key(&s.release) {
+                index.insert(s.release.clone(), HashMap::new());
+            }
+            if let Some(by_package) = index.get_mut(&s.release) {
+                by_package.entry(s.package.clone()).or_default().push(i);
+            }
         }
         Feed {
             source: source.into(),
@@ -102,6 +104,17 @@ impl Feed {
 
     /// Reads a feed document of any supported format.
     pub fn parse(source: &str, bytes: &[u8]) -> Result<Feed, AdvisoryError> {
+        // The tracker, the largest feed by far, is read from the bytes into its
+        // typed form; everything else goes through the shape detection below.
+        if let Some(statements) = super::debian::read_bytes(source, bytes)? {
+            let format = FeedFormat::DebianTracker;
+            return Ok(Feed::from_statements(
+                source,
+                format,
+                sha256_hex(bytes),
+                statements,
+            ));
+        }
         let value: Value = serde_json::from_slice(bytes).map_err(|e| AdvisoryError::Parse {
             feed: source.to_string(),
             reason: format!("not JSON: {e}"),
@@ -114,11 +127,12 @@ impl Feed {
             FeedFormat::DebianTracker => super::debian::read(source, value)?,
             FeedFormat::CsafVex => super::csaf::read(source, value)?,
         };
-        let sha = {
-            use sha2::Digest as _;
-            hex::encode(sha2::Sha256::digest(bytes))
-        };
-        Ok(Feed::from_statements(source, format, sha, statements))
+        Ok(Feed::from_statements(
+            source,
+            format,
+            sha256_hex(bytes),
+            statements,
+        ))
     }
 
     /// Whether the feed says anything about `release`: a host of a release it does
@@ -164,6 +178,11 @@ impl Feed {
             statements: self.statements.len(),
         })
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Tells the format by the document's shape.

@@ -3,6 +3,7 @@
 //! from its `advisory.feed` and `advisory.evidence` records. Read-only like the
 //! rest of the reports.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use super::html::esc;
 use super::ReportError;
-use crate::advisory::exposure::{CveSummary, Exposure, Verdict};
+use crate::advisory::exposure::{CveSummary, Exposure, Finding, Verdict};
 use crate::journal::entry::{AdvisoryFeed, EvidenceRecord};
 use crate::journal::{Entry, Store};
 
@@ -64,6 +65,7 @@ fn fixed_list(c: &CveSummary) -> String {
 
 pub fn render_exposure(e: &Exposure, format: ExposureFormat) -> String {
     let cves = e.by_cve();
+    let by_host = e.by_host();
     let (fixable, no_fix): (Vec<&CveSummary>, Vec<&CveSummary>) = cves
         .iter()
         .partition(|c| c.verdict == Verdict::VulnerableFixAvailable);
@@ -78,7 +80,7 @@ pub fn render_exposure(e: &Exposure, format: ExposureFormat) -> String {
                     .iter()
                     .map(|h| HostView {
                         summary: h,
-                        open: e.of_host(&h.host).collect(),
+                        open: by_host.get(h.host.as_str()).cloned().unwrap_or_default(),
                     })
                     .collect(),
             };
@@ -86,12 +88,24 @@ pub fn render_exposure(e: &Exposure, format: ExposureFormat) -> String {
             s.push('\n');
             s
         }
-        ExposureFormat::Table => table(e, &fixable, &no_fix),
-        ExposureFormat::Html => html(e, &fixable, &no_fix),
+        ExposureFormat::Table => table(e, &by_host, &fixable, &no_fix),
+        ExposureFormat::Html => html(e, &by_host, &fixable, &no_fix),
     }
 }
 
-fn table(e: &Exposure, fixable: &[&CveSummary], no_fix: &[&CveSummary]) -> String {
+/// The open findings per host, from [`Exposure::by_host`].
+type ByHost<'a> = HashMap<&'a str, Vec<&'a Finding>>;
+
+fn open_of<'a>(by_host: &'a ByHost<'_>, host: &str) -> impl Iterator<Item = &'a Finding> + 'a {
+    by_host.get(host).into_iter().flatten().copied()
+}
+
+fn table(
+    e: &Exposure,
+    by_host: &ByHost<'_>,
+    fixable: &[&CveSummary],
+    no_fix: &[&CveSummary],
+) -> String {
     let mut s = String::new();
     for f in &e.feeds {
         let _ = writeln!(s, "feed {} ({}) sha256 {}", f.source, f.format, f.sha256);
@@ -140,7 +154,7 @@ fn table(e: &Exposure, fixable: &[&CveSummary], no_fix: &[&CveSummary]) -> Strin
             );
             continue;
         }
-        let open: Vec<&str> = e.of_host(&h.host).map(|f| &*f.cve).collect();
+        let open: Vec<&str> = open_of(by_host, &h.host).map(|f| &*f.cve).collect();
         let _ = writeln!(
             s,
             "  {:<20} {:<14} {:>7} {:>6}  {}",
@@ -166,7 +180,12 @@ fn html_page(title: &str, body: &str) -> String {
     )
 }
 
-fn html(e: &Exposure, fixable: &[&CveSummary], no_fix: &[&CveSummary]) -> String {
+fn html(
+    e: &Exposure,
+    by_host: &ByHost<'_>,
+    fixable: &[&CveSummary],
+    no_fix: &[&CveSummary],
+) -> String {
     let mut b = String::new();
     let _ = writeln!(
         b,
@@ -214,7 +233,7 @@ fn html(e: &Exposure, fixable: &[&CveSummary], no_fix: &[&CveSummary]) -> String
             );
             continue;
         }
-        let open: Vec<String> = e.of_host(&h.host).map(|f| esc(&f.cve)).collect();
+        let open: Vec<String> = open_of(by_host, &h.host).map(|f| esc(&f.cve)).collect();
         let _ = writeln!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

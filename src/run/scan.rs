@@ -554,7 +554,7 @@ mod tests {
             verdict: Verdict::VulnerableFixAvailable,
             packages: vec![PackageFinding {
                 package: "acme-agent".into(),
-                binaries: vec!["acme-agent".into()],
+                binaries: std::iter::once("acme-agent".into()).collect(),
                 installed: "1.0.0".into(),
                 fixed: Some("1.0.1".into()),
                 verdict: Verdict::VulnerableFixAvailable,

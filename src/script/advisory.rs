@@ -300,7 +300,7 @@ fn findings_of(host: &str, entry: &Map) -> Result<Vec<Finding>, String> {
                 verdict: Verdict::VulnerableFixAvailable,
                 packages: vec![PackageFinding {
                     package: text(&p, "name").into(),
-                    binaries: vec![],
+                    binaries: Vec::new().into(),
                     installed: text(&p, "installed").into(),
                     fixed: Some(text(&p, "fixed").into()),
                     verdict: Verdict::VulnerableFixAvailable,
