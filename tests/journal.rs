@@ -18,43 +18,12 @@ use patchbook::journal::{
 };
 use serde_json::json;
 
-#[cfg(feature = "lab")]
-#[path = "support/postgres.rs"]
-mod postgres;
-
-/// The store a test of the shared suite runs against: run files in a temporary
-/// state directory, or a private PostgreSQL server (with a state directory for the
-/// lock and the audit index). The tests at the end of this file run each suite
-/// test on both.
-struct TestStore {
-    dir: tempfile::TempDir,
-    store: Store,
-    #[cfg(feature = "lab")]
-    _pg: Option<postgres::PgServer>,
-}
+#[path = "support/store.rs"]
+#[macro_use]
+mod store;
+use store::TestStore;
 
 impl TestStore {
-    fn files() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        TestStore {
-            store: Store::file(dir.path()),
-            dir,
-            #[cfg(feature = "lab")]
-            _pg: None,
-        }
-    }
-
-    #[cfg(feature = "lab")]
-    fn postgres() -> Self {
-        let pg = postgres::PgServer::start();
-        let dir = tempfile::tempdir().unwrap();
-        TestStore {
-            store: Store::from_url(dir.path(), Some(&pg.url)).unwrap(),
-            dir,
-            _pg: Some(pg),
-        }
-    }
-
     fn state(&self) -> &Path {
         self.dir.path()
     }
@@ -1009,30 +978,6 @@ fn control_characters_in_records_survive_the_store(s: &TestStore) {
     assert!(audit::verify_in(&s.store, None, &Default::default())
         .unwrap()
         .intact());
-}
-
-/// The suite above, once per store: run files, and PostgreSQL (a private server
-/// per test; it needs root to start the server as the `postgres` user).
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_files {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&super::TestStore::files());
-                }
-            )*
-        }
-        #[cfg(feature = "lab")]
-        mod on_postgres {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&super::TestStore::postgres());
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(

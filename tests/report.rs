@@ -17,42 +17,12 @@ use patchbook::rollout::{
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-#[cfg(feature = "lab")]
-#[path = "support/postgres.rs"]
-mod postgres;
-
-/// The store a test of the shared suite reads its runs from: run files in a
-/// temporary state directory, or a private PostgreSQL server. The tests at the end
-/// of this file run each suite test on both.
-struct TestStore {
-    dir: tempfile::TempDir,
-    store: Store,
-    #[cfg(feature = "lab")]
-    _pg: Option<postgres::PgServer>,
-}
+#[path = "support/store.rs"]
+#[macro_use]
+mod store;
+use store::TestStore;
 
 impl TestStore {
-    fn files() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        TestStore {
-            store: Store::file(dir.path()),
-            dir,
-            #[cfg(feature = "lab")]
-            _pg: None,
-        }
-    }
-
-    #[cfg(feature = "lab")]
-    fn postgres() -> Self {
-        let pg = postgres::PgServer::start();
-        let dir = tempfile::tempdir().unwrap();
-        TestStore {
-            store: Store::from_url(dir.path(), Some(&pg.url)).unwrap(),
-            dir,
-            _pg: Some(pg),
-        }
-    }
-
     fn begin(&self, run: &str, operator: &str) -> Journal {
         Journal::begin_in(&self.store, run, operator, &header(), None).unwrap()
     }
@@ -1352,30 +1322,6 @@ fn per_group_counts_add_up_to_the_totals_after_a_resume() {
         assert_eq!(r["groups"][g]["targeted"], 2, "{g}: {}", r["groups"]);
         assert_eq!(r["groups"][g]["done"], 2, "{g}: {}", r["groups"]);
     }
-}
-
-/// The suite above, once per store: run files, and PostgreSQL (a private server
-/// per test; it needs root to start the server as the `postgres` user).
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_files {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&super::TestStore::files());
-                }
-            )*
-        }
-        #[cfg(feature = "lab")]
-        mod on_postgres {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&super::TestStore::postgres());
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(

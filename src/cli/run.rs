@@ -95,6 +95,25 @@ fn host_claims(
     })
 }
 
+/// A journal that cannot be written or read stops the command; its own message
+/// says which file or database and what to do.
+fn journal_err(e: crate::journal::JournalError) -> CliError {
+    CliError::Other(e.to_string())
+}
+
+/// Opens run `run_id`'s journal in the configured store, anchored when signing is
+/// configured.
+fn begin_journal(rt: &Runtime, run_id: &str, head: &RunHeader) -> Result<Journal, CliError> {
+    Journal::begin_in(
+        &rt.store().map_err(journal_err)?,
+        run_id,
+        &rt.operator,
+        head,
+        rt.anchor()?,
+    )
+    .map_err(journal_err)
+}
+
 fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
     RunHeader::new(
         playbook.to_path_buf(),
@@ -135,7 +154,6 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
     let hosts = rt.targets(selector)?;
     let pb = Compiler::from_config(&rt.config).compile_source("<exec>", snippet, &[HOST_VAR])?;
     rt.ensure_state_dir()?;
-    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let run_id = new_run_id();
     // Every host is claimed before the journal exists: a refused exec leaves nothing.
     // Ctrl-C while waiting ends the process, and the kernel lets go of what it held.
@@ -153,17 +171,7 @@ pub fn exec(cli: &Cli, selector: &str, snippet: &str) -> Result<ExitCode, CliErr
         selector: selector.to_string(),
         snippet: snippet.to_string(),
     });
-    let journal = Arc::new(
-        Journal::begin_in(
-            &rt.store().map_err(journal_err)?,
-            &run_id,
-            &rt.operator,
-            &head,
-            rt.anchor()?,
-        )
-        .map_err(journal_err)?
-        .with_secrets(rt.secrets.clone()),
-    );
+    let journal = Arc::new(begin_journal(&rt, &run_id, &head)?.with_secrets(rt.secrets.clone()));
     let ctx = RunCtx::new(
         run_id.clone(),
         rt.state_dir.clone(),
@@ -541,7 +549,6 @@ pub fn run(
     rt.ensure_state_dir()?;
     let style = Style::pick(cli.global.json, cli.global.quiet);
     let say = style != Style::Json && style != Style::Quiet;
-    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     let mut resumed: Option<Journal> = None;
     let (earlier, state) = match start {
         Start::New => (None, None),
@@ -641,14 +648,7 @@ pub fn run(
             let mut head = header(&rt, &path, &pb);
             head.params = Some(param_digests(&run_id, &vars));
             head.retry_of = Some(of.to_string());
-            let journal = Journal::begin_in(
-                &rt.store().map_err(journal_err)?,
-                &run_id,
-                &rt.operator,
-                &head,
-                rt.anchor()?,
-            )
-            .map_err(journal_err)?;
+            let journal = begin_journal(&rt, &run_id, &head)?;
             (run_id, journal, path, pb)
         }
         _ => {
@@ -661,14 +661,7 @@ pub fn run(
             let run_id = new_run_id();
             let mut head = header(&rt, path, &pb);
             head.params = Some(param_digests(&run_id, &vars));
-            let journal = Journal::begin_in(
-                &rt.store().map_err(journal_err)?,
-                &run_id,
-                &rt.operator,
-                &head,
-                rt.anchor()?,
-            )
-            .map_err(journal_err)?;
+            let journal = begin_journal(&rt, &run_id, &head)?;
             (run_id, journal, path.to_path_buf(), pb)
         }
     };
@@ -943,7 +936,6 @@ fn plan_verdicts(
 /// alone, in reverse deployment order, verifying each host.
 pub fn rollback(cli: &Cli, run_id: &str, hosts: Option<&str>) -> Result<ExitCode, CliError> {
     let rt = Arc::new(Runtime::build(&cli.options())?);
-    let journal_err = |e: crate::journal::JournalError| CliError::Other(e.to_string());
     // A selector that matches no host is an error before the run is reopened: a
     // typo must not read as "nothing to reverse".
     let allowed: Option<Vec<String>> = match hosts {
