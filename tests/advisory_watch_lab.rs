@@ -14,15 +14,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use patchbook::lab::{Fleet, PkgDb};
 use serde_json::Value;
 use support::smtp::SmtpSink;
+use support::watch::WatchProcess as Watch;
 use support::{lab_project, patchbook_in, run_ids, text};
 
 fn fleet() -> &'static Fleet {
@@ -109,63 +107,15 @@ fn project(fleet: &Fleet, smtp_port: u16) -> tempfile::TempDir {
     dir
 }
 
-/// `patchbook watch` for the project; stopped with SIGTERM on drop, even when a
-/// test panics.
-struct Watch {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-}
-
-impl Watch {
-    fn start(dir: &Path) -> Watch {
-        let mut child = patchbook_in(dir)
-            .args(["watch", "--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("PATCHBOOK_LOG", "info")
-            .env("PATCHBOOK_NOW", "2026-11-28T01:59:00Z")
-            .env("PATCHBOOK_CLOCK_SPEED", "60")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let o = out.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    o.lock().unwrap().push(line);
-                }
-            });
-        }
-        Watch { child, out }
-    }
-
-    fn output(&self) -> String {
-        self.out.lock().unwrap().join("\n")
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id().cast_signed(), libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = self.child.kill();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// `patchbook watch` for the project, on a test clock 60 times as fast.
+fn start_watch(dir: &Path) -> Watch {
+    let mut cmd = patchbook_in(dir);
+    cmd.args(["watch", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("PATCHBOOK_LOG", "info")
+        .env("PATCHBOOK_NOW", "2026-11-28T01:59:00Z")
+        .env("PATCHBOOK_CLOCK_SPEED", "60");
+    Watch::start(cmd)
 }
 
 /// The scan runs that were closed (their `advisory.scan` summary written), oldest
@@ -260,7 +210,7 @@ fn a_watch_scan_mails_the_owner_of_a_host_that_gains_a_cve() {
     assert!(out.status.success(), "{}", text(&out));
     let patch_run = run_ids(&d.join("state")).pop().unwrap();
 
-    let mut watch = Watch::start(d);
+    let mut watch = start_watch(d);
     // A baseline, then a scan with nothing new: nobody is mailed.
     let before = wait_scans(d, 0, 2, &watch);
     assert!(

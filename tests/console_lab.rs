@@ -9,16 +9,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use patchbook::journal::entry::RolloutEvent;
 use patchbook::journal::{read_records, Entry};
 use serde_json::Value;
+use support::watch::WatchProcess as Watch;
 use support::{lab_project, patchbook_in, text, Lab};
 
 /// Three waves of two hosts; each wave pauses (12 s unless `--param pause=`), then
@@ -29,108 +26,17 @@ rollout(hosts("all"), #{ waves: [2, 2, 2], parallel: 2, pause: param("pause", "1
 });
 "#;
 
-/// `patchbook watch --listen 127.0.0.1:0` in the project, its output collected.
-struct Watch {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    addr: String,
+/// `patchbook watch --listen 127.0.0.1:0` in the project.
+fn start_watch(dir: &Path) -> Watch {
+    let mut cmd = patchbook_in(dir);
+    cmd.args(["watch", "--listen", "127.0.0.1:0"])
+        .current_dir(dir);
+    Watch::start(cmd)
 }
 
-impl Watch {
-    fn start(dir: &Path) -> Watch {
-        let mut child = patchbook_in(dir)
-            .args(["watch", "--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let pipes = [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        // Owned at once, so a failed start below still kills and reaps it.
-        let mut watch = Watch {
-            child,
-            out: out.clone(),
-            addr: String::new(),
-        };
-        for pipe in pipes {
-            let o = out.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    o.lock().unwrap().push(line);
-                }
-            });
-        }
-        let t0 = Instant::now();
-        loop {
-            let found = out.lock().unwrap().iter().find_map(|l| {
-                l.strip_prefix("status page: http://")
-                    .map(|u| u.trim_end_matches('/').to_string())
-            });
-            if let Some(addr) = found {
-                watch.addr = addr;
-                return watch;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "watch did not start: {:#?}",
-                out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp.split_once("\r\n\r\n").unwrap().1.to_string()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.get("/status.json")).unwrap()
-    }
-
-    /// Polls the status until `f` holds of its console.
-    fn wait(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if f(&s["console"]) {
-                return s["console"].clone();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "{what} did not happen; console: {:#}\noutput: {:#?}",
-                s["console"],
-                self.out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: a plain signal to the child this test started.
-        unsafe {
-            libc::kill(i32::try_from(self.child.id()).unwrap(), libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "watch did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Polls the status until `f` holds of its console.
+fn wait_console(watch: &Watch, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    watch.wait_status(Duration::from_secs(90), what, |s| f(&s["console"]))["console"].clone()
 }
 
 /// What the journal says at one moment.
@@ -342,19 +248,21 @@ fn the_console_follows_a_live_run_in_headless_chromium() {
     let dir = project.path();
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
     std::fs::write(dir.join("scripts/fleet.rhai"), FLEET).unwrap();
-    let watch = Watch::start(dir);
+    let mut watch = start_watch(dir);
     let out = patchbook_in(dir)
         .args(["trigger", "fleet"])
         .current_dir(dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let first = watch.wait("the run's first record", |c| c["run_id"].is_string());
+    let first = wait_console(&watch, "the run's first record", |c| {
+        c["run_id"].is_string()
+    });
     let run = first["run_id"].as_str().unwrap().to_string();
     let journal = dir.join("state/runs").join(format!("{run}.jsonl"));
 
     // Moment 1: the first wave is done and the run pauses before the gate.
-    watch.wait("the pause after the first wave", |c| {
+    wait_console(&watch, "the pause after the first wave", |c| {
         c["tally"]["patched"] == 2
             && c["waves"][0]["timers"]
                 .as_array()
@@ -364,7 +272,7 @@ fn the_console_follows_a_live_run_in_headless_chromium() {
     assert_eq!(j1.pending, 4);
 
     // Moment 2, same run: the second wave is done too.
-    watch.wait("the pause after the second wave", |c| {
+    wait_console(&watch, "the pause after the second wave", |c| {
         c["tally"]["patched"] == 4
             && c["waves"][1]["timers"]
                 .as_array()
@@ -382,7 +290,7 @@ fn the_console_follows_a_live_run_in_headless_chromium() {
     let run_attr = format!("data-run=\"{run}\"");
     assert!(dom1.contains(&run_attr) && dom2.contains(&run_attr));
 
-    let done = watch.wait("the end of the run", |c| c["finished"] == true);
+    let done = wait_console(&watch, "the end of the run", |c| c["finished"] == true);
     assert_eq!(done["tally"]["patched"], 6);
     watch.stop();
 

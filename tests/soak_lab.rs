@@ -9,16 +9,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use patchbook::journal::entry::NotifyRecord;
 use patchbook::journal::{read_records, Entry};
 use serde_json::Value;
 use support::smtp::SmtpSink;
+use support::watch::WatchProcess as Watch;
 use support::{lab_project, patchbook_in, run_ids, text, Lab};
 
 const PLAYBOOK: &str = r#"
@@ -49,120 +47,16 @@ rollout(hosts("lab01:lab02"), #{
 });
 "#;
 
-/// `patchbook watch` with its output collected; stopped with SIGTERM on drop.
-struct Watch {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    addr: String,
-}
-
-impl Watch {
-    fn start(dir: &std::path::Path) -> Watch {
-        let mut child = patchbook_in(dir)
-            .args(["watch", "--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("PATCHBOOK_LOG", "info")
-            // The test clock: a 3-minute soak sampled every 15 s takes 9 real
-            // seconds, a sample every 0.75 s.
-            .env("PATCHBOOK_NOW", "2026-12-05T02:00:00Z")
-            .env("PATCHBOOK_CLOCK_SPEED", "20")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for (stream, tag) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-                "",
-            ),
-            (Box::new(child.stderr.take().unwrap()), "stderr: "),
-        ] {
-            let o = out.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    o.lock().unwrap().push(format!("{tag}{line}"));
-                }
-            });
-        }
-        let t0 = Instant::now();
-        let addr = loop {
-            let found = out.lock().unwrap().iter().find_map(|l| {
-                l.strip_prefix("status page: http://")
-                    .map(|u| u.trim_end_matches('/').to_string())
-            });
-            if let Some(a) = found {
-                break a;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "watch did not start: {:#?}",
-                out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Watch { child, out, addr }
-    }
-
-    fn get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        )
-        .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.get("/status.json")).unwrap()
-    }
-
-    fn wait(&self, within: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if f(&s) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < within,
-                "{what} did not happen within {within:?}; status: {s:#}\noutput: {:#?}",
-                self.out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: signalling the child this test started.
-        unsafe {
-            libc::kill(self.child.id().cast_signed(), libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("watch did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `patchbook watch` in the project, on the test clock: a 3-minute soak sampled
+/// every 15 s takes 9 real seconds, a sample every 0.75 s.
+fn start_watch(dir: &std::path::Path) -> Watch {
+    let mut cmd = patchbook_in(dir);
+    cmd.args(["watch", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("PATCHBOOK_LOG", "info")
+        .env("PATCHBOOK_NOW", "2026-12-05T02:00:00Z")
+        .env("PATCHBOOK_CLOCK_SPEED", "20");
+    Watch::start(cmd)
 }
 
 fn row<'a>(status: &'a Value, host: &str) -> Option<&'a Value> {
@@ -222,7 +116,7 @@ fn a_host_that_regresses_during_its_soak_is_reported_to_its_owner_once() {
     )
     .unwrap();
 
-    let mut watch = Watch::start(dir);
+    let mut watch = start_watch(dir);
     let t0 = Instant::now();
     loop {
         let out = patchbook_in(dir)
@@ -242,7 +136,7 @@ fn a_host_that_regresses_during_its_soak_is_reported_to_its_owner_once() {
 
     // Both hosts are soaking and judged against their baseline; then lab02's
     // application starts logging errors.
-    watch.wait(Duration::from_secs(60), "both hosts soaking", |s| {
+    watch.wait_status(Duration::from_secs(60), "both hosts soaking", |s| {
         ["lab01", "lab02"]
             .iter()
             .all(|h| row(s, h).is_some_and(|r| r["samples"].as_u64() >= Some(1)))
@@ -260,7 +154,7 @@ fn a_host_that_regresses_during_its_soak_is_reported_to_its_owner_once() {
 
     // lab02 shows `regressed` as soon as it is seen, lab01 `soaking` until the
     // period is over.
-    let status = watch.wait(Duration::from_secs(30), "both soaks over", |s| {
+    let status = watch.wait_status(Duration::from_secs(30), "both soaks over", |s| {
         s["soak"]
             .as_array()
             .is_some_and(|a| a.len() == 2 && a.iter().all(|r| r["verdict"] != "soaking"))

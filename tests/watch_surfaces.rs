@@ -3,12 +3,15 @@
 //! playbook folder, `--socket` pointing at a file, and absurd clock speeds.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/watch.rs"]
+mod watch_process;
+use watch_process::WatchProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchbook");
 const QUICK: &str = "let x = 1;\nx + 1\n";
@@ -54,10 +57,15 @@ impl Project {
     }
 }
 
-struct Service {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    addr: String,
+/// The service under test: the shared `watch` process plus the probes these
+/// tests need (any Host header, its open descriptors).
+struct Service(WatchProcess);
+
+impl std::ops::Deref for Service {
+    type Target = WatchProcess;
+    fn deref(&self) -> &WatchProcess {
+        &self.0
+    }
 }
 
 impl Service {
@@ -65,40 +73,8 @@ impl Service {
         Self::start_cmd(p.watch(&[], &[]))
     }
 
-    fn start_cmd(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let o = out.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    o.lock().unwrap().push(line);
-                }
-            });
-        }
-        let t0 = Instant::now();
-        let addr = loop {
-            let found = out.lock().unwrap().iter().find_map(|l| {
-                l.strip_prefix("status page: http://")
-                    .map(|u| u.trim_end_matches('/').to_string())
-            });
-            if let Some(a) = found {
-                break a;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "watch did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Service { child, out, addr }
+    fn start_cmd(cmd: Command) -> Self {
+        Service(WatchProcess::start(cmd))
     }
 
     fn request(&self, path: &str, host: &str) -> String {
@@ -129,14 +105,6 @@ impl Service {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .map(|d| d.count())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = &self.out;
     }
 }
 

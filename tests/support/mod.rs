@@ -10,6 +10,7 @@
 
 pub mod postgres;
 pub mod smtp;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
