@@ -111,18 +111,9 @@ fn exposure(dir: &Path, feed: &Path, format: &str) -> (std::process::Output, Str
     (out, t)
 }
 
+/// The host's open CVEs in an exposure plan's JSON, as a set.
 fn open_cves(plan: &Value, host: &str) -> BTreeSet<String> {
-    plan["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == host)
-        .unwrap_or_else(|| panic!("{host} missing: {plan}"))["open"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["cve"].as_str().unwrap().to_string())
-        .collect()
+    support::open_cves(plan, host).into_iter().collect()
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {

@@ -21,7 +21,7 @@ use patchbook::lab::{Fleet, PkgDb};
 use serde_json::Value;
 use support::smtp::SmtpSink;
 use support::watch::WatchProcess as Watch;
-use support::{lab_project, patchbook_in, run_ids, text};
+use support::{lab_project, open_cves, patchbook_in, run_ids, text};
 
 fn fleet() -> &'static Fleet {
     support::shared_fleet_of(&[PkgDb::Dpkg, PkgDb::Dpkg])
@@ -173,20 +173,6 @@ fn exposure_from_last_scan(dir: &Path, format: &str) -> (std::process::Output, S
         .unwrap();
     let t = String::from_utf8_lossy(&out.stdout).to_string();
     (out, t)
-}
-
-fn open_cves(plan: &Value, host: &str) -> Vec<String> {
-    plan["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == host)
-        .unwrap_or_else(|| panic!("{host} missing: {plan}"))["open"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["cve"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[test]

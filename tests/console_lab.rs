@@ -83,29 +83,13 @@ fn from_journal(path: &Path) -> FromJournal {
     j
 }
 
+/// Headless Chromium on `url`, given time to open the page's event stream and
+/// draw the first event before the DOM is taken; `?snapshot` ends that stream
+/// after it, or the browser would wait for it to go quiet.
 fn chromium(url: &str, extra: &[String]) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("/usr/bin/chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-dev-shm-usage",
-            // Lets the page open its event stream and draw the first event
-            // before the DOM is taken; `?snapshot` ends that stream after it, or
-            // the browser would wait for it to go quiet.
-            "--virtual-time-budget=2000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("chromium is missing: run .ci/setup");
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut args = vec!["--virtual-time-budget=2000".to_string()];
+    args.extend_from_slice(extra);
+    support::headless_chromium(url, &args)
 }
 
 /// The console's part of the page as drawn (the page's script, which holds the

@@ -139,26 +139,8 @@ fn a_host_whose_log_fills_with_errors_after_the_patch_is_rolled_back() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     // As a browser renders it: headless Chromium's DOM, and a screenshot.
-    let chromium = |extra: &[String]| {
-        let profile = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("/usr/bin/chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(extra)
-            .arg(format!("file://{}", file.display()))
-            .output()
-            .expect("chromium is missing: run .ci/setup");
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let url = format!("file://{}", file.display());
+    let chromium = |extra: &[String]| support::headless_chromium(&url, extra);
     let dom = chromium(&["--dump-dom".to_string()]);
     assert_eq!(dom.matches("class=\"monitor-verdict\"").count(), 3, "{dom}");
     assert_eq!(dom.matches("monitor: REGRESSED").count(), 1, "{dom}");

@@ -315,3 +315,42 @@ pub fn run_ids(state: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// The CVEs `host` has open in an exposure plan's JSON (`exposure --format json`),
+/// in the plan's order.
+pub fn open_cves(plan: &serde_json::Value, host: &str) -> Vec<String> {
+    plan["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("{host} missing: {plan}"))["open"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["cve"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// What headless Chromium prints for `url` with the `extra` flags
+/// (`--dump-dom`, `--screenshot=…`), in a throwaway profile.
+pub fn headless_chromium(url: &str, extra: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("/usr/bin/chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium is missing: run .ci/setup");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
