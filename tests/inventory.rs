@@ -812,3 +812,34 @@ fn empty_names_in_a_toml_inventory_are_refused() {
         assert!(err.contains("hosts.toml"), "{err}");
     }
 }
+
+/// Found by the `inventory_yaml` fuzz target: a group named "" was accepted, and
+/// selecting it by name chose a host that is not its member. Ansible refuses empty
+/// group and host names too.
+#[test]
+fn empty_names_in_a_yaml_inventory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, what) in [
+        (
+            "all:\n  children:\n    \"\":\n      hosts:\n        web01:\n",
+            "a group",
+        ),
+        ("\"\":\n  hosts:\n    web01:\n", "a group"),
+        ("all:\n  hosts:\n    \" \":\n", "a host of group `all`"),
+        (
+            "{\"web\": {\"hosts\": {\"\": null}}}",
+            "a host of group `web`",
+        ),
+    ] {
+        let path = dir.path().join("hosts.yml");
+        std::fs::write(&path, text).unwrap();
+        let err = Inventory::load(std::slice::from_ref(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(what) && err.contains("empty name"),
+            "{text}: {err}"
+        );
+        assert!(err.contains("hosts.yml"), "{err}");
+    }
+}

@@ -477,6 +477,14 @@ fn yaml_group(
         return Ok(None);
     }
     let group = yaml_key(path, name, "group name")?;
+    // As Ansible ("Invalid empty/false group name provided"): an empty name would
+    // read as "every host" where a selector is built from it (found by fuzzing).
+    if group.trim().is_empty() {
+        return Err(InventoryError::Invalid {
+            path: path.to_path_buf(),
+            message: "a group has an empty name; give it one".into(),
+        });
+    }
     raw.add_group(&group);
     let Yaml::Map(map) = data else {
         return Ok(Some(group));
@@ -529,6 +537,11 @@ fn yaml_group(
             "hosts" => {
                 for (k, v) in entries {
                     let pattern = yaml_key(path, &k, "host pattern")?;
+                    if pattern.trim().is_empty() {
+                        return Err(invalid(format!(
+                            "a host of group `{group}` has an empty name; give it one"
+                        )));
+                    }
                     let (names, port) = expand_host_pattern(&pattern)
                         .map_err(|m| invalid(format!("group `{group}`: {m}")))?;
                     let vars = match v {
