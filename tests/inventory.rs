@@ -787,30 +787,21 @@ fn all_selects_every_host_even_beside_a_host_named_all() {
 /// selector built from its name chose every host.
 #[test]
 fn empty_names_in_a_toml_inventory_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    for (text, what) in [
-        (
-            "[hosts.web01]\ngroups = [\"web\", \"\"]\n",
-            "a group of host `web01`",
-        ),
-        ("[hosts.\"\"]\naddress = \"10.0.0.1\"\n", "a host"),
-        ("[groups.\"\"]\nhosts = [\"web01\"]\n", "a group"),
-        (
-            "[groups.web]\nhosts = [\" \"]\n",
-            "a child or host of group `web`",
-        ),
-    ] {
-        let path = dir.path().join("hosts.toml");
-        std::fs::write(&path, text).unwrap();
-        let err = Inventory::load(std::slice::from_ref(&path))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(what) && err.contains("empty name"),
-            "{text}: {err}"
-        );
-        assert!(err.contains("hosts.toml"), "{err}");
-    }
+    assert_empty_names_refused(
+        "hosts.toml",
+        &[
+            (
+                "[hosts.web01]\ngroups = [\"web\", \"\"]\n",
+                "a group of host `web01`",
+            ),
+            ("[hosts.\"\"]\naddress = \"10.0.0.1\"\n", "a host"),
+            ("[groups.\"\"]\nhosts = [\"web01\"]\n", "a group"),
+            (
+                "[groups.web]\nhosts = [\" \"]\n",
+                "a child or host of group `web`",
+            ),
+        ],
+    );
 }
 
 /// Found by the `inventory_yaml` fuzz target: a group named "" was accepted, and
@@ -818,20 +809,29 @@ fn empty_names_in_a_toml_inventory_are_refused() {
 /// group and host names too.
 #[test]
 fn empty_names_in_a_yaml_inventory_are_refused() {
+    assert_empty_names_refused(
+        "hosts.yml",
+        &[
+            (
+                "all:\n  children:\n    \"\":\n      hosts:\n        web01:\n",
+                "a group",
+            ),
+            ("\"\":\n  hosts:\n    web01:\n", "a group"),
+            ("all:\n  hosts:\n    \" \":\n", "a host of group `all`"),
+            (
+                "{\"web\": {\"hosts\": {\"\": null}}}",
+                "a host of group `web`",
+            ),
+        ],
+    );
+}
+
+/// Each inventory `text`, written as `file`, fails to load with an error that names
+/// the file, says "empty name" and says `what` had it.
+fn assert_empty_names_refused(file: &str, cases: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    for (text, what) in [
-        (
-            "all:\n  children:\n    \"\":\n      hosts:\n        web01:\n",
-            "a group",
-        ),
-        ("\"\":\n  hosts:\n    web01:\n", "a group"),
-        ("all:\n  hosts:\n    \" \":\n", "a host of group `all`"),
-        (
-            "{\"web\": {\"hosts\": {\"\": null}}}",
-            "a host of group `web`",
-        ),
-    ] {
-        let path = dir.path().join("hosts.yml");
+    let path = dir.path().join(file);
+    for (text, what) in cases {
         std::fs::write(&path, text).unwrap();
         let err = Inventory::load(std::slice::from_ref(&path))
             .unwrap_err()
@@ -840,6 +840,6 @@ fn empty_names_in_a_yaml_inventory_are_refused() {
             err.contains(what) && err.contains("empty name"),
             "{text}: {err}"
         );
-        assert!(err.contains("hosts.yml"), "{err}");
+        assert!(err.contains(file), "{err}");
     }
 }
