@@ -162,8 +162,21 @@ fn installs(lab: &Lab, host: &str) -> usize {
         .count()
 }
 
+// Twenty kill points in all, in two halves on fleets of their own, so that the
+// halves run side by side: each point is a whole run and a resume.
 #[test]
-fn sigkill_at_twenty_points_then_resume_patches_every_host_exactly_once() {
+fn sigkill_at_ten_points_then_resume_patches_every_host_exactly_once() {
+    sigkill_then_resume(0x5eed_1234_abcd_0001, 0..10);
+}
+
+#[test]
+fn sigkill_at_ten_more_points_then_resume_patches_every_host_exactly_once() {
+    sigkill_then_resume(0x0dd5_eed5_7777_0002, 10..20);
+}
+
+/// Kills a run of 20 hosts at one pseudo-random moment per point (`seed` fixes
+/// them), resumes it, and checks every host was patched exactly once.
+fn sigkill_then_resume(seed: u64, points: std::ops::Range<usize>) {
     let lab = Lab::start(20);
     let s = setup(&lab, PATCH, "");
     // How long an undisturbed run takes, to spread the kill points over it.
@@ -171,8 +184,8 @@ fn sigkill_at_twenty_points_then_resume_patches_every_host_exactly_once() {
     let out = s.run(&["--param", "parallel=6"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let full = started.elapsed();
-    let mut rng: u64 = 0x5eed_1234_abcd_0001;
-    for point in 0..20 {
+    let mut rng: u64 = seed;
+    for point in points {
         for h in lab.hosts() {
             lab.reseed(&h.name).unwrap();
         }
