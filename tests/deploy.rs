@@ -544,8 +544,7 @@ fn dockerfile() -> Vec<(String, String)> {
 fn dockerfile_uid() -> u64 {
     let user = dockerfile()
         .into_iter()
-        .filter(|(i, _)| i == "USER")
-        .last()
+        .rfind(|(i, _)| i == "USER")
         .unwrap()
         .1;
     user.split(':').next().unwrap().parse().unwrap()
