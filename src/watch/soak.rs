@@ -8,7 +8,8 @@
 //! sample reads and how thresholds judge it are `primitives::monitor`'s, the
 //! option map is `script::soak`'s, delivery is the notify layer's. Each soak
 //! writes its own journal (`<run>-soak`, so `audit verify` covers it): the run's
-//! journal is closed by then. It never changes a host: a regressed host keeps its
+//! journal is closed by then. Both are read and written through the runtime's
+//! store, so a service on PostgreSQL (`--store`) soaks as one on run files does. It never changes a host: a regressed host keeps its
 //! patch until a person decides (`patchbook rollback`).
 
 use std::collections::BTreeMap;
@@ -23,7 +24,7 @@ use serde::Serialize;
 use super::launcher::{run_header, LaunchRequest};
 use crate::inventory::Host;
 use crate::journal::entry::{Entry, MonitorSample, SoakEnded, SoakPlanned, SoakStarted};
-use crate::journal::{read_records, Journal};
+use crate::journal::Journal;
 use crate::primitives::monitor::{mean, regressions, sample, Reading};
 use crate::primitives::notify::SoakRegression;
 use crate::primitives::{Mode, RunCtx};
@@ -108,7 +109,9 @@ impl SoakBoard {
         if self.stop.load(Ordering::Acquire) {
             return 0;
         }
-        let records = match read_records(&Journal::run_path(&rt.state_dir, run_id)) {
+        // The run's records from the store it journaled into: run files, or the
+        // database of `--store` / `[store] url`.
+        let records = match rt.store().and_then(|store| store.read_records(run_id)) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(run = %run_id, "no soak: cannot read the run's journal: {e}");
@@ -225,8 +228,13 @@ impl SoakBoard {
             Ok(a) => a,
             Err(e) => return self.give_up(&job, &format!("cannot load the audit key: {e}")),
         };
-        let journal = match Journal::begin_with(
-            &rt.state_dir,
+        // Beside the run's journal, in the same store.
+        let store = match rt.store() {
+            Ok(s) => s,
+            Err(e) => return self.give_up(&job, &format!("cannot open its journal: {e}")),
+        };
+        let journal = match Journal::begin_in(
+            &store,
             &job.journal_id,
             &rt.operator,
             &run_header(&job.req.playbook),
