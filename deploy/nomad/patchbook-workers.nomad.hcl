@@ -1,5 +1,5 @@
 # N patchbook workers as one Nomad batch job: allocation i runs
-#   patchbook worker --store "$PATCHBOOK_STORE" --id worker-i
+#   patchbook worker --id worker-i
 # against the PostgreSQL store, claiming hosts of the open wave until the run
 # ends, then exits 0. Nomad places the allocations, restarts a failed task in
 # place and reschedules a lost allocation; a worker that dies loses its lease and
@@ -69,7 +69,6 @@ job "patchbook-workers" {
         image = var.image
         args = [
           "worker",
-          "--store", "${PATCHBOOK_STORE}",
           "--id", "worker-${NOMAD_ALLOC_INDEX}",
           "--config", "${NOMAD_TASK_DIR}/patchbook.toml",
           "--state-dir", "${NOMAD_ALLOC_DIR}/data/state",
@@ -86,7 +85,8 @@ job "patchbook-workers" {
       }
 
       # The store URL as PATCHBOOK_STORE: in the task's environment (patchbook
-      # reads it there too) and interpolated into `args` above.
+      # reads it there; never an argument, where its password would show in every
+      # process listing).
       template {
         data        = <<-EOT
           {{ with nomadVar "nomad/jobs/patchbook-workers" }}PATCHBOOK_STORE={{ .store_url }}{{ end }}
