@@ -1249,6 +1249,12 @@ impl Journal {
         self.opened_at
     }
 
+    /// Whether this process holds the run's lock; `false` for a worker that
+    /// joined the run ([`Journal::join_in`]) beside the process that holds it.
+    pub fn holds_run(&self) -> bool {
+        self.lock.is_some()
+    }
+
     /// Who holds this run's lock: this process.
     pub fn holder(&self) -> &lock::Holder {
         self.lock.as_ref().map_or(&self.holder, |l| l.holder_note())

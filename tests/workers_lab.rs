@@ -1,0 +1,411 @@
+//! One rollout shared by a coordinator (`patchbook run --workers external`) and
+//! `patchbook worker` processes through a real private PostgreSQL server, on real
+//! sshd lab hosts: every host patched exactly once with the journal verifying, a
+//! worker killed mid-wave and a coordinator killed and restarted, and one global
+//! failure budget whose overshoot stays within the hosts in flight.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
+
+mod support;
+
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use patchbook::journal::{state::RunState, Store};
+use support::postgres::PgServer;
+use support::{lab_project, patch_params, patchbook_in, shared_fleet, text};
+
+/// The main scenario needs 40 hosts; the others use the first ones again.
+const HOSTS: usize = 40;
+
+/// The tests share the fleet and reseed the hosts they use: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PATCH: &str = r#"
+import "patch/debian" as deb;
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+let poisoned = param("poisoned", "").split(",");
+let slow = param("slow", "0");
+rollout(hosts(param("targets")), #{
+    pilot: param("pilot", "0").parse_int(),
+    waves: param("waves", "100%").split(","),
+    max_failed: param("max_failed", "0").parse_int(),
+    parallel: param("parallel", "1").parse_int(),
+}, |host| {
+    if slow != "0" { probe(host, ["sleep", slow]); }
+    let health = if poisoned.contains(host.name) { ["/bin/false"] } else { ["/opt/acme/agent.sh", "--check"] };
+    deb::patch(host, good, "acme-agent", "1.0.1", #{ rollback_to: previous, health: health });
+});
+"#;
+
+fn fleet() -> &'static patchbook::lab::Fleet {
+    shared_fleet(HOSTS)
+}
+
+fn names(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("lab{i:02}")).collect()
+}
+
+/// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
+fn installs(host: &str) -> usize {
+    fleet()
+        .dpkg_log(host)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" status installed acme-agent:all 1.0.1"))
+        .count()
+}
+
+/// Kills every process it holds when dropped (a failed assertion included).
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Bench {
+    pg: PgServer,
+    dir: tempfile::TempDir,
+    params: Vec<String>,
+}
+
+impl Bench {
+    fn new(prefix: &str, hosts: &[String], extra: &[(&str, &str)]) -> Bench {
+        let f = fleet();
+        for h in hosts {
+            f.reseed(h).unwrap();
+        }
+        let pg = PgServer::start();
+        let dir = lab_project(f, prefix, "");
+        std::fs::write(dir.path().join("play.rhai"), PATCH).unwrap();
+        let mut params = patch_params(f);
+        params.push("--param".into());
+        params.push(format!("targets={}", hosts.join(":")));
+        for (k, v) in extra {
+            params.push("--param".into());
+            params.push(format!("{k}={v}"));
+        }
+        Bench { pg, dir, params }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = patchbook_in(self.dir.path());
+        c.args(["--store", &self.pg.url]);
+        c
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                out.push_str(&format!(
+                    "--- {}\n{}\n",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+
+    fn worker(&self, id: &str, lease: &str) -> Child {
+        self.cmd()
+            .args(["-q", "worker", "--id", id, "--lease", lease, "--wait", "2m"])
+            .stdout(self.log(id))
+            .stderr(self.log(&format!("{id}.err")))
+            .spawn()
+            .unwrap()
+    }
+
+    fn coordinator(&self, name: &str, resume: Option<&str>) -> Child {
+        let mut c = self.cmd();
+        c.args(["-q", "run", "--workers", "external"]);
+        match resume {
+            Some(run) => c.args(["--resume", run]),
+            None => c.arg(self.dir.path().join("play.rhai")),
+        };
+        c.args(&self.params)
+            .stdout(self.log(name))
+            .stderr(self.log(&format!("{name}.err")))
+            .spawn()
+            .unwrap()
+    }
+
+    fn sql(&self, q: &str) -> String {
+        self.pg.psql(q).trim().to_string()
+    }
+
+    fn run_id(&self) -> String {
+        self.sql("SELECT run FROM runs")
+    }
+
+    fn store(&self) -> Store {
+        Store::from_url(&self.dir.path().join("state"), Some(&self.pg.url)).unwrap()
+    }
+
+    /// Waits until `q` prints `want`, up to `limit`.
+    fn wait_sql(&self, q: &str, limit: Duration, want: &dyn Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let got = self.sql(q);
+            if want(&got) {
+                return got;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "waited {limit:?} for `{q}`, last `{got}`\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration, what: &str, bench: &Bench) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what} still running after {limit:?}\n{}",
+            bench.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `audit verify RUN` passes on the store.
+fn assert_verifies(b: &Bench, run: &str) {
+    let out = b.cmd().args(["audit", "verify", run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=HOSTS);
+    let b = Bench::new(
+        "workers-main-",
+        &hosts,
+        &[("pilot", "2"), ("waves", "33%,33%,100%"), ("parallel", "2")],
+    );
+    let mut procs = Procs(Vec::new());
+    for i in 1..=4 {
+        procs.0.push(b.worker(&format!("w{i}"), "10s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(300), "coordinator", &b);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    for (i, w) in procs.0.iter_mut().enumerate() {
+        let code = wait_exit(w, Duration::from_secs(30), &format!("worker w{}", i + 1), &b);
+        assert_eq!(code, Some(0), "worker w{}: {}", i + 1, b.logs());
+    }
+
+    // Every host patched, exactly once, each claimed once.
+    for h in &hosts {
+        assert_eq!(
+            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            Some("1.0.1"),
+            "{h}"
+        );
+        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
+    }
+    let run = b.run_id();
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'done' AND attempts = 1"
+        )),
+        HOSTS.to_string()
+    );
+    assert_eq!(
+        b.sql(&format!("SELECT state FROM run_control WHERE run = '{run}'")),
+        "finished"
+    );
+    // Pilot, then three waves, each opened only after the one before ended.
+    let waves = b.sql(&format!(
+        "SELECT wave, count(*), min(started) > (SELECT coalesce(max(ended), '-infinity') FROM host_claims p WHERE p.run = c.run AND p.wave < c.wave)
+         FROM host_claims c WHERE run = '{run}' GROUP BY run, wave ORDER BY wave"
+    ));
+    assert_eq!(
+        waves.lines().map(|l| l.split('|').next().unwrap()).collect::<Vec<_>>(),
+        ["0", "1", "2", "3"],
+        "{waves}"
+    );
+    assert_eq!(waves.lines().next().unwrap(), "0|2|t", "{waves}");
+    assert!(waves.lines().all(|l| l.ends_with("|t")), "{waves}");
+    // The work was shared: every worker ran hosts.
+    let workers = b.sql(&format!(
+        "SELECT count(DISTINCT split_part(worker, '/', 1)) FROM host_claims WHERE run = '{run}'"
+    ));
+    assert_eq!(workers, "4", "{}", b.logs());
+
+    // One journal: every host's steps, verified as one chain.
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    assert!(st.closed);
+    assert_eq!(st.hosts.len(), HOSTS);
+    assert!(st.hosts.values().all(|h| h.finished && !h.failed));
+    assert_verifies(&b, &run);
+    let out = b
+        .cmd()
+        .args(["report", &run, "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn budget_halts_every_worker_with_the_overshoot_within_the_hosts_in_flight() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=20);
+    let poisoned = names(2..=7);
+    let b = Bench::new(
+        "workers-budget-",
+        &hosts,
+        &[
+            ("waves", "50%,100%"),
+            ("max_failed", "3"),
+            ("parallel", "1"),
+            ("poisoned", &poisoned.join(",")),
+        ],
+    );
+    let workers = 4;
+    let parallel = 1;
+    let mut procs = Procs(Vec::new());
+    for i in 1..=workers {
+        procs.0.push(b.worker(&format!("w{i}"), "10s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(240), "coordinator", &b);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    for w in &mut procs.0 {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason, failed, max_failed FROM run_control WHERE run = '{run}'"
+    ));
+    let fields: Vec<&str> = control.split('|').collect();
+    assert_eq!(&fields[..2], ["halted", "budget"], "{control}");
+    let failed: usize = fields[2].parse().unwrap();
+    let in_flight = workers * parallel;
+    assert!(failed > 3, "{control}");
+    assert!(
+        failed <= 3 + in_flight,
+        "failures {failed} beyond max_failed 3 + {in_flight} in flight"
+    );
+    let failed_hosts: Vec<String> = b
+        .sql(&format!(
+            "SELECT host FROM host_claims WHERE run = '{run}' AND state = 'failed' ORDER BY host"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(failed_hosts.len(), failed, "{failed_hosts:?}");
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    for h in &failed_hosts {
+        assert!(poisoned.contains(h), "{h} failed but was not poisoned");
+        assert_eq!(
+            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            Some("1.0.0"),
+            "{h} rolled back"
+        );
+        assert!(st.hosts[h].rolled_back, "{h}: {:?}", st.hosts[h]);
+    }
+    // No claim after the halt: the second wave never opened, its hosts untouched.
+    for h in names(11..=20) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the halt");
+        assert!(!fleet().dpkg_log(&h).unwrap().contains("1.0.1"), "{h}");
+        assert!(!st.hosts.contains_key(&h), "{h} has records");
+    }
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND wave = 2 AND state <> 'pending'"
+        )),
+        "0"
+    );
+    assert_verifies(&b, &run);
+}
+
+#[test]
+fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=12);
+    let b = Bench::new(
+        "workers-kill-",
+        &hosts,
+        &[("waves", "50%,100%"), ("parallel", "1"), ("slow", "1")],
+    );
+    let mut procs = Procs(Vec::new());
+    procs.0.push(b.worker("victim", "2s"));
+    let mut coord = b.coordinator("coordinator", None);
+    // The victim holds a host of wave 1 (it sleeps before deploying): kill it.
+    let host = b.wait_sql(
+        "SELECT host FROM host_claims WHERE worker = 'victim' AND state = 'claimed'",
+        Duration::from_secs(60),
+        &|s| !s.is_empty(),
+    );
+    procs.0[0].kill().unwrap();
+    procs.0[0].wait().unwrap();
+    let run = b.run_id();
+    // Two more workers take over; the coordinator is killed once wave 1 is
+    // open and restarted with --resume.
+    procs.0.push(b.worker("w2", "2s"));
+    procs.0.push(b.worker("w3", "2s"));
+    b.wait_sql(
+        &format!("SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'done'"),
+        Duration::from_secs(60),
+        &|s| s.parse::<usize>().unwrap_or(0) >= 2,
+    );
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    let mut coord = b.coordinator("coordinator2", Some(&run));
+    let code = wait_exit(&mut coord, Duration::from_secs(240), "restarted coordinator", &b);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    for w in &mut procs.0[1..] {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    // The killed worker's host went to another worker after its lease ran out.
+    let taken = b.sql(&format!(
+        "SELECT worker, attempts, state FROM host_claims WHERE run = '{run}' AND host = '{host}'"
+    ));
+    let f: Vec<&str> = taken.split('|').collect();
+    assert_ne!(f[0], "victim", "{taken}");
+    assert_eq!(&f[1..], ["2", "done"], "{taken}");
+    for h in &hosts {
+        assert_eq!(
+            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            Some("1.0.1"),
+            "{h}"
+        );
+        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
+    }
+    assert_eq!(
+        b.sql(&format!("SELECT state FROM run_control WHERE run = '{run}'")),
+        "finished"
+    );
+    assert!(RunState::load_in(&b.store(), &run).unwrap().closed);
+    assert_verifies(&b, &run);
+}
