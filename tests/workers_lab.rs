@@ -356,6 +356,11 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
     let mut procs = Procs(Vec::new());
     procs.0.push(b.worker("victim", "2s"));
     let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
     // The victim holds a host of wave 1 (it sleeps before deploying): kill it.
     let host = b.wait_sql(
         "SELECT host FROM host_claims WHERE worker = 'victim' AND state = 'claimed'",
