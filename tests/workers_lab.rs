@@ -210,14 +210,22 @@ fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
     let code = wait_exit(&mut coord, Duration::from_secs(300), "coordinator", &b);
     assert_eq!(code, Some(0), "{}", b.logs());
     for (i, w) in procs.0.iter_mut().enumerate() {
-        let code = wait_exit(w, Duration::from_secs(30), &format!("worker w{}", i + 1), &b);
+        let code = wait_exit(
+            w,
+            Duration::from_secs(30),
+            &format!("worker w{}", i + 1),
+            &b,
+        );
         assert_eq!(code, Some(0), "worker w{}: {}", i + 1, b.logs());
     }
 
     // Every host patched, exactly once, each claimed once.
     for h in &hosts {
         assert_eq!(
-            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
             Some("1.0.1"),
             "{h}"
         );
@@ -231,7 +239,9 @@ fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
         HOSTS.to_string()
     );
     assert_eq!(
-        b.sql(&format!("SELECT state FROM run_control WHERE run = '{run}'")),
+        b.sql(&format!(
+            "SELECT state FROM run_control WHERE run = '{run}'"
+        )),
         "finished"
     );
     // Pilot, then three waves, each opened only after the one before ended.
@@ -240,7 +250,10 @@ fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
          FROM host_claims c WHERE run = '{run}' GROUP BY run, wave ORDER BY wave"
     ));
     assert_eq!(
-        waves.lines().map(|l| l.split('|').next().unwrap()).collect::<Vec<_>>(),
+        waves
+            .lines()
+            .map(|l| l.split('|').next().unwrap())
+            .collect::<Vec<_>>(),
         ["0", "1", "2", "3"],
         "{waves}"
     );
@@ -323,7 +336,10 @@ fn budget_halts_every_worker_with_the_overshoot_within_the_hosts_in_flight() {
     for h in &failed_hosts {
         assert!(poisoned.contains(h), "{h} failed but was not poisoned");
         assert_eq!(
-            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
             Some("1.0.0"),
             "{h} rolled back"
         );
@@ -382,7 +398,12 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
     coord.kill().unwrap();
     coord.wait().unwrap();
     let mut coord = b.coordinator("coordinator2", Some(&run));
-    let code = wait_exit(&mut coord, Duration::from_secs(240), "restarted coordinator", &b);
+    let code = wait_exit(
+        &mut coord,
+        Duration::from_secs(240),
+        "restarted coordinator",
+        &b,
+    );
     assert_eq!(code, Some(0), "{}", b.logs());
     for w in &mut procs.0[1..] {
         assert_eq!(
@@ -401,14 +422,19 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
     assert_eq!(&f[1..], ["2", "done"], "{taken}");
     for h in &hosts {
         assert_eq!(
-            fleet().installed_version(h, "acme-agent").unwrap().as_deref(),
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
             Some("1.0.1"),
             "{h}"
         );
         assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
     }
     assert_eq!(
-        b.sql(&format!("SELECT state FROM run_control WHERE run = '{run}'")),
+        b.sql(&format!(
+            "SELECT state FROM run_control WHERE run = '{run}'"
+        )),
         "finished"
     );
     assert!(RunState::load_in(&b.store(), &run).unwrap().closed);

@@ -379,7 +379,11 @@ pub fn renew(
 /// `UPDATE … RETURNING` that counts it also halts the run when this is failure
 /// `max_failed + 1`, in the same transaction as the host's mark, so two workers
 /// failing at once get two different counts and exactly one of them halts.
-pub fn count_failure(client: &mut Client, run: &str, host: &str) -> Result<Counted, postgres::Error> {
+pub fn count_failure(
+    client: &mut Client,
+    run: &str,
+    host: &str,
+) -> Result<Counted, postgres::Error> {
     let mut tx = client.transaction()?;
     let first = tx.execute(
         "UPDATE host_claims SET counted = true WHERE run = $1 AND host = $2 AND NOT counted",

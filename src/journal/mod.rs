@@ -1203,7 +1203,8 @@ impl Journal {
         let state = state::RunState::from_records(&self.run, &records);
         tail.open_steps.retain(|_, (h, _)| h != host);
         for (h, s) in state.open_intents() {
-            tail.open_steps.insert(s.id, (h.to_string(), s.step.clone()));
+            tail.open_steps
+                .insert(s.id, (h.to_string(), s.step.clone()));
         }
         tail.by_host.insert(host.to_string(), records);
         drop(tail);

@@ -108,7 +108,10 @@ pub(crate) fn lock_tail(
 
 /// The run's last (seq, hash), or (0, genesis) for a run without records;
 /// `None` when the store has no such run.
-pub(crate) fn tail(client: &mut Client, run: &str) -> Result<Option<(u64, String)>, postgres::Error> {
+pub(crate) fn tail(
+    client: &mut Client,
+    run: &str,
+) -> Result<Option<(u64, String)>, postgres::Error> {
     if client
         .query_opt("SELECT 1 FROM runs WHERE run = $1", &[&run])?
         .is_none()

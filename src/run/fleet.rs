@@ -54,7 +54,9 @@ const POLL: Duration = Duration::from_millis(500);
 pub enum FleetError {
     #[error(transparent)]
     Store(#[from] JournalError),
-    #[error("run {run} has no journal; a rollout shared with workers runs only under `patchbook run`")]
+    #[error(
+        "run {run} has no journal; a rollout shared with workers runs only under `patchbook run`"
+    )]
     NoJournal { run: String },
     #[error("run {run} is not shared with workers (no control row in the store); start it with `patchbook run PLAYBOOK --store postgres://… --workers external`")]
     NotShared { run: String },
@@ -216,7 +218,7 @@ pub fn coordinate(
         let pilot = plan
             .waves
             .iter()
-            .any(|x| x.index == w && x.kind == WaveKind::Pilot);
+            .any(|x| x.index == w && matches!(x.kind, WaveKind::Pilot));
         if pilot {
             let failed = fleet::claims(&mut client, &run)
                 .map_err(&err)?
@@ -440,9 +442,7 @@ fn claim_loop(
         if c.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match fleet::claim(&mut client, run, id, spec.zone.as_deref(), spec.lease)
-            .map_err(&err)?
-        {
+        match fleet::claim(&mut client, run, id, spec.zone.as_deref(), spec.lease).map_err(&err)? {
             Claimed::Over(_) => return Ok(()),
             Claimed::Nothing => {
                 fleet::wait_notice(&mut client, wait).map_err(&err)?;
@@ -457,7 +457,16 @@ fn claim_loop(
                 let result = std::thread::scope(|s| {
                     s.spawn(|| renew(spec, run, &host, id, &renewing, &lost));
                     let r = run_claimed(
-                        c, &mut client, spec, run, id, &host, wave, attempts, timeout, work,
+                        c,
+                        &mut client,
+                        spec,
+                        run,
+                        id,
+                        &host,
+                        wave,
+                        attempts,
+                        timeout,
+                        work,
                         rollback,
                     );
                     renewing.store(false, Ordering::SeqCst);
@@ -631,8 +640,15 @@ fn run_claimed(
                 wave,
                 reason: reason.clone(),
             });
-            fleet::end(client, run, name, id, ClaimState::Unreachable, Some(&reason))
-                .map_err(&err)?;
+            fleet::end(
+                client,
+                run,
+                name,
+                id,
+                ClaimState::Unreachable,
+                Some(&reason),
+            )
+            .map_err(&err)?;
         }
         HostOutcome::ControllerFault { reason } => {
             // This worker cannot go on; the host is left to its lease, and
@@ -652,13 +668,21 @@ pub fn control_of(url: &str, run: &str) -> Result<Option<fleet::Control>, FleetE
 }
 
 /// The oldest running shared run, waiting up to `wait` for one to appear.
-pub fn find_running(url: &str, wait: Duration, stop: &Arc<AtomicBool>) -> Result<Option<String>, FleetError> {
+pub fn find_running(
+    url: &str,
+    wait: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<String>, FleetError> {
     let err = db(url);
     let mut client = pg::connect(url)?;
     fleet::listen(&mut client).map_err(&err)?;
     let began = Instant::now();
     loop {
-        if let Some(run) = fleet::running(&mut client).map_err(&err)?.into_iter().next() {
+        if let Some(run) = fleet::running(&mut client)
+            .map_err(&err)?
+            .into_iter()
+            .next()
+        {
             return Ok(Some(run));
         }
         if began.elapsed() >= wait || stop.load(Ordering::SeqCst) {

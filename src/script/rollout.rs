@@ -750,12 +750,15 @@ fn rollout(
                 let _ = after;
                 match &gate {
                     None => Ok(true),
-                    Some(g) => match g.call_with(engine, Dynamic::UNIT, Vec::new(), budget, cancel.clone()) {
-                        Ok(v) => v
-                            .as_bool()
-                            .map_err(|t| format!("the gate returned {t}, not true or false")),
-                        Err(e) => Err(root_message(&e)),
-                    },
+                    Some(g) => {
+                        match g.call_with(engine, Dynamic::UNIT, Vec::new(), budget, cancel.clone())
+                        {
+                            Ok(v) => v
+                                .as_bool()
+                                .map_err(|t| format!("the gate returned {t}, not true or false")),
+                            Err(e) => Err(root_message(&e)),
+                        }
+                    }
                 }
             };
             let sha = sources.map(|p| p.sha256.clone()).unwrap_or_default();
