@@ -440,3 +440,82 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
     assert!(RunState::load_in(&b.store(), &run).unwrap().closed);
     assert_verifies(&b, &run);
 }
+
+#[test]
+fn an_operator_stop_reaches_every_worker_and_no_host_starts_after_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=12);
+    let b = Bench::new(
+        "workers-stop-",
+        &hosts,
+        &[("waves", "100%"), ("parallel", "1"), ("slow", "1")],
+    );
+    let lease = Duration::from_secs(3);
+    let mut procs = Procs(Vec::new());
+    for i in 1..=3 {
+        procs.0.push(b.worker(&format!("w{i}"), "3s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    b.wait_sql(
+        "SELECT count(*) FROM host_claims WHERE state = 'done'",
+        Duration::from_secs(60),
+        &|s| s.parse::<usize>().unwrap_or(0) >= 1,
+    );
+    let run = b.run_id();
+    let out = b.cmd().args(["stop", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("halted"), "{}", text(&out));
+    let stopped = Instant::now();
+    // Each worker finishes the host it has (at most a sleep and a patch) and
+    // learns of the halt within a lease period.
+    for w in &mut procs.0 {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    let took = stopped.elapsed();
+    assert!(
+        took < lease + Duration::from_secs(12),
+        "workers took {took:?} to stop"
+    );
+    assert_eq!(
+        wait_exit(&mut coord, Duration::from_secs(30), "coordinator", &b),
+        Some(1),
+        "{}",
+        b.logs()
+    );
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+    ));
+    assert_eq!(control, "halted|operator");
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims c JOIN run_control r USING (run) WHERE c.run = '{run}' AND c.started > r.updated"
+        )),
+        "0",
+        "a host was claimed after the halt"
+    );
+    let pending: usize = b
+        .sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'pending'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(pending > 0, "the stop came after every host had started");
+    for h in &hosts {
+        assert!(installs(h) <= 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+    // A second stop says the run is over.
+    let out = b.cmd().args(["stop", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("already over"), "{}", text(&out));
+}

@@ -145,6 +145,10 @@ pub enum Verb {
         #[arg(long, value_name = "DURATION", default_value = "10m")]
         wait: String,
     },
+    /// Halt a run shared with workers (`run --workers external`): no host starts
+    /// any more, hosts in flight finish (a failed one is rolled back), and every
+    /// worker exits within one lease period. Needs the PostgreSQL --store.
+    Stop { run: String },
     /// Show the waves and what each host would do, changing nothing.
     Plan {
         playbook: PathBuf,
@@ -439,6 +443,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
         Verb::Config => config::show(&cli),
+        Verb::Stop { run } => worker::stop(&cli, run),
         Verb::Worker {
             zone,
             id,

@@ -147,3 +147,31 @@ pub fn worker(cli: &Cli, args: &WorkerArgs) -> Result<ExitCode, CliError> {
         ))),
     }
 }
+
+/// `patchbook stop RUN`: halts a shared run in the store.
+pub fn stop(cli: &Cli, run: &str) -> Result<ExitCode, CliError> {
+    let rt = Runtime::build(&cli.options())?;
+    let store = rt.store().map_err(journal_err)?;
+    let Store::Postgres { url, .. } = &store else {
+        return Err(CliError::Usage(
+            "`patchbook stop` halts a run shared through the PostgreSQL store: give it with --store postgres://…; a run on this machine stops with Ctrl-C or SIGTERM to its controller".into(),
+        ));
+    };
+    let fleet_err = |e: fleet::FleetError| CliError::Other(e.to_string());
+    match fleet::halt(url, run).map_err(fleet_err)? {
+        None => Err(CliError::Other(
+            fleet::FleetError::NotShared {
+                run: run.to_string(),
+            }
+            .to_string(),
+        )),
+        Some(true) => {
+            println!("run {run} halted: no host starts any more; hosts in flight finish, failed ones are rolled back");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(false) => {
+            println!("run {run} was already over; nothing to stop");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

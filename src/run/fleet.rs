@@ -42,8 +42,10 @@ use crate::inventory::Host;
 use crate::journal::entry::{Counts, Entry, HostReport, HostStatus, RollbackCause};
 use crate::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
 use crate::journal::{pg, JournalError};
+use crate::rollout::policy::RollbackScope;
 use crate::rollout::{
-    HostContext, HostOutcome, Plan, RollbackContext, RolloutEvent, StopReason, Summary, WaveKind,
+    GateFailAction, HostContext, HostOutcome, Plan, RollbackContext, RolloutEvent, StopReason,
+    Summary, WaveKind,
 };
 
 /// How often a process that waits looks at the database when no notice came.
@@ -60,6 +62,29 @@ pub enum FleetError {
     NoJournal { run: String },
     #[error("run {run} is not shared with workers (no control row in the store); start it with `patchbook run PLAYBOOK --store postgres://… --workers external`")]
     NotShared { run: String },
+    #[error("the rollout policy's {what} is not supported with --workers external yet; drop it from the policy, or run without --workers")]
+    Unsupported { what: &'static str },
+}
+
+/// Refuses what the executor does but a shared rollout does not (yet), rather
+/// than ignoring it.
+fn check_supported(plan: &Plan) -> Result<(), FleetError> {
+    let p = &plan.policy;
+    let what = if p.gate.is_some() {
+        Some("metric `gate`")
+    } else if !p.max_unavailable.is_empty() {
+        Some("`max_unavailable`")
+    } else if matches!(p.rollback, RollbackScope::All) {
+        Some("`rollback: \"all\"`")
+    } else if matches!(p.on_gate_fail, GateFailAction::RollbackWave) {
+        Some("`on_gate_fail: \"rollback_wave\"`")
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(FleetError::Unsupported { what }),
+        None => Ok(()),
+    }
 }
 
 fn db(url: &str) -> impl Fn(postgres::Error) -> FleetError + '_ {
@@ -99,6 +124,7 @@ pub fn coordinate(
     let allowed = plan.budget().allowed();
     let parallel = plan.parallel.max(1);
     let event = |e: RolloutEvent| c.on_event(c.clock.now(), &e, targets);
+    check_supported(plan)?;
     if fleet::control(&mut client, &run).map_err(&err)?.is_none() {
         let mut claims = Vec::with_capacity(plan.total());
         for w in &plan.waves {
@@ -151,6 +177,12 @@ pub fn coordinate(
         }
         // A wave that was open when a coordinator stopped is open again at once.
         let reopening = ctl.open_wave == Some(w);
+        if ran_before && !reopening && !plan.policy.pause.is_zero() {
+            event(RolloutEvent::Paused {
+                seconds: plan.policy.pause.as_secs_f64(),
+            });
+            c.clock.sleep(plan.policy.pause);
+        }
         if ran_before && !reopening {
             let verdict = match gate(w - 1) {
                 Ok(true) => None,
@@ -665,6 +697,18 @@ fn run_claimed(
 pub fn control_of(url: &str, run: &str) -> Result<Option<fleet::Control>, FleetError> {
     let mut client = pg::connect(url)?;
     fleet::control(&mut client, run).map_err(db(url))
+}
+
+/// Halts a shared run at an operator's word; `None` when the run is not shared,
+/// `Some(false)` when it was over already.
+pub fn halt(url: &str, run: &str) -> Result<Option<bool>, FleetError> {
+    let mut client = pg::connect(url)?;
+    if fleet::control(&mut client, run).map_err(db(url))?.is_none() {
+        return Ok(None);
+    }
+    fleet::halt(&mut client, run, "operator")
+        .map(Some)
+        .map_err(db(url))
 }
 
 /// The oldest running shared run, waiting up to `wait` for one to appear.
