@@ -36,6 +36,7 @@ rollout(hosts(param("targets")), #{
     if slow != "0" { probe(host, ["sleep", slow]); }
     let health = if poisoned.contains(host.name) { ["/bin/false"] } else { ["/opt/acme/agent.sh", "--check"] };
     deb::patch(host, good, "acme-agent", "1.0.1", #{ rollback_to: previous, health: health });
+    if slow != "0" { probe(host, ["sleep", slow]); }
 });
 "#;
 
@@ -377,14 +378,26 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
         Duration::from_secs(60),
         &|s| s == "1",
     );
-    // The victim holds a host of wave 1 (it sleeps before deploying): kill it.
+    // The victim holds a host of wave 1 and has begun changing it (its deploy
+    // intent is in the journal, its host not finished): kill it there.
     let host = b.wait_sql(
         "SELECT host FROM host_claims WHERE worker = 'victim' AND state = 'claimed'",
         Duration::from_secs(60),
         &|s| !s.is_empty(),
     );
+    b.wait_sql(
+        &format!(
+            "SELECT count(*) FROM records WHERE host = '{host}' AND kind = 'step.intent' AND line LIKE '%\"step\":\"deploy\"%'"
+        ),
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
     procs.0[0].kill().unwrap();
     procs.0[0].wait().unwrap();
+    let finished = b.sql(&format!(
+        "SELECT count(*) FROM records WHERE host = '{host}' AND kind = 'host.finish'"
+    ));
+    assert_eq!(finished, "0", "the victim was killed after its host ended");
     let run = b.run_id();
     // Two more workers take over; the coordinator is killed once wave 1 is
     // open and restarted with --resume.

@@ -303,28 +303,7 @@ fn summarize(
         .map(|j| j.state())
         .transpose()?
         .unwrap_or_default();
-    let stop = match ctl.halt_reason.as_deref() {
-        None => StopReason::Completed,
-        Some("budget") => StopReason::BudgetExhausted {
-            failures: ctl.failed,
-            allowed: ctl.max_failed,
-        },
-        Some(r) if r.starts_with("pilot:") => StopReason::PilotFailed {
-            host: r["pilot:".len()..].to_string(),
-        },
-        Some(r) if r.starts_with("gate:") => {
-            let mut parts = r.splitn(3, ':').skip(1);
-            let after_wave = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            StopReason::GateStopped {
-                after_wave,
-                reason: parts.next().unwrap_or_default().to_string(),
-            }
-        }
-        Some(r) if r.starts_with("window:") => StopReason::WindowClosing {
-            before_wave: r["window:".len()..].parse().unwrap_or(0),
-        },
-        Some(_) => StopReason::Halted,
-    };
+    let stop = stop_reason(ctl.halt_reason.as_deref(), ctl.failed, ctl.max_failed);
     let inventory = &c.session.runtime.inventory;
     let mut totals = Counts::default();
     let mut per_group: BTreeMap<String, Counts> = BTreeMap::new();
@@ -376,6 +355,34 @@ fn summarize(
         completion_order: done_order.into_iter().map(|(_, h)| h).collect(),
         rollback_order: Vec::new(),
     })
+}
+
+/// The summary's stop reason from the control row's `halt_reason` (`budget`,
+/// `pilot:HOST`, `gate:WAVE:WHY`, `window:WAVE`, `operator`), none when the run
+/// finished.
+fn stop_reason(halt: Option<&str>, failed: usize, max_failed: usize) -> StopReason {
+    match halt {
+        None => StopReason::Completed,
+        Some("budget") => StopReason::BudgetExhausted {
+            failures: failed,
+            allowed: max_failed,
+        },
+        Some(r) if r.starts_with("pilot:") => StopReason::PilotFailed {
+            host: r["pilot:".len()..].to_string(),
+        },
+        Some(r) if r.starts_with("gate:") => {
+            let mut parts = r.splitn(3, ':').skip(1);
+            let after_wave = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            StopReason::GateStopped {
+                after_wave,
+                reason: parts.next().unwrap_or_default().to_string(),
+            }
+        }
+        Some(r) if r.starts_with("window:") => StopReason::WindowClosing {
+            before_wave: r["window:".len()..].parse().unwrap_or(0),
+        },
+        Some(_) => StopReason::Halted,
+    }
 }
 
 fn add(counts: &mut Counts, h: &HostReport) {
@@ -733,5 +740,50 @@ pub fn find_running(
             return Ok(None);
         }
         fleet::wait_notice(&mut client, POLL).map_err(&err)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_halt_reason_reads_back_as_the_stop_the_executor_would_give() {
+        assert_eq!(stop_reason(None, 0, 3), StopReason::Completed);
+        assert_eq!(
+            stop_reason(Some("budget"), 4, 3),
+            StopReason::BudgetExhausted {
+                failures: 4,
+                allowed: 3
+            }
+        );
+        assert_eq!(
+            stop_reason(Some("pilot:web1"), 1, 3),
+            StopReason::PilotFailed {
+                host: "web1".into()
+            }
+        );
+        assert_eq!(
+            stop_reason(Some("gate:1:error rate: 3 > 1"), 0, 3),
+            StopReason::GateStopped {
+                after_wave: 1,
+                reason: "error rate: 3 > 1".into()
+            }
+        );
+        assert_eq!(
+            stop_reason(Some("window:2"), 0, 3),
+            StopReason::WindowClosing { before_wave: 2 }
+        );
+        assert_eq!(stop_reason(Some("operator"), 0, 3), StopReason::Halted);
+    }
+
+    #[test]
+    fn a_host_is_pinned_to_the_zone_its_inventory_var_names() {
+        let mut h = Host::new("web1");
+        assert_eq!(zone_of(&h), None);
+        h.vars.insert("zone".into(), serde_json::json!("eu-1"));
+        assert_eq!(zone_of(&h).as_deref(), Some("eu-1"));
+        h.vars.insert("zone".into(), serde_json::json!(""));
+        assert_eq!(zone_of(&h), None, "an empty zone pins nothing");
     }
 }
