@@ -532,3 +532,89 @@ fn an_operator_stop_reaches_every_worker_and_no_host_starts_after_it() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("already over"), "{}", text(&out));
 }
+
+#[test]
+fn a_worker_of_a_zone_takes_that_zones_hosts_and_no_other_worker_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=8);
+    let zoned = names(1..=4);
+    let b = Bench::new(
+        "workers-zone-",
+        &hosts,
+        &[("waves", "100%"), ("parallel", "1")],
+    );
+    // The lab's inventory, with `zone = "eu-1"` on the first four hosts.
+    let lab_inventory = fleet().dir().join("inventory.toml");
+    let mut inventory = String::new();
+    for line in std::fs::read_to_string(&lab_inventory).unwrap().lines() {
+        inventory.push_str(line);
+        inventory.push('\n');
+        if zoned.iter().any(|h| line == format!("[hosts.{h}]")) {
+            inventory.push_str("vars = { zone = \"eu-1\" }\n");
+        }
+    }
+    let ours = b.dir.path().join("inventory.toml");
+    std::fs::write(&ours, inventory).unwrap();
+    let cfg = b.dir.path().join("patchbook.toml");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        &lab_inventory.display().to_string(),
+        &ours.display().to_string(),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+
+    let mut procs = Procs(Vec::new());
+    // Started first, the zone-less worker would take every host it may.
+    procs.0.push(b.worker("anywhere", "10s"));
+    let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    b.wait_sql(
+        "SELECT count(*) FROM host_claims WHERE state = 'done'",
+        Duration::from_secs(60),
+        &|s| s == "4",
+    );
+    let mut eu = b
+        .cmd()
+        .args([
+            "-q", "worker", "--id", "eu", "--zone", "eu-1", "--lease", "10s",
+        ])
+        .stdout(b.log("eu"))
+        .stderr(b.log("eu.err"))
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut coord, Duration::from_secs(120), "coordinator", &b);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    assert_eq!(
+        wait_exit(&mut eu, Duration::from_secs(30), "eu worker", &b),
+        Some(0)
+    );
+    assert_eq!(
+        wait_exit(
+            &mut procs.0[0],
+            Duration::from_secs(30),
+            "zone-less worker",
+            &b
+        ),
+        Some(0)
+    );
+    let run = b.run_id();
+    let by = b.sql(&format!(
+        "SELECT host, coalesce(zone, '-'), worker FROM host_claims WHERE run = '{run}' AND state = 'done' ORDER BY host"
+    ));
+    let rows: Vec<Vec<&str>> = by.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), 8, "{by}");
+    for r in &rows {
+        if zoned.iter().any(|h| h == r[0]) {
+            assert_eq!(&r[1..], ["eu-1", "eu"], "{by}");
+        } else {
+            assert_eq!(&r[1..], ["-", "anywhere"], "{by}");
+        }
+    }
+    for h in &hosts {
+        assert_eq!(installs(h), 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+}
