@@ -283,13 +283,13 @@ fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
 #[test]
 fn budget_halts_every_worker_with_the_overshoot_within_the_hosts_in_flight() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let hosts = names(1..=20);
+    let hosts = names(1..=HOSTS);
     let poisoned = names(2..=7);
     let b = Bench::new(
         "workers-budget-",
         &hosts,
         &[
-            ("waves", "50%,100%"),
+            ("waves", "25%,100%"),
             ("max_failed", "3"),
             ("parallel", "1"),
             ("poisoned", &poisoned.join(",")),
@@ -347,7 +347,7 @@ fn budget_halts_every_worker_with_the_overshoot_within_the_hosts_in_flight() {
         assert!(st.hosts[h].rolled_back, "{h}: {:?}", st.hosts[h]);
     }
     // No claim after the halt: the second wave never opened, its hosts untouched.
-    for h in names(11..=20) {
+    for h in names(11..=HOSTS) {
         assert_eq!(installs(&h), 0, "{h} was patched after the halt");
         assert!(!fleet().dpkg_log(&h).unwrap().contains("1.0.1"), "{h}");
         assert!(!st.hosts.contains_key(&h), "{h} has records");

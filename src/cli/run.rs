@@ -693,6 +693,13 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     forward_stop_signals(stop.clone());
     let claims = host_claims(cli, &rt, &run_id, "run", &stop)?;
+    // Workers compile the playbook from the path the coordinator stores: one
+    // that does not depend on this process's working folder.
+    let playbook = if fleet.is_some() {
+        std::path::absolute(&playbook).unwrap_or(playbook)
+    } else {
+        playbook
+    };
     let (result, summaries) = execute(
         &rt,
         &pb,
