@@ -3,6 +3,10 @@
 //! sshd lab hosts: every host patched exactly once with the journal verifying, a
 //! worker killed mid-wave and a coordinator killed and restarted, and one global
 //! failure budget whose overshoot stays within the hosts in flight.
+//!
+//! One fleet of 40 hosts for the file: the main and the budget scenarios use all
+//! 40, the kill, stop and zone scenarios the first 12 or 8 (reseeded first). The
+//! tests take turns on the fleet.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 mod support;
