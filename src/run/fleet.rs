@@ -476,6 +476,8 @@ fn claim_loop(
     let err = db(&spec.url);
     let mut client = pg::connect(&spec.url)?;
     fleet::listen(&mut client).map_err(&err)?;
+    // Leases are renewed on a connection of their own, kept for the slot's life.
+    let mut renewals = pg::connect(&spec.url)?;
     let wait = POLL.min(spec.lease / 3);
     loop {
         if c.stop.load(Ordering::SeqCst) {
@@ -494,7 +496,8 @@ fn claim_loop(
                 let renewing = AtomicBool::new(true);
                 let lost = AtomicBool::new(false);
                 let result = std::thread::scope(|s| {
-                    s.spawn(|| renew(spec, run, &host, id, &renewing, &lost));
+                    let renewals = &mut renewals;
+                    s.spawn(|| renew(renewals, spec, run, &host, id, &renewing, &lost));
                     let r = run_claimed(
                         c,
                         &mut client,
@@ -523,6 +526,7 @@ fn claim_loop(
 /// Renews the lease on `host` every third of the lease until `renewing` is
 /// cleared; sets `lost` when the host is no longer this worker's.
 fn renew(
+    client: &mut postgres::Client,
     spec: &WorkerSpec,
     run: &str,
     host: &str,
@@ -530,9 +534,6 @@ fn renew(
     renewing: &AtomicBool,
     lost: &AtomicBool,
 ) {
-    let Ok(mut client) = pg::connect(&spec.url) else {
-        return;
-    };
     let every = spec.lease / 3;
     let mut last = Instant::now();
     while renewing.load(Ordering::SeqCst) {
@@ -541,7 +542,7 @@ fn renew(
             continue;
         }
         last = Instant::now();
-        match fleet::renew(&mut client, run, host, id, spec.lease) {
+        match fleet::renew(client, run, host, id, spec.lease) {
             Ok(true) => {}
             Ok(false) => {
                 lost.store(true, Ordering::SeqCst);
