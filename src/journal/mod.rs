@@ -10,6 +10,8 @@
 //! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
 //! [`lock`] (one controller per run), [`index`] (the audit index of run
 //! checkpoints), [`anchor`] (the Ed25519 key that signs index entries and closes),
+//! [`fleet`] (a rollout shared with workers on the PostgreSQL store: its control
+//! row and host claims),
 //! [`audit`] (chain and signature verification), [`state`] (the read side: per-host
 //! state, open intents, undo order, run listing).
 
@@ -702,7 +704,8 @@ fn cut_back(file: &File, written: usize) -> std::io::Result<()> {
 }
 
 /// An open run journal. Appends are serialised and fsynced before they return, and
-/// the run's lock is held for as long as this value lives.
+/// the run's lock is held for as long as this value lives (except by a worker that
+/// joined a shared run, [`Journal::join_in`]).
 pub struct Journal {
     path: PathBuf,
     state_dir: PathBuf,
