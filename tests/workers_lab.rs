@@ -622,3 +622,119 @@ fn a_worker_of_a_zone_takes_that_zones_hosts_and_no_other_worker_does() {
     }
     assert_verifies(&b, &run);
 }
+
+/// The claims and the budget on the real server, without hosts: many workers
+/// claiming at once never share a host, and failures counted at once get one
+/// count each, with exactly one of them halting the run; after it, no claim.
+#[test]
+fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
+    use patchbook::journal::fleet::{self, Claimed, NewClaim, NewControl, Phase};
+    use std::collections::BTreeMap;
+    let pg = PgServer::start();
+    let url = pg.url.clone();
+    drop(patchbook::journal::pg::connect(&url).unwrap());
+    pg.psql("INSERT INTO runs (run, operator) VALUES ('r1', 'test')");
+    let hosts: Vec<String> = (0..60).map(|i| format!("h{i:02}")).collect();
+    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+    fleet::create(
+        &mut client,
+        &NewControl {
+            run: "r1".into(),
+            playbook: "/p.rhai".into(),
+            playbook_sha256: "0".into(),
+            params: BTreeMap::new(),
+            waves: 1,
+            max_failed: 3,
+            parallel: 1,
+            window_spec: None,
+        },
+        &hosts
+            .iter()
+            .enumerate()
+            .map(|(position, h)| NewClaim {
+                host: h.clone(),
+                wave: 1,
+                position,
+                zone: None,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fleet::open_wave(&mut client, "r1", 1).unwrap();
+
+    // Eight workers claim 40 hosts between them, all at once.
+    let taken: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let url = url.clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    let mut mine = Vec::new();
+                    for _ in 0..5 {
+                        match fleet::claim(
+                            &mut c,
+                            "r1",
+                            &format!("w{w}"),
+                            None,
+                            Duration::from_secs(30),
+                        )
+                        .unwrap()
+                        {
+                            Claimed::Host { host, attempts, .. } => {
+                                assert_eq!(attempts, 1);
+                                mine.push(host);
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<&String> = taken.iter().flatten().collect();
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (40, 40), "a host was claimed twice");
+
+    // Twenty failures counted at once: counts 1..=20, one halt, at the 4th.
+    let counted: Vec<fleet::Counted> = std::thread::scope(|s| {
+        let handles: Vec<_> = all
+            .iter()
+            .take(20)
+            .map(|h| {
+                let url = url.clone();
+                let h = (*h).clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    fleet::count_failure(&mut c, "r1", &h).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut counts: Vec<usize> = counted.iter().map(|c| c.failed).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=20).collect::<Vec<_>>());
+    let halts: Vec<usize> = counted
+        .iter()
+        .filter(|c| c.halted_now)
+        .map(|c| c.failed)
+        .collect();
+    assert_eq!(halts, [4]);
+    // A host's failure counts once, whoever reports it again.
+    let again = fleet::count_failure(&mut client, "r1", all[0]).unwrap();
+    assert!(again.already && again.failed == 20 && !again.halted_now);
+    // After the halt no claim is granted, though 20 hosts are pending.
+    assert_eq!(
+        fleet::claim(&mut client, "r1", "late", None, Duration::from_secs(30)).unwrap(),
+        Claimed::Over(Phase::Halted)
+    );
+    let ctl = fleet::control(&mut client, "r1").unwrap().unwrap();
+    assert_eq!(
+        (ctl.phase, ctl.halt_reason.as_deref(), ctl.failed),
+        (Phase::Halted, Some("budget"), 20)
+    );
+}
