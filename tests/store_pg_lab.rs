@@ -64,7 +64,7 @@ fn a_run_on_the_postgres_store_is_reported_verified_and_rolled_back_from_it() {
     assert!(rows > 4 * 6, "{rows} records");
     assert_eq!(
         pg.psql("SELECT max(version) FROM schema_version").trim(),
-        "1"
+        patchbook::journal::pg::schema_version().to_string()
     );
     let store = Store::from_url(&dir.path().join("state"), Some(&pg.url)).unwrap();
     let st = RunState::load_in(&store, &run_id).unwrap();

@@ -16,6 +16,7 @@ pub mod init;
 pub mod progress;
 pub mod run;
 pub mod terminal;
+pub mod worker;
 
 use crate::runtime::{Options, Runtime, RuntimeError};
 
@@ -114,7 +115,40 @@ pub enum Verb {
         /// --resume or --retry, overrides the value the run recorded.
         #[arg(short = 'e', long = "param", value_name = "NAME=VALUE")]
         vars: Vec<String>,
+        /// `external`: this process coordinates (plans the waves, writes the host
+        /// claims, opens each wave, keeps the budget and the window) and
+        /// `patchbook worker` processes run the hosts. Needs a PostgreSQL --store.
+        #[arg(long, value_name = "MODE", value_parser = ["external"])]
+        workers: Option<String>,
     },
+    /// Run hosts of a rollout a coordinator (`run --workers external`) shares
+    /// through the PostgreSQL store, until that run is finished or halted.
+    ///
+    /// The worker reads the run's playbook path and --param values from the
+    /// store and compiles the playbook from its own project folder (same file,
+    /// same SHA-256), with its own config and inventory.
+    Worker {
+        /// Only hosts whose inventory var `zone` is Z (and hosts with no zone).
+        #[arg(long, value_name = "Z")]
+        zone: Option<String>,
+        /// This worker's name in claims and records (default: HOSTNAME-PID).
+        #[arg(long, value_name = "NAME")]
+        id: Option<String>,
+        /// How long a claimed host stays this worker's without a renewal; a
+        /// worker that dies loses its hosts after this long.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        lease: String,
+        /// Work on this run (default: the oldest running shared run).
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
+        /// How long to wait for a shared run to start.
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        wait: String,
+    },
+    /// Halt a run shared with workers (`run --workers external`): no host starts
+    /// any more, hosts in flight finish (a failed one is rolled back), and every
+    /// worker exits within one lease period. Needs the PostgreSQL --store.
+    Stop { run: String },
     /// Show the waves and what each host would do, changing nothing.
     Plan {
         playbook: PathBuf,
@@ -409,11 +443,29 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Verb::Inventory(v) => inventory(&cli, v),
         Verb::Config => config::show(&cli),
+        Verb::Stop { run } => worker::stop(&cli, run),
+        Verb::Worker {
+            zone,
+            id,
+            lease,
+            run,
+            wait,
+        } => worker::worker(
+            &cli,
+            &worker::WorkerArgs {
+                zone: zone.clone(),
+                id: id.clone(),
+                lease: lease.clone(),
+                run: run.clone(),
+                wait: wait.clone(),
+            },
+        ),
         Verb::Run {
             playbook,
             resume,
             retry,
             vars,
+            workers,
         } => run::run(
             &cli,
             playbook.as_deref(),
@@ -423,6 +475,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 (None, None) => run::Start::New,
             },
             &run::parse_vars(vars)?,
+            workers.is_some(),
         ),
         Verb::Plan { playbook, vars } => run::plan(&cli, playbook, &run::parse_vars(vars)?),
         Verb::Rollback { run, hosts } => run::rollback(&cli, run, hosts.as_deref()),

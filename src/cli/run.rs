@@ -17,7 +17,7 @@ use crate::journal::state::RunState;
 use crate::journal::{Journal, RunHeader};
 use crate::primitives::{Mode, RunCtx};
 use crate::rollout::{Clock, StopReason, Summary};
-use crate::run::{EventSink, RunControl, Session};
+use crate::run::{EventSink, FleetRole, RunControl, Session};
 use crate::runtime::Runtime;
 use crate::script::rollout::register_rollout;
 use crate::script::{CompiledPlaybook, Compiler, ScriptRun};
@@ -97,7 +97,7 @@ fn host_claims(
 
 /// A journal that cannot be written or read stops the command; its own message
 /// says which file or database and what to do.
-fn journal_err(e: crate::journal::JournalError) -> CliError {
+pub(super) fn journal_err(e: crate::journal::JournalError) -> CliError {
     CliError::Other(e.to_string())
 }
 
@@ -129,7 +129,7 @@ fn header(rt: &Runtime, playbook: &Path, pb: &CompiledPlaybook) -> RunHeader {
 }
 
 /// A run engine with every primitive, bound to this run's control.
-fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
+pub(super) fn engine_for(control: &Arc<RunControl>, pb: &CompiledPlaybook) -> ScriptRun {
     let session = control.session.clone();
     let limits = session.runtime.config.limits.clone();
     let mut run = ScriptRun::with_session(&limits, session);
@@ -344,6 +344,8 @@ pub struct Execution {
     pub claims: HostClaims,
     /// `--param` values as given, journaled as `run.params` (references kept).
     pub given: BTreeMap<String, String>,
+    /// `--workers external`: the rollout is shared with `patchbook worker`s.
+    pub fleet: Option<FleetRole>,
 }
 
 /// Runs a compiled playbook against a journal that is already open, then closes
@@ -373,12 +375,14 @@ pub fn execute(
     .with_playbook(playbook.to_string())
     .with_claims(claims.clone());
     let session = Arc::new(Session::new(rt.clone(), ctx));
-    let control = Arc::new(
-        RunControl::new(session.clone(), ex.clock, ex.sink)
-            .with_vars(ex.vars)
-            .with_given_params(ex.given)
-            .with_stop(ex.stop),
-    );
+    let mut control = RunControl::new(session.clone(), ex.clock, ex.sink)
+        .with_vars(ex.vars)
+        .with_given_params(ex.given)
+        .with_stop(ex.stop);
+    if let Some(role) = ex.fleet {
+        control = control.with_fleet(role);
+    }
+    let control = Arc::new(control);
     let script = engine_for(&control, pb);
     let result = script.run(pb);
     // A playbook without a rollout still leaves its params for a resume.
@@ -518,7 +522,7 @@ fn reuse_params(
 
 /// Reads every `--param` given as a secret reference (`${env:NAME}`,
 /// `${file:PATH}`); what it reads is a secret from then on.
-fn read_param_references(
+pub(super) fn read_param_references(
     given: &BTreeMap<String, String>,
     secrets: &crate::journal::Secrets,
 ) -> Result<BTreeMap<String, String>, CliError> {
@@ -543,10 +547,23 @@ pub fn run(
     playbook: Option<&Path>,
     start: Start<'_>,
     given: &BTreeMap<String, String>,
+    external_workers: bool,
 ) -> Result<ExitCode, CliError> {
     let mut rt = Runtime::build(&cli.options())?;
     rt.check_limit()?;
     rt.ensure_state_dir()?;
+    let fleet = if external_workers {
+        match rt.store().map_err(journal_err)? {
+            crate::journal::Store::Postgres { url, .. } => Some(FleetRole::Coordinator { url }),
+            crate::journal::Store::File { .. } => {
+                return Err(CliError::Usage(
+                    "--workers external shares the run with workers through the PostgreSQL store: give it with --store postgres://… (or PATCHBOOK_STORE, or [store] url)".into(),
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let style = Style::pick(cli.global.json, cli.global.quiet);
     let say = style != Style::Json && style != Style::Quiet;
     let mut resumed: Option<Journal> = None;
@@ -676,6 +693,13 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     forward_stop_signals(stop.clone());
     let claims = host_claims(cli, &rt, &run_id, "run", &stop)?;
+    // Workers compile the playbook from the path the coordinator stores: one
+    // that does not depend on this process's working folder.
+    let playbook = if fleet.is_some() {
+        std::path::absolute(&playbook).unwrap_or(playbook)
+    } else {
+        playbook
+    };
     let (result, summaries) = execute(
         &rt,
         &pb,
@@ -688,6 +712,7 @@ pub fn run(
             vars,
             claims,
             given: raw,
+            fleet,
         },
     );
     let _ = result?;
@@ -1119,6 +1144,7 @@ impl crate::watch::Launcher for RolloutLauncher {
             vars: req.params.clone(),
             claims,
             given: req.params.clone(),
+            fleet: None,
         };
         let playbook = pb.path.display().to_string();
         let (result, summaries) = std::thread::scope(|s| {

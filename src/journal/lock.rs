@@ -33,7 +33,7 @@ pub struct Holder {
 }
 
 impl Holder {
-    fn current() -> Self {
+    pub(crate) fn current() -> Self {
         Holder {
             pid: std::process::id(),
             host: hostname(),

@@ -10,12 +10,15 @@
 //! Submodules: [`entry`] (the typed records: one [`Entry`] variant per kind),
 //! [`lock`] (one controller per run), [`index`] (the audit index of run
 //! checkpoints), [`anchor`] (the Ed25519 key that signs index entries and closes),
+//! [`fleet`] (a rollout shared with workers on the PostgreSQL store: its control
+//! row and host claims),
 //! [`audit`] (chain and signature verification), [`state`] (the read side: per-host
 //! state, open intents, undo order, run listing).
 
 pub mod anchor;
 pub mod audit;
 pub mod entry;
+pub mod fleet;
 pub mod index;
 pub mod lock;
 pub mod pg;
@@ -594,6 +597,8 @@ pub enum JournalError {
     },
     #[error("journal store {url}: {message}; check that the PostgreSQL server is up and that the store URL (`--store`, `PATCHBOOK_STORE` or `[store] url`) names it, with a user that may create tables")]
     Store { url: String, message: String },
+    #[error("run {run} is not in a PostgreSQL store: workers share a run through the database; start it with `patchbook run PLAYBOOK --store postgres://… --workers external`")]
+    NotShared { run: String },
     #[error("`{url}` is not a store this build knows: use `postgres://USER@HOST/DB` (or `postgresql://…`), or leave the store unset for run files in the state directory")]
     BadStoreUrl { url: String },
 }
@@ -699,7 +704,8 @@ fn cut_back(file: &File, written: usize) -> std::io::Result<()> {
 }
 
 /// An open run journal. Appends are serialised and fsynced before they return, and
-/// the run's lock is held for as long as this value lives.
+/// the run's lock is held for as long as this value lives (except by a worker that
+/// joined a shared run, [`Journal::join_in`]).
 pub struct Journal {
     path: PathBuf,
     state_dir: PathBuf,
@@ -717,7 +723,10 @@ pub struct Journal {
     sync_file: Option<File>,
     /// Values shown as `***`; grows when a script declares a `secret()`.
     redact: Secrets,
-    lock: lock::RunLock,
+    /// `None` for a run joined by a worker ([`Journal::join_in`]): the
+    /// coordinator holds the run; workers append beside it through the database.
+    lock: Option<lock::RunLock>,
+    holder: lock::Holder,
     /// The key that signs this run's checkpoints and close (`[audit] signing_key`).
     anchor: Option<anchor::Anchor>,
     /// The seq of the last signed checkpoint.
@@ -873,7 +882,8 @@ impl Journal {
             durable_changed: Condvar::new(),
             // The process's store until the runtime's is shared (`with_secrets`).
             redact: Secrets::process(),
-            lock,
+            holder: lock.holder_note().clone(),
+            lock: Some(lock),
             anchor,
             checkpointed: Mutex::new(0),
             opened_at: 0,
@@ -1094,7 +1104,8 @@ impl Journal {
             durable_changed: Condvar::new(),
             // The process's store until the runtime's is shared (`with_secrets`).
             redact: Secrets::process(),
-            lock,
+            holder: lock.holder_note().clone(),
+            lock: Some(lock),
             anchor,
             checkpointed: Mutex::new(seq),
             opened_at: seq,
@@ -1110,6 +1121,97 @@ impl Journal {
             )?;
         }
         Ok(j)
+    }
+
+    /// Joins a run in the PostgreSQL store to append beside the process that holds
+    /// it: a `patchbook worker` writing its hosts' records into the coordinator's
+    /// run. No run lock is taken (the coordinator has it, perhaps on another
+    /// machine) and nothing is written on joining; each record chains onto the
+    /// run's last record in the database under the run's append lock (see
+    /// `append_locked`), so the run stays one chain that `audit verify` checks as
+    /// it checks any run. A host's earlier records are read when the worker takes
+    /// the host ([`Journal::adopt_host`]).
+    pub fn join_in(store: &Store, run: &str, operator: &str) -> Result<Self, JournalError> {
+        check_run_id(run)?;
+        let Store::Postgres { url, state_dir } = store else {
+            return Err(JournalError::NotShared {
+                run: run.to_string(),
+            });
+        };
+        let mut client = pg::connect(url)?;
+        let tail = pg::tail(&mut client, run).map_err(|e| pg::store_error(url, &e))?;
+        let Some((seq, prev)) = tail else {
+            return Err(JournalError::NoSuchRun {
+                run: run.to_string(),
+                dir: store.location(),
+            });
+        };
+        Ok(Journal {
+            path: store.run_location(run),
+            state_dir: state_dir.clone(),
+            store: store.clone(),
+            run: run.to_string(),
+            operator: operator.to_string(),
+            sync_file: None,
+            tail: Mutex::new(Tail {
+                sink: Sink::Postgres {
+                    client: Box::new(client),
+                    url: url.clone(),
+                },
+                seq,
+                prev,
+                broken: None,
+                open_steps: HashMap::new(),
+                by_host: HashMap::new(),
+            }),
+            written: AtomicU64::new(seq),
+            durable: Mutex::new(Durable {
+                synced: seq,
+                syncing: false,
+                failed: None,
+            }),
+            durable_changed: Condvar::new(),
+            redact: Secrets::process(),
+            lock: None,
+            holder: lock::Holder::current(),
+            anchor: None,
+            checkpointed: Mutex::new(seq),
+            opened_at: seq,
+            tap: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Reads `host`'s records of this run from the store again, for a process
+    /// that takes the host over from another (a worker after a crashed one): the
+    /// host's history and its open intents become this journal's, so its steps
+    /// see what was done before and close what was left open, as on a resume.
+    pub fn adopt_host(&self, host: &str) -> Result<state::HostHistory, JournalError> {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let records: Vec<Record> = match &mut tail.sink {
+            Sink::Postgres { client, url } => {
+                let lines = pg::host_lines(client, &self.run, host)
+                    .map_err(|e| pg::store_error(url, &e))?;
+                let scan = store::scan_rows(&lines);
+                if let Some((line, message)) = scan.bad.into_iter().next() {
+                    return Err(JournalError::Corrupt {
+                        path: self.path.clone(),
+                        line,
+                        message,
+                    });
+                }
+                scan.items.into_iter().map(|(_, r)| r).collect()
+            }
+            Sink::File(_) => tail.by_host.get(host).cloned().unwrap_or_default(),
+        };
+        let state = state::RunState::from_records(&self.run, &records);
+        tail.open_steps.retain(|_, (h, _)| h != host);
+        for (h, s) in state.open_intents() {
+            tail.open_steps
+                .insert(s.id, (h.to_string(), s.step.clone()));
+        }
+        tail.by_host.insert(host.to_string(), records);
+        drop(tail);
+        Ok(self.host_state(host))
     }
 
     /// Adds a value to hide from every record written from now on (to the store
@@ -1151,9 +1253,15 @@ impl Journal {
         self.opened_at
     }
 
+    /// Whether this process holds the run's lock; `false` for a worker that
+    /// joined the run ([`Journal::join_in`]) beside the process that holds it.
+    pub fn holds_run(&self) -> bool {
+        self.lock.is_some()
+    }
+
     /// Who holds this run's lock: this process.
     pub fn holder(&self) -> &lock::Holder {
-        self.lock.holder_note()
+        self.lock.as_ref().map_or(&self.holder, |l| l.holder_note())
     }
 
     /// Shows every record written from now on to `tap` as well (records written
@@ -1226,69 +1334,94 @@ impl Journal {
         kind: &str,
         data: Prepared,
     ) -> Result<Record, JournalError> {
-        let secrets = self.secrets_now();
-        let mut rec = Record {
-            seq: tail.seq + 1,
-            ts: now_rfc3339(),
-            run: self.run.clone(),
-            operator: redact_str(&self.operator, &secrets),
-            host: host.map(|h| redact_str(h, &secrets)),
-            kind: redact_str(kind, &secrets),
-            data: data.value,
-            prev: tail.prev.clone(),
-            hash: String::new(),
-        };
-        rec.hash = hash_parts(
-            &rec.prev,
-            rec.seq,
-            &rec.ts,
-            &rec.run,
-            &rec.operator,
-            rec.host.as_deref(),
-            &rec.kind,
-            &data.canonical,
-        );
-        let line = line_bytes(&rec, &data.json);
-        let io = |source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        };
         if let Some(message) = &tail.broken {
             return Err(JournalError::Broken {
                 path: self.path.clone(),
                 message: message.clone(),
             });
         }
-        if let Sink::Postgres { client, url } = &mut tail.sink {
-            let text = String::from_utf8_lossy(&line);
-            if let Err(e) = pg::insert(client, &rec, text.trim_end_matches('\n')) {
-                // The insert may have committed before the connection failed: only
-                // a reopen, which reads the store, knows where the chain ends.
-                let err = pg::store_error(url, &e);
-                tail.broken = Some(err.to_string());
-                return Err(err);
-            }
-        } else if let Sink::File(file) = &mut tail.sink {
-            if let Err(e) = write_whole_line(file, &line) {
-                // A full disk (or any failed write) must not leave half a line: cut
-                // what was written so the file still ends on a whole record, which
-                // `audit verify` reads as intact rather than torn. Only when that
-                // cut fails is the handle unusable.
-                if let Err(cut) = e.cut {
-                    tail.broken = Some(format!(
-                        "{} (and cutting the half-written line failed: {cut})",
-                        e.error
-                    ));
+        let secrets = self.secrets_now();
+        let make = |seq: u64, prev: String| -> (Record, Vec<u8>) {
+            let mut rec = Record {
+                seq,
+                ts: now_rfc3339(),
+                run: self.run.clone(),
+                operator: redact_str(&self.operator, &secrets),
+                host: host.map(|h| redact_str(h, &secrets)),
+                kind: redact_str(kind, &secrets),
+                data: data.value,
+                prev,
+                hash: String::new(),
+            };
+            rec.hash = hash_parts(
+                &rec.prev,
+                rec.seq,
+                &rec.ts,
+                &rec.run,
+                &rec.operator,
+                rec.host.as_deref(),
+                &rec.kind,
+                &data.canonical,
+            );
+            let line = line_bytes(&rec, &data.json);
+            (rec, line)
+        };
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let rec = match &mut tail.sink {
+            Sink::Postgres { client, url } => {
+                // Several processes may append to one run (a coordinator and its
+                // workers): the record chains onto the run's last record in the
+                // database, read under the run's append lock, not onto the last
+                // one this process wrote. One chain per run, as in a run file.
+                let run = self.run.clone();
+                let written = (move || -> Result<Record, postgres::Error> {
+                    let mut tx = client.transaction()?;
+                    let (seq, prev) =
+                        pg::lock_tail(&mut tx, &run)?.unwrap_or((0, GENESIS.to_string()));
+                    let (rec, line) = make(seq + 1, prev);
+                    let text = String::from_utf8_lossy(&line);
+                    pg::insert(&mut tx, &rec, text.trim_end_matches('\n'))?;
+                    tx.commit()?;
+                    Ok(rec)
+                })();
+                match written {
+                    Ok(rec) => rec,
+                    Err(e) => {
+                        // The insert may have committed before the connection failed:
+                        // only a reopen, which reads the store, knows where the chain ends.
+                        let err = pg::store_error(url, &e);
+                        tail.broken = Some(err.to_string());
+                        return Err(err);
+                    }
                 }
-                return Err(io(e.error));
             }
-        }
+            Sink::File(file) => {
+                let (rec, line) = make(tail.seq + 1, tail.prev.clone());
+                if let Err(e) = write_whole_line(file, &line) {
+                    // A full disk (or any failed write) must not leave half a line: cut
+                    // what was written so the file still ends on a whole record, which
+                    // `audit verify` reads as intact rather than torn. Only when that
+                    // cut fails is the handle unusable.
+                    if let Err(cut) = e.cut {
+                        tail.broken = Some(format!(
+                            "{} (and cutting the half-written line failed: {cut})",
+                            e.error
+                        ));
+                    }
+                    return Err(io(e.error));
+                }
+                rec
+            }
+        };
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
         if let Some(h) = &rec.host {
             tail.by_host.entry(h.clone()).or_default().push(rec.clone());
         }
-        self.written.store(rec.seq, Ordering::Release);
+        self.written.fetch_max(rec.seq, Ordering::AcqRel);
         if let Some(tap) = self.tap.get() {
             (tap.0)(&rec);
         }
@@ -1463,6 +1596,13 @@ impl Journal {
     /// crash, a stop) stays "open" to `audit verify` and can be resumed.
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        // Workers may have appended to this run: sign what the database ends with.
+        if let Sink::Postgres { client, .. } = &mut tail.sink {
+            if let Ok(Some((seq, prev))) = pg::tail(client, &self.run) {
+                tail.seq = seq;
+                tail.prev = prev;
+            }
+        }
         // The signature is part of the close record's hashed data, so the run file
         // itself says it was closed, whatever happens to the index.
         let sig = self

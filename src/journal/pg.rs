@@ -10,7 +10,10 @@ use super::JournalError;
 
 /// Every migration, in order: (version, SQL). A database records the versions it
 /// has in `schema_version`; [`connect`] applies the rest, each in one transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_workers.sql")),
+];
 
 /// Any key two patchbook processes agree on: migrations run under this advisory
 /// lock, so two controllers starting on an empty database do not both apply them.
@@ -85,9 +88,61 @@ pub(crate) fn create_run(
     Ok(n == 1)
 }
 
+/// Takes the run's append lock until `tx` ends and returns the run's last
+/// (seq, hash): every process appending to one run (a coordinator and its
+/// workers) chains onto the record the database has, one at a time.
+pub(crate) fn lock_tail(
+    tx: &mut postgres::Transaction<'_>,
+    run: &str,
+) -> Result<Option<(u64, String)>, postgres::Error> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&run],
+    )?;
+    let row = tx.query_opt(
+        "SELECT seq, hash FROM records WHERE run = $1 ORDER BY seq DESC LIMIT 1",
+        &[&run],
+    )?;
+    Ok(row.map(|r| (u64::try_from(r.get::<_, i64>(0)).unwrap_or(0), r.get(1))))
+}
+
+/// The run's last (seq, hash), or (0, genesis) for a run without records;
+/// `None` when the store has no such run.
+pub(crate) fn tail(
+    client: &mut Client,
+    run: &str,
+) -> Result<Option<(u64, String)>, postgres::Error> {
+    if client
+        .query_opt("SELECT 1 FROM runs WHERE run = $1", &[&run])?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let row = client.query_opt(
+        "SELECT seq, hash FROM records WHERE run = $1 ORDER BY seq DESC LIMIT 1",
+        &[&run],
+    )?;
+    Ok(Some(row.map_or((0, super::GENESIS.to_string()), |r| {
+        (u64::try_from(r.get::<_, i64>(0)).unwrap_or(0), r.get(1))
+    })))
+}
+
+/// One host's record lines in seq order.
+pub(crate) fn host_lines(
+    client: &mut Client,
+    run: &str,
+    host: &str,
+) -> Result<Vec<String>, postgres::Error> {
+    let rows = client.query(
+        "SELECT line FROM records WHERE run = $1 AND host = $2 ORDER BY seq",
+        &[&run, &host],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// One record, as its line. Committed (and so durable) when this returns.
 pub(crate) fn insert(
-    client: &mut Client,
+    client: &mut impl postgres::GenericClient,
     rec: &super::Record,
     line: &str,
 ) -> Result<(), postgres::Error> {

@@ -146,7 +146,7 @@ impl Store {
 
 /// Rows of the `records` table read as a scan: row N is "line" N. A database
 /// write is whole or absent, so nothing is ever torn.
-fn scan_rows(lines: &[String]) -> Scan<Record> {
+pub(crate) fn scan_rows(lines: &[String]) -> Scan<Record> {
     let mut scan = Scan {
         items: Vec::new(),
         bad: Vec::new(),

@@ -919,9 +919,15 @@ fn attempt_tag(ctx: &HostCtx) -> String {
 /// and once per host. Folders of this attempt are kept: two inventory hosts can
 /// be one machine (the lab's hosts share `/tmp`), and this process may be staging
 /// there for the other one. No other process of the run can be using the rest,
-/// since the run's lock is this process's.
+/// since the run's lock is this process's. A worker of a shared run
+/// (`patchbook worker`) does not hold the run's lock and clears nothing: the
+/// other workers' folders in a shared `/tmp` are in use.
 fn clear_stale_staging(ctx: &HostCtx) {
-    let reopened = ctx.run.journal.as_ref().is_some_and(|j| j.opened_at() > 0);
+    let reopened = ctx
+        .run
+        .journal
+        .as_ref()
+        .is_some_and(|j| j.opened_at() > 0 && j.holds_run());
     if !reopened || !ctx.run.first_staging(ctx.name()) {
         return;
     }

@@ -33,8 +33,35 @@ pub struct HostPlan {
     pub error: Option<String>,
 }
 
+/// How this process takes part in a rollout shared through the PostgreSQL store
+/// (`script::fleet` does the work; this only says which part is this process's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetRole {
+    /// `patchbook run --workers external`: plans the waves, writes the claims,
+    /// opens each wave and decides the run's end; runs no host itself.
+    Coordinator { url: String },
+    /// `patchbook worker`: runs the hosts of the open wave it claims.
+    Worker(WorkerSpec),
+}
+
+/// What a `patchbook worker` was started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSpec {
+    pub url: String,
+    /// Names the worker in claims and records.
+    pub id: String,
+    /// Only hosts of this zone (and hosts of none); `None`: hosts of none only.
+    pub zone: Option<String>,
+    /// How long a claimed host stays this worker's without a renewal.
+    pub lease: Duration,
+}
+
 /// What the rollouts of one run share.
 pub struct RunControl {
+    /// Set when the rollout is shared with workers through the store.
+    fleet: Option<FleetRole>,
+    /// A worker's part of the run is over (every wave done, or the run halted).
+    fleet_over: AtomicBool,
     pub session: Arc<Session>,
     pub clock: Clock,
     /// Set to stop starting new hosts (SIGTERM); hosts in flight finish.
@@ -86,6 +113,8 @@ impl RunControl {
             session.run.journal.clone(),
         );
         RunControl {
+            fleet: None,
+            fleet_over: AtomicBool::new(false),
             session,
             clock,
             stop: Arc::new(AtomicBool::new(false)),
@@ -112,6 +141,29 @@ impl RunControl {
         self
     }
 
+    /// Shares this run's rollout with workers (or makes this process one).
+    pub fn with_fleet(mut self, role: FleetRole) -> Self {
+        self.fleet = Some(role);
+        self
+    }
+
+    pub fn fleet(&self) -> Option<&FleetRole> {
+        self.fleet.as_ref()
+    }
+
+    fn is_worker(&self) -> bool {
+        matches!(self.fleet, Some(FleetRole::Worker(_)))
+    }
+
+    /// A worker says its part of the run is over; the playbook stops there.
+    pub fn set_fleet_over(&self) {
+        self.fleet_over.store(true, Ordering::SeqCst);
+    }
+
+    pub fn fleet_over(&self) -> bool {
+        self.fleet_over.load(Ordering::SeqCst)
+    }
+
     pub fn with_vars(mut self, vars: BTreeMap<String, String>) -> Self {
         self.vars = vars;
         self
@@ -130,7 +182,7 @@ impl RunControl {
     /// secret by then is recorded as [`ParamValue::Secret`], never as itself, and a
     /// secret reference as the reference.
     pub fn record_params(&self) {
-        if self.planning() || self.given.is_empty() {
+        if self.planning() || self.given.is_empty() || self.is_worker() {
             return;
         }
         if self.params_recorded.swap(true, Ordering::SeqCst) {
@@ -155,6 +207,12 @@ impl RunControl {
             })
             .collect();
         self.record(None, Entry::RunParams(RunParams { values }));
+    }
+
+    /// The `--param` values as given (secret references unread): what a
+    /// coordinator hands its workers.
+    pub fn given_params(&self) -> BTreeMap<String, String> {
+        self.given.clone()
     }
 
     /// `--param NAME`.
@@ -273,6 +331,11 @@ impl RunControl {
     }
 
     pub fn record(&self, host: Option<&str>, entry: Entry) {
+        // A worker writes its hosts' records; what the playbook says of the run
+        // as a whole (its window, params, plan) the coordinator has written.
+        if host.is_none() && self.is_worker() {
+            return;
+        }
         if let Some(j) = &self.session.run.journal {
             if let Err(e) = j.note_entry(host, &entry) {
                 tracing::error!(error = %e, "cannot write the journal; stopping new hosts");

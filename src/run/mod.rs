@@ -11,10 +11,11 @@
 
 pub mod control;
 pub mod courier;
+pub mod fleet;
 pub mod scan;
 pub mod session;
 pub mod usage;
 
-pub use control::{EventSink, HostPlan, RunControl};
+pub use control::{EventSink, FleetRole, HostPlan, RunControl, WorkerSpec};
 pub use courier::Courier;
 pub use session::Session;

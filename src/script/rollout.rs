@@ -25,7 +25,7 @@ use crate::rollout::{
     Clock, Executor, HostContext, HostOutcome, Plan, Policy, RollbackContext, RolloutEvent, Target,
     Window,
 };
-use crate::run::{HostPlan, RunControl};
+use crate::run::{fleet, FleetRole, HostPlan, RunControl};
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
@@ -743,7 +743,47 @@ fn rollout(
         }
         result
     };
-    let summary = ex.run(work, rollback);
+    let summary = match c.fleet() {
+        None => ex.run(work, rollback).map_err(|e| e.to_string()),
+        Some(FleetRole::Coordinator { url }) => {
+            let ask = |after: usize| -> Result<bool, String> {
+                let _ = after;
+                match &gate {
+                    None => Ok(true),
+                    Some(g) => {
+                        match g.call_with(engine, Dynamic::UNIT, Vec::new(), budget, cancel.clone())
+                        {
+                            Ok(v) => v
+                                .as_bool()
+                                .map_err(|t| format!("the gate returned {t}, not true or false")),
+                            Err(e) => Err(root_message(&e)),
+                        }
+                    }
+                }
+            };
+            let sha = sources.map(|p| p.sha256.clone()).unwrap_or_default();
+            fleet::coordinate(c, url, &plan, &sha, &ask, &names).map_err(|e| e.to_string())
+        }
+        Some(FleetRole::Worker(spec)) => {
+            let served = fleet::serve(
+                c,
+                spec,
+                host_timeout,
+                &work,
+                &rollback,
+                super::engine::stack_size(engine),
+            );
+            // A worker's part ends here: what the playbook does after its rollout
+            // (reports, notices) is the coordinator's.
+            return match served {
+                Ok(()) => Err(Box::new(EvalAltResult::ErrorTerminated(
+                    Dynamic::from("worker done"),
+                    ctx.call_position(),
+                ))),
+                Err(e) => fail(ctx, format!("worker: {e}")),
+            };
+        }
+    };
     // Progress and host ends ride on group commits; before the playbook goes on
     // (a report, a notice to people) everything this rollout wrote is on disk.
     if let (Some(j), false) = (&journal, planning) {
@@ -756,7 +796,7 @@ fn rollout(
     }
     let summary = match summary {
         Ok(s) => s,
-        Err(e) => return fail(ctx, e.to_string()),
+        Err(e) => return fail(ctx, e),
     };
     if let (Some((spec, options)), false) = (&soak, planning) {
         let hosts: Vec<String> = summary

@@ -1,0 +1,740 @@
+//! One rollout shared by a coordinator (`patchbook run --workers external`) and
+//! `patchbook worker` processes through a real private PostgreSQL server, on real
+//! sshd lab hosts: every host patched exactly once with the journal verifying, a
+//! worker killed mid-wave and a coordinator killed and restarted, and one global
+//! failure budget whose overshoot stays within the hosts in flight.
+//!
+//! One fleet of 40 hosts for the file: the main and the budget scenarios use all
+//! 40, the kill, stop and zone scenarios the first 12 or 8 (reseeded first). The
+//! tests take turns on the fleet.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
+
+mod support;
+
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use patchbook::journal::{state::RunState, Store};
+use support::postgres::PgServer;
+use support::{lab_project, patch_params, patchbook_in, shared_fleet, text};
+
+/// The main scenario needs 40 hosts; the others use the first ones again.
+const HOSTS: usize = 40;
+
+/// The tests share the fleet and reseed the hosts they use: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PATCH: &str = r#"
+import "patch/debian" as deb;
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+let poisoned = param("poisoned", "").split(",");
+let slow = param("slow", "0");
+rollout(hosts(param("targets")), #{
+    pilot: param("pilot", "0").parse_int(),
+    waves: param("waves", "100%").split(","),
+    max_failed: param("max_failed", "0").parse_int(),
+    parallel: param("parallel", "1").parse_int(),
+}, |host| {
+    if slow != "0" { probe(host, ["sleep", slow]); }
+    let health = if poisoned.contains(host.name) { ["/bin/false"] } else { ["/opt/acme/agent.sh", "--check"] };
+    deb::patch(host, good, "acme-agent", "1.0.1", #{ rollback_to: previous, health: health });
+    if slow != "0" { probe(host, ["sleep", slow]); }
+});
+"#;
+
+fn fleet() -> &'static patchbook::lab::Fleet {
+    shared_fleet(HOSTS)
+}
+
+fn names(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("lab{i:02}")).collect()
+}
+
+/// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
+fn installs(host: &str) -> usize {
+    fleet()
+        .dpkg_log(host)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" status installed acme-agent:all 1.0.1"))
+        .count()
+}
+
+/// Kills every process it holds when dropped (a failed assertion included).
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Bench {
+    pg: PgServer,
+    dir: tempfile::TempDir,
+    params: Vec<String>,
+}
+
+impl Bench {
+    fn new(prefix: &str, hosts: &[String], extra: &[(&str, &str)]) -> Bench {
+        let f = fleet();
+        for h in hosts {
+            f.reseed(h).unwrap();
+        }
+        let pg = PgServer::start();
+        let dir = lab_project(f, prefix, "");
+        std::fs::write(dir.path().join("play.rhai"), PATCH).unwrap();
+        let mut params = patch_params(f);
+        params.push("--param".into());
+        params.push(format!("targets={}", hosts.join(":")));
+        for (k, v) in extra {
+            params.push("--param".into());
+            params.push(format!("{k}={v}"));
+        }
+        Bench { pg, dir, params }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = patchbook_in(self.dir.path());
+        c.args(["--store", &self.pg.url]);
+        c
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                out.push_str(&format!(
+                    "--- {}\n{}\n",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+
+    fn worker(&self, id: &str, lease: &str) -> Child {
+        self.cmd()
+            .args(["-q", "worker", "--id", id, "--lease", lease, "--wait", "2m"])
+            .stdout(self.log(id))
+            .stderr(self.log(&format!("{id}.err")))
+            .spawn()
+            .unwrap()
+    }
+
+    fn coordinator(&self, name: &str, resume: Option<&str>) -> Child {
+        let mut c = self.cmd();
+        c.args(["-q", "run", "--workers", "external"]);
+        match resume {
+            Some(run) => c.args(["--resume", run]),
+            None => c.arg(self.dir.path().join("play.rhai")),
+        };
+        c.args(&self.params)
+            .stdout(self.log(name))
+            .stderr(self.log(&format!("{name}.err")))
+            .spawn()
+            .unwrap()
+    }
+
+    fn sql(&self, q: &str) -> String {
+        self.pg.psql(q).trim().to_string()
+    }
+
+    fn run_id(&self) -> String {
+        self.sql("SELECT run FROM runs")
+    }
+
+    fn store(&self) -> Store {
+        Store::from_url(&self.dir.path().join("state"), Some(&self.pg.url)).unwrap()
+    }
+
+    /// Waits until `q` prints `want`, up to `limit`.
+    fn wait_sql(&self, q: &str, limit: Duration, want: &dyn Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let got = self.sql(q);
+            if want(&got) {
+                return got;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "waited {limit:?} for `{q}`, last `{got}`\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration, what: &str, bench: &Bench) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what} still running after {limit:?}\n{}",
+            bench.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `audit verify RUN` passes on the store.
+fn assert_verifies(b: &Bench, run: &str) {
+    let out = b.cmd().args(["audit", "verify", run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=HOSTS);
+    let b = Bench::new(
+        "workers-main-",
+        &hosts,
+        &[("pilot", "2"), ("waves", "33%,33%,100%"), ("parallel", "2")],
+    );
+    let mut procs = Procs(Vec::new());
+    for i in 1..=4 {
+        procs.0.push(b.worker(&format!("w{i}"), "10s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(300), "coordinator", &b);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    for (i, w) in procs.0.iter_mut().enumerate() {
+        let code = wait_exit(
+            w,
+            Duration::from_secs(30),
+            &format!("worker w{}", i + 1),
+            &b,
+        );
+        assert_eq!(code, Some(0), "worker w{}: {}", i + 1, b.logs());
+    }
+
+    // Every host patched, exactly once, each claimed once.
+    for h in &hosts {
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.1"),
+            "{h}"
+        );
+        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
+    }
+    let run = b.run_id();
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'done' AND attempts = 1"
+        )),
+        HOSTS.to_string()
+    );
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT state FROM run_control WHERE run = '{run}'"
+        )),
+        "finished"
+    );
+    // Pilot, then three waves, each opened only after the one before ended.
+    let waves = b.sql(&format!(
+        "SELECT wave, count(*), min(started) > (SELECT coalesce(max(ended), '-infinity') FROM host_claims p WHERE p.run = c.run AND p.wave < c.wave)
+         FROM host_claims c WHERE run = '{run}' GROUP BY run, wave ORDER BY wave"
+    ));
+    assert_eq!(
+        waves
+            .lines()
+            .map(|l| l.split('|').next().unwrap())
+            .collect::<Vec<_>>(),
+        ["0", "1", "2", "3"],
+        "{waves}"
+    );
+    assert_eq!(waves.lines().next().unwrap(), "0|2|t", "{waves}");
+    assert!(waves.lines().all(|l| l.ends_with("|t")), "{waves}");
+    // The work was shared: every worker ran hosts.
+    let workers = b.sql(&format!(
+        "SELECT count(DISTINCT split_part(worker, '/', 1)) FROM host_claims WHERE run = '{run}'"
+    ));
+    assert_eq!(workers, "4", "{}", b.logs());
+
+    // One journal: every host's steps, verified as one chain.
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    assert!(st.closed);
+    assert_eq!(st.hosts.len(), HOSTS);
+    assert!(st.hosts.values().all(|h| h.finished && !h.failed));
+    assert_verifies(&b, &run);
+    let out = b
+        .cmd()
+        .args(["report", &run, "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn budget_halts_every_worker_with_the_overshoot_within_the_hosts_in_flight() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=HOSTS);
+    let poisoned = names(2..=7);
+    let b = Bench::new(
+        "workers-budget-",
+        &hosts,
+        &[
+            ("waves", "25%,100%"),
+            ("max_failed", "3"),
+            ("parallel", "1"),
+            ("poisoned", &poisoned.join(",")),
+        ],
+    );
+    let workers = 4;
+    let parallel = 1;
+    let mut procs = Procs(Vec::new());
+    for i in 1..=workers {
+        procs.0.push(b.worker(&format!("w{i}"), "10s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(240), "coordinator", &b);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    for w in &mut procs.0 {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason, failed, max_failed FROM run_control WHERE run = '{run}'"
+    ));
+    let fields: Vec<&str> = control.split('|').collect();
+    assert_eq!(&fields[..2], ["halted", "budget"], "{control}");
+    let failed: usize = fields[2].parse().unwrap();
+    let in_flight = workers * parallel;
+    assert!(failed > 3, "{control}");
+    assert!(
+        failed <= 3 + in_flight,
+        "failures {failed} beyond max_failed 3 + {in_flight} in flight"
+    );
+    let failed_hosts: Vec<String> = b
+        .sql(&format!(
+            "SELECT host FROM host_claims WHERE run = '{run}' AND state = 'failed' ORDER BY host"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(failed_hosts.len(), failed, "{failed_hosts:?}");
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    for h in &failed_hosts {
+        assert!(poisoned.contains(h), "{h} failed but was not poisoned");
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.0"),
+            "{h} rolled back"
+        );
+        assert!(st.hosts[h].rolled_back, "{h}: {:?}", st.hosts[h]);
+    }
+    // No claim after the halt: the second wave never opened, its hosts untouched.
+    for h in names(11..=HOSTS) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the halt");
+        assert!(!fleet().dpkg_log(&h).unwrap().contains("1.0.1"), "{h}");
+        assert!(!st.hosts.contains_key(&h), "{h} has records");
+    }
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND wave = 2 AND state <> 'pending'"
+        )),
+        "0"
+    );
+    assert_verifies(&b, &run);
+}
+
+#[test]
+fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=12);
+    let b = Bench::new(
+        "workers-kill-",
+        &hosts,
+        &[("waves", "50%,100%"), ("parallel", "1"), ("slow", "1")],
+    );
+    let mut procs = Procs(Vec::new());
+    procs.0.push(b.worker("victim", "2s"));
+    let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    // The victim holds a host of wave 1 and has begun changing it (its deploy
+    // intent is in the journal, its host not finished): kill it there.
+    let host = b.wait_sql(
+        "SELECT host FROM host_claims WHERE worker = 'victim' AND state = 'claimed'",
+        Duration::from_secs(60),
+        &|s| !s.is_empty(),
+    );
+    b.wait_sql(
+        &format!(
+            "SELECT count(*) FROM records WHERE host = '{host}' AND kind = 'step.intent' AND line LIKE '%\"step\":\"deploy\"%'"
+        ),
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    procs.0[0].kill().unwrap();
+    procs.0[0].wait().unwrap();
+    let finished = b.sql(&format!(
+        "SELECT count(*) FROM records WHERE host = '{host}' AND kind = 'host.finish'"
+    ));
+    assert_eq!(finished, "0", "the victim was killed after its host ended");
+    let run = b.run_id();
+    // Two more workers take over; the coordinator is killed once wave 1 is
+    // open and restarted with --resume.
+    procs.0.push(b.worker("w2", "2s"));
+    procs.0.push(b.worker("w3", "2s"));
+    b.wait_sql(
+        &format!("SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'done'"),
+        Duration::from_secs(60),
+        &|s| s.parse::<usize>().unwrap_or(0) >= 2,
+    );
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    let mut coord = b.coordinator("coordinator2", Some(&run));
+    let code = wait_exit(
+        &mut coord,
+        Duration::from_secs(240),
+        "restarted coordinator",
+        &b,
+    );
+    assert_eq!(code, Some(0), "{}", b.logs());
+    for w in &mut procs.0[1..] {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    // The killed worker's host went to another worker after its lease ran out.
+    let taken = b.sql(&format!(
+        "SELECT worker, attempts, state FROM host_claims WHERE run = '{run}' AND host = '{host}'"
+    ));
+    let f: Vec<&str> = taken.split('|').collect();
+    assert_ne!(f[0], "victim", "{taken}");
+    assert_eq!(&f[1..], ["2", "done"], "{taken}");
+    for h in &hosts {
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.1"),
+            "{h}"
+        );
+        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
+    }
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT state FROM run_control WHERE run = '{run}'"
+        )),
+        "finished"
+    );
+    assert!(RunState::load_in(&b.store(), &run).unwrap().closed);
+    assert_verifies(&b, &run);
+}
+
+#[test]
+fn an_operator_stop_reaches_every_worker_and_no_host_starts_after_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=12);
+    let b = Bench::new(
+        "workers-stop-",
+        &hosts,
+        &[("waves", "100%"), ("parallel", "1"), ("slow", "1")],
+    );
+    let lease = Duration::from_secs(3);
+    let mut procs = Procs(Vec::new());
+    for i in 1..=3 {
+        procs.0.push(b.worker(&format!("w{i}"), "3s"));
+    }
+    let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    b.wait_sql(
+        "SELECT count(*) FROM host_claims WHERE state = 'done'",
+        Duration::from_secs(60),
+        &|s| s.parse::<usize>().unwrap_or(0) >= 1,
+    );
+    let run = b.run_id();
+    let out = b.cmd().args(["stop", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("halted"), "{}", text(&out));
+    let stopped = Instant::now();
+    // Each worker finishes the host it has (at most a sleep and a patch) and
+    // learns of the halt within a lease period.
+    for w in &mut procs.0 {
+        assert_eq!(
+            wait_exit(w, Duration::from_secs(30), "worker", &b),
+            Some(0),
+            "{}",
+            b.logs()
+        );
+    }
+    let took = stopped.elapsed();
+    assert!(
+        took < lease + Duration::from_secs(12),
+        "workers took {took:?} to stop"
+    );
+    assert_eq!(
+        wait_exit(&mut coord, Duration::from_secs(30), "coordinator", &b),
+        Some(1),
+        "{}",
+        b.logs()
+    );
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+    ));
+    assert_eq!(control, "halted|operator");
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT count(*) FROM host_claims c JOIN run_control r USING (run) WHERE c.run = '{run}' AND c.started > r.updated"
+        )),
+        "0",
+        "a host was claimed after the halt"
+    );
+    let pending: usize = b
+        .sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'pending'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(pending > 0, "the stop came after every host had started");
+    for h in &hosts {
+        assert!(installs(h) <= 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+    // A second stop says the run is over.
+    let out = b.cmd().args(["stop", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("already over"), "{}", text(&out));
+}
+
+#[test]
+fn a_worker_of_a_zone_takes_that_zones_hosts_and_no_other_worker_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=8);
+    let zoned = names(1..=4);
+    let b = Bench::new(
+        "workers-zone-",
+        &hosts,
+        &[("waves", "100%"), ("parallel", "1")],
+    );
+    // The lab's inventory, with `zone = "eu-1"` on the first four hosts.
+    let lab_inventory = fleet().dir().join("inventory.toml");
+    let mut inventory = String::new();
+    for line in std::fs::read_to_string(&lab_inventory).unwrap().lines() {
+        inventory.push_str(line);
+        inventory.push('\n');
+        if zoned.iter().any(|h| line == format!("[hosts.{h}]")) {
+            inventory.push_str("vars = { zone = \"eu-1\" }\n");
+        }
+    }
+    let ours = b.dir.path().join("inventory.toml");
+    std::fs::write(&ours, inventory).unwrap();
+    let cfg = b.dir.path().join("patchbook.toml");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        &lab_inventory.display().to_string(),
+        &ours.display().to_string(),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+
+    let mut procs = Procs(Vec::new());
+    // Started first, the zone-less worker would take every host it may.
+    procs.0.push(b.worker("anywhere", "10s"));
+    let mut coord = b.coordinator("coordinator", None);
+    b.wait_sql(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'host_claims'",
+        Duration::from_secs(60),
+        &|s| s == "1",
+    );
+    b.wait_sql(
+        "SELECT count(*) FROM host_claims WHERE state = 'done'",
+        Duration::from_secs(60),
+        &|s| s == "4",
+    );
+    let mut eu = b
+        .cmd()
+        .args([
+            "-q", "worker", "--id", "eu", "--zone", "eu-1", "--lease", "10s",
+        ])
+        .stdout(b.log("eu"))
+        .stderr(b.log("eu.err"))
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut coord, Duration::from_secs(120), "coordinator", &b);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    assert_eq!(
+        wait_exit(&mut eu, Duration::from_secs(30), "eu worker", &b),
+        Some(0)
+    );
+    assert_eq!(
+        wait_exit(
+            &mut procs.0[0],
+            Duration::from_secs(30),
+            "zone-less worker",
+            &b
+        ),
+        Some(0)
+    );
+    let run = b.run_id();
+    let by = b.sql(&format!(
+        "SELECT host, coalesce(zone, '-'), worker FROM host_claims WHERE run = '{run}' AND state = 'done' ORDER BY host"
+    ));
+    let rows: Vec<Vec<&str>> = by.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), 8, "{by}");
+    for r in &rows {
+        if zoned.iter().any(|h| h == r[0]) {
+            assert_eq!(&r[1..], ["eu-1", "eu"], "{by}");
+        } else {
+            assert_eq!(&r[1..], ["-", "anywhere"], "{by}");
+        }
+    }
+    for h in &hosts {
+        assert_eq!(installs(h), 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+}
+
+/// The claims and the budget on the real server, without hosts: many workers
+/// claiming at once never share a host, and failures counted at once get one
+/// count each, with exactly one of them halting the run; after it, no claim.
+#[test]
+fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
+    use patchbook::journal::fleet::{self, Claimed, NewClaim, NewControl, Phase};
+    use std::collections::BTreeMap;
+    let pg = PgServer::start();
+    let url = pg.url.clone();
+    drop(patchbook::journal::pg::connect(&url).unwrap());
+    pg.psql("INSERT INTO runs (run, operator) VALUES ('r1', 'test')");
+    let hosts: Vec<String> = (0..60).map(|i| format!("h{i:02}")).collect();
+    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+    fleet::create(
+        &mut client,
+        &NewControl {
+            run: "r1".into(),
+            playbook: "/p.rhai".into(),
+            playbook_sha256: "0".into(),
+            params: BTreeMap::new(),
+            waves: 1,
+            max_failed: 3,
+            parallel: 1,
+            window_spec: None,
+        },
+        &hosts
+            .iter()
+            .enumerate()
+            .map(|(position, h)| NewClaim {
+                host: h.clone(),
+                wave: 1,
+                position,
+                zone: None,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fleet::open_wave(&mut client, "r1", 1).unwrap();
+
+    // Eight workers claim 40 hosts between them, all at once.
+    let taken: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let url = url.clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    let mut mine = Vec::new();
+                    for _ in 0..5 {
+                        match fleet::claim(
+                            &mut c,
+                            "r1",
+                            &format!("w{w}"),
+                            None,
+                            Duration::from_secs(30),
+                        )
+                        .unwrap()
+                        {
+                            Claimed::Host { host, attempts, .. } => {
+                                assert_eq!(attempts, 1);
+                                mine.push(host);
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<&String> = taken.iter().flatten().collect();
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (40, 40), "a host was claimed twice");
+
+    // Twenty failures counted at once: counts 1..=20, one halt, at the 4th.
+    let counted: Vec<fleet::Counted> = std::thread::scope(|s| {
+        let handles: Vec<_> = all
+            .iter()
+            .take(20)
+            .map(|h| {
+                let url = url.clone();
+                let h = (*h).clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    fleet::count_failure(&mut c, "r1", &h).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut counts: Vec<usize> = counted.iter().map(|c| c.failed).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=20).collect::<Vec<_>>());
+    let halts: Vec<usize> = counted
+        .iter()
+        .filter(|c| c.halted_now)
+        .map(|c| c.failed)
+        .collect();
+    assert_eq!(halts, [4]);
+    // A host's failure counts once, whoever reports it again.
+    let again = fleet::count_failure(&mut client, "r1", all[0]).unwrap();
+    assert!(again.already && again.failed == 20 && !again.halted_now);
+    // After the halt no claim is granted, though 20 hosts are pending.
+    assert_eq!(
+        fleet::claim(&mut client, "r1", "late", None, Duration::from_secs(30)).unwrap(),
+        Claimed::Over(Phase::Halted)
+    );
+    let ctl = fleet::control(&mut client, "r1").unwrap().unwrap();
+    assert_eq!(
+        (ctl.phase, ctl.halt_reason.as_deref(), ctl.failed),
+        (Phase::Halted, Some("budget"), 20)
+    );
+}
