@@ -601,7 +601,6 @@ fn dockerfile_builds_the_release_binary_in_one_stage_and_runs_it_on_debian_slim(
 /// The command lines in the specs, as each engine expands them: patchbook's own
 /// argument parser must accept them, and `patchbook worker --help` must exist.
 #[test]
-#[ignore = "needs the worker subcommand"]
 fn the_specs_command_lines_are_accepted_by_patchbook_itself() {
     use clap::Parser as _;
     let bin = env!("CARGO_BIN_EXE_patchbook");
