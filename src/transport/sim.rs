@@ -266,6 +266,11 @@ impl SimTransport {
             let mut dir = tar::Header::new_gnu();
             dir.set_entry_type(tar::EntryType::Directory);
             dir.set_mode(0o755);
+            // Owner and time too: the backup reads them, and a GNU header
+            // starts with those fields empty, which no tar accepts.
+            dir.set_uid(0);
+            dir.set_gid(0);
+            dir.set_mtime(0);
             dir.set_size(0);
             dir.set_cksum();
             builder
@@ -274,6 +279,9 @@ impl SimTransport {
             let body = format!("{version}\n");
             let mut file = tar::Header::new_gnu();
             file.set_mode(0o644);
+            file.set_uid(0);
+            file.set_gid(0);
+            file.set_mtime(0);
             file.set_size(body.len() as u64);
             file.set_cksum();
             builder
