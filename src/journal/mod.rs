@@ -650,7 +650,10 @@ struct Tail {
     open_steps: HashMap<StepId, (String, String)>,
     /// Each host's records as written, so a step can consult its host's history
     /// without re-reading the whole run file (a view of the file, not a second truth).
-    by_host: HashMap<String, Vec<Record>>,
+    /// Kept as their journal lines, read back on demand: a line is a few hundred
+    /// bytes, the same record as a `Value` tree several times that, and at 100,000
+    /// hosts this view was most of a run's memory.
+    by_host: HashMap<String, Vec<Box<[u8]>>>,
 }
 
 /// A failed [`write_whole_line`]: the write's error, and whether cutting the part
@@ -1047,10 +1050,16 @@ impl Journal {
             .into_iter()
             .map(|(host, s)| (s.id, (host.to_string(), s.step.clone())))
             .collect();
-        let mut by_host: HashMap<String, Vec<Record>> = HashMap::new();
+        let mut by_host: HashMap<String, Vec<Box<[u8]>>> = HashMap::new();
         for r in &records {
             if let Some(h) = &r.host {
-                by_host.entry(h.clone()).or_default().push(r.clone());
+                // A record read from the store serialises again: it came from JSON.
+                if let Ok(line) = serde_json::to_vec(r) {
+                    by_host
+                        .entry(h.clone())
+                        .or_default()
+                        .push(line.into_boxed_slice());
+                }
             }
         }
         let index = index::read(state_dir)?;
@@ -1286,7 +1295,13 @@ impl Journal {
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
         if let Some(h) = &rec.host {
-            tail.by_host.entry(h.clone()).or_default().push(rec.clone());
+            let kept = line.strip_suffix(b"\n").unwrap_or(&line);
+            match tail.by_host.get_mut(h) {
+                Some(lines) => lines.push(kept.into()),
+                None => {
+                    tail.by_host.insert(h.clone(), vec![kept.into()]);
+                }
+            }
         }
         self.written.store(rec.seq, Ordering::Release);
         if let Some(tap) = self.tap.get() {
@@ -1520,8 +1535,17 @@ impl Journal {
 
     /// The records of one host so far, in order, without reading the file.
     pub fn host_records(&self, host: &str) -> Vec<Record> {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.by_host.get(host).cloned().unwrap_or_default()
+        let lines = {
+            let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.by_host.get(host).cloned().unwrap_or_default()
+        };
+        // Each line was written by this journal (or read from its store), so it
+        // reads back; one that somehow does not is left out, as a reader of the
+        // file would skip it.
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect()
     }
 
     /// What the records say about one host, without reading the file.
