@@ -992,17 +992,23 @@ fn unreachable_hosts_read_lean_match_the_whole_state(s: &TestStore) {
             reason: "connection refused".into(),
         })
     };
-    j.append_entry(Some("web3"), &unreachable("rollout")).unwrap();
-    j.append_entry(Some("web1"), &unreachable("needing")).unwrap();
+    j.append_entry(Some("web3"), &unreachable("rollout"))
+        .unwrap();
+    j.append_entry(Some("web1"), &unreachable("needing"))
+        .unwrap();
     j.host_finished("web2", true, Default::default()).unwrap();
-    j.append_entry(Some("web2"), &unreachable("rollout")).unwrap();
-    j.append_entry(Some("web1"), &unreachable("rollout")).unwrap();
+    j.append_entry(Some("web2"), &unreachable("rollout"))
+        .unwrap();
+    j.append_entry(Some("web1"), &unreachable("rollout"))
+        .unwrap();
     // Reached after all: finishing clears it.
     j.host_finished("web3", false, Default::default()).unwrap();
     assert_eq!(j.host_records("web1").len(), 2);
     assert_eq!(j.host_records("web3")[1].kind, kind::HOST_FINISH);
     j.close().unwrap();
-    let whole = RunState::load_in(&s.store, "unr").unwrap().unreachable_hosts();
+    let whole = RunState::load_in(&s.store, "unr")
+        .unwrap()
+        .unreachable_hosts();
     assert_eq!(whole, ["web1", "web2"]);
     assert_eq!(RunState::unreachable_in(&s.store, "unr").unwrap(), whole);
     assert!(matches!(

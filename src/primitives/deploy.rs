@@ -130,6 +130,7 @@ fn query_line(pm: PackageManager) -> &'static str {
 /// the script prints [`AS_INSTALLED`] instead, and the host is spared one
 /// `dpkg-query` (about 6 ms of host CPU on a 750-package database). `verify`
 /// still asks the database on its own.
+#[allow(clippy::too_many_arguments)]
 fn at_once_command(
     pm: PackageManager,
     sha256: &str,
@@ -1027,7 +1028,10 @@ mod tests {
     fn a_good_install_is_not_read_back_unless_asked_and_a_failed_one_always_is() {
         let (code, out) = at_once_here(false, &["true"]);
         assert_eq!(code, 0);
-        assert!(out.ends_with(&format!("\n{AFTER}\n{AS_INSTALLED}\n")), "{out:?}");
+        assert!(
+            out.ends_with(&format!("\n{AFTER}\n{AS_INSTALLED}\n")),
+            "{out:?}"
+        );
         // Asked to read back: the query's output (nothing: no such package here).
         let (code, out) = at_once_here(true, &["true"]);
         assert_eq!(code, 0);

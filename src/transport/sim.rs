@@ -127,7 +127,8 @@ impl SimTransport {
                     .collect();
                 self.answer(&argv, None)
             }
-            ["sh", "-c", _, "patchbook-deploy", sha, _file, _name, _dir, want, back, install @ ..] => {
+            ["sh", "-c", _, "patchbook-deploy", sha, _file, _name, _dir, want, back, install @ ..] =>
+            {
                 if sent.as_deref() != Some(*sha) {
                     return Output {
                         code: 94,
