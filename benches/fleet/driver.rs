@@ -31,7 +31,8 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const USAGE: &str = "\
 usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none|pyinfra,ansible]
                             [--only patchbook,openssh,ssh2,ssh2-7ch,pyinfra,ansible]
-                            [--sim 100000] [--sim-latency-ms 0] [--out benches/fleet/results.md]
+                            [--sim 100000] [--sim-latency-ms 0] [--sim-dir DIR]
+                            [--out benches/fleet/results.md]
                             [--dpkg-db minimal|machine] [--rtt 50ms] [--keep]
   --dpkg-db      what each host's dpkg database starts as: `minimal` (acme-agent alone,
                  the default) or `machine` (a copy of this machine's, hundreds of packages)
@@ -40,6 +41,8 @@ usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none|pyi
   --sim N        also runs the playbook on N hosts of the `sim` transport (0: skip), and
                  times `inventory list` of an Ansible INI inventory of N hosts
   --sizes none   no lab fleet: only the `--sim` part
+  --sim-dir DIR  keeps the sim part's state (journal, backups, locks) under DIR, e.g. a
+                 tmpfs, to measure the controller apart from the state disk
   --rtt D        puts every host behind a relay with round-trip time D (e.g. 50ms) and
                  counts each peer's request/response turns per host; the table goes to
                  benches/fleet/results-rtt.md unless --out says otherwise";
@@ -94,6 +97,9 @@ struct Args {
     peers: Vec<Peer>,
     sim: usize,
     sim_latency_ms: u64,
+    /// Where the sim part keeps its state (journal, backups, locks); default the
+    /// bench's working folder under /tmp.
+    sim_dir: Option<PathBuf>,
     out: PathBuf,
     keep: bool,
     dpkg_db: DpkgDb,
@@ -107,6 +113,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         peers: Peer::ALL.to_vec(),
         sim: 0,
         sim_latency_ms: 0,
+        sim_dir: None,
         out: Path::new(ROOT).join("benches/fleet/results.md"),
         keep: false,
         dpkg_db: DpkgDb::Minimal,
@@ -149,6 +156,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--only" => only = Some(list(&value()?)?),
             "--sim" => a.sim = value()?.parse().map_err(|e| format!("--sim: {e}"))?,
+            "--sim-dir" => a.sim_dir = Some(PathBuf::from(value()?)),
             "--sim-latency-ms" => {
                 a.sim_latency_ms = value()?
                     .parse()
@@ -315,7 +323,21 @@ fn bench(args: Args) -> Result<(), String> {
     }
 
     let sim = if args.sim > 0 {
-        Some(sim_scale(&base_path, &pb, args.sim, args.sim_latency_ms)?)
+        let sim_base = match &args.sim_dir {
+            Some(d) => tempfile::Builder::new()
+                .prefix("patchbook-fleet-bench-")
+                .tempdir_in(d)
+                .map_err(|e| format!("--sim-dir {}: {e}", d.display()))?,
+            None => tempfile::Builder::new()
+                .prefix("sim-")
+                .tempdir_in(&base_path)
+                .map_err(|e| format!("temp dir: {e}"))?,
+        };
+        let sim = sim_scale(sim_base.path(), &pb, args.sim, args.sim_latency_ms)?;
+        if args.keep {
+            let _ = sim_base.keep();
+        }
+        Some(sim)
     } else {
         None
     };
@@ -855,6 +877,9 @@ struct SimResult {
     backup_bytes: u64,
     /// `patchbook inventory list` of an Ansible INI inventory of `hosts` hosts.
     ini: Option<Sample>,
+    /// The state folder's filesystem type (`stat -f`): file creation there is
+    /// part of every host's cost (lock file, backup folder, archive, manifest).
+    state_fs: String,
 }
 
 /// This process's hard limit on open files.
@@ -922,7 +947,11 @@ fn ansible_ini(n: usize) -> String {
         let _ = write!(f, "[dc{dc}:vars]\ndc=dc{dc}\n\n");
     }
     for r in 0..ROLES {
-        let name = if r == 0 { "role_web".to_string() } else { format!("role{r}") };
+        let name = if r == 0 {
+            "role_web".to_string()
+        } else {
+            format!("role{r}")
+        };
         let children: Vec<String> = (0..DCS).map(|d| format!("dc{d}_role{r}")).collect();
         let _ = write!(f, "[{name}:children]\n{}\n\n", children.join("\n"));
     }
@@ -973,7 +1002,9 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
     // A run holds one lock file open per host it claims (patchbook raises its
     // soft open-files limit up to the hard one, no further), so a run larger than
     // the hard limit fails: it is measured at the largest size that fits.
-    let run_hosts = n.min(open_files_hard_limit().saturating_sub(2048) / 1000 * 1000).max(small);
+    let run_hosts = n
+        .min(open_files_hard_limit().saturating_sub(2048) / 1000 * 1000)
+        .max(small);
     let one = |count: usize, verb: &str| -> Result<Sample, String> {
         let sub = dir.join(format!("{verb}{count}"));
         let _ = std::fs::remove_dir_all(&sub);
@@ -1020,6 +1051,13 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
     let journal_bytes = tree_bytes(&state.join("runs"));
     let backup_bytes = tree_bytes(&state.join("backups"));
     let ini = ini_parse(&dir, pb, n).ok();
+    let state_fs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&dir)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     Ok(SimResult {
         hosts: n,
         run_hosts,
@@ -1031,6 +1069,7 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
         journal_bytes,
         backup_bytes,
         ini,
+        state_fs,
     })
 }
 
@@ -1389,8 +1428,8 @@ fn render(
     if let Some(s) = sim {
         let _ = writeln!(
             md,
-            "\n## Controller-only scale (`sim` transport, {} ms latency)\n",
-            s.latency_ms
+            "\n## Controller-only scale (`sim` transport, {} ms latency, state on {})\n",
+            s.latency_ms, s.state_fs
         );
         md.push_str("| run | hosts | wall | controller CPU | CPU per host | peak RSS | RSS per host (marginal) |\n");
         md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
