@@ -980,6 +980,43 @@ fn control_characters_in_records_survive_the_store(s: &TestStore) {
         .intact());
 }
 
+/// The lean read at the end of a run names the same unreachable hosts as the
+/// whole state does: a host stays unreachable until it finishes, and a host that
+/// only finished is not.
+fn unreachable_hosts_read_lean_match_the_whole_state(s: &TestStore) {
+    use patchbook::journal::entry::{Entry, HostUnreachable};
+    let j = Journal::begin_in(&s.store, "unr", "alice", &header(), None).unwrap();
+    let unreachable = |step: &str| {
+        Entry::HostUnreachable(HostUnreachable {
+            step: step.into(),
+            reason: "connection refused".into(),
+        })
+    };
+    j.append_entry(Some("web3"), &unreachable("rollout"))
+        .unwrap();
+    j.append_entry(Some("web1"), &unreachable("needing"))
+        .unwrap();
+    j.host_finished("web2", true, Default::default()).unwrap();
+    j.append_entry(Some("web2"), &unreachable("rollout"))
+        .unwrap();
+    j.append_entry(Some("web1"), &unreachable("rollout"))
+        .unwrap();
+    // Reached after all: finishing clears it.
+    j.host_finished("web3", false, Default::default()).unwrap();
+    assert_eq!(j.host_records("web1").len(), 2);
+    assert_eq!(j.host_records("web3")[1].kind, kind::HOST_FINISH);
+    j.close().unwrap();
+    let whole = RunState::load_in(&s.store, "unr")
+        .unwrap()
+        .unreachable_hosts();
+    assert_eq!(whole, ["web1", "web2"]);
+    assert_eq!(RunState::unreachable_in(&s.store, "unr").unwrap(), whole);
+    assert!(matches!(
+        RunState::unreachable_in(&s.store, "no-such-run"),
+        Err(JournalError::NoSuchRun { .. })
+    ));
+}
+
 on_both_stores!(
     intact_runs_pass_with_exit_zero,
     deleted_record_is_detected,
@@ -994,4 +1031,5 @@ on_both_stores!(
     concurrent_workers_share_fsyncs_and_keep_one_valid_chain,
     records_with_awkward_floats_verify_after_a_round_trip,
     control_characters_in_records_survive_the_store,
+    unreachable_hosts_read_lean_match_the_whole_state,
 );

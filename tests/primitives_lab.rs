@@ -305,6 +305,11 @@ fn bad_patch_fails_and_rollback_restores_the_previous_version_once() {
         .collect();
     assert_eq!(failed.len(), 3);
     assert!(failed.iter().all(|r| r.data["ok"] == false));
+    // A failed install is read back from the host: the package as dpkg left it
+    // (unpacked, its postinst failed), not the version the file holds.
+    for r in &failed {
+        assert_eq!(r.data["output"]["after"], "1.0.2", "{r:?}");
+    }
     // The journal still reads as that: a new rollback now would do nothing.
     let again = lab.json(&format!(
         "let wanted = {};\nhosts(\"all\").filter(|h| wanted.contains(h.name)).map(|h| rollback(h).undone.len())",

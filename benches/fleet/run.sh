@@ -5,7 +5,8 @@
 # Needs root (the lab uses mount and PID namespaces) and `.ci/setup`.
 #
 # Usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none]
-#                             [--only LIST] [--sim 10000] [--out FILE] [--keep]
+#                             [--only LIST] [--sim 100000] [--out FILE] [--keep]
+#        benches/fleet/run.sh --sizes none --sim 100000   (the controller-scale part alone)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (the lab needs mount namespaces)" >&2; exit 2; }

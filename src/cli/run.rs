@@ -720,8 +720,7 @@ pub fn run(
     // a rollout reported them or only a probe met them.
     let unreachable: Vec<String> = rt
         .store()
-        .and_then(|store| RunState::load_in(&store, &run_id))
-        .map(|st| st.unreachable_hosts())
+        .and_then(|store| RunState::unreachable_in(&store, &run_id))
         .unwrap_or_default();
     let failed: usize = summaries
         .iter()

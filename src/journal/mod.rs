@@ -655,7 +655,10 @@ struct Tail {
     open_steps: HashMap<StepId, (String, String)>,
     /// Each host's records as written, so a step can consult its host's history
     /// without re-reading the whole run file (a view of the file, not a second truth).
-    by_host: HashMap<String, Vec<Record>>,
+    /// Kept as their journal lines, read back on demand: a line is a few hundred
+    /// bytes, the same record as a `Value` tree several times that, and at 100,000
+    /// hosts this view was most of a run's memory.
+    by_host: HashMap<String, Vec<Box<[u8]>>>,
 }
 
 /// A failed [`write_whole_line`]: the write's error, and whether cutting the part
@@ -1057,10 +1060,16 @@ impl Journal {
             .into_iter()
             .map(|(host, s)| (s.id, (host.to_string(), s.step.clone())))
             .collect();
-        let mut by_host: HashMap<String, Vec<Record>> = HashMap::new();
+        let mut by_host: HashMap<String, Vec<Box<[u8]>>> = HashMap::new();
         for r in &records {
             if let Some(h) = &r.host {
-                by_host.entry(h.clone()).or_default().push(r.clone());
+                // A record read from the store serialises again: it came from JSON.
+                if let Ok(line) = serde_json::to_vec(r) {
+                    by_host
+                        .entry(h.clone())
+                        .or_default()
+                        .push(line.into_boxed_slice());
+                }
             }
         }
         let index = index::read(state_dir)?;
@@ -1187,11 +1196,11 @@ impl Journal {
     /// see what was done before and close what was left open, as on a resume.
     pub fn adopt_host(&self, host: &str) -> Result<state::HostHistory, JournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let records: Vec<Record> = match &mut tail.sink {
+        let (records, lines): (Vec<Record>, Vec<Box<[u8]>>) = match &mut tail.sink {
             Sink::Postgres { client, url } => {
                 let lines = pg::host_lines(client, &self.run, host)
                     .map_err(|e| pg::store_error(url, &e))?;
-                let scan = store::scan_rows(&lines);
+                let scan = store::scan_rows::<Record>(&lines);
                 if let Some((line, message)) = scan.bad.into_iter().next() {
                     return Err(JournalError::Corrupt {
                         path: self.path.clone(),
@@ -1199,9 +1208,17 @@ impl Journal {
                         message,
                     });
                 }
-                scan.items.into_iter().map(|(_, r)| r).collect()
+                let kept = lines.iter().map(|l| l.as_bytes().into()).collect();
+                (scan.items.into_iter().map(|(_, r)| r).collect(), kept)
             }
-            Sink::File(_) => tail.by_host.get(host).cloned().unwrap_or_default(),
+            Sink::File(_) => {
+                let lines = tail.by_host.get(host).cloned().unwrap_or_default();
+                let records = lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_slice(l).ok())
+                    .collect();
+                (records, lines)
+            }
         };
         let state = state::RunState::from_records(&self.run, &records);
         tail.open_steps.retain(|_, (h, _)| h != host);
@@ -1209,7 +1226,7 @@ impl Journal {
             tail.open_steps
                 .insert(s.id, (h.to_string(), s.step.clone()));
         }
-        tail.by_host.insert(host.to_string(), records);
+        tail.by_host.insert(host.to_string(), lines);
         drop(tail);
         Ok(self.host_state(host))
     }
@@ -1370,14 +1387,14 @@ impl Journal {
             path: self.path.clone(),
             source,
         };
-        let rec = match &mut tail.sink {
+        let (rec, line) = match &mut tail.sink {
             Sink::Postgres { client, url } => {
                 // Several processes may append to one run (a coordinator and its
                 // workers): the record chains onto the run's last record in the
                 // database, read under the run's append lock, not onto the last
                 // one this process wrote. One chain per run, as in a run file.
                 let run = self.run.clone();
-                let written = (move || -> Result<Record, postgres::Error> {
+                let written = (move || -> Result<(Record, Vec<u8>), postgres::Error> {
                     let mut tx = client.transaction()?;
                     let (seq, prev) =
                         pg::lock_tail(&mut tx, &run)?.unwrap_or((0, GENESIS.to_string()));
@@ -1385,10 +1402,10 @@ impl Journal {
                     let text = String::from_utf8_lossy(&line);
                     pg::insert(&mut tx, &rec, text.trim_end_matches('\n'))?;
                     tx.commit()?;
-                    Ok(rec)
+                    Ok((rec, line))
                 })();
                 match written {
-                    Ok(rec) => rec,
+                    Ok(written) => written,
                     Err(e) => {
                         // The insert may have committed before the connection failed:
                         // only a reopen, which reads the store, knows where the chain ends.
@@ -1413,13 +1430,19 @@ impl Journal {
                     }
                     return Err(io(e.error));
                 }
-                rec
+                (rec, line)
             }
         };
         tail.seq = rec.seq;
         tail.prev = rec.hash.clone();
         if let Some(h) = &rec.host {
-            tail.by_host.entry(h.clone()).or_default().push(rec.clone());
+            let kept = line.strip_suffix(b"\n").unwrap_or(&line);
+            match tail.by_host.get_mut(h) {
+                Some(lines) => lines.push(kept.into()),
+                None => {
+                    tail.by_host.insert(h.clone(), vec![kept.into()]);
+                }
+            }
         }
         self.written.fetch_max(rec.seq, Ordering::AcqRel);
         if let Some(tap) = self.tap.get() {
@@ -1660,8 +1683,17 @@ impl Journal {
 
     /// The records of one host so far, in order, without reading the file.
     pub fn host_records(&self, host: &str) -> Vec<Record> {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.by_host.get(host).cloned().unwrap_or_default()
+        let lines = {
+            let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.by_host.get(host).cloned().unwrap_or_default()
+        };
+        // Each line was written by this journal (or read from its store), so it
+        // reads back; one that somehow does not is left out, as a reader of the
+        // file would skip it.
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect()
     }
 
     /// What the records say about one host, without reading the file.

@@ -209,6 +209,50 @@ impl RunState {
         Ok(Self::from_records(run, &store.read_records(run)?))
     }
 
+    /// The hosts [`RunState::unreachable_hosts`] names for a run in `store`,
+    /// reading only each record's host and kind: the end of a 100,000-host run
+    /// asks this, and building every record and the whole state for it cost more
+    /// memory than the run itself. A run with an unreadable line reads as
+    /// [`JournalError::Corrupt`], as [`Store::read_records`] does.
+    pub fn unreachable_in(store: &Store, run: &str) -> Result<Vec<String>, JournalError> {
+        /// A record's line, every field but these two skipped unbuilt.
+        #[derive(serde::Deserialize)]
+        struct HostKind {
+            #[serde(default)]
+            host: Option<String>,
+            kind: String,
+        }
+        let Some(scan) = store.scan_as::<HostKind>(run)? else {
+            return Err(JournalError::NoSuchRun {
+                run: run.to_string(),
+                dir: store.location(),
+            });
+        };
+        if let Some((line, message)) = scan.bad.into_iter().next() {
+            return Err(JournalError::Corrupt {
+                path: store.run_location(run),
+                line,
+                message,
+            });
+        }
+        // The same rule as `from_records`: unreachable until the host finishes.
+        let mut hosts: BTreeMap<String, bool> = BTreeMap::new();
+        for (_, r) in scan.items {
+            let Some(host) = r.host else { continue };
+            let unreachable = match r.kind.as_str() {
+                "host.unreachable" => true,
+                "host.finish" => false,
+                _ => continue,
+            };
+            hosts.insert(host, unreachable);
+        }
+        Ok(hosts
+            .into_iter()
+            .filter(|(_, u)| *u)
+            .map(|(h, _)| h)
+            .collect())
+    }
+
     pub fn host(&self, name: &str) -> Option<&HostHistory> {
         self.hosts.get(name)
     }

@@ -104,6 +104,15 @@ impl Store {
     /// A run's records read leniently (see [`scan_lines`]); `None` when the store
     /// has no such run.
     pub(crate) fn scan(&self, run: &str) -> Result<Option<Scan<Record>>, JournalError> {
+        self.scan_as(run)
+    }
+
+    /// [`Store::scan`] into any shape a record's line reads as: a shape with fewer
+    /// fields skips the rest (a record's `data` included) without building it.
+    pub(crate) fn scan_as<T: serde::de::DeserializeOwned>(
+        &self,
+        run: &str,
+    ) -> Result<Option<Scan<T>>, JournalError> {
         match self {
             Store::File { state_dir } => {
                 let path = Journal::run_path(state_dir, run);
@@ -146,7 +155,7 @@ impl Store {
 
 /// Rows of the `records` table read as a scan: row N is "line" N. A database
 /// write is whole or absent, so nothing is ever torn.
-pub(crate) fn scan_rows(lines: &[String]) -> Scan<Record> {
+pub(crate) fn scan_rows<T: serde::de::DeserializeOwned>(lines: &[String]) -> Scan<T> {
     let mut scan = Scan {
         items: Vec::new(),
         bad: Vec::new(),
@@ -155,7 +164,7 @@ pub(crate) fn scan_rows(lines: &[String]) -> Scan<Record> {
         total_len: 0,
     };
     for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<Record>(line) {
+        match serde_json::from_str::<T>(line) {
             Ok(r) => scan.items.push((i + 1, r)),
             Err(e) => scan.bad.push((i + 1, e.to_string())),
         }
@@ -193,7 +202,7 @@ mod tests {
 
     #[test]
     fn database_rows_that_do_not_parse_are_reported_by_row() {
-        let scan = scan_rows(&["{}".to_string(), "not json".to_string()]);
+        let scan = scan_rows::<Record>(&["{}".to_string(), "not json".to_string()]);
         assert!(scan.items.is_empty() && scan.torn.is_none());
         assert_eq!(scan.bad.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2]);
     }

@@ -402,10 +402,11 @@ fn rollout(
     let session = &c.session;
     let rt = &session.runtime;
     c.record_params();
-    let mut hosts: Vec<Host> = Vec::with_capacity(targets.len());
+    // The script's own host values, shared rather than copied (see `Target`).
+    let mut hosts: Vec<Arc<Host>> = Vec::with_capacity(targets.len());
     for (i, t) in targets.into_iter().enumerate() {
         match t.try_cast::<ScriptHost>() {
-            Some(h) => hosts.push((*h.0).clone()),
+            Some(h) => hosts.push(h.0),
             None => {
                 return fail(
                     ctx,
@@ -431,7 +432,7 @@ fn rollout(
             // A host gone from the inventory cannot be reached; `report` shows its
             // open steps and `rollback` names it.
             if let Some(h) = rt.inventory.host(&name) {
-                hosts.push(h.clone());
+                hosts.push(Arc::new(h.clone()));
                 rechecked.push(name);
             }
         }
@@ -519,7 +520,7 @@ fn rollout(
     };
     let targets: Vec<Target> = hosts
         .iter()
-        .map(|h| Target::from_inventory(&rt.inventory, h))
+        .map(|h| Target::shared(&rt.inventory, h.clone()))
         .collect();
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     // One run per host: the rollout takes its whole target set here, once the

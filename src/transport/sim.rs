@@ -127,7 +127,8 @@ impl SimTransport {
                     .collect();
                 self.answer(&argv, None)
             }
-            ["sh", "-c", _, "patchbook-deploy", sha, _file, _name, _dir, want, install @ ..] => {
+            ["sh", "-c", _, "patchbook-deploy", sha, _file, _name, _dir, want, back, install @ ..] =>
+            {
                 if sent.as_deref() != Some(*sha) {
                     return Output {
                         code: 94,
@@ -147,7 +148,12 @@ impl SimTransport {
                     };
                 }
                 let mut out = self.install(install);
-                let after = seen(&self.lock().installed);
+                // As the host's script: not read back after a good `dpkg -i`.
+                let after = if *back == "0" && out.code == 0 {
+                    "__PB_AS_INSTALLED__".to_string()
+                } else {
+                    seen(&self.lock().installed)
+                };
                 out.stdout =
                     format!("__PB_BEFORE__\n{before}\n\n__PB_AFTER__\n{after}\n").into_bytes();
                 out
