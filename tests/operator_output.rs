@@ -1,7 +1,8 @@
 //! What the operator sees and what the journal keeps, on a real run through the
 //! local transport: `log()` lines shown by default and journaled, `-q` keeping the
 //! failures, no colour codes in a pipe, and a failure inside a library naming the
-//! library's file.
+//! library's file; hosts sharing a closure's captured variables without
+//! contending for them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the failure report
 
 use std::process::{Command, Output};
@@ -194,4 +195,40 @@ fn rollback_with_a_selector_that_matches_nothing_is_an_error_and_writes_nothing(
         before,
         "a refused rollback wrote to the journal"
     );
+}
+
+/// Rhai keeps a captured variable in one locked cell and fails a call that waits
+/// over ~50 ms for it ("Data race detected"): three hosts each calling a method on
+/// the same captured value for a second failed two of them. Each host's call now
+/// has its own copy, so all three pass, and what one writes stays its own.
+#[test]
+fn hosts_calling_a_method_on_a_captured_variable_at_once_all_pass() {
+    let p = Project::new();
+    p.file(
+        "hosts.toml",
+        "[hosts.h1]\ntransport = \"local\"\ngroups = [\"web\"]\n\
+         [hosts.h2]\ntransport = \"local\"\ngroups = [\"web\"]\n\
+         [hosts.h3]\ntransport = \"local\"\ngroups = [\"web\"]\n",
+    );
+    p.file(
+        "pb.rhai",
+        r#"
+let pause = 1;
+let seen = [];
+rollout(hosts("web"), #{ max_failed: 0, parallel: 3 }, |host| {
+    pause.sleep();
+    seen.push(host.name);
+    log(`${host.name} saw ${seen.len()}`);
+});
+log(`after the rollout: ${seen.len()}`);
+"#,
+    );
+    let out = p.run(&["run", "pb.rhai"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("Data race"), "{err}");
+    for h in ["h1", "h2", "h3"] {
+        assert!(err.contains(&format!("{h} saw 1")), "{err}");
+    }
+    assert!(err.contains("after the rollout: 0"), "{err}");
 }

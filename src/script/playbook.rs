@@ -353,7 +353,8 @@ impl HostClosure {
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
         let tag = Dynamic::from(host.clone());
-        self.call_with(engine, tag, vec![Dynamic::from(host)], budget, cancel)
+        let guard = || CallGuard::new(budget, cancel.clone());
+        self.call_guarded(engine, tag, vec![Dynamic::from(host)], true, guard)
     }
 
     /// [`HostClosure::call`] with a deadline that something other than
@@ -369,11 +370,13 @@ impl HostClosure {
     ) -> Result<Dynamic, Box<EvalAltResult>> {
         let tag = Dynamic::from(host.clone());
         let guard = || CallGuard::until(budget, source, cancel.clone());
-        self.call_guarded(engine, tag, vec![Dynamic::from(host)], guard)
+        self.call_guarded(engine, tag, vec![Dynamic::from(host)], true, guard)
     }
 
     /// Calls the closure with any arguments (a rollout gate takes none); `tag` is
-    /// what native functions see as the current host, `()` for none.
+    /// what native functions see as the current host, `()` for none. Unlike the
+    /// per-host calls, it shares the captured variables with the script: a gate
+    /// runs alone, and may keep state between its calls.
     pub fn call_with(
         &self,
         engine: &Engine,
@@ -382,7 +385,9 @@ impl HostClosure {
         budget: Duration,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
-        self.call_guarded(engine, tag, args, || CallGuard::new(budget, cancel.clone()))
+        self.call_guarded(engine, tag, args, false, || {
+            CallGuard::new(budget, cancel.clone())
+        })
     }
 
     fn call_guarded(
@@ -390,6 +395,7 @@ impl HostClosure {
         engine: &Engine,
         tag: Dynamic,
         args: Vec<Dynamic>,
+        own_copy: bool,
         guard: impl FnOnce() -> CallGuard + Send,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
         on_script_stack(engine, || {
@@ -404,9 +410,31 @@ impl HostClosure {
                 &global,
                 self.pos,
             );
-            self.f.call_raw(&ctx, None, args)
+            if own_copy {
+                self.own_copy().call_raw(&ctx, None, args)
+            } else {
+                self.f.call_raw(&ctx, None, args)
+            }
         })
         .unwrap_or_else(|e| Err(no_thread(e)))
+    }
+}
+
+impl HostClosure {
+    /// The closure with its own copy of every variable it captured. Rhai keeps a
+    /// captured variable in one shared, locked cell; host threads calling the
+    /// same closure would all lock it, and Rhai fails a call that waits more than
+    /// about 50 ms for the lock with "Data race detected": a method call on a
+    /// captured value (`pause.sleep()`, `cfg.check(host)`) holds it for the whole
+    /// call, and a loaded controller can stall any holder that long. With a copy
+    /// per call, hosts never contend; in exchange, what one host's call writes to
+    /// a captured variable is its own (results go back through the value the
+    /// closure returns, which `rollout()` collects per host).
+    fn own_copy(&self) -> FnPtr {
+        let mut f = self.f.clone();
+        let own: Vec<Dynamic> = f.curry().iter().map(Dynamic::flatten_clone).collect();
+        f.set_curry(own);
+        f
     }
 }
 
