@@ -174,6 +174,20 @@ entries! {
     Scan(ScanSummary) = "advisory.scan",
 }
 
+impl Entry {
+    /// How a record of `kind` ends a host's part of a run, read from its kind
+    /// alone: `Some(true)` unreachable, `Some(false)` finished (done or failed),
+    /// `None` for any other kind. For readers that skip the records' data, as
+    /// the end of a 100,000-host run does to name its unreachable hosts.
+    pub fn ends_host_as_unreachable(kind: &str) -> Option<bool> {
+        match kind {
+            "host.unreachable" => Some(true),
+            "host.finish" => Some(false),
+            _ => None,
+        }
+    }
+}
+
 /// `data` of `advisory.scan.host`: one host as an advisory scan judged it. Enough
 /// to render the exposure plan again without contacting the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1738,6 +1752,21 @@ mod tests {
                 newly_open: 1,
             }),
         ]
+    }
+
+    #[test]
+    fn the_host_ending_kinds_are_the_entries_kinds() {
+        let unreachable = Entry::HostUnreachable(HostUnreachable {
+            step: "rollout".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(
+            Entry::ends_host_as_unreachable(unreachable.kind()),
+            Some(true)
+        );
+        assert_eq!(Entry::ends_host_as_unreachable("host.finish"), Some(false));
+        assert!(Entry::KINDS.contains(&"host.finish"));
+        assert_eq!(Entry::ends_host_as_unreachable("host.rollback"), None);
     }
 
     #[test]

@@ -239,10 +239,8 @@ impl RunState {
         let mut hosts: BTreeMap<String, bool> = BTreeMap::new();
         for (_, r) in scan.items {
             let Some(host) = r.host else { continue };
-            let unreachable = match r.kind.as_str() {
-                "host.unreachable" => true,
-                "host.finish" => false,
-                _ => continue,
+            let Some(unreachable) = Entry::ends_host_as_unreachable(&r.kind) else {
+                continue;
             };
             hosts.insert(host, unreachable);
         }
