@@ -53,6 +53,21 @@ fn names(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
 }
 
 /// Completed installs of acme-agent 1.0.1 in a host's dpkg log.
+/// Every host of `hosts` is at 1.0.1, installed exactly once.
+fn assert_patched_once(hosts: &[String]) {
+    for h in hosts {
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.1"),
+            "{h}"
+        );
+        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
+    }
+}
+
 fn installs(host: &str) -> usize {
     fleet()
         .dpkg_log(host)
@@ -225,17 +240,7 @@ fn forty_hosts_four_workers_pilot_and_three_waves_each_host_patched_once() {
     }
 
     // Every host patched, exactly once, each claimed once.
-    for h in &hosts {
-        assert_eq!(
-            fleet()
-                .installed_version(h, "acme-agent")
-                .unwrap()
-                .as_deref(),
-            Some("1.0.1"),
-            "{h}"
-        );
-        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
-    }
+    assert_patched_once(&hosts);
     let run = b.run_id();
     assert_eq!(
         b.sql(&format!(
@@ -437,17 +442,7 @@ fn a_killed_worker_loses_its_host_and_a_killed_coordinator_carries_on() {
     let f: Vec<&str> = taken.split('|').collect();
     assert_ne!(f[0], "victim", "{taken}");
     assert_eq!(&f[1..], ["2", "done"], "{taken}");
-    for h in &hosts {
-        assert_eq!(
-            fleet()
-                .installed_version(h, "acme-agent")
-                .unwrap()
-                .as_deref(),
-            Some("1.0.1"),
-            "{h}"
-        );
-        assert_eq!(installs(h), 1, "{h} patched {} times", installs(h));
-    }
+    assert_patched_once(&hosts);
     assert_eq!(
         b.sql(&format!(
             "SELECT state FROM run_control WHERE run = '{run}'"
