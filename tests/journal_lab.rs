@@ -90,32 +90,18 @@ impl Setup {
 
 use support::text;
 
-/// Every host's own dpkg database says acme-agent is at `version`.
-fn assert_every_host_at(lab: &Lab, version: &str) {
-    for h in lab.hosts() {
-        assert_eq!(
-            lab.installed_version(&h.name, "acme-agent")
-                .unwrap()
-                .as_deref(),
-            Some(version),
-            "{}",
-            h.name
-        );
-    }
-}
-
 #[test]
 fn rollback_after_a_restart_restores_every_host_in_reverse_deployment_order() {
     let lab = Lab::start(10);
     let s = setup(&lab, PATCH, "");
     let out = s.run(&[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_every_host_at(&lab, "1.0.1");
+    support::assert_every_host_at(&lab, "1.0.1");
     let run = s.runs().pop().unwrap();
     // A fresh process, knowing nothing but the journal.
     let out = s.command(&["rollback", &run]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_every_host_at(&lab, "1.0.0");
+    support::assert_every_host_at(&lab, "1.0.0");
     let records = read_records(&s.state.join("runs").join(format!("{run}.jsonl"))).unwrap();
     let first_deploy = |host: &str| {
         records

@@ -44,7 +44,7 @@ fn a_run_on_the_postgres_store_is_reported_verified_and_rolled_back_from_it() {
         .args(patch_params(fleet));
     let out = run.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_every_host_at(fleet, "1.0.1");
+    support::assert_every_host_at(fleet, "1.0.1");
 
     // The records are in the database, not in the state directory.
     let runs = pg.psql("SELECT run FROM runs");
@@ -96,7 +96,7 @@ fn a_run_on_the_postgres_store_is_reported_verified_and_rolled_back_from_it() {
     // rollback RUN, from the database alone.
     let out = cmd(&["-q", "rollback", &run_id]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_every_host_at(fleet, "1.0.0");
+    support::assert_every_host_at(fleet, "1.0.0");
     let st = RunState::load_in(&store, &run_id).unwrap();
     assert!(st.hosts.values().all(|h| h.rolled_back), "{st:?}");
     let out = cmd(&["audit", "verify", &run_id]);
@@ -114,19 +114,4 @@ fn a_run_on_the_postgres_store_is_reported_verified_and_rolled_back_from_it() {
         "{}",
         text(&out)
     );
-}
-
-/// Every lab host has acme-agent at `version`.
-fn assert_every_host_at(fleet: &patchbook::lab::Fleet, version: &str) {
-    for h in fleet.hosts() {
-        assert_eq!(
-            fleet
-                .installed_version(&h.name, "acme-agent")
-                .unwrap()
-                .as_deref(),
-            Some(version),
-            "{}",
-            h.name
-        );
-    }
 }

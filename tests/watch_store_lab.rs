@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -222,21 +221,5 @@ fn a_watch_run_on_the_postgres_store_shows_on_the_status_page_as_on_run_files() 
         verified.contains(&db.run) && verified.contains(&format!("{}-soak", db.run)),
         "{verified}"
     );
-    assert_patched(shared_fleet(2), db.dir.path());
-}
-
-/// Every lab host has acme-agent 1.0.1 after the run.
-fn assert_patched(fleet: &patchbook::lab::Fleet, dir: &Path) {
-    for h in fleet.hosts() {
-        assert_eq!(
-            fleet
-                .installed_version(&h.name, "acme-agent")
-                .unwrap()
-                .as_deref(),
-            Some("1.0.1"),
-            "{} ({})",
-            h.name,
-            dir.display()
-        );
-    }
+    support::assert_every_host_at(shared_fleet(2), "1.0.1");
 }

@@ -127,6 +127,21 @@ where
     fleet
 }
 
+/// Every host of `fleet` has acme-agent at `version`, by its own dpkg database.
+pub fn assert_every_host_at(fleet: &Fleet, version: &str) {
+    for h in fleet.hosts() {
+        assert_eq!(
+            fleet
+                .installed_version(&h.name, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some(version),
+            "{}",
+            h.name
+        );
+    }
+}
+
 /// Runs the built `patchbook` binary.
 pub fn patchbook<I, S>(args: I) -> Output
 where
