@@ -211,8 +211,11 @@ fn every_bomb_ends_within_seconds_under_the_default_limits() {
     for (what, src, _) in BOMBS.iter().filter(|(w, ..)| copying.contains(w)) {
         let t0 = Instant::now();
         let err = script_err(eval_str(&run, &compiler, src));
+        // Each ends in a second or two; the margin is for a debug build on a
+        // CI machine whose two cores also run other test binaries and the fuzz
+        // build (one took 10.4 s there). A bomb that does not end still fails.
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
+            t0.elapsed() < Duration::from_secs(30),
             "{what} took {:?}: {err}",
             t0.elapsed()
         );
