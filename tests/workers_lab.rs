@@ -44,6 +44,20 @@ rollout(hosts(param("targets")), #{
 });
 "#;
 
+/// A playbook for the policy tests: `POLICY` (a Rhai map) and `EXTRA` (lines
+/// before the rollout) are replaced by each test.
+const POLICY_PLAY: &str = r#"
+import "patch/debian" as deb;
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+let slow = param("slow", "0");
+EXTRA
+rollout(hosts(param("targets")), POLICY, |host| {
+    if slow != "0" { probe(host, ["sleep", slow]); }
+    deb::patch(host, good, "acme-agent", "1.0.1", #{ rollback_to: previous, health: ["/opt/acme/agent.sh", "--check"] });
+});
+"#;
+
 fn fleet() -> &'static patchbook::lab::Fleet {
     shared_fleet(HOSTS)
 }
@@ -190,6 +204,201 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+impl Bench {
+    /// Replaces the bench's playbook with [`POLICY_PLAY`] under `policy`.
+    fn playbook(&self, policy: &str, extra: &str) {
+        std::fs::write(
+            self.dir.path().join("play.rhai"),
+            POLICY_PLAY
+                .replace("POLICY", policy)
+                .replace("EXTRA", extra),
+        )
+        .unwrap();
+    }
+
+    /// The run's rollout events, in journal order.
+    fn events(&self, run: &str) -> Vec<serde_json::Value> {
+        self.sql(&format!(
+            "SELECT line FROM records WHERE run = '{run}' AND kind = 'rollout.event' ORDER BY seq"
+        ))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["data"].clone())
+        .collect()
+    }
+
+    /// Starts the coordinator and `n` workers and waits for all of them; the
+    /// coordinator's exit code.
+    fn run_with_workers(&self, n: usize) -> Option<i32> {
+        let mut procs = Procs(Vec::new());
+        for i in 1..=n {
+            procs.0.push(self.worker(&format!("w{i}"), "10s"));
+        }
+        let mut coord = self.coordinator("coordinator", None);
+        let code = wait_exit(&mut coord, Duration::from_secs(240), "coordinator", self);
+        for w in &mut procs.0 {
+            assert_eq!(
+                wait_exit(w, Duration::from_secs(30), "worker", self),
+                Some(0),
+                "{}",
+                self.logs()
+            );
+        }
+        code
+    }
+}
+
+fn of_kind<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// `/metrics` with `acme_errors`: 3 once `watched` (a lab host's dpkg status
+/// file) shows acme-agent 1.0.1, 0 before.
+struct Exporter {
+    port: u16,
+    server: std::sync::Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Exporter {
+    fn start(watched: std::path::PathBuf) -> Exporter {
+        let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let port = server.server_addr().to_ip().unwrap().port();
+        let s = server.clone();
+        let thread = std::thread::spawn(move || {
+            for req in s.incoming_requests() {
+                let status = std::fs::read_to_string(&watched).unwrap_or_default();
+                let patched = patchbook::lab::status_version(&status, "acme-agent").as_deref()
+                    == Some("1.0.1");
+                let errors = if patched { 3 } else { 0 };
+                let body = format!("# TYPE acme_errors gauge\nacme_errors {errors}\n");
+                let _ = req.respond(tiny_http::Response::from_string(body));
+            }
+        });
+        Exporter {
+            port,
+            server,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A Prometheus of this test's own (Debian's, on loopback, its own config and
+/// data folder), scraping the exporter every second.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target_port: u16) -> Prometheus {
+        let bin = ["/usr/bin/prometheus", "/usr/sbin/prometheus"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("prometheus is missing: run `.ci/setup` as root");
+        let dir = tempfile::Builder::new()
+            .prefix("prometheus-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: acme\n    static_configs:\n      \
+                 - targets: ['127.0.0.1:{target_port}']\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // Dies with the test process, even if it is killed.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let p = Prometheus {
+            child: cmd.spawn().expect("prometheus starts"),
+            port,
+            _dir: dir,
+        };
+        p.wait_for("0");
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until Prometheus answers and has scraped `acme_errors` as `value`.
+    fn wait_for(&self, value: &str) {
+        let started = Instant::now();
+        loop {
+            let body: serde_json::Value = ureq::get(&format!("{}/api/v1/query", self.url()))
+                .query("query", "acme_errors")
+                .timeout(Duration::from_secs(1))
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok())
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            if body["data"]["result"][0]["value"][1] == value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "prometheus never scraped acme_errors {value}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gate's policy: pilot lab01, then lab02 alone (whose patch the exporter
+/// reports as errors), then the rest.
+fn gated_policy(prom: &Prometheus, extra: &str) -> String {
+    format!(
+        r#"#{{ pilot: ["lab01"], waves: [1, "100%"], parallel: 1, {extra}
+             gate: #{{ prometheus: "{}", query: "max(acme_errors)", max: 0, soak: "3s", timeout: "5s" }} }}"#,
+        prom.url()
+    )
 }
 
 fn wait_exit(child: &mut Child, limit: Duration, what: &str, bench: &Bench) -> Option<i32> {
@@ -741,4 +950,62 @@ fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
         (ctl.phase, ctl.halt_reason.as_deref(), ctl.failed),
         (Phase::Halted, Some("budget"), 20)
     );
+}
+
+/// The metric gate is asked between waves by the coordinator, after its soak,
+/// against a real Prometheus: it passes after the pilot, fails once lab02's
+/// patch shows in the metric, and the run stops there with no host of the next
+/// wave claimed and nothing rolled back (`on_gate_fail` defaults to stop).
+#[test]
+fn a_metric_gate_between_waves_stops_the_shared_run_when_the_metric_breaks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-gate-", &hosts, &[]);
+    let exporter = Exporter::start(fleet().host("lab02").unwrap().dir.join("dpkg/status"));
+    let prom = Prometheus::start(exporter.port);
+    b.playbook(&gated_policy(&prom, ""), "");
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+    ));
+    assert!(
+        control.starts_with("halted|gate:1:max(acme_errors): "),
+        "{control}"
+    );
+    let events = b.events(&run);
+    let gates = of_kind(&events, "gate_evaluated");
+    assert_eq!(gates.len(), 2, "{gates:?}");
+    assert_eq!(
+        (
+            &gates[0]["after_wave"],
+            &gates[0]["check"],
+            &gates[0]["passed"]
+        ),
+        (&0.into(), &"prometheus".into(), &true.into()),
+        "{}",
+        gates[0]
+    );
+    assert_eq!(gates[0]["soaked_seconds"], 3.0);
+    assert_eq!(
+        (
+            &gates[1]["after_wave"],
+            &gates[1]["passed"],
+            &gates[1]["value"]
+        ),
+        (&1.into(), &false.into(), &3.0.into()),
+        "{}",
+        gates[1]
+    );
+    assert_eq!(of_kind(&events, "soaking").len(), 2);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(summary["stop"]["kind"], "gate_stopped", "{summary}");
+    // Pilot and wave 1 patched and left so; wave 2 never opened.
+    assert_patched_once(&names(1..=2));
+    for h in names(3..=6) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the gate failed");
+    }
+    assert!(of_kind(&events, "rolled_back").is_empty());
+    assert_verifies(&b, &run);
 }

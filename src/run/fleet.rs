@@ -39,10 +39,12 @@ use chrono::Utc;
 
 use super::{RunControl, WorkerSpec};
 use crate::inventory::Host;
-use crate::journal::entry::{Counts, Entry, HostReport, HostStatus, RollbackCause};
+use crate::journal::entry::{Counts, Entry, GateVerdict, HostReport, HostStatus, RollbackCause};
 use crate::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
 use crate::journal::{pg, JournalError};
+use crate::rollout::clock::between;
 use crate::rollout::policy::RollbackScope;
+use crate::rollout::window::after;
 use crate::rollout::{
     GateFailAction, HostContext, HostOutcome, Plan, RollbackContext, RolloutEvent, StopReason,
     Summary, WaveKind,
@@ -70,9 +72,7 @@ pub enum FleetError {
 /// than ignoring it.
 fn check_supported(plan: &Plan) -> Result<(), FleetError> {
     let p = &plan.policy;
-    let what = if p.gate.is_some() {
-        Some("metric `gate`")
-    } else if !p.max_unavailable.is_empty() {
+    let what = if !p.max_unavailable.is_empty() {
         Some("`max_unavailable`")
     } else if matches!(p.rollback, RollbackScope::All) {
         Some("`rollback: \"all\"`")
@@ -109,7 +109,7 @@ pub fn coordinate(
     url: &str,
     plan: &Plan,
     playbook_sha256: &str,
-    gate: &dyn Fn(usize) -> Result<bool, String>,
+    gate: Option<&dyn Fn(usize) -> Result<bool, String>>,
     targets: &[String],
 ) -> Result<Summary, FleetError> {
     let session = &c.session;
@@ -184,10 +184,10 @@ pub fn coordinate(
             c.clock.sleep(plan.policy.pause);
         }
         if ran_before && !reopening {
-            let verdict = match gate(w - 1) {
-                Ok(true) => None,
-                Ok(false) => Some("the gate returned false".to_string()),
-                Err(e) => Some(e),
+            let verdict = match ask_gates(c, &mut client, url, &run, plan, gate, w - 1, &event)? {
+                Gates::Passed => None,
+                Gates::Failed(reason) => Some(reason),
+                Gates::Halted => break,
             };
             if let Some(reason) = verdict {
                 fleet::halt(&mut client, &run, &format!("gate:{}:{reason}", w - 1))
@@ -284,6 +284,101 @@ pub fn coordinate(
         summary: summary.clone(),
     });
     Ok(summary)
+}
+
+/// What the gates between two waves said.
+enum Gates {
+    Passed,
+    Failed(String),
+    /// The run was halted (an operator's stop, the budget) during the soak.
+    Halted,
+}
+
+/// The gates after `after_wave`, as the executor asks them: the metric gate's
+/// soak (watching for a halt) and evaluation ([`crate::rollout::MetricGate`]),
+/// then, if it passed, the playbook's closure gate; each answer is a
+/// `GateEvaluated` event. The first "no" is the reason the run stops.
+#[allow(clippy::too_many_arguments)]
+fn ask_gates(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    closure: Option<&dyn Fn(usize) -> Result<bool, String>>,
+    after_wave: usize,
+    event: &dyn Fn(RolloutEvent),
+) -> Result<Gates, FleetError> {
+    let err = db(url);
+    let soak = plan
+        .policy
+        .gate
+        .as_ref()
+        .map(|g| g.soak)
+        .filter(|s| !s.is_zero());
+    if let Some(soak) = soak {
+        event(RolloutEvent::Soaking {
+            after_wave,
+            seconds: soak.as_secs_f64(),
+        });
+        // On the run's clock, in short real slices: a halt ends the soak within
+        // a quarter second (an operator's stop) or one look at the database.
+        let end = after(c.clock.now(), soak);
+        loop {
+            if c.stop.load(Ordering::SeqCst) {
+                fleet::halt(client, run, "operator").map_err(&err)?;
+            }
+            let phase = fleet::control(client, run)
+                .map_err(&err)?
+                .map_or(Phase::Halted, |x| x.phase);
+            if phase != Phase::Running {
+                return Ok(Gates::Halted);
+            }
+            let left = between(c.clock.now(), end);
+            if left.is_zero() {
+                break;
+            }
+            let real = c.clock.real_duration(left).as_secs_f64();
+            let slice = if real > 0.25 {
+                left.mul_f64(0.25 / real)
+            } else {
+                left
+            };
+            c.clock.sleep(slice);
+        }
+    }
+    let soaked = soak.unwrap_or(Duration::ZERO);
+    if let Some(g) = &plan.policy.gate {
+        let verdict = g.evaluate(after_wave, soaked);
+        let failed = (!verdict.passed).then(|| format!("{}: {}", g.query, verdict.detail));
+        event(RolloutEvent::GateEvaluated(verdict));
+        if let Some(reason) = failed {
+            return Ok(Gates::Failed(reason));
+        }
+    }
+    let Some(closure) = closure else {
+        return Ok(Gates::Passed);
+    };
+    let (passed, detail) = match closure(after_wave) {
+        Ok(true) => (true, "the gate returned true".to_string()),
+        Ok(false) => (false, "the gate returned false".to_string()),
+        Err(e) => (false, format!("the gate failed: {e}")),
+    };
+    event(RolloutEvent::GateEvaluated(GateVerdict {
+        after_wave,
+        check: "closure".into(),
+        query: None,
+        bounds: None,
+        value: None,
+        passed,
+        detail: detail.clone(),
+        soaked_seconds: soaked.as_secs_f64(),
+    }));
+    Ok(if passed {
+        Gates::Passed
+    } else {
+        Gates::Failed(detail)
+    })
 }
 
 /// The summary of a shared run from its claims and its hosts' records.
