@@ -1009,3 +1009,65 @@ fn a_metric_gate_between_waves_stops_the_shared_run_when_the_metric_breaks() {
     assert!(of_kind(&events, "rolled_back").is_empty());
     assert_verifies(&b, &run);
 }
+
+/// `on_gate_fail: "rollback_wave"` and `rollback: "all"` on a shared run: the
+/// gate after lab02's wave fails, the run halts, and the coordinator undoes
+/// lab02 (the wave the gate judged) and then the pilot, newest first, with the
+/// rollback records `patchbook rollback RUN` writes; both hosts are back at
+/// 1.0.0 and the summary says reverted.
+#[test]
+fn a_failed_gate_rolls_the_wave_back_and_rollback_all_undoes_the_pilot_too() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-undo-", &hosts, &[]);
+    let exporter = Exporter::start(fleet().host("lab02").unwrap().dir.join("dpkg/status"));
+    let prom = Prometheus::start(exporter.port);
+    b.playbook(
+        &gated_policy(&prom, r#"on_gate_fail: "rollback_wave", rollback: "all","#),
+        "",
+    );
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let events = b.events(&run);
+    let undone: Vec<(String, String)> = of_kind(&events, "rolled_back")
+        .iter()
+        .map(|e| {
+            (
+                e["host"].as_str().unwrap().to_string(),
+                e["cause"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        undone,
+        [
+            ("lab02".to_string(), "gate_failed".to_string()),
+            ("lab01".to_string(), "run_stopped".to_string())
+        ],
+        "{}",
+        b.logs()
+    );
+    for h in ["lab01", "lab02"] {
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.0"),
+            "{h} rolled back"
+        );
+    }
+    for h in names(3..=6) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the gate failed");
+    }
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    assert!(st.hosts["lab01"].rolled_back && st.hosts["lab02"].rolled_back);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(
+        summary["rollback_order"],
+        serde_json::json!(["lab02", "lab01"])
+    );
+    assert_eq!(summary["totals"]["reverted"], 2, "{summary}");
+    assert_verifies(&b, &run);
+}

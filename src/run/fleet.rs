@@ -29,6 +29,18 @@
 //! already claimed finish (and a failed one is rolled back by the worker that ran
 //! it): failures ≤ max_failed + hosts in flight, where hosts in flight ≤ workers ×
 //! the policy's `parallel` (each worker runs that many hosts at once).
+//!
+//! Between waves the coordinator asks the gates the executor asks: the metric
+//! gate after its soak ([`crate::rollout::MetricGate::evaluate`]), then the
+//! playbook's closure. The rollbacks that follow a stop (`on_gate_fail:
+//! "rollback_wave"`, `rollback: "all"`) run on the coordinator, not on workers:
+//! the executor runs them on its own thread, one host at a time, newest first,
+//! once no host is in flight, with the same rollback closure that
+//! `patchbook rollback RUN` and a failed host's worker call, so doing them here
+//! keeps one code path and one order, needs no claim states for undo work, and
+//! works when every worker has already left the halted run. The cost: the
+//! coordinator must reach those hosts, so a policy that asks for them with
+//! hosts pinned to zones is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,10 +86,13 @@ fn check_supported(plan: &Plan) -> Result<(), FleetError> {
     let p = &plan.policy;
     let what = if !p.max_unavailable.is_empty() {
         Some("`max_unavailable`")
-    } else if matches!(p.rollback, RollbackScope::All) {
-        Some("`rollback: \"all\"`")
-    } else if matches!(p.on_gate_fail, GateFailAction::RollbackWave) {
-        Some("`on_gate_fail: \"rollback_wave\"`")
+    } else if (matches!(p.rollback, RollbackScope::All)
+        || matches!(p.on_gate_fail, GateFailAction::RollbackWave))
+        && plan.targets.iter().any(|t| zone_of(&t.host).is_some())
+    {
+        // The coordinator undoes those hosts itself, and a zone is pinned
+        // because not every process reaches it.
+        Some("`rollback: \"all\"` or `on_gate_fail: \"rollback_wave\"` with hosts pinned to a zone")
     } else {
         None
     };
@@ -110,6 +125,7 @@ pub fn coordinate(
     plan: &Plan,
     playbook_sha256: &str,
     gate: Option<&dyn Fn(usize) -> Result<bool, String>>,
+    rollback: &Rollback<'_>,
     targets: &[String],
 ) -> Result<Summary, FleetError> {
     let session = &c.session;
@@ -276,7 +292,15 @@ pub fn coordinate(
     let ctl = fleet::control(&mut client, &run)
         .map_err(&err)?
         .ok_or_else(|| FleetError::NotShared { run: run.clone() })?;
-    let summary = summarize(c, &mut client, &ctl, url)?;
+    let stop = stop_reason(ctl.halt_reason.as_deref(), ctl.failed, ctl.max_failed);
+    let undone = undo_after_stop(c, &mut client, url, &run, plan, &stop, rollback, &event)?;
+    let mut summary = summarize(c, &mut client, &ctl, url)?;
+    for (host, result) in &undone {
+        if let (Err(e), Some(h)) = (result, summary.hosts.iter_mut().find(|h| &h.name == host)) {
+            h.rollback_error = Some(e.clone());
+        }
+    }
+    summary.rollback_order = undone.into_iter().map(|(h, _)| h).collect();
     if let StopReason::BudgetExhausted { failures, allowed } = summary.stop {
         event(RolloutEvent::BudgetExhausted { failures, allowed });
     }
@@ -284,6 +308,104 @@ pub fn coordinate(
         summary: summary.clone(),
     });
     Ok(summary)
+}
+
+/// The rollbacks the executor does after a stop, done here by the coordinator:
+/// with `on_gate_fail: "rollback_wave"` the hosts the failed gate judged, then,
+/// with `rollback: "all"` after a stop for the budget, the pilot or a gate,
+/// every host still patched; each newest first by when its claim ended. The
+/// undo is `rollback`, the same closure the executor and `patchbook rollback
+/// RUN` call, so its records (`host.rollback`, undo steps) are theirs; the host's
+/// records, written by workers, are read first ([`crate::journal::Journal::adopt_host`]),
+/// and a host already rolled back (a coordinator restarted mid-way) is skipped.
+/// Returns each host undone, in order, with its result.
+#[allow(clippy::too_many_arguments)]
+fn undo_after_stop(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    stop: &StopReason,
+    rollback: &Rollback<'_>,
+    event: &dyn Fn(RolloutEvent),
+) -> Result<Vec<(String, Result<(), String>)>, FleetError> {
+    let Some(journal) = c.session.run.journal.clone() else {
+        return Ok(Vec::new());
+    };
+    let mut done: Vec<fleet::Claim> = fleet::claims(client, run)
+        .map_err(db(url))?
+        .into_iter()
+        .filter(|cl| cl.state == ClaimState::Done)
+        .collect();
+    done.sort_by(|a, b| b.ended.cmp(&a.ended).then_with(|| b.host.cmp(&a.host)));
+    let mut passes: Vec<(RollbackCause, Vec<String>)> = Vec::new();
+    if let (StopReason::GateStopped { after_wave, .. }, GateFailAction::RollbackWave) =
+        (stop, plan.policy.on_gate_fail)
+    {
+        let wave = done
+            .iter()
+            .filter(|cl| cl.wave == *after_wave)
+            .map(|cl| cl.host.clone())
+            .collect();
+        passes.push((RollbackCause::GateFailed, wave));
+    }
+    let undo_all = plan.policy.rollback == RollbackScope::All
+        && matches!(
+            stop,
+            StopReason::BudgetExhausted { .. }
+                | StopReason::UnreachableBudgetExhausted { .. }
+                | StopReason::PilotFailed { .. }
+                | StopReason::GateStopped { .. }
+        );
+    if undo_all {
+        passes.push((
+            RollbackCause::RunStopped,
+            done.iter().map(|cl| cl.host.clone()).collect(),
+        ));
+    }
+    let mut undone: Vec<(String, Result<(), String>)> = Vec::new();
+    for (cause, hosts) in passes {
+        for name in hosts {
+            if undone.iter().any(|(h, _)| *h == name) {
+                continue;
+            }
+            if journal.adopt_host(&name)?.rolled_back {
+                continue;
+            }
+            let Some(host) = c.session.runtime.inventory.host(&name).cloned() else {
+                let error = format!("{name} is not in the coordinator's inventory");
+                event(RolloutEvent::RollbackFailed {
+                    host: name.clone(),
+                    cause,
+                    error: error.clone(),
+                });
+                undone.push((name, Err(error)));
+                continue;
+            };
+            let rc = RollbackContext {
+                cause,
+                clock: c.clock.clone(),
+            };
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rollback(&host, &rc)))
+                    .unwrap_or_else(|_| Err("the host's rollback panicked".to_string()));
+            match &result {
+                Ok(()) => event(RolloutEvent::RolledBack {
+                    host: name.clone(),
+                    cause,
+                }),
+                Err(e) => event(RolloutEvent::RollbackFailed {
+                    host: name.clone(),
+                    cause,
+                    error: e.clone(),
+                }),
+            }
+            undone.push((name, result));
+        }
+    }
+    let _ = journal.flush();
+    Ok(undone)
 }
 
 /// What the gates between two waves said.
@@ -409,6 +531,9 @@ fn summarize(
         let rolled_back = history.is_some_and(|h| h.rolled_back);
         let status = match cl.state {
             ClaimState::Pending | ClaimState::Claimed => HostStatus::Pending,
+            // Patched, then undone after the run stopped (a failed gate,
+            // `rollback: "all"`).
+            ClaimState::Done if rolled_back => HostStatus::Reverted,
             ClaimState::Done => HostStatus::Done,
             ClaimState::Failed => HostStatus::Failed,
             ClaimState::Unreachable => HostStatus::Unreachable,

@@ -764,7 +764,8 @@ fn rollout(
             let closure_gate: Option<&dyn Fn(usize) -> Result<bool, String>> =
                 gate.is_some().then_some(&ask);
             let sha = sources.map(|p| p.sha256.clone()).unwrap_or_default();
-            fleet::coordinate(c, url, &plan, &sha, closure_gate, &names).map_err(|e| e.to_string())
+            fleet::coordinate(c, url, &plan, &sha, closure_gate, &rollback, &names)
+                .map_err(|e| e.to_string())
         }
         Some(FleetRole::Worker(spec)) => {
             let served = fleet::serve(
