@@ -1071,3 +1071,140 @@ fn a_failed_gate_rolls_the_wave_back_and_rollback_all_undoes_the_pilot_too() {
     assert_eq!(summary["totals"]["reverted"], 2, "{summary}");
     assert_verifies(&b, &run);
 }
+
+/// Points the bench at a copy of the lab's inventory with `ghosts` first: hosts
+/// like lab01 whose port nothing listens on, so every connection is refused.
+fn with_ghosts(b: &Bench, ghosts: &[&str]) {
+    let lab_inventory = fleet().dir().join("inventory.toml");
+    let lab = std::fs::read_to_string(&lab_inventory).unwrap();
+    let lab01 = fleet().host("lab01").unwrap().connect_port();
+    let stanza: String = lab
+        .split("\n[hosts.")
+        .find(|s| s.starts_with("lab01]"))
+        .unwrap()
+        .to_string();
+    let mut inventory = String::new();
+    for g in ghosts {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        inventory.push_str(&format!(
+            "[hosts.{}\n",
+            stanza
+                .replacen("lab01]", &format!("{g}]"), 1)
+                .replace(&format!("port = {lab01}"), &format!("port = {dead}"))
+                .trim_end()
+        ));
+    }
+    inventory.push_str(&lab);
+    let ours = b.dir.path().join("inventory.toml");
+    std::fs::write(&ours, inventory).unwrap();
+    let cfg = b.dir.path().join("patchbook.toml");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        &lab_inventory.display().to_string(),
+        &ours.display().to_string(),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+}
+
+/// Unreachable hosts halt a shared run as the executor's `max_unreachable`
+/// says: with one tolerated, the second refused connection halts every worker,
+/// neither ghost is rolled back or counted as failed, and the hosts after them
+/// stay pending.
+#[test]
+fn the_unreachable_budget_halts_a_shared_run_at_its_limit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let mut targets = vec!["ghost01".to_string(), "ghost02".to_string()];
+    targets.extend(hosts.iter().cloned());
+    let b = Bench::new("workers-unreachable-", &hosts, &[]);
+    with_ghosts(&b, &["ghost01", "ghost02"]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, max_failed: 3, max_unreachable: 1 }"#,
+        "",
+    );
+    // The bench's targets, ghosts included.
+    let mut b = b;
+    let at = b
+        .params
+        .iter()
+        .position(|p| p.starts_with("targets="))
+        .unwrap();
+    b.params[at] = format!("targets={}", targets.join(":"));
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason, unreachable, max_unreachable, failed FROM run_control WHERE run = '{run}'"
+    ));
+    assert_eq!(control, "halted|unreachable|2|1|0", "{}", b.logs());
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT host FROM host_claims WHERE run = '{run}' AND state = 'unreachable' ORDER BY host"
+        )),
+        "ghost01\nghost02"
+    );
+    let events = b.events(&run);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(
+        summary["stop"],
+        serde_json::json!({"kind": "unreachable_budget_exhausted", "unreachable": 2, "allowed": 1}),
+        "{summary}"
+    );
+    assert_eq!(summary["allowed_unreachable"], 1);
+    assert_eq!(of_kind(&events, "unreachable_budget_exhausted").len(), 1);
+    assert!(of_kind(&events, "rolled_back").is_empty());
+    // Two workers of one slot each: at most two hosts started after the ghosts.
+    let pending: usize = b
+        .sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'pending'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(pending >= 3, "{pending} hosts left pending\n{}", b.logs());
+    for h in &hosts {
+        assert!(installs(h) <= 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+}
+
+/// `max_unavailable` across workers, decided in the database: three workers of
+/// two slots each could run six hosts at once, the cap lets two; the claims'
+/// own times show two at once and never three, and every counter is back at
+/// zero when the run is over.
+#[test]
+fn max_unavailable_caps_the_hosts_in_flight_across_every_worker() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=8);
+    let b = Bench::new("workers-unavailable-", &hosts, &[("slow", "1")]);
+    b.playbook(
+        r#"#{ waves: ["100%"], parallel: 2, max_unavailable: #{ all: 2 } }"#,
+        "",
+    );
+    let code = b.run_with_workers(3);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    let run = b.run_id();
+    assert_patched_once(&hosts);
+    // Hosts in flight when each host was claimed, itself included (a host
+    // ending in the same instant as another's claim is not counted twice).
+    let most = b.sql(&format!(
+        "SELECT max(n) FROM (
+             SELECT count(*) AS n FROM host_claims a JOIN host_claims o
+               ON o.run = a.run AND o.started <= a.started
+              AND o.ended > a.started + interval '100 milliseconds'
+             WHERE a.run = '{run}' GROUP BY a.host) x"
+    ));
+    assert_eq!(most, "2", "{}", b.logs());
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT grp, cap, in_flight FROM run_unavailable WHERE run = '{run}'"
+        )),
+        "all|2|0"
+    );
+    let workers = b.sql(&format!(
+        "SELECT count(DISTINCT worker) FROM host_claims WHERE run = '{run}'"
+    ));
+    assert!(workers.parse::<usize>().unwrap() >= 2, "{workers}");
+}

@@ -30,6 +30,16 @@
 //! it): failures ≤ max_failed + hosts in flight, where hosts in flight ≤ workers ×
 //! the policy's `parallel` (each worker runs that many hosts at once).
 //!
+//! Unreachable hosts have their own budget, as in the executor
+//! (`max_unreachable`, default `max_failed`): the end of an unreachable host's
+//! claim counts it and halts the run as it crosses the limit, in one
+//! transaction. `max_unavailable` is kept in the database as well: one counter
+//! per capped group, raised by the claim that takes a host only while the group
+//! is under its cap and lowered when the host's claim ends (a failed host's after
+//! its rollback), so however many workers there are, no more of a group's hosts
+//! are in flight than its cap; a host waiting for a place is skipped, not waited
+//! for, as the executor's schedule does.
+//!
 //! Between waves the coordinator asks the gates the executor asks: the metric
 //! gate after its soak ([`crate::rollout::MetricGate::evaluate`]), then the
 //! playbook's closure. The rollbacks that follow a stop (`on_gate_fail:
@@ -84,9 +94,7 @@ pub enum FleetError {
 /// than ignoring it.
 fn check_supported(plan: &Plan) -> Result<(), FleetError> {
     let p = &plan.policy;
-    let what = if !p.max_unavailable.is_empty() {
-        Some("`max_unavailable`")
-    } else if (matches!(p.rollback, RollbackScope::All)
+    let what = if (matches!(p.rollback, RollbackScope::All)
         || matches!(p.on_gate_fail, GateFailAction::RollbackWave))
         && plan.targets.iter().any(|t| zone_of(&t.host).is_some())
     {
@@ -172,6 +180,10 @@ pub fn coordinate(
             allowed_failures: allowed,
         });
     }
+    // The limits every worker keeps, written (again, on a restart: the
+    // counters keep their counts) before any wave opens.
+    fleet::prepare(&mut client).map_err(&err)?;
+    fleet::set_limits(&mut client, &run, &limits_of(plan)).map_err(&err)?;
     fleet::listen(&mut client).map_err(&err)?;
     let waves: BTreeSet<usize> = fleet::claims(&mut client, &run)
         .map_err(&err)?
@@ -292,7 +304,13 @@ pub fn coordinate(
     let ctl = fleet::control(&mut client, &run)
         .map_err(&err)?
         .ok_or_else(|| FleetError::NotShared { run: run.clone() })?;
-    let stop = stop_reason(ctl.halt_reason.as_deref(), ctl.failed, ctl.max_failed);
+    let (unreachable, max_unreachable) =
+        fleet::unreachable_limit(&mut client, &run).map_err(&err)?;
+    let stop = stop_reason(
+        ctl.halt_reason.as_deref(),
+        (ctl.failed, ctl.max_failed),
+        (unreachable, max_unreachable.unwrap_or(ctl.max_failed)),
+    );
     let undone = undo_after_stop(c, &mut client, url, &run, plan, &stop, rollback, &event)?;
     let mut summary = summarize(c, &mut client, &ctl, url)?;
     for (host, result) in &undone {
@@ -301,8 +319,18 @@ pub fn coordinate(
         }
     }
     summary.rollback_order = undone.into_iter().map(|(h, _)| h).collect();
-    if let StopReason::BudgetExhausted { failures, allowed } = summary.stop {
-        event(RolloutEvent::BudgetExhausted { failures, allowed });
+    match summary.stop {
+        StopReason::BudgetExhausted { failures, allowed } => {
+            event(RolloutEvent::BudgetExhausted { failures, allowed });
+        }
+        StopReason::UnreachableBudgetExhausted {
+            unreachable,
+            allowed,
+        } => event(RolloutEvent::UnreachableBudgetExhausted {
+            unreachable,
+            allowed,
+        }),
+        _ => {}
     }
     event(RolloutEvent::RunDone {
         summary: summary.clone(),
@@ -406,6 +434,28 @@ fn undo_after_stop(
     }
     let _ = journal.flush();
     Ok(undone)
+}
+
+/// The policy's limits the database keeps for every worker: the unreachable
+/// budget (`max_unreachable`, default `max_failed`, as the executor counts it)
+/// and each `max_unavailable` cap with the run's hosts in its group.
+fn limits_of(plan: &Plan) -> fleet::Limits {
+    let caps = plan
+        .group_caps()
+        .iter()
+        .enumerate()
+        .map(|(g, (name, cap, _))| {
+            let hosts = (0..plan.total())
+                .filter(|&i| plan.capped_groups[i].contains(&g))
+                .map(|i| plan.host(i).name.clone())
+                .collect();
+            (name.clone(), *cap, hosts)
+        })
+        .collect();
+    fleet::Limits {
+        max_unreachable: plan.unreachable_budget(0).allowed(),
+        caps,
+    }
 }
 
 /// What the gates between two waves said.
@@ -520,7 +570,14 @@ fn summarize(
         .map(|j| j.state())
         .transpose()?
         .unwrap_or_default();
-    let stop = stop_reason(ctl.halt_reason.as_deref(), ctl.failed, ctl.max_failed);
+    let (unreachable, max_unreachable) =
+        fleet::unreachable_limit(client, &ctl.run).map_err(&err)?;
+    let allowed_unreachable = max_unreachable.unwrap_or(ctl.max_failed);
+    let stop = stop_reason(
+        ctl.halt_reason.as_deref(),
+        (ctl.failed, ctl.max_failed),
+        (unreachable, allowed_unreachable),
+    );
     let inventory = &c.session.runtime.inventory;
     let mut totals = Counts::default();
     let mut per_group: BTreeMap<String, Counts> = BTreeMap::new();
@@ -568,7 +625,7 @@ fn summarize(
     Ok(Summary {
         stop,
         allowed_failures: ctl.max_failed,
-        allowed_unreachable: ctl.max_failed,
+        allowed_unreachable,
         totals,
         per_group,
         hosts,
@@ -578,14 +635,22 @@ fn summarize(
 }
 
 /// The summary's stop reason from the control row's `halt_reason` (`budget`,
-/// `pilot:HOST`, `gate:WAVE:WHY`, `window:WAVE`, `operator`), none when the run
-/// finished.
-fn stop_reason(halt: Option<&str>, failed: usize, max_failed: usize) -> StopReason {
+/// `unreachable`, `pilot:HOST`, `gate:WAVE:WHY`, `window:WAVE`, `operator`),
+/// none when the run finished; the budgets are (count, allowed).
+fn stop_reason(
+    halt: Option<&str>,
+    (failed, max_failed): (usize, usize),
+    (unreachable, max_unreachable): (usize, usize),
+) -> StopReason {
     match halt {
         None => StopReason::Completed,
         Some("budget") => StopReason::BudgetExhausted {
             failures: failed,
             allowed: max_failed,
+        },
+        Some("unreachable") => StopReason::UnreachableBudgetExhausted {
+            unreachable,
+            allowed: max_unreachable,
         },
         Some(r) if r.starts_with("pilot:") => StopReason::PilotFailed {
             host: r["pilot:".len()..].to_string(),
@@ -698,12 +763,14 @@ fn claim_loop(
     fleet::listen(&mut client).map_err(&err)?;
     // Leases are renewed on a connection of their own, kept for the slot's life.
     let mut renewals = pg::connect(&spec.url)?;
+    fleet::prepare(&mut client).map_err(&err)?;
     let wait = POLL.min(spec.lease / 3);
     loop {
         if c.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match fleet::claim(&mut client, run, id, spec.zone.as_deref(), spec.lease).map_err(&err)? {
+        let claimed = fleet::claim_capped(&mut client, run, id, spec.zone.as_deref(), spec.lease);
+        match claimed.map_err(&err)? {
             Claimed::Over(_) => return Ok(()),
             Claimed::Nothing => {
                 fleet::wait_notice(&mut client, wait).map_err(&err)?;
@@ -808,7 +875,7 @@ fn run_claimed(
             reason: reason.clone(),
         });
         fleet::count_failure(client, run, name).map_err(&err)?;
-        fleet::end(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
+        fleet::end_claim(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
         return Ok(());
     };
     let rb = |cause| {
@@ -834,14 +901,14 @@ fn run_claimed(
     let history = journal.adopt_host(name)?;
     if attempts > 1 && history.finished {
         if !history.failed {
-            fleet::end(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
             return Ok(());
         }
         fleet::count_failure(client, run, name).map_err(&err)?;
         if !history.rolled_back {
             let _ = rb(RollbackCause::HostFailed);
         }
-        fleet::end(
+        fleet::end_claim(
             client,
             run,
             name,
@@ -880,7 +947,7 @@ fn run_claimed(
                 wave,
                 seconds: began.elapsed().as_secs_f64(),
             });
-            fleet::end(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
         }
         HostOutcome::Failed { reason } => {
             note(RolloutEvent::HostFailed {
@@ -892,7 +959,8 @@ fn run_claimed(
             // host's rollback is over.
             fleet::count_failure(client, run, name).map_err(&err)?;
             let _ = rb(RollbackCause::HostFailed);
-            fleet::end(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Failed, Some(&reason))
+                .map_err(&err)?;
         }
         HostOutcome::Unreachable { reason } => {
             note(RolloutEvent::HostUnreachable {
@@ -900,7 +968,7 @@ fn run_claimed(
                 wave,
                 reason: reason.clone(),
             });
-            fleet::end(
+            fleet::end_claim(
                 client,
                 run,
                 name,
@@ -970,32 +1038,42 @@ mod tests {
 
     #[test]
     fn a_halt_reason_reads_back_as_the_stop_the_executor_would_give() {
-        assert_eq!(stop_reason(None, 0, 3), StopReason::Completed);
+        assert_eq!(stop_reason(None, (0, 3), (0, 3)), StopReason::Completed);
         assert_eq!(
-            stop_reason(Some("budget"), 4, 3),
+            stop_reason(Some("budget"), (4, 3), (0, 3)),
             StopReason::BudgetExhausted {
                 failures: 4,
                 allowed: 3
             }
         );
         assert_eq!(
-            stop_reason(Some("pilot:web1"), 1, 3),
+            stop_reason(Some("pilot:web1"), (1, 3), (0, 3)),
             StopReason::PilotFailed {
                 host: "web1".into()
             }
         );
         assert_eq!(
-            stop_reason(Some("gate:1:error rate: 3 > 1"), 0, 3),
+            stop_reason(Some("gate:1:error rate: 3 > 1"), (0, 3), (0, 3)),
             StopReason::GateStopped {
                 after_wave: 1,
                 reason: "error rate: 3 > 1".into()
             }
         );
         assert_eq!(
-            stop_reason(Some("window:2"), 0, 3),
+            stop_reason(Some("window:2"), (0, 3), (0, 3)),
             StopReason::WindowClosing { before_wave: 2 }
         );
-        assert_eq!(stop_reason(Some("operator"), 0, 3), StopReason::Halted);
+        assert_eq!(
+            stop_reason(Some("unreachable"), (0, 3), (2, 1)),
+            StopReason::UnreachableBudgetExhausted {
+                unreachable: 2,
+                allowed: 1
+            }
+        );
+        assert_eq!(
+            stop_reason(Some("operator"), (0, 3), (0, 3)),
+            StopReason::Halted
+        );
     }
 
     #[test]
