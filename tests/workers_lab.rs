@@ -1208,3 +1208,66 @@ fn max_unavailable_caps_the_hosts_in_flight_across_every_worker() {
     ));
     assert!(workers.parse::<usize>().unwrap() >= 2, "{workers}");
 }
+
+/// A window open for ten more minutes, given as an explicit range.
+fn ten_minutes_left() -> String {
+    let now = chrono::Utc::now();
+    let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string();
+    format!(
+        "window(\"{}/{}\");",
+        fmt(now - chrono::Duration::minutes(1)),
+        fmt(now + chrono::Duration::minutes(10))
+    )
+}
+
+/// The coordinator starts a wave only if the executor's estimate of it fits
+/// what is left of the window: with `estimate: "1h"` and ten minutes left not
+/// even the pilot starts; with `estimate: "4m"` the pilot fits (one round), and
+/// the next wave's five hosts, which the estimate alone would put at twenty
+/// minutes, are judged by how long the pilot host really took, and run.
+#[test]
+fn a_wave_starts_only_if_its_estimate_fits_what_is_left_of_the_window() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-window-", &hosts, &[]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, estimate: "1h" }"#,
+        &ten_minutes_left(),
+    );
+    // No worker: the run halts before its first wave, so one would only wait
+    // for the next run.
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(60), "coordinator", &b);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+        )),
+        "halted|window:0"
+    );
+    let events = b.events(&run);
+    let closed = of_kind(&events, "window_closed");
+    assert_eq!(closed.len(), 1, "{events:?}");
+    assert_eq!(closed[0]["needed_seconds"], 3600.0);
+    let left = closed[0]["time_left_seconds"].as_f64().unwrap();
+    assert!(left > 500.0 && left <= 600.0, "{left}");
+    for h in &hosts {
+        assert_eq!(
+            installs(h),
+            0,
+            "{h} was patched outside the window's estimate"
+        );
+    }
+    drop(b);
+
+    let b = Bench::new("workers-window-fits-", &hosts, &[]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, estimate: "4m" }"#,
+        &ten_minutes_left(),
+    );
+    assert_eq!(b.run_with_workers(1), Some(0), "{}", b.logs());
+    assert_patched_once(&hosts);
+    let run = b.run_id();
+    assert!(of_kind(&b.events(&run), "window_closed").is_empty());
+}

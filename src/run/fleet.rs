@@ -40,6 +40,10 @@
 //! are in flight than its cap; a host waiting for a place is skipped, not waited
 //! for, as the executor's schedule does.
 //!
+//! Before each wave the window is checked as the executor checks it: the wave
+//! starts only if the time left is at least the wave's estimate plus the
+//! window's buffer ([`wave_estimate`] says how the estimate counts workers).
+//!
 //! Between waves the coordinator asks the gates the executor asks: the metric
 //! gate after its soak ([`crate::rollout::MetricGate::evaluate`]), then the
 //! playbook's closure. The rollbacks that follow a stop (`on_gate_fail:
@@ -125,8 +129,10 @@ pub fn zone_of(host: &Host) -> Option<String> {
 
 /// `run --workers external`: writes the plan's claims (once: a restarted
 /// coordinator finds them and carries on), opens each wave when the previous one
-/// is done and `gate` passes, halts outside the window or when asked to stop,
-/// and returns the summary once no host is in flight any more. Runs no host.
+/// is done and its gates pass, halts when a wave would not fit the window or
+/// when asked to stop, undoes what the policy says after a stop,
+/// and returns the summary once no host is in flight any more. Runs no host's
+/// work.
 pub fn coordinate(
     c: &RunControl,
     url: &str,
@@ -228,13 +234,15 @@ pub fn coordinate(
             }
         }
         if let Some(window) = c.window() {
-            let now = c.clock.now();
-            if !window.contains(now) {
+            let needed =
+                wave_estimate(c, &mut client, url, &run, plan, w)?.saturating_add(window.buffer);
+            let left = window.time_left(c.clock.now());
+            if left.is_zero() || left < needed {
                 fleet::halt(&mut client, &run, &format!("window:{w}")).map_err(&err)?;
                 event(RolloutEvent::WindowClosed {
                     before_wave: w,
-                    time_left_seconds: 0.0,
-                    needed_seconds: 0.0,
+                    time_left_seconds: left.as_secs_f64(),
+                    needed_seconds: needed.as_secs_f64(),
                 });
                 break;
             }
@@ -456,6 +464,55 @@ fn limits_of(plan: &Plan) -> fleet::Limits {
         max_unreachable: plan.unreachable_budget(0).allowed(),
         caps,
     }
+}
+
+/// How long wave `w`'s hosts that are left will take, as the executor
+/// estimates a wave: the longest host of this run so far (a claim's start to
+/// its end, on the database's clock, scaled to the run's clock), or the
+/// policy's `estimate` before any host ended, times the rounds the wave needs.
+/// The rounds divide the wave by the slots that have claimed hosts of this
+/// run so far (a worker's `parallel` slots each count), at least the policy's
+/// `parallel`: the coordinator cannot know how many workers will come, so it
+/// counts the ones it has seen, and errs towards stopping early.
+fn wave_estimate(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    w: usize,
+) -> Result<Duration, FleetError> {
+    let claims = fleet::claims(client, run).map_err(db(url))?;
+    let longest = claims
+        .iter()
+        .filter_map(|cl| Some(between(cl.started?, cl.ended?)))
+        .max();
+    let per_host = match longest {
+        // Real seconds to the run's clock (a sped-up clock in a rehearsal).
+        Some(real) => {
+            let hour = Duration::from_secs(3600);
+            let real_hour = c.clock.real_duration(hour).as_secs_f64();
+            if real_hour > 0.0 {
+                real.mul_f64(hour.as_secs_f64() / real_hour)
+            } else {
+                real
+            }
+        }
+        None => plan.policy.estimate,
+    };
+    let slots = claims
+        .iter()
+        .filter_map(|cl| cl.worker.as_deref())
+        .collect::<BTreeSet<_>>()
+        .len()
+        .max(plan.parallel)
+        .max(1);
+    let left = claims
+        .iter()
+        .filter(|cl| cl.wave == w && matches!(cl.state, ClaimState::Pending | ClaimState::Claimed))
+        .count();
+    let rounds = u32::try_from(left.div_ceil(slots)).unwrap_or(u32::MAX);
+    Ok(per_host.saturating_mul(rounds))
 }
 
 /// What the gates between two waves said.
