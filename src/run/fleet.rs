@@ -346,6 +346,9 @@ pub fn coordinate(
     Ok(summary)
 }
 
+/// A host the coordinator rolled back after a stop, and how that went.
+type Undone = (String, Result<(), String>);
+
 /// The rollbacks the executor does after a stop, done here by the coordinator:
 /// with `on_gate_fail: "rollback_wave"` the hosts the failed gate judged, then,
 /// with `rollback: "all"` after a stop for the budget, the pilot or a gate,
@@ -365,7 +368,7 @@ fn undo_after_stop(
     stop: &StopReason,
     rollback: &Rollback<'_>,
     event: &dyn Fn(RolloutEvent),
-) -> Result<Vec<(String, Result<(), String>)>, FleetError> {
+) -> Result<Vec<Undone>, FleetError> {
     let Some(journal) = c.session.run.journal.clone() else {
         return Ok(Vec::new());
     };
@@ -400,7 +403,7 @@ fn undo_after_stop(
             done.iter().map(|cl| cl.host.clone()).collect(),
         ));
     }
-    let mut undone: Vec<(String, Result<(), String>)> = Vec::new();
+    let mut undone: Vec<Undone> = Vec::new();
     for (cause, hosts) in passes {
         for name in hosts {
             if undone.iter().any(|(h, _)| *h == name) {
