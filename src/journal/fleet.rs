@@ -527,7 +527,7 @@ pub fn wait_notice(client: &mut Client, timeout: Duration) -> Result<bool, postg
 const LIMITS_SQL: &str = include_str!("../../migrations/0003_fleet_limits.sql");
 
 /// Any key the processes of a shared run agree on: [`prepare`] applies
-/// [`LIMITS_SQL`] under it, so two processes starting at once do not both.
+/// `LIMITS_SQL` under it, so two processes starting at once do not both.
 const LIMITS_LOCK: i64 = 0x7062_6c69_6d69_7473; // "pblimits"
 
 /// Brings the store up to the limits' schema (version 3) when it lacks it. The

@@ -42,7 +42,7 @@
 //!
 //! Before each wave the window is checked as the executor checks it: the wave
 //! starts only if the time left is at least the wave's estimate plus the
-//! window's buffer ([`wave_estimate`] says how the estimate counts workers).
+//! window's buffer (`wave_estimate` says how the estimate counts workers).
 //!
 //! Between waves the coordinator asks the gates the executor asks: the metric
 //! gate after its soak ([`crate::rollout::MetricGate::evaluate`]), then the
