@@ -1271,3 +1271,141 @@ fn a_wave_starts_only_if_its_estimate_fits_what_is_left_of_the_window() {
     let run = b.run_id();
     assert!(of_kind(&b.events(&run), "window_closed").is_empty());
 }
+
+/// The limits on the real server, without hosts: eight workers claiming at once
+/// get exactly the three places a `max_unavailable` cap of three gives, an
+/// ended claim frees one place for the next claim, and the second unreachable
+/// end of a run that tolerates one halts it, once.
+#[test]
+fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit() {
+    use patchbook::journal::fleet::{self, ClaimState, Claimed, Limits, NewClaim, NewControl};
+    use std::collections::BTreeMap;
+    let pg = PgServer::start();
+    let url = pg.url.clone();
+    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+    pg.psql("INSERT INTO runs (run, operator) VALUES ('r2', 'test')");
+    let hosts: Vec<String> = (0..20).map(|i| format!("h{i:02}")).collect();
+    fleet::create(
+        &mut client,
+        &NewControl {
+            run: "r2".into(),
+            playbook: "/p.rhai".into(),
+            playbook_sha256: "0".into(),
+            params: BTreeMap::new(),
+            waves: 1,
+            max_failed: 10,
+            parallel: 1,
+            window_spec: None,
+        },
+        &hosts
+            .iter()
+            .enumerate()
+            .map(|(position, h)| NewClaim {
+                host: h.clone(),
+                wave: 1,
+                position,
+                zone: None,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fleet::prepare(&mut client).unwrap();
+    let limits = Limits {
+        max_unreachable: 1,
+        caps: vec![("all".into(), 3, hosts.clone())],
+    };
+    fleet::set_limits(&mut client, "r2", &limits).unwrap();
+    // Set again, as a restarted coordinator does: nothing doubles.
+    fleet::set_limits(&mut client, "r2", &limits).unwrap();
+    fleet::open_wave(&mut client, "r2", 1).unwrap();
+
+    let claim = |c: &mut postgres::Client, w: &str| {
+        fleet::claim_capped(c, "r2", w, None, Duration::from_secs(30)).unwrap()
+    };
+    let got: Vec<Claimed> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let url = url.clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    claim(&mut c, &format!("w{w}"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let taken: Vec<(String, String)> = got
+        .iter()
+        .enumerate()
+        .filter_map(|(w, c)| match c {
+            Claimed::Host { host, .. } => Some((format!("w{w}"), host.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(taken.len(), 3, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|c| matches!(c, Claimed::Host { .. } | Claimed::Nothing)));
+    assert_eq!(
+        fleet::unavailable(&mut client, "r2").unwrap()["all"],
+        (3, 3)
+    );
+    assert_eq!(claim(&mut client, "late"), Claimed::Nothing);
+
+    // One end (unreachable, the first tolerated) frees one place.
+    let (w0, h0) = &taken[0];
+    let ended = fleet::end_claim(
+        &mut client,
+        "r2",
+        h0,
+        w0,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(
+        ended.mine && ended.unreachable == 1 && !ended.halted_now,
+        "{ended:?}"
+    );
+    assert!(matches!(claim(&mut client, "next"), Claimed::Host { .. }));
+    assert_eq!(claim(&mut client, "late"), Claimed::Nothing);
+    // The second unreachable end halts the run; ending it again changes nothing.
+    let (w1, h1) = &taken[1];
+    let ended = fleet::end_claim(
+        &mut client,
+        "r2",
+        h1,
+        w1,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(
+        ended.mine && ended.unreachable == 2 && ended.halted_now,
+        "{ended:?}"
+    );
+    let again = fleet::end_claim(
+        &mut client,
+        "r2",
+        h1,
+        w1,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(!again.mine && !again.halted_now, "{again:?}");
+    let ctl = fleet::control(&mut client, "r2").unwrap().unwrap();
+    assert_eq!(
+        (ctl.halt_reason.as_deref(), ctl.unreachable),
+        (Some("unreachable"), 2)
+    );
+    assert_eq!(
+        fleet::unreachable_limit(&mut client, "r2").unwrap(),
+        (2, Some(1))
+    );
+    assert!(matches!(claim(&mut client, "after"), Claimed::Over(_)));
+    assert_eq!(
+        fleet::unavailable(&mut client, "r2").unwrap()["all"],
+        (3, 2)
+    );
+}
