@@ -12,6 +12,9 @@
 //! a failure counted with `UPDATE … RETURNING` that halts the run as it crosses
 //! `max_failed`, and a lease renewal that fails once another worker took the host.
 //! Changes of the control row are announced with `NOTIFY patchbook_run`.
+//! The policy's limits a shared run keeps here (`max_unreachable`, the
+//! `max_unavailable` counters) are `migrations/0003_fleet_limits.sql`'s, applied
+//! by [`prepare`] and kept by [`claim_capped`] and [`end_claim`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
