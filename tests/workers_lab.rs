@@ -44,6 +44,20 @@ rollout(hosts(param("targets")), #{
 });
 "#;
 
+/// A playbook for the policy tests: `POLICY` (a Rhai map) and `EXTRA` (lines
+/// before the rollout) are replaced by each test.
+const POLICY_PLAY: &str = r#"
+import "patch/debian" as deb;
+let good = artifact(`${param("mirror")}/acme-agent_1.0.1_all.deb`, #{ sha256: param("sha_new") });
+let previous = artifact(`${param("mirror")}/acme-agent_1.0.0_all.deb`, #{ sha256: param("sha_old") });
+let slow = param("slow", "0");
+EXTRA
+rollout(hosts(param("targets")), POLICY, |host| {
+    if slow != "0" { probe(host, ["sleep", slow]); }
+    deb::patch(host, good, "acme-agent", "1.0.1", #{ rollback_to: previous, health: ["/opt/acme/agent.sh", "--check"] });
+});
+"#;
+
 fn fleet() -> &'static patchbook::lab::Fleet {
     shared_fleet(HOSTS)
 }
@@ -190,6 +204,201 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+impl Bench {
+    /// Replaces the bench's playbook with [`POLICY_PLAY`] under `policy`.
+    fn playbook(&self, policy: &str, extra: &str) {
+        std::fs::write(
+            self.dir.path().join("play.rhai"),
+            POLICY_PLAY
+                .replace("POLICY", policy)
+                .replace("EXTRA", extra),
+        )
+        .unwrap();
+    }
+
+    /// The run's rollout events, in journal order.
+    fn events(&self, run: &str) -> Vec<serde_json::Value> {
+        self.sql(&format!(
+            "SELECT line FROM records WHERE run = '{run}' AND kind = 'rollout.event' ORDER BY seq"
+        ))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["data"].clone())
+        .collect()
+    }
+
+    /// Starts the coordinator and `n` workers and waits for all of them; the
+    /// coordinator's exit code.
+    fn run_with_workers(&self, n: usize) -> Option<i32> {
+        let mut procs = Procs(Vec::new());
+        for i in 1..=n {
+            procs.0.push(self.worker(&format!("w{i}"), "10s"));
+        }
+        let mut coord = self.coordinator("coordinator", None);
+        let code = wait_exit(&mut coord, Duration::from_secs(240), "coordinator", self);
+        for w in &mut procs.0 {
+            assert_eq!(
+                wait_exit(w, Duration::from_secs(30), "worker", self),
+                Some(0),
+                "{}",
+                self.logs()
+            );
+        }
+        code
+    }
+}
+
+fn of_kind<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// `/metrics` with `acme_errors`: 3 once `watched` (a lab host's dpkg status
+/// file) shows acme-agent 1.0.1, 0 before.
+struct Exporter {
+    port: u16,
+    server: std::sync::Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Exporter {
+    fn start(watched: std::path::PathBuf) -> Exporter {
+        let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let port = server.server_addr().to_ip().unwrap().port();
+        let s = server.clone();
+        let thread = std::thread::spawn(move || {
+            for req in s.incoming_requests() {
+                let status = std::fs::read_to_string(&watched).unwrap_or_default();
+                let patched = patchbook::lab::status_version(&status, "acme-agent").as_deref()
+                    == Some("1.0.1");
+                let errors = if patched { 3 } else { 0 };
+                let body = format!("# TYPE acme_errors gauge\nacme_errors {errors}\n");
+                let _ = req.respond(tiny_http::Response::from_string(body));
+            }
+        });
+        Exporter {
+            port,
+            server,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A Prometheus of this test's own (Debian's, on loopback, its own config and
+/// data folder), scraping the exporter every second.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target_port: u16) -> Prometheus {
+        let bin = ["/usr/bin/prometheus", "/usr/sbin/prometheus"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("prometheus is missing: run `.ci/setup` as root");
+        let dir = tempfile::Builder::new()
+            .prefix("prometheus-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: acme\n    static_configs:\n      \
+                 - targets: ['127.0.0.1:{target_port}']\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // Dies with the test process, even if it is killed.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let p = Prometheus {
+            child: cmd.spawn().expect("prometheus starts"),
+            port,
+            _dir: dir,
+        };
+        p.wait_for("0");
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until Prometheus answers and has scraped `acme_errors` as `value`.
+    fn wait_for(&self, value: &str) {
+        let started = Instant::now();
+        loop {
+            let body: serde_json::Value = ureq::get(&format!("{}/api/v1/query", self.url()))
+                .query("query", "acme_errors")
+                .timeout(Duration::from_secs(1))
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok())
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            if body["data"]["result"][0]["value"][1] == value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "prometheus never scraped acme_errors {value}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gate's policy: pilot lab01, then lab02 alone (whose patch the exporter
+/// reports as errors), then the rest.
+fn gated_policy(prom: &Prometheus, extra: &str) -> String {
+    format!(
+        r#"#{{ pilot: ["lab01"], waves: [1, "100%"], parallel: 1, {extra}
+             gate: #{{ prometheus: "{}", query: "max(acme_errors)", max: 0, soak: "3s", timeout: "5s" }} }}"#,
+        prom.url()
+    )
 }
 
 fn wait_exit(child: &mut Child, limit: Duration, what: &str, bench: &Bench) -> Option<i32> {
@@ -740,5 +949,463 @@ fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
     assert_eq!(
         (ctl.phase, ctl.halt_reason.as_deref(), ctl.failed),
         (Phase::Halted, Some("budget"), 20)
+    );
+}
+
+/// The metric gate is asked between waves by the coordinator, after its soak,
+/// against a real Prometheus: it passes after the pilot, fails once lab02's
+/// patch shows in the metric, and the run stops there with no host of the next
+/// wave claimed and nothing rolled back (`on_gate_fail` defaults to stop).
+#[test]
+fn a_metric_gate_between_waves_stops_the_shared_run_when_the_metric_breaks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-gate-", &hosts, &[]);
+    let exporter = Exporter::start(fleet().host("lab02").unwrap().dir.join("dpkg/status"));
+    let prom = Prometheus::start(exporter.port);
+    b.playbook(&gated_policy(&prom, ""), "");
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+    ));
+    assert!(
+        control.starts_with("halted|gate:1:max(acme_errors): "),
+        "{control}"
+    );
+    let events = b.events(&run);
+    let gates = of_kind(&events, "gate_evaluated");
+    assert_eq!(gates.len(), 2, "{gates:?}");
+    assert_eq!(
+        (
+            &gates[0]["after_wave"],
+            &gates[0]["check"],
+            &gates[0]["passed"]
+        ),
+        (&0.into(), &"prometheus".into(), &true.into()),
+        "{}",
+        gates[0]
+    );
+    assert_eq!(gates[0]["soaked_seconds"], 3.0);
+    assert_eq!(
+        (
+            &gates[1]["after_wave"],
+            &gates[1]["passed"],
+            &gates[1]["value"]
+        ),
+        (&1.into(), &false.into(), &3.0.into()),
+        "{}",
+        gates[1]
+    );
+    assert_eq!(of_kind(&events, "soaking").len(), 2);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(summary["stop"]["kind"], "gate_stopped", "{summary}");
+    // Pilot and wave 1 patched and left so; wave 2 never opened.
+    assert_patched_once(&names(1..=2));
+    for h in names(3..=6) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the gate failed");
+    }
+    assert!(of_kind(&events, "rolled_back").is_empty());
+    assert_verifies(&b, &run);
+}
+
+/// `on_gate_fail: "rollback_wave"` and `rollback: "all"` on a shared run: the
+/// gate after lab02's wave fails, the run halts, and the coordinator undoes
+/// lab02 (the wave the gate judged) and then the pilot, newest first, with the
+/// rollback records `patchbook rollback RUN` writes; both hosts are back at
+/// 1.0.0 and the summary says reverted.
+#[test]
+fn a_failed_gate_rolls_the_wave_back_and_rollback_all_undoes_the_pilot_too() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-undo-", &hosts, &[]);
+    let exporter = Exporter::start(fleet().host("lab02").unwrap().dir.join("dpkg/status"));
+    let prom = Prometheus::start(exporter.port);
+    b.playbook(
+        &gated_policy(&prom, r#"on_gate_fail: "rollback_wave", rollback: "all","#),
+        "",
+    );
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let events = b.events(&run);
+    let undone: Vec<(String, String)> = of_kind(&events, "rolled_back")
+        .iter()
+        .map(|e| {
+            (
+                e["host"].as_str().unwrap().to_string(),
+                e["cause"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        undone,
+        [
+            ("lab02".to_string(), "gate_failed".to_string()),
+            ("lab01".to_string(), "run_stopped".to_string())
+        ],
+        "{}",
+        b.logs()
+    );
+    for h in ["lab01", "lab02"] {
+        assert_eq!(
+            fleet()
+                .installed_version(h, "acme-agent")
+                .unwrap()
+                .as_deref(),
+            Some("1.0.0"),
+            "{h} rolled back"
+        );
+    }
+    for h in names(3..=6) {
+        assert_eq!(installs(&h), 0, "{h} was patched after the gate failed");
+    }
+    let st = RunState::load_in(&b.store(), &run).unwrap();
+    assert!(st.hosts["lab01"].rolled_back && st.hosts["lab02"].rolled_back);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(
+        summary["rollback_order"],
+        serde_json::json!(["lab02", "lab01"])
+    );
+    assert_eq!(summary["totals"]["reverted"], 2, "{summary}");
+    assert_verifies(&b, &run);
+}
+
+/// Points the bench at a copy of the lab's inventory with `ghosts` first: hosts
+/// like lab01 whose port nothing listens on, so every connection is refused.
+fn with_ghosts(b: &Bench, ghosts: &[&str]) {
+    let lab_inventory = fleet().dir().join("inventory.toml");
+    let lab = std::fs::read_to_string(&lab_inventory).unwrap();
+    let lab01 = fleet().host("lab01").unwrap().connect_port();
+    let stanza: String = lab
+        .split("\n[hosts.")
+        .find(|s| s.starts_with("lab01]"))
+        .unwrap()
+        .to_string();
+    let mut inventory = String::new();
+    for g in ghosts {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        inventory.push_str(&format!(
+            "[hosts.{}\n",
+            stanza
+                .replacen("lab01]", &format!("{g}]"), 1)
+                .replace(&format!("port = {lab01}"), &format!("port = {dead}"))
+                .trim_end()
+        ));
+    }
+    inventory.push_str(&lab);
+    let ours = b.dir.path().join("inventory.toml");
+    std::fs::write(&ours, inventory).unwrap();
+    let cfg = b.dir.path().join("patchbook.toml");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        &lab_inventory.display().to_string(),
+        &ours.display().to_string(),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+}
+
+/// Unreachable hosts halt a shared run as the executor's `max_unreachable`
+/// says: with one tolerated, the second refused connection halts every worker,
+/// neither ghost is rolled back or counted as failed, and the hosts after them
+/// stay pending.
+#[test]
+fn the_unreachable_budget_halts_a_shared_run_at_its_limit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let mut targets = vec!["ghost01".to_string(), "ghost02".to_string()];
+    targets.extend(hosts.iter().cloned());
+    let b = Bench::new("workers-unreachable-", &hosts, &[]);
+    with_ghosts(&b, &["ghost01", "ghost02"]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, max_failed: 3, max_unreachable: 1 }"#,
+        "",
+    );
+    // The bench's targets, ghosts included.
+    let mut b = b;
+    let at = b
+        .params
+        .iter()
+        .position(|p| p.starts_with("targets="))
+        .unwrap();
+    b.params[at] = format!("targets={}", targets.join(":"));
+    let code = b.run_with_workers(2);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    let control = b.sql(&format!(
+        "SELECT state, halt_reason, unreachable, max_unreachable, failed FROM run_control WHERE run = '{run}'"
+    ));
+    assert_eq!(control, "halted|unreachable|2|1|0", "{}", b.logs());
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT host FROM host_claims WHERE run = '{run}' AND state = 'unreachable' ORDER BY host"
+        )),
+        "ghost01\nghost02"
+    );
+    let events = b.events(&run);
+    let summary = &of_kind(&events, "run_done")[0]["summary"];
+    assert_eq!(
+        summary["stop"],
+        serde_json::json!({"kind": "unreachable_budget_exhausted", "unreachable": 2, "allowed": 1}),
+        "{summary}"
+    );
+    assert_eq!(summary["allowed_unreachable"], 1);
+    assert_eq!(of_kind(&events, "unreachable_budget_exhausted").len(), 1);
+    assert!(of_kind(&events, "rolled_back").is_empty());
+    // Two workers of one slot each: at most two hosts started after the ghosts.
+    let pending: usize = b
+        .sql(&format!(
+            "SELECT count(*) FROM host_claims WHERE run = '{run}' AND state = 'pending'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(pending >= 3, "{pending} hosts left pending\n{}", b.logs());
+    for h in &hosts {
+        assert!(installs(h) <= 1, "{h}");
+    }
+    assert_verifies(&b, &run);
+}
+
+/// `max_unavailable` across workers, decided in the database: three workers of
+/// two slots each could run six hosts at once, the cap lets two; the claims'
+/// own times show two at once and never three, and every counter is back at
+/// zero when the run is over.
+#[test]
+fn max_unavailable_caps_the_hosts_in_flight_across_every_worker() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=8);
+    let b = Bench::new("workers-unavailable-", &hosts, &[("slow", "1")]);
+    b.playbook(
+        r#"#{ waves: ["100%"], parallel: 2, max_unavailable: #{ all: 2 } }"#,
+        "",
+    );
+    let code = b.run_with_workers(3);
+    assert_eq!(code, Some(0), "{}", b.logs());
+    let run = b.run_id();
+    assert_patched_once(&hosts);
+    // Hosts in flight when each host was claimed, itself included (a host
+    // ending in the same instant as another's claim is not counted twice).
+    let most = b.sql(&format!(
+        "SELECT max(n) FROM (
+             SELECT count(*) AS n FROM host_claims a JOIN host_claims o
+               ON o.run = a.run AND o.started <= a.started
+              AND o.ended > a.started + interval '100 milliseconds'
+             WHERE a.run = '{run}' GROUP BY a.host) x"
+    ));
+    assert_eq!(most, "2", "{}", b.logs());
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT grp, cap, in_flight FROM run_unavailable WHERE run = '{run}'"
+        )),
+        "all|2|0"
+    );
+    let workers = b.sql(&format!(
+        "SELECT count(DISTINCT worker) FROM host_claims WHERE run = '{run}'"
+    ));
+    assert!(workers.parse::<usize>().unwrap() >= 2, "{workers}");
+}
+
+/// A window open for ten more minutes, given as an explicit range.
+fn ten_minutes_left() -> String {
+    let now = chrono::Utc::now();
+    let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string();
+    format!(
+        "window(\"{}/{}\");",
+        fmt(now - chrono::Duration::minutes(1)),
+        fmt(now + chrono::Duration::minutes(10))
+    )
+}
+
+/// The coordinator starts a wave only if the executor's estimate of it fits
+/// what is left of the window: with `estimate: "1h"` and ten minutes left not
+/// even the pilot starts; with `estimate: "4m"` the pilot fits (one round), and
+/// the next wave's five hosts, which the estimate alone would put at twenty
+/// minutes, are judged by how long the pilot host really took, and run.
+#[test]
+fn a_wave_starts_only_if_its_estimate_fits_what_is_left_of_the_window() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hosts = names(1..=6);
+    let b = Bench::new("workers-window-", &hosts, &[]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, estimate: "1h" }"#,
+        &ten_minutes_left(),
+    );
+    // No worker: the run halts before its first wave, so one would only wait
+    // for the next run.
+    let mut coord = b.coordinator("coordinator", None);
+    let code = wait_exit(&mut coord, Duration::from_secs(60), "coordinator", &b);
+    assert_eq!(code, Some(1), "{}", b.logs());
+    let run = b.run_id();
+    assert_eq!(
+        b.sql(&format!(
+            "SELECT state, halt_reason FROM run_control WHERE run = '{run}'"
+        )),
+        "halted|window:0"
+    );
+    let events = b.events(&run);
+    let closed = of_kind(&events, "window_closed");
+    assert_eq!(closed.len(), 1, "{events:?}");
+    assert_eq!(closed[0]["needed_seconds"], 3600.0);
+    let left = closed[0]["time_left_seconds"].as_f64().unwrap();
+    assert!(left > 500.0 && left <= 600.0, "{left}");
+    for h in &hosts {
+        assert_eq!(
+            installs(h),
+            0,
+            "{h} was patched outside the window's estimate"
+        );
+    }
+    drop(b);
+
+    let b = Bench::new("workers-window-fits-", &hosts, &[]);
+    b.playbook(
+        r#"#{ pilot: ["lab01"], waves: ["100%"], parallel: 1, estimate: "4m" }"#,
+        &ten_minutes_left(),
+    );
+    assert_eq!(b.run_with_workers(1), Some(0), "{}", b.logs());
+    assert_patched_once(&hosts);
+    let run = b.run_id();
+    assert!(of_kind(&b.events(&run), "window_closed").is_empty());
+}
+
+/// The limits on the real server, without hosts: eight workers claiming at once
+/// get exactly the three places a `max_unavailable` cap of three gives, an
+/// ended claim frees one place for the next claim, and the second unreachable
+/// end of a run that tolerates one halts it, once.
+#[test]
+fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit() {
+    use patchbook::journal::fleet::{self, ClaimState, Claimed, Limits, NewClaim, NewControl};
+    use std::collections::BTreeMap;
+    let pg = PgServer::start();
+    let url = pg.url.clone();
+    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+    pg.psql("INSERT INTO runs (run, operator) VALUES ('r2', 'test')");
+    let hosts: Vec<String> = (0..20).map(|i| format!("h{i:02}")).collect();
+    fleet::create(
+        &mut client,
+        &NewControl {
+            run: "r2".into(),
+            playbook: "/p.rhai".into(),
+            playbook_sha256: "0".into(),
+            params: BTreeMap::new(),
+            waves: 1,
+            max_failed: 10,
+            parallel: 1,
+            window_spec: None,
+        },
+        &hosts
+            .iter()
+            .enumerate()
+            .map(|(position, h)| NewClaim {
+                host: h.clone(),
+                wave: 1,
+                position,
+                zone: None,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fleet::prepare(&mut client).unwrap();
+    let limits = Limits {
+        max_unreachable: 1,
+        caps: vec![("all".into(), 3, hosts.clone())],
+    };
+    fleet::set_limits(&mut client, "r2", &limits).unwrap();
+    // Set again, as a restarted coordinator does: nothing doubles.
+    fleet::set_limits(&mut client, "r2", &limits).unwrap();
+    fleet::open_wave(&mut client, "r2", 1).unwrap();
+
+    let claim = |c: &mut postgres::Client, w: &str| {
+        fleet::claim_capped(c, "r2", w, None, Duration::from_secs(30)).unwrap()
+    };
+    let got: Vec<Claimed> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let url = url.clone();
+                s.spawn(move || {
+                    let mut c = patchbook::journal::pg::connect(&url).unwrap();
+                    claim(&mut c, &format!("w{w}"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let taken: Vec<(String, String)> = got
+        .iter()
+        .enumerate()
+        .filter_map(|(w, c)| match c {
+            Claimed::Host { host, .. } => Some((format!("w{w}"), host.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(taken.len(), 3, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|c| matches!(c, Claimed::Host { .. } | Claimed::Nothing)));
+    assert_eq!(
+        fleet::unavailable(&mut client, "r2").unwrap()["all"],
+        (3, 3)
+    );
+    assert_eq!(claim(&mut client, "late"), Claimed::Nothing);
+
+    // One end (unreachable, the first tolerated) frees one place.
+    let (w0, h0) = &taken[0];
+    let ended = fleet::end_claim(
+        &mut client,
+        "r2",
+        h0,
+        w0,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(
+        ended.mine && ended.unreachable == 1 && !ended.halted_now,
+        "{ended:?}"
+    );
+    assert!(matches!(claim(&mut client, "next"), Claimed::Host { .. }));
+    assert_eq!(claim(&mut client, "late"), Claimed::Nothing);
+    // The second unreachable end halts the run; ending it again changes nothing.
+    let (w1, h1) = &taken[1];
+    let ended = fleet::end_claim(
+        &mut client,
+        "r2",
+        h1,
+        w1,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(
+        ended.mine && ended.unreachable == 2 && ended.halted_now,
+        "{ended:?}"
+    );
+    let again = fleet::end_claim(
+        &mut client,
+        "r2",
+        h1,
+        w1,
+        ClaimState::Unreachable,
+        Some("refused"),
+    )
+    .unwrap();
+    assert!(!again.mine && !again.halted_now, "{again:?}");
+    let ctl = fleet::control(&mut client, "r2").unwrap().unwrap();
+    assert_eq!(
+        (ctl.halt_reason.as_deref(), ctl.unreachable),
+        (Some("unreachable"), 2)
+    );
+    assert_eq!(
+        fleet::unreachable_limit(&mut client, "r2").unwrap(),
+        (2, Some(1))
+    );
+    assert!(matches!(claim(&mut client, "after"), Claimed::Over(_)));
+    assert_eq!(
+        fleet::unavailable(&mut client, "r2").unwrap()["all"],
+        (3, 2)
     );
 }

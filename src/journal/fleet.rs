@@ -12,6 +12,9 @@
 //! a failure counted with `UPDATE … RETURNING` that halts the run as it crosses
 //! `max_failed`, and a lease renewal that fails once another worker took the host.
 //! Changes of the control row are announced with `NOTIFY patchbook_run`.
+//! The policy's limits a shared run keeps here (`max_unreachable`, the
+//! `max_unavailable` counters) are `migrations/0003_fleet_limits.sql`'s, applied
+//! by [`prepare`] and kept by [`claim_capped`] and [`end_claim`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -520,4 +523,246 @@ pub fn wait_notice(client: &mut Client, timeout: Duration) -> Result<bool, postg
         got = true;
     }
     Ok(got)
+}
+
+/// `migrations/0003_fleet_limits.sql`: the limits a shared run keeps in the
+/// database (`max_unreachable`, the `max_unavailable` counters).
+const LIMITS_SQL: &str = include_str!("../../migrations/0003_fleet_limits.sql");
+
+/// Any key the processes of a shared run agree on: [`prepare`] applies
+/// `LIMITS_SQL` under it, so two processes starting at once do not both.
+const LIMITS_LOCK: i64 = 0x7062_6c69_6d69_7473; // "pblimits"
+
+/// Brings the store up to the limits' schema (version 3) when it lacks it. The
+/// file is idempotent, so it can join the versioned migrations later; until then
+/// the coordinator and every worker call this once before using the limits.
+pub fn prepare(client: &mut Client) -> Result<(), postgres::Error> {
+    let have = |c: &mut Client| -> Result<bool, postgres::Error> {
+        Ok(c.query_opt(
+            "SELECT 1 FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'host_claims'
+               AND column_name = 'capped_groups'",
+            &[],
+        )?
+        .is_some())
+    };
+    // The common case takes no lock: ALTER TABLE would wait for every claim.
+    if have(client)? {
+        return Ok(());
+    }
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LIMITS_LOCK])?;
+    tx.batch_execute(LIMITS_SQL)?;
+    tx.commit()
+}
+
+/// The policy's limits for a shared run, as the coordinator writes them.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Unreachable hosts tolerated: the run halts at `max_unreachable + 1`.
+    pub max_unreachable: usize,
+    /// `max_unavailable`: (group, cap, the run's hosts in that group).
+    pub caps: Vec<(String, usize, Vec<String>)>,
+}
+
+/// Writes a run's limits (after [`create`], before the first wave opens). Safe
+/// to repeat (a restarted coordinator): counters already there keep their count.
+pub fn set_limits(client: &mut Client, run: &str, limits: &Limits) -> Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "UPDATE run_control SET max_unreachable = $2 WHERE run = $1",
+        &[&run, &to_i32(limits.max_unreachable)],
+    )?;
+    for (group, cap, hosts) in &limits.caps {
+        tx.execute(
+            "INSERT INTO run_unavailable (run, grp, cap) VALUES ($1, $2, $3)
+             ON CONFLICT (run, grp) DO UPDATE SET cap = excluded.cap",
+            &[&run, group, &to_i32(*cap)],
+        )?;
+        tx.execute(
+            "UPDATE host_claims SET capped_groups = array_append(capped_groups, $2)
+             WHERE run = $1 AND host = ANY($3) AND NOT ($2 = ANY(capped_groups))",
+            &[&run, group, hosts],
+        )?;
+    }
+    tx.commit()
+}
+
+/// A run's unreachable count and limit (`None`: the run has none).
+pub fn unreachable_limit(
+    client: &mut Client,
+    run: &str,
+) -> Result<(usize, Option<usize>), postgres::Error> {
+    let row = client.query_one(
+        "SELECT unreachable, max_unreachable FROM run_control WHERE run = $1",
+        &[&run],
+    )?;
+    Ok((
+        to_usize(row.get(0)),
+        row.get::<_, Option<i32>>(1).map(to_usize),
+    ))
+}
+
+/// Each capped group's (cap, hosts in flight) now, by group.
+pub fn unavailable(
+    client: &mut Client,
+    run: &str,
+) -> Result<BTreeMap<String, (usize, usize)>, postgres::Error> {
+    let rows = client.query(
+        "SELECT grp, cap, in_flight FROM run_unavailable WHERE run = $1",
+        &[&run],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (to_usize(r.get(1)), to_usize(r.get(2)))))
+        .collect())
+}
+
+/// [`claim`] under the run's `max_unavailable` caps: a pending host is taken
+/// only if every capped group it is in has room, and taking it raises those
+/// groups' counts in the same transaction (`UPDATE … RETURNING`, whose
+/// `in_flight < cap` is checked again on the row it locks, so two workers racing
+/// for a group's last place get one place between them). A host whose lease ran
+/// out keeps the place its dead worker took. Nothing is taken when the open
+/// wave's hosts that are left all wait for a place; the end of a claim frees one
+/// and notifies.
+pub fn claim_capped(
+    client: &mut Client,
+    run: &str,
+    worker: &str,
+    zone: Option<&str>,
+    lease: Duration,
+) -> Result<Claimed, postgres::Error> {
+    let mut tx = client.transaction()?;
+    let row = tx.query_opt(
+        "SELECT state, open_wave FROM run_control WHERE run = $1 FOR SHARE",
+        &[&run],
+    )?;
+    let Some(row) = row else {
+        return Ok(Claimed::Over(Phase::Finished));
+    };
+    let phase = Phase::parse(row.get::<_, &str>(0));
+    if phase != Phase::Running {
+        return Ok(Claimed::Over(phase));
+    }
+    let open: i32 = row.get(1);
+    if open < 0 {
+        return Ok(Claimed::Nothing);
+    }
+    let found = tx.query_opt(
+        "SELECT c.host, c.state, c.capped_groups FROM host_claims c
+         WHERE c.run = $1 AND c.wave = $2
+           AND (c.state = 'pending' OR (c.state = 'claimed' AND c.lease_until < now()))
+           AND (c.zone IS NULL OR c.zone = $3)
+           AND (c.state = 'claimed' OR NOT EXISTS (
+                SELECT 1 FROM run_unavailable u
+                WHERE u.run = c.run AND u.grp = ANY(c.capped_groups) AND u.in_flight >= u.cap))
+         ORDER BY c.position
+         LIMIT 1
+         FOR UPDATE OF c SKIP LOCKED",
+        &[&run, &open, &zone],
+    )?;
+    let Some(found) = found else {
+        return Ok(Claimed::Nothing);
+    };
+    let host: String = found.get(0);
+    let state: String = found.get(1);
+    let groups: Vec<String> = found.get(2);
+    if state == "pending" && !groups.is_empty() {
+        let raised = tx
+            .query(
+                "UPDATE run_unavailable SET in_flight = in_flight + 1
+                 WHERE run = $1 AND grp = ANY($2) AND in_flight < cap
+                 RETURNING grp",
+                &[&run, &groups],
+            )?
+            .len();
+        if raised < groups.len() {
+            // Another worker took a group's last place meanwhile.
+            tx.rollback()?;
+            return Ok(Claimed::Nothing);
+        }
+    }
+    let row = tx.query_one(
+        "UPDATE host_claims
+         SET state = 'claimed', worker = $3, lease_until = now() + make_interval(secs => $4),
+             attempts = attempts + 1, started = coalesce(started, now())
+         WHERE run = $1 AND host = $2
+         RETURNING attempts",
+        &[&run, &host, &worker, &seconds(lease)],
+    )?;
+    tx.commit()?;
+    Ok(Claimed::Host {
+        host,
+        wave: to_usize(open),
+        attempts: to_usize(row.get(0)),
+    })
+}
+
+/// What ending a claim with [`end_claim`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The host was still the worker's (its claim is ended now).
+    pub mine: bool,
+    /// An unreachable end: the run's unreachable count after it.
+    pub unreachable: usize,
+    /// This unreachable host halted the run (it was `max_unreachable + 1`).
+    pub halted_now: bool,
+}
+
+/// [`end`], and in the same transaction: the host's place under its groups'
+/// `max_unavailable` caps is given back, and an unreachable host is counted
+/// against `max_unreachable` by one `UPDATE … RETURNING` that halts the run as
+/// it crosses the limit (as [`count_failure`] does for failures).
+pub fn end_claim(
+    client: &mut Client,
+    run: &str,
+    host: &str,
+    worker: &str,
+    state: ClaimState,
+    reason: Option<&str>,
+) -> Result<Ended, postgres::Error> {
+    let mut tx = client.transaction()?;
+    let row = tx.query_opt(
+        "UPDATE host_claims SET state = $4, reason = $5, ended = now(), lease_until = NULL
+         WHERE run = $1 AND host = $2 AND worker = $3 AND state = 'claimed'
+         RETURNING capped_groups",
+        &[&run, &host, &worker, &state.as_str(), &reason],
+    )?;
+    let mut ended = Ended {
+        mine: row.is_some(),
+        unreachable: 0,
+        halted_now: false,
+    };
+    if let Some(row) = row {
+        let groups: Vec<String> = row.get(0);
+        if !groups.is_empty() {
+            tx.execute(
+                "UPDATE run_unavailable SET in_flight = greatest(in_flight - 1, 0)
+                 WHERE run = $1 AND grp = ANY($2)",
+                &[&run, &groups],
+            )?;
+        }
+        if state == ClaimState::Unreachable {
+            let r = tx.query_one(
+                "UPDATE run_control SET
+                     unreachable = unreachable + 1,
+                     halt_reason = CASE WHEN state = 'running' AND unreachable + 1 > max_unreachable
+                                        THEN 'unreachable' ELSE halt_reason END,
+                     state = CASE WHEN state = 'running' AND unreachable + 1 > max_unreachable
+                                  THEN 'halted' ELSE state END,
+                     updated = now()
+                 WHERE run = $1
+                 RETURNING unreachable, max_unreachable",
+                &[&run],
+            )?;
+            ended.unreachable = to_usize(r.get(0));
+            ended.halted_now = r
+                .get::<_, Option<i32>>(1)
+                .is_some_and(|m| ended.unreachable == to_usize(m) + 1);
+        }
+    }
+    notify(&mut tx, run)?;
+    tx.commit()?;
+    Ok(ended)
 }

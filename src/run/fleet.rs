@@ -29,6 +29,32 @@
 //! already claimed finish (and a failed one is rolled back by the worker that ran
 //! it): failures ≤ max_failed + hosts in flight, where hosts in flight ≤ workers ×
 //! the policy's `parallel` (each worker runs that many hosts at once).
+//!
+//! Unreachable hosts have their own budget, as in the executor
+//! (`max_unreachable`, default `max_failed`): the end of an unreachable host's
+//! claim counts it and halts the run as it crosses the limit, in one
+//! transaction. `max_unavailable` is kept in the database as well: one counter
+//! per capped group, raised by the claim that takes a host only while the group
+//! is under its cap and lowered when the host's claim ends (a failed host's after
+//! its rollback), so however many workers there are, no more of a group's hosts
+//! are in flight than its cap; a host waiting for a place is skipped, not waited
+//! for, as the executor's schedule does.
+//!
+//! Before each wave the window is checked as the executor checks it: the wave
+//! starts only if the time left is at least the wave's estimate plus the
+//! window's buffer (`wave_estimate` says how the estimate counts workers).
+//!
+//! Between waves the coordinator asks the gates the executor asks: the metric
+//! gate after its soak ([`crate::rollout::MetricGate::evaluate`]), then the
+//! playbook's closure. The rollbacks that follow a stop (`on_gate_fail:
+//! "rollback_wave"`, `rollback: "all"`) run on the coordinator, not on workers:
+//! the executor runs them on its own thread, one host at a time, newest first,
+//! once no host is in flight, with the same rollback closure that
+//! `patchbook rollback RUN` and a failed host's worker call, so doing them here
+//! keeps one code path and one order, needs no claim states for undo work, and
+//! works when every worker has already left the halted run. The cost: the
+//! coordinator must reach those hosts, so a policy that asks for them with
+//! hosts pinned to zones is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,10 +65,12 @@ use chrono::Utc;
 
 use super::{RunControl, WorkerSpec};
 use crate::inventory::Host;
-use crate::journal::entry::{Counts, Entry, HostReport, HostStatus, RollbackCause};
+use crate::journal::entry::{Counts, Entry, GateVerdict, HostReport, HostStatus, RollbackCause};
 use crate::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
 use crate::journal::{pg, JournalError};
+use crate::rollout::clock::between;
 use crate::rollout::policy::RollbackScope;
+use crate::rollout::window::after;
 use crate::rollout::{
     GateFailAction, HostContext, HostOutcome, Plan, RollbackContext, RolloutEvent, StopReason,
     Summary, WaveKind,
@@ -70,14 +98,13 @@ pub enum FleetError {
 /// than ignoring it.
 fn check_supported(plan: &Plan) -> Result<(), FleetError> {
     let p = &plan.policy;
-    let what = if p.gate.is_some() {
-        Some("metric `gate`")
-    } else if !p.max_unavailable.is_empty() {
-        Some("`max_unavailable`")
-    } else if matches!(p.rollback, RollbackScope::All) {
-        Some("`rollback: \"all\"`")
-    } else if matches!(p.on_gate_fail, GateFailAction::RollbackWave) {
-        Some("`on_gate_fail: \"rollback_wave\"`")
+    let what = if (matches!(p.rollback, RollbackScope::All)
+        || matches!(p.on_gate_fail, GateFailAction::RollbackWave))
+        && plan.targets.iter().any(|t| zone_of(&t.host).is_some())
+    {
+        // The coordinator undoes those hosts itself, and a zone is pinned
+        // because not every process reaches it.
+        Some("`rollback: \"all\"` or `on_gate_fail: \"rollback_wave\"` with hosts pinned to a zone")
     } else {
         None
     };
@@ -102,14 +129,17 @@ pub fn zone_of(host: &Host) -> Option<String> {
 
 /// `run --workers external`: writes the plan's claims (once: a restarted
 /// coordinator finds them and carries on), opens each wave when the previous one
-/// is done and `gate` passes, halts outside the window or when asked to stop,
-/// and returns the summary once no host is in flight any more. Runs no host.
+/// is done and its gates pass, halts when a wave would not fit the window or
+/// when asked to stop, undoes what the policy says after a stop,
+/// and returns the summary once no host is in flight any more. Runs no host's
+/// work.
 pub fn coordinate(
     c: &RunControl,
     url: &str,
     plan: &Plan,
     playbook_sha256: &str,
-    gate: &dyn Fn(usize) -> Result<bool, String>,
+    gate: Option<&dyn Fn(usize) -> Result<bool, String>>,
+    rollback: &Rollback<'_>,
     targets: &[String],
 ) -> Result<Summary, FleetError> {
     let session = &c.session;
@@ -156,6 +186,10 @@ pub fn coordinate(
             allowed_failures: allowed,
         });
     }
+    // The limits every worker keeps, written (again, on a restart: the
+    // counters keep their counts) before any wave opens.
+    fleet::prepare(&mut client).map_err(&err)?;
+    fleet::set_limits(&mut client, &run, &limits_of(plan)).map_err(&err)?;
     fleet::listen(&mut client).map_err(&err)?;
     let waves: BTreeSet<usize> = fleet::claims(&mut client, &run)
         .map_err(&err)?
@@ -184,10 +218,10 @@ pub fn coordinate(
             c.clock.sleep(plan.policy.pause);
         }
         if ran_before && !reopening {
-            let verdict = match gate(w - 1) {
-                Ok(true) => None,
-                Ok(false) => Some("the gate returned false".to_string()),
-                Err(e) => Some(e),
+            let verdict = match ask_gates(c, &mut client, url, &run, plan, gate, w - 1, &event)? {
+                Gates::Passed => None,
+                Gates::Failed(reason) => Some(reason),
+                Gates::Halted => break,
             };
             if let Some(reason) = verdict {
                 fleet::halt(&mut client, &run, &format!("gate:{}:{reason}", w - 1))
@@ -200,13 +234,15 @@ pub fn coordinate(
             }
         }
         if let Some(window) = c.window() {
-            let now = c.clock.now();
-            if !window.contains(now) {
+            let needed =
+                wave_estimate(c, &mut client, url, &run, plan, w)?.saturating_add(window.buffer);
+            let left = window.time_left(c.clock.now());
+            if left.is_zero() || left < needed {
                 fleet::halt(&mut client, &run, &format!("window:{w}")).map_err(&err)?;
                 event(RolloutEvent::WindowClosed {
                     before_wave: w,
-                    time_left_seconds: 0.0,
-                    needed_seconds: 0.0,
+                    time_left_seconds: left.as_secs_f64(),
+                    needed_seconds: needed.as_secs_f64(),
                 });
                 break;
             }
@@ -276,14 +312,305 @@ pub fn coordinate(
     let ctl = fleet::control(&mut client, &run)
         .map_err(&err)?
         .ok_or_else(|| FleetError::NotShared { run: run.clone() })?;
-    let summary = summarize(c, &mut client, &ctl, url)?;
-    if let StopReason::BudgetExhausted { failures, allowed } = summary.stop {
-        event(RolloutEvent::BudgetExhausted { failures, allowed });
+    let (unreachable, max_unreachable) =
+        fleet::unreachable_limit(&mut client, &run).map_err(&err)?;
+    let stop = stop_reason(
+        ctl.halt_reason.as_deref(),
+        (ctl.failed, ctl.max_failed),
+        (unreachable, max_unreachable.unwrap_or(ctl.max_failed)),
+    );
+    let undone = undo_after_stop(c, &mut client, url, &run, plan, &stop, rollback, &event)?;
+    let mut summary = summarize(c, &mut client, &ctl, url)?;
+    for (host, result) in &undone {
+        if let (Err(e), Some(h)) = (result, summary.hosts.iter_mut().find(|h| &h.name == host)) {
+            h.rollback_error = Some(e.clone());
+        }
+    }
+    summary.rollback_order = undone.into_iter().map(|(h, _)| h).collect();
+    match summary.stop {
+        StopReason::BudgetExhausted { failures, allowed } => {
+            event(RolloutEvent::BudgetExhausted { failures, allowed });
+        }
+        StopReason::UnreachableBudgetExhausted {
+            unreachable,
+            allowed,
+        } => event(RolloutEvent::UnreachableBudgetExhausted {
+            unreachable,
+            allowed,
+        }),
+        _ => {}
     }
     event(RolloutEvent::RunDone {
         summary: summary.clone(),
     });
     Ok(summary)
+}
+
+/// A host the coordinator rolled back after a stop, and how that went.
+type Undone = (String, Result<(), String>);
+
+/// The rollbacks the executor does after a stop, done here by the coordinator:
+/// with `on_gate_fail: "rollback_wave"` the hosts the failed gate judged, then,
+/// with `rollback: "all"` after a stop for the budget, the pilot or a gate,
+/// every host still patched; each newest first by when its claim ended. The
+/// undo is `rollback`, the same closure the executor and `patchbook rollback
+/// RUN` call, so its records (`host.rollback`, undo steps) are theirs; the host's
+/// records, written by workers, are read first ([`crate::journal::Journal::adopt_host`]),
+/// and a host already rolled back (a coordinator restarted mid-way) is skipped.
+/// Returns each host undone, in order, with its result.
+#[allow(clippy::too_many_arguments)]
+fn undo_after_stop(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    stop: &StopReason,
+    rollback: &Rollback<'_>,
+    event: &dyn Fn(RolloutEvent),
+) -> Result<Vec<Undone>, FleetError> {
+    let Some(journal) = c.session.run.journal.clone() else {
+        return Ok(Vec::new());
+    };
+    let mut done: Vec<fleet::Claim> = fleet::claims(client, run)
+        .map_err(db(url))?
+        .into_iter()
+        .filter(|cl| cl.state == ClaimState::Done)
+        .collect();
+    done.sort_by(|a, b| b.ended.cmp(&a.ended).then_with(|| b.host.cmp(&a.host)));
+    let mut passes: Vec<(RollbackCause, Vec<String>)> = Vec::new();
+    if let (StopReason::GateStopped { after_wave, .. }, GateFailAction::RollbackWave) =
+        (stop, plan.policy.on_gate_fail)
+    {
+        let wave = done
+            .iter()
+            .filter(|cl| cl.wave == *after_wave)
+            .map(|cl| cl.host.clone())
+            .collect();
+        passes.push((RollbackCause::GateFailed, wave));
+    }
+    let undo_all = plan.policy.rollback == RollbackScope::All
+        && matches!(
+            stop,
+            StopReason::BudgetExhausted { .. }
+                | StopReason::UnreachableBudgetExhausted { .. }
+                | StopReason::PilotFailed { .. }
+                | StopReason::GateStopped { .. }
+        );
+    if undo_all {
+        passes.push((
+            RollbackCause::RunStopped,
+            done.iter().map(|cl| cl.host.clone()).collect(),
+        ));
+    }
+    let mut undone: Vec<Undone> = Vec::new();
+    for (cause, hosts) in passes {
+        for name in hosts {
+            if undone.iter().any(|(h, _)| *h == name) {
+                continue;
+            }
+            if journal.adopt_host(&name)?.rolled_back {
+                continue;
+            }
+            let Some(host) = c.session.runtime.inventory.host(&name).cloned() else {
+                let error = format!("{name} is not in the coordinator's inventory");
+                event(RolloutEvent::RollbackFailed {
+                    host: name.clone(),
+                    cause,
+                    error: error.clone(),
+                });
+                undone.push((name, Err(error)));
+                continue;
+            };
+            let rc = RollbackContext {
+                cause,
+                clock: c.clock.clone(),
+            };
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rollback(&host, &rc)))
+                    .unwrap_or_else(|_| Err("the host's rollback panicked".to_string()));
+            match &result {
+                Ok(()) => event(RolloutEvent::RolledBack {
+                    host: name.clone(),
+                    cause,
+                }),
+                Err(e) => event(RolloutEvent::RollbackFailed {
+                    host: name.clone(),
+                    cause,
+                    error: e.clone(),
+                }),
+            }
+            undone.push((name, result));
+        }
+    }
+    let _ = journal.flush();
+    Ok(undone)
+}
+
+/// The policy's limits the database keeps for every worker: the unreachable
+/// budget (`max_unreachable`, default `max_failed`, as the executor counts it)
+/// and each `max_unavailable` cap with the run's hosts in its group.
+fn limits_of(plan: &Plan) -> fleet::Limits {
+    let caps = plan
+        .group_caps()
+        .iter()
+        .enumerate()
+        .map(|(g, (name, cap, _))| {
+            let hosts = (0..plan.total())
+                .filter(|&i| plan.capped_groups[i].contains(&g))
+                .map(|i| plan.host(i).name.clone())
+                .collect();
+            (name.clone(), *cap, hosts)
+        })
+        .collect();
+    fleet::Limits {
+        max_unreachable: plan.unreachable_budget(0).allowed(),
+        caps,
+    }
+}
+
+/// How long wave `w`'s hosts that are left will take, as the executor
+/// estimates a wave: the longest host of this run so far (a claim's start to
+/// its end, on the database's clock, scaled to the run's clock), or the
+/// policy's `estimate` before any host ended, times the rounds the wave needs.
+/// The rounds divide the wave by the slots that have claimed hosts of this
+/// run so far (a worker's `parallel` slots each count), at least the policy's
+/// `parallel`: the coordinator cannot know how many workers will come, so it
+/// counts the ones it has seen, and errs towards stopping early.
+fn wave_estimate(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    w: usize,
+) -> Result<Duration, FleetError> {
+    let claims = fleet::claims(client, run).map_err(db(url))?;
+    let longest = claims
+        .iter()
+        .filter_map(|cl| Some(between(cl.started?, cl.ended?)))
+        .max();
+    let per_host = match longest {
+        // Real seconds to the run's clock (a sped-up clock in a rehearsal).
+        Some(real) => {
+            let hour = Duration::from_secs(3600);
+            let real_hour = c.clock.real_duration(hour).as_secs_f64();
+            if real_hour > 0.0 {
+                real.mul_f64(hour.as_secs_f64() / real_hour)
+            } else {
+                real
+            }
+        }
+        None => plan.policy.estimate,
+    };
+    let slots = claims
+        .iter()
+        .filter_map(|cl| cl.worker.as_deref())
+        .collect::<BTreeSet<_>>()
+        .len()
+        .max(plan.parallel)
+        .max(1);
+    let left = claims
+        .iter()
+        .filter(|cl| cl.wave == w && matches!(cl.state, ClaimState::Pending | ClaimState::Claimed))
+        .count();
+    let rounds = u32::try_from(left.div_ceil(slots)).unwrap_or(u32::MAX);
+    Ok(per_host.saturating_mul(rounds))
+}
+
+/// What the gates between two waves said.
+enum Gates {
+    Passed,
+    Failed(String),
+    /// The run was halted (an operator's stop, the budget) during the soak.
+    Halted,
+}
+
+/// The gates after `after_wave`, as the executor asks them: the metric gate's
+/// soak (watching for a halt) and evaluation ([`crate::rollout::MetricGate`]),
+/// then, if it passed, the playbook's closure gate; each answer is a
+/// `GateEvaluated` event. The first "no" is the reason the run stops.
+#[allow(clippy::too_many_arguments)]
+fn ask_gates(
+    c: &RunControl,
+    client: &mut postgres::Client,
+    url: &str,
+    run: &str,
+    plan: &Plan,
+    closure: Option<&dyn Fn(usize) -> Result<bool, String>>,
+    after_wave: usize,
+    event: &dyn Fn(RolloutEvent),
+) -> Result<Gates, FleetError> {
+    let err = db(url);
+    let soak = plan
+        .policy
+        .gate
+        .as_ref()
+        .map(|g| g.soak)
+        .filter(|s| !s.is_zero());
+    if let Some(soak) = soak {
+        event(RolloutEvent::Soaking {
+            after_wave,
+            seconds: soak.as_secs_f64(),
+        });
+        // On the run's clock, in short real slices: a halt ends the soak within
+        // a quarter second (an operator's stop) or one look at the database.
+        let end = after(c.clock.now(), soak);
+        loop {
+            if c.stop.load(Ordering::SeqCst) {
+                fleet::halt(client, run, "operator").map_err(&err)?;
+            }
+            let phase = fleet::control(client, run)
+                .map_err(&err)?
+                .map_or(Phase::Halted, |x| x.phase);
+            if phase != Phase::Running {
+                return Ok(Gates::Halted);
+            }
+            let left = between(c.clock.now(), end);
+            if left.is_zero() {
+                break;
+            }
+            let real = c.clock.real_duration(left).as_secs_f64();
+            let slice = if real > 0.25 {
+                left.mul_f64(0.25 / real)
+            } else {
+                left
+            };
+            c.clock.sleep(slice);
+        }
+    }
+    let soaked = soak.unwrap_or(Duration::ZERO);
+    if let Some(g) = &plan.policy.gate {
+        let verdict = g.evaluate(after_wave, soaked);
+        let failed = (!verdict.passed).then(|| format!("{}: {}", g.query, verdict.detail));
+        event(RolloutEvent::GateEvaluated(verdict));
+        if let Some(reason) = failed {
+            return Ok(Gates::Failed(reason));
+        }
+    }
+    let Some(closure) = closure else {
+        return Ok(Gates::Passed);
+    };
+    let (passed, detail) = match closure(after_wave) {
+        Ok(true) => (true, "the gate returned true".to_string()),
+        Ok(false) => (false, "the gate returned false".to_string()),
+        Err(e) => (false, format!("the gate failed: {e}")),
+    };
+    event(RolloutEvent::GateEvaluated(GateVerdict {
+        after_wave,
+        check: "closure".into(),
+        query: None,
+        bounds: None,
+        value: None,
+        passed,
+        detail: detail.clone(),
+        soaked_seconds: soaked.as_secs_f64(),
+    }));
+    Ok(if passed {
+        Gates::Passed
+    } else {
+        Gates::Failed(detail)
+    })
 }
 
 /// The summary of a shared run from its claims and its hosts' records.
@@ -303,7 +630,14 @@ fn summarize(
         .map(|j| j.state())
         .transpose()?
         .unwrap_or_default();
-    let stop = stop_reason(ctl.halt_reason.as_deref(), ctl.failed, ctl.max_failed);
+    let (unreachable, max_unreachable) =
+        fleet::unreachable_limit(client, &ctl.run).map_err(&err)?;
+    let allowed_unreachable = max_unreachable.unwrap_or(ctl.max_failed);
+    let stop = stop_reason(
+        ctl.halt_reason.as_deref(),
+        (ctl.failed, ctl.max_failed),
+        (unreachable, allowed_unreachable),
+    );
     let inventory = &c.session.runtime.inventory;
     let mut totals = Counts::default();
     let mut per_group: BTreeMap<String, Counts> = BTreeMap::new();
@@ -314,6 +648,9 @@ fn summarize(
         let rolled_back = history.is_some_and(|h| h.rolled_back);
         let status = match cl.state {
             ClaimState::Pending | ClaimState::Claimed => HostStatus::Pending,
+            // Patched, then undone after the run stopped (a failed gate,
+            // `rollback: "all"`).
+            ClaimState::Done if rolled_back => HostStatus::Reverted,
             ClaimState::Done => HostStatus::Done,
             ClaimState::Failed => HostStatus::Failed,
             ClaimState::Unreachable => HostStatus::Unreachable,
@@ -348,7 +685,7 @@ fn summarize(
     Ok(Summary {
         stop,
         allowed_failures: ctl.max_failed,
-        allowed_unreachable: ctl.max_failed,
+        allowed_unreachable,
         totals,
         per_group,
         hosts,
@@ -358,14 +695,22 @@ fn summarize(
 }
 
 /// The summary's stop reason from the control row's `halt_reason` (`budget`,
-/// `pilot:HOST`, `gate:WAVE:WHY`, `window:WAVE`, `operator`), none when the run
-/// finished.
-fn stop_reason(halt: Option<&str>, failed: usize, max_failed: usize) -> StopReason {
+/// `unreachable`, `pilot:HOST`, `gate:WAVE:WHY`, `window:WAVE`, `operator`),
+/// none when the run finished; the budgets are (count, allowed).
+fn stop_reason(
+    halt: Option<&str>,
+    (failed, max_failed): (usize, usize),
+    (unreachable, max_unreachable): (usize, usize),
+) -> StopReason {
     match halt {
         None => StopReason::Completed,
         Some("budget") => StopReason::BudgetExhausted {
             failures: failed,
             allowed: max_failed,
+        },
+        Some("unreachable") => StopReason::UnreachableBudgetExhausted {
+            unreachable,
+            allowed: max_unreachable,
         },
         Some(r) if r.starts_with("pilot:") => StopReason::PilotFailed {
             host: r["pilot:".len()..].to_string(),
@@ -478,12 +823,14 @@ fn claim_loop(
     fleet::listen(&mut client).map_err(&err)?;
     // Leases are renewed on a connection of their own, kept for the slot's life.
     let mut renewals = pg::connect(&spec.url)?;
+    fleet::prepare(&mut client).map_err(&err)?;
     let wait = POLL.min(spec.lease / 3);
     loop {
         if c.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match fleet::claim(&mut client, run, id, spec.zone.as_deref(), spec.lease).map_err(&err)? {
+        let claimed = fleet::claim_capped(&mut client, run, id, spec.zone.as_deref(), spec.lease);
+        match claimed.map_err(&err)? {
             Claimed::Over(_) => return Ok(()),
             Claimed::Nothing => {
                 fleet::wait_notice(&mut client, wait).map_err(&err)?;
@@ -588,7 +935,7 @@ fn run_claimed(
             reason: reason.clone(),
         });
         fleet::count_failure(client, run, name).map_err(&err)?;
-        fleet::end(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
+        fleet::end_claim(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
         return Ok(());
     };
     let rb = |cause| {
@@ -614,14 +961,14 @@ fn run_claimed(
     let history = journal.adopt_host(name)?;
     if attempts > 1 && history.finished {
         if !history.failed {
-            fleet::end(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
             return Ok(());
         }
         fleet::count_failure(client, run, name).map_err(&err)?;
         if !history.rolled_back {
             let _ = rb(RollbackCause::HostFailed);
         }
-        fleet::end(
+        fleet::end_claim(
             client,
             run,
             name,
@@ -660,7 +1007,7 @@ fn run_claimed(
                 wave,
                 seconds: began.elapsed().as_secs_f64(),
             });
-            fleet::end(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
         }
         HostOutcome::Failed { reason } => {
             note(RolloutEvent::HostFailed {
@@ -672,7 +1019,8 @@ fn run_claimed(
             // host's rollback is over.
             fleet::count_failure(client, run, name).map_err(&err)?;
             let _ = rb(RollbackCause::HostFailed);
-            fleet::end(client, run, name, id, ClaimState::Failed, Some(&reason)).map_err(&err)?;
+            fleet::end_claim(client, run, name, id, ClaimState::Failed, Some(&reason))
+                .map_err(&err)?;
         }
         HostOutcome::Unreachable { reason } => {
             note(RolloutEvent::HostUnreachable {
@@ -680,7 +1028,7 @@ fn run_claimed(
                 wave,
                 reason: reason.clone(),
             });
-            fleet::end(
+            fleet::end_claim(
                 client,
                 run,
                 name,
@@ -750,32 +1098,42 @@ mod tests {
 
     #[test]
     fn a_halt_reason_reads_back_as_the_stop_the_executor_would_give() {
-        assert_eq!(stop_reason(None, 0, 3), StopReason::Completed);
+        assert_eq!(stop_reason(None, (0, 3), (0, 3)), StopReason::Completed);
         assert_eq!(
-            stop_reason(Some("budget"), 4, 3),
+            stop_reason(Some("budget"), (4, 3), (0, 3)),
             StopReason::BudgetExhausted {
                 failures: 4,
                 allowed: 3
             }
         );
         assert_eq!(
-            stop_reason(Some("pilot:web1"), 1, 3),
+            stop_reason(Some("pilot:web1"), (1, 3), (0, 3)),
             StopReason::PilotFailed {
                 host: "web1".into()
             }
         );
         assert_eq!(
-            stop_reason(Some("gate:1:error rate: 3 > 1"), 0, 3),
+            stop_reason(Some("gate:1:error rate: 3 > 1"), (0, 3), (0, 3)),
             StopReason::GateStopped {
                 after_wave: 1,
                 reason: "error rate: 3 > 1".into()
             }
         );
         assert_eq!(
-            stop_reason(Some("window:2"), 0, 3),
+            stop_reason(Some("window:2"), (0, 3), (0, 3)),
             StopReason::WindowClosing { before_wave: 2 }
         );
-        assert_eq!(stop_reason(Some("operator"), 0, 3), StopReason::Halted);
+        assert_eq!(
+            stop_reason(Some("unreachable"), (0, 3), (2, 1)),
+            StopReason::UnreachableBudgetExhausted {
+                unreachable: 2,
+                allowed: 1
+            }
+        );
+        assert_eq!(
+            stop_reason(Some("operator"), (0, 3), (0, 3)),
+            StopReason::Halted
+        );
     }
 
     #[test]

@@ -747,8 +747,7 @@ fn rollout(
     let summary = match c.fleet() {
         None => ex.run(work, rollback).map_err(|e| e.to_string()),
         Some(FleetRole::Coordinator { url }) => {
-            let ask = |after: usize| -> Result<bool, String> {
-                let _ = after;
+            let ask = |_after: usize| -> Result<bool, String> {
                 match &gate {
                     None => Ok(true),
                     Some(g) => {
@@ -762,8 +761,11 @@ fn rollout(
                     }
                 }
             };
+            let closure_gate: Option<&dyn Fn(usize) -> Result<bool, String>> =
+                gate.is_some().then_some(&ask);
             let sha = sources.map(|p| p.sha256.clone()).unwrap_or_default();
-            fleet::coordinate(c, url, &plan, &sha, &ask, &names).map_err(|e| e.to_string())
+            fleet::coordinate(c, url, &plan, &sha, closure_gate, &rollback, &names)
+                .map_err(|e| e.to_string())
         }
         Some(FleetRole::Worker(spec)) => {
             let served = fleet::serve(
