@@ -5,10 +5,6 @@
 -- `max_unavailable`: one row per capped group with the hosts of the group in
 -- flight, raised by the claim that takes a host (only if it stays within the
 -- cap) and lowered by the end of that host's claim.
---
--- Every statement is idempotent: `run --workers external` and `patchbook worker`
--- apply this file themselves (`journal::fleet::prepare`) until it is listed
--- with the store's versioned migrations, and listing it then is harmless.
 
 -- NULL: no unreachable limit (runs begun before this version).
 ALTER TABLE run_control ADD COLUMN IF NOT EXISTS max_unreachable integer;

@@ -1309,7 +1309,6 @@ fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit(
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    fleet::prepare(&mut client).unwrap();
     let limits = Limits {
         max_unreachable: 1,
         caps: vec![("all".into(), 3, hosts.clone())],

@@ -13,8 +13,8 @@
 //! `max_failed`, and a lease renewal that fails once another worker took the host.
 //! Changes of the control row are announced with `NOTIFY patchbook_run`.
 //! The policy's limits a shared run keeps here (`max_unreachable`, the
-//! `max_unavailable` counters) are `migrations/0003_fleet_limits.sql`'s, applied
-//! by [`prepare`] and kept by [`claim_capped`] and [`end_claim`].
+//! `max_unavailable` counters) are `migrations/0003_fleet_limits.sql`'s, kept by
+//! [`claim_capped`] and [`end_claim`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -523,37 +523,6 @@ pub fn wait_notice(client: &mut Client, timeout: Duration) -> Result<bool, postg
         got = true;
     }
     Ok(got)
-}
-
-/// `migrations/0003_fleet_limits.sql`: the limits a shared run keeps in the
-/// database (`max_unreachable`, the `max_unavailable` counters).
-const LIMITS_SQL: &str = include_str!("../../migrations/0003_fleet_limits.sql");
-
-/// Any key the processes of a shared run agree on: [`prepare`] applies
-/// `LIMITS_SQL` under it, so two processes starting at once do not both.
-const LIMITS_LOCK: i64 = 0x7062_6c69_6d69_7473; // "pblimits"
-
-/// Brings the store up to the limits' schema (version 3) when it lacks it. The
-/// file is idempotent, so it can join the versioned migrations later; until then
-/// the coordinator and every worker call this once before using the limits.
-pub fn prepare(client: &mut Client) -> Result<(), postgres::Error> {
-    let have = |c: &mut Client| -> Result<bool, postgres::Error> {
-        Ok(c.query_opt(
-            "SELECT 1 FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = 'host_claims'
-               AND column_name = 'capped_groups'",
-            &[],
-        )?
-        .is_some())
-    };
-    // The common case takes no lock: ALTER TABLE would wait for every claim.
-    if have(client)? {
-        return Ok(());
-    }
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LIMITS_LOCK])?;
-    tx.batch_execute(LIMITS_SQL)?;
-    tx.commit()
 }
 
 /// The policy's limits for a shared run, as the coordinator writes them.

@@ -13,6 +13,7 @@ use super::JournalError;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_workers.sql")),
+    (3, include_str!("../../migrations/0003_fleet_limits.sql")),
 ];
 
 /// Any key two patchbook processes agree on: migrations run under this advisory

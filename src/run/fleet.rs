@@ -188,7 +188,6 @@ pub fn coordinate(
     }
     // The limits every worker keeps, written (again, on a restart: the
     // counters keep their counts) before any wave opens.
-    fleet::prepare(&mut client).map_err(&err)?;
     fleet::set_limits(&mut client, &run, &limits_of(plan)).map_err(&err)?;
     fleet::listen(&mut client).map_err(&err)?;
     let waves: BTreeSet<usize> = fleet::claims(&mut client, &run)
@@ -823,7 +822,6 @@ fn claim_loop(
     fleet::listen(&mut client).map_err(&err)?;
     // Leases are renewed on a connection of their own, kept for the slot's life.
     let mut renewals = pg::connect(&spec.url)?;
-    fleet::prepare(&mut client).map_err(&err)?;
     let wait = POLL.min(spec.lease / 3);
     loop {
         if c.stop.load(Ordering::SeqCst) {
