@@ -940,10 +940,11 @@ fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
     // A host's failure counts once, whoever reports it again.
     let again = fleet::count_failure(&mut client, "r1", all[0]).unwrap();
     assert!(again.already && again.failed == 20 && !again.halted_now);
-    // After the halt no claim is granted, though 20 hosts are pending.
+    // After the halt no claim is granted, though 20 hosts are pending; the 40
+    // hosts still in flight (live leases) keep a worker waiting, not leaving.
     assert_eq!(
         fleet::claim(&mut client, "r1", "late", None, Duration::from_secs(30)).unwrap(),
-        Claimed::Over(Phase::Halted)
+        Claimed::Nothing
     );
     let ctl = fleet::control(&mut client, "r1").unwrap().unwrap();
     assert_eq!(
@@ -1319,7 +1320,7 @@ fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit(
     fleet::open_wave(&mut client, "r2", 1).unwrap();
 
     let claim = |c: &mut postgres::Client, w: &str| {
-        fleet::claim_capped(c, "r2", w, None, Duration::from_secs(30)).unwrap()
+        fleet::claim(c, "r2", w, None, Duration::from_secs(30)).unwrap()
     };
     let got: Vec<Claimed> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -1402,9 +1403,86 @@ fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit(
         fleet::unreachable_limit(&mut client, "r2").unwrap(),
         (2, Some(1))
     );
-    assert!(matches!(claim(&mut client, "after"), Claimed::Over(_)));
+    // Halted, with hosts still in flight: nothing to take, nothing to leave for.
+    assert_eq!(claim(&mut client, "after"), Claimed::Nothing);
     assert_eq!(
         fleet::unavailable(&mut client, "r2").unwrap()["all"],
         (3, 2)
+    );
+}
+
+#[test]
+fn after_a_halt_a_dead_workers_host_is_taken_over_and_no_pending_host_starts() {
+    use patchbook::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
+    use std::collections::BTreeMap;
+    let pg = PgServer::start();
+    let mut client = patchbook::journal::pg::connect(&pg.url).unwrap();
+    pg.psql("INSERT INTO runs (run, operator) VALUES ('r3', 'test')");
+    let hosts: Vec<String> = (0..4).map(|i| format!("h{i}")).collect();
+    fleet::create(
+        &mut client,
+        &NewControl {
+            run: "r3".into(),
+            playbook: "/p.rhai".into(),
+            playbook_sha256: "0".into(),
+            params: BTreeMap::new(),
+            waves: 1,
+            max_failed: 0,
+            parallel: 1,
+            window_spec: None,
+        },
+        &hosts
+            .iter()
+            .enumerate()
+            .map(|(position, h)| NewClaim {
+                host: h.clone(),
+                wave: 1,
+                position,
+                zone: None,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fleet::open_wave(&mut client, "r3", 1).unwrap();
+    let claim = |c: &mut postgres::Client, worker: &str, lease: u64| {
+        fleet::claim(c, "r3", worker, None, Duration::from_secs(lease)).unwrap()
+    };
+    // Two workers each hold a host; the run halts; one of them dies.
+    let Claimed::Host { host: dead, .. } = claim(&mut client, "dead", 1) else {
+        panic!("no host for the first worker")
+    };
+    let Claimed::Host { host: live, .. } = claim(&mut client, "live", 60) else {
+        panic!("no host for the second worker")
+    };
+    assert!(fleet::halt(&mut client, "r3", "stop").unwrap());
+    // While the dead worker's lease runs, a third worker gets nothing, and no
+    // pending host, but does not leave either: hosts are still in flight.
+    assert_eq!(claim(&mut client, "late", 30), Claimed::Nothing);
+    std::thread::sleep(Duration::from_millis(1300));
+    match claim(&mut client, "late", 30) {
+        Claimed::Host { host, attempts, .. } => {
+            assert_eq!(host, dead);
+            assert_eq!(attempts, 2);
+        }
+        other => panic!("the dead worker's host was not taken over: {other:?}"),
+    }
+    assert_eq!(claim(&mut client, "late", 30), Claimed::Nothing);
+    assert!(
+        fleet::end_claim(&mut client, "r3", &dead, "late", ClaimState::Done, None)
+            .unwrap()
+            .mine
+    );
+    assert!(
+        fleet::end_claim(&mut client, "r3", &live, "live", ClaimState::Done, None)
+            .unwrap()
+            .mine
+    );
+    // Nothing in flight: the halted run is over for every worker, and the two
+    // hosts never claimed stay pending.
+    assert_eq!(claim(&mut client, "late", 30), Claimed::Over(Phase::Halted));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM host_claims WHERE run = 'r3' AND state = 'pending'")
+            .trim(),
+        "2"
     );
 }

@@ -14,7 +14,7 @@
 //! Changes of the control row are announced with `NOTIFY patchbook_run`.
 //! The policy's limits a shared run keeps here (`max_unreachable`, the
 //! `max_unavailable` counters) are `migrations/0003_fleet_limits.sql`'s, kept by
-//! [`claim_capped`] and [`end_claim`].
+//! [`claim`] and [`end_claim`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -303,64 +303,6 @@ pub fn finish(client: &mut Client, run: &str) -> Result<(), postgres::Error> {
     tx.commit()
 }
 
-/// Takes the next host of the open wave for `worker`: a pending one, or one whose
-/// lease ran out (its worker died). With `zone`, hosts of that zone or of none;
-/// without, hosts of no zone only. The control row is read `FOR SHARE`, so a
-/// halt that commits before this claim is seen, and one that comes after waits
-/// for it: a host is either claimed before the halt (in flight) or not at all.
-pub fn claim(
-    client: &mut Client,
-    run: &str,
-    worker: &str,
-    zone: Option<&str>,
-    lease: Duration,
-) -> Result<Claimed, postgres::Error> {
-    let mut tx = client.transaction()?;
-    let row = tx.query_opt(
-        "SELECT state, open_wave FROM run_control WHERE run = $1 FOR SHARE",
-        &[&run],
-    )?;
-    let Some(row) = row else {
-        return Ok(Claimed::Over(Phase::Finished));
-    };
-    let phase = Phase::parse(row.get::<_, &str>(0));
-    if phase != Phase::Running {
-        return Ok(Claimed::Over(phase));
-    }
-    let open: i32 = row.get(1);
-    if open < 0 {
-        return Ok(Claimed::Nothing);
-    }
-    let found = tx.query_opt(
-        "SELECT host FROM host_claims
-         WHERE run = $1 AND wave = $2
-           AND (state = 'pending' OR (state = 'claimed' AND lease_until < now()))
-           AND (zone IS NULL OR zone = $3)
-         ORDER BY position
-         LIMIT 1
-         FOR UPDATE SKIP LOCKED",
-        &[&run, &open, &zone],
-    )?;
-    let Some(found) = found else {
-        return Ok(Claimed::Nothing);
-    };
-    let host: String = found.get(0);
-    let row = tx.query_one(
-        "UPDATE host_claims
-         SET state = 'claimed', worker = $3, lease_until = now() + make_interval(secs => $4),
-             attempts = attempts + 1, started = coalesce(started, now())
-         WHERE run = $1 AND host = $2
-         RETURNING attempts",
-        &[&run, &host, &worker, &seconds(lease)],
-    )?;
-    tx.commit()?;
-    Ok(Claimed::Host {
-        host,
-        wave: to_usize(open),
-        attempts: to_usize(row.get(0)),
-    })
-}
-
 /// Extends `worker`'s lease on `host`; `false` when the host is no longer the
 /// worker's (its lease ran out and another worker took it, or it ended).
 pub fn renew(
@@ -424,33 +366,6 @@ pub fn count_failure(
         halted_now,
         already: !first,
     })
-}
-
-/// Ends `worker`'s claim on `host` as `state` (done, failed, unreachable);
-/// `false` when the host was no longer the worker's.
-pub fn end(
-    client: &mut Client,
-    run: &str,
-    host: &str,
-    worker: &str,
-    state: ClaimState,
-    reason: Option<&str>,
-) -> Result<bool, postgres::Error> {
-    let mut tx = client.transaction()?;
-    let n = tx.execute(
-        "UPDATE host_claims SET state = $4, reason = $5, ended = now(), lease_until = NULL
-         WHERE run = $1 AND host = $2 AND worker = $3 AND state = 'claimed'",
-        &[&run, &host, &worker, &state.as_str(), &reason],
-    )?;
-    if n == 1 && state == ClaimState::Unreachable {
-        tx.execute(
-            "UPDATE run_control SET unreachable = unreachable + 1 WHERE run = $1",
-            &[&run],
-        )?;
-    }
-    notify(&mut tx, run)?;
-    tx.commit()?;
-    Ok(n == 1)
 }
 
 /// Every claim of a run, in wave and run order.
@@ -587,7 +502,19 @@ pub fn unavailable(
         .collect())
 }
 
-/// [`claim`] under the run's `max_unavailable` caps: a pending host is taken
+/// Takes the next host of the open wave for `worker`: a pending one, or one whose
+/// lease ran out (its worker died). With `zone`, hosts of that zone or of none;
+/// without, hosts of no zone only. The control row is read `FOR SHARE`, so a
+/// halt that commits before this claim is seen, and one that comes after waits
+/// for it: a host is either claimed before the halt (in flight) or not at all.
+///
+/// Once the run is halted, no pending host is taken, but a host whose worker died
+/// in flight still is, in whichever wave, once its lease runs out: it finishes
+/// (or is rolled back) as the other hosts in flight at the halt do, and the
+/// coordinator, which waits for every host in flight, is not left waiting on a
+/// dead worker. [`Claimed::Over`] comes only when no host is in flight.
+///
+/// The run's `max_unavailable` caps: a pending host is taken
 /// only if every capped group it is in has room, and taking it raises those
 /// groups' counts in the same transaction (`UPDATE … RETURNING`, whose
 /// `in_flight < cap` is checked again on the row it locks, so two workers racing
@@ -595,7 +522,7 @@ pub fn unavailable(
 /// out keeps the place its dead worker took. Nothing is taken when the open
 /// wave's hosts that are left all wait for a place; the end of a claim frees one
 /// and notifies.
-pub fn claim_capped(
+pub fn claim(
     client: &mut Client,
     run: &str,
     worker: &str,
@@ -611,6 +538,9 @@ pub fn claim_capped(
         return Ok(Claimed::Over(Phase::Finished));
     };
     let phase = Phase::parse(row.get::<_, &str>(0));
+    if phase == Phase::Halted {
+        return take_over_after_halt(tx, run, worker, zone, lease);
+    }
     if phase != Phase::Running {
         return Ok(Claimed::Over(phase));
     }
@@ -668,6 +598,53 @@ pub fn claim_capped(
     })
 }
 
+/// [`claim`] on a halted run: a host in flight whose lease ran out (its worker
+/// died), any wave, or `Over` once no host is in flight at all.
+fn take_over_after_halt(
+    mut tx: postgres::Transaction<'_>,
+    run: &str,
+    worker: &str,
+    zone: Option<&str>,
+    lease: Duration,
+) -> Result<Claimed, postgres::Error> {
+    let found = tx.query_opt(
+        "SELECT host, wave FROM host_claims
+         WHERE run = $1 AND state = 'claimed' AND lease_until < now()
+           AND (zone IS NULL OR zone = $2)
+         ORDER BY wave, position
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED",
+        &[&run, &zone],
+    )?;
+    let Some(found) = found else {
+        let left = tx.query_one(
+            "SELECT EXISTS (SELECT 1 FROM host_claims WHERE run = $1 AND state = 'claimed')",
+            &[&run],
+        )?;
+        return Ok(if left.get::<_, bool>(0) {
+            Claimed::Nothing
+        } else {
+            Claimed::Over(Phase::Halted)
+        });
+    };
+    let host: String = found.get(0);
+    let wave: i32 = found.get(1);
+    let row = tx.query_one(
+        "UPDATE host_claims
+         SET worker = $3, lease_until = now() + make_interval(secs => $4),
+             attempts = attempts + 1
+         WHERE run = $1 AND host = $2
+         RETURNING attempts",
+        &[&run, &host, &worker, &seconds(lease)],
+    )?;
+    tx.commit()?;
+    Ok(Claimed::Host {
+        host,
+        wave: to_usize(wave),
+        attempts: to_usize(row.get(0)),
+    })
+}
+
 /// What ending a claim with [`end_claim`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ended {
@@ -679,8 +656,10 @@ pub struct Ended {
     pub halted_now: bool,
 }
 
-/// [`end`], and in the same transaction: the host's place under its groups'
-/// `max_unavailable` caps is given back, and an unreachable host is counted
+/// Ends `worker`'s claim on `host` as `state` (done, failed, unreachable)
+/// (`mine: false` when the host was no longer the worker's), and in the same
+/// transaction: the host's place under its groups' `max_unavailable` caps is
+/// given back, and an unreachable host is counted
 /// against `max_unreachable` by one `UPDATE … RETURNING` that halts the run as
 /// it crosses the limit (as [`count_failure`] does for failures).
 pub fn end_claim(

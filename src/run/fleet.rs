@@ -827,7 +827,7 @@ fn claim_loop(
         if c.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let claimed = fleet::claim_capped(&mut client, run, id, spec.zone.as_deref(), spec.lease);
+        let claimed = fleet::claim(&mut client, run, id, spec.zone.as_deref(), spec.lease);
         match claimed.map_err(&err)? {
             Claimed::Over(_) => return Ok(()),
             Claimed::Nothing => {
