@@ -596,11 +596,11 @@ impl HostClaims {
     /// Creates this run's claims file under the guard, locked, with the holder's note.
     fn create_claims_file(&self, dir: &Path) -> Result<(PathBuf, File), JournalError> {
         let n = CLAIMS_FILES.fetch_add(1, Ordering::Relaxed);
-        let name = format!(
-            "{}.{}.{n}.claims",
-            file_stem(&self.holder.run),
-            std::process::id()
-        );
+        // The run's name only helps a reader of the folder; pid and number make the
+        // name unique, so a long run id is cut to keep the name a valid file name.
+        let mut run = file_stem(&self.holder.run);
+        run.truncate(64);
+        let name = format!("{run}.{}.{n}.claims", std::process::id());
         let path = dir.join(name);
         let io = |source| JournalError::Io {
             path: path.clone(),
