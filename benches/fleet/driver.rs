@@ -865,7 +865,7 @@ fn reap_detached(marker: &Path) -> (f64, u64) {
 
 struct SimResult {
     hosts: usize,
-    /// Hosts of the big run: `hosts`, or fewer when the open-files limit says so.
+    /// Hosts of the big run: `hosts` (at least the small run's).
     run_hosts: usize,
     latency_ms: u64,
     plan: Option<Sample>,
@@ -878,21 +878,8 @@ struct SimResult {
     /// `patchbook inventory list` of an Ansible INI inventory of `hosts` hosts.
     ini: Option<Sample>,
     /// The state folder's filesystem type (`stat -f`): file creation there is
-    /// part of every host's cost (lock file, backup folder, archive, manifest).
+    /// part of every host's cost (backup folder, archive, manifest).
     state_fs: String,
-}
-
-/// This process's hard limit on open files.
-fn open_files_hard_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return usize::MAX;
-    }
-    usize::try_from(lim.rlim_max).unwrap_or(usize::MAX)
 }
 
 /// Bytes of every file under `dir`.
@@ -999,12 +986,9 @@ fn sim_scale(base: &Path, pb: &Path, n: usize, latency_ms: u64) -> Result<SimRes
         std::fs::read(&deb).map_err(|e| e.to_string())?,
     ));
     let small = 100.min(n);
-    // A run holds one lock file open per host it claims (patchbook raises its
-    // soft open-files limit up to the hard one, no further), so a run larger than
-    // the hard limit fails: it is measured at the largest size that fits.
-    let run_hosts = n
-        .min(open_files_hard_limit().saturating_sub(2048) / 1000 * 1000)
-        .max(small);
+    // A run holds one claims file per run, not a descriptor per host: it runs at
+    // the full size.
+    let run_hosts = n.max(small);
     let one = |count: usize, verb: &str| -> Result<Sample, String> {
         let sub = dir.join(format!("{verb}{count}"));
         let _ = std::fs::remove_dir_all(&sub);
@@ -1453,16 +1437,6 @@ fn render(
         row("run", s.run_hosts, &s.run, format!("{per_host_kb:.1} KB"));
         if let Some(i) = &s.ini {
             row("`inventory list`, Ansible INI", s.hosts, i, String::new());
-        }
-        if s.run_hosts < s.hosts {
-            let _ = writeln!(
-                md,
-                "\nThe run is measured at {} hosts, not {}: a run holds one lock file open per \
-                 host it claims, and this machine's hard limit on open files is {}.",
-                s.run_hosts,
-                s.hosts,
-                open_files_hard_limit()
-            );
         }
         let per_host = |b: u64| b as f64 / s.run_hosts.max(1) as f64;
         let _ = writeln!(

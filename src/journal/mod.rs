@@ -1681,6 +1681,24 @@ impl Journal {
         &self.store
     }
 
+    /// Whether any record of one host so far holds `text` verbatim in its line: a
+    /// test that costs no parsing, so a caller looking for a value (a deploy of one
+    /// artifact's SHA-256) reads the host's records only when one might hold it.
+    /// `text` must be written as is in JSON (no quotes, backslashes or control
+    /// characters), or this may miss it.
+    pub fn host_records_mention(&self, host: &str, text: &str) -> bool {
+        let needle = text.as_bytes();
+        if needle.is_empty() {
+            return true;
+        }
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.by_host.get(host).is_some_and(|lines| {
+            lines
+                .iter()
+                .any(|l| l.windows(needle.len()).any(|w| w == needle))
+        })
+    }
+
     /// The records of one host so far, in order, without reading the file.
     pub fn host_records(&self, host: &str) -> Vec<Record> {
         let lines = {
@@ -2084,6 +2102,21 @@ mod tests {
         j.flush().unwrap();
         assert!(synced(&j) >= c.seq);
         assert_eq!(j.host_records("h2").len(), 1);
+    }
+
+    #[test]
+    fn a_host_mentions_only_what_its_own_records_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::create(dir.path(), "r1", "alice").unwrap();
+        let sha = "ab".repeat(32);
+        j.intent("h1", "deploy", serde_json::json!({ "sha256": sha }))
+            .unwrap();
+        j.note(Some("h2"), "verify", serde_json::json!({"ok": true}))
+            .unwrap();
+        assert!(j.host_records_mention("h1", &sha));
+        assert!(!j.host_records_mention("h1", &"cd".repeat(32)));
+        assert!(!j.host_records_mention("h2", &sha));
+        assert!(!j.host_records_mention("nobody", &sha));
     }
 
     #[test]

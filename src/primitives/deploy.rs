@@ -845,6 +845,17 @@ fn without_after(o: &Output) -> Output {
 /// completed in the journal; otherwise it is closed as not applied and deployed
 /// again.
 fn earlier_deploy(ctx: &HostCtx, artifact: &Artifact) -> Result<Option<Deployed>, PrimitiveError> {
+    // Every deploy intent holds its artifact's SHA-256 (hex, written as is): a host
+    // whose records never mention it has no earlier deploy of it, and reading its
+    // records back (a JSON parse of each, per host) is skipped on a first run.
+    if ctx
+        .run
+        .journal
+        .as_ref()
+        .is_some_and(|j| !j.host_records_mention(ctx.name(), &artifact.sha256))
+    {
+        return Ok(None);
+    }
     let Some(state) = ctx.journal_state()? else {
         return Ok(None);
     };
