@@ -433,21 +433,35 @@ pub fn end(
     state: ClaimState,
     reason: Option<&str>,
 ) -> Result<bool, postgres::Error> {
-    let mut tx = client.transaction()?;
-    let n = tx.execute(
-        "UPDATE host_claims SET state = $4, reason = $5, ended = now(), lease_until = NULL
-         WHERE run = $1 AND host = $2 AND worker = $3 AND state = 'claimed'",
-        &[&run, &host, &worker, &state.as_str(), &reason],
+    // One statement, one round trip: the claim's end, the unreachable count, and
+    // a notice only when the coordinator has something to act on (the host's
+    // wave has nothing pending or claimed left, or the run is no longer
+    // running). A notice per host woke every listening connection of every
+    // worker for each host; two hosts ending last at once may both miss the
+    // notice, and the coordinator's poll (`POLL`) sees the wave done instead.
+    let row = client.query_one(
+        "WITH ended AS (
+             UPDATE host_claims SET state = $4, reason = $5, ended = now(), lease_until = NULL
+             WHERE run = $1 AND host = $2 AND worker = $3 AND state = 'claimed'
+             RETURNING wave
+         ), counted AS (
+             UPDATE run_control SET unreachable = unreachable + 1
+             WHERE run = $1 AND $4 = 'unreachable' AND EXISTS (SELECT 1 FROM ended)
+         ), tell AS (
+             -- The statement's snapshot still sees this host claimed: left out.
+             SELECT EXISTS (SELECT 1 FROM ended)
+                    AND (NOT EXISTS (SELECT 1 FROM host_claims h, ended e
+                                     WHERE h.run = $1 AND h.wave = e.wave
+                                       AND h.state IN ('pending', 'claimed') AND h.host <> $2)
+                         OR EXISTS (SELECT 1 FROM run_control
+                                    WHERE run = $1 AND state <> 'running')) AS tell
+         )
+         SELECT EXISTS (SELECT 1 FROM ended), tell.tell,
+                CASE WHEN tell.tell THEN pg_notify($6, $1) END
+         FROM tell",
+        &[&run, &host, &worker, &state.as_str(), &reason, &CHANNEL],
     )?;
-    if n == 1 && state == ClaimState::Unreachable {
-        tx.execute(
-            "UPDATE run_control SET unreachable = unreachable + 1 WHERE run = $1",
-            &[&run],
-        )?;
-    }
-    notify(&mut tx, run)?;
-    tx.commit()?;
-    Ok(n == 1)
+    Ok(row.get(0))
 }
 
 /// Every claim of a run, in wave and run order.
@@ -475,19 +489,16 @@ pub fn claims(client: &mut Client, run: &str) -> Result<Vec<Claim>, postgres::Er
         .collect())
 }
 
-/// Hosts of `wave` not yet ended: (pending, claimed).
-pub fn wave_left(
-    client: &mut Client,
-    run: &str,
-    wave: usize,
-) -> Result<(usize, usize), postgres::Error> {
+/// Whether every host of `wave` has ended (none pending or claimed). An index
+/// probe, not a count: the coordinator asks after every notice, and counting a
+/// 100,000-host wave each time cost the server more than the hosts did.
+pub fn wave_over(client: &mut Client, run: &str, wave: usize) -> Result<bool, postgres::Error> {
     let row = client.query_one(
-        "SELECT count(*) FILTER (WHERE state = 'pending')::int4,
-                count(*) FILTER (WHERE state = 'claimed')::int4
-         FROM host_claims WHERE run = $1 AND wave = $2",
+        "SELECT NOT EXISTS (SELECT 1 FROM host_claims
+                            WHERE run = $1 AND wave = $2 AND state IN ('pending', 'claimed'))",
         &[&run, &to_i32(wave)],
     )?;
-    Ok((to_usize(row.get(0)), to_usize(row.get(1))))
+    Ok(row.get(0))
 }
 
 /// Hosts claimed (in flight) anywhere in the run.
