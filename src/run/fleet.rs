@@ -494,8 +494,8 @@ fn claim_loop(
                 let (done, renewing) = std::sync::mpsc::channel::<()>();
                 let lost = AtomicBool::new(false);
                 let result = std::thread::scope(|s| {
-                    let (renewals, host, lost) = (&mut renewals, &host, &lost);
-                    s.spawn(move || renew(renewals, spec, run, host, id, &renewing, lost));
+                    let (renewals, claimed, lost) = (&mut renewals, &host, &lost);
+                    s.spawn(move || renew(renewals, spec, run, claimed, id, &renewing, lost));
                     let r = run_claimed(
                         c,
                         &mut client,
