@@ -328,16 +328,31 @@ pub fn claim(
     if open < 0 {
         return Ok(Claimed::Nothing);
     }
-    let found = tx.query_opt(
+    // Two probes that each walk the (run, wave, state, position) index in order,
+    // a host whose lease ran out first (a dead worker's host waits least), then
+    // the next pending one. One probe with `state = 'pending' OR …` could not use
+    // the index's order: it scanned and sorted the whole wave for every claim,
+    // 50 ms a claim at 100,000 hosts.
+    let mut found = tx.query_opt(
         "SELECT host FROM host_claims
-         WHERE run = $1 AND wave = $2
-           AND (state = 'pending' OR (state = 'claimed' AND lease_until < now()))
+         WHERE run = $1 AND wave = $2 AND state = 'claimed' AND lease_until < now()
            AND (zone IS NULL OR zone = $3)
          ORDER BY position
          LIMIT 1
          FOR UPDATE SKIP LOCKED",
         &[&run, &open, &zone],
     )?;
+    if found.is_none() {
+        found = tx.query_opt(
+            "SELECT host FROM host_claims
+             WHERE run = $1 AND wave = $2 AND state = 'pending'
+               AND (zone IS NULL OR zone = $3)
+             ORDER BY position
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED",
+            &[&run, &open, &zone],
+        )?;
+    }
     let Some(found) = found else {
         return Ok(Claimed::Nothing);
     };
@@ -448,11 +463,17 @@ pub fn end(
              UPDATE run_control SET unreachable = unreachable + 1
              WHERE run = $1 AND $4 = 'unreachable' AND EXISTS (SELECT 1 FROM ended)
          ), tell AS (
-             -- The statement's snapshot still sees this host claimed: left out.
+             -- Index probes in position order (a scan of the wave would pass
+             -- every ended host's dead row). The statement's snapshot still
+             -- sees this host claimed: left out.
              SELECT EXISTS (SELECT 1 FROM ended)
-                    AND (NOT EXISTS (SELECT 1 FROM host_claims h, ended e
-                                     WHERE h.run = $1 AND h.wave = e.wave
-                                       AND h.state IN ('pending', 'claimed') AND h.host <> $2)
+                    AND (((SELECT h.position FROM host_claims h, ended e
+                           WHERE h.run = $1 AND h.wave = e.wave AND h.state = 'pending'
+                           ORDER BY h.position LIMIT 1) IS NULL
+                          AND (SELECT h.position FROM host_claims h, ended e
+                               WHERE h.run = $1 AND h.wave = e.wave AND h.state = 'claimed'
+                                 AND h.host <> $2
+                               ORDER BY h.position LIMIT 1) IS NULL)
                          OR EXISTS (SELECT 1 FROM run_control
                                     WHERE run = $1 AND state <> 'running')) AS tell
          )
@@ -494,8 +515,12 @@ pub fn claims(client: &mut Client, run: &str) -> Result<Vec<Claim>, postgres::Er
 /// 100,000-host wave each time cost the server more than the hosts did.
 pub fn wave_over(client: &mut Client, run: &str, wave: usize) -> Result<bool, postgres::Error> {
     let row = client.query_one(
-        "SELECT NOT EXISTS (SELECT 1 FROM host_claims
-                            WHERE run = $1 AND wave = $2 AND state IN ('pending', 'claimed'))",
+        "SELECT (SELECT position FROM host_claims
+                 WHERE run = $1 AND wave = $2 AND state = 'pending'
+                 ORDER BY position LIMIT 1) IS NULL
+            AND (SELECT position FROM host_claims
+                 WHERE run = $1 AND wave = $2 AND state = 'claimed'
+                 ORDER BY position LIMIT 1) IS NULL",
         &[&run, &to_i32(wave)],
     )?;
     Ok(row.get(0))
