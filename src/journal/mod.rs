@@ -1167,7 +1167,7 @@ impl Journal {
     /// run. No run lock is taken (the coordinator has it, perhaps on another
     /// machine) and nothing is written on joining; each record chains onto the
     /// run's last record in the database under the run's append lock (see
-    /// `append_locked`), so the run stays one chain that `audit verify` checks as
+    /// `pg::append_batch`), so the run stays one chain that `audit verify` checks as
     /// it checks any run. A host's earlier records are read when the worker takes
     /// the host ([`Journal::adopt_host`]).
     pub fn join_in(store: &Store, run: &str, operator: &str) -> Result<Self, JournalError> {
