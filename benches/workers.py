@@ -7,10 +7,16 @@ the server's default durability) and stops.
 
 Prints, per setup: wall time, CPU of patchbook's processes and of the database
 server, CPU and journal bytes per host, and the ratios that matter: the store's
-cost per host (PostgreSQL in one process against run files) and 4 workers
-against 1. Needs root (the server runs as the `postgres` user) and `.ci/setup`.
+cost per host (each PostgreSQL setup against run files) and 4 workers against
+1. Needs root (the server runs as the `postgres` user) and `.ci/setup`.
+
+Run files hold one lock file descriptor per host (the hard limit here is
+20,000), so the run-file setup runs at
+`--files-hosts` (default: the smaller of `--hosts` and 10,000) and the overhead
+is taken per host between the two sizes; `--skip-files` leaves it out.
 
 Usage: benches/workers.py [--hosts 100000] [--workers 1,4] [--bin PATH]
+                          [--files-hosts 10000] [--skip-files]
 """
 
 import argparse
@@ -41,6 +47,8 @@ class Server:
     """A private PostgreSQL server in `dir`, as the postgres user."""
 
     def __init__(self, base):
+        # max_connections: a worker opens two connections per slot (claims, lease
+        # renewals) and one for its journal; 4 workers of 50 slots need ~410.
         self.bin = server_bin()
         self.dir = base / "pg"
         self.dir.mkdir()
@@ -49,7 +57,8 @@ class Server:
         self.as_postgres("initdb", "-D", str(self.dir / "data"), "-U", "patchbook",
                          "--auth=trust", "--no-sync")
         self.as_postgres("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
-                         "-w", "-o", f"-k {self.dir} -c listen_addresses=''", "start")
+                         "-w", "-o", f"-k {self.dir} -c listen_addresses='' -c max_connections=500",
+                         "start")
 
     def as_postgres(self, tool, *args):
         subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool), *args],
@@ -90,9 +99,9 @@ class Server:
         self.as_postgres("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
 
 
-def project(base, hosts):
+def project(base, hosts, name="project"):
     """A project folder with `hosts` sim hosts and the fleet benchmark's playbook."""
-    sub = base / "project"
+    sub = base / name
     sub.mkdir()
     deb = sub / "acme-agent_1.0.1_all.deb"
     deb.write_text("a stand-in package: the sim transport only hashes it\n")
@@ -140,6 +149,9 @@ def main():
     ap.add_argument("--hosts", type=int, default=100_000)
     ap.add_argument("--workers", default="1,4")
     ap.add_argument("--bin", help="a patchbook built with --features lab (default: builds the release one)")
+    ap.add_argument("--files-hosts", type=int,
+                    help="hosts of the run-file setup (default: the smaller of --hosts and 10000)")
+    ap.add_argument("--skip-files", action="store_true", help="leave the run-file setup out")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("workers bench: run as root (the database server runs as postgres)")
@@ -149,24 +161,26 @@ def main():
                        cwd=ROOT, check=True)
         pb = str(ROOT / "target/release/patchbook")
     n = a.hosts
+    nf = None if a.skip_files else (a.files_hosts or min(n, 10_000))
     base = Path(tempfile.mkdtemp(prefix="patchbook-workers-bench."))
     os.chmod(base, 0o755)
     server = None
     rows = []
     try:
         sub = project(base, n)
+        sub_files = sub if nf in (None, n) else project(base, nf, "project-files")
         logs = base / "logs"
         logs.mkdir()
         server = Server(base)
 
-        def common(state):
-            return [pb, "--config", str(sub / "patchbook.toml"), "--state-dir", str(base / state),
+        def common(state, proj=sub):
+            return [pb, "--config", str(proj / "patchbook.toml"), "--state-dir", str(base / state),
                     "--forks", "50", "-q"]
 
-        def measure(label, db, commands):
+        def measure(label, db, commands, hosts=n, cwd=sub):
             url = server.database(db) if db else None
             cpu_db = server.cpu()
-            wall, cpu, rss, failed = timed(db or "files", commands, url, sub, logs)
+            wall, cpu, rss, failed = timed(db or "files", commands, url, cwd, logs)
             cpu_db = server.cpu() - cpu_db
             records = bytes_ = 0
             if db:
@@ -177,7 +191,7 @@ def main():
                     bytes_ += f.stat().st_size
                     records += sum(1 for _ in open(f, "rb"))
             row = dict(label=label, wall=wall, cpu=cpu, db=cpu_db, rss=rss, records=records,
-                       bytes=bytes_, failed=failed)
+                       bytes=bytes_, failed=failed, hosts=hosts)
             rows.append(row)
             print(f"workers bench: {label}: {wall:.1f} s wall, {cpu:.1f} s patchbook CPU, "
                   f"{cpu_db:.1f} s server CPU, {records} records"
@@ -185,9 +199,17 @@ def main():
             return row
 
         print(f"workers bench: {n} sim hosts, patchbook {pb}", flush=True)
+        if nf is None:
+            print("workers bench: run files left out (--skip-files)", flush=True)
+        elif nf != n:
+            print(f"workers bench: run files at {nf} hosts, not {n}: the run-file store holds "
+                  "a lock file descriptor per host (hard limit 20,000 here); its figures are "
+                  "taken per host", flush=True)
         play = str(PLAYBOOK)
-        files = measure("run, run files", None,
-                        [["run", *common("file-state"), "run", play]])
+        files = None
+        if nf is not None:
+            files = measure(f"run, run files ({nf} hosts)", None,
+                            [["run", *common("file-state", sub_files), "run", play]], nf, sub_files)
         one = measure("run, PostgreSQL store, one process", "inproc",
                       [["run", *common("inproc-state"), "run", play]])
         shared = {}
@@ -203,15 +225,24 @@ def main():
         else:
             shutil.rmtree(base, ignore_errors=True)
 
-    ms = lambda s: s / n * 1000  # noqa: E731
-    print(f"\n| setup ({n} sim hosts) | wall | patchbook CPU / host | server CPU / host | records / host | journal bytes / host | peak RSS of one process |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    def ms(r, key):
+        return r[key] / r["hosts"] * 1000
+
+    print(f"\n| setup ({n} sim hosts) | wall | hosts / s | patchbook CPU / host | server CPU / host | records / host | journal bytes / host | peak RSS of one process |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['label']} | {r['wall']:.1f} s | {ms(r['cpu']):.2f} ms | {ms(r['db']):.2f} ms | "
-              f"{r['records'] / n:.1f} | {r['bytes'] / n:.0f} | {r['rss'] // 1024} MB |")
-    print(f"\nstore overhead per host (PostgreSQL in one process − run files): "
-          f"{ms(one['cpu'] - files['cpu']):.2f} ms patchbook CPU, "
-          f"{ms(one['db']):.2f} ms server CPU, {ms(one['wall'] - files['wall']):.2f} ms wall")
+        print(f"| {r['label']} | {r['wall']:.1f} s | {r['hosts'] / r['wall']:.0f} | {ms(r, 'cpu'):.2f} ms | "
+              f"{ms(r, 'db'):.2f} ms | {r['records'] / r['hosts']:.1f} | {r['bytes'] / r['hosts']:.0f} | "
+              f"{r['rss'] // 1024} MB |")
+    print()
+    for r in [one, *shared.values()]:
+        if files:
+            print(f"store overhead per host ({r['label']} − run files): "
+                  f"{ms(r, 'cpu') - ms(files, 'cpu'):.2f} ms patchbook CPU, "
+                  f"{ms(r, 'db'):.2f} ms server CPU, {ms(r, 'wall') - ms(files, 'wall'):.2f} ms wall")
+        else:
+            print(f"per host ({r['label']}, no run-file baseline): {ms(r, 'cpu'):.2f} ms patchbook CPU, "
+                  f"{ms(r, 'db'):.2f} ms server CPU, {ms(r, 'wall'):.2f} ms wall")
     ks = sorted(shared)
     for k in ks[1:]:
         print(f"{k} workers ÷ {ks[0]} worker, wall: {shared[k]['wall'] / shared[ks[0]]['wall']:.2f}×")

@@ -938,6 +938,101 @@ fn concurrent_workers_share_fsyncs_and_keep_one_valid_chain(s: &TestStore) {
         .all(|h| h.steps.len() == 40 && h.undo_steps().len() == 40));
 }
 
+/// PostgreSQL group commit: threads appending at once through one journal share
+/// transactions, yet each `intent` returns only once its record is committed (a
+/// second connection sees it), and a worker's journal joined to the same run
+/// chains beside it. Every record is chained exactly once, in seq order.
+#[cfg(feature = "lab")]
+#[test]
+fn postgres_appends_share_transactions_and_each_is_committed_when_it_returns() {
+    let s = TestStore::postgres();
+    let coordinator =
+        std::sync::Arc::new(Journal::begin_in(&s.store, "gc", "alice", &header(), None).unwrap());
+    let worker = std::sync::Arc::new(Journal::join_in(&s.store, "gc", "bob").unwrap());
+    let (threads, steps) = (12, 30);
+    let appenders: Vec<_> = (0..threads)
+        .map(|t| {
+            let j = if t % 3 == 0 {
+                worker.clone()
+            } else {
+                coordinator.clone()
+            };
+            let mut reader = s.client();
+            std::thread::spawn(move || {
+                let host = format!("web{t}");
+                for i in 0..steps {
+                    let id = j.intent(&host, "deploy", json!({"i": i})).unwrap();
+                    // Committed when `intent` returns: another connection sees it.
+                    let seen: i64 = reader
+                        .query_one(
+                            "SELECT count(*) FROM records WHERE run = 'gc' AND seq = $1 AND host = $2",
+                            &[&i64::try_from(id.0).unwrap(), &host],
+                        )
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(seen, 1, "intent {id} of {host} not committed on return");
+                    j.outcome(&host, id, true, json!({}), Some(reinstall("1.0.0")))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for a in appenders {
+        a.join().unwrap();
+    }
+    let transactions =
+        coordinator.store_transactions().unwrap() + worker.store_transactions().unwrap();
+    drop(worker);
+    std::sync::Arc::into_inner(coordinator)
+        .unwrap()
+        .close()
+        .unwrap();
+
+    let records = s.store.read_records("gc").unwrap();
+    let appended = threads * steps * 2;
+    // run.start + every intent and outcome + run.close, seqs 1..=n in order.
+    assert_eq!(records.len(), appended + 2);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq, u64::try_from(i + 1).unwrap());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in records.iter().filter(|r| r.kind == kind::STEP_INTENT) {
+        assert!(
+            seen.insert((r.host.clone(), r.data["input"]["i"].as_u64())),
+            "chained twice: {r:?}"
+        );
+    }
+    assert_eq!(seen.len(), threads * steps);
+    assert!(audit::verify_in(&s.store, None, &Default::default())
+        .unwrap()
+        .intact());
+    let st = RunState::load_in(&s.store, "gc").unwrap();
+    assert!(st.open_intents().is_empty());
+    // Fewer transactions than records, by the journals' count and by the
+    // database's: rows inserted by one transaction share its xmin.
+    let in_db: i64 = s
+        .client()
+        .query_one(
+            "SELECT count(DISTINCT xmin::text) FROM records WHERE run = 'gc'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        usize::try_from(in_db).unwrap() < appended,
+        "{in_db} transactions for {appended} records: nothing was batched"
+    );
+    assert!(
+        usize::try_from(transactions).unwrap() < appended,
+        "{transactions} transactions for {appended} records"
+    );
+    assert_eq!(
+        u64::try_from(in_db).unwrap(),
+        transactions + 1,
+        "the journals' count (and the close) against the database's"
+    );
+}
+
 fn records_with_awkward_floats_verify_after_a_round_trip(s: &TestStore) {
     let j = Journal::begin_in(&s.store, "floats", "alice", &header(), None).unwrap();
     let mut x = 0.1f64;

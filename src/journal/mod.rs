@@ -19,6 +19,7 @@ pub mod anchor;
 pub mod audit;
 pub mod entry;
 pub mod fleet;
+mod group;
 pub mod index;
 pub mod lock;
 pub mod pg;
@@ -637,11 +638,35 @@ fn check_run_id(run: &str) -> Result<(), JournalError> {
 enum Sink {
     /// The run file, opened for append.
     File(File),
-    /// A connection to the PostgreSQL store: each record is one committed insert.
-    Postgres {
-        client: Box<postgres::Client>,
-        url: String,
-    },
+    /// The PostgreSQL store: records go through [`Journal::pg`]'s group commit,
+    /// never under the `tail` lock (its waiters would hold up every appender).
+    Postgres,
+}
+
+/// A journal's connection to the PostgreSQL store, shared by its appenders: each
+/// transaction writes every record queued while the one before was in flight.
+struct PgSink {
+    url: String,
+    group: group::Group<pg::Appender, Queued, Record>,
+}
+
+impl PgSink {
+    fn new(url: &str, client: postgres::Client) -> Self {
+        PgSink {
+            url: url.to_string(),
+            group: group::Group::new(pg::Appender::new(client)),
+        }
+    }
+}
+
+/// A record waiting for the PostgreSQL store's next transaction, its host and
+/// kind already redacted.
+struct Queued {
+    host: Option<String>,
+    kind: String,
+    /// `None` for the run's close, whose signature covers the seq and prev the
+    /// transaction finds.
+    data: Option<Prepared>,
 }
 
 struct Tail {
@@ -717,6 +742,8 @@ pub struct Journal {
     run: String,
     operator: String,
     tail: Mutex<Tail>,
+    /// The PostgreSQL store's connection; `None` for run files.
+    pg: Option<PgSink>,
     /// Group commit: the seq of the last record written (not yet necessarily synced).
     written: AtomicU64,
     durable: Mutex<Durable>,
@@ -825,7 +852,7 @@ impl Journal {
             run: run.to_string(),
             path: path.clone(),
         };
-        let (sink, sync_file) = match store {
+        let (sink, sync_file, pg) = match store {
             Store::File { .. } => {
                 let file = match private::options().create_new(true).append(true).open(&path) {
                     Ok(f) => {
@@ -837,7 +864,7 @@ impl Journal {
                 };
                 fsync_dir(&runs_dir)?;
                 let sync_file = file.try_clone().map_err(io)?;
-                (Sink::File(file), Some(sync_file))
+                (Sink::File(file), Some(sync_file), None)
             }
             Store::Postgres { url, .. } => {
                 let mut client = pg::connect(url)?;
@@ -846,11 +873,7 @@ impl Journal {
                 if !created {
                     return Err(exists());
                 }
-                let sink = Sink::Postgres {
-                    client: Box::new(client),
-                    url: url.clone(),
-                };
-                (sink, None)
+                (Sink::Postgres, None, Some(PgSink::new(url, client)))
             }
         };
         index::append(
@@ -868,6 +891,7 @@ impl Journal {
             run: run.to_string(),
             operator: operator.to_string(),
             sync_file,
+            pg,
             tail: Mutex::new(Tail {
                 sink,
                 seq: 0,
@@ -939,8 +963,14 @@ impl Journal {
         }
         let entry = Entry::RunStart(header.clone());
         let data = Prepared::new(entry.to_data());
-        let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
-        drop(tail);
+        let rec = if let Some(sink) = &self.pg {
+            drop(tail);
+            self.pg_append(sink, None, entry.kind(), Some(data))?
+        } else {
+            let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
+            drop(tail);
+            rec
+        };
         self.durable(rec.seq, &rec.hash)?;
         Ok(rec)
     }
@@ -1022,7 +1052,7 @@ impl Journal {
             path: path.clone(),
             source,
         };
-        let (sink, sync_file, torn) = match store {
+        let (sink, sync_file, torn, pg) = match store {
             Store::File { .. } => {
                 let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
                 let torn = if scan.torn.is_some() {
@@ -1039,16 +1069,15 @@ impl Journal {
                     None
                 };
                 let sync_file = file.try_clone().map_err(io)?;
-                (Sink::File(file), Some(sync_file), torn)
+                (Sink::File(file), Some(sync_file), torn, None)
             }
             // A row is inserted whole or not at all: nothing to repair.
-            Store::Postgres { url, .. } => {
-                let sink = Sink::Postgres {
-                    client: Box::new(pg::connect(url)?),
-                    url: url.clone(),
-                };
-                (sink, None, None)
-            }
+            Store::Postgres { url, .. } => (
+                Sink::Postgres,
+                None,
+                None,
+                Some(PgSink::new(url, pg::connect(url)?)),
+            ),
         };
         let records: Vec<Record> = scan.items.into_iter().map(|(_, r)| r).collect();
         let (seq, prev) = records
@@ -1096,6 +1125,7 @@ impl Journal {
             run: run.to_string(),
             operator: operator.to_string(),
             sync_file,
+            pg,
             tail: Mutex::new(Tail {
                 sink,
                 seq,
@@ -1137,7 +1167,7 @@ impl Journal {
     /// run. No run lock is taken (the coordinator has it, perhaps on another
     /// machine) and nothing is written on joining; each record chains onto the
     /// run's last record in the database under the run's append lock (see
-    /// `append_locked`), so the run stays one chain that `audit verify` checks as
+    /// `pg::append_batch`), so the run stays one chain that `audit verify` checks as
     /// it checks any run. A host's earlier records are read when the worker takes
     /// the host ([`Journal::adopt_host`]).
     pub fn join_in(store: &Store, run: &str, operator: &str) -> Result<Self, JournalError> {
@@ -1162,11 +1192,9 @@ impl Journal {
             run: run.to_string(),
             operator: operator.to_string(),
             sync_file: None,
+            pg: Some(PgSink::new(url, client)),
             tail: Mutex::new(Tail {
-                sink: Sink::Postgres {
-                    client: Box::new(client),
-                    url: url.clone(),
-                },
+                sink: Sink::Postgres,
                 seq,
                 prev,
                 broken: None,
@@ -1195,11 +1223,20 @@ impl Journal {
     /// host's history and its open intents become this journal's, so its steps
     /// see what was done before and close what was left open, as on a resume.
     pub fn adopt_host(&self, host: &str) -> Result<state::HostHistory, JournalError> {
+        // Read before taking `tail`: the connection may be in a transaction whose
+        // leader needs `tail` to finish it.
+        let stored = match &self.pg {
+            Some(sink) => Some(
+                sink.group
+                    .with_conn(|c| pg::host_lines(&mut c.client, &self.run, host))
+                    .map_err(|e| self.pg_error(sink, e))?
+                    .map_err(|e| pg::store_error(&sink.url, &e))?,
+            ),
+            None => None,
+        };
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let (records, lines): (Vec<Record>, Vec<Box<[u8]>>) = match &mut tail.sink {
-            Sink::Postgres { client, url } => {
-                let lines = pg::host_lines(client, &self.run, host)
-                    .map_err(|e| pg::store_error(url, &e))?;
+        let (records, lines): (Vec<Record>, Vec<Box<[u8]>>) = match stored {
+            Some(lines) => {
                 let scan = store::scan_rows::<Record>(&lines);
                 if let Some((line, message)) = scan.bad.into_iter().next() {
                     return Err(JournalError::Corrupt {
@@ -1211,7 +1248,7 @@ impl Journal {
                 let kept = lines.iter().map(|l| l.as_bytes().into()).collect();
                 (scan.items.into_iter().map(|(_, r)| r).collect(), kept)
             }
-            Sink::File(_) => {
+            None => {
                 let lines = tail.by_host.get(host).cloned().unwrap_or_default();
                 let records = lines
                     .iter()
@@ -1335,8 +1372,139 @@ impl Journal {
         // Serialised before the lock: appenders wait on each other only for the
         // hash chain and the write.
         let data = Prepared::new(redact_value(data, &self.secrets_now()));
+        if let Some(sink) = &self.pg {
+            return self.pg_append(sink, host, kind, Some(data));
+        }
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         self.append_locked(&mut tail, host, kind, data)
+    }
+
+    /// Appends one record to the PostgreSQL store through the group commit and
+    /// returns once the transaction holding it committed. Must not be called with
+    /// `tail` held: the transaction's leader takes it to note what it wrote.
+    fn pg_append(
+        &self,
+        sink: &PgSink,
+        host: Option<&str>,
+        kind: &str,
+        data: Option<Prepared>,
+    ) -> Result<Record, JournalError> {
+        let secrets = self.secrets_now();
+        let item = Queued {
+            host: host.map(|h| redact_str(h, &secrets)),
+            kind: redact_str(kind, &secrets),
+            data,
+        };
+        sink.group
+            .submit(item, |conn, batch| self.pg_write(conn, batch))
+            .map_err(|e| self.pg_error(sink, e))
+    }
+
+    /// Writes one batch in one transaction (run by whichever appender leads it),
+    /// then notes every record, in seq order, as the file sink does after a write.
+    fn pg_write(&self, conn: &mut pg::Appender, batch: Vec<Queued>) -> Result<Vec<Record>, String> {
+        let secrets = self.secrets_now();
+        let operator = redact_str(&self.operator, &secrets);
+        let written = pg::append_batch(conn, &self.run, batch, |q, seq, prev| {
+            let data = q.data.unwrap_or_else(|| {
+                // The close's signature is part of its hashed data, over the seq
+                // and prev this transaction found.
+                let sig = self
+                    .anchor
+                    .as_ref()
+                    .map(|a| a.signer.sign_close(&self.run, seq + 1, &prev));
+                Prepared::new(Entry::RunClose(entry::RunClose { sig }).to_data())
+            });
+            self.make_record(seq + 1, prev, q.host, q.kind, &operator, data)
+        })
+        .map_err(|e| pg::error_message(&e))?;
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(written
+            .into_iter()
+            .map(|(rec, line)| {
+                self.remember(&mut tail, &rec, &line);
+                rec
+            })
+            .collect())
+    }
+
+    fn pg_error(&self, sink: &PgSink, e: group::GroupError) -> JournalError {
+        match e {
+            // The COMMIT may have reached the server before the connection failed:
+            // only a reopen, which reads the store, knows where the chain ends.
+            group::GroupError::Failed(message) => JournalError::Store {
+                url: pg::shown_url(&sink.url),
+                message,
+            },
+            group::GroupError::Broken(message) => JournalError::Broken {
+                path: self.path.clone(),
+                message,
+            },
+        }
+    }
+
+    /// How many transactions this journal's PostgreSQL appends took so far (each
+    /// writes every record queued while the one before was in flight); `None`
+    /// for run files.
+    pub fn store_transactions(&self) -> Option<u64> {
+        self.pg.as_ref().map(|sink| sink.group.writes())
+    }
+
+    /// A record chained onto (seq − 1, `prev`) and its journal line; `host` and
+    /// `kind` come redacted.
+    fn make_record(
+        &self,
+        seq: u64,
+        prev: String,
+        host: Option<String>,
+        kind: String,
+        operator: &str,
+        data: Prepared,
+    ) -> (Record, Vec<u8>) {
+        let mut rec = Record {
+            seq,
+            ts: now_rfc3339(),
+            run: self.run.clone(),
+            operator: operator.to_string(),
+            host,
+            kind,
+            data: data.value,
+            prev,
+            hash: String::new(),
+        };
+        rec.hash = hash_parts(
+            &rec.prev,
+            rec.seq,
+            &rec.ts,
+            &rec.run,
+            &rec.operator,
+            rec.host.as_deref(),
+            &rec.kind,
+            &data.canonical,
+        );
+        let line = line_bytes(&rec, &data.json);
+        (rec, line)
+    }
+
+    /// Notes a written record: the tail, its host's history, the tap.
+    fn remember(&self, tail: &mut Tail, rec: &Record, line: &[u8]) {
+        tail.seq = tail.seq.max(rec.seq);
+        if tail.seq == rec.seq {
+            tail.prev = rec.hash.clone();
+        }
+        if let Some(h) = &rec.host {
+            let kept = line.strip_suffix(b"\n").unwrap_or(line);
+            match tail.by_host.get_mut(h) {
+                Some(lines) => lines.push(kept.into()),
+                None => {
+                    tail.by_host.insert(h.clone(), vec![kept.into()]);
+                }
+            }
+        }
+        self.written.fetch_max(rec.seq, Ordering::AcqRel);
+        if let Some(tap) = self.tap.get() {
+            (tap.0)(rec);
+        }
     }
 
     /// Returns once every record written so far is on disk.
@@ -1359,61 +1527,26 @@ impl Journal {
         }
         let secrets = self.secrets_now();
         let make = |seq: u64, prev: String| -> (Record, Vec<u8>) {
-            let mut rec = Record {
+            self.make_record(
                 seq,
-                ts: now_rfc3339(),
-                run: self.run.clone(),
-                operator: redact_str(&self.operator, &secrets),
-                host: host.map(|h| redact_str(h, &secrets)),
-                kind: redact_str(kind, &secrets),
-                data: data.value,
                 prev,
-                hash: String::new(),
-            };
-            rec.hash = hash_parts(
-                &rec.prev,
-                rec.seq,
-                &rec.ts,
-                &rec.run,
-                &rec.operator,
-                rec.host.as_deref(),
-                &rec.kind,
-                &data.canonical,
-            );
-            let line = line_bytes(&rec, &data.json);
-            (rec, line)
+                host.map(|h| redact_str(h, &secrets)),
+                redact_str(kind, &secrets),
+                &redact_str(&self.operator, &secrets),
+                data,
+            )
         };
         let io = |source| JournalError::Io {
             path: self.path.clone(),
             source,
         };
         let (rec, line) = match &mut tail.sink {
-            Sink::Postgres { client, url } => {
-                // Several processes may append to one run (a coordinator and its
-                // workers): the record chains onto the run's last record in the
-                // database, read under the run's append lock, not onto the last
-                // one this process wrote. One chain per run, as in a run file.
-                let run = self.run.clone();
-                let written = (move || -> Result<(Record, Vec<u8>), postgres::Error> {
-                    let mut tx = client.transaction()?;
-                    let (seq, prev) =
-                        pg::lock_tail(&mut tx, &run)?.unwrap_or((0, GENESIS.to_string()));
-                    let (rec, line) = make(seq + 1, prev);
-                    let text = String::from_utf8_lossy(&line);
-                    pg::insert(&mut tx, &rec, text.trim_end_matches('\n'))?;
-                    tx.commit()?;
-                    Ok((rec, line))
-                })();
-                match written {
-                    Ok(written) => written,
-                    Err(e) => {
-                        // The insert may have committed before the connection failed:
-                        // only a reopen, which reads the store, knows where the chain ends.
-                        let err = pg::store_error(url, &e);
-                        tail.broken = Some(err.to_string());
-                        return Err(err);
-                    }
-                }
+            Sink::Postgres => {
+                // Records go through `pg_append`, which must not wait under `tail`.
+                return Err(JournalError::Broken {
+                    path: self.path.clone(),
+                    message: "a PostgreSQL record was written past its group commit".into(),
+                });
             }
             Sink::File(file) => {
                 let (rec, line) = make(tail.seq + 1, tail.prev.clone());
@@ -1433,21 +1566,7 @@ impl Journal {
                 (rec, line)
             }
         };
-        tail.seq = rec.seq;
-        tail.prev = rec.hash.clone();
-        if let Some(h) = &rec.host {
-            let kept = line.strip_suffix(b"\n").unwrap_or(&line);
-            match tail.by_host.get_mut(h) {
-                Some(lines) => lines.push(kept.into()),
-                None => {
-                    tail.by_host.insert(h.clone(), vec![kept.into()]);
-                }
-            }
-        }
-        self.written.fetch_max(rec.seq, Ordering::AcqRel);
-        if let Some(tap) = self.tap.get() {
-            (tap.0)(&rec);
-        }
+        self.remember(tail, &rec, &line);
         Ok(rec)
     }
 
@@ -1522,6 +1641,17 @@ impl Journal {
         let step = payload.step.clone();
         let entry = Entry::StepIntent(payload);
         let data = Prepared::new(entry.to_data());
+        if let Some(sink) = &self.pg {
+            let rec = self.pg_append(sink, Some(host), entry.kind(), Some(data))?;
+            let id = StepId(rec.seq);
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.open_steps
+                .insert(id, (rec.host.unwrap_or_default(), step));
+            drop(tail);
+            // The transaction holding the intent committed: the step may act.
+            self.durable(id.0, &rec.hash)?;
+            return Ok(id);
+        }
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.append_locked(&mut tail, Some(host), entry.kind(), data)?;
         let id = StepId(rec.seq);
@@ -1556,6 +1686,16 @@ impl Journal {
                 })
             }
         };
+        // With PostgreSQL the write happens outside `tail`: the step is closed now,
+        // so a second outcome for it is refused as above. If the write fails the
+        // journal is broken anyway.
+        let tail = if self.pg.is_some() {
+            tail.open_steps.remove(&step_id);
+            drop(tail);
+            None
+        } else {
+            Some(tail)
+        };
         let undo = undo.map(|u| {
             let v = redact_value(
                 serde_json::to_value(&u).unwrap_or(Value::Null),
@@ -1572,9 +1712,22 @@ impl Journal {
         };
         let entry = Entry::StepOutcome(payload);
         let data = Prepared::new(entry.to_data());
-        let rec = self.append_locked(&mut tail, Some(&host), entry.kind(), data)?;
-        tail.open_steps.remove(&step_id);
-        drop(tail);
+        let rec = match (tail, &self.pg) {
+            (Some(mut tail), _) => {
+                let rec = self.append_locked(&mut tail, Some(&host), entry.kind(), data)?;
+                tail.open_steps.remove(&step_id);
+                drop(tail);
+                rec
+            }
+            (None, Some(sink)) => self.pg_append(sink, Some(&host), entry.kind(), Some(data))?,
+            (None, None) => {
+                return Err(JournalError::UnknownStep {
+                    run: self.run.clone(),
+                    host,
+                    step: step_id,
+                })
+            }
+        };
         self.durable(rec.seq, &rec.hash)?;
         Ok(rec)
     }
@@ -1618,24 +1771,24 @@ impl Journal {
     /// in the audit index, and releases the lock. A run that is never closed (a
     /// crash, a stop) stays "open" to `audit verify` and can be resumed.
     pub fn close(self) -> Result<index::IndexEntry, JournalError> {
-        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        // Workers may have appended to this run: sign what the database ends with.
-        if let Sink::Postgres { client, .. } = &mut tail.sink {
-            if let Ok(Some((seq, prev))) = pg::tail(client, &self.run) {
-                tail.seq = seq;
-                tail.prev = prev;
-            }
-        }
-        // The signature is part of the close record's hashed data, so the run file
-        // itself says it was closed, whatever happens to the index.
-        let sig = self
-            .anchor
-            .as_ref()
-            .map(|a| a.signer.sign_close(&self.run, tail.seq + 1, &tail.prev));
-        let entry = Entry::RunClose(entry::RunClose { sig });
-        let data = Prepared::new(entry.to_data());
-        let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
-        drop(tail);
+        let rec = if let Some(sink) = &self.pg {
+            // Workers may have appended to this run: the close is signed over what
+            // the database ends with, inside the transaction that writes it.
+            self.pg_append(sink, None, kind::RUN_CLOSE, None)?
+        } else {
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            // The signature is part of the close record's hashed data, so the run file
+            // itself says it was closed, whatever happens to the index.
+            let sig = self
+                .anchor
+                .as_ref()
+                .map(|a| a.signer.sign_close(&self.run, tail.seq + 1, &tail.prev));
+            let entry = Entry::RunClose(entry::RunClose { sig });
+            let data = Prepared::new(entry.to_data());
+            let rec = self.append_locked(&mut tail, None, entry.kind(), data)?;
+            drop(tail);
+            rec
+        };
         self.wait_durable(rec.seq)?;
         index::append(
             &self.state_dir,

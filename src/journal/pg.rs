@@ -4,7 +4,7 @@
 //! with the rest of the journal, which sees this store only through [`super::store`].
 //! It must not decide anything a file store would decide differently.
 
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use super::JournalError;
 
@@ -36,10 +36,14 @@ pub fn shown_url(url: &str) -> String {
 pub(crate) fn store_error(url: &str, e: &postgres::Error) -> JournalError {
     JournalError::Store {
         url: shown_url(url),
-        message: e
-            .as_db_error()
-            .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        message: error_message(e),
     }
+}
+
+/// The server's message when it sent one, else the client's.
+pub(crate) fn error_message(e: &postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
 /// Connects and brings the schema up to the newest migration this build knows.
@@ -89,24 +93,6 @@ pub(crate) fn create_run(
     Ok(n == 1)
 }
 
-/// Takes the run's append lock until `tx` ends and returns the run's last
-/// (seq, hash): every process appending to one run (a coordinator and its
-/// workers) chains onto the record the database has, one at a time.
-pub(crate) fn lock_tail(
-    tx: &mut postgres::Transaction<'_>,
-    run: &str,
-) -> Result<Option<(u64, String)>, postgres::Error> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&run],
-    )?;
-    let row = tx.query_opt(
-        "SELECT seq, hash FROM records WHERE run = $1 ORDER BY seq DESC LIMIT 1",
-        &[&run],
-    )?;
-    Ok(row.map(|r| (u64::try_from(r.get::<_, i64>(0)).unwrap_or(0), r.get(1))))
-}
-
 /// The run's last (seq, hash), or (0, genesis) for a run without records;
 /// `None` when the store has no such run.
 pub(crate) fn tail(
@@ -141,26 +127,126 @@ pub(crate) fn host_lines(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// One record, as its line. Committed (and so durable) when this returns.
-pub(crate) fn insert(
-    client: &mut impl postgres::GenericClient,
-    rec: &super::Record,
-    line: &str,
-) -> Result<(), postgres::Error> {
-    let seq = i64::try_from(rec.seq).unwrap_or(i64::MAX);
-    // PostgreSQL text cannot hold NUL. The columns only help queries; `line` keeps
-    // the record exactly (JSON writes NUL as `\u0000`), and readers use nothing else.
-    let column = |s: &str| s.replace('\0', "\u{fffd}");
-    let host = rec.host.as_deref().map(column);
-    let kind = column(&rec.kind);
-    client.execute(
-        "INSERT INTO records (run, seq, ts, host, kind, prev, hash, line)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &rec.run, &seq, &rec.ts, &host, &kind, &rec.prev, &rec.hash, &line,
-        ],
-    )?;
-    Ok(())
+/// The connection a journal appends through, with its prepared insert.
+pub(crate) struct Appender {
+    pub(crate) client: Client,
+    insert: Option<Statement>,
+}
+
+impl Appender {
+    pub(crate) fn new(client: Client) -> Self {
+        Appender {
+            client,
+            insert: None,
+        }
+    }
+}
+
+/// `s` as an SQL string literal. Run ids are checked to be `[A-Za-z0-9._-]`
+/// already; doubling quotes keeps any other text a literal too.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\0', "").replace('\'', "''"))
+}
+
+/// Writes records to `run` in ONE transaction and returns once it committed (so
+/// every record of the batch is durable, or none is). `make(item, seq, prev)`
+/// builds each item's record, in order, chained onto (seq, prev), the run's end in the
+/// database read under the run's append lock: every process appending to one run
+/// (a coordinator and its workers) chains onto what the database has, one
+/// transaction at a time.
+///
+/// Three round trips, whatever the batch's size: BEGIN with the lock and the tail
+/// read (one simple query), one multi-row INSERT, COMMIT. The lock key is still
+/// `hashtextextended(run, 0)`, so processes of earlier versions share the lock.
+pub(crate) fn append_batch<I>(
+    conn: &mut Appender,
+    run: &str,
+    items: Vec<I>,
+    mut make: impl FnMut(I, u64, String) -> (super::Record, Vec<u8>),
+) -> Result<Vec<(super::Record, Vec<u8>)>, postgres::Error> {
+    let run_lit = literal(run);
+    let written = (|| {
+        let messages = conn.client.simple_query(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended({run_lit}, 0)); \
+             SELECT seq, hash FROM records WHERE run = {run_lit} ORDER BY seq DESC LIMIT 1"
+        ))?;
+        let (mut seq, mut prev) = (0u64, super::GENESIS.to_string());
+        // The last row is the tail's (the lock's row comes first).
+        for m in &messages {
+            if let SimpleQueryMessage::Row(r) = m {
+                if let (Ok(Some(s)), Ok(Some(h))) = (r.try_get("seq"), r.try_get("hash")) {
+                    seq = s.parse().unwrap_or(0);
+                    prev = h.to_string();
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut cols = Columns::default();
+        for item in items {
+            let (rec, line) = make(item, seq, prev);
+            let text = String::from_utf8_lossy(&line);
+            cols.push(&rec, text.trim_end_matches('\n'));
+            seq = rec.seq;
+            prev = rec.hash.clone();
+            out.push((rec, line));
+        }
+        let insert = match &conn.insert {
+            Some(s) => s.clone(),
+            None => {
+                let s = conn.client.prepare(
+                    "INSERT INTO records (run, seq, ts, host, kind, prev, hash, line)
+                     SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[],
+                                              $5::text[], $6::text[], $7::text[], $8::text[])",
+                )?;
+                conn.insert = Some(s.clone());
+                s
+            }
+        };
+        conn.client.execute(
+            &insert,
+            &[
+                &run, &cols.seq, &cols.ts, &cols.host, &cols.kind, &cols.prev, &cols.hash,
+                &cols.line,
+            ],
+        )?;
+        conn.client.batch_execute("COMMIT")?;
+        Ok(out)
+    })();
+    if written.is_err() {
+        // Leave the connection out of the failed transaction; the journal is
+        // broken anyway (the COMMIT may have reached the server), this only keeps
+        // a later read on this connection possible.
+        let _ = conn.client.batch_execute("ROLLBACK");
+    }
+    written
+}
+
+/// A batch's rows as columns, for the one INSERT over `unnest`.
+#[derive(Default)]
+struct Columns {
+    seq: Vec<i64>,
+    ts: Vec<String>,
+    host: Vec<Option<String>>,
+    kind: Vec<String>,
+    prev: Vec<String>,
+    hash: Vec<String>,
+    line: Vec<String>,
+}
+
+impl Columns {
+    fn push(&mut self, rec: &super::Record, line: &str) {
+        // PostgreSQL text cannot hold NUL. The columns only help queries; `line`
+        // keeps the record exactly (JSON writes NUL as `\u0000`), and readers use
+        // nothing else.
+        let column = |s: &str| s.replace('\0', "\u{fffd}");
+        self.seq.push(i64::try_from(rec.seq).unwrap_or(i64::MAX));
+        self.ts.push(rec.ts.clone());
+        self.host.push(rec.host.as_deref().map(column));
+        self.kind.push(column(&rec.kind));
+        self.prev.push(rec.prev.clone());
+        self.hash.push(rec.hash.clone());
+        self.line.push(line.to_string());
+    }
 }
 
 /// A run's record lines in seq order; `None` when the store has no such run.

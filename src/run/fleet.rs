@@ -203,8 +203,7 @@ pub fn coordinate(
         if ctl.phase != Phase::Running {
             break;
         }
-        let (pending, claimed) = fleet::wave_left(&mut client, &run, w).map_err(&err)?;
-        if pending + claimed == 0 {
+        if fleet::wave_over(&mut client, &run, w).map_err(&err)? {
             ran_before = true;
             continue;
         }
@@ -270,8 +269,7 @@ pub fn coordinate(
             if c.stop.load(Ordering::SeqCst) {
                 fleet::halt(&mut client, &run, "operator").map_err(&err)?;
             }
-            let (pending, claimed) = fleet::wave_left(&mut client, &run, w).map_err(&err)?;
-            if pending + claimed == 0 {
+            if fleet::wave_over(&mut client, &run, w).map_err(&err)? {
                 break;
             }
             let phase = fleet::control(&mut client, &run)
@@ -838,11 +836,11 @@ fn claim_loop(
                 wave,
                 attempts,
             } => {
-                let renewing = AtomicBool::new(true);
+                let (done, renewing) = std::sync::mpsc::channel::<()>();
                 let lost = AtomicBool::new(false);
                 let result = std::thread::scope(|s| {
-                    let renewals = &mut renewals;
-                    s.spawn(|| renew(renewals, spec, run, &host, id, &renewing, &lost));
+                    let (renewals, claimed, lost) = (&mut renewals, &host, &lost);
+                    s.spawn(move || renew(renewals, spec, run, claimed, id, &renewing, lost));
                     let r = run_claimed(
                         c,
                         &mut client,
@@ -856,7 +854,8 @@ fn claim_loop(
                         work,
                         rollback,
                     );
-                    renewing.store(false, Ordering::SeqCst);
+                    // Ends the renewals at once (they wait on this, not a sleep).
+                    drop(done);
                     r
                 });
                 if lost.load(Ordering::SeqCst) {
@@ -868,25 +867,22 @@ fn claim_loop(
     }
 }
 
-/// Renews the lease on `host` every third of the lease until `renewing` is
-/// cleared; sets `lost` when the host is no longer this worker's.
+/// Renews the lease on `host` every third of the lease until `renewing`'s
+/// sender is dropped (the host ended); sets `lost` when the host is no longer
+/// this worker's. Waiting on the channel, not polling a flag, lets a host's slot
+/// go on to its next host at once: a 50 ms poll here was most of a sim host's
+/// time in its slot.
 fn renew(
     client: &mut postgres::Client,
     spec: &WorkerSpec,
     run: &str,
     host: &str,
     id: &str,
-    renewing: &AtomicBool,
+    renewing: &std::sync::mpsc::Receiver<()>,
     lost: &AtomicBool,
 ) {
     let every = spec.lease / 3;
-    let mut last = Instant::now();
-    while renewing.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
-        if last.elapsed() < every {
-            continue;
-        }
-        last = Instant::now();
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = renewing.recv_timeout(every) {
         match fleet::renew(client, run, host, id, spec.lease) {
             Ok(true) => {}
             Ok(false) => {
@@ -955,8 +951,14 @@ fn run_claimed(
         }
         r
     };
-    // Taken over from a worker that died: its records say how far it got.
-    let history = journal.adopt_host(name)?;
+    // Taken over from a worker that died: its records say how far it got. A
+    // first claim has no records to read (no worker had the host before), and
+    // reading them cost a query per host.
+    let history = if attempts > 1 {
+        journal.adopt_host(name)?
+    } else {
+        journal.host_state(name)
+    };
     if attempts > 1 && history.finished {
         if !history.failed {
             fleet::end_claim(client, run, name, id, ClaimState::Done, None).map_err(&err)?;
