@@ -250,7 +250,7 @@ impl std::fmt::Display for BusyHosts {
 /// `locks/claims/<run>.<pid>.<n>.claims`, `flock`ed by its holder until the claims
 /// are dropped or the process ends (however it ends, so a killed controller never
 /// leaves a host locked). The file holds the holder's note on its first line, then
-/// one line per claimed host (the host's [`file_stem`]), appended per claim. One
+/// one line per claimed host (the host's `file_stem`), appended per claim. One
 /// descriptor per run, whatever the number of hosts.
 ///
 /// A set of hosts is claimed all or nothing while holding `locks/hosts.lock`, the
