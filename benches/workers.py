@@ -10,13 +10,11 @@ server, CPU and journal bytes per host, and the ratios that matter: the store's
 cost per host (each PostgreSQL setup against run files) and 4 workers against
 1. Needs root (the server runs as the `postgres` user) and `.ci/setup`.
 
-Run files hold one lock file descriptor per host (the hard limit here is
-20,000), so the run-file setup runs at
-`--files-hosts` (default: the smaller of `--hosts` and 10,000) and the overhead
-is taken per host between the two sizes; `--skip-files` leaves it out.
+The run-file setup runs at `--files-hosts` (default: `--hosts`) and the store's
+overhead is taken per host between the two sizes; `--skip-files` leaves it out.
 
 Usage: benches/workers.py [--hosts 100000] [--workers 1,4] [--bin PATH]
-                          [--files-hosts 10000] [--skip-files]
+                          [--files-hosts N] [--skip-files]
 """
 
 import argparse
@@ -150,7 +148,7 @@ def main():
     ap.add_argument("--workers", default="1,4")
     ap.add_argument("--bin", help="a patchbook built with --features lab (default: builds the release one)")
     ap.add_argument("--files-hosts", type=int,
-                    help="hosts of the run-file setup (default: the smaller of --hosts and 10000)")
+                    help="hosts of the run-file setup (default: --hosts)")
     ap.add_argument("--skip-files", action="store_true", help="leave the run-file setup out")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -161,7 +159,7 @@ def main():
                        cwd=ROOT, check=True)
         pb = str(ROOT / "target/release/patchbook")
     n = a.hosts
-    nf = None if a.skip_files else (a.files_hosts or min(n, 10_000))
+    nf = None if a.skip_files else (a.files_hosts or n)
     base = Path(tempfile.mkdtemp(prefix="patchbook-workers-bench."))
     os.chmod(base, 0o755)
     server = None
