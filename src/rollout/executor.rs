@@ -94,7 +94,7 @@ pub use crate::journal::entry::{
 
 use super::clock::{between, Clock};
 use super::plan::{Plan, Wave, WaveKind};
-use super::policy::{format_duration, GateFailAction, RollbackScope};
+use super::policy::{format_duration, GateFailAction};
 use super::schedule::WaveSchedule;
 use super::window::{after, Window};
 use crate::journal::entry::GateVerdict;
@@ -818,14 +818,7 @@ impl<'a> Executor<'a> {
         }
 
         let stop = stop.unwrap_or(StopReason::Completed);
-        let undo_all = plan.policy.rollback == RollbackScope::All
-            && matches!(
-                stop,
-                StopReason::BudgetExhausted { .. }
-                    | StopReason::UnreachableBudgetExhausted { .. }
-                    | StopReason::PilotFailed { .. }
-                    | StopReason::GateStopped { .. }
-            );
+        let undo_all = plan.policy.rollback.undoes_all_after(&stop);
         if undo_all {
             let rc = RollbackContext {
                 cause: RollbackCause::RunStopped,

@@ -36,6 +36,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::gate::MetricGate;
+use crate::journal::entry::StopReason;
 use crate::primitives::snapshot::{Scope, DEFAULT_PATHS};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -161,6 +162,23 @@ pub enum RollbackScope {
     Failed,
     /// When the run stops early, every host the run changed is rolled back too.
     All,
+}
+
+impl RollbackScope {
+    /// Whether a run that ended with `stop` rolls back every host it changed:
+    /// with `rollback: "all"`, after a stop the run itself decided (budget,
+    /// pilot, gate), not after an operator's stop or a closed window. The one
+    /// rule for a run on one controller and a run shared with workers.
+    pub fn undoes_all_after(self, stop: &StopReason) -> bool {
+        self == RollbackScope::All
+            && matches!(
+                stop,
+                StopReason::BudgetExhausted { .. }
+                    | StopReason::UnreachableBudgetExhausted { .. }
+                    | StopReason::PilotFailed { .. }
+                    | StopReason::GateStopped { .. }
+            )
+    }
 }
 
 /// Caps on how many members of a group are in flight at once.

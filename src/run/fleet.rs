@@ -386,14 +386,7 @@ fn undo_after_stop(
             .collect();
         passes.push((RollbackCause::GateFailed, wave));
     }
-    let undo_all = plan.policy.rollback == RollbackScope::All
-        && matches!(
-            stop,
-            StopReason::BudgetExhausted { .. }
-                | StopReason::UnreachableBudgetExhausted { .. }
-                | StopReason::PilotFailed { .. }
-                | StopReason::GateStopped { .. }
-        );
+    let undo_all = plan.policy.rollback.undoes_all_after(stop);
     if undo_all {
         passes.push((
             RollbackCause::RunStopped,
