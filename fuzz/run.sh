@@ -7,6 +7,7 @@
 #
 # Usage: fuzz/run.sh [SECONDS] [TARGET...]     (default: 60, every target)
 #        fuzz/run.sh 600                       # the 10-minutes-per-target run
+#        fuzz/run.sh --build                   # only build the targets
 # Exit:  0 when no target crashed or hung, 1 when one did (the files are listed);
 #        2 when the tools are missing (`bash .ci/setup` installs cargo-afl).
 set -euo pipefail
@@ -34,6 +35,7 @@ export AFL_FAST_CAL=1
 # 10-second run gains less from a faster target than it loses to the build.
 export AFL_OPT_LEVEL=${AFL_OPT_LEVEL:-1}
 cargo afl build --release --quiet
+[ "$seconds" != --build ] || exit 0
 
 corpus() {
   local target=$1 dir=corpus/$1
