@@ -97,7 +97,6 @@ use super::plan::{Plan, Wave, WaveKind};
 use super::policy::{format_duration, GateFailAction};
 use super::schedule::WaveSchedule;
 use super::window::{after, Window};
-use crate::journal::entry::GateVerdict;
 
 /// What the per-host closure reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -583,21 +582,9 @@ impl<'a> Executor<'a> {
                         };
                         let verdict = catch_unwind(AssertUnwindSafe(|| gate(&ctx)))
                             .unwrap_or_else(|p| Err(panic_text(p.as_ref())));
-                        let (passed, detail) = match verdict {
-                            Ok(true) => (true, "the gate returned true".to_string()),
-                            Ok(false) => (false, "the gate returned false".to_string()),
-                            Err(e) => (false, format!("the gate failed: {e}")),
-                        };
-                        self.emit(RolloutEvent::GateEvaluated(GateVerdict {
-                            after_wave,
-                            check: "closure".into(),
-                            query: None,
-                            bounds: None,
-                            value: None,
-                            passed,
-                            detail: detail.clone(),
-                            soaked_seconds: soaked.as_secs_f64(),
-                        }));
+                        let verdict = super::gate::closure_verdict(after_wave, verdict, soaked);
+                        let (passed, detail) = (verdict.passed, verdict.detail.clone());
+                        self.emit(RolloutEvent::GateEvaluated(verdict));
                         if !passed {
                             failed = Some(detail);
                         }

@@ -326,6 +326,31 @@ fn parse_samples(data: &Value) -> Result<Vec<(String, f64)>, String> {
     Ok(out)
 }
 
+/// The verdict of a closure gate (`gate: |w| …`) after `after_wave`: its result
+/// (an error is a failed gate, named) and how long the wave soaked before it. The
+/// one record of it, for a run on one controller and a run shared with workers.
+pub fn closure_verdict<E: std::fmt::Display>(
+    after_wave: usize,
+    result: Result<bool, E>,
+    soaked: Duration,
+) -> GateVerdict {
+    let (passed, detail) = match result {
+        Ok(true) => (true, "the gate returned true".to_string()),
+        Ok(false) => (false, "the gate returned false".to_string()),
+        Err(e) => (false, format!("the gate failed: {e}")),
+    };
+    GateVerdict {
+        after_wave,
+        check: "closure".into(),
+        query: None,
+        bounds: None,
+        value: None,
+        passed,
+        detail,
+        soaked_seconds: soaked.as_secs_f64(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,7 +65,7 @@ use chrono::Utc;
 
 use super::{RunControl, WorkerSpec};
 use crate::inventory::Host;
-use crate::journal::entry::{Counts, Entry, GateVerdict, HostReport, HostStatus, RollbackCause};
+use crate::journal::entry::{Counts, Entry, HostReport, HostStatus, RollbackCause};
 use crate::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
 use crate::journal::{pg, JournalError};
 use crate::rollout::clock::between;
@@ -581,21 +581,9 @@ fn ask_gates(
     let Some(closure) = closure else {
         return Ok(Gates::Passed);
     };
-    let (passed, detail) = match closure(after_wave) {
-        Ok(true) => (true, "the gate returned true".to_string()),
-        Ok(false) => (false, "the gate returned false".to_string()),
-        Err(e) => (false, format!("the gate failed: {e}")),
-    };
-    event(RolloutEvent::GateEvaluated(GateVerdict {
-        after_wave,
-        check: "closure".into(),
-        query: None,
-        bounds: None,
-        value: None,
-        passed,
-        detail: detail.clone(),
-        soaked_seconds: soaked.as_secs_f64(),
-    }));
+    let verdict = crate::rollout::gate::closure_verdict(after_wave, closure(after_wave), soaked);
+    let (passed, detail) = (verdict.passed, verdict.detail.clone());
+    event(RolloutEvent::GateEvaluated(verdict));
     Ok(if passed {
         Gates::Passed
     } else {
