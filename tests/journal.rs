@@ -611,6 +611,36 @@ fn open_runs_are_reported_open_not_tampered() {
     drop(live);
 }
 
+/// A controller killed between creating a run's journal and writing its header
+/// leaves a run that touched nothing: resuming it is refused with that said, and
+/// the journal still verifies.
+#[test]
+fn a_run_killed_before_its_header_is_refused_on_resume_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    drop(Journal::create(&state, "r-headless", "alice").unwrap());
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbook"))
+        .current_dir(cwd.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["run", "--resume", "r-headless"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("run r-headless never began") && err.contains("no host was touched"),
+        "{err}"
+    );
+    let (code, out, err) = cli_verify(&state, None);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains("r-headless  OPEN  0 records, never began"),
+        "{out}"
+    );
+}
+
 #[test]
 fn reopened_closed_run_keeps_its_old_checkpoint_checked() {
     let dir = tempfile::tempdir().unwrap();

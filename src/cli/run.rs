@@ -593,9 +593,17 @@ pub fn run(
     let vars = read_param_references(&raw, &rt.secrets)?;
     let header_of = |id: &str, st: &RunState| -> Result<RunHeader, CliError> {
         st.header.clone().ok_or_else(|| {
-            CliError::Other(format!(
-                "run {id} has no run.start record; it cannot be resumed or retried"
-            ))
+            if st.hosts.is_empty() {
+                // The controller stopped between creating the journal and writing
+                // its header: nothing ran, so there is nothing to pick up.
+                CliError::Other(format!(
+                    "run {id} never began: its controller stopped before the run.start record, and the journal names no host, so no host was touched; start a new run with `patchbook run PLAYBOOK`"
+                ))
+            } else {
+                CliError::Other(format!(
+                    "run {id} has no run.start record; it cannot be resumed or retried"
+                ))
+            }
         })
     };
     if let (Start::Retry(id), Some(st)) = (start, &state) {

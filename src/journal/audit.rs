@@ -176,6 +176,14 @@ impl fmt::Display for RunAudit {
                 self.run, h.pid, h.host, h.since
             ),
             Verdict::Open {
+                records: 0,
+                holder: None,
+            } => write!(
+                f,
+                "{}  OPEN  0 records, never began (its controller stopped before the header; no host was touched)",
+                self.run
+            ),
+            Verdict::Open {
                 records,
                 holder: None,
             } => write!(

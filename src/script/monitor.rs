@@ -7,6 +7,7 @@
 //! the records it writes are typed journal entries. It must not decide anything
 //! about the rollout: a regression is a thrown error like any other.
 
+use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -232,11 +233,28 @@ fn monitor(
         );
     };
 
+    // Samples keep to a schedule set by the first reading, so a slow reading
+    // delays its own sample, never the ones after it: a window of 2m at 30s
+    // intervals has four samples however long each reading takes.
+    let tick = |from: DateTime<Utc>, k: u32| {
+        let due = p
+            .interval
+            .checked_mul(k)
+            .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+            .and_then(|d| from.checked_add_signed(d));
+        let now = clock.now();
+        match due {
+            Some(due) if due > now => clock.sleep(between(now, due)),
+            Some(_) => {}
+            None => clock.sleep(p.interval),
+        }
+    };
     let mut prev = read(ctx)?;
     let mut prev_at = clock.now();
+    let first = prev_at;
     let mut before = Vec::with_capacity(p.baseline);
-    for _ in 0..p.baseline {
-        clock.sleep(p.interval);
+    for k in 1..=p.baseline {
+        tick(first, u32::try_from(k).unwrap_or(u32::MAX));
         let now = read(ctx)?;
         let at = clock.now();
         let s = sample(&prev, &now, between(prev_at, at));
@@ -252,15 +270,15 @@ fn monitor(
     let mut prev_at = clock.now();
     let started = prev_at;
     let mut after = Vec::new();
-    loop {
-        clock.sleep(p.interval);
+    for k in 1u32.. {
+        tick(started, k);
         let now = read(ctx)?;
         let at = clock.now();
         let s = sample(&prev, &now, between(prev_at, at));
         record("after", &s);
         after.push(s);
         (prev, prev_at) = (now, at);
-        if between(started, at) >= p.window {
+        if p.interval.checked_mul(k).is_none_or(|d| d >= p.window) {
             break;
         }
     }
