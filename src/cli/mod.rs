@@ -876,6 +876,10 @@ fn inventory(cli: &Cli, verb: &InventoryVerb) -> Result<ExitCode, CliError> {
         ),
         InventoryVerb::Graph => print!("{}", crate::inventory::graph::render(&rt.inventory)),
     }
+    // The process ends next: freeing a large fleet's hosts one by one took a tenth
+    // of the listing's time, and the memory goes back to the system either way.
+    let mut rt = rt;
+    std::mem::forget(std::mem::take(&mut rt.inventory));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -98,8 +98,13 @@ impl RawInventory {
     }
 
     fn group_mut(&mut self, name: &str) -> &mut RawGroup {
-        self.add_group(name);
-        let i = self.group_index[name];
+        let i = match self.group_index.get(name) {
+            Some(&i) => i,
+            None => {
+                self.add_group(name);
+                self.groups.len() - 1
+            }
+        };
         &mut self.groups[i]
     }
 
@@ -110,23 +115,27 @@ impl RawInventory {
     /// Adds a host (once) and puts it in `group`. A port given on a later mention
     /// is ignored, as Ansible ignores it.
     pub fn add_host(&mut self, name: &str, group: Option<&str>, port: Option<u64>) {
-        if !self.host_index.contains_key(name) {
-            let mut vars = Vars::new();
-            if let Some(p) = port.filter(|p| *p != 0) {
-                vars.insert("ansible_port".into(), Value::from(p));
+        let i = match self.host_index.get(name) {
+            Some(&i) => i,
+            None => {
+                let mut vars = Vars::new();
+                if let Some(p) = port.filter(|p| *p != 0) {
+                    vars.insert("ansible_port".into(), Value::from(p));
+                }
+                let i = self.hosts.len();
+                self.host_index.insert(name.to_string(), i);
+                self.hosts.push(RawHost {
+                    name: name.to_string(),
+                    vars,
+                    groups: Vec::new(),
+                    source: self.current.clone(),
+                });
+                i
             }
-            self.host_index.insert(name.to_string(), self.hosts.len());
-            self.hosts.push(RawHost {
-                name: name.to_string(),
-                vars,
-                groups: Vec::new(),
-                source: self.current.clone(),
-            });
-        }
+        };
         if let Some(g) = group {
             // The host's own short list of groups answers "already a member?": the
             // group's list grows with the fleet, and scanning it made loading quadratic.
-            let i = self.host_index[name];
             if !self.hosts[i].groups.iter().any(|x| x == g) {
                 self.hosts[i].groups.push(g.to_string());
                 self.group_mut(g).hosts.push(name.to_string());
@@ -137,6 +146,13 @@ impl RawInventory {
     pub fn set_host_var(&mut self, host: &str, key: &str, value: Value) {
         if let Some(&i) = self.host_index.get(host) {
             self.hosts[i].vars.insert(key.to_string(), value);
+        }
+    }
+
+    /// [`RawInventory::set_host_var`] for several vars, in order.
+    pub fn set_host_vars(&mut self, host: &str, vars: Vec<(String, Value)>) {
+        if let Some(&i) = self.host_index.get(host) {
+            self.hosts[i].vars.extend(vars);
         }
     }
 
@@ -274,7 +290,12 @@ impl RawInventory {
         let mut hosts = Vec::with_capacity(self.hosts.len());
         let mut jumps: Vec<Vec<String>> = Vec::with_capacity(self.hosts.len());
         let mut warnings = Vec::new();
-        for raw in &self.hosts {
+        let mut raw_hosts = std::mem::take(&mut self.hosts);
+        for raw in &mut raw_hosts {
+            // The host's own vars win, so they are the map the rest fills in: each
+            // group's var, highest precedence first, only where nothing set it.
+            let mut vars = std::mem::take(&mut raw.vars);
+            let raw = &*raw;
             let mut groups: Vec<&RawGroup> = host_groups(raw, &ancestors)
                 .iter()
                 .filter(|g| **g != "all")
@@ -285,11 +306,13 @@ impl RawInventory {
                 let db = depth.get(&b.name).copied().unwrap_or(0);
                 (da, a.priority, &a.name).cmp(&(db, b.priority, &b.name))
             });
-            let mut vars = all_vars.clone();
-            for g in &groups {
-                vars.extend(g.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for layer in groups.iter().rev().map(|g| &g.vars).chain([&all_vars]) {
+                for (k, v) in layer {
+                    if !vars.contains_key(k) {
+                        vars.insert(k.clone(), v.clone());
+                    }
+                }
             }
-            vars.extend(raw.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
             let mut names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
             names.sort();
             let host = host_from_vars(&raw.name, names, vars, &raw.source)?;
@@ -311,6 +334,7 @@ impl RawInventory {
             }
             hosts.push(host);
         }
+        self.hosts = raw_hosts;
 
         let by_name: HashMap<&str, usize> = self
             .hosts

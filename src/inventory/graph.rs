@@ -73,14 +73,24 @@ pub fn table(inv: &Inventory) -> String {
             *w = (*w).max(c.chars().count());
         }
     }
-    let mut out = String::new();
+    // Written in place, a cell and its padding at a time: a line's worth of
+    // formatted strings per host showed in the profile of a 100,000-host listing.
+    let mut out = String::with_capacity(widths.iter().sum::<usize>() * (rows.len() + 1));
     for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        let start = out.len();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(c);
+            out.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(c.chars().count()),
+            ));
+        }
+        let kept = out[start..].trim_end().len();
+        out.truncate(start + kept);
+        out.push('\n');
     }
     out
 }

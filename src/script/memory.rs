@@ -9,7 +9,9 @@
 //! more than `limits.max_memory_mb` above that baseline. This module only counts;
 //! it must never fail an allocation itself (that would be an abort).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc;
 use std::cell::Cell;
 
 thread_local! {
@@ -25,7 +27,8 @@ thread_local! {
 /// script operation does.
 const BYTES_PER_UNIT: u64 = 256;
 
-/// The system allocator, counting per thread.
+/// mimalloc, counting per thread. Loading and planning a large fleet is mostly
+/// small allocations, which mimalloc serves in about two thirds of glibc's time.
 pub struct Counting;
 
 /// An allocation size as a signed delta; sizes never exceed `isize::MAX`, so
@@ -45,12 +48,12 @@ fn worked(bytes: usize) {
     let _ = WORK.try_with(|w| w.set(w.get().wrapping_add(units)));
 }
 
-// SAFETY: every call is forwarded unchanged to `System`; the counting touches only
+// SAFETY: every call is forwarded unchanged to mimalloc; the counting touches only
 // a const thread-local `Cell`, which neither allocates nor unwinds.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's own guarantees.
-        let p = unsafe { System.alloc(layout) };
+        let p = unsafe { MiMalloc.alloc(layout) };
         if !p.is_null() {
             add(signed(layout.size()));
             worked(layout.size());
@@ -59,7 +62,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !p.is_null() {
             add(signed(layout.size()));
             worked(layout.size());
@@ -68,12 +71,12 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { MiMalloc.dealloc(ptr, layout) };
         add(-signed(layout.size()));
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             add(signed(new_size) - signed(layout.size()));
             // Growing a string or array in place costs what it adds.
