@@ -836,28 +836,25 @@ fn a_worker_of_a_zone_takes_that_zones_hosts_and_no_other_worker_does() {
     assert_verifies(&b, &run);
 }
 
-/// The claims and the budget on the real server, without hosts: many workers
-/// claiming at once never share a host, and failures counted at once get one
-/// count each, with exactly one of them halting the run; after it, no claim.
-#[test]
-fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
-    use patchbook::journal::fleet::{self, Claimed, NewClaim, NewControl, Phase};
-    use std::collections::BTreeMap;
-    let pg = PgServer::start();
-    let url = pg.url.clone();
-    drop(patchbook::journal::pg::connect(&url).unwrap());
-    pg.psql("INSERT INTO runs (run, operator) VALUES ('r1', 'test')");
-    let hosts: Vec<String> = (0..60).map(|i| format!("h{i:02}")).collect();
-    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+/// A shared run `run` of one wave holding `hosts` in order, with its `runs` row,
+/// as a coordinator leaves it before opening the wave.
+fn one_wave_run(client: &mut postgres::Client, run: &str, hosts: &[String], max_failed: usize) {
+    use patchbook::journal::fleet::{self, NewClaim, NewControl};
+    client
+        .execute(
+            "INSERT INTO runs (run, operator) VALUES ($1, 'test')",
+            &[&run],
+        )
+        .unwrap();
     fleet::create(
-        &mut client,
+        client,
         &NewControl {
-            run: "r1".into(),
+            run: run.into(),
             playbook: "/p.rhai".into(),
             playbook_sha256: "0".into(),
-            params: BTreeMap::new(),
+            params: std::collections::BTreeMap::new(),
             waves: 1,
-            max_failed: 3,
+            max_failed,
             parallel: 1,
             window_spec: None,
         },
@@ -873,6 +870,19 @@ fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
+}
+
+/// The claims and the budget on the real server, without hosts: many workers
+/// claiming at once never share a host, and failures counted at once get one
+/// count each, with exactly one of them halting the run; after it, no claim.
+#[test]
+fn concurrent_claims_never_share_a_host_and_exactly_one_failure_halts() {
+    use patchbook::journal::fleet::{self, Claimed, Phase};
+    let pg = PgServer::start();
+    let url = pg.url.clone();
+    let hosts: Vec<String> = (0..60).map(|i| format!("h{i:02}")).collect();
+    let mut client = patchbook::journal::pg::connect(&url).unwrap();
+    one_wave_run(&mut client, "r1", &hosts, 3);
     fleet::open_wave(&mut client, "r1", 1).unwrap();
 
     // Eight workers claim 40 hosts between them, all at once.
@@ -1279,37 +1289,12 @@ fn a_wave_starts_only_if_its_estimate_fits_what_is_left_of_the_window() {
 /// end of a run that tolerates one halts it, once.
 #[test]
 fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit() {
-    use patchbook::journal::fleet::{self, ClaimState, Claimed, Limits, NewClaim, NewControl};
-    use std::collections::BTreeMap;
+    use patchbook::journal::fleet::{self, ClaimState, Claimed, Limits};
     let pg = PgServer::start();
     let url = pg.url.clone();
     let mut client = patchbook::journal::pg::connect(&url).unwrap();
-    pg.psql("INSERT INTO runs (run, operator) VALUES ('r2', 'test')");
     let hosts: Vec<String> = (0..20).map(|i| format!("h{i:02}")).collect();
-    fleet::create(
-        &mut client,
-        &NewControl {
-            run: "r2".into(),
-            playbook: "/p.rhai".into(),
-            playbook_sha256: "0".into(),
-            params: BTreeMap::new(),
-            waves: 1,
-            max_failed: 10,
-            parallel: 1,
-            window_spec: None,
-        },
-        &hosts
-            .iter()
-            .enumerate()
-            .map(|(position, h)| NewClaim {
-                host: h.clone(),
-                wave: 1,
-                position,
-                zone: None,
-            })
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    one_wave_run(&mut client, "r2", &hosts, 10);
     let limits = Limits {
         max_unreachable: 1,
         caps: vec![("all".into(), 3, hosts.clone())],
@@ -1413,36 +1398,11 @@ fn concurrent_claims_stay_within_the_cap_and_unreachable_ends_halt_at_the_limit(
 
 #[test]
 fn after_a_halt_a_dead_workers_host_is_taken_over_and_no_pending_host_starts() {
-    use patchbook::journal::fleet::{self, ClaimState, Claimed, NewClaim, NewControl, Phase};
-    use std::collections::BTreeMap;
+    use patchbook::journal::fleet::{self, ClaimState, Claimed, Phase};
     let pg = PgServer::start();
     let mut client = patchbook::journal::pg::connect(&pg.url).unwrap();
-    pg.psql("INSERT INTO runs (run, operator) VALUES ('r3', 'test')");
     let hosts: Vec<String> = (0..4).map(|i| format!("h{i}")).collect();
-    fleet::create(
-        &mut client,
-        &NewControl {
-            run: "r3".into(),
-            playbook: "/p.rhai".into(),
-            playbook_sha256: "0".into(),
-            params: BTreeMap::new(),
-            waves: 1,
-            max_failed: 0,
-            parallel: 1,
-            window_spec: None,
-        },
-        &hosts
-            .iter()
-            .enumerate()
-            .map(|(position, h)| NewClaim {
-                host: h.clone(),
-                wave: 1,
-                position,
-                zone: None,
-            })
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    one_wave_run(&mut client, "r3", &hosts, 0);
     fleet::open_wave(&mut client, "r3", 1).unwrap();
     let claim = |c: &mut postgres::Client, worker: &str, lease: u64| {
         fleet::claim(c, "r3", worker, None, Duration::from_secs(lease)).unwrap()

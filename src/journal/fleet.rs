@@ -320,6 +320,31 @@ pub fn renew(
     Ok(n == 1)
 }
 
+/// The one statement that counts a host against one of the run's budgets:
+/// `counter` goes up by one and, if that takes it past `limit`, a running run
+/// halts with `reason`, all in one row update, so two workers counting at once
+/// get one count each and exactly one of them halts the run. It returns the
+/// counter, the limit and then `more` (columns of `run_control`, or nothing).
+/// The names are this module's own constants, never input.
+fn count_one_more(counter: &str, limit: &str, reason: &str, more: &str) -> String {
+    let more = if more.is_empty() {
+        String::new()
+    } else {
+        format!(", {more}")
+    };
+    format!(
+        "UPDATE run_control SET
+             {counter} = {counter} + 1,
+             halt_reason = CASE WHEN state = 'running' AND {counter} + 1 > {limit}
+                                THEN '{reason}' ELSE halt_reason END,
+             state = CASE WHEN state = 'running' AND {counter} + 1 > {limit}
+                          THEN 'halted' ELSE state END,
+             updated = now()
+         WHERE run = $1
+         RETURNING {counter}, {limit}{more}"
+    )
+}
+
 /// Counts `host`'s failure against the run's one budget, once per host. The
 /// `UPDATE … RETURNING` that counts it also halts the run when this is failure
 /// `max_failed + 1`, in the same transaction as the host's mark, so two workers
@@ -336,15 +361,7 @@ pub fn count_failure(
     )? == 1;
     let row = if first {
         tx.query_one(
-            "UPDATE run_control SET
-                 failed = failed + 1,
-                 halt_reason = CASE WHEN state = 'running' AND failed + 1 > max_failed
-                                    THEN 'budget' ELSE halt_reason END,
-                 state = CASE WHEN state = 'running' AND failed + 1 > max_failed
-                              THEN 'halted' ELSE state END,
-                 updated = now()
-             WHERE run = $1
-             RETURNING failed, max_failed, state, halt_reason",
+            &count_one_more("failed", "max_failed", "budget", "state, halt_reason"),
             &[&run],
         )?
     } else {
@@ -710,15 +727,7 @@ pub fn end_claim(
         }
         if state == ClaimState::Unreachable {
             let r = tx.query_one(
-                "UPDATE run_control SET
-                     unreachable = unreachable + 1,
-                     halt_reason = CASE WHEN state = 'running' AND unreachable + 1 > max_unreachable
-                                        THEN 'unreachable' ELSE halt_reason END,
-                     state = CASE WHEN state = 'running' AND unreachable + 1 > max_unreachable
-                                  THEN 'halted' ELSE state END,
-                     updated = now()
-                 WHERE run = $1
-                 RETURNING unreachable, max_unreachable",
+                &count_one_more("unreachable", "max_unreachable", "unreachable", ""),
                 &[&run],
             )?;
             ended.unreachable = to_usize(r.get(0));

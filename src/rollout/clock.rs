@@ -169,6 +169,24 @@ impl Clock {
         }
     }
 
+    /// One step of waiting for `end`: true once `end` has come; otherwise sleeps
+    /// at most a quarter second of real time towards it and returns false, so a
+    /// caller waiting out a soak looks for a halt between steps.
+    pub fn step_toward(&self, end: DateTime<Utc>) -> bool {
+        let left = between(self.now(), end);
+        if left.is_zero() {
+            return true;
+        }
+        let real = self.real_duration(left).as_secs_f64();
+        let slice = if real > 0.25 {
+            left.mul_f64(0.25 / real)
+        } else {
+            left
+        };
+        self.sleep(slice);
+        false
+    }
+
     /// Converts a span of clock time into the real time it takes to pass, for
     /// transports that enforce a deadline with real sockets.
     pub fn real_duration(&self, d: Duration) -> Duration {

@@ -294,17 +294,9 @@ impl<'a> Executor<'a> {
             if halted() {
                 return false;
             }
-            let left = between(self.clock.now(), end);
-            if left.is_zero() {
+            if self.clock.step_toward(end) {
                 return true;
             }
-            let real = self.clock.real_duration(left).as_secs_f64();
-            let slice = if real > 0.25 {
-                left.mul_f64(0.25 / real)
-            } else {
-                left
-            };
-            self.clock.sleep(slice);
         }
     }
 

@@ -556,17 +556,9 @@ fn ask_gates(
             if phase != Phase::Running {
                 return Ok(Gates::Halted);
             }
-            let left = between(c.clock.now(), end);
-            if left.is_zero() {
+            if c.clock.step_toward(end) {
                 break;
             }
-            let real = c.clock.real_duration(left).as_secs_f64();
-            let slice = if real > 0.25 {
-                left.mul_f64(0.25 / real)
-            } else {
-                left
-            };
-            c.clock.sleep(slice);
         }
     }
     let soaked = soak.unwrap_or(Duration::ZERO);
