@@ -616,6 +616,25 @@ pub fn claim(
             return Ok(Claimed::Nothing);
         }
     }
+    let attempts = lease_to(&mut tx, run, &host, worker, lease)?;
+    tx.commit()?;
+    Ok(Claimed::Host {
+        host,
+        wave: to_usize(open),
+        attempts,
+    })
+}
+
+/// Gives `host` to `worker` under a fresh lease, one attempt more: a pending
+/// host or one taken over from a worker whose lease ran out (that one is
+/// claimed and started already, which the statement leaves as they are).
+fn lease_to(
+    tx: &mut postgres::Transaction<'_>,
+    run: &str,
+    host: &str,
+    worker: &str,
+    lease: Duration,
+) -> Result<usize, postgres::Error> {
     let row = tx.query_one(
         "UPDATE host_claims
          SET state = 'claimed', worker = $3, lease_until = now() + make_interval(secs => $4),
@@ -624,12 +643,7 @@ pub fn claim(
          RETURNING attempts",
         &[&run, &host, &worker, &seconds(lease)],
     )?;
-    tx.commit()?;
-    Ok(Claimed::Host {
-        host,
-        wave: to_usize(open),
-        attempts: to_usize(row.get(0)),
-    })
+    Ok(to_usize(row.get(0)))
 }
 
 /// [`claim`] on a halted run: a host in flight whose lease ran out (its worker
@@ -663,19 +677,12 @@ fn take_over_after_halt(
     };
     let host: String = found.get(0);
     let wave: i32 = found.get(1);
-    let row = tx.query_one(
-        "UPDATE host_claims
-         SET worker = $3, lease_until = now() + make_interval(secs => $4),
-             attempts = attempts + 1
-         WHERE run = $1 AND host = $2
-         RETURNING attempts",
-        &[&run, &host, &worker, &seconds(lease)],
-    )?;
+    let attempts = lease_to(&mut tx, run, &host, worker, lease)?;
     tx.commit()?;
     Ok(Claimed::Host {
         host,
         wave: to_usize(wave),
-        attempts: to_usize(row.get(0)),
+        attempts,
     })
 }
 
