@@ -156,6 +156,34 @@ fn plan_names_the_host_and_position_of_every_failure() {
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
 }
 
+/// Planned hosts' work runs on the plan's own workers (not a thread per host),
+/// so those workers must have the stack a script's call depth needs: a runaway
+/// recursion is that host's error, not a crashed controller.
+#[test]
+fn a_runaway_recursion_in_a_planned_hosts_work_is_that_hosts_error() {
+    let f = fleet();
+    let p = Project::new();
+    let pb = p.playbook(
+        r#"fn f(n) { if n == 0 { 0 } else { 1 + f(n - 1) } }
+rollout(hosts("all"), #{}, |host| {
+    backup(host, ["/etc/acme"]);
+    if host.name == "lab02" { f(1000000); }
+});
+"#,
+    );
+    let before = fingerprints(f);
+    let out = p.patchbook(&["plan", &pb]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(fingerprints(f), before);
+    assert!(stdout.contains("lab02: could not be planned"), "{stdout}");
+    assert!(stdout.contains("Stack overflow"), "{stdout}");
+    assert!(
+        stdout.contains("0 host(s) would change, 3 would not change, 1 could not be planned"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn an_ad_hoc_exec_that_backs_up_and_edits_is_reversed_by_rollback() {
     let f = fleet();

@@ -3,6 +3,8 @@
 //! closed here; the exit code comes from what the journal-backed summaries say.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -868,9 +870,13 @@ pub fn plan(
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
+        // One write for the whole plan: a line per write was a tenth of a
+        // 10,000-host plan's time.
+        let mut out = String::new();
         if let Some(w) = control.window() {
             let now = control.clock.now();
-            println!(
+            let _ = writeln!(
+                out,
                 "window: {} ({})",
                 w.spec(),
                 if w.contains(now) {
@@ -881,15 +887,16 @@ pub fn plan(
             );
         }
         for p in control.plans() {
-            println!("{}", esc(&p.to_string()));
+            let _ = writeln!(out, "{}", esc(&p.to_string()));
         }
         for v in &verdicts {
-            println!("{}: {}", esc(&v.host), esc(v.verdict));
+            let _ = writeln!(out, "{}: {}", esc(&v.host), esc(v.verdict));
             for a in &v.actions {
                 let what = if a.change { "" } else { " (check, not run)" };
                 // A diff's lines are indented under their step.
                 let detail = esc(&a.detail).replace('\n', "\n      ");
-                println!(
+                let _ = writeln!(
+                    out,
                     "  {:<10} {:<8} {detail}{what}",
                     esc(&a.step.to_string()),
                     esc(&a.result.to_string())
@@ -897,13 +904,19 @@ pub fn plan(
             }
             if let Some(e) = &v.error {
                 for (i, line) in esc(e).lines().enumerate() {
-                    println!("  {} {line}", if i == 0 { "error:" } else { "      " });
+                    let _ = writeln!(out, "  {} {line}", if i == 0 { "error:" } else { "      " });
                 }
             }
         }
-        println!(
+        let _ = writeln!(
+            out,
             "{would_change} host(s) would change, {unchanged} would not change, {unplannable} could not be planned"
         );
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|e| CliError::Other(format!("writing the plan to standard output: {e}")))?;
     }
     Ok(if unplannable > 0 {
         ExitCode::from(1)

@@ -28,20 +28,56 @@ where
     R: Send,
     F: Fn(&T) -> R + Sync,
 {
+    map_bounded_on_stack(items, workers, None, work)
+}
+
+/// [`map_bounded`] on workers started with a stack of `stack` bytes (recorded for
+/// [`worker_stack`]), so per-item script calls run on the worker itself instead
+/// of a fresh thread each: a thread per host was most of a large plan's system
+/// time. A worker that cannot be started is not fatal while one runs; with none,
+/// the items run on the calling thread.
+pub fn map_bounded_on_stack<T, R, F>(
+    items: &[T],
+    workers: usize,
+    stack: Option<usize>,
+    work: F,
+) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
     let n = items.len();
     let workers = workers.clamp(1, n.max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<R>>> = Mutex::new((0..n).map(|_| None).collect());
+    let drain = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        let r = work(&items[i]);
+        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+    };
     std::thread::scope(|s| {
+        let mut started = 0;
         for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
+            let mut builder = std::thread::Builder::new();
+            if let Some(bytes) = stack {
+                builder = builder.stack_size(bytes);
+            }
+            let spawned = builder.spawn_scoped(s, || {
+                if let Some(bytes) = stack {
+                    set_worker_stack(bytes);
                 }
-                let r = work(&items[i]);
-                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                drain()
             });
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        if started == 0 {
+            drain();
         }
     });
     results
@@ -71,5 +107,15 @@ mod tests {
         });
         assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
         assert!(peak.load(Ordering::SeqCst) <= 7);
+    }
+
+    #[test]
+    fn workers_on_a_chosen_stack_say_so() {
+        let items: Vec<usize> = (0..20).collect();
+        let stacks = map_bounded_on_stack(&items, 3, Some(4 << 20), |_| worker_stack());
+        assert!(stacks.iter().all(|s| *s == 4 << 20), "{stacks:?}");
+        assert!(map_bounded(&items, 3, |_| worker_stack())
+            .iter()
+            .all(|s| *s == 0));
     }
 }

@@ -522,8 +522,13 @@ pub fn deadline(limits: &Limits) -> Duration {
 /// every script call level, and an unoptimised build needs far more per level than
 /// the 2 MiB a spawned thread gets by default. Only touched pages are committed.
 pub fn stack_size(engine: &Engine) -> usize {
+    stack_for_levels(engine.max_call_levels())
+}
+
+/// [`stack_size`] of an engine built with `limits.max_call_levels = levels`.
+pub fn stack_for_levels(levels: usize) -> usize {
     let per_level = 256 * 1024;
-    (engine.max_call_levels().max(1) * per_level + (8 << 20)).min(1 << 30)
+    (levels.max(1) * per_level + (8 << 20)).min(1 << 30)
 }
 
 thread_local! {

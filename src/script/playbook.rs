@@ -547,7 +547,8 @@ pub fn run_per_host_in(
     limits: &Limits,
     forks: usize,
 ) -> Vec<HostResult> {
-    crate::rollout::pool::map_bounded(hosts, forks, |h| {
+    let stack = Some(super::engine::stack_for_levels(limits.max_call_levels));
+    crate::rollout::pool::map_bounded_on_stack(hosts, forks, stack, |h| {
         let host = ScriptHost::new(h.clone());
         let run = ScriptRun::for_host_in(limits, session.clone(), host.clone());
         HostResult {

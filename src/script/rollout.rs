@@ -48,7 +48,8 @@ fn plan_hosts(
 ) -> RhaiResult<Map> {
     let ordered: Vec<&Host> = plan.run_order().into_iter().map(|i| plan.host(i)).collect();
     let rt = &c.session.runtime;
-    let results = crate::rollout::pool::map_bounded(&ordered, rt.forks, |h| {
+    let stack = Some(super::engine::stack_size(engine));
+    let results = crate::rollout::pool::map_bounded_on_stack(&ordered, rt.forks, stack, |h| {
         let r = closure.call(engine, ScriptHost::new((*h).clone()), budget, None);
         HostPlan {
             host: h.name.clone(),
