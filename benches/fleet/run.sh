@@ -7,6 +7,7 @@
 # Usage: benches/fleet/run.sh [--sizes 10,50,100] [--runs 3] [--peers all|none]
 #                             [--only LIST] [--sim 100000] [--out FILE] [--keep]
 #        benches/fleet/run.sh --sizes none --sim 100000   (the controller-scale part alone)
+#        benches/fleet/run.sh --all   (every speed goal in one run: benches/fleet/results-all.md)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (the lab needs mount namespaces)" >&2; exit 2; }
