@@ -64,6 +64,18 @@ impl Project {
         std::fs::write(&p, body).unwrap();
         p.display().to_string()
     }
+
+    /// `plan` of `body`, checked to have changed no host: its exit code and
+    /// standard output.
+    fn plan_touching_nothing(&self, body: &str) -> (Option<i32>, String) {
+        let f = fleet();
+        let pb = self.playbook(body);
+        let before = fingerprints(f);
+        let out = self.patchbook(&["plan", &pb]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(fingerprints(f), before, "plan changed a host:\n{stdout}");
+        (out.status.code(), format!("{stdout}\n{stderr}"))
+    }
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -123,9 +135,8 @@ fn plan_changes_no_host_whatever_the_playbook_does() {
 
 #[test]
 fn plan_names_the_host_and_position_of_every_failure() {
-    let f = fleet();
     let p = Project::new();
-    let pb = p.playbook(
+    let (code, stdout) = p.plan_touching_nothing(
         r#"rollout(hosts("all"), #{}, |host| {
     backup(host, ["/etc/acme"]);
     if host.name == "lab02" { throw "boom"; }
@@ -133,11 +144,7 @@ fn plan_names_the_host_and_position_of_every_failure() {
 });
 "#,
     );
-    let before = fingerprints(f);
-    let out = p.patchbook(&["plan", &pb]);
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert_eq!(fingerprints(f), before);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("lab02: could not be planned"), "{stdout}");
     assert!(stdout.contains("boom (at "), "{stdout}");
     assert!(stdout.contains("play.rhai:3:"), "{stdout}");
@@ -161,9 +168,8 @@ fn plan_names_the_host_and_position_of_every_failure() {
 /// recursion is that host's error, not a crashed controller.
 #[test]
 fn a_runaway_recursion_in_a_planned_hosts_work_is_that_hosts_error() {
-    let f = fleet();
     let p = Project::new();
-    let pb = p.playbook(
+    let (code, stdout) = p.plan_touching_nothing(
         r#"fn f(n) { if n == 0 { 0 } else { 1 + f(n - 1) } }
 rollout(hosts("all"), #{}, |host| {
     backup(host, ["/etc/acme"]);
@@ -171,11 +177,7 @@ rollout(hosts("all"), #{}, |host| {
 });
 "#,
     );
-    let before = fingerprints(f);
-    let out = p.patchbook(&["plan", &pb]);
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert_eq!(fingerprints(f), before);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("lab02: could not be planned"), "{stdout}");
     assert!(stdout.contains("Stack overflow"), "{stdout}");
     assert!(
