@@ -12,6 +12,19 @@ use patchbook::lab::Fleet;
 
 const HOSTS: [&str; 4] = ["lab01", "lab02", "lab03", "lab04"];
 
+/// Tests that change a host hold this exclusively; tests that check no host
+/// changed hold it shared around their check, so the one does not show up in
+/// the other's fingerprints (the tests of this file share one fleet).
+static HOST_CHANGES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn no_host_changes() -> std::sync::RwLockReadGuard<'static, ()> {
+    HOST_CHANGES.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn changing_hosts() -> std::sync::RwLockWriteGuard<'static, ()> {
+    HOST_CHANGES.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn fleet() -> &'static Fleet {
     support::shared_fleet(HOSTS.len())
 }
@@ -70,6 +83,7 @@ impl Project {
     fn plan_touching_nothing(&self, body: &str) -> (Option<i32>, String) {
         let f = fleet();
         let pb = self.playbook(body);
+        let _shared = no_host_changes();
         let before = fingerprints(f);
         let out = self.patchbook(&["plan", &pb]);
         let (stdout, stderr) = text(&out);
@@ -109,6 +123,7 @@ fn plan_changes_no_host_whatever_the_playbook_does() {
     let f = fleet();
     let p = Project::new();
     let pb = p.playbook(EVERY_CHANGE);
+    let _shared = no_host_changes();
     let before = fingerprints(f);
     let out = p.patchbook(&["plan", &pb]);
     let (stdout, stderr) = text(&out);
@@ -189,6 +204,7 @@ rollout(hosts("all"), #{}, |host| {
 #[test]
 fn an_ad_hoc_exec_that_backs_up_and_edits_is_reversed_by_rollback() {
     let f = fleet();
+    let _exclusive = changing_hosts();
     let p = Project::new();
     let before = support::host_fingerprint(f, "lab04");
     let out = p.patchbook(&[
@@ -255,6 +271,7 @@ fn an_ad_hoc_exec_that_backs_up_and_edits_is_reversed_by_rollback() {
 #[test]
 fn an_unmanaged_change_without_undo_is_never_called_rolled_back() {
     let f = fleet();
+    let _exclusive = changing_hosts();
     let p = Project::new();
     let pb = p.playbook(
         r#"rollout(hosts("lab03"), #{}, |host| {
@@ -296,6 +313,7 @@ fn an_unmanaged_change_without_undo_is_never_called_rolled_back() {
 
 #[test]
 fn a_hosts_timeout_ends_its_command_instead_of_reporting_the_overrun_afterwards() {
+    let _exclusive = changing_hosts();
     let p = Project::new();
     let pb = p.playbook(
         r#"rollout(hosts("lab01"), #{ timeout: "2s" }, |host| {
