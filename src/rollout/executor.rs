@@ -444,14 +444,7 @@ impl<'a> Executor<'a> {
             for _ in 0..workers {
                 let msg_tx = msg_tx.clone();
                 let job_rx = &job_rx;
-                let mut builder = std::thread::Builder::new().name("patchbook-host".into());
-                if let Some(bytes) = stack {
-                    builder = builder.stack_size(bytes);
-                }
-                let spawned = builder.spawn_scoped(scope, move || {
-                    if let Some(bytes) = stack {
-                        super::pool::set_worker_stack(bytes);
-                    }
+                let spawned = super::pool::spawn_worker(scope, stack, move || {
                     loop {
                         let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((h, wave)) = job else { break };

@@ -21,6 +21,26 @@ pub fn worker_stack() -> usize {
     WORKER_STACK.with(|c| c.get())
 }
 
+/// Starts a worker thread in `scope`, with a stack of `stack` bytes when given,
+/// recorded for [`worker_stack`] before `f` runs. Every pool of script-running
+/// workers starts its threads here.
+pub(crate) fn spawn_worker<'scope, 'env, R: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    stack: Option<usize>,
+    f: impl FnOnce() -> R + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, R>> {
+    let mut builder = std::thread::Builder::new().name("patchbook-host".into());
+    if let Some(bytes) = stack {
+        builder = builder.stack_size(bytes);
+    }
+    builder.spawn_scoped(scope, move || {
+        if let Some(bytes) = stack {
+            set_worker_stack(bytes);
+        }
+        f()
+    })
+}
+
 /// Runs `work` on every item with at most `workers` at once; results keep item order.
 pub fn map_bounded<T, R, F>(items: &[T], workers: usize, work: F) -> Vec<R>
 where
@@ -62,17 +82,7 @@ where
     std::thread::scope(|s| {
         let mut started = 0;
         for _ in 0..workers {
-            let mut builder = std::thread::Builder::new();
-            if let Some(bytes) = stack {
-                builder = builder.stack_size(bytes);
-            }
-            let spawned = builder.spawn_scoped(s, || {
-                if let Some(bytes) = stack {
-                    set_worker_stack(bytes);
-                }
-                drain()
-            });
-            if spawned.is_ok() {
+            if spawn_worker(s, stack, drain).is_ok() {
                 started += 1;
             }
         }
